@@ -1,0 +1,114 @@
+//! The envelopes events travel in: [`NewEvent`] going into a store and
+//! [`RecordedEvent`] coming out.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Metadata, Payload, Position, StreamId};
+
+/// An event about to be appended: its id, type, schema version, payload and
+/// metadata. The store assigns the stream version, global position and time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    /// Unique id of the event; appending the same id again at the same position
+    /// is an idempotent success. A UUID v7 unless the caller chose one.
+    pub event_id: Uuid,
+    /// The stable name of the event type (never a Rust type path).
+    pub event_type: Arc<str>,
+    /// The version of the payload's schema.
+    pub schema_version: u32,
+    /// The event's data.
+    pub payload: Payload,
+    /// Correlation, causation, trace context and headers.
+    pub metadata: Metadata,
+}
+
+impl NewEvent {
+    /// A new event with a fresh UUID v7 id.
+    pub fn new(
+        event_type: impl Into<Arc<str>>,
+        schema_version: u32,
+        payload: Payload,
+        metadata: Metadata,
+    ) -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.into(),
+            schema_version,
+            payload,
+            metadata,
+        }
+    }
+
+    /// Replaces the event id, for callers that derive ids deterministically
+    /// (see [`derived_id`]) so that a retried write is recognised as the same.
+    #[must_use]
+    pub fn with_id(mut self, event_id: Uuid) -> Self {
+        self.event_id = event_id;
+        self
+    }
+}
+
+/// An event as the store recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// Unique id of the event.
+    pub event_id: Uuid,
+    /// The stream it belongs to.
+    pub stream_id: StreamId,
+    /// Its version in the stream: 1 for the stream's first event.
+    pub stream_version: u64,
+    /// Its position in the store's global log.
+    pub position: Position,
+    /// The stable name of the event type.
+    pub event_type: Arc<str>,
+    /// The version of the payload's schema as it was written.
+    pub schema_version: u32,
+    /// The event's data.
+    pub payload: Payload,
+    /// Correlation, causation, trace context and headers.
+    pub metadata: Metadata,
+    /// When the store recorded it.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// What a successful append reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendResult {
+    /// The stream's version after the append: the version to expect next time.
+    pub stream_version: u64,
+    /// The global position of the last event of the batch (for an empty batch,
+    /// [`Position::START`]).
+    pub position: Position,
+    /// False when every event was already stored at these positions and the
+    /// append was an idempotent no-op.
+    pub written: bool,
+}
+
+/// A deterministic event id derived from the id of what caused it, the scope
+/// the effects land in (a stream id, a consumer name), and the event's index
+/// among the effects of that cause in that scope.
+///
+/// A handler that derives its events' ids this way appends the same ids when a
+/// message is redelivered, and the store answers the second append as an
+/// idempotent success instead of writing the effects twice.
+///
+/// ```
+/// use es_core::derived_id;
+/// use uuid::Uuid;
+/// let cause = Uuid::now_v7();
+/// assert_eq!(derived_id(cause, "order-1", 0), derived_id(cause, "order-1", 0));
+/// assert_ne!(derived_id(cause, "order-1", 0), derived_id(cause, "order-1", 1));
+/// assert_ne!(derived_id(cause, "order-1", 0), derived_id(cause, "order-2", 0));
+/// ```
+pub fn derived_id(cause: Uuid, scope: &str, index: u32) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2a7c_94b3_4d5e_8a1f_0c3b_5d7e_9f21);
+    let mut name = Vec::with_capacity(20 + scope.len());
+    name.extend_from_slice(cause.as_bytes());
+    name.extend_from_slice(&index.to_be_bytes());
+    name.extend_from_slice(scope.as_bytes());
+    Uuid::new_v5(&NAMESPACE, &name)
+}

@@ -1,0 +1,54 @@
+#![doc = include_str!("../README.md")]
+
+pub mod aggregate;
+pub mod bus;
+pub mod clock;
+pub mod envelope;
+pub mod event;
+pub mod memory;
+pub mod metadata;
+pub mod payload;
+pub mod position;
+pub mod projection;
+pub mod relay;
+pub mod repository;
+pub mod saga;
+pub mod snapshot;
+pub mod store;
+pub mod stream;
+pub mod subscription;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use aggregate::Aggregate;
+pub use bus::{
+    BusError, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
+    SubscriptionHandle,
+};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent};
+pub use event::{CodecError, DomainEvent, EventCodec, Upcaster, Upcasters};
+pub use memory::{
+    InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore,
+};
+pub use metadata::Metadata;
+pub use payload::{InvalidPayload, Payload};
+pub use position::{ParsePositionError, Position};
+pub use projection::{Checkpoint, Projection, ProjectionError};
+pub use relay::{Relay, RelayError};
+pub use repository::{Committed, Loaded, Repository, RepositoryError, RetryPolicy};
+pub use saga::{
+    DeadlineScheduler, Reaction, Saga, SagaError, SagaHandler, SagaManager, SagaOutcome,
+};
+pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
+pub use store::{BoxError, CheckpointStore, EventStore, Inbox, StoreError};
+pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
+
+/// Everything an application usually needs, in one `use`.
+pub mod prelude {
+    pub use crate::{
+        Aggregate, Clock, DomainEvent, EventBus, EventStore, ExpectedVersion, Message,
+        MessageHandler, Metadata, NewEvent, Outcome, Position, Projection, Reaction, RecordedEvent,
+        Repository, Saga, StreamId, Subscription,
+    };
+}

@@ -1,0 +1,14 @@
+//! The embedded backends: real implementations kept in process memory.
+//!
+//! They give the same guarantees as the production backends (concurrency
+//! checks, idempotent appends, ordering, catch-up and live subscriptions,
+//! ack / retry / dead-letter) and are what the embedded default runs on. They
+//! keep nothing across restarts.
+
+mod bus;
+mod store;
+
+pub use bus::{DeadLetter, InMemoryBus};
+pub use store::{
+    InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore,
+};

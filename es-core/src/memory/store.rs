@@ -1,0 +1,415 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::stream::BoxStream;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::subscription::catch_up_then_live;
+use crate::{
+    AppendResult, CheckpointStore, EventStore, ExpectedVersion, Inbox, NewEvent, Position,
+    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId,
+};
+
+/// An event store in process memory.
+///
+/// Positions are `(sequence, 0)` with the sequence counting from 1. Appends
+/// take a write lock, so the log order is the commit order and subscribers can
+/// never see a gap. Cloning shares the same store.
+#[derive(Clone, Debug)]
+pub struct InMemoryEventStore {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: RwLock<State>,
+    head: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    log: Vec<RecordedEvent>,
+    streams: HashMap<StreamId, Vec<usize>>,
+    ids: HashMap<Uuid, usize>,
+}
+
+impl Default for InMemoryEventStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryEventStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: RwLock::new(State::default()),
+                head: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// How many events the store holds.
+    pub fn len(&self) -> usize {
+        self.read_state().log.len()
+    }
+
+    /// Whether the store holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.shared
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.shared
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_all_now(&self, after: Position, max_count: usize) -> Vec<RecordedEvent> {
+        let state = self.read_state();
+        let start = usize::try_from(after.major())
+            .unwrap_or(usize::MAX)
+            .min(state.log.len());
+        let end = start.saturating_add(max_count).min(state.log.len());
+        state.log[start..end].to_vec()
+    }
+}
+
+fn position_of(index: usize) -> Position {
+    Position::new(index as u64 + 1, 0)
+}
+
+/// Checks a batch for malformed events before anything is written.
+fn validate(events: &[NewEvent]) -> Result<(), StoreError> {
+    let mut seen = HashSet::with_capacity(events.len());
+    for event in events {
+        if event.event_type.is_empty() {
+            return Err(StoreError::InvalidEvent {
+                event_id: event.event_id,
+                reason: "the event type is empty".into(),
+            });
+        }
+        if !seen.insert(event.event_id) {
+            return Err(StoreError::InvalidEvent {
+                event_id: event.event_id,
+                reason: "the event id appears twice in the batch".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl State {
+    fn version(&self, stream: &StreamId) -> u64 {
+        self.streams.get(stream).map_or(0, |s| s.len() as u64)
+    }
+
+    /// Decides an append whose events (some or all) are already stored: an
+    /// idempotent success, a version conflict, or an idempotency conflict.
+    fn replayed(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        found: usize,
+    ) -> Result<AppendResult, StoreError> {
+        let conflict = |event_id, reason| StoreError::IdempotencyConflict {
+            stream: stream.clone(),
+            event_id,
+            reason,
+        };
+        if found != events.len() {
+            let first_new = events
+                .iter()
+                .find(|e| !self.ids.contains_key(&e.event_id))
+                .map_or(events[0].event_id, |e| e.event_id);
+            return Err(conflict(
+                first_new,
+                "only part of the batch is already stored",
+            ));
+        }
+        let first = &self.log[self.ids[&events[0].event_id]];
+        if &first.stream_id != stream {
+            return Err(conflict(
+                first.event_id,
+                "the event id is stored in another stream",
+            ));
+        }
+        let start = first.stream_version;
+        let fits = match expected {
+            ExpectedVersion::Any | ExpectedVersion::StreamExists => true,
+            ExpectedVersion::NoStream => start == 1,
+            ExpectedVersion::Exact(v) => start == v + 1,
+        };
+        if !fits {
+            return Err(StoreError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual: self.version(stream),
+            });
+        }
+        let mut last = first;
+        for (offset, event) in (0u64..).zip(events) {
+            let stored = &self.log[self.ids[&event.event_id]];
+            if &stored.stream_id != stream || stored.stream_version != start + offset {
+                return Err(conflict(
+                    event.event_id,
+                    "the batch is stored at other positions",
+                ));
+            }
+            if stored.event_type != event.event_type
+                || stored.schema_version != event.schema_version
+                || !stored.payload.json_eq(&event.payload)
+            {
+                return Err(conflict(
+                    event.event_id,
+                    "the stored event has another type or payload",
+                ));
+            }
+            last = stored;
+        }
+        Ok(AppendResult {
+            stream_version: last.stream_version,
+            position: last.position,
+            written: false,
+        })
+    }
+}
+
+#[async_trait]
+impl EventStore for InMemoryEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        validate(&events)?;
+        let mut state = self.write_state();
+        let found = events
+            .iter()
+            .filter(|e| state.ids.contains_key(&e.event_id))
+            .count();
+        if found > 0 {
+            return state.replayed(stream, expected, &events, found);
+        }
+        let actual = state.version(stream);
+        if !expected.is_satisfied_by(actual) {
+            return Err(StoreError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual,
+            });
+        }
+        if events.is_empty() {
+            return Ok(AppendResult {
+                stream_version: actual,
+                position: Position::START,
+                written: false,
+            });
+        }
+        let recorded_at = Utc::now();
+        let state = &mut *state;
+        let indexes = state.streams.entry(stream.clone()).or_default();
+        let mut version = actual;
+        for event in events {
+            let index = state.log.len();
+            version += 1;
+            state.ids.insert(event.event_id, index);
+            indexes.push(index);
+            state.log.push(RecordedEvent {
+                event_id: event.event_id,
+                stream_id: stream.clone(),
+                stream_version: version,
+                position: position_of(index),
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                payload: event.payload,
+                metadata: event.metadata,
+                recorded_at,
+            });
+        }
+        let head = state.log.len() as u64;
+        self.shared.head.send_replace(head);
+        Ok(AppendResult {
+            stream_version: version,
+            position: position_of(head as usize - 1),
+            written: true,
+        })
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let state = self.read_state();
+        let Some(indexes) = state.streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let start = usize::try_from(from_version.max(1) - 1)
+            .unwrap_or(usize::MAX)
+            .min(indexes.len());
+        let end = start.saturating_add(max_count).min(indexes.len());
+        Ok(indexes[start..end]
+            .iter()
+            .map(|&i| state.log[i].clone())
+            .collect())
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        Ok(self.read_all_now(after, max_count))
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        Ok(self.read_state().version(stream))
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        let len = self.read_state().log.len();
+        Ok(if len == 0 {
+            Position::START
+        } else {
+            position_of(len - 1)
+        })
+    }
+
+    fn subscribe_all(
+        &self,
+        after: Position,
+    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
+        let store = self.clone();
+        catch_up_then_live(
+            after,
+            1_000,
+            Duration::from_secs(1),
+            self.shared.head.subscribe(),
+            move |after, max| {
+                let page = store.read_all_now(after, max);
+                async move { Ok(page) }
+            },
+        )
+    }
+}
+
+/// Snapshots in process memory. Cloning shares the same store.
+#[derive(Clone, Debug, Default)]
+pub struct InMemorySnapshotStore {
+    snapshots: Arc<Mutex<HashMap<StreamId, Snapshot>>>,
+}
+
+impl InMemorySnapshotStore {
+    /// An empty snapshot store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for InMemorySnapshotStore {
+    async fn save(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let mut snapshots = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let newer = snapshots
+            .get(&snapshot.stream_id)
+            .is_none_or(|old| old.version <= snapshot.version);
+        if newer {
+            snapshots.insert(snapshot.stream_id.clone(), snapshot);
+        }
+        Ok(())
+    }
+
+    async fn load(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self
+            .snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(stream)
+            .cloned())
+    }
+}
+
+/// Checkpoints in process memory. Cloning shares the same store.
+#[derive(Clone, Debug, Default)]
+pub struct InMemoryCheckpointStore {
+    positions: Arc<Mutex<HashMap<String, Position>>>,
+}
+
+impl InMemoryCheckpointStore {
+    /// An empty checkpoint store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for InMemoryCheckpointStore {
+    async fn load(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        Ok(self
+            .positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .copied())
+    }
+
+    async fn save(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        self.positions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), position);
+        Ok(())
+    }
+}
+
+/// Processed message ids in process memory. Cloning shares the same inbox.
+#[derive(Clone, Debug, Default)]
+pub struct InMemoryInbox {
+    seen: Arc<Mutex<HashSet<(String, Uuid)>>>,
+}
+
+impl InMemoryInbox {
+    /// An empty inbox.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Inbox for InMemoryInbox {
+    async fn record(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError> {
+        Ok(self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((consumer.to_owned(), message_id)))
+    }
+
+    async fn contains(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError> {
+        Ok(self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(consumer.to_owned(), message_id)))
+    }
+}

@@ -1,0 +1,194 @@
+//! The relay: moves events from the store's log to the bus, at least once and
+//! in log order. The store is the outbox; nothing writes to both.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::bus::{BusError, EventBus, Message};
+use crate::saga::{CommandRecord, COMMAND_RECORD};
+use crate::{CheckpointStore, EventStore, Position, RecordedEvent, StoreError};
+
+/// Maps a recorded event to the message the relay publishes, if any.
+pub type Route = Arc<dyn Fn(&RecordedEvent) -> Option<Message> + Send + Sync>;
+
+/// The default route: a saga's command records become the commands they
+/// hold; other `$`-records (deadlines) stay in the store; every other event is
+/// published on the topic named by its stream's category.
+pub fn default_route(event: &RecordedEvent) -> Option<Message> {
+    match &*event.event_type {
+        COMMAND_RECORD => match event.payload.decode::<CommandRecord>() {
+            Ok(record) => Some(record.to_message(event)),
+            Err(error) => {
+                tracing::error!(event_id = %event.event_id, %error, "malformed command record not relayed");
+                None
+            }
+        },
+        t if t.starts_with('$') => None,
+        _ => Some(Message::from_event(event.stream_id.category(), event)),
+    }
+}
+
+/// Why the relay stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The checkpoint could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Publishes the store's log to a bus, from a stored checkpoint.
+///
+/// Each batch is published with confirms, then the checkpoint advances past
+/// it. A crash between the two republishes the batch: delivery is at least
+/// once, and consumers deduplicate by message id (the event id).
+pub struct Relay {
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn EventBus>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    name: String,
+    batch_size: usize,
+    route: Route,
+    progress: watch::Sender<Position>,
+}
+
+impl fmt::Debug for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relay")
+            .field("name", &self.name)
+            .field("batch_size", &self.batch_size)
+            .field("position", &*self.progress.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay named `name` (its checkpoint's name), with batches of up to 256
+    /// messages and the [`default_route`].
+    pub fn new(
+        name: impl Into<String>,
+        store: Arc<dyn EventStore>,
+        bus: Arc<dyn EventBus>,
+        checkpoints: Arc<dyn CheckpointStore>,
+    ) -> Self {
+        Self {
+            store,
+            bus,
+            checkpoints,
+            name: name.into(),
+            batch_size: 256,
+            route: Arc::new(default_route),
+            progress: watch::Sender::new(Position::START),
+        }
+    }
+
+    /// Publishes batches of up to `batch_size` messages.
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// Routes events with `route` instead of the default.
+    #[must_use]
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.route = route;
+        self
+    }
+
+    /// The position the relay has published up to, as it changes.
+    pub fn progress(&self) -> watch::Receiver<Position> {
+        self.progress.subscribe()
+    }
+
+    /// Runs until `stop` turns true. Bus failures are retried with backoff
+    /// (the batch is published again); a failing store subscription is
+    /// reopened from the checkpoint.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+        let mut position = self
+            .checkpoints
+            .load(&self.name)
+            .await?
+            .unwrap_or(Position::START);
+        self.progress.send_replace(position);
+        'subscribe: loop {
+            let mut log = self
+                .store
+                .subscribe_all(position)
+                .ready_chunks(self.batch_size);
+            loop {
+                let batch = tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    batch = log.next() => batch,
+                };
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                let Some(batch) = batch else { return Ok(()) };
+                let mut events = Vec::with_capacity(batch.len());
+                let mut failed = None;
+                for item in batch {
+                    match item {
+                        Ok(event) => events.push(event),
+                        Err(error) => failed = Some(error),
+                    }
+                }
+                if let Some(last) = events.last() {
+                    let last = last.position;
+                    let messages: Vec<Message> =
+                        events.iter().filter_map(|e| (self.route)(e)).collect();
+                    self.publish(&messages, &mut stop).await;
+                    if *stop.borrow() {
+                        return Ok(());
+                    }
+                    position = last;
+                    self.save_checkpoint(position).await;
+                }
+                if let Some(error) = failed {
+                    tracing::warn!(relay = %self.name, %error, "store subscription failed; resubscribing");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'subscribe;
+                }
+            }
+        }
+    }
+
+    async fn publish(&self, messages: &[Message], stop: &mut watch::Receiver<bool>) {
+        if messages.is_empty() {
+            return;
+        }
+        let span =
+            tracing::info_span!("es.relay.publish", relay = %self.name, messages = messages.len());
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.bus.publish(messages).instrument(span.clone()).await {
+                Ok(()) => return,
+                Err(error) => {
+                    log_publish_failure(&self.name, &error);
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn save_checkpoint(&self, position: Position) {
+        // A checkpoint that fails to save only means republishing later.
+        if let Err(error) = self.checkpoints.save(&self.name, position).await {
+            tracing::warn!(relay = %self.name, %error, "checkpoint not saved");
+        }
+        self.progress.send_replace(position);
+    }
+}
+
+fn log_publish_failure(relay: &str, error: &BusError) {
+    tracing::warn!(relay, %error, "publish failed; retrying");
+}

@@ -1,0 +1,453 @@
+//! Loading aggregates and executing commands against them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{
+    derived_id, Aggregate, CodecError, EventCodec, EventStore, ExpectedVersion, Metadata, Payload,
+    Position, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
+};
+
+/// How many events `load` reads per call to the store.
+const PAGE: usize = 1_000;
+
+/// Why a command could not be executed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepositoryError<E: std::error::Error + 'static> {
+    /// The aggregate refused the command. Nothing was written.
+    #[error("command rejected: {0}")]
+    Rejected(#[source] E),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An event could not be encoded or a stored one decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// Every attempt lost the race for the stream to another writer.
+    #[error("gave up after {attempts} attempts: stream {stream} kept changing")]
+    Contention {
+        /// The contended stream.
+        stream: StreamId,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+}
+
+/// How often and how patiently to retry a command that lost a concurrency race.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+    /// The backoff before the second attempt; it doubles each time.
+    pub base_delay: Duration,
+    /// The longest backoff.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(100),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retry: a conflict is returned to the caller.
+    pub fn none() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// The jittered backoff after attempt `attempt` (1-based) failed: a random
+    /// duration up to `min(max_delay, base_delay * 2^(attempt-1))` ("full
+    /// jitter").
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base_delay
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let cap = exp.min(self.max_delay);
+        cap.mul_f64(fastrand::f64())
+    }
+}
+
+/// An aggregate's state as loaded, with the stream version it reflects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded<A> {
+    /// The state.
+    pub state: A,
+    /// The version of the last event folded into it (0 for a new aggregate).
+    pub version: u64,
+}
+
+/// The outcome of a command that was executed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Committed<E> {
+    /// The events the command produced (empty when it produced none, or when it
+    /// had already been executed).
+    pub events: Vec<E>,
+    /// The stream version after the command.
+    pub stream_version: u64,
+    /// The global position of the last event written ([`Position::START`] when
+    /// nothing was written).
+    pub position: Position,
+    /// True when the command id had already been executed, and nothing new was
+    /// decided or written.
+    pub duplicate: bool,
+}
+
+type EncodeState<A> = fn(&A) -> Result<Payload, CodecError>;
+type DecodeState<A> = fn(&Payload) -> Result<A, CodecError>;
+
+struct Snapshots<A> {
+    store: Arc<dyn SnapshotStore>,
+    policy: SnapshotPolicy,
+    schema_version: u32,
+    encode: EncodeState<A>,
+    decode: DecodeState<A>,
+}
+
+/// Loads aggregates of type `A` from an event store and executes commands on
+/// them with optimistic concurrency.
+///
+/// `execute` loads the aggregate (latest snapshot plus the tail of its stream),
+/// lets it decide, and appends the events expecting the version it loaded. When
+/// another writer got there first it reloads and decides again, up to the
+/// [`RetryPolicy`]'s attempts, with jittered backoff. The command's metadata is
+/// given to every event it produces, so caused events keep the correlation id.
+pub struct Repository<A: Aggregate> {
+    store: Arc<dyn EventStore>,
+    codec: EventCodec<A::Event>,
+    snapshots: Option<Snapshots<A>>,
+    retry: RetryPolicy,
+}
+
+impl<A: Aggregate> fmt::Debug for Repository<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repository")
+            .field("aggregate", &A::TYPE)
+            .field("snapshots", &self.snapshots.as_ref().map(|s| s.policy))
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Aggregate> Clone for Repository<A> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            codec: self.codec.clone(),
+            snapshots: self.snapshots.as_ref().map(|s| Snapshots {
+                store: Arc::clone(&s.store),
+                policy: s.policy,
+                schema_version: s.schema_version,
+                encode: s.encode,
+                decode: s.decode,
+            }),
+            retry: self.retry,
+        }
+    }
+}
+
+fn encode_state<A: Serialize>(state: &A) -> Result<Payload, CodecError> {
+    Payload::from_value(state).map_err(|e| CodecError::Encode {
+        event_type: "snapshot".into(),
+        source: e.source,
+    })
+}
+
+fn decode_state<A: DeserializeOwned>(payload: &Payload) -> Result<A, CodecError> {
+    payload.decode().map_err(|source| CodecError::Decode {
+        event_type: "snapshot".into(),
+        schema_version: 0,
+        source,
+    })
+}
+
+impl<A: Aggregate> Repository<A> {
+    /// A repository over `store` with no snapshots and the default retry policy.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            codec: EventCodec::new(),
+            snapshots: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Decodes through this codec (and its upcasters).
+    #[must_use]
+    pub fn with_codec(mut self, codec: EventCodec<A::Event>) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Retries conflicts by this policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Takes snapshots into `store` by `policy`, tagged with the state's
+    /// `schema_version` (bump it when the state's shape changes: older snapshots
+    /// are then ignored).
+    #[must_use]
+    pub fn with_snapshots(
+        mut self,
+        store: Arc<dyn SnapshotStore>,
+        policy: SnapshotPolicy,
+        schema_version: u32,
+    ) -> Self
+    where
+        A: Serialize + DeserializeOwned,
+    {
+        self.snapshots = Some(Snapshots {
+            store,
+            policy,
+            schema_version,
+            encode: encode_state::<A>,
+            decode: decode_state::<A>,
+        });
+        self
+    }
+
+    /// The store this repository writes to.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The codec this repository decodes with.
+    pub fn codec(&self) -> &EventCodec<A::Event> {
+        &self.codec
+    }
+
+    /// The stream of the aggregate `id`.
+    pub fn stream_id(&self, id: impl fmt::Display) -> Result<StreamId, StoreError> {
+        Ok(StreamId::for_aggregate(A::TYPE, id)?)
+    }
+
+    /// Loads the aggregate `id`: its latest snapshot, then the events after it.
+    pub async fn load(
+        &self,
+        id: impl fmt::Display,
+    ) -> Result<Loaded<A>, RepositoryError<A::Error>> {
+        let stream = self.stream_id(id)?;
+        self.load_stream(&stream, None)
+            .await
+            .map(|(loaded, _)| loaded)
+    }
+
+    /// Loads a stream; when `seen` is given, also reports whether an event with
+    /// that id was among the events read.
+    async fn load_stream(
+        &self,
+        stream: &StreamId,
+        seen: Option<Uuid>,
+    ) -> Result<(Loaded<A>, bool), RepositoryError<A::Error>> {
+        let mut loaded = Loaded {
+            state: A::default(),
+            version: 0,
+        };
+        if let Some(snapshots) = &self.snapshots {
+            match snapshots.store.load(stream).await {
+                Ok(Some(snapshot)) if snapshot.schema_version == snapshots.schema_version => {
+                    match (snapshots.decode)(&snapshot.state) {
+                        Ok(state) => {
+                            loaded = Loaded {
+                                state,
+                                version: snapshot.version,
+                            };
+                        }
+                        Err(error) => {
+                            tracing::warn!(%stream, %error, "ignoring undecodable snapshot");
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%stream, %error, "snapshot store failed; replaying"),
+            }
+        }
+        let mut found = false;
+        loop {
+            let page = self
+                .store
+                .read_stream(stream, loaded.version + 1, PAGE)
+                .await?;
+            let len = page.len();
+            for recorded in &page {
+                found |= seen == Some(recorded.event_id);
+                let event = self.codec.decode(recorded)?;
+                loaded.state.apply(&event);
+                loaded.version = recorded.stream_version;
+            }
+            if len < PAGE {
+                return Ok((loaded, found));
+            }
+        }
+    }
+
+    /// Executes a command on the aggregate `id`. The command is decided again
+    /// after each lost race, so it must be `Clone`.
+    pub async fn execute(
+        &self,
+        id: impl fmt::Display,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Committed<A::Event>, RepositoryError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.execute_with(id, metadata, None, move |state| {
+            state.handle(command.clone())
+        })
+        .await
+    }
+
+    /// Executes a command at most once per `command_id`.
+    ///
+    /// The events' ids are derived from the command id, so an append whose
+    /// outcome was unknown (a connection dropped during commit) is recognised
+    /// when retried, and a command id whose events are already in the stream's
+    /// tail is answered as a duplicate without deciding again.
+    pub async fn execute_once(
+        &self,
+        id: impl fmt::Display,
+        command_id: Uuid,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Committed<A::Event>, RepositoryError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.execute_with(id, metadata, Some(command_id), move |state| {
+            state.handle(command.clone())
+        })
+        .await
+    }
+
+    /// Executes a decision given as a closure over the current state; the
+    /// closure runs again after each lost race.
+    pub async fn execute_with(
+        &self,
+        id: impl fmt::Display,
+        metadata: &Metadata,
+        command_id: Option<Uuid>,
+        mut decide: impl FnMut(&A) -> Result<Vec<A::Event>, A::Error> + Send,
+    ) -> Result<Committed<A::Event>, RepositoryError<A::Error>> {
+        let stream = self.stream_id(id)?;
+        let span = tracing::info_span!(
+            "es.command",
+            aggregate = A::TYPE,
+            stream = %stream,
+            correlation_id = metadata.correlation_id.map(tracing::field::display),
+            causation_id = metadata.causation_id.map(tracing::field::display),
+            attempts = tracing::field::Empty,
+        );
+        async {
+            let marker = command_id.map(|c| derived_id(c, stream.as_str(), 0));
+            let mut attempt = 1;
+            loop {
+                let (loaded, duplicate) = self.load_stream(&stream, marker).await?;
+                if duplicate {
+                    return Ok(Committed {
+                        events: Vec::new(),
+                        stream_version: loaded.version,
+                        position: Position::START,
+                        duplicate: true,
+                    });
+                }
+                let events = decide(&loaded.state).map_err(RepositoryError::Rejected)?;
+                if events.is_empty() {
+                    return Ok(Committed {
+                        events,
+                        stream_version: loaded.version,
+                        position: Position::START,
+                        duplicate: false,
+                    });
+                }
+                let mut batch = Vec::with_capacity(events.len());
+                for (index, event) in (0u32..).zip(&events) {
+                    let mut new = self.codec.encode(event, metadata.clone())?;
+                    if let Some(command_id) = command_id {
+                        new.event_id = derived_id(command_id, stream.as_str(), index);
+                    }
+                    batch.push(new);
+                }
+                let expected = ExpectedVersion::from_loaded(loaded.version);
+                match self.store.append(&stream, expected, batch).await {
+                    Ok(result) => {
+                        tracing::Span::current().record("attempts", attempt);
+                        self.maybe_snapshot(&stream, loaded, &events, result.stream_version)
+                            .await;
+                        return Ok(Committed {
+                            events,
+                            stream_version: result.stream_version,
+                            position: result.position,
+                            duplicate: !result.written,
+                        });
+                    }
+                    Err(StoreError::WrongExpectedVersion { .. })
+                        if attempt < self.retry.max_attempts =>
+                    {
+                        tokio::time::sleep(self.retry.backoff(attempt)).await;
+                        attempt += 1;
+                    }
+                    Err(StoreError::WrongExpectedVersion { .. }) => {
+                        return Err(RepositoryError::Contention {
+                            stream,
+                            attempts: attempt,
+                        });
+                    }
+                    Err(other) => return Err(other.into()),
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn maybe_snapshot(
+        &self,
+        stream: &StreamId,
+        mut loaded: Loaded<A>,
+        events: &[A::Event],
+        version: u64,
+    ) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        if !snapshots.policy.should_snapshot(loaded.version, version) {
+            return;
+        }
+        for event in events {
+            loaded.state.apply(event);
+        }
+        let state = match (snapshots.encode)(&loaded.state) {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::warn!(%stream, %error, "cannot encode snapshot");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            stream_id: stream.clone(),
+            version,
+            schema_version: snapshots.schema_version,
+            state,
+        };
+        if let Err(error) = snapshots.store.save(snapshot).await {
+            tracing::warn!(%stream, %error, "cannot save snapshot");
+        }
+    }
+}

@@ -1,0 +1,736 @@
+//! Sagas (process managers): long-running conversations that react to
+//! messages by changing their own event-sourced state, sending commands, and
+//! setting deadlines, all in one atomic append.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::bus::{Delivery, Message, MessageHandler, Outcome};
+use crate::{
+    derived_id, Clock, CodecError, DomainEvent, EventCodec, EventStore, ExpectedVersion, Metadata,
+    NewEvent, Payload, Position, RecordedEvent, StoreError, StreamId,
+};
+
+/// The stored type of a command a saga sent.
+pub const COMMAND_RECORD: &str = "$command";
+/// The stored type of a deadline a saga set.
+pub const DEADLINE_SET: &str = "$deadline";
+/// The stored type of a deadline a saga cancelled.
+pub const DEADLINE_CANCELLED: &str = "$deadline-cancelled";
+/// The stored type of a deadline that fired.
+pub const DEADLINE_FIRED: &str = "$deadline-fired";
+
+/// A process manager keyed by a correlation id.
+///
+/// Like an aggregate, a saga is pure: `apply` folds its own events into its
+/// state, and `react` / `on_deadline` decide, from the state, an input and the
+/// time, a [`Reaction`]: new state events, commands to send, deadlines to set
+/// or cancel. The [`SagaManager`] stores a reaction as one atomic append to the
+/// saga's own stream (`<TYPE>-<saga id>`); the relay sends the commands from
+/// there, and the [`DeadlineScheduler`] fires deadlines when they are due.
+///
+/// Inputs are deduplicated by message id, so a redelivered message changes
+/// nothing; `react` must still cope with inputs arriving out of order.
+pub trait Saga: Default + Send + Sync + 'static {
+    /// The saga's own state changes.
+    type Event: DomainEvent;
+    /// The messages it reacts to.
+    type Input: DomainEvent;
+    /// The commands it sends.
+    type Command: DomainEvent;
+
+    /// The stream category of this saga type.
+    const TYPE: &'static str;
+
+    /// Which saga instance an input belongs to; `None` ignores the input. By
+    /// default, the message's correlation id.
+    fn saga_id(input: &Self::Input, metadata: &Metadata) -> Option<Uuid> {
+        let _ = input;
+        metadata.correlation_id
+    }
+
+    /// Evolves the state by one of its events.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Decides the reaction to an input.
+    fn react(
+        &self,
+        input: &Self::Input,
+        now: DateTime<Utc>,
+    ) -> Reaction<Self::Event, Self::Command>;
+
+    /// Decides the reaction to a deadline it set, now due.
+    fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<Self::Event, Self::Command>;
+}
+
+/// A command a saga sends, and where to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outgoing<C> {
+    /// The topic (bounded context) that handles it.
+    pub topic: String,
+    /// The command.
+    pub command: C,
+}
+
+/// What a saga decided: state events, commands, deadlines set and cancelled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reaction<E, C> {
+    /// State events, applied in order.
+    pub events: Vec<E>,
+    /// Commands to send.
+    pub commands: Vec<Outgoing<C>>,
+    /// Deadlines to set (name, due time); setting a pending name again moves it.
+    pub deadlines: Vec<(String, DateTime<Utc>)>,
+    /// Pending deadlines to cancel, by name.
+    pub cancelled: Vec<String>,
+}
+
+impl<E, C> Default for Reaction<E, C> {
+    fn default() -> Self {
+        Self {
+            events: Vec::new(),
+            commands: Vec::new(),
+            deadlines: Vec::new(),
+            cancelled: Vec::new(),
+        }
+    }
+}
+
+impl<E, C> Reaction<E, C> {
+    /// Nothing to do.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Adds a state event.
+    #[must_use]
+    pub fn event(mut self, event: E) -> Self {
+        self.events.push(event);
+        self
+    }
+
+    /// Adds a command for `topic`.
+    #[must_use]
+    pub fn send(mut self, topic: impl Into<String>, command: C) -> Self {
+        self.commands.push(Outgoing {
+            topic: topic.into(),
+            command,
+        });
+        self
+    }
+
+    /// Sets a deadline.
+    #[must_use]
+    pub fn deadline(mut self, name: impl Into<String>, due: DateTime<Utc>) -> Self {
+        self.deadlines.push((name.into(), due));
+        self
+    }
+
+    /// Cancels a deadline.
+    #[must_use]
+    pub fn cancel(mut self, name: impl Into<String>) -> Self {
+        self.cancelled.push(name.into());
+        self
+    }
+
+    /// Whether the reaction does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+            && self.commands.is_empty()
+            && self.deadlines.is_empty()
+            && self.cancelled.is_empty()
+    }
+}
+
+/// The stored form of a command a saga sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// The topic that handles it.
+    pub topic: String,
+    /// The command's type name.
+    pub command_type: String,
+    /// The command's schema version.
+    pub schema_version: u32,
+    /// The command's payload.
+    pub payload: Payload,
+}
+
+impl CommandRecord {
+    /// The bus message for a stored command record: the record's event id
+    /// becomes the message id, so a resent command is recognised.
+    pub fn to_message(&self, recorded: &RecordedEvent) -> Message {
+        Message {
+            message_id: recorded.event_id,
+            topic: self.topic.as_str().into(),
+            message_type: self.command_type.as_str().into(),
+            schema_version: self.schema_version,
+            payload: self.payload.clone(),
+            metadata: recorded.metadata.clone(),
+        }
+    }
+}
+
+/// The stored form of a deadline record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadlineRecord {
+    /// The deadline's name.
+    pub name: String,
+    /// When it is due (set records only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<DateTime<Utc>>,
+}
+
+/// A saga instance as loaded from its stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SagaInstance<S> {
+    /// The saga's state.
+    pub state: S,
+    /// Its stream version.
+    pub version: u64,
+    /// Pending deadlines: name -> (due, id of the record that set it).
+    pub deadlines: BTreeMap<String, (DateTime<Utc>, Uuid)>,
+    /// The commands it has sent so far, in order.
+    pub sent: Vec<CommandRecord>,
+    handled: HashSet<Uuid>,
+}
+
+impl<S: Default> Default for SagaInstance<S> {
+    fn default() -> Self {
+        Self {
+            state: S::default(),
+            version: 0,
+            deadlines: BTreeMap::new(),
+            sent: Vec::new(),
+            handled: HashSet::new(),
+        }
+    }
+}
+
+impl<S> SagaInstance<S> {
+    /// Whether the input message `message_id` was already handled.
+    pub fn has_handled(&self, message_id: Uuid) -> bool {
+        self.handled.contains(&message_id)
+    }
+}
+
+/// Why a saga could not handle an input or a deadline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SagaError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An input, event or record could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// A stored saga record is malformed.
+    #[error("malformed saga record {event_id} in {stream}: {reason}")]
+    Record {
+        /// The stream.
+        stream: StreamId,
+        /// The record.
+        event_id: Uuid,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Every attempt lost the race for the saga's stream.
+    #[error("gave up after {attempts} attempts: saga stream {stream} kept changing")]
+    Contention {
+        /// The stream.
+        stream: StreamId,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+impl SagaError {
+    /// Whether handling the same input again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient(),
+            Self::Contention { .. } => true,
+            Self::Codec(_) | Self::Record { .. } => false,
+        }
+    }
+}
+
+/// What handling an input or deadline did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SagaOutcome {
+    /// The reaction was appended at this stream version and position.
+    Reacted {
+        /// The saga's stream version after it.
+        version: u64,
+        /// Its position in the log.
+        position: Position,
+    },
+    /// The reaction was empty: nothing written.
+    NoChange,
+    /// The message was already handled: nothing written.
+    Duplicate,
+    /// The input belongs to no saga instance, or the deadline is not pending
+    /// or not due yet.
+    Ignored,
+}
+
+/// Runs a saga type against an event store: loads instances, deduplicates
+/// inputs, and appends each reaction atomically.
+pub struct SagaManager<S: Saga> {
+    store: Arc<dyn EventStore>,
+    clock: Arc<dyn Clock>,
+    events: EventCodec<S::Event>,
+    inputs: EventCodec<S::Input>,
+    commands: EventCodec<S::Command>,
+    max_attempts: u32,
+}
+
+impl<S: Saga> fmt::Debug for SagaManager<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaManager")
+            .field("saga", &S::TYPE)
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Saga> SagaManager<S> {
+    /// A manager over `store`, reading time from `clock`.
+    pub fn new(store: Arc<dyn EventStore>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            clock,
+            events: EventCodec::new(),
+            inputs: EventCodec::new(),
+            commands: EventCodec::new(),
+            max_attempts: 16,
+        }
+    }
+
+    /// Decodes inputs through this codec (and its upcasters).
+    #[must_use]
+    pub fn with_input_codec(mut self, codec: EventCodec<S::Input>) -> Self {
+        self.inputs = codec;
+        self
+    }
+
+    /// Decodes the saga's own events through this codec.
+    #[must_use]
+    pub fn with_event_codec(mut self, codec: EventCodec<S::Event>) -> Self {
+        self.events = codec;
+        self
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The stream of saga instance `saga_id`.
+    pub fn stream_id(saga_id: Uuid) -> StreamId {
+        // A UUID's string form always makes a valid stream id with any
+        // category of valid length, which saga types are.
+        StreamId::for_aggregate(S::TYPE, saga_id).unwrap_or_else(|_| {
+            StreamId::for_aggregate("saga", saga_id).unwrap_or_else(|e| unreachable!("{e}"))
+        })
+    }
+
+    /// Loads a saga instance.
+    pub async fn load(&self, saga_id: Uuid) -> Result<SagaInstance<S>, SagaError> {
+        let stream = Self::stream_id(saga_id);
+        let mut instance = SagaInstance::<S>::default();
+        loop {
+            let page = self
+                .store
+                .read_stream(&stream, instance.version + 1, 1_000)
+                .await?;
+            for recorded in &page {
+                self.fold(&mut instance, recorded)?;
+            }
+            if page.len() < 1_000 {
+                return Ok(instance);
+            }
+        }
+    }
+
+    fn fold(
+        &self,
+        instance: &mut SagaInstance<S>,
+        recorded: &RecordedEvent,
+    ) -> Result<(), SagaError> {
+        let malformed = |reason: String| SagaError::Record {
+            stream: recorded.stream_id.clone(),
+            event_id: recorded.event_id,
+            reason,
+        };
+        if let Some(cause) = recorded.metadata.causation_id {
+            instance.handled.insert(cause);
+        }
+        match &*recorded.event_type {
+            COMMAND_RECORD => {
+                let record: CommandRecord = recorded
+                    .payload
+                    .decode()
+                    .map_err(|e| malformed(e.to_string()))?;
+                instance.sent.push(record);
+            }
+            DEADLINE_SET => {
+                let record: DeadlineRecord = recorded
+                    .payload
+                    .decode()
+                    .map_err(|e| malformed(e.to_string()))?;
+                let due = record
+                    .due
+                    .ok_or_else(|| malformed("deadline without due time".into()))?;
+                instance
+                    .deadlines
+                    .insert(record.name, (due, recorded.event_id));
+            }
+            DEADLINE_CANCELLED | DEADLINE_FIRED => {
+                let record: DeadlineRecord = recorded
+                    .payload
+                    .decode()
+                    .map_err(|e| malformed(e.to_string()))?;
+                instance.deadlines.remove(&record.name);
+            }
+            _ => {
+                let event = self.events.decode(recorded)?;
+                instance.state.apply(&event);
+            }
+        }
+        instance.version = recorded.stream_version;
+        Ok(())
+    }
+
+    /// Handles a bus message: decodes it as an input, finds its instance, and
+    /// appends the reaction (unless the message was handled before).
+    pub async fn handle(&self, message: &Message) -> Result<SagaOutcome, SagaError> {
+        let input = self.inputs.decode_parts(
+            &message.message_type,
+            message.schema_version,
+            &message.payload,
+        )?;
+        let Some(saga_id) = S::saga_id(&input, &message.metadata) else {
+            return Ok(SagaOutcome::Ignored);
+        };
+        let span = tracing::info_span!(
+            "es.saga.react",
+            saga = S::TYPE,
+            %saga_id,
+            message_type = %message.message_type,
+            message_id = %message.message_id,
+            correlation_id = message.metadata.correlation_id.map(tracing::field::display),
+            causation_id = %message.message_id,
+        );
+        let metadata = message.metadata.caused_by(message.message_id);
+        self.react_with(saga_id, message.message_id, &metadata, |instance, now| {
+            if instance.has_handled(message.message_id) {
+                return None;
+            }
+            Some((instance.state.react(&input, now), None))
+        })
+        .instrument(span)
+        .await
+    }
+
+    /// Fires the deadline `name` of instance `saga_id` if it is pending and due.
+    pub async fn fire_deadline(&self, saga_id: Uuid, name: &str) -> Result<SagaOutcome, SagaError> {
+        let span =
+            tracing::info_span!("es.saga.deadline", saga = S::TYPE, %saga_id, deadline = name);
+        async {
+            let instance = self.load(saga_id).await?;
+            let Some(&(due, set_by)) = instance.deadlines.get(name) else {
+                return Ok(SagaOutcome::Ignored);
+            };
+            if due > self.clock.now() {
+                return Ok(SagaOutcome::Ignored);
+            }
+            let metadata = Metadata::new()
+                .with_correlation_id(saga_id)
+                .with_causation_id(set_by);
+            let name = name.to_owned();
+            self.react_with(
+                saga_id,
+                set_by,
+                &metadata,
+                move |instance, now| match instance.deadlines.get(&name) {
+                    Some(&(due, id)) if id == set_by && due <= now => {
+                        let mut reaction = instance.state.on_deadline(&name, now);
+                        reaction.cancelled.retain(|n| n != &name);
+                        Some((reaction, Some(name.clone())))
+                    }
+                    _ => None,
+                },
+            )
+            .await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Loads, decides with `decide`, and appends; retries lost races. `decide`
+    /// answers `None` when there is nothing to decide (a duplicate, a deadline
+    /// no longer pending), else the reaction and the deadline it fires, if any.
+    async fn react_with(
+        &self,
+        saga_id: Uuid,
+        cause: Uuid,
+        metadata: &Metadata,
+        decide: impl Fn(
+            &SagaInstance<S>,
+            DateTime<Utc>,
+        ) -> Option<(Reaction<S::Event, S::Command>, Option<String>)>,
+    ) -> Result<SagaOutcome, SagaError> {
+        let stream = Self::stream_id(saga_id);
+        for attempt in 1..=self.max_attempts {
+            let instance = self.load(saga_id).await?;
+            let now = self.clock.now();
+            let Some((reaction, fired)) = decide(&instance, now) else {
+                return Ok(if instance.has_handled(cause) {
+                    SagaOutcome::Duplicate
+                } else {
+                    SagaOutcome::Ignored
+                });
+            };
+            if reaction.is_empty() && fired.is_none() {
+                return Ok(SagaOutcome::NoChange);
+            }
+            let records = self.records(&stream, cause, metadata, &reaction, fired.as_deref())?;
+            match self
+                .store
+                .append(
+                    &stream,
+                    ExpectedVersion::from_loaded(instance.version),
+                    records,
+                )
+                .await
+            {
+                Ok(result) => {
+                    return Ok(if result.written {
+                        SagaOutcome::Reacted {
+                            version: result.stream_version,
+                            position: result.position,
+                        }
+                    } else {
+                        SagaOutcome::Duplicate
+                    })
+                }
+                Err(StoreError::WrongExpectedVersion { .. }) => {
+                    let backoff = Duration::from_micros(200 * u64::from(attempt.min(20)));
+                    tokio::time::sleep(backoff.mul_f64(fastrand::f64())).await;
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Err(SagaError::Contention {
+            stream,
+            attempts: self.max_attempts,
+        })
+    }
+
+    fn records(
+        &self,
+        stream: &StreamId,
+        cause: Uuid,
+        metadata: &Metadata,
+        reaction: &Reaction<S::Event, S::Command>,
+        fired: Option<&str>,
+    ) -> Result<Vec<NewEvent>, SagaError> {
+        let mut records = Vec::new();
+        let record = |records: &mut Vec<NewEvent>, event_type: &str, payload: Payload| {
+            let index = u32::try_from(records.len()).unwrap_or(u32::MAX);
+            records.push(
+                NewEvent::new(event_type, 1, payload, metadata.clone()).with_id(derived_id(
+                    cause,
+                    stream.as_str(),
+                    index,
+                )),
+            );
+        };
+        let payload = |value: &dyn erased::Json| value.to_payload();
+        let ended = fired.map(|name| (DEADLINE_FIRED, name)).into_iter().chain(
+            reaction
+                .cancelled
+                .iter()
+                .map(|n| (DEADLINE_CANCELLED, n.as_str())),
+        );
+        for (event_type, name) in ended {
+            let body = DeadlineRecord {
+                name: name.to_owned(),
+                due: None,
+            };
+            record(&mut records, event_type, payload(&body)?);
+        }
+        for event in &reaction.events {
+            let new = self.events.encode(event, metadata.clone())?;
+            let index = u32::try_from(records.len()).unwrap_or(u32::MAX);
+            records.push(new.with_id(derived_id(cause, stream.as_str(), index)));
+        }
+        for outgoing in &reaction.commands {
+            let new = self.commands.encode(&outgoing.command, Metadata::new())?;
+            let body = CommandRecord {
+                topic: outgoing.topic.clone(),
+                command_type: new.event_type.to_string(),
+                schema_version: new.schema_version,
+                payload: new.payload,
+            };
+            record(&mut records, COMMAND_RECORD, payload(&body)?);
+        }
+        for (name, due) in &reaction.deadlines {
+            let body = DeadlineRecord {
+                name: name.clone(),
+                due: Some(*due),
+            };
+            record(&mut records, DEADLINE_SET, payload(&body)?);
+        }
+        Ok(records)
+    }
+}
+
+mod erased {
+    use crate::{CodecError, Payload};
+
+    /// A serializable record body.
+    pub(super) trait Json {
+        fn to_payload(&self) -> Result<Payload, CodecError>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_payload(&self) -> Result<Payload, CodecError> {
+            Payload::from_value(self).map_err(|e| CodecError::Encode {
+                event_type: "saga record".into(),
+                source: e.source,
+            })
+        }
+    }
+}
+
+/// A [`MessageHandler`] that feeds a saga: ack when handled (or a duplicate),
+/// retry on transient failures, dead-letter what cannot be decoded.
+pub struct SagaHandler<S: Saga>(pub Arc<SagaManager<S>>);
+
+impl<S: Saga> fmt::Debug for SagaHandler<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SagaHandler").field(&self.0).finish()
+    }
+}
+
+#[async_trait]
+impl<S: Saga> MessageHandler for SagaHandler<S> {
+    async fn handle(&self, delivery: &Delivery) -> Outcome {
+        match self.0.handle(&delivery.message).await {
+            Ok(_) => Outcome::Ack,
+            Err(error) if error.is_transient() => Outcome::retry(error),
+            Err(error @ SagaError::Store(_)) => Outcome::retry(error),
+            Err(error) => Outcome::dead_letter(error),
+        }
+    }
+}
+
+/// Fires saga deadlines when they are due.
+///
+/// It follows the store's log for the deadline records of one saga type, keeps
+/// the pending ones in memory, and asks the [`SagaManager`] to fire each when
+/// the manager's clock passes its due time. Firing is idempotent, so several
+/// schedulers (or a restart) never fire a deadline twice.
+pub struct DeadlineScheduler<S: Saga> {
+    manager: Arc<SagaManager<S>>,
+    tick: Duration,
+}
+
+impl<S: Saga> fmt::Debug for DeadlineScheduler<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadlineScheduler")
+            .field("saga", &S::TYPE)
+            .field("tick", &self.tick)
+            .finish()
+    }
+}
+
+impl<S: Saga> DeadlineScheduler<S> {
+    /// A scheduler for `manager`'s saga type that looks at its clock at least
+    /// every `tick` (the clock may be virtual, so it cannot just sleep until
+    /// the due time).
+    pub fn new(manager: Arc<SagaManager<S>>, tick: Duration) -> Self {
+        Self { manager, tick }
+    }
+
+    /// Runs until `stop` turns true or the store's subscription fails.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), SagaError> {
+        let mut pending: BTreeMap<(DateTime<Utc>, Uuid, String), ()> = BTreeMap::new();
+        let mut by_name: std::collections::HashMap<(Uuid, String), DateTime<Utc>> =
+            std::collections::HashMap::new();
+        let mut log = self.manager.store.subscribe_all(Position::START);
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let now = self.manager.clock.now();
+            let due: Vec<_> = pending
+                .range(..=(now, Uuid::max(), String::new()))
+                .map(|(key, ())| key.clone())
+                .collect();
+            for (due_at, saga_id, name) in due {
+                match self.manager.fire_deadline(saga_id, &name).await {
+                    Ok(_) => {
+                        pending.remove(&(due_at, saga_id, name.clone()));
+                        by_name.remove(&(saga_id, name));
+                    }
+                    Err(error) => {
+                        tracing::warn!(saga = S::TYPE, %saga_id, deadline = %name, %error, "deadline not fired; will retry");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = tokio::time::sleep(self.tick) => {}
+                next = log.next() => match next {
+                    None => return Ok(()),
+                    Some(Err(error)) => return Err(error.into()),
+                    Some(Ok(recorded)) => {
+                        if recorded.stream_id.category() != S::TYPE {
+                            continue;
+                        }
+                        let Ok(saga_id) = recorded.stream_id.entity_id().parse::<Uuid>() else {
+                            continue;
+                        };
+                        let is_deadline = matches!(
+                            &*recorded.event_type,
+                            DEADLINE_SET | DEADLINE_CANCELLED | DEADLINE_FIRED
+                        );
+                        let Some(record) = is_deadline
+                            .then(|| recorded.payload.decode::<DeadlineRecord>().ok())
+                            .flatten()
+                        else {
+                            continue;
+                        };
+                        let key = (saga_id, record.name.clone());
+                        if let Some(old) = by_name.remove(&key) {
+                            pending.remove(&(old, saga_id, record.name.clone()));
+                        }
+                        if &*recorded.event_type == DEADLINE_SET {
+                            if let Some(due) = record.due {
+                                pending.insert((due, saga_id, record.name), ());
+                                by_name.insert(key, due);
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The event store: an append-only log of streams with optimistic concurrency.
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use uuid::Uuid;
+
+use crate::{
+    AppendResult, ExpectedVersion, InvalidStreamId, NewEvent, Position, RecordedEvent, StreamId,
+};
+
+/// A boxed error from a backend's transport or driver.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a store, checkpoint store, snapshot store or inbox refused or failed an
+/// operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The stream's version was not what the append expected. Nothing was
+    /// written.
+    #[error(
+        "wrong expected version on stream {stream}: expected {expected}, actual version {actual}"
+    )]
+    WrongExpectedVersion {
+        /// The stream appended to.
+        stream: StreamId,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's actual version (0 when it has no events).
+        actual: u64,
+    },
+    /// Some events of the batch were already stored, but not as exactly this
+    /// batch at these positions (a partial overlap, another stream, or another
+    /// payload under the same id). Nothing was written.
+    #[error("event {event_id} on stream {stream} is already stored differently: {reason}")]
+    IdempotencyConflict {
+        /// The stream appended to.
+        stream: StreamId,
+        /// The first event id that did not match.
+        event_id: Uuid,
+        /// What did not match.
+        reason: &'static str,
+    },
+    /// The stream id was rejected.
+    #[error(transparent)]
+    InvalidStreamId(#[from] InvalidStreamId),
+    /// An event of the batch is malformed (an empty type name, an id that
+    /// appears twice in the batch). Nothing was written.
+    #[error("invalid event {event_id}: {reason}")]
+    InvalidEvent {
+        /// The offending event.
+        event_id: Uuid,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An event's payload or metadata is not valid JSON. Nothing was written.
+    #[error("event {event_id} has a payload that is not valid JSON")]
+    InvalidPayload {
+        /// The offending event.
+        event_id: Uuid,
+    },
+    /// The batch holds more events than the backend takes in one append.
+    #[error("batch of {len} events is larger than the maximum of {max}")]
+    BatchTooLarge {
+        /// The batch's length.
+        len: usize,
+        /// The backend's limit.
+        max: usize,
+    },
+    /// The backend could not be reached (connection refused, pool timed out).
+    /// The operation may be retried; for an append, retry with the same event
+    /// ids so an append that did commit is recognised.
+    #[error("event store unavailable: {source}")]
+    Unavailable {
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+    /// Any other backend failure.
+    #[error("event store backend error: {source}")]
+    Backend {
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// An append-only store of event streams with a global, totally ordered log.
+///
+/// The guarantees every implementation gives (and the conformance suite in
+/// `es_core::testing::conformance` checks):
+///
+/// - `append` is atomic: all events of the batch are written, or none.
+/// - The expected version is checked by the store at write time; a mismatch is
+///   [`StoreError::WrongExpectedVersion`] carrying the actual version.
+/// - Re-appending events whose ids are already stored, as the same batch at
+///   the same positions with the same payloads, is a success that writes nothing
+///   (`written: false`); a partial overlap or a changed payload is
+///   [`StoreError::IdempotencyConflict`] and writes nothing. Event ids are unique
+///   across the store.
+/// - Stream versions are contiguous from 1.
+/// - Global positions strictly increase in log order; `read_all` and
+///   `subscribe_all` return committed events in that order and never skip one,
+///   even one committed late by a slow concurrent writer.
+///
+/// The trait is object-safe: use it as `Arc<dyn EventStore>`.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends a batch of events to one stream, atomically.
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Reads up to `max_count` events of a stream, starting at version
+    /// `from_version` (inclusive; 1 is the first event). A missing stream reads
+    /// as empty.
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads up to `max_count` events of the global log whose position is after
+    /// `after`, in log order.
+    async fn read_all(
+        &self,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The stream's current version: the version of its last event, 0 when it
+    /// has none.
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError>;
+
+    /// The position of the last event readable by `read_all` now
+    /// ([`Position::START`] for an empty log).
+    async fn head(&self) -> Result<Position, StoreError>;
+
+    /// Every event after `after`: first the committed history, then new events
+    /// as they commit, in log order, never skipping or repeating one. The
+    /// stream ends only when the store is dropped or fails; an error item is
+    /// followed by the end of the stream (subscribe again from the last
+    /// position seen).
+    fn subscribe_all(
+        &self,
+        after: Position,
+    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>>;
+}
+
+/// Named positions in the global log, kept by the runners that follow it
+/// (projections, relays).
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// The stored position of `name`, if any.
+    async fn load(&self, name: &str) -> Result<Option<Position>, StoreError>;
+    /// Stores the position of `name`.
+    async fn save(&self, name: &str, position: Position) -> Result<(), StoreError>;
+}
+
+/// The ids of messages a consumer has already processed, for exactly-once
+/// effects under at-least-once delivery.
+#[async_trait]
+pub trait Inbox: Send + Sync + 'static {
+    /// Records that `consumer` processed `message_id`. Returns `true` the first
+    /// time and `false` when it was already recorded.
+    async fn record(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError>;
+    /// Whether `consumer` has processed `message_id`.
+    async fn contains(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError>;
+}

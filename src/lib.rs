@@ -1,0 +1,14 @@
+//! Event sourcing and CQRS for Rust.
+//!
+//! This umbrella crate re-exports [`es_core`] and, behind features, the
+//! production backends: `postgres` ([`es_postgres`]), `rabbit` ([`es_rabbit`])
+//! and `projections` ([`es_projections`]).
+
+pub use es_core::*;
+
+#[cfg(feature = "postgres")]
+pub use es_postgres as postgres;
+#[cfg(feature = "projections")]
+pub use es_projections as projections;
+#[cfg(feature = "rabbit")]
+pub use es_rabbit as rabbit;
