@@ -3,6 +3,8 @@
 pub mod aggregate;
 pub mod bus;
 pub mod clock;
+#[doc(hidden)]
+pub mod doc_support;
 pub mod envelope;
 pub mod event;
 pub mod memory;

@@ -1,0 +1,182 @@
+//! Small fixtures the documentation examples share. Not part of the API.
+
+/// A counter aggregate.
+pub mod counter {
+    use serde::{Deserialize, Serialize};
+
+    use crate::{Aggregate, DomainEvent};
+
+    /// The counter's events.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum CounterEvent {
+        /// It went up.
+        Incremented {
+            /// By how much.
+            by: u32,
+        },
+    }
+
+    impl DomainEvent for CounterEvent {
+        fn event_type(&self) -> &'static str {
+            "Incremented"
+        }
+    }
+
+    /// The counter's commands.
+    #[derive(Clone, Debug)]
+    pub enum CounterCommand {
+        /// Add `by`.
+        Increment {
+            /// How much.
+            by: u32,
+        },
+    }
+
+    /// Why the counter refuses.
+    #[derive(Debug, thiserror::Error)]
+    pub enum CounterError {
+        /// A step of zero.
+        #[error("cannot increment by zero")]
+        ZeroStep,
+    }
+
+    /// A counter.
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Counter {
+        /// The value.
+        pub value: u64,
+    }
+
+    impl Aggregate for Counter {
+        type Event = CounterEvent;
+        type Command = CounterCommand;
+        type Error = CounterError;
+        const TYPE: &'static str = "counter";
+
+        fn apply(&mut self, event: &CounterEvent) {
+            let CounterEvent::Incremented { by } = event;
+            self.value += u64::from(*by);
+        }
+
+        fn handle(&self, command: CounterCommand) -> Result<Vec<CounterEvent>, CounterError> {
+            let CounterCommand::Increment { by } = command;
+            if by == 0 {
+                return Err(CounterError::ZeroStep);
+            }
+            Ok(vec![CounterEvent::Incremented { by }])
+        }
+    }
+}
+
+/// A saga that nudges 30 seconds after it starts unless it is stopped.
+pub mod reminder {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Serialize};
+
+    use crate::{DomainEvent, Reaction, Saga};
+
+    /// Its inputs.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum ReminderInput {
+        /// Start waiting.
+        Started,
+        /// Stop waiting.
+        Stopped,
+    }
+
+    impl DomainEvent for ReminderInput {
+        fn event_type(&self) -> &'static str {
+            match self {
+                Self::Started => "Started",
+                Self::Stopped => "Stopped",
+            }
+        }
+    }
+
+    /// Its state changes.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum ReminderEvent {
+        /// Waiting began.
+        Waiting,
+        /// It is over.
+        Done,
+    }
+
+    impl DomainEvent for ReminderEvent {
+        fn event_type(&self) -> &'static str {
+            match self {
+                Self::Waiting => "Waiting",
+                Self::Done => "Done",
+            }
+        }
+    }
+
+    /// Its commands.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum ReminderCommand {
+        /// Remind someone.
+        Nudge,
+    }
+
+    impl DomainEvent for ReminderCommand {
+        fn event_type(&self) -> &'static str {
+            "Nudge"
+        }
+    }
+
+    /// The saga's state.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Reminder {
+        /// Whether it waits.
+        pub waiting: bool,
+        /// Whether it is over.
+        pub done: bool,
+    }
+
+    impl Saga for Reminder {
+        type Event = ReminderEvent;
+        type Input = ReminderInput;
+        type Command = ReminderCommand;
+        const TYPE: &'static str = "reminder";
+
+        fn apply(&mut self, event: &ReminderEvent) {
+            match event {
+                ReminderEvent::Waiting => self.waiting = true,
+                ReminderEvent::Done => {
+                    self.waiting = false;
+                    self.done = true;
+                }
+            }
+        }
+
+        fn react(
+            &self,
+            input: &ReminderInput,
+            now: DateTime<Utc>,
+        ) -> Reaction<ReminderEvent, ReminderCommand> {
+            match input {
+                ReminderInput::Started if !self.waiting && !self.done => Reaction::none()
+                    .event(ReminderEvent::Waiting)
+                    .deadline("nudge", now + chrono::Duration::seconds(30)),
+                ReminderInput::Stopped if self.waiting => {
+                    Reaction::none().event(ReminderEvent::Done).cancel("nudge")
+                }
+                _ => Reaction::none(),
+            }
+        }
+
+        fn on_deadline(
+            &self,
+            name: &str,
+            _now: DateTime<Utc>,
+        ) -> Reaction<ReminderEvent, ReminderCommand> {
+            if name == "nudge" && self.waiting {
+                Reaction::none()
+                    .event(ReminderEvent::Done)
+                    .send("people", ReminderCommand::Nudge)
+            } else {
+                Reaction::none()
+            }
+        }
+    }
+}

@@ -1,0 +1,730 @@
+//! The backend conformance suite: every guarantee of
+//! [`EventStore`](crate::EventStore), as functions any implementation calls
+//! from its own tests.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use es_core::{EventStore, InMemoryEventStore};
+//! es_core::testing::conformance::run_all(|| async {
+//!     Arc::new(InMemoryEventStore::new()) as Arc<dyn EventStore>
+//! })
+//! .await;
+//! # });
+//! ```
+//!
+//! Each check uses fresh, unique stream ids, so one store may serve them all;
+//! the checks that count the whole log (`read_all_*`, `subscribe_*`) only look
+//! at the events they wrote. A failed check panics with what it saw.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use uuid::Uuid;
+
+use crate::{
+    EventStore, ExpectedVersion, Metadata, NewEvent, Payload, Position, RecordedEvent, StoreError,
+    StreamId,
+};
+
+/// Runs every check, each on a store from `new_store`.
+pub async fn run_all<F, Fut>(mut new_store: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Arc<dyn EventStore>>,
+{
+    append_and_read_stream(new_store().await).await;
+    expected_version_rules(new_store().await).await;
+    conflict_writes_nothing(new_store().await).await;
+    invalid_batch_writes_nothing(new_store().await).await;
+    empty_append_checks_the_version(new_store().await).await;
+    idempotent_reappend(new_store().await).await;
+    idempotency_conflicts(new_store().await).await;
+    event_ids_are_unique_across_streams(new_store().await).await;
+    envelope_round_trips(new_store().await).await;
+    read_all_in_order(new_store().await).await;
+    subscribe_catches_up_then_goes_live(new_store().await).await;
+    concurrent_appenders_race_on_one_stream(new_store().await).await;
+    subscriber_sees_concurrent_writers_in_order(new_store().await).await;
+}
+
+/// A unique stream id in `category`.
+pub fn unique_stream(category: &str) -> StreamId {
+    StreamId::for_aggregate(category, Uuid::now_v7().simple())
+        .unwrap_or_else(|e| panic!("test stream id: {e}"))
+}
+
+/// A test event `Tested` whose payload is `{"n": n}`.
+pub fn event(n: u64) -> NewEvent {
+    NewEvent::new(
+        "Tested",
+        1,
+        Payload::from_trusted_json(format!(r#"{{"n":{n}}}"#)),
+        Metadata::new(),
+    )
+}
+
+/// `count` test events numbered from `first`.
+pub fn events(first: u64, count: u64) -> Vec<NewEvent> {
+    (first..first + count).map(event).collect()
+}
+
+fn n_of(event: &RecordedEvent) -> u64 {
+    event
+        .payload
+        .to_value()
+        .ok()
+        .and_then(|v| v.get("n").and_then(serde_json::Value::as_u64))
+        .unwrap_or_else(|| panic!("not a test event: {event:?}"))
+}
+
+async fn whole_stream(store: &dyn EventStore, stream: &StreamId) -> Vec<RecordedEvent> {
+    store
+        .read_stream(stream, 1, usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("read_stream failed: {e}"))
+}
+
+/// Reads the log from `after` to its head.
+pub async fn whole_log(store: &dyn EventStore, after: Position) -> Vec<RecordedEvent> {
+    let mut all = Vec::new();
+    let mut position = after;
+    loop {
+        let page = store
+            .read_all(position, 500)
+            .await
+            .unwrap_or_else(|e| panic!("read_all failed: {e}"));
+        let Some(last) = page.last() else { return all };
+        position = last.position;
+        all.extend(page);
+    }
+}
+
+/// Versions count from 1; `read_stream` honours `from_version` and
+/// `max_count`; a missing stream reads as empty with version 0.
+pub async fn append_and_read_stream(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    assert_eq!(store.stream_version(&stream).await.ok(), Some(0));
+    assert!(whole_stream(&*store, &stream).await.is_empty());
+    let first = store
+        .append(&stream, ExpectedVersion::NoStream, events(1, 3))
+        .await
+        .unwrap_or_else(|e| panic!("first append failed: {e}"));
+    assert_eq!(first.stream_version, 3);
+    assert!(first.written);
+    let second = store
+        .append(&stream, ExpectedVersion::Exact(3), events(4, 2))
+        .await
+        .unwrap_or_else(|e| panic!("second append failed: {e}"));
+    assert_eq!(second.stream_version, 5);
+    assert!(second.position > first.position);
+    let all = whole_stream(&*store, &stream).await;
+    let versions: Vec<u64> = all.iter().map(|e| e.stream_version).collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        all.iter().map(n_of).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(all[4].position, second.position);
+    let middle = store.read_stream(&stream, 2, 2).await.unwrap_or_default();
+    assert_eq!(
+        middle.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert!(store
+        .read_stream(&stream, 6, 10)
+        .await
+        .unwrap_or_default()
+        .is_empty());
+    assert_eq!(store.stream_version(&stream).await.ok(), Some(5));
+}
+
+fn assert_conflict(
+    result: Result<crate::AppendResult, StoreError>,
+    expected: ExpectedVersion,
+    actual: u64,
+) {
+    match result {
+        Err(StoreError::WrongExpectedVersion {
+            expected: e,
+            actual: a,
+            ..
+        }) => {
+            assert_eq!(
+                (e, a),
+                (expected, actual),
+                "conflict carries the wrong versions"
+            );
+        }
+        other => panic!("expected a version conflict ({expected} vs {actual}), got {other:?}"),
+    }
+}
+
+/// `Any`, `NoStream`, `StreamExists` and `Exact` succeed and fail exactly
+/// when they should, and a conflict carries expected and actual versions.
+pub async fn expected_version_rules(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    use ExpectedVersion::*;
+    assert_conflict(
+        store.append(&stream, StreamExists, events(1, 1)).await,
+        StreamExists,
+        0,
+    );
+    assert_conflict(
+        store.append(&stream, Exact(1), events(1, 1)).await,
+        Exact(1),
+        0,
+    );
+    assert!(
+        store.append(&stream, Exact(0), events(1, 1)).await.is_ok(),
+        "Exact(0) on a new stream"
+    );
+    assert_conflict(
+        store.append(&stream, NoStream, events(2, 1)).await,
+        NoStream,
+        1,
+    );
+    assert_conflict(
+        store.append(&stream, Exact(0), events(2, 1)).await,
+        Exact(0),
+        1,
+    );
+    assert_conflict(
+        store.append(&stream, Exact(2), events(2, 1)).await,
+        Exact(2),
+        1,
+    );
+    assert!(store
+        .append(&stream, StreamExists, events(2, 1))
+        .await
+        .is_ok());
+    assert!(store.append(&stream, Any, events(3, 1)).await.is_ok());
+    assert!(store.append(&stream, Exact(3), events(4, 1)).await.is_ok());
+    let other = unique_stream("conf");
+    assert!(
+        store.append(&other, Any, events(1, 1)).await.is_ok(),
+        "Any on a new stream"
+    );
+    assert!(store
+        .append(&unique_stream("conf"), NoStream, events(1, 1))
+        .await
+        .is_ok());
+    assert_eq!(store.stream_version(&stream).await.ok(), Some(4));
+}
+
+/// A rejected append writes nothing: not to the stream, not to the log.
+pub async fn conflict_writes_nothing(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    let ok = store
+        .append(&stream, ExpectedVersion::NoStream, events(1, 2))
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    let rejected = events(3, 5);
+    let ids: HashSet<Uuid> = rejected.iter().map(|e| e.event_id).collect();
+    assert!(store
+        .append(&stream, ExpectedVersion::Exact(1), rejected)
+        .await
+        .is_err());
+    assert_eq!(whole_stream(&*store, &stream).await.len(), 2);
+    let log = whole_log(&*store, ok.position).await;
+    assert!(
+        log.iter().all(|e| !ids.contains(&e.event_id)),
+        "a rejected event reached the log"
+    );
+}
+
+/// A batch with a malformed event (an id twice, an empty type) is refused as a
+/// whole with a typed error.
+pub async fn invalid_batch_writes_nothing(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    let mut twice = events(1, 3);
+    twice[2].event_id = twice[0].event_id;
+    match store.append(&stream, ExpectedVersion::Any, twice).await {
+        Err(StoreError::InvalidEvent { .. }) => {}
+        other => panic!("a batch with an id twice must be InvalidEvent, got {other:?}"),
+    }
+    let mut untyped = events(1, 2);
+    untyped[1].event_type = "".into();
+    match store.append(&stream, ExpectedVersion::Any, untyped).await {
+        Err(StoreError::InvalidEvent { .. }) => {}
+        other => panic!("an empty event type must be InvalidEvent, got {other:?}"),
+    }
+    assert!(whole_stream(&*store, &stream).await.is_empty());
+}
+
+/// An empty append checks the expected version and writes nothing.
+pub async fn empty_append_checks_the_version(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    let empty = store
+        .append(&stream, ExpectedVersion::NoStream, Vec::new())
+        .await
+        .unwrap_or_else(|e| panic!("empty append failed: {e}"));
+    assert!(!empty.written);
+    assert_eq!(empty.stream_version, 0);
+    assert_conflict(
+        store
+            .append(&stream, ExpectedVersion::Exact(4), Vec::new())
+            .await,
+        ExpectedVersion::Exact(4),
+        0,
+    );
+    assert_eq!(store.stream_version(&stream).await.ok(), Some(0));
+}
+
+/// Appending the same events again at the same positions succeeds, writes
+/// nothing, and reports the original positions — whatever the expectation
+/// used, as long as it fits those positions.
+pub async fn idempotent_reappend(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    let batch = events(1, 3);
+    let first = store
+        .append(&stream, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exact(0),
+        ExpectedVersion::Any,
+    ] {
+        let again = store
+            .append(&stream, expected, batch.clone())
+            .await
+            .unwrap_or_else(|e| panic!("re-append with {expected} must succeed: {e}"));
+        assert!(!again.written, "a re-append wrote events");
+        assert_eq!(
+            (again.stream_version, again.position),
+            (first.stream_version, first.position)
+        );
+    }
+    let next = events(4, 2);
+    store
+        .append(&stream, ExpectedVersion::Exact(3), next.clone())
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    let again = store
+        .append(&stream, ExpectedVersion::Exact(3), next)
+        .await
+        .unwrap_or_else(|e| panic!("re-append of the second batch failed: {e}"));
+    assert!(!again.written);
+    assert_eq!(again.stream_version, 5);
+    // The first batch again, expecting a version that does not fit its positions.
+    assert_conflict(
+        store
+            .append(&stream, ExpectedVersion::Exact(5), batch)
+            .await,
+        ExpectedVersion::Exact(5),
+        5,
+    );
+    assert_eq!(whole_stream(&*store, &stream).await.len(), 5);
+}
+
+/// A partial overlap, or a stored id with another payload or type, is an
+/// idempotency conflict and writes nothing.
+pub async fn idempotency_conflicts(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    let batch = events(1, 3);
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    let mut partial = batch[1..].to_vec();
+    partial.push(event(9));
+    let fresh_id = partial[2].event_id;
+    match store.append(&stream, ExpectedVersion::Any, partial).await {
+        Err(StoreError::IdempotencyConflict { .. }) => {}
+        other => panic!("a partial overlap must be IdempotencyConflict, got {other:?}"),
+    }
+    let mut changed = batch.clone();
+    changed[1].payload = Payload::from_trusted_json(r#"{"n":99}"#);
+    match store
+        .append(&stream, ExpectedVersion::NoStream, changed)
+        .await
+    {
+        Err(StoreError::IdempotencyConflict { .. }) => {}
+        other => panic!("a changed payload must be IdempotencyConflict, got {other:?}"),
+    }
+    let mut retyped = batch.clone();
+    retyped[0].event_type = "Other".into();
+    match store
+        .append(&stream, ExpectedVersion::NoStream, retyped)
+        .await
+    {
+        Err(StoreError::IdempotencyConflict { .. }) => {}
+        other => panic!("a changed type must be IdempotencyConflict, got {other:?}"),
+    }
+    // Same ids but not at the same positions (a subset starting later).
+    match store
+        .append(
+            &stream,
+            ExpectedVersion::Any,
+            batch[..1].iter().chain(&batch[2..]).cloned().collect(),
+        )
+        .await
+    {
+        Err(StoreError::IdempotencyConflict { .. }) => {}
+        other => panic!("ids at other positions must be IdempotencyConflict, got {other:?}"),
+    }
+    let stored = whole_stream(&*store, &stream).await;
+    assert_eq!(stored.len(), 3);
+    assert!(stored.iter().all(|e| e.event_id != fresh_id));
+    assert_eq!(stored.iter().map(n_of).collect::<Vec<_>>(), vec![1, 2, 3]);
+}
+
+/// An event id is unique across the store: reusing it on another stream is an
+/// idempotency conflict.
+pub async fn event_ids_are_unique_across_streams(store: Arc<dyn EventStore>) {
+    let (a, b) = (unique_stream("conf"), unique_stream("conf"));
+    let batch = events(1, 1);
+    store
+        .append(&a, ExpectedVersion::Any, batch.clone())
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    match store.append(&b, ExpectedVersion::Any, batch).await {
+        Err(StoreError::IdempotencyConflict { .. }) => {}
+        other => {
+            panic!("an id reused on another stream must be IdempotencyConflict, got {other:?}")
+        }
+    }
+    assert!(whole_stream(&*store, &b).await.is_empty());
+}
+
+/// Ids, types, schema versions, payloads and metadata come back as written;
+/// the store stamps the stream, version, position and time.
+pub async fn envelope_round_trips(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    let correlation = Uuid::now_v7();
+    let metadata = Metadata::new()
+        .with_correlation_id(correlation)
+        .with_causation_id(Uuid::now_v7())
+        .with_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .with_header("tenant", "acme");
+    let payload = Payload::from_json(r#"{"name":"Ada \"Lovelace\"","lines":[{"sku":"é-1","qty":2}],"total":"12.50","nested":{"x":null}}"#)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let written = NewEvent::new("OrderPlaced", 3, payload.clone(), metadata.clone());
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![written.clone()])
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    let read = whole_stream(&*store, &stream).await;
+    let [event] = read.as_slice() else {
+        panic!("expected one event, got {read:?}")
+    };
+    assert_eq!(event.event_id, written.event_id);
+    assert_eq!(event.stream_id, stream);
+    assert_eq!(event.stream_version, 1);
+    assert_eq!(&*event.event_type, "OrderPlaced");
+    assert_eq!(event.schema_version, 3);
+    assert!(
+        event.payload.json_eq(&payload),
+        "payload changed: {}",
+        event.payload
+    );
+    assert_eq!(event.metadata, metadata);
+    assert!(
+        event.recorded_at >= before,
+        "recorded_at {} is in the past",
+        event.recorded_at
+    );
+    let via_log = whole_log(&*store, Position::START).await;
+    let logged = via_log
+        .iter()
+        .find(|e| e.event_id == written.event_id)
+        .unwrap_or_else(|| panic!("event missing from read_all"));
+    assert_eq!(logged, event);
+}
+
+/// `read_all` returns the log in strictly increasing position order, from any
+/// position, page by page.
+pub async fn read_all_in_order(store: Arc<dyn EventStore>) {
+    let start = store
+        .head()
+        .await
+        .unwrap_or_else(|e| panic!("head failed: {e}"));
+    let (a, b) = (unique_stream("conf"), unique_stream("conf"));
+    let mut ids = Vec::new();
+    for round in 0..5 {
+        for stream in [&a, &b] {
+            let batch = events(round * 2, 2);
+            ids.extend(batch.iter().map(|e| e.event_id));
+            store
+                .append(stream, ExpectedVersion::Any, batch)
+                .await
+                .unwrap_or_else(|e| panic!("append failed: {e}"));
+        }
+    }
+    let head = store
+        .head()
+        .await
+        .unwrap_or_else(|e| panic!("head failed: {e}"));
+    assert!(head > start, "head did not move");
+    let log = whole_log(&*store, start).await;
+    let mine: Vec<Uuid> = log
+        .iter()
+        .map(|e| e.event_id)
+        .filter(|id| ids.contains(id))
+        .collect();
+    assert_eq!(mine, ids, "read_all lost or reordered events");
+    assert!(
+        log.windows(2).all(|w| w[0].position < w[1].position),
+        "positions not increasing"
+    );
+    assert_eq!(log.last().map(|e| e.position), Some(head));
+    // Paging from the middle returns exactly the tail.
+    let middle = log[log.len() / 2].position;
+    let tail = whole_log(&*store, middle).await;
+    assert_eq!(tail.as_slice(), &log[log.len() / 2 + 1..]);
+    let two = store.read_all(start, 2).await.unwrap_or_default();
+    assert_eq!(two.len(), 2);
+    // A position's string form resumes reading at the same place.
+    let resumed: Position = middle.to_string().parse().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(whole_log(&*store, resumed).await, tail);
+}
+
+type Subscription = futures::stream::BoxStream<'static, Result<RecordedEvent, StoreError>>;
+
+/// Takes `n` events from a subscription, failing if it stalls or fails.
+async fn take(n: usize, sub: &mut Subscription) -> Vec<RecordedEvent> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+            Ok(Some(Ok(e))) => got.push(e),
+            Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
+            Ok(None) => panic!("subscription ended after {} events", got.len()),
+            Err(_) => panic!("subscription stalled after {} events", got.len()),
+        }
+    }
+    got
+}
+
+/// `subscribe_all` delivers history, then live events, in order, once each,
+/// from `START` or from any position.
+pub async fn subscribe_catches_up_then_goes_live(store: Arc<dyn EventStore>) {
+    let start = store
+        .head()
+        .await
+        .unwrap_or_else(|e| panic!("head failed: {e}"));
+    let stream = unique_stream("conf");
+    store
+        .append(&stream, ExpectedVersion::NoStream, events(1, 5))
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    let mut from_start = store.subscribe_all(start);
+    let history = whole_log(&*store, start).await;
+    let third = history[2].position;
+    let mut from_third = store.subscribe_all(third);
+    let writer = {
+        let store = Arc::clone(&store);
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            for n in 6..=10 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                store
+                    .append(&stream, ExpectedVersion::Exact(n - 1), vec![event(n)])
+                    .await
+                    .unwrap_or_else(|e| panic!("live append failed: {e}"));
+            }
+        })
+    };
+    let all = take(10, &mut from_start).await;
+    let mine: Vec<u64> = all
+        .iter()
+        .filter(|e| e.stream_id == stream)
+        .map(n_of)
+        .collect();
+    assert_eq!(
+        mine,
+        (1..=10).collect::<Vec<_>>(),
+        "subscription from start"
+    );
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+    let tail = take(7, &mut from_third).await;
+    let mine: Vec<u64> = tail
+        .iter()
+        .filter(|e| e.stream_id == stream)
+        .map(n_of)
+        .collect();
+    assert_eq!(
+        mine,
+        (4..=10).collect::<Vec<_>>(),
+        "subscription from the third event"
+    );
+    writer
+        .await
+        .unwrap_or_else(|e| panic!("writer panicked: {e}"));
+    // Nothing more arrives (no repeats).
+    let extra = tokio::time::timeout(Duration::from_millis(200), from_start.next()).await;
+    assert!(extra.is_err(), "unexpected extra event {extra:?}");
+}
+
+/// Many tasks race to append to one stream, each expecting the version it
+/// read: each version is won by exactly one, the rest get conflicts, and the
+/// stream holds exactly the winners, contiguous from 1.
+pub async fn concurrent_appenders_race_on_one_stream(store: Arc<dyn EventStore>) {
+    const WRITERS: u64 = 8;
+    const ROUNDS: u64 = 25;
+    let stream = unique_stream("race");
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let store = Arc::clone(&store);
+        let stream = stream.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut won, mut lost) = (Vec::new(), 0u64);
+            for round in 0..ROUNDS {
+                let version = store
+                    .stream_version(&stream)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let e = event(writer * 1_000 + round);
+                let id = e.event_id;
+                match store
+                    .append(&stream, ExpectedVersion::Exact(version), vec![e])
+                    .await
+                {
+                    Ok(r) => {
+                        assert_eq!(r.stream_version, version + 1);
+                        won.push(id);
+                    }
+                    Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                        assert!(actual > version, "conflict reported a stale actual version");
+                        lost += 1;
+                    }
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+                tokio::task::yield_now().await;
+            }
+            (won, lost)
+        }));
+    }
+    let mut won = HashSet::new();
+    let mut lost = 0;
+    for task in tasks {
+        let (w, l) = task
+            .await
+            .unwrap_or_else(|e| panic!("writer panicked: {e}"));
+        won.extend(w);
+        lost += l;
+    }
+    let stored = whole_stream(&*store, &stream).await;
+    assert_eq!(stored.len() + lost as usize, (WRITERS * ROUNDS) as usize);
+    assert_eq!(
+        stored.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
+        (1..=stored.len() as u64).collect::<Vec<_>>()
+    );
+    let stored_ids: HashSet<Uuid> = stored.iter().map(|e| e.event_id).collect();
+    assert_eq!(
+        stored_ids, won,
+        "the stream does not hold exactly the acknowledged appends"
+    );
+}
+
+/// A subscriber running while many writers append to many streams sees every
+/// acknowledged event exactly once, in strictly increasing positions, each
+/// stream in version order.
+pub async fn subscriber_sees_concurrent_writers_in_order(store: Arc<dyn EventStore>) {
+    const WRITERS: u64 = 8;
+    const STREAMS_PER_WRITER: u64 = 10;
+    const EVENTS_PER_STREAM: u64 = 5;
+    let start = store
+        .head()
+        .await
+        .unwrap_or_else(|e| panic!("head failed: {e}"));
+    let mut subscription = store.subscribe_all(start);
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for _ in 0..STREAMS_PER_WRITER {
+                let stream = unique_stream("torture");
+                for version in 0..EVENTS_PER_STREAM {
+                    let batch = events(writer, 1 + version % 2);
+                    acked.extend(batch.iter().map(|e| e.event_id));
+                    let expected = if version == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::StreamExists
+                    };
+                    store
+                        .append(&stream, expected, batch)
+                        .await
+                        .unwrap_or_else(|e| panic!("append failed: {e}"));
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = HashSet::new();
+    for task in tasks {
+        acked.extend(
+            task.await
+                .unwrap_or_else(|e| panic!("writer panicked: {e}")),
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut last = start;
+    let mut versions: HashMap<StreamId, u64> = HashMap::new();
+    while seen.len() < acked.len() {
+        let next = tokio::time::timeout(Duration::from_secs(20), subscription.next()).await;
+        let event = match next {
+            Ok(Some(Ok(e))) => e,
+            Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
+            Ok(None) => panic!("subscription ended"),
+            Err(_) => panic!(
+                "subscription stalled: saw {} of {} events",
+                seen.len(),
+                acked.len()
+            ),
+        };
+        assert!(
+            event.position > last,
+            "position {} not after {}",
+            event.position,
+            last
+        );
+        last = event.position;
+        if !acked.contains(&event.event_id) {
+            continue;
+        }
+        assert!(
+            seen.insert(event.event_id),
+            "event {} delivered twice",
+            event.event_id
+        );
+        let v = versions.entry(event.stream_id.clone()).or_insert(0);
+        assert_eq!(
+            event.stream_version,
+            *v + 1,
+            "stream {} out of order",
+            event.stream_id
+        );
+        *v = event.stream_version;
+    }
+    assert_eq!(seen, acked);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{EventStore, InMemoryEventStore};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_in_memory_store_conforms() {
+        super::run_all(|| async { Arc::new(InMemoryEventStore::new()) as Arc<dyn EventStore> })
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_shared_in_memory_store_conforms() {
+        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        super::run_all(|| {
+            let store = Arc::clone(&store);
+            async move { store }
+        })
+        .await;
+    }
+}
