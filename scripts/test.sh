@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Brings up what the tests need (PostgreSQL, RabbitMQ, Redis on loopback) and runs
+# the whole suite: rustfmt check, clippy with warnings denied, every test in one build.
+#
+#   scripts/test.sh            # everything
+#   SKIP_LINT=1 scripts/test.sh  # tests only
+#
+# Services: a running one is used; an installed one is started; a missing one is
+# installed from Debian's packages when run as root; otherwise the script stops and
+# says exactly what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+
+need_cmd cargo "the Rust toolchain (https://rustup.rs)"
+
+ensure_postgres
+ensure_redis
+ensure_rabbitmq
+ensure_smtp_tools
+
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+
+if [ -z "${SKIP_LINT:-}" ]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy (warnings are errors)"
+  cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+step "cargo test --workspace"
+cargo test --workspace -- --test-threads "${TEST_THREADS:-4}"
