@@ -1,0 +1,310 @@
+//! The runner loop both runners share: follow the log from the checkpoint,
+//! batch, filter, apply, commit with the checkpoint, retry infrastructure
+//! failures from the stored checkpoint.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use es_core::{EventStore, Position, Projection, RecordedEvent};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::handle::{RunState, Shared};
+use crate::telemetry::{self, measure_lag, LAG_SCAN_LIMIT};
+use crate::{DeadLetter, Error, OnError, RunnerOptions};
+
+/// Where a runner keeps its checkpoint and how it opens and commits a unit of
+/// work.
+pub(crate) trait Backend<P: Projection>: Send + Sync + 'static {
+    /// An open unit of work (a database transaction).
+    type Unit: Send;
+
+    /// Whether dropping a unit undoes what was applied in it. When it does, a
+    /// failed batch is rolled back and replayed without its dead letters;
+    /// when it does not, the runner goes on from the failing event.
+    const TRANSACTIONAL: bool;
+
+    /// The stored checkpoint.
+    fn load_checkpoint(&self) -> impl Future<Output = Result<Position, Error>> + Send;
+
+    /// Opens a unit of work, checking that the checkpoint is still `expected`.
+    fn begin(&self, expected: Position) -> impl Future<Output = Result<Self::Unit, Error>> + Send;
+
+    /// The projection's view of the unit.
+    fn tx(unit: &mut Self::Unit) -> &mut P::Tx;
+
+    /// Commits the unit with the checkpoint `position` and the dead letters.
+    fn commit(
+        &self,
+        unit: Self::Unit,
+        position: Position,
+        dead_letters: &[DeadLetter],
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// Everything a running loop needs.
+pub(crate) struct Runner<P, B> {
+    pub(crate) projection: Arc<P>,
+    pub(crate) backend: B,
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) options: RunnerOptions,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What one batch did.
+#[derive(Debug, Default)]
+pub(crate) struct BatchStats {
+    pub(crate) applied: u64,
+    pub(crate) skipped: u64,
+    pub(crate) dead: u64,
+}
+
+impl<P: Projection, B: Backend<P>> Runner<P, B> {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Runs until `stop` turns true (`Ok`) or a fatal error.
+    pub(crate) async fn run(&self, stop: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let mut failures = 0u32;
+        let mut last_lag = None::<Instant>;
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            match self.follow(stop, &mut failures, &mut last_lag).await {
+                Ok(()) => return Ok(()),
+                Err(error) if error.is_fatal() => return Err(error),
+                Err(error) => {
+                    failures += 1;
+                    metrics::counter!(telemetry::RETRIES, "projection" => self.name().to_owned())
+                        .increment(1);
+                    if failures > self.options.max_consecutive_failures {
+                        tracing::error!(projection = self.name(), %error, failures, "projection runner giving up");
+                        return Err(error);
+                    }
+                    let delay = self.options.delay(failures - 1);
+                    tracing::warn!(projection = self.name(), %error, ?delay, "projection runner retrying from its checkpoint");
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads the checkpoint, subscribes after it, and applies batches until
+    /// stopped (`Ok`) or an error.
+    async fn follow(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        failures: &mut u32,
+        last_lag: &mut Option<Instant>,
+    ) -> Result<(), Error> {
+        let mut position = self.backend.load_checkpoint().await?;
+        self.shared.set_position(position);
+        self.shared.set_state(RunState::Running);
+        tracing::info!(projection = self.name(), %position, "projection following the log");
+        let mut log = self
+            .store
+            .subscribe_all(position)
+            .ready_chunks(self.options.batch_size);
+        loop {
+            let items = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                items = log.next() => items,
+            };
+            let Some(items) = items else {
+                return Err(Error::store(
+                    self.name(),
+                    es_core::StoreError::Backend {
+                        source: "the store's subscription ended".into(),
+                    },
+                ));
+            };
+            let mut events = Vec::with_capacity(items.len());
+            let mut failed = None;
+            for item in items {
+                match item {
+                    Ok(event) if failed.is_none() => events.push(event),
+                    Ok(_) => {}
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                    }
+                }
+            }
+            if !events.is_empty() {
+                let started = Instant::now();
+                let stats = self.batch(position, &events).await?;
+                position = events[events.len() - 1].position;
+                self.shared.set_position(position);
+                *failures = 0;
+                self.record_batch(&stats, started);
+                if last_lag.is_none_or(|t| t.elapsed() >= self.options.lag_interval) {
+                    *last_lag = Some(Instant::now());
+                    if let Ok(lag) = measure_lag(&*self.store, position, LAG_SCAN_LIMIT).await {
+                        telemetry::record_lag(self.name(), &lag);
+                    }
+                }
+            }
+            if let Some(error) = failed {
+                return Err(Error::store(self.name(), error));
+            }
+        }
+    }
+
+    fn record_batch(&self, stats: &BatchStats, started: Instant) {
+        let name = self.name().to_owned();
+        metrics::counter!(telemetry::EVENTS_APPLIED, "projection" => name.clone())
+            .increment(stats.applied);
+        metrics::counter!(telemetry::EVENTS_SKIPPED, "projection" => name.clone())
+            .increment(stats.skipped);
+        if stats.dead > 0 {
+            metrics::counter!(telemetry::DEAD_LETTERS, "projection" => name.clone())
+                .increment(stats.dead);
+        }
+        metrics::counter!(telemetry::BATCHES, "projection" => name.clone()).increment(1);
+        metrics::histogram!(telemetry::BATCH_SECONDS, "projection" => name)
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Applies one batch and commits it with its checkpoint.
+    pub(crate) async fn batch(
+        &self,
+        checkpoint: Position,
+        events: &[RecordedEvent],
+    ) -> Result<BatchStats, Error> {
+        let last = events[events.len() - 1].position;
+        let span = tracing::info_span!(
+            "projection.batch",
+            projection = self.name(),
+            first = %events[0].position,
+            last = %last,
+            events = events.len(),
+        );
+        async move {
+            let mut dead = vec![false; events.len()];
+            let mut letters = Vec::new();
+            'attempt: loop {
+                let mut unit = self.backend.begin(checkpoint).await?;
+                let mut stats = BatchStats::default();
+                for (i, event) in events.iter().enumerate() {
+                    if dead[i] {
+                        stats.dead += 1;
+                        continue;
+                    }
+                    if !self.projection.accepts(&event.event_type) {
+                        stats.skipped += 1;
+                        continue;
+                    }
+                    match self.apply(B::tx(&mut unit), event).await {
+                        Ok(()) => stats.applied += 1,
+                        Err(error) => {
+                            tracing::warn!(%error, event_id = %event.event_id, position = %event.position, "projection failed on an event");
+                            if self.options.on_error == OnError::Stop {
+                                if !B::TRANSACTIONAL && i > 0 {
+                                    // What came before is applied for good:
+                                    // record how far the model got.
+                                    let before = events[i - 1].position;
+                                    self.backend.commit(unit, before, &letters).await?;
+                                    self.shared.set_position(before);
+                                    self.shared.push_dead_letters(&letters);
+                                }
+                                return Err(Error::Apply {
+                                    projection: self.name().to_owned(),
+                                    event_id: event.event_id,
+                                    event_type: event.event_type.to_string(),
+                                    stream_id: event.stream_id.clone(),
+                                    position: event.position,
+                                    source: error,
+                                });
+                            }
+                            dead[i] = true;
+                            stats.dead += 1;
+                            letters.push(DeadLetter::new(self.name(), event, &error));
+                            if B::TRANSACTIONAL {
+                                // The unit may be unusable (an aborted SQL
+                                // transaction): roll it back and replay the
+                                // batch without the dead letters.
+                                drop(unit);
+                                continue 'attempt;
+                            }
+                        }
+                    }
+                }
+                self.backend.commit(unit, last, &letters).await?;
+                self.shared.push_dead_letters(&letters);
+                return Ok(stats);
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Applies one event inside its own span, turning a panic into an error.
+    async fn apply(
+        &self,
+        tx: &mut P::Tx,
+        event: &RecordedEvent,
+    ) -> Result<(), es_core::ProjectionError> {
+        let span = tracing::debug_span!(
+            "projection.apply",
+            projection = self.name(),
+            event_id = %event.event_id,
+            event_type = %event.event_type,
+            stream_id = %event.stream_id,
+            position = %event.position,
+            correlation_id = event.metadata.correlation_id.map(tracing::field::display),
+            causation_id = event.metadata.causation_id.map(tracing::field::display),
+        );
+        match AssertUnwindSafe(self.projection.apply(tx, event).instrument(span))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => Err(es_core::ProjectionError::InvalidEvent {
+                projection: self.name().to_owned(),
+                event_id: event.event_id,
+                position: event.position,
+                reason: format!("the projection panicked: {}", panic_message(&*panic)),
+            }),
+        }
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+/// Spawns `runner` on the current Tokio runtime and returns the task; the
+/// task records its outcome in the shared state.
+pub(crate) fn spawn<P: Projection, B: Backend<P>>(
+    runner: Runner<P, B>,
+) -> tokio::task::JoinHandle<()> {
+    let shared = Arc::clone(&runner.shared);
+    let mut stop = shared.stop.subscribe();
+    tokio::spawn(async move {
+        let outcome = AssertUnwindSafe(runner.run(&mut stop)).catch_unwind().await;
+        let state = match outcome {
+            Ok(Ok(())) => RunState::Stopped,
+            Ok(Err(error)) => {
+                tracing::error!(projection = %shared.name, %error, "projection runner stopped");
+                RunState::Failed(Arc::new(error))
+            }
+            Err(panic) => RunState::Failed(Arc::new(Error::Panicked {
+                projection: shared.name.clone(),
+                message: panic_message(&*panic),
+            })),
+        };
+        shared.set_state(state);
+    })
+}

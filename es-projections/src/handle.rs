@@ -1,0 +1,237 @@
+//! A running projection, seen from the outside: position, waiting,
+//! lag, dead letters, stop.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use es_core::{EventStore, Position};
+use tokio::sync::watch;
+
+use crate::telemetry::{measure_lag, Lag};
+use crate::{DeadLetter, Error};
+
+/// Where a runner is in its life.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum RunState {
+    /// Loading its checkpoint, or waiting for the leadership of its
+    /// projection (a standby).
+    Starting,
+    /// Following the log.
+    Running,
+    /// Stopped on request.
+    Stopped,
+    /// Stopped on an error.
+    Failed(Arc<Error>),
+}
+
+impl RunState {
+    fn is_terminal(&self) -> bool {
+        matches!(self, Self::Stopped | Self::Failed(_))
+    }
+}
+
+/// What a runner publishes after each batch.
+#[derive(Clone, Debug)]
+pub(crate) struct Progress {
+    pub(crate) position: Position,
+    pub(crate) state: RunState,
+}
+
+/// The state a runner task and its handles share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) progress: watch::Sender<Progress>,
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) dead_letters: Mutex<Vec<DeadLetter>>,
+}
+
+impl Shared {
+    pub(crate) fn new(name: &str) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_owned(),
+            progress: watch::Sender::new(Progress {
+                position: Position::START,
+                state: RunState::Starting,
+            }),
+            stop: watch::Sender::new(false),
+            dead_letters: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub(crate) fn set_position(&self, position: Position) {
+        self.progress.send_modify(|p| p.position = position);
+    }
+
+    pub(crate) fn set_state(&self, state: RunState) {
+        self.progress.send_modify(|p| p.state = state);
+    }
+
+    pub(crate) fn push_dead_letters(&self, letters: &[DeadLetter]) {
+        self.dead_letters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(letters);
+    }
+}
+
+/// Stops the runner when the last handle goes away.
+#[derive(Debug)]
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop.send_replace(true);
+    }
+}
+
+/// A handle on a projection running in a background task (see
+/// [`spawn_in_memory`](crate::spawn_in_memory) and
+/// `PgProjectionRunner::spawn`).
+///
+/// Cloning is cheap; the runner stops when [`stop`](Self::stop) is called or
+/// the last clone is dropped.
+#[derive(Clone)]
+pub struct ProjectionHandle {
+    shared: Arc<Shared>,
+    store: Arc<dyn EventStore>,
+    _guard: Arc<StopOnDrop>,
+    task: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl fmt::Debug for ProjectionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let progress = self.shared.progress.borrow();
+        f.debug_struct("ProjectionHandle")
+            .field("name", &self.shared.name)
+            .field("position", &progress.position)
+            .field("state", &progress.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProjectionHandle {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        store: Arc<dyn EventStore>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            _guard: Arc::new(StopOnDrop(Arc::clone(&shared))),
+            shared,
+            store,
+            task: Arc::new(tokio::sync::Mutex::new(Some(task))),
+        }
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The position of the last event the projection has handled (applied,
+    /// skipped as not accepted, or set aside as a dead letter).
+    pub fn position(&self) -> Position {
+        self.shared.progress.borrow().position
+    }
+
+    /// Where the runner is in its life.
+    pub fn state(&self) -> RunState {
+        self.shared.progress.borrow().state.clone()
+    }
+
+    /// Waits until the projection has handled every event up to `position`
+    /// (read-your-writes: pass the position an append returned), or until
+    /// `timeout` has passed.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when the time ran out, [`Error::Failed`] or
+    /// [`Error::Stopped`] when the runner has ended before the position.
+    pub async fn wait_for(&self, position: Position, timeout: Duration) -> Result<(), Error> {
+        let mut rx = self.shared.progress.subscribe();
+        let closed = matches!(
+            tokio::time::timeout(
+                timeout,
+                rx.wait_for(|p| p.position >= position || p.state.is_terminal()),
+            )
+            .await,
+            Ok(Err(_))
+        );
+        let progress = self.shared.progress.borrow().clone();
+        if progress.position >= position {
+            return Ok(());
+        }
+        match progress.state {
+            RunState::Failed(source) => Err(Error::Failed {
+                projection: self.shared.name.clone(),
+                source,
+            }),
+            RunState::Stopped => Err(Error::Stopped {
+                projection: self.shared.name.clone(),
+                position: progress.position,
+            }),
+            _ if closed => Err(Error::Stopped {
+                projection: self.shared.name.clone(),
+                position: progress.position,
+            }),
+            _ => Err(Error::Timeout {
+                projection: self.shared.name.clone(),
+                wanted: position,
+                reached: progress.position,
+                timeout,
+            }),
+        }
+    }
+
+    /// How far the projection is behind the head of the store's log, in
+    /// events (counting up to 100,000) and in seconds.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store cannot be read.
+    pub async fn lag(&self) -> Result<Lag, Error> {
+        measure_lag(&*self.store, self.position(), 100_000)
+            .await
+            .map_err(|e| Error::store(&self.shared.name, e))
+    }
+
+    /// The events this runner has set aside as dead letters since it started.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.shared
+            .dead_letters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops the runner and waits for its task to end. The batch in flight is
+    /// abandoned (rolled back, for a transactional runner). Returns the
+    /// runner's error if it had failed.
+    ///
+    /// # Errors
+    /// [`Error::Failed`] when the runner had stopped on an error.
+    pub async fn stop(&self) -> Result<(), Error> {
+        self.shared.stop.send_replace(true);
+        if let Some(task) = self.task.lock().await.take() {
+            // The task catches the projection's panics itself; a join error
+            // here can only be a cancelled runtime.
+            let _ = task.await;
+        }
+        match self.state() {
+            RunState::Failed(source) => Err(Error::Failed {
+                projection: self.shared.name.clone(),
+                source,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until the runner has ended by itself (an error, or a stop from
+    /// another handle) and returns its final state.
+    pub async fn finished(&self) -> RunState {
+        let mut rx = self.shared.progress.subscribe();
+        let _ = rx.wait_for(|p| p.state.is_terminal()).await;
+        self.state()
+    }
+}

@@ -1,0 +1,88 @@
+//! How a runner batches, and what it does when the projection fails.
+
+use std::time::Duration;
+
+/// What a runner does when the projection returns an error for an event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnError {
+    /// Stop the runner with [`Error::Apply`](crate::Error::Apply), naming the
+    /// event and its position. The checkpoint stays before the event, so a
+    /// fixed projection restarted later applies it.
+    #[default]
+    Stop,
+    /// Record the event as a dead letter (in memory for the in-memory runner,
+    /// in the dead-letter table, in the same transaction as the batch, for the
+    /// PostgreSQL runner), leave the read model as if the event had not been
+    /// there, and go on.
+    DeadLetter,
+}
+
+/// Settings shared by the runners.
+#[derive(Clone, Debug)]
+pub struct RunnerOptions {
+    /// The most events applied and committed as one batch.
+    pub batch_size: usize,
+    /// What to do when the projection fails on an event.
+    pub on_error: OnError,
+    /// How many infrastructure failures in a row (store, database, commit)
+    /// the runner retries, from its stored checkpoint, before it stops.
+    pub max_consecutive_failures: u32,
+    /// The first retry delay; it doubles up to `max_backoff`.
+    pub backoff: Duration,
+    /// The longest retry delay.
+    pub max_backoff: Duration,
+    /// How often, at most, the runner measures its lag for the metrics.
+    pub lag_interval: Duration,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            on_error: OnError::Stop,
+            max_consecutive_failures: 20,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            lag_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RunnerOptions {
+    /// Batches of up to `batch_size` events (at least 1).
+    #[must_use]
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// What to do when the projection fails on an event.
+    #[must_use]
+    pub fn on_error(mut self, on_error: OnError) -> Self {
+        self.on_error = on_error;
+        self
+    }
+
+    /// How many infrastructure failures in a row are retried before the
+    /// runner stops.
+    #[must_use]
+    pub fn max_consecutive_failures(mut self, n: u32) -> Self {
+        self.max_consecutive_failures = n;
+        self
+    }
+
+    /// The first and the longest retry delay.
+    #[must_use]
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = first;
+        self.max_backoff = max.max(first);
+        self
+    }
+
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        self.backoff
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_backoff)
+    }
+}

@@ -1,0 +1,257 @@
+//! The in-memory runner against the in-memory store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use es_core::{
+    EventStore, ExpectedVersion, InMemoryEventStore, Metadata, NewEvent, Payload, Position,
+    Projection, ProjectionError, RecordedEvent, StreamId,
+};
+use es_projections::{
+    spawn_in_memory, spawn_in_memory_with, Error, OnError, RunState, RunnerOptions,
+};
+use tokio::sync::Semaphore;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Sums `amount` per stream; fails on `amount < 0`; ignores `Ignored` events.
+#[derive(Default)]
+struct Totals {
+    model: Mutex<HashMap<String, i64>>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Projection for Totals {
+    type Tx = ();
+    fn name(&self) -> &str {
+        "totals"
+    }
+    fn accepts(&self, event_type: &str) -> bool {
+        event_type != "Ignored"
+    }
+    async fn apply(&self, _: &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        let value: serde_json::Value = event.payload.to_value().unwrap();
+        let amount = value["amount"].as_i64().unwrap_or(0);
+        if amount < 0 {
+            return Err(ProjectionError::InvalidEvent {
+                projection: self.name().to_owned(),
+                event_id: event.event_id,
+                position: event.position,
+                reason: "negative amount".into(),
+            });
+        }
+        *self
+            .model
+            .lock()
+            .unwrap()
+            .entry(event.stream_id.to_string())
+            .or_default() += amount;
+        Ok(())
+    }
+}
+
+fn event(event_type: &str, amount: i64) -> NewEvent {
+    NewEvent::new(
+        event_type,
+        1,
+        Payload::from_value(&serde_json::json!({ "amount": amount })).unwrap(),
+        Metadata::new(),
+    )
+}
+
+async fn append(store: &InMemoryEventStore, stream: &str, events: Vec<NewEvent>) -> Position {
+    store
+        .append(
+            &StreamId::new(stream).unwrap(),
+            ExpectedVersion::Any,
+            events,
+        )
+        .await
+        .unwrap()
+        .position
+}
+
+fn total(p: &Totals, stream: &str) -> i64 {
+    p.model.lock().unwrap().get(stream).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn follows_history_and_live_events_and_reads_your_writes() {
+    let store = InMemoryEventStore::new();
+    append(&store, "a", vec![event("Added", 1), event("Added", 2)]).await;
+    let totals = Arc::new(Totals::default());
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&totals));
+    for i in 0..50 {
+        let at = append(&store, "b", vec![event("Added", i)]).await;
+        handle.wait_for(at, WAIT).await.unwrap();
+        assert_eq!(total(&totals, "b"), (0..=i).sum::<i64>());
+        assert!(handle.position() >= at);
+    }
+    assert_eq!(total(&totals, "a"), 3);
+    let lag = handle.lag().await.unwrap();
+    assert!(lag.is_caught_up(), "{lag:?}");
+    handle.stop().await.unwrap();
+    assert!(matches!(handle.state(), RunState::Stopped));
+}
+
+#[tokio::test]
+async fn skipped_types_still_advance_the_position() {
+    let store = InMemoryEventStore::new();
+    let totals = Arc::new(Totals::default());
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&totals));
+    append(&store, "a", vec![event("Added", 5)]).await;
+    let at = append(&store, "a", vec![event("Ignored", 100)]).await;
+    handle.wait_for(at, WAIT).await.unwrap();
+    assert_eq!(handle.position(), at);
+    assert_eq!(total(&totals, "a"), 5);
+}
+
+#[tokio::test]
+async fn a_failing_event_stops_the_runner_naming_event_and_position() {
+    let store = InMemoryEventStore::new();
+    let good = append(&store, "a", vec![event("Added", 1)]).await;
+    let bad = append(&store, "a", vec![event("Added", -1)]).await;
+    let after = append(&store, "a", vec![event("Added", 10)]).await;
+    let totals = Arc::new(Totals::default());
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&totals));
+    let err = handle.wait_for(after, WAIT).await.unwrap_err();
+    let Error::Failed { source, .. } = &err else {
+        panic!("expected Failed, got {err}")
+    };
+    match &**source {
+        Error::Apply {
+            projection,
+            position,
+            event_type,
+            ..
+        } => {
+            assert_eq!(projection, "totals");
+            assert_eq!(*position, bad);
+            assert_eq!(event_type, "Added");
+        }
+        other => panic!("expected Apply, got {other}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&bad.to_string()), "{text}");
+    // The events before the failing one are applied and counted; nothing after.
+    assert_eq!(handle.position(), good);
+    assert_eq!(total(&totals, "a"), 1);
+    assert!(matches!(handle.stop().await, Err(Error::Failed { .. })));
+}
+
+#[tokio::test]
+async fn dead_letter_policy_sets_the_event_aside_and_goes_on() {
+    let store = InMemoryEventStore::new();
+    append(&store, "a", vec![event("Added", 1)]).await;
+    let bad = append(&store, "a", vec![event("Added", -7)]).await;
+    let after = append(&store, "a", vec![event("Added", 10)]).await;
+    let totals = Arc::new(Totals::default());
+    let handle = spawn_in_memory_with(
+        Arc::new(store.clone()),
+        Arc::clone(&totals),
+        RunnerOptions::default().on_error(OnError::DeadLetter),
+    );
+    handle.wait_for(after, WAIT).await.unwrap();
+    assert_eq!(total(&totals, "a"), 11);
+    let letters = handle.dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].position, bad);
+    assert!(letters[0].error.contains("negative amount"), "{letters:?}");
+}
+
+#[tokio::test]
+async fn wait_for_times_out_with_where_it_got_and_lag_counts_what_is_left() {
+    let store = InMemoryEventStore::new();
+    let gate = Arc::new(Semaphore::new(2));
+    let totals = Arc::new(Totals {
+        gate: Some(Arc::clone(&gate)),
+        ..Totals::default()
+    });
+    let handle = spawn_in_memory_with(
+        Arc::new(store.clone()),
+        Arc::clone(&totals),
+        RunnerOptions::default().batch_size(1),
+    );
+    let mut last = Position::START;
+    for i in 0..5 {
+        last = append(&store, "a", vec![event("Added", i)]).await;
+    }
+    let second = Position::new(2, 0);
+    handle.wait_for(second, WAIT).await.unwrap();
+    let err = handle
+        .wait_for(last, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    match err {
+        Error::Timeout {
+            wanted, reached, ..
+        } => {
+            assert_eq!(wanted, last);
+            assert_eq!(reached, second);
+        }
+        other => panic!("expected Timeout, got {other}"),
+    }
+    let lag = handle.lag().await.unwrap();
+    assert_eq!(lag.events, 3);
+    assert!(!lag.events_capped);
+    assert!(lag.seconds >= 0.0);
+    gate.add_permits(3);
+    handle.wait_for(last, WAIT).await.unwrap();
+    assert_eq!(total(&totals, "a"), 10);
+    assert!(handle.lag().await.unwrap().is_caught_up());
+}
+
+#[tokio::test]
+async fn stop_ends_the_runner_and_waits_report_it() {
+    let store = InMemoryEventStore::new();
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::new(Totals::default()));
+    handle.stop().await.unwrap();
+    let at = append(&store, "a", vec![event("Added", 1)]).await;
+    assert!(matches!(
+        handle.wait_for(at, WAIT).await,
+        Err(Error::Stopped { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_panicking_projection_fails_the_runner_instead_of_hanging_waiters() {
+    struct Panics;
+    impl Projection for Panics {
+        type Tx = ();
+        fn name(&self) -> &str {
+            "panics"
+        }
+        async fn apply(&self, _: &mut (), _: &RecordedEvent) -> Result<(), ProjectionError> {
+            panic!("boom")
+        }
+    }
+    let store = InMemoryEventStore::new();
+    let at = append(&store, "a", vec![event("Added", 1)]).await;
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::new(Panics));
+    let err = handle.wait_for(at, WAIT).await.unwrap_err();
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert!(
+        format!("{:?}", std::error::Error::source(&err)).contains("boom"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn several_projections_run_independently() {
+    let store = InMemoryEventStore::new();
+    let one = Arc::new(Totals::default());
+    let two = Arc::new(Totals::default());
+    let h1 = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&one));
+    let h2 = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&two));
+    let at = append(&store, "a", vec![event("Added", 4)]).await;
+    h1.wait_for(at, WAIT).await.unwrap();
+    h1.stop().await.unwrap();
+    let later = append(&store, "a", vec![event("Added", 4)]).await;
+    h2.wait_for(later, WAIT).await.unwrap();
+    assert_eq!(total(&one, "a"), 4);
+    assert_eq!(total(&two, "a"), 8);
+}
