@@ -70,6 +70,7 @@ impl<S: Saga> SagaFixture<S> {
     }
 
     /// Feeds one input.
+    #[allow(clippy::needless_pass_by_value)] // reads as "when <input>", like a message
     pub fn when(mut self, input: S::Input) -> SagaStep<S> {
         let reaction = self.state.react(&input, self.now);
         self.commit(&reaction);

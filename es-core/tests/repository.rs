@@ -1,0 +1,218 @@
+//! The repository: load, execute, retries, snapshots, idempotent commands.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use es_core::doc_support::counter::{Counter, CounterCommand, CounterEvent};
+use es_core::{
+    AppendResult, EventStore, ExpectedVersion, InMemoryEventStore, InMemorySnapshotStore, Metadata,
+    NewEvent, Position, RecordedEvent, Repository, RepositoryError, RetryPolicy, Snapshot,
+    SnapshotPolicy, SnapshotStore, StoreError, StreamId,
+};
+use futures::stream::BoxStream;
+use uuid::Uuid;
+
+fn inc(by: u32) -> CounterCommand {
+    CounterCommand::Increment { by }
+}
+
+#[tokio::test]
+async fn executes_and_loads_with_metadata_on_every_event() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    let correlation = Uuid::now_v7();
+    let meta = Metadata::new()
+        .with_correlation_id(correlation)
+        .with_causation_id(Uuid::now_v7());
+    let first = repo.execute("c1", inc(2), &meta).await.unwrap();
+    assert_eq!(
+        (first.stream_version, first.events.len(), first.duplicate),
+        (1, 1, false)
+    );
+    repo.execute("c1", inc(3), &meta).await.unwrap();
+    let loaded = repo.load("c1").await.unwrap();
+    assert_eq!((loaded.state.value, loaded.version), (5, 2));
+    let stream = StreamId::new("counter-c1").unwrap();
+    let stored = store.read_stream(&stream, 1, 10).await.unwrap();
+    assert!(stored.iter().all(|e| e.metadata == meta));
+    assert!(matches!(
+        repo.execute("c1", inc(0), &meta).await,
+        Err(RepositoryError::Rejected(_))
+    ));
+    assert_eq!(
+        store.stream_version(&stream).await.unwrap(),
+        2,
+        "a rejected command wrote"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commands_on_one_aggregate_all_land_through_retries() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Counter>::new(store.clone()).with_retry(RetryPolicy {
+        max_attempts: 1_000,
+        ..RetryPolicy::default()
+    });
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    repo.execute("hot", inc(1), &Metadata::new()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let loaded = repo.load("hot").await.unwrap();
+    assert_eq!((loaded.state.value, loaded.version), (200, 200));
+}
+
+/// A store that lets another writer sneak in before the next append.
+struct Interloper {
+    inner: InMemoryEventStore,
+    armed: AtomicBool,
+}
+
+#[async_trait]
+impl EventStore for Interloper {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let sneaky = es_core::EventCodec::<CounterEvent>::new()
+                .encode(&CounterEvent::Incremented { by: 100 }, Metadata::new())
+                .unwrap();
+            self.inner
+                .append(stream, ExpectedVersion::Any, vec![sneaky])
+                .await?;
+        }
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        s: &StreamId,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_stream(s, from, max).await
+    }
+    async fn read_all(
+        &self,
+        after: Position,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(after, max).await
+    }
+    async fn stream_version(&self, s: &StreamId) -> Result<u64, StoreError> {
+        self.inner.stream_version(s).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+    fn subscribe_all(
+        &self,
+        after: Position,
+    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
+        self.inner.subscribe_all(after)
+    }
+}
+
+#[tokio::test]
+async fn a_lost_race_is_decided_again_or_reported_as_contention() {
+    let store = Arc::new(Interloper {
+        inner: InMemoryEventStore::new(),
+        armed: AtomicBool::new(true),
+    });
+    let repo = Repository::<Counter>::new(store.clone());
+    let mut decisions = 0;
+    repo.execute_with("r", &Metadata::new(), None, |state| {
+        decisions += 1;
+        Ok(vec![CounterEvent::Incremented {
+            by: state.value as u32 + 1,
+        }])
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        decisions, 2,
+        "the command was not decided again on the new state"
+    );
+    assert_eq!(repo.load("r").await.unwrap().state.value, 100 + 101);
+
+    store.armed.store(true, Ordering::SeqCst);
+    let strict = Repository::<Counter>::new(store.clone()).with_retry(RetryPolicy::none());
+    match strict.execute("r", inc(1), &Metadata::new()).await {
+        Err(RepositoryError::Contention { attempts: 1, .. }) => {}
+        other => panic!("expected contention, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn execute_once_applies_a_command_id_once() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    let command_id = Uuid::now_v7();
+    let first = repo
+        .execute_once("o", command_id, inc(5), &Metadata::new())
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = repo
+        .execute_once("o", command_id, inc(5), &Metadata::new())
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.events.is_empty());
+    assert_eq!(repo.load("o").await.unwrap().state.value, 5);
+    // The same command id on another aggregate is another command.
+    repo.execute_once("p", command_id, inc(1), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(repo.load("p").await.unwrap().state.value, 1);
+}
+
+#[tokio::test]
+async fn snapshots_by_policy_give_the_same_state() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let snapshots = Arc::new(InMemorySnapshotStore::new());
+    let repo = Repository::<Counter>::new(store.clone()).with_snapshots(
+        snapshots.clone(),
+        SnapshotPolicy::Every(10),
+        1,
+    );
+    for i in 1..=25 {
+        repo.execute("s", inc(i), &Metadata::new()).await.unwrap();
+    }
+    let stream = StreamId::new("counter-s").unwrap();
+    let snap = snapshots.load(&stream).await.unwrap().expect("a snapshot");
+    assert_eq!(snap.version, 20);
+    let with = repo.load("s").await.unwrap();
+    let without = Repository::<Counter>::new(store.clone())
+        .load("s")
+        .await
+        .unwrap();
+    assert_eq!(with, without);
+    assert_eq!(with.state.value, (1..=25).sum::<u64>());
+
+    // A snapshot of another schema version, or one that does not decode, is ignored.
+    snapshots
+        .save(Snapshot {
+            stream_id: stream.clone(),
+            version: 24,
+            schema_version: 1,
+            state: es_core::Payload::from_json(r#"{"wrong":true}"#).unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(repo.load("s").await.unwrap(), without);
+    let v2 =
+        Repository::<Counter>::new(store).with_snapshots(snapshots, SnapshotPolicy::Every(10), 2);
+    assert_eq!(v2.load("s").await.unwrap(), without);
+}
