@@ -54,3 +54,16 @@ pub mod prelude {
         Repository, Saga, StreamId, Subscription,
     };
 }
+
+/// Compile-time check that the backend traits stay usable as `Arc<dyn _>`.
+#[allow(dead_code)]
+fn _object_safe(
+    _store: std::sync::Arc<dyn EventStore>,
+    _snapshots: std::sync::Arc<dyn SnapshotStore>,
+    _bus: std::sync::Arc<dyn EventBus>,
+    _handler: std::sync::Arc<dyn MessageHandler>,
+    _checkpoints: std::sync::Arc<dyn CheckpointStore>,
+    _inbox: std::sync::Arc<dyn Inbox>,
+    _clock: std::sync::Arc<dyn Clock>,
+) {
+}
