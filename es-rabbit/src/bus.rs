@@ -1,0 +1,341 @@
+//! [`RabbitBus`]: es-core's [`EventBus`] over RabbitMQ.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Confirmation, PublisherConfirm};
+use tokio::sync::watch;
+use tracing::field;
+
+use es_core::{BusError, EventBus, Message, MessageHandler, Subscription, SubscriptionHandle};
+
+use crate::codec::{self, header_int, header_str};
+use crate::connection::{Connector, Live};
+use crate::consumer::ConsumerTask;
+use crate::topology::{
+    short, validate, Topology, ATTEMPT_HEADER, DEAD_LETTER_GROUP_HEADER, DEAD_LETTER_REASON_HEADER,
+};
+use crate::{RabbitConfig, RabbitError, TraceParent};
+
+/// es-core's [`EventBus`] on RabbitMQ: one connection (replaced with backoff
+/// when it breaks), confirmed and pipelined publishing, and consumer groups
+/// on quorum queues with delayed retry and dead letters. Cloning shares the
+/// connection.
+///
+/// See the [crate documentation](crate) for the topology and the guarantees.
+#[derive(Clone, Debug)]
+pub struct RabbitBus {
+    pub(crate) inner: Arc<Inner>,
+    mandatory: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) connector: Connector,
+    pub(crate) topology: Topology,
+}
+
+/// A message read back from a group's dead-letter queue.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The message, when it could be decoded.
+    pub message: Option<Message>,
+    /// The raw body.
+    pub body: Vec<u8>,
+    /// Why it was dead-lettered (the `x-es-dead-letter-reason` header, or
+    /// the broker's `x-death` reason when the broker dead-lettered it).
+    pub reason: String,
+    /// Deliveries made before it was given up on.
+    pub attempts: u32,
+}
+
+impl RabbitBus {
+    /// Connects to the broker (failing fast when it cannot be reached).
+    pub async fn connect(config: RabbitConfig) -> Result<Self, RabbitError> {
+        let bus = Self::lazy(config);
+        bus.inner.connector.live().await?;
+        Ok(bus)
+    }
+
+    /// A bus that connects on first use.
+    pub fn lazy(config: RabbitConfig) -> Self {
+        let mandatory = config.mandatory;
+        let topology = Topology::new(config.prefix.clone());
+        Self {
+            inner: Arc::new(Inner {
+                connector: Connector::new(config),
+                topology,
+            }),
+            mandatory,
+        }
+    }
+
+    /// The same bus (same connection), publishing with `mandatory` on or off.
+    #[must_use]
+    pub fn with_mandatory(&self, mandatory: bool) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            mandatory,
+        }
+    }
+
+    /// Whether unroutable messages are errors.
+    pub fn mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    /// The names of the exchanges and queues.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.inner.connector.config
+    }
+
+    /// Closes the current connection. Running consumers reconnect unless
+    /// their subscriptions are stopped; the next publish reconnects.
+    pub async fn close(&self) {
+        self.inner.connector.close().await;
+    }
+
+    /// Messages ready in a group's work queue (not counting those being
+    /// handled).
+    pub async fn queue_depth(&self, group: &str) -> Result<u32, BusError> {
+        let name = self.inner.topology.queue(group);
+        self.passive_count(&name).await
+    }
+
+    /// Messages in a group's dead-letter queue.
+    pub async fn dead_letter_depth(&self, group: &str) -> Result<u32, BusError> {
+        let name = self.inner.topology.dead_letter_queue(group);
+        self.passive_count(&name).await
+    }
+
+    /// Removes and returns up to `max` messages from a group's dead-letter
+    /// queue (for inspection or manual replay).
+    pub async fn take_dead_letters(
+        &self,
+        group: &str,
+        max: usize,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let name = short(&self.inner.topology.dead_letter_queue(group))?;
+        let live = self.inner.connector.live().await?;
+        let channel = live
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            let got = channel
+                .basic_get(name.clone(), BasicGetOptions { no_ack: true })
+                .await
+                .map_err(unavailable)?;
+            let Some(got) = got else { break };
+            let delivery = got.delivery;
+            let empty = FieldTable::default();
+            let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
+            let reason = header_str(headers, DEAD_LETTER_REASON_HEADER)
+                .unwrap_or_else(|| "dead-lettered by the broker".to_owned());
+            let attempts = header_int(headers, ATTEMPT_HEADER)
+                .and_then(|a| u32::try_from(a).ok())
+                .unwrap_or(0);
+            let (message, _) = codec::decode(&delivery.properties, &delivery.data);
+            out.push(DeadLetter {
+                message: message.ok(),
+                body: delivery.data,
+                reason,
+                attempts,
+            });
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(out)
+    }
+
+    async fn passive_count(&self, name: &str) -> Result<u32, BusError> {
+        let live = self.inner.connector.live().await?;
+        let channel = live
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let queue = channel
+            .queue_declare(
+                short(name)?,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(queue.message_count())
+    }
+
+    async fn publish_on(&self, live: &Live, messages: &[Message]) -> Result<(), BusError> {
+        let topology = &self.inner.topology;
+        for message in messages {
+            let exchange = topology.exchange(&message.topic);
+            if !live.exchange_declared(&exchange) {
+                topology
+                    .declare_exchange(&live.publisher, &message.topic)
+                    .await?;
+                live.mark_exchange(exchange);
+            }
+        }
+        let window = self.inner.connector.config.confirm_window;
+        let options = BasicPublishOptions {
+            mandatory: self.mandatory,
+            ..BasicPublishOptions::default()
+        };
+        let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::with_capacity(window);
+        for (index, message) in messages.iter().enumerate() {
+            let trace = TraceParent::child_of(message.metadata.traceparent.as_deref());
+            let parent = message
+                .metadata
+                .traceparent
+                .as_deref()
+                .and_then(TraceParent::parse);
+            let span = tracing::info_span!(
+                "es.rabbit.publish",
+                message_id = %message.message_id,
+                message_type = %message.message_type,
+                topic = %message.topic,
+                correlation_id = message.metadata.correlation_id.map(field::display),
+                causation_id = message.metadata.causation_id.map(field::display),
+                trace_id = %trace.trace_id(),
+                span_id = %trace.span_id(),
+                parent_span_id = parent.map(|p| field::display(p.span_id())),
+            );
+            let _entered = span.enter();
+            let properties =
+                codec::properties(message, &trace.to_string()).map_err(|e| BusError::Backend {
+                    source: Box::new(e),
+                })?;
+            let confirm = live
+                .publisher
+                .basic_publish(
+                    short(&topology.exchange(&message.topic))?,
+                    short(&message.routing_key())?,
+                    options,
+                    message.payload.as_str().as_bytes(),
+                    properties,
+                )
+                .await
+                .map_err(unavailable)?;
+            pending.push_back((index, confirm));
+            if pending.len() >= window {
+                if let Some((index, confirm)) = pending.pop_front() {
+                    settle(&messages[index], confirm).await?;
+                }
+            }
+        }
+        while let Some((index, confirm)) = pending.pop_front() {
+            settle(&messages[index], confirm).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn settle(message: &Message, confirm: PublisherConfirm) -> Result<(), BusError> {
+    match confirm.await.map_err(unavailable)? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_returned)) => Err(BusError::Unroutable {
+            message_id: message.message_id,
+            routing_key: message.routing_key(),
+        }),
+        Confirmation::Nack(_) => Err(BusError::Nacked {
+            message_id: message.message_id,
+        }),
+        Confirmation::NotRequested => Err(BusError::Backend {
+            source: "publisher confirms are not enabled on the channel".into(),
+        }),
+    }
+}
+
+pub(crate) fn unavailable(source: lapin::Error) -> BusError {
+    BusError::Unavailable {
+        source: Box::new(RabbitError::protocol(source)),
+    }
+}
+
+#[async_trait]
+impl EventBus for RabbitBus {
+    async fn publish(&self, messages: &[Message]) -> Result<(), BusError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let live = self.inner.connector.live().await?;
+        self.publish_on(&live, messages).await
+    }
+
+    async fn declare(&self, subscription: &Subscription) -> Result<(), BusError> {
+        validate(subscription)?;
+        let live = self.inner.connector.live().await?;
+        let channel = live
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        self.inner.topology.declare(&channel, subscription).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        subscription: Subscription,
+        handler: Arc<dyn MessageHandler>,
+    ) -> Result<SubscriptionHandle, BusError> {
+        self.declare(&subscription).await?;
+        let (stop, stopped) = watch::channel(false);
+        let task = ConsumerTask::new(Arc::clone(&self.inner), subscription, handler);
+        let join = tokio::spawn(task.run(stopped));
+        Ok(SubscriptionHandle::new(stop, vec![join]))
+    }
+}
+
+/// The headers of a copy of a delivered message that starts at `attempt`
+/// (for a retry) or records why it was dead-lettered.
+pub(crate) fn copy_headers(
+    original: Option<&FieldTable>,
+    attempt: u32,
+    dead_letter: Option<(&str, &str)>,
+) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(original) = original {
+        for (key, value) in original {
+            let k = key.as_str();
+            if k == codec::DELIVERY_COUNT_HEADER
+                || k.starts_with("x-death")
+                || k.starts_with("x-first-death")
+                || k.starts_with("x-last-death")
+            {
+                continue;
+            }
+            headers.insert(key.clone(), value.clone());
+        }
+    }
+    headers.insert(
+        ATTEMPT_HEADER.into(),
+        lapin::types::AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    if let Some((group, reason)) = dead_letter {
+        headers.insert(
+            DEAD_LETTER_REASON_HEADER.into(),
+            crate::topology::string(reason),
+        );
+        headers.insert(
+            DEAD_LETTER_GROUP_HEADER.into(),
+            crate::topology::string(group),
+        );
+    }
+    headers
+}

@@ -1,0 +1,94 @@
+//! Connection and publishing settings.
+
+use std::time::Duration;
+
+/// The default broker address, used when `AMQP_URL` is not set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// How a [`RabbitBus`](crate::RabbitBus) connects, names its topology and
+/// publishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RabbitConfig {
+    /// The broker's AMQP URL.
+    pub url: String,
+    /// Prepended to every exchange and queue name the bus declares, so that
+    /// several applications (or tests) share a broker without meeting.
+    pub prefix: String,
+    /// Whether a published message that reaches no queue is an error
+    /// ([`BusError::Unroutable`](es_core::BusError::Unroutable)). The relay
+    /// turns this off: events are published whether or not a group listens yet.
+    pub mandatory: bool,
+    /// How many publisher confirms may be outstanding at once in one publish
+    /// call.
+    pub confirm_window: usize,
+    /// The first delay before reconnecting after the connection is lost.
+    pub reconnect_min: Duration,
+    /// The longest delay between reconnection attempts.
+    pub reconnect_max: Duration,
+    /// The connection's name, shown in the broker's management tools.
+    pub connection_name: String,
+}
+
+impl RabbitConfig {
+    /// Settings for the broker at `url`, with no prefix, mandatory publishing,
+    /// a confirm window of 256 and reconnection backoff from 100 ms to 5 s.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: String::new(),
+            mandatory: true,
+            confirm_window: 256,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            connection_name: "es-rabbit".to_owned(),
+        }
+    }
+
+    /// Settings for the broker named by the `AMQP_URL` environment variable,
+    /// or [`DEFAULT_AMQP_URL`].
+    pub fn from_env() -> Self {
+        Self::new(std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned()))
+    }
+
+    /// Sets the name prefix of exchanges and queues.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets whether unroutable messages are errors.
+    #[must_use]
+    pub fn with_mandatory(mut self, mandatory: bool) -> Self {
+        self.mandatory = mandatory;
+        self
+    }
+
+    /// Sets the number of outstanding publisher confirms per publish call.
+    #[must_use]
+    pub fn with_confirm_window(mut self, window: usize) -> Self {
+        self.confirm_window = window.max(1);
+        self
+    }
+
+    /// Sets the reconnection backoff bounds.
+    #[must_use]
+    pub fn with_reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_min = min;
+        self.reconnect_max = max.max(min);
+        self
+    }
+
+    /// Sets the connection name.
+    #[must_use]
+    pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self::from_env()
+    }
+}

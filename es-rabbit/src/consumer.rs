@@ -1,0 +1,319 @@
+//! The consumer loop of one subscription: consume with manual acks and
+//! bounded prefetch, hand deliveries to the handler, settle them by its
+//! outcome, and reconnect with backoff when the connection or channel breaks.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Confirmation};
+use tokio::sync::watch;
+use tracing::{field, Instrument};
+
+use es_core::{Delivery, MessageHandler, Outcome, Subscription};
+
+use crate::bus::{copy_headers, Inner};
+use crate::codec;
+use crate::connection::Live;
+use crate::topology::short;
+use crate::{RabbitError, TraceParent};
+
+pub(crate) struct ConsumerTask {
+    inner: Arc<Inner>,
+    subscription: Subscription,
+    handler: Arc<dyn MessageHandler>,
+    queue: String,
+    retry_queue: String,
+    dead_letter_exchange: String,
+}
+
+/// How a delivery is settled.
+enum Settle {
+    Ack,
+    /// Return it to the queue (a republish failed); the broker counts the
+    /// return towards the delivery limit.
+    Requeue,
+}
+
+impl ConsumerTask {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        subscription: Subscription,
+        handler: Arc<dyn MessageHandler>,
+    ) -> Self {
+        let topology = &inner.topology;
+        let queue = topology.queue(&subscription.group);
+        let retry_queue = topology.retry_queue(&subscription);
+        let dead_letter_exchange = topology.dead_letter_exchange();
+        Self {
+            inner,
+            subscription,
+            handler,
+            queue,
+            retry_queue,
+            dead_letter_exchange,
+        }
+    }
+
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        let min = self.inner.connector.config.reconnect_min;
+        let max = self.inner.connector.config.reconnect_max;
+        let mut delay = min;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let Some(live) = self.inner.connector.live_with_backoff(&mut stop).await else {
+                return;
+            };
+            match self.consume(&live, &mut stop).await {
+                Ok(Flow::Stopped) => return,
+                Ok(Flow::Consumed) => delay = min,
+                Ok(Flow::Idle) => {}
+                Err(error) => {
+                    tracing::warn!(group = %self.subscription.group, %error, generation = live.generation, "consumer failed; reconnecting");
+                }
+            }
+            drop(live);
+            let jitter = Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 4 + 1));
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = tokio::time::sleep(delay + jitter) => {}
+            }
+            delay = (delay * 2).min(max);
+        }
+    }
+
+    async fn consume(
+        &self,
+        live: &Live,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Flow, RabbitError> {
+        let channel = live
+            .confirm_channel()
+            .await
+            .map_err(RabbitError::protocol)?;
+        self.inner
+            .topology
+            .declare(&channel, &self.subscription)
+            .await?;
+        channel
+            .basic_qos(self.subscription.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(RabbitError::protocol)?;
+        let consumer = channel
+            .basic_consume(
+                short(&self.queue)?,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(RabbitError::protocol)?;
+        tracing::debug!(group = %self.subscription.group, generation = live.generation, "consuming");
+        // Turns false as soon as the channel is known to be gone: deliveries
+        // still being handled then are not settled (their tags belong to the
+        // dead channel); the broker redelivers them.
+        let current = AtomicBool::new(true);
+        let mut stopping = stop.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        let consumed = AtomicBool::new(false);
+        consumer
+            .take_until(Box::pin(stopped))
+            .for_each_concurrent(usize::from(self.subscription.prefetch), |item| async {
+                match item {
+                    Ok(delivery) => {
+                        consumed.store(true, Ordering::Relaxed);
+                        self.handle(&channel, &current, delivery).await;
+                    }
+                    Err(error) => {
+                        current.store(false, Ordering::SeqCst);
+                        tracing::warn!(group = %self.subscription.group, %error, "consumer channel closed");
+                    }
+                }
+            })
+            .await;
+        current.store(false, Ordering::SeqCst);
+        if *stop.borrow() {
+            let _ = channel.close(200, "consumer stopped".into()).await;
+            return Ok(Flow::Stopped);
+        }
+        let _ = channel.close(200, "consumer restarting".into()).await;
+        Ok(if consumed.load(Ordering::Relaxed) {
+            Flow::Consumed
+        } else {
+            Flow::Idle
+        })
+    }
+
+    async fn handle(&self, channel: &Channel, current: &AtomicBool, delivery: AmqpDelivery) {
+        let group = &self.subscription.group;
+        let max = self.subscription.max_attempts;
+        let (decoded, attempt) = codec::decode(&delivery.properties, &delivery.data);
+        let message = match decoded {
+            Ok(message) => message,
+            Err(error) => {
+                let reason = format!("undecodable message: {error}");
+                tracing::warn!(%group, %reason, "dead-lettering");
+                let settle = self.dead_letter(channel, &delivery, attempt, &reason).await;
+                return settle_delivery(current, &delivery, settle).await;
+            }
+        };
+        if attempt > max {
+            let reason = format!("gave up after {} attempts", attempt - 1);
+            tracing::warn!(%group, message_id = %message.message_id, %reason, "dead-lettering");
+            let settle = self
+                .dead_letter(channel, &delivery, attempt - 1, &reason)
+                .await;
+            return settle_delivery(current, &delivery, settle).await;
+        }
+        let parent = message
+            .metadata
+            .traceparent
+            .as_deref()
+            .and_then(TraceParent::parse);
+        let trace = parent.map_or_else(TraceParent::new_root, |p| p.child());
+        let span = tracing::info_span!(
+            "es.rabbit.consume",
+            group = %group,
+            message_id = %message.message_id,
+            message_type = %message.message_type,
+            attempt,
+            correlation_id = message.metadata.correlation_id.map(field::display),
+            causation_id = message.metadata.causation_id.map(field::display),
+            trace_id = %trace.trace_id(),
+            span_id = %trace.span_id(),
+            parent_span_id = parent.map(|p| field::display(p.span_id())),
+        );
+        let message_id = message.message_id;
+        let es_delivery = Delivery { message, attempt };
+        let outcome = AssertUnwindSafe(self.handler.handle(&es_delivery).instrument(span.clone()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Outcome::retry("the handler panicked"));
+        let settle = match outcome {
+            Outcome::Ack => Settle::Ack,
+            Outcome::Retry { reason } if attempt < max => {
+                tracing::debug!(parent: &span, %reason, "retrying later");
+                self.retry(channel, &delivery, attempt + 1).await
+            }
+            Outcome::Retry { reason } | Outcome::DeadLetter { reason } => {
+                tracing::warn!(parent: &span, %message_id, %reason, "dead-lettering");
+                self.dead_letter(channel, &delivery, attempt, &reason).await
+            }
+        };
+        settle_delivery(current, &delivery, settle).await;
+    }
+
+    /// Publishes a copy that starts at `attempt` to the retry queue, from
+    /// which it returns to the work queue after the retry delay.
+    async fn retry(&self, channel: &Channel, delivery: &AmqpDelivery, attempt: u32) -> Settle {
+        let headers = copy_headers(delivery.properties.headers().as_ref(), attempt, None);
+        self.republish(channel, delivery, "", &self.retry_queue, headers)
+            .await
+    }
+
+    /// Publishes a copy, with the reason, to the dead-letter queue.
+    async fn dead_letter(
+        &self,
+        channel: &Channel,
+        delivery: &AmqpDelivery,
+        attempts: u32,
+        reason: &str,
+    ) -> Settle {
+        let headers = copy_headers(
+            delivery.properties.headers().as_ref(),
+            attempts,
+            Some((&self.subscription.group, reason)),
+        );
+        self.republish(
+            channel,
+            delivery,
+            &self.dead_letter_exchange,
+            &self.queue,
+            headers,
+        )
+        .await
+    }
+
+    async fn republish(
+        &self,
+        channel: &Channel,
+        delivery: &AmqpDelivery,
+        exchange: &str,
+        routing_key: &str,
+        headers: FieldTable,
+    ) -> Settle {
+        let properties = delivery.properties.clone().with_headers(headers);
+        let result = async {
+            let confirm = channel
+                .basic_publish(
+                    short(exchange)?,
+                    short(routing_key)?,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &delivery.data,
+                    properties,
+                )
+                .await
+                .map_err(RabbitError::protocol)?;
+            confirm.await.map_err(RabbitError::protocol)
+        }
+        .await;
+        match result {
+            Ok(Confirmation::Ack(None)) => Settle::Ack,
+            Ok(other) => {
+                tracing::warn!(group = %self.subscription.group, confirmation = ?other.is_ack(), routing_key, "republish not confirmed; returning the message to the queue");
+                Settle::Requeue
+            }
+            Err(error) => {
+                tracing::warn!(group = %self.subscription.group, %error, routing_key, "republish failed; returning the message to the queue");
+                Settle::Requeue
+            }
+        }
+    }
+}
+
+enum Flow {
+    Stopped,
+    Consumed,
+    Idle,
+}
+
+/// Acks (or requeues) a delivery, unless its channel has been replaced or
+/// closed since: a tag is only ever used on the channel that delivered it.
+async fn settle_delivery(current: &AtomicBool, delivery: &AmqpDelivery, settle: Settle) {
+    if !current.load(Ordering::SeqCst) || !delivery.acker.usable() {
+        tracing::debug!(
+            delivery_tag = delivery.delivery_tag,
+            "channel gone; leaving the delivery to be redelivered"
+        );
+        return;
+    }
+    let result = match settle {
+        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Settle::Requeue => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, delivery_tag = delivery.delivery_tag, "settling failed; it will be redelivered");
+    }
+}

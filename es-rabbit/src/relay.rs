@@ -1,0 +1,205 @@
+//! The store-to-bus relay on RabbitMQ, with one active instance per relay
+//! name.
+//!
+//! [`RabbitRelay`] wraps es-core's [`Relay`] (which follows the store's global
+//! log from a checkpoint, publishes each batch with confirms, then advances
+//! the checkpoint): it publishes through a non-mandatory [`RabbitBus`] (an
+//! event may have no queue bound yet) and runs only while it holds a
+//! [`LeaderLock`], so that a standby takes over when the active instance
+//! dies or loses its lock.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use es_core::relay::Route;
+use es_core::{CheckpointStore, EventStore, Relay, RelayError, StoreError};
+
+use crate::RabbitBus;
+
+/// Mutual exclusion between relay instances (in other processes too, for a
+/// database-backed implementation).
+#[async_trait]
+pub trait LeaderLock: Send + Sync + 'static {
+    /// Waits until this instance holds the lock `name`. The lock is held until
+    /// the returned [`Leadership`] is dropped or lost.
+    async fn acquire(&self, name: &str) -> Result<Box<dyn Leadership>, StoreError>;
+}
+
+/// A held [`LeaderLock`]. Dropping it releases the lock.
+#[async_trait]
+pub trait Leadership: Send + Sync + 'static {
+    /// Resolves when the lock has been lost (for a database lock: its session
+    /// died). Never resolves while the lock is held.
+    async fn lost(&mut self);
+}
+
+/// A [`LeaderLock`] between tasks of one process, for tests and the
+/// embedded setup. Clones share the locks.
+#[derive(Clone, Debug, Default)]
+pub struct LocalLeaderLock {
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl LocalLeaderLock {
+    /// No lock held.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl LeaderLock for LocalLeaderLock {
+    async fn acquire(&self, name: &str) -> Result<Box<dyn Leadership>, StoreError> {
+        let lock = Arc::clone(
+            self.locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(name.to_owned())
+                .or_default(),
+        );
+        let guard = lock.lock_owned().await;
+        Ok(Box::new(LocalLeadership { _guard: guard }))
+    }
+}
+
+struct LocalLeadership {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+#[async_trait]
+impl Leadership for LocalLeadership {
+    async fn lost(&mut self) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Relays a store's log to RabbitMQ while holding the leader lock: one
+/// active instance per name, standbys waiting on the lock.
+pub struct RabbitRelay {
+    name: String,
+    store: Arc<dyn EventStore>,
+    bus: RabbitBus,
+    checkpoints: Arc<dyn CheckpointStore>,
+    lock: Arc<dyn LeaderLock>,
+    batch_size: usize,
+    route: Option<Route>,
+    active: watch::Sender<bool>,
+}
+
+impl fmt::Debug for RabbitRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitRelay")
+            .field("name", &self.name)
+            .field("batch_size", &self.batch_size)
+            .field("active", &*self.active.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitRelay {
+    /// A relay named `name` (its checkpoint's and its lock's name), publishing
+    /// batches of up to 256 events with es-core's default route.
+    pub fn new(
+        name: impl Into<String>,
+        store: Arc<dyn EventStore>,
+        bus: &RabbitBus,
+        checkpoints: Arc<dyn CheckpointStore>,
+        lock: Arc<dyn LeaderLock>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            store,
+            bus: bus.with_mandatory(false),
+            checkpoints,
+            lock,
+            batch_size: 256,
+            route: None,
+            active: watch::Sender::new(false),
+        }
+    }
+
+    /// Publishes batches of up to `batch_size` events.
+    #[must_use]
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// Routes events with `route` instead of es-core's default route.
+    #[must_use]
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.route = Some(route);
+        self
+    }
+
+    /// Whether this instance is the active one, as it changes.
+    pub fn active(&self) -> watch::Receiver<bool> {
+        self.active.subscribe()
+    }
+
+    /// Waits for the lock, relays while holding it, and waits again when it is
+    /// lost; returns when `stop` turns true (or the store's log ends).
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let acquired = tokio::select! {
+                _ = stop.changed() => continue,
+                acquired = self.lock.acquire(&self.name) => acquired,
+            };
+            let mut leadership = match acquired {
+                Ok(leadership) => leadership,
+                Err(error) => {
+                    tracing::warn!(relay = %self.name, %error, "cannot take the relay lock; retrying");
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            delay = Duration::from_millis(100);
+            tracing::info!(relay = %self.name, "relay active");
+            self.active.send_replace(true);
+            let mut relay = Relay::new(
+                self.name.clone(),
+                Arc::clone(&self.store),
+                Arc::new(self.bus.clone()),
+                Arc::clone(&self.checkpoints),
+            )
+            .with_batch_size(self.batch_size);
+            if let Some(route) = &self.route {
+                relay = relay.with_route(Arc::clone(route));
+            }
+            let (halt, halted) = watch::channel(false);
+            let running = relay.run(halted);
+            tokio::pin!(running);
+            let outcome = tokio::select! {
+                result = &mut running => Some(result),
+                _ = stop.wait_for(|s| *s) => {
+                    halt.send_replace(true);
+                    Some((&mut running).await)
+                }
+                () = leadership.lost() => {
+                    tracing::warn!(relay = %self.name, "relay lock lost; standing by");
+                    halt.send_replace(true);
+                    let _ = (&mut running).await;
+                    None
+                }
+            };
+            drop(leadership);
+            self.active.send_replace(false);
+            if let Some(result) = outcome {
+                return result;
+            }
+        }
+    }
+}
