@@ -1,0 +1,324 @@
+//! RabbitBus against the real broker: round trip, confirms, unroutable,
+//! competing consumers, retry, dead letters, poison messages, duplicates.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{bus, config, eventually, message, Counter};
+use es_core::{BusError, Delivery, EventBus, Message, Outcome, Subscription};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn a_message_round_trips_with_its_metadata() {
+    let bus = bus(config("roundtrip")).await;
+    let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"]),
+            Arc::new(move |d: Delivery| {
+                let sink = Arc::clone(&sink);
+                async move {
+                    sink.lock().unwrap().push(d);
+                    Outcome::Ack
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let mut sent = message("order", "OrderPlaced", 1);
+    sent.schema_version = 4;
+    sent.metadata = sent
+        .metadata
+        .clone()
+        .with_causation_id(uuid::Uuid::now_v7())
+        .with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .with_header("tenant", "acme");
+    bus.publish(std::slice::from_ref(&sent)).await.unwrap();
+    eventually("the delivery", LIMIT, || !seen.lock().unwrap().is_empty()).await;
+    handle.stop().await;
+    let got = seen.lock().unwrap()[0].clone();
+    assert_eq!(got.attempt, 1);
+    let tp = got.message.metadata.traceparent.clone().unwrap();
+    // The header carries the publish span's context: same trace, new span.
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert_ne!(tp, sent.metadata.traceparent.clone().unwrap());
+    let mut expected: Message = sent;
+    expected.metadata.traceparent = Some(tp);
+    assert_eq!(got.message, expected);
+}
+
+#[tokio::test]
+async fn mandatory_unroutable_is_an_error_and_non_mandatory_is_not() {
+    let bus = bus(config("unroutable")).await;
+    let m = message("nobody", "Listens", 1);
+    match bus.publish(std::slice::from_ref(&m)).await {
+        Err(BusError::Unroutable {
+            message_id,
+            routing_key,
+        }) => {
+            assert_eq!(message_id, m.message_id);
+            assert_eq!(routing_key, "nobody.Listens");
+        }
+        other => panic!("expected Unroutable, got {other:?}"),
+    }
+    bus.with_mandatory(false)
+        .publish(std::slice::from_ref(&m))
+        .await
+        .unwrap();
+    // The channel survived: a routable publish still works.
+    bus.declare(&Subscription::new("g", ["nobody.#"]))
+        .await
+        .unwrap();
+    bus.publish(&[m]).await.unwrap();
+    assert_eq!(bus.queue_depth("g").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn declare_is_idempotent_and_conflicts_are_typed() {
+    let bus = bus(config("declare")).await;
+    let sub = Subscription::new("g", ["order.*", "payment.Taken"]);
+    bus.declare(&sub).await.unwrap();
+    bus.declare(&sub).await.unwrap();
+    let changed = sub.clone().with_max_attempts(9);
+    assert!(matches!(
+        bus.declare(&changed).await,
+        Err(BusError::InvalidSubscription { .. })
+    ));
+    assert!(matches!(
+        bus.declare(&Subscription::new("g", ["#"])).await,
+        Err(BusError::InvalidSubscription { .. })
+    ));
+    // Declared groups receive messages published before anyone consumes.
+    bus.publish(&[message("order", "A", 1), message("payment", "Taken", 2)])
+        .await
+        .unwrap();
+    assert_eq!(bus.queue_depth("g").await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn competing_consumers_share_a_group() {
+    let cfg = config("compete");
+    let a = bus(cfg.clone()).await;
+    let b = bus(cfg.with_connection_name("other")).await;
+    let sub = Subscription::new("g", ["order.*"]).with_prefetch(4);
+    let ca = Counter::default();
+    let cb = Counter {
+        inbox: Arc::clone(&ca.inbox),
+        applied: Arc::clone(&ca.applied),
+        ..Counter::default()
+    };
+    let ha = a
+        .subscribe(sub.clone(), Arc::new(ca.clone()))
+        .await
+        .unwrap();
+    let hb = b.subscribe(sub, Arc::new(cb.clone())).await.unwrap();
+    let batch: Vec<Message> = (0..400).map(|n| message("order", "Placed", n)).collect();
+    a.publish(&batch).await.unwrap();
+    eventually("all 400 applied", LIMIT, || ca.applied_count() == 400).await;
+    ha.stop().await;
+    hb.stop().await;
+    assert_eq!(ca.applied_twice(), 0);
+    assert!(
+        ca.deliveries() > 0 && cb.deliveries() > 0,
+        "both consumers worked: {} / {}",
+        ca.deliveries(),
+        cb.deliveries()
+    );
+}
+
+#[tokio::test]
+async fn retry_waits_and_counts_attempts() {
+    let bus = bus(config("retry")).await;
+    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let seen = Arc::clone(&attempts);
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"])
+                .with_max_attempts(5)
+                .with_retry_delay(Duration::from_millis(200)),
+            Arc::new(move |d: Delivery| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock().unwrap().push(d.attempt);
+                    if d.attempt < 3 {
+                        Outcome::retry("not yet")
+                    } else {
+                        Outcome::Ack
+                    }
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    bus.publish(&[message("order", "Placed", 1)]).await.unwrap();
+    eventually("third attempt", LIMIT, || {
+        attempts.lock().unwrap().len() == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    handle.stop().await;
+    assert_eq!(*attempts.lock().unwrap(), vec![1, 2, 3]);
+    assert_eq!(bus.dead_letter_depth("g").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts_without_blocking() {
+    let bus = bus(config("poison")).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let good = Counter::default();
+    let (c, g) = (Arc::clone(&calls), good.clone());
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"])
+                .with_prefetch(1)
+                .with_max_attempts(3)
+                .with_retry_delay(Duration::from_millis(100)),
+            Arc::new(move |d: Delivery| {
+                let (c, g) = (Arc::clone(&c), g.clone());
+                async move {
+                    if &*d.message.message_type == "Poison" {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        Outcome::retry("always fails")
+                    } else {
+                        es_core::MessageHandler::handle(&g, &d).await
+                    }
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let poison = message("order", "Poison", 0);
+    let mut batch = vec![poison.clone()];
+    batch.extend((1..=20).map(|n| message("order", "Fine", n)));
+    bus.publish(&batch).await.unwrap();
+    eventually("fine messages applied", LIMIT, || {
+        good.applied_count() == 20
+    })
+    .await;
+    let mut dead = Vec::new();
+    for _ in 0..500 {
+        dead.extend(bus.take_dead_letters("g", 10).await.unwrap());
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.stop().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "handled exactly max_attempts times"
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].message.as_ref().unwrap().message_id,
+        poison.message_id
+    );
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].reason, "always fails");
+}
+
+#[tokio::test]
+async fn dead_letter_outcome_records_the_reason() {
+    let bus = bus(config("deadletter")).await;
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"]),
+            Arc::new(|_d: Delivery| async { Outcome::dead_letter("order unknown") }),
+        )
+        .await
+        .unwrap();
+    let m = message("order", "Placed", 1);
+    bus.publish(std::slice::from_ref(&m)).await.unwrap();
+    let mut dead = Vec::new();
+    for _ in 0..1500 {
+        dead.extend(bus.take_dead_letters("g", 10).await.unwrap());
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.stop().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "order unknown");
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(dead[0].message.as_ref().unwrap().message_id, m.message_id);
+}
+
+#[tokio::test]
+async fn an_undecodable_message_goes_to_the_dead_letters_and_does_not_block() {
+    let cfg = config("undecodable");
+    let bus = bus(cfg.clone()).await;
+    let good = Counter::default();
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"]).with_prefetch(1),
+            Arc::new(good.clone()),
+        )
+        .await
+        .unwrap();
+    // A foreign producer publishes garbage on the exchange.
+    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        bus.topology().exchange("order").into(),
+        "order.Garbage".into(),
+        lapin::options::BasicPublishOptions::default(),
+        b"\xff not json",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    bus.publish(&[message("order", "Fine", 1)]).await.unwrap();
+    eventually("the good message", LIMIT, || good.applied_count() == 1).await;
+    let mut dead = Vec::new();
+    for _ in 0..500 {
+        dead.extend(bus.take_dead_letters("g", 10).await.unwrap());
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handle.stop().await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.starts_with("undecodable message"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].body, b"\xff not json");
+    assert!(dead[0].message.is_none());
+}
+
+#[tokio::test]
+async fn a_thousand_duplicates_are_applied_once() {
+    let bus = bus(config("dupes")).await;
+    let counter = Counter::default();
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"]).with_prefetch(32),
+            Arc::new(counter.clone()),
+        )
+        .await
+        .unwrap();
+    let m = message("order", "Placed", 1);
+    let dupes = vec![m.clone(); 1000];
+    bus.publish(&dupes).await.unwrap();
+    eventually("1,000 deliveries", LIMIT, || counter.deliveries() == 1000).await;
+    handle.stop().await;
+    assert_eq!(counter.applied_count(), 1);
+    assert_eq!(counter.applied.lock().unwrap()[&m.message_id], 1);
+    assert_eq!(bus.queue_depth("g").await.unwrap(), 0);
+}
