@@ -1,1 +1,20 @@
+#![doc = include_str!("../README.md")]
 
+mod config;
+mod error;
+pub mod lock;
+mod schema;
+mod store;
+mod stores;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use config::PgConfig;
+pub use error::{PgError, Result};
+pub use lock::{LeaderGuard, LeaderLock};
+pub use schema::{migrate, MAX_SCHEMA_LEN};
+pub use store::{Holdback, PostgresEventStore, DEFAULT_MAX_BATCH};
+pub use stores::{PostgresCheckpointStore, PostgresInbox, PostgresSnapshotStore};
+
+/// Re-exported so callers use the same sqlx as this crate.
+pub use sqlx;

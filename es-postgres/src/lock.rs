@@ -1,0 +1,211 @@
+//! A single-active leader lock on a PostgreSQL advisory lock.
+//!
+//! The lock is a session-level advisory lock held on a dedicated connection
+//! (not one of the pool's). PostgreSQL releases it when that connection ends,
+//! so a crashed leader's lock frees itself. The guard checks its connection
+//! periodically; [`LeaderGuard::lost`] resolves when the connection is found
+//! dead, and the holder must stop acting as leader at once.
+//!
+//! A network partition can leave the server believing the old session alive
+//! for a while (until its TCP keepalive gives up) while the old leader
+//! already saw its connection fail: the old leader stops first, so two
+//! leaders never act at once, but failover can take that long.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::error::Result;
+
+/// How to take a leader lock: the lock's name and the polling intervals.
+#[derive(Clone, Debug)]
+pub struct LeaderLock {
+    name: String,
+    retry: Duration,
+    check: Duration,
+    check_timeout: Duration,
+}
+
+impl LeaderLock {
+    /// A lock called `name` (any string; it is hashed to the advisory key).
+    /// Defaults: retry every 500 ms while waiting, check the connection every
+    /// second with a 5 s timeout.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            retry: Duration::from_millis(500),
+            check: Duration::from_secs(1),
+            check_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// How often [`LeaderLock::wait`] retries while another holder has it.
+    #[must_use]
+    pub fn retry_interval(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// How often the guard checks its connection, and how long a check may
+    /// take before the connection counts as dead.
+    #[must_use]
+    pub fn check_interval(mut self, every: Duration, timeout: Duration) -> Self {
+        self.check = every;
+        self.check_timeout = timeout;
+        self
+    }
+
+    /// Waits, retrying, until the lock `name` is acquired.
+    pub async fn acquire(pool: &PgPool, name: &str) -> Result<LeaderGuard> {
+        Self::new(name).wait(pool).await
+    }
+
+    /// Takes the lock `name` if it is free.
+    pub async fn try_acquire(pool: &PgPool, name: &str) -> Result<Option<LeaderGuard>> {
+        Self::new(name).try_take(pool).await
+    }
+
+    /// Waits, retrying, until this lock is acquired. A failing connection
+    /// attempt is retried too (logged), so a waiting standby survives a
+    /// database restart.
+    pub async fn wait(&self, pool: &PgPool) -> Result<LeaderGuard> {
+        loop {
+            match self.try_take(pool).await {
+                Ok(Some(guard)) => return Ok(guard),
+                Ok(None) => {}
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(%error, lock = %self.name, "leader lock: cannot reach the database; retrying");
+                }
+                Err(error) => return Err(error),
+            }
+            tokio::time::sleep(self.retry).await;
+        }
+    }
+
+    /// Takes this lock if it is free.
+    pub async fn try_take(&self, pool: &PgPool) -> Result<Option<LeaderGuard>> {
+        let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+        let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
+            .bind(format!("es-leader:{}", self.name))
+            .fetch_one(&mut conn)
+            .await?;
+        let (taken, pid): (bool, i32) =
+            sqlx::query_as("SELECT pg_try_advisory_lock($1), pg_backend_pid()")
+                .bind(key)
+                .fetch_one(&mut conn)
+                .await?;
+        if !taken {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        tracing::info!(lock = %self.name, pid, "leader lock acquired");
+        let conn = Arc::new(Mutex::new(Some(conn)));
+        let (lost_tx, lost_rx) = watch::channel(false);
+        let task = tokio::spawn(watch_connection(
+            conn.clone(),
+            lost_tx,
+            self.name.clone(),
+            self.check,
+            self.check_timeout,
+        ));
+        Ok(Some(LeaderGuard {
+            name: self.name.clone(),
+            key,
+            backend_pid: pid,
+            conn,
+            lost: lost_rx,
+            task,
+        }))
+    }
+}
+
+async fn watch_connection(
+    conn: Arc<Mutex<Option<PgConnection>>>,
+    lost: watch::Sender<bool>,
+    name: String,
+    every: Duration,
+    timeout: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let mut slot = conn.lock().await;
+        let Some(c) = slot.as_mut() else {
+            return;
+        };
+        let alive = matches!(
+            tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut *c)).await,
+            Ok(Ok(_))
+        );
+        if !alive {
+            // Drop the connection: if the server still has it, closing the
+            // socket ends the session and frees the lock.
+            *slot = None;
+            tracing::warn!(lock = %name, "leader lock lost: its connection is dead");
+            lost.send_replace(true);
+            return;
+        }
+    }
+}
+
+/// Proof of holding a leader lock. Dropping it frees the lock (the dedicated
+/// connection closes); [`LeaderGuard::release`] frees it explicitly.
+#[derive(Debug)]
+pub struct LeaderGuard {
+    name: String,
+    key: i64,
+    backend_pid: i32,
+    conn: Arc<Mutex<Option<PgConnection>>>,
+    lost: watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl LeaderGuard {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The server process id of the connection holding the lock (for
+    /// monitoring, or to terminate it in a failover drill).
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// Whether the lock's connection has been found dead.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves when the lock's connection is found dead: the lock may now
+    /// be held by another process, so stop acting as leader.
+    pub async fn lost(&self) {
+        let mut lost = self.lost.clone();
+        // An error means the watcher ended without reporting a loss, which
+        // only happens after release; treat it as lost all the same.
+        let _ = lost.wait_for(|lost| *lost).await;
+    }
+
+    /// Frees the lock and closes its connection.
+    pub async fn release(self) -> Result<()> {
+        self.task.abort();
+        let conn = self.conn.lock().await.take();
+        if let Some(mut conn) = conn {
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(self.key)
+                .execute(&mut conn)
+                .await?;
+            conn.close().await?;
+        }
+        tracing::info!(lock = %self.name, "leader lock released");
+        Ok(())
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

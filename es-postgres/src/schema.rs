@@ -1,0 +1,156 @@
+//! Schema names and the migrations that create a schema's tables.
+
+use sqlx::{Connection, PgPool};
+
+use crate::error::{PgError, Result};
+
+/// The longest schema name accepted (PostgreSQL allows 63 bytes; the rest is
+/// kept for derived names such as notification channels).
+pub const MAX_SCHEMA_LEN: usize = 40;
+
+/// One migration: a version, a name and its SQL with `{schema}` placeholders.
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events",
+        sql: include_str!("../migrations/0001_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "snapshots_checkpoints_inbox",
+        sql: include_str!("../migrations/0002_snapshots_checkpoints_inbox.sql"),
+    },
+];
+
+/// Checks that `name` is a plain lower-case identifier, safe to splice into SQL.
+pub(crate) fn validate_schema(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = name.len() <= MAX_SCHEMA_LEN
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with("pg_");
+    if ok {
+        Ok(())
+    } else {
+        Err(PgError::InvalidSchemaName {
+            name: name.chars().take(64).collect(),
+        })
+    }
+}
+
+/// The schema name quoted for SQL (validated names only).
+pub(crate) fn quoted(schema: &str) -> String {
+    format!("\"{schema}\"")
+}
+
+/// SQL text with `{schema}` replaced by the quoted schema name.
+pub(crate) fn render(sql: &str, schema: &str) -> String {
+    sql.replace("{schema}", &quoted(schema))
+}
+
+/// Creates `schema` (if needed) and brings its tables to the newest version.
+///
+/// Idempotent, and safe when several processes run it at once: it runs in one
+/// transaction under an advisory lock keyed by the schema name, and records
+/// applied versions in `<schema>.es_migrations`. A failing migration rolls back
+/// entirely.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
+    validate_schema(schema)?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("es-postgres migrate {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    let q = quoted(schema);
+    sqlx::raw_sql(&format!(
+        "SET LOCAL client_min_messages = warning;
+         CREATE SCHEMA IF NOT EXISTS {q};
+         CREATE TABLE IF NOT EXISTS {q}.es_migrations (
+             version integer PRIMARY KEY,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let current: Option<i32> =
+        sqlx::query_scalar(&format!("SELECT max(version) FROM {q}.es_migrations"))
+            .fetch_one(&mut *tx)
+            .await?;
+    let current = current.unwrap_or(0);
+    let known = MIGRATIONS.last().map_or(0, |m| m.version);
+    if current > known {
+        return Err(PgError::SchemaTooNew {
+            schema: schema.to_owned(),
+            found: current,
+            known,
+        });
+    }
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let fail = |source| PgError::Migration {
+            schema: schema.to_owned(),
+            version: migration.version,
+            name: migration.name,
+            source,
+        };
+        sqlx::raw_sql(&render(migration.sql, schema))
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        sqlx::query(&format!(
+            "INSERT INTO {q}.es_migrations (version, name) VALUES ($1, $2)"
+        ))
+        .bind(migration.version)
+        .bind(migration.name)
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+        tracing::info!(
+            schema,
+            version = migration.version,
+            name = migration.name,
+            "applied migration"
+        );
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for good in ["es", "orders_1", "_x", "a".repeat(40).as_str()] {
+            assert!(validate_schema(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Orders",
+            "1x",
+            "a-b",
+            "a\"b",
+            "pg_x",
+            "a".repeat(41).as_str(),
+        ] {
+            assert!(validate_schema(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1);
+            assert!(m.sql.contains("{schema}"));
+        }
+    }
+}
