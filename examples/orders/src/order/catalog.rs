@@ -1,0 +1,109 @@
+//! The order service's read model of the inventory's catalog, fed by product
+//! events from the bus.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use es_core::{Delivery, EventCodec, MessageHandler, Outcome};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::inventory::ProductEvent;
+use crate::Money;
+
+/// A product as the order service knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogEntry {
+    /// Its name.
+    pub name: String,
+    /// Its price.
+    pub price: Money,
+}
+
+/// The catalog read model.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    products: RwLock<HashMap<Uuid, CatalogEntry>>,
+    changed: Notify,
+}
+
+impl Catalog {
+    /// An empty catalog.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A product, if known.
+    pub fn get(&self, product_id: Uuid) -> Option<CatalogEntry> {
+        self.products
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&product_id)
+            .cloned()
+    }
+
+    /// A product, waiting up to `patience` for it to arrive (a product created
+    /// a moment ago may still be on its way from the inventory).
+    pub async fn get_or_wait(&self, product_id: Uuid, patience: Duration) -> Option<CatalogEntry> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(entry) = self.get(product_id) {
+                return Some(entry);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.get(product_id);
+            }
+        }
+    }
+
+    /// How many products are known.
+    pub fn len(&self) -> usize {
+        self.products
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no product is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records a product.
+    pub fn upsert(&self, product_id: Uuid, entry: CatalogEntry) {
+        self.products
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(product_id, entry);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Feeds product events from the bus into a [`Catalog`]. Idempotent: a
+/// redelivered event writes the same entry again.
+#[derive(Debug, Clone)]
+pub struct CatalogHandler(pub Arc<Catalog>);
+
+#[async_trait]
+impl MessageHandler for CatalogHandler {
+    async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let m = &delivery.message;
+        match EventCodec::<ProductEvent>::new().decode_parts(&m.message_type, m.schema_version, &m.payload) {
+            Ok(ProductEvent::ProductCreated(p)) => {
+                self.0.upsert(
+                    p.product_id,
+                    CatalogEntry {
+                        name: p.name,
+                        price: p.price,
+                    },
+                );
+                Outcome::Ack
+            }
+            Ok(_) => Outcome::Ack,
+            Err(e) => Outcome::dead_letter(e),
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The order service: places and cancels orders, executes the saga's order
+//! commands, and keeps a read model of the inventory's catalog for pricing.
+
+mod catalog;
+pub mod domain;
+mod http;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use es_core::{
+    Clock, Delivery, EventCodec, MessageHandler, Metadata, Outcome, Position, Repository,
+    RepositoryError,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub use catalog::{Catalog, CatalogEntry, CatalogHandler};
+pub use domain::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus, PlaceOrder};
+pub use http::{router, CancelRequest, Cancelled, OrderApi};
+
+use crate::messages::{message_enum, OrderLine};
+use crate::{Error, Result};
+
+/// The most lines an order may have.
+pub const MAX_ITEMS: usize = 100;
+/// The largest quantity of one line.
+pub const MAX_QUANTITY: i64 = 10_000;
+
+/// A request to place an order, as the API takes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceOrderRequest {
+    /// Who places it.
+    #[schema(example = "ada@example.com")]
+    pub customer_email: String,
+    /// What to order (prices come from the catalog).
+    pub items: Vec<OrderItemRequest>,
+    /// How to pay.
+    pub payment: PaymentRequest,
+}
+
+/// One line of a [`PlaceOrderRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderItemRequest {
+    /// The product.
+    pub product_id: Uuid,
+    /// How many (at least 1).
+    #[schema(example = 2)]
+    pub quantity: i64,
+}
+
+/// How to pay an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentRequest {
+    /// The card token: `tok_ok` succeeds, `tok_decline` is declined,
+    /// `tok_timeout` never answers, `tok_delay_<ms>` succeeds after that long.
+    #[schema(example = "tok_ok")]
+    pub card_token: String,
+}
+
+/// What placing an order answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlacedOrder {
+    /// The order.
+    pub order_id: Uuid,
+    /// Always `Pending`: the rest happens asynchronously.
+    #[schema(value_type = String, example = "Pending")]
+    pub status: OrderStatus,
+    /// The store position of the order's creation; pass it as
+    /// `?min_position=` to read your own write.
+    #[schema(value_type = String, example = "42.0")]
+    pub position: Position,
+}
+
+message_enum! {
+    /// The commands the order service takes from the bus.
+    pub enum OrderCommandMessage {
+        /// Confirm stock.
+        ConfirmOrderInventory,
+        /// Confirm payment.
+        ConfirmOrderPayment,
+        /// Complete.
+        CompleteOrder,
+        /// Cancel.
+        CancelOrder,
+    }
+}
+
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2c4f_7a10_8e3b_4f5d_9c21_6b0e_3a7d_1f48);
+const REQUEST_HASH: &str = "request-hash";
+
+/// The order service.
+#[derive(Debug)]
+pub struct OrderService {
+    orders: Repository<Order>,
+    catalog: Arc<Catalog>,
+    clock: Arc<dyn Clock>,
+    payment_timeout: Duration,
+}
+
+impl OrderService {
+    /// A service writing orders through `orders`, pricing from `catalog`.
+    pub fn new(
+        orders: Repository<Order>,
+        catalog: Arc<Catalog>,
+        clock: Arc<dyn Clock>,
+        payment_timeout: Duration,
+    ) -> Self {
+        Self {
+            orders,
+            catalog,
+            clock,
+            payment_timeout,
+        }
+    }
+
+    /// The catalog read model.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// Places an order. With an idempotency key, the same key and request
+    /// answer the first answer again and create nothing; the same key with
+    /// another request is [`Error::IdempotencyKeyReused`].
+    pub async fn place_order(
+        &self,
+        request: PlaceOrderRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<PlacedOrder> {
+        let email = validate_email(&request.customer_email)?;
+        if request.items.is_empty() {
+            return Err(Error::validation("items", "an order needs at least one item"));
+        }
+        if request.items.len() > MAX_ITEMS {
+            return Err(Error::validation(
+                "items",
+                format!("an order has at most {MAX_ITEMS} items"),
+            ));
+        }
+        let token = request.payment.card_token.trim();
+        if token.is_empty() || token.len() > 100 {
+            return Err(Error::validation(
+                "payment.card_token",
+                "a card token of 1 to 100 characters is required",
+            ));
+        }
+        let mut lines: Vec<OrderLine> = Vec::with_capacity(request.items.len());
+        for (i, item) in request.items.iter().enumerate() {
+            if item.quantity <= 0 || item.quantity > MAX_QUANTITY {
+                return Err(Error::validation(
+                    format!("items[{i}].quantity"),
+                    format!("must be between 1 and {MAX_QUANTITY}, got {}", item.quantity),
+                ));
+            }
+            let quantity = u32::try_from(item.quantity).unwrap_or(u32::MAX);
+            if let Some(line) = lines.iter_mut().find(|l| l.product_id == item.product_id) {
+                line.quantity = line.quantity.saturating_add(quantity);
+                continue;
+            }
+            let entry = self
+                .catalog
+                .get_or_wait(item.product_id, Duration::from_millis(300))
+                .await
+                .ok_or(Error::UnknownProduct {
+                    product_id: item.product_id,
+                })?;
+            lines.push(OrderLine {
+                product_id: item.product_id,
+                product_name: entry.name,
+                unit_price: entry.price,
+                quantity,
+            });
+        }
+        let request_hash = request_hash(&request)?;
+        let order_id = match idempotency_key {
+            Some(key) => {
+                if key.is_empty() || key.len() > 200 {
+                    return Err(Error::validation(
+                        "Idempotency-Key",
+                        "must be 1 to 200 characters",
+                    ));
+                }
+                Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes())
+            }
+            None => Uuid::now_v7(),
+        };
+        let span = tracing::info_span!("order.place", correlation_id = %order_id, order_id = %order_id);
+        let _enter = span.enter();
+        let metadata = Metadata::new()
+            .with_correlation_id(order_id)
+            .with_causation_id(order_id)
+            .with_header(REQUEST_HASH, request_hash.to_string());
+        let command = OrderCommand::Place(PlaceOrder {
+            order_id,
+            customer_email: email,
+            items: lines,
+            card_token: token.to_owned(),
+            payment_timeout_ms: u64::try_from(self.payment_timeout.as_millis()).unwrap_or(u64::MAX),
+            at: self.clock.now(),
+        });
+        drop(_enter);
+        let result = self
+            .orders
+            .execute_once(order_id, order_id, command, &metadata)
+            .await;
+        match result {
+            Ok(committed) if !committed.duplicate => {
+                metrics::counter!("orders_placed_total").increment(1);
+                tracing::info!(parent: &span, %order_id, position = %committed.position, "order placed");
+                Ok(PlacedOrder {
+                    order_id,
+                    status: OrderStatus::Pending,
+                    position: committed.position,
+                })
+            }
+            Ok(_) | Err(RepositoryError::Rejected(OrderError::AlreadyExists(_))) => {
+                self.replay(order_id, request_hash, idempotency_key.unwrap_or_default())
+                    .await
+            }
+            Err(RepositoryError::Rejected(e)) => Err(Error::validation("items", e.to_string())),
+            Err(e) => Err(Error::from_repository(e)),
+        }
+    }
+
+    /// The first answer to an idempotent request, if the request is the same.
+    async fn replay(&self, order_id: Uuid, hash: Uuid, key: &str) -> Result<PlacedOrder> {
+        let stream = self.orders.stream_id(order_id)?;
+        let first = self.orders.store().read_stream(&stream, 1, 1).await?;
+        let Some(first) = first.into_iter().next() else {
+            return Err(Error::internal("idempotent order has no history"));
+        };
+        let stored = first.metadata.headers.get(REQUEST_HASH);
+        if stored.map(String::as_str) != Some(hash.to_string().as_str()) {
+            return Err(Error::IdempotencyKeyReused { key: key.to_owned() });
+        }
+        Ok(PlacedOrder {
+            order_id,
+            status: OrderStatus::Pending,
+            position: first.position,
+        })
+    }
+
+    /// Cancels an order on the customer's request. Illegal when it is
+    /// completed or already cancelled ([`Error::Conflict`]).
+    pub async fn cancel_order(&self, order_id: Uuid, reason: String) -> Result<Position> {
+        let reason = reason.trim();
+        if reason.len() > 500 {
+            return Err(Error::validation("reason", "at most 500 characters"));
+        }
+        let reason = if reason.is_empty() {
+            "cancelled by the customer".to_owned()
+        } else {
+            reason.to_owned()
+        };
+        let metadata = Metadata::new()
+            .with_correlation_id(order_id)
+            .with_causation_id(Uuid::now_v7());
+        let command = OrderCommand::Cancel {
+            reason,
+            by_customer: true,
+            at: self.clock.now(),
+        };
+        match self.orders.execute(order_id, command, &metadata).await {
+            Ok(c) => Ok(c.position),
+            Err(RepositoryError::Rejected(OrderError::NotFound)) => Err(Error::NotFound {
+                what: format!("order {order_id}"),
+            }),
+            Err(RepositoryError::Rejected(e)) => Err(Error::Conflict {
+                message: e.to_string(),
+            }),
+            Err(e) => Err(Error::from_repository(e)),
+        }
+    }
+
+    /// Executes one of the saga's commands, at most once per message.
+    pub async fn handle_command(&self, message: &es_core::Message) -> Outcome {
+        let codec = EventCodec::<OrderCommandMessage>::new();
+        let command = match codec.decode_parts(
+            &message.message_type,
+            message.schema_version,
+            &message.payload,
+        ) {
+            Ok(c) => c,
+            Err(e) => return Outcome::dead_letter(e),
+        };
+        let now = self.clock.now();
+        let (order_id, command) = match command {
+            OrderCommandMessage::ConfirmOrderInventory(c) => (c.order_id, OrderCommand::ConfirmInventory),
+            OrderCommandMessage::ConfirmOrderPayment(c) => (
+                c.order_id,
+                OrderCommand::ConfirmPayment {
+                    transaction_id: c.transaction_id,
+                },
+            ),
+            OrderCommandMessage::CompleteOrder(c) => (c.order_id, OrderCommand::Complete { at: now }),
+            OrderCommandMessage::CancelOrder(c) => (
+                c.order_id,
+                OrderCommand::Cancel {
+                    reason: c.reason,
+                    by_customer: false,
+                    at: now,
+                },
+            ),
+        };
+        let metadata = message.metadata.caused_by(message.message_id);
+        let result = self
+            .orders
+            .execute_once(order_id, message.message_id, command, &metadata)
+            .await;
+        crate::outcome_of(result, "order")
+    }
+}
+
+/// The message handler feeding the saga's commands to the order service.
+#[derive(Debug, Clone)]
+pub struct OrderCommandHandler(pub Arc<OrderService>);
+
+#[async_trait]
+impl MessageHandler for OrderCommandHandler {
+    async fn handle(&self, delivery: &Delivery) -> Outcome {
+        self.0.handle_command(&delivery.message).await
+    }
+}
+
+fn request_hash(request: &PlaceOrderRequest) -> Result<Uuid> {
+    let canonical = serde_json::to_vec(request).map_err(Error::internal)?;
+    Ok(Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, &canonical))
+}
+
+/// Checks an email address's shape and normalises it (trimmed, lower case).
+pub fn validate_email(raw: &str) -> Result<String> {
+    let email = raw.trim().to_lowercase();
+    let invalid = |why: &str| Err(Error::validation("customer_email", format!("{raw:?} is not a valid email address: {why}")));
+    if email.is_empty() || email.len() > 254 {
+        return invalid("it must be 1 to 254 characters");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return invalid("it has no @");
+    };
+    if local.is_empty() || domain.contains('@') {
+        return invalid("it needs exactly one @ with a name before it");
+    }
+    if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') || domain.contains("..") {
+        return invalid("the domain needs a dot between labels");
+    }
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return invalid("it contains spaces");
+    }
+    Ok(email)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails() {
+        assert_eq!(validate_email(" Ada@Example.com ").unwrap(), "ada@example.com");
+        for bad in ["", "a", "a@", "@b.c", "a@b", "a@b@c.d", "a b@c.d", "a@.c", "a@b..c"] {
+            assert!(validate_email(bad).is_err(), "{bad:?}");
+        }
+    }
+}

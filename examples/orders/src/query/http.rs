@@ -1,0 +1,205 @@
+//! The query service's HTTP surface.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use es_core::Position;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use super::{decode_cursor, HistoryEvent, OrderItemView, OrderPage, OrderView, QueryService, Stats, StatusStats};
+use crate::http::{parse_id, ApiError, ErrorBody};
+use crate::order::{validate_email, OrderStatus};
+
+/// The query service's OpenAPI document.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    paths(get_order, list_orders, search_orders, order_events, stats),
+    components(schemas(OrderView, OrderItemView, OrderPage, SearchResult, HistoryEvent, Stats, StatusStats, ErrorBody)),
+    tags((name = "queries", description = "Read models of orders"))
+)]
+pub struct QueryApi;
+
+/// The query routes: `GET /api/orders`, `/api/orders/search`,
+/// `/api/orders/{id}`, `/api/orders/{id}/events`, `/api/stats`.
+pub fn router(service: Arc<QueryService>) -> Router {
+    Router::new()
+        .route("/api/orders", get(list_orders))
+        .route("/api/orders/search", get(search_orders))
+        .route("/api/orders/{id}", get(get_order))
+        .route("/api/orders/{id}/events", get(order_events))
+        .route("/api/stats", get(stats))
+        .with_state(service)
+}
+
+fn bad(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        body: ErrorBody {
+            code: "invalid_query",
+            message: message.into(),
+            field: Some(field.to_owned()),
+        },
+    }
+}
+
+/// Read-your-writes and long-poll options.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct GetOrderParams {
+    /// Wait (at most 10 s) until the read model has reached this store
+    /// position (as returned by `POST /api/orders`).
+    pub min_position: Option<String>,
+    /// Wait up to this many milliseconds (at most 10,000) for the order to
+    /// reach a terminal status before answering.
+    pub wait_terminal_ms: Option<u64>,
+}
+
+/// One order.
+#[utoipa::path(
+    get, path = "/api/orders/{id}", tag = "queries",
+    params(("id" = uuid::Uuid, Path, description = "The order"), GetOrderParams),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 400, description = "Invalid min_position", body = ErrorBody),
+        (status = 404, description = "No such order", body = ErrorBody),
+    )
+)]
+async fn get_order(
+    State(service): State<Arc<QueryService>>,
+    Path(id): Path<String>,
+    Query(params): Query<GetOrderParams>,
+) -> Result<Json<OrderView>, ApiError> {
+    let order_id = parse_id("order", &id)?;
+    let min_position = params
+        .min_position
+        .as_deref()
+        .map(str::parse::<Position>)
+        .transpose()
+        .map_err(|e| bad("min_position", e.to_string()))?;
+    if let Some(ms) = params.wait_terminal_ms {
+        if let Some(p) = min_position {
+            service.wait_for(p).await?;
+        }
+        service
+            .wait_terminal(order_id, Duration::from_millis(ms.min(10_000)))
+            .await;
+    }
+    Ok(Json(service.order(order_id, min_position).await?))
+}
+
+/// Filters and paging of the order list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct ListParams {
+    /// Only this customer's orders.
+    pub customer_email: Option<String>,
+    /// Only orders in this status.
+    pub status: Option<String>,
+    /// At most this many (1 to 100, default 20).
+    pub limit: Option<usize>,
+    /// Where the previous page ended (its `next_cursor`).
+    pub cursor: Option<String>,
+}
+
+/// Orders, newest first.
+#[utoipa::path(
+    get, path = "/api/orders", tag = "queries",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 400, description = "Invalid filter", body = ErrorBody),
+    )
+)]
+async fn list_orders(
+    State(service): State<Arc<QueryService>>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<OrderPage>, ApiError> {
+    let email = params
+        .customer_email
+        .as_deref()
+        .map(validate_email)
+        .transpose()
+        .map_err(|e| bad("customer_email", e.to_string()))?;
+    let status = params
+        .status
+        .as_deref()
+        .map(str::parse::<OrderStatus>)
+        .transpose()
+        .map_err(|e| bad("status", e))?;
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(bad("limit", "limit must be between 1 and 100"));
+    }
+    let cursor = params
+        .cursor
+        .as_deref()
+        .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor", "not a cursor this API returned")))
+        .transpose()?;
+    Ok(Json(service.model().list(email.as_deref(), status, limit, cursor)))
+}
+
+/// The search query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct SearchParams {
+    /// Text found in the customer's email or a product's name.
+    pub q: Option<String>,
+}
+
+/// Search results.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SearchResult {
+    /// Matching orders, newest first (at most 100).
+    pub orders: Vec<OrderView>,
+}
+
+/// Orders by product name or customer email.
+#[utoipa::path(
+    get, path = "/api/orders/search", tag = "queries",
+    params(SearchParams),
+    responses(
+        (status = 200, description = "Matching orders", body = SearchResult),
+        (status = 400, description = "Missing or too long q", body = ErrorBody),
+    )
+)]
+async fn search_orders(
+    State(service): State<Arc<QueryService>>,
+    Query(params): Query<SearchParams>,
+) -> Result<Json<SearchResult>, ApiError> {
+    let q = params.q.unwrap_or_default();
+    let q = q.trim();
+    if q.is_empty() || q.chars().count() > 100 {
+        return Err(bad("q", "q must be 1 to 100 characters"));
+    }
+    Ok(Json(SearchResult {
+        orders: service.model().search(q, 100),
+    }))
+}
+
+/// An order's events, from the store.
+#[utoipa::path(
+    get, path = "/api/orders/{id}/events", tag = "queries",
+    params(("id" = uuid::Uuid, Path, description = "The order")),
+    responses(
+        (status = 200, description = "Its history", body = [HistoryEvent]),
+        (status = 404, description = "No such order", body = ErrorBody),
+    )
+)]
+async fn order_events(
+    State(service): State<Arc<QueryService>>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
+    let order_id = parse_id("order", &id)?;
+    Ok(Json(service.history(order_id).await?))
+}
+
+/// Counts and revenue by status.
+#[utoipa::path(
+    get, path = "/api/stats", tag = "queries",
+    responses((status = 200, description = "Counts and revenue", body = Stats))
+)]
+async fn stats(State(service): State<Arc<QueryService>>) -> Json<Stats> {
+    Json(service.model().stats())
+}

@@ -1,0 +1,139 @@
+//! The query service: read models built by a projection over the store
+//! (order details, a customer's orders, counts and revenue by status,
+//! search), and an order's history straight from the store.
+
+mod http;
+mod model;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use es_core::{EventStore, Position, StreamId};
+use es_projections::ProjectionHandle;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub use http::{router, GetOrderParams, ListParams, QueryApi, SearchParams, SearchResult};
+pub use model::{
+    decode_cursor, OrderItemView, OrderPage, OrderProjection, OrderReadModel, OrderView, Stats,
+    StatusStats,
+};
+
+use crate::order::OrderStatus;
+use crate::{Error, Result};
+
+/// The longest a read waits for the read model to reach a position.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// One event of an order's history.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct HistoryEvent {
+    /// Its version in the order's stream.
+    pub version: u64,
+    /// Its position in the store.
+    pub position: String,
+    /// Its type.
+    pub event_type: String,
+    /// When it was recorded.
+    pub recorded_at: DateTime<Utc>,
+    /// Its payload.
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    /// What caused it.
+    pub causation_id: Option<Uuid>,
+    /// The conversation (the order).
+    pub correlation_id: Option<Uuid>,
+}
+
+/// The query service.
+pub struct QueryService {
+    model: Arc<OrderReadModel>,
+    projection: ProjectionHandle,
+    store: Arc<dyn EventStore>,
+}
+
+impl std::fmt::Debug for QueryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryService")
+            .field("projection", &self.projection)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueryService {
+    /// Starts the projection over `store` and serves reads from it.
+    pub fn start(store: Arc<dyn EventStore>) -> Self {
+        let model = Arc::new(OrderReadModel::new());
+        let projection = es_projections::spawn_in_memory(
+            Arc::clone(&store),
+            Arc::new(OrderProjection::new(Arc::clone(&model))),
+        );
+        Self {
+            model,
+            projection,
+            store,
+        }
+    }
+
+    /// The read model.
+    pub fn model(&self) -> &Arc<OrderReadModel> {
+        &self.model
+    }
+
+    /// The projection's handle (position, lag).
+    pub fn projection(&self) -> &ProjectionHandle {
+        &self.projection
+    }
+
+    /// Waits (at most [`MAX_WAIT`]) until the read model has applied
+    /// everything up to `position`.
+    pub async fn wait_for(&self, position: Position) -> Result<()> {
+        self.projection
+            .wait_for(position, MAX_WAIT)
+            .await
+            .map_err(Error::internal)
+    }
+
+    /// One order, after the read model reached `min_position` if given.
+    pub async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView> {
+        if let Some(position) = min_position {
+            self.wait_for(position).await?;
+        }
+        self.model.get(order_id).ok_or_else(|| Error::NotFound {
+            what: format!("order {order_id}"),
+        })
+    }
+
+    /// Waits up to `timeout` for an order to reach a terminal status.
+    pub async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) -> Option<OrderStatus> {
+        tokio::time::timeout(timeout, self.model.terminal(order_id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// An order's events, from the store.
+    pub async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
+        let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
+        let events = self.store.read_stream(&stream, 1, 10_000).await?;
+        if events.is_empty() {
+            return Err(Error::NotFound {
+                what: format!("order {order_id}"),
+            });
+        }
+        Ok(events
+            .into_iter()
+            .map(|e| HistoryEvent {
+                version: e.stream_version,
+                position: e.position.to_string(),
+                event_type: e.event_type.to_string(),
+                recorded_at: e.recorded_at,
+                data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
+                causation_id: e.metadata.causation_id,
+                correlation_id: e.metadata.correlation_id,
+            })
+            .collect())
+    }
+}

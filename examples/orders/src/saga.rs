@@ -1,0 +1,532 @@
+//! The order saga: orchestrates inventory, payment, the order and the
+//! notifications, and compensates on failure.
+//!
+//! The saga keeps the *facts* it has learnt (stock reserved, payment taken,
+//! order cancelled, ...) and the *steps* it has issued, and after every input
+//! decides, from the facts alone, which steps are due and not yet issued. That
+//! makes it indifferent to the order its inputs arrive in and issues each step
+//! (and so each compensation) at most once; the [`es_core::SagaManager`]
+//! drops redelivered messages by id.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use es_core::{Metadata, Reaction, Saga};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::messages::{self, message_enum, topics, NotificationKind, StockLine};
+use crate::Money;
+
+/// The name of the payment deadline.
+pub const PAYMENT_DEADLINE: &str = "payment";
+
+message_enum! {
+    /// The messages the saga reacts to.
+    pub enum SagaInput {
+        /// An order was placed: start.
+        OrderCreated,
+        /// The order is paid: complete it.
+        OrderPaymentConfirmed,
+        /// The order completed.
+        OrderCompleted,
+        /// The order was cancelled (by the customer or by the saga).
+        OrderCancelled,
+        /// Stock is held.
+        InventoryReserved,
+        /// Stock could not be held.
+        InventoryReservationFailed,
+        /// Payment authorised.
+        PaymentSucceeded,
+        /// Payment declined.
+        PaymentDeclined,
+    }
+}
+
+impl SagaInput {
+    /// The order the input is about.
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            Self::OrderCreated(m) => m.order_id,
+            Self::OrderPaymentConfirmed(m) => m.order_id,
+            Self::OrderCompleted(m) => m.order_id,
+            Self::OrderCancelled(m) => m.order_id,
+            Self::InventoryReserved(m) => m.order_id,
+            Self::InventoryReservationFailed(m) => m.order_id,
+            Self::PaymentSucceeded(m) => m.order_id,
+            Self::PaymentDeclined(m) => m.order_id,
+        }
+    }
+}
+
+message_enum! {
+    /// The commands the saga sends.
+    pub enum SagaCommand {
+        /// To inventory.
+        ReserveInventory,
+        /// To inventory.
+        ReleaseInventory,
+        /// To inventory.
+        CommitInventory,
+        /// To payment.
+        ProcessPayment,
+        /// To payment.
+        RefundPayment,
+        /// To the order.
+        ConfirmOrderInventory,
+        /// To the order.
+        ConfirmOrderPayment,
+        /// To the order.
+        CompleteOrder,
+        /// To the order.
+        CancelOrder,
+        /// To notification.
+        NotifyCustomer,
+    }
+}
+
+/// A step the saga issues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Step {
+    /// Reserve stock.
+    Reserve,
+    /// Confirm the order's stock and charge the card.
+    ChargeCard,
+    /// Confirm the order's payment.
+    ConfirmPayment,
+    /// Complete the order.
+    Complete,
+    /// Commit the stock.
+    CommitStock,
+    /// Tell the customer it is confirmed.
+    NotifyConfirmed,
+    /// Cancel the order.
+    Cancel,
+    /// Release the stock.
+    Release,
+    /// Refund the payment.
+    Refund,
+    /// Tell the customer it is cancelled.
+    NotifyCancelled,
+}
+
+/// The saga's start: what it needs to know about the order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaStarted {
+    /// The order.
+    pub order_id: Uuid,
+    /// Who.
+    pub customer_email: String,
+    /// What to reserve.
+    pub lines: Vec<StockLine>,
+    /// What to charge.
+    pub total: Money,
+    /// The card.
+    pub card_token: String,
+    /// The payment window.
+    pub payment_timeout_ms: u64,
+}
+
+/// A fact with a reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Because {
+    /// Why.
+    pub reason: String,
+}
+
+/// A fact with nothing more to say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Noted {}
+
+/// A payment was taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentTaken {
+    /// The transaction.
+    pub transaction_id: String,
+    /// The amount.
+    pub amount: Money,
+}
+
+/// A step was issued.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    /// The step.
+    pub step: Step,
+}
+
+/// The saga's own events (stream category `order_saga`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderSagaEvent {
+    /// Started for an order.
+    Started(SagaStarted),
+    /// The stock is held.
+    StockHeld(Noted),
+    /// The stock could not be held.
+    StockUnavailable(Because),
+    /// The payment was taken.
+    PaymentTaken(PaymentTaken),
+    /// The payment was refused.
+    PaymentRefused(Because),
+    /// No payment answer came in time.
+    PaymentTimedOut(Noted),
+    /// The order is paid.
+    OrderPaid(Noted),
+    /// The order completed.
+    Completed(Noted),
+    /// The order was cancelled.
+    Cancelled(Because),
+    /// A step was issued.
+    Issued(Issued),
+}
+
+impl es_core::DomainEvent for OrderSagaEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::Started(_) => "Started",
+            Self::StockHeld(_) => "StockHeld",
+            Self::StockUnavailable(_) => "StockUnavailable",
+            Self::PaymentTaken(_) => "PaymentTaken",
+            Self::PaymentRefused(_) => "PaymentRefused",
+            Self::PaymentTimedOut(_) => "PaymentTimedOut",
+            Self::OrderPaid(_) => "OrderPaid",
+            Self::Completed(_) => "Completed",
+            Self::Cancelled(_) => "Cancelled",
+            Self::Issued(_) => "Issued",
+        }
+    }
+}
+
+/// Where a saga instance stands, for observers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SagaPhase {
+    /// Nothing known yet.
+    NotStarted,
+    /// Working towards completion.
+    Running,
+    /// Compensating (or compensated).
+    Compensating,
+    /// Completed.
+    Completed,
+}
+
+/// The order saga's state: facts learnt and steps issued.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrderSaga {
+    /// The order, once known.
+    pub started: Option<SagaStarted>,
+    /// Stock is held.
+    pub stock_held: bool,
+    /// Stock could not be held.
+    pub stock_unavailable: Option<String>,
+    /// The payment taken.
+    pub paid: Option<PaymentTaken>,
+    /// The payment refused.
+    pub payment_refused: Option<String>,
+    /// No payment answer in time.
+    pub timed_out: bool,
+    /// The order is paid.
+    pub order_paid: bool,
+    /// The order completed.
+    pub completed: bool,
+    /// The order was cancelled, and why.
+    pub cancelled: Option<String>,
+    /// Steps issued.
+    pub issued: BTreeSet<Step>,
+}
+
+impl OrderSaga {
+    /// Why the order is failing, if it is.
+    pub fn failure(&self) -> Option<String> {
+        if self.completed {
+            return None;
+        }
+        if let Some(reason) = &self.cancelled {
+            return Some(reason.clone());
+        }
+        if let Some(reason) = &self.stock_unavailable {
+            return Some(format!("inventory unavailable: {reason}"));
+        }
+        if let Some(reason) = &self.payment_refused {
+            return Some(format!("payment declined: {reason}"));
+        }
+        self.timed_out
+            .then(|| "payment timed out".to_owned())
+    }
+
+    /// Where it stands.
+    pub fn phase(&self) -> SagaPhase {
+        if self.completed {
+            SagaPhase::Completed
+        } else if self.failure().is_some() {
+            SagaPhase::Compensating
+        } else if self.started.is_some() {
+            SagaPhase::Running
+        } else {
+            SagaPhase::NotStarted
+        }
+    }
+
+    /// The steps due now and not yet issued.
+    pub fn due_steps(&self) -> Vec<Step> {
+        let mut due = Vec::new();
+        if self.started.is_none() {
+            return due;
+        }
+        let not = |s: Step| !self.issued.contains(&s);
+        if self.completed {
+            due.extend([Step::CommitStock, Step::NotifyConfirmed].into_iter().filter(|s| not(*s)));
+            return due;
+        }
+        if self.failure().is_some() {
+            if self.cancelled.is_none() && not(Step::Cancel) {
+                due.push(Step::Cancel);
+            }
+            if self.issued.contains(&Step::Reserve)
+                && self.stock_unavailable.is_none()
+                && not(Step::Release)
+            {
+                due.push(Step::Release);
+            }
+            if self.paid.is_some() && not(Step::Refund) {
+                due.push(Step::Refund);
+            }
+            if self.cancelled.is_some() && not(Step::NotifyCancelled) {
+                due.push(Step::NotifyCancelled);
+            }
+            return due;
+        }
+        if not(Step::Reserve) {
+            due.push(Step::Reserve);
+        }
+        if self.stock_held && not(Step::ChargeCard) {
+            due.push(Step::ChargeCard);
+        }
+        if self.paid.is_some() && self.issued.contains(&Step::ChargeCard) && not(Step::ConfirmPayment) {
+            due.push(Step::ConfirmPayment);
+        }
+        if self.order_paid && not(Step::Complete) {
+            due.push(Step::Complete);
+        }
+        due
+    }
+
+    fn fact(&self, input: &SagaInput) -> Option<OrderSagaEvent> {
+        Some(match input {
+            SagaInput::OrderCreated(m) => {
+                if self.started.is_some() {
+                    return None;
+                }
+                OrderSagaEvent::Started(SagaStarted {
+                    order_id: m.order_id,
+                    customer_email: m.customer_email.clone(),
+                    lines: m
+                        .items
+                        .iter()
+                        .map(|l| StockLine {
+                            product_id: l.product_id,
+                            quantity: l.quantity,
+                        })
+                        .collect(),
+                    total: m.total,
+                    card_token: m.card_token.clone(),
+                    payment_timeout_ms: m.payment_timeout_ms,
+                })
+            }
+            SagaInput::InventoryReserved(_) if !self.stock_held => {
+                OrderSagaEvent::StockHeld(Noted {})
+            }
+            SagaInput::InventoryReservationFailed(m) if self.stock_unavailable.is_none() => {
+                OrderSagaEvent::StockUnavailable(Because {
+                    reason: m.reason.clone(),
+                })
+            }
+            SagaInput::PaymentSucceeded(m) if self.paid.is_none() => {
+                OrderSagaEvent::PaymentTaken(PaymentTaken {
+                    transaction_id: m.transaction_id.clone(),
+                    amount: m.amount,
+                })
+            }
+            SagaInput::PaymentDeclined(m) if self.payment_refused.is_none() => {
+                OrderSagaEvent::PaymentRefused(Because {
+                    reason: m.reason.clone(),
+                })
+            }
+            SagaInput::OrderPaymentConfirmed(_) if !self.order_paid => {
+                OrderSagaEvent::OrderPaid(Noted {})
+            }
+            SagaInput::OrderCompleted(_) if !self.completed => {
+                OrderSagaEvent::Completed(Noted {})
+            }
+            SagaInput::OrderCancelled(m) if self.cancelled.is_none() => {
+                OrderSagaEvent::Cancelled(Because {
+                    reason: m.reason.clone(),
+                })
+            }
+            _ => return None,
+        })
+    }
+
+    /// Applies `facts`, then issues every step now due.
+    fn decide(
+        &self,
+        facts: Vec<OrderSagaEvent>,
+        now: DateTime<Utc>,
+    ) -> Reaction<OrderSagaEvent, SagaCommand> {
+        let mut next = self.clone();
+        let mut reaction = Reaction::none();
+        for fact in facts {
+            next.apply(&fact);
+            reaction = reaction.event(fact);
+        }
+        let Some(started) = next.started.clone() else {
+            return reaction;
+        };
+        let order_id = started.order_id;
+        let deadline_pending = self.issued.contains(&Step::ChargeCard)
+            && self.paid.is_none()
+            && self.payment_refused.is_none()
+            && !self.timed_out;
+        for step in next.due_steps() {
+            reaction = reaction.event(OrderSagaEvent::Issued(Issued { step }));
+            reaction = match step {
+                Step::Reserve => reaction.send(
+                    topics::INVENTORY_COMMANDS,
+                    SagaCommand::ReserveInventory(messages::ReserveInventory {
+                        order_id,
+                        lines: started.lines.clone(),
+                    }),
+                ),
+                Step::ChargeCard => {
+                    let timeout = chrono::Duration::milliseconds(
+                        i64::try_from(started.payment_timeout_ms).unwrap_or(i64::MAX / 2),
+                    );
+                    reaction
+                        .send(
+                            topics::ORDER_COMMANDS,
+                            SagaCommand::ConfirmOrderInventory(messages::ConfirmOrderInventory {
+                                order_id,
+                            }),
+                        )
+                        .send(
+                            topics::PAYMENT_COMMANDS,
+                            SagaCommand::ProcessPayment(messages::ProcessPayment {
+                                order_id,
+                                amount: started.total,
+                                card_token: started.card_token.clone(),
+                            }),
+                        )
+                        .deadline(PAYMENT_DEADLINE, now + timeout)
+                }
+                Step::ConfirmPayment => reaction.send(
+                    topics::ORDER_COMMANDS,
+                    SagaCommand::ConfirmOrderPayment(messages::ConfirmOrderPayment {
+                        order_id,
+                        transaction_id: next
+                            .paid
+                            .as_ref()
+                            .map(|p| p.transaction_id.clone())
+                            .unwrap_or_default(),
+                    }),
+                ),
+                Step::Complete => reaction.send(
+                    topics::ORDER_COMMANDS,
+                    SagaCommand::CompleteOrder(messages::CompleteOrder { order_id }),
+                ),
+                Step::CommitStock => reaction.send(
+                    topics::INVENTORY_COMMANDS,
+                    SagaCommand::CommitInventory(messages::CommitInventory { order_id }),
+                ),
+                Step::NotifyConfirmed => reaction.send(
+                    topics::NOTIFICATION_COMMANDS,
+                    SagaCommand::NotifyCustomer(messages::NotifyCustomer {
+                        order_id,
+                        email: started.customer_email.clone(),
+                        kind: NotificationKind::OrderConfirmed,
+                        reason: None,
+                    }),
+                ),
+                Step::Cancel => reaction.send(
+                    topics::ORDER_COMMANDS,
+                    SagaCommand::CancelOrder(messages::CancelOrder {
+                        order_id,
+                        reason: next.failure().unwrap_or_default(),
+                    }),
+                ),
+                Step::Release => reaction.send(
+                    topics::INVENTORY_COMMANDS,
+                    SagaCommand::ReleaseInventory(messages::ReleaseInventory { order_id }),
+                ),
+                Step::Refund => reaction.send(
+                    topics::PAYMENT_COMMANDS,
+                    SagaCommand::RefundPayment(messages::RefundPayment { order_id }),
+                ),
+                Step::NotifyCancelled => reaction.send(
+                    topics::NOTIFICATION_COMMANDS,
+                    SagaCommand::NotifyCustomer(messages::NotifyCustomer {
+                        order_id,
+                        email: started.customer_email.clone(),
+                        kind: NotificationKind::OrderCancelled,
+                        reason: next.cancelled.clone(),
+                    }),
+                ),
+            };
+        }
+        // The payment window closes once the payment's outcome is known or the
+        // order is failing for another reason.
+        let still_waiting = next.issued.contains(&Step::ChargeCard)
+            && next.paid.is_none()
+            && next.payment_refused.is_none()
+            && !next.timed_out
+            && next.failure().is_none()
+            && !next.completed;
+        if deadline_pending && !still_waiting {
+            reaction = reaction.cancel(PAYMENT_DEADLINE);
+        }
+        reaction
+    }
+}
+
+impl Saga for OrderSaga {
+    type Event = OrderSagaEvent;
+    type Input = SagaInput;
+    type Command = SagaCommand;
+    const TYPE: &'static str = "order_saga";
+
+    fn saga_id(input: &SagaInput, _metadata: &Metadata) -> Option<Uuid> {
+        Some(input.order_id())
+    }
+
+    fn apply(&mut self, event: &OrderSagaEvent) {
+        match event {
+            OrderSagaEvent::Started(s) => self.started = Some(s.clone()),
+            OrderSagaEvent::StockHeld(_) => self.stock_held = true,
+            OrderSagaEvent::StockUnavailable(b) => self.stock_unavailable = Some(b.reason.clone()),
+            OrderSagaEvent::PaymentTaken(p) => self.paid = Some(p.clone()),
+            OrderSagaEvent::PaymentRefused(b) => self.payment_refused = Some(b.reason.clone()),
+            OrderSagaEvent::PaymentTimedOut(_) => self.timed_out = true,
+            OrderSagaEvent::OrderPaid(_) => self.order_paid = true,
+            OrderSagaEvent::Completed(_) => self.completed = true,
+            OrderSagaEvent::Cancelled(b) => self.cancelled = Some(b.reason.clone()),
+            OrderSagaEvent::Issued(i) => {
+                self.issued.insert(i.step);
+            }
+        }
+    }
+
+    fn react(&self, input: &SagaInput, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {
+        let facts = self.fact(input).into_iter().collect();
+        self.decide(facts, now)
+    }
+
+    fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {
+        if name != PAYMENT_DEADLINE
+            || self.paid.is_some()
+            || self.payment_refused.is_some()
+            || self.timed_out
+            || self.completed
+        {
+            return Reaction::none();
+        }
+        self.decide(vec![OrderSagaEvent::PaymentTimedOut(Noted {})], now)
+    }
+}
