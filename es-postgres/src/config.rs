@@ -50,6 +50,11 @@ impl PgConfig {
     /// Settings from a `postgres://` URL; what the URL leaves out comes from
     /// the `PG*` variables.
     pub fn from_url(url: &str) -> Result<Self> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(PgError::InvalidConfig {
+                reason: "the URL must start with postgres:// or postgresql://".to_owned(),
+            });
+        }
         let options = PgConnectOptions::from_str(url).map_err(|e| PgError::InvalidConfig {
             reason: e.to_string(),
         })?;

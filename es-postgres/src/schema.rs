@@ -1,6 +1,6 @@
 //! Schema names and the migrations that create a schema's tables.
 
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 
 use crate::error::{PgError, Result};
 
@@ -64,27 +64,23 @@ pub(crate) fn render(sql: &str, schema: &str) -> String {
 /// entirely.
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
     validate_schema(schema)?;
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
+    let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("es-postgres migrate {schema}"))
         .execute(&mut *tx)
         .await?;
     let q = quoted(schema);
-    sqlx::raw_sql(&format!(
+    let setup = format!(
         "SET LOCAL client_min_messages = warning;
          CREATE SCHEMA IF NOT EXISTS {q};
          CREATE TABLE IF NOT EXISTS {q}.es_migrations (
              version integer PRIMARY KEY,
              name text NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now());"
-    ))
-    .execute(&mut *tx)
-    .await?;
-    let current: Option<i32> =
-        sqlx::query_scalar(&format!("SELECT max(version) FROM {q}.es_migrations"))
-            .fetch_one(&mut *tx)
-            .await?;
+    );
+    sqlx::Executor::execute(&mut *tx, setup.as_str()).await?;
+    let current_sql = format!("SELECT max(version) FROM {q}.es_migrations");
+    let current: Option<i32> = sqlx::query_scalar(&current_sql).fetch_one(&mut *tx).await?;
     let current = current.unwrap_or(0);
     let known = MIGRATIONS.last().map_or(0, |m| m.version);
     if current > known {
@@ -101,18 +97,17 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
             name: migration.name,
             source,
         };
-        sqlx::raw_sql(&render(migration.sql, schema))
+        let sql = render(migration.sql, schema);
+        sqlx::Executor::execute(&mut *tx, sql.as_str())
+            .await
+            .map_err(fail)?;
+        let record = format!("INSERT INTO {q}.es_migrations (version, name) VALUES ($1, $2)");
+        sqlx::query(&record)
+            .bind(migration.version)
+            .bind(migration.name)
             .execute(&mut *tx)
             .await
             .map_err(fail)?;
-        sqlx::query(&format!(
-            "INSERT INTO {q}.es_migrations (version, name) VALUES ($1, $2)"
-        ))
-        .bind(migration.version)
-        .bind(migration.name)
-        .execute(&mut *tx)
-        .await
-        .map_err(fail)?;
         tracing::info!(
             schema,
             version = migration.version,
