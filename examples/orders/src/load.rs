@@ -1,1 +1,311 @@
-pub fn y(){}
+//! The load generator: places orders as fast as `concurrency` workers can,
+//! and measures completed orders per second and end-to-end latency (order
+//! accepted to terminal status) in an HDR histogram.
+//!
+//! Without a target it runs an embedded system in process and drives it
+//! through the same service interface the HTTP handlers use; with a target
+//! URL it drives a running system over HTTP.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::order::{OrderItemRequest, OrderStatus, PaymentRequest, PlaceOrderRequest};
+use crate::{Config, Error, Result, System};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Orders to place.
+    pub orders: u64,
+    /// Concurrent workers.
+    pub concurrency: usize,
+    /// Products to spread the orders over.
+    pub products: usize,
+    /// A running system's base URL; `None` runs one in process.
+    pub target: Option<String>,
+    /// Consumers per subscription (embedded only).
+    pub consumers: u16,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    /// Where it ran (`embedded` or the target URL).
+    pub target: String,
+    /// Orders placed.
+    pub placed: u64,
+    /// Orders that completed.
+    pub completed: u64,
+    /// Orders that were cancelled.
+    pub cancelled: u64,
+    /// Orders that reached no terminal status in time, or failed to place.
+    pub failed: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Latency percentiles in microseconds: p50, p95, p99, max.
+    pub latency_us: [u64; 4],
+}
+
+impl LoadReport {
+    /// Completed orders per second.
+    pub fn completed_per_second(&self) -> f64 {
+        self.completed as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |us: u64| us as f64 / 1000.0;
+        writeln!(f, "target:            {}", self.target)?;
+        writeln!(
+            f,
+            "orders:            {} placed, {} completed, {} cancelled, {} failed",
+            self.placed, self.completed, self.cancelled, self.failed
+        )?;
+        writeln!(f, "elapsed:           {:.2} s", self.elapsed.as_secs_f64())?;
+        writeln!(f, "completed/s:       {:.0}", self.completed_per_second())?;
+        write!(
+            f,
+            "latency (ms):      p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+            ms(self.latency_us[0]),
+            ms(self.latency_us[1]),
+            ms(self.latency_us[2]),
+            ms(self.latency_us[3])
+        )
+    }
+}
+
+/// The system under load, embedded or remote.
+#[derive(Clone)]
+enum Driver {
+    Embedded(Arc<System>),
+    Http { client: reqwest::Client, base: String },
+}
+
+#[derive(Deserialize)]
+struct Placed {
+    order_id: Uuid,
+}
+
+#[derive(Deserialize)]
+struct StatusOnly {
+    status: OrderStatus,
+}
+
+#[derive(Deserialize)]
+struct Created {
+    product_id: Uuid,
+}
+
+fn http_err(e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("http: {e}"))
+}
+
+impl Driver {
+    async fn create_product(&self, i: usize) -> Result<Uuid> {
+        let name = format!("Load product {i}");
+        let price = format!("{}.{:02}", 1 + i % 50, i % 100);
+        match self {
+            Self::Embedded(system) => {
+                let id = system.inventory.create_product(&name, &price, 1_000_000_000).await?;
+                system.orders.catalog().get_or_wait(id, Duration::from_secs(10)).await;
+                Ok(id)
+            }
+            Self::Http { client, base } => {
+                let res = client
+                    .post(format!("{base}/api/products"))
+                    .json(&json!({"name": name, "price": price, "stock": 1_000_000_000}))
+                    .send()
+                    .await
+                    .map_err(http_err)?;
+                if !res.status().is_success() {
+                    return Err(http_err(format!("creating a product answered {}", res.status())));
+                }
+                Ok(res.json::<Created>().await.map_err(http_err)?.product_id)
+            }
+        }
+    }
+
+    async fn place(&self, request: PlaceOrderRequest) -> Result<Uuid> {
+        match self {
+            Self::Embedded(system) => Ok(system.orders.place_order(request, None).await?.order_id),
+            Self::Http { client, base } => {
+                let res = client
+                    .post(format!("{base}/api/orders"))
+                    .json(&request)
+                    .send()
+                    .await
+                    .map_err(http_err)?;
+                if res.status() != reqwest::StatusCode::ACCEPTED {
+                    return Err(http_err(format!("placing an order answered {}", res.status())));
+                }
+                Ok(res.json::<Placed>().await.map_err(http_err)?.order_id)
+            }
+        }
+    }
+
+    async fn wait_terminal(&self, order_id: Uuid) -> Option<OrderStatus> {
+        match self {
+            Self::Embedded(system) => {
+                system
+                    .query
+                    .wait_terminal(order_id, Duration::from_secs(60))
+                    .await
+            }
+            Self::Http { client, base } => {
+                for _ in 0..6 {
+                    let res = client
+                        .get(format!("{base}/api/orders/{order_id}?wait_terminal_ms=10000"))
+                        .send()
+                        .await
+                        .ok()?;
+                    if res.status() == reqwest::StatusCode::NOT_FOUND {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    let status = res.json::<StatusOnly>().await.ok()?.status;
+                    if status.is_terminal() {
+                        return Some(status);
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Runs a load test.
+pub async fn run(options: LoadOptions) -> Result<LoadReport> {
+    let (driver, embedded, target) = match &options.target {
+        Some(url) => {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(options.concurrency.max(1))
+                .timeout(Duration::from_secs(30))
+                .build()
+                .map_err(http_err)?;
+            let base = url.trim_end_matches('/').to_owned();
+            (Driver::Http { client, base }, None, url.clone())
+        }
+        None => {
+            let system = Arc::new(
+                System::embedded(Config {
+                    consumers: options.consumers,
+                    ..Config::default()
+                })
+                .await?,
+            );
+            (Driver::Embedded(Arc::clone(&system)), Some(system), "embedded (in process)".to_owned())
+        }
+    };
+    let mut products = Vec::with_capacity(options.products);
+    for i in 0..options.products.max(1) {
+        products.push(driver.create_product(i).await?);
+    }
+    let products = Arc::new(products);
+    let bar = if options.progress {
+        let bar = ProgressBar::new(options.orders);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} orders {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let next = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let histogram = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(Error::internal)?,
+    ));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..options.concurrency.max(1) {
+        let (driver, next, counts, histogram, bar, products) = (
+            driver.clone(),
+            Arc::clone(&next),
+            Arc::clone(&counts),
+            Arc::clone(&histogram),
+            bar.clone(),
+            Arc::clone(&products),
+        );
+        let total = options.orders;
+        workers.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).ok();
+            let mut rng = fastrand::Rng::with_seed(worker as u64);
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let product = products[rng.usize(..products.len())];
+                let request = PlaceOrderRequest {
+                    customer_email: format!("load{}@example.com", rng.u32(..1000)),
+                    items: vec![OrderItemRequest {
+                        product_id: product,
+                        quantity: 1 + i64::from(rng.u8(..3)),
+                    }],
+                    payment: PaymentRequest {
+                        card_token: "tok_ok".into(),
+                    },
+                };
+                let t0 = Instant::now();
+                let outcome = match driver.place(request).await {
+                    Ok(id) => driver.wait_terminal(id).await,
+                    Err(error) => {
+                        tracing::warn!(%error, "order not placed");
+                        None
+                    }
+                };
+                let slot = match outcome {
+                    Some(OrderStatus::Completed) => 0,
+                    Some(_) => 1,
+                    None => 2,
+                };
+                counts[slot].fetch_add(1, Ordering::Relaxed);
+                if let (Some(h), true) = (local.as_mut(), slot < 2) {
+                    let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    let _ = h.record(us.max(1));
+                }
+                bar.inc(1);
+            }
+            if let Some(local) = local {
+                let _ = histogram
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .add(&local);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.map_err(Error::internal)?;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let h = histogram.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    drop(driver);
+    if let Some(system) = embedded {
+        if let Ok(system) = Arc::try_unwrap(system) {
+            system.shutdown().await;
+        }
+    }
+    let placed = options.orders;
+    Ok(LoadReport {
+        target,
+        placed,
+        completed: counts[0].load(Ordering::Relaxed),
+        cancelled: counts[1].load(Ordering::Relaxed),
+        failed: counts[2].load(Ordering::Relaxed),
+        elapsed,
+        latency_us: [
+            h.value_at_quantile(0.50),
+            h.value_at_quantile(0.95),
+            h.value_at_quantile(0.99),
+            h.max(),
+        ],
+    })
+}

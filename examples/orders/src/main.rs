@@ -1,1 +1,179 @@
-fn main(){}
+//! `orders`: the order-processing system in one process.
+//!
+//! ```text
+//! cargo run -p orders                       # serve on 127.0.0.1:8080
+//! cargo run -p orders -- --payment-timeout 2s --listen 127.0.0.1:9000
+//! cargo run -p orders -- demo               # a table of outcomes
+//! cargo run --release -p orders -- load --orders 20000 --concurrency 256
+//! cargo run --release -p orders -- load --orders 20000 --concurrency 128 --target http://127.0.0.1:8080
+//! ```
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use orders::{Config, System};
+
+#[derive(Debug, Parser)]
+#[command(name = "orders", version, about = "The event-driven order-processing system, embedded in one process")]
+struct Cli {
+    /// Where to serve the HTTP API.
+    #[arg(long, env = "ORDERS_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    listen: SocketAddr,
+    /// How long payment may take once stock is reserved (e.g. 30s, 2s, 500ms).
+    #[arg(long, env = "ORDERS_PAYMENT_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
+    payment_timeout: Duration,
+    /// Log as JSON lines.
+    #[arg(long, env = "ORDERS_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Place a handful of orders covering each path and print their outcomes.
+    Demo,
+    /// Generate load and report completed orders/s and latency percentiles.
+    Load {
+        /// Orders to place.
+        #[arg(long, env = "ORDERS_LOAD_ORDERS", default_value_t = 10_000)]
+        orders: u64,
+        /// Concurrent clients.
+        #[arg(long, env = "ORDERS_LOAD_CONCURRENCY", default_value_t = 128)]
+        concurrency: usize,
+        /// Products to spread orders over.
+        #[arg(long, env = "ORDERS_LOAD_PRODUCTS", default_value_t = 100)]
+        products: usize,
+        /// A running system's base URL (e.g. http://127.0.0.1:8080); without
+        /// it the system runs in process.
+        #[arg(long, env = "ORDERS_LOAD_TARGET")]
+        target: Option<String>,
+        /// Consumers per subscription (embedded only).
+        #[arg(long, env = "ORDERS_CONSUMERS", default_value_t = 16)]
+        consumers: u16,
+    },
+}
+
+/// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 500ms, 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration unit {unit:?}: use ms, s or m")),
+    };
+    if !(0.001..=86_400.0).contains(&seconds) {
+        return Err(format!("duration {s:?} out of range (1ms to 24h)"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    orders::telemetry::init_tracing(cli.log_json);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.listen, cli.payment_timeout).await,
+        Command::Demo => demo(cli.payment_timeout).await,
+        Command::Load {
+            orders,
+            concurrency,
+            products,
+            target,
+            consumers,
+        } => {
+            let options = orders::load::LoadOptions {
+                orders,
+                concurrency,
+                products,
+                target,
+                consumers,
+                progress: true,
+            };
+            orders::load::run(options).await.map(|report| {
+                println!("{report}");
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(payment_timeout: Duration) -> orders::Result<()> {
+    // The demo waits for timeouts: keep them short unless asked otherwise.
+    let timeout = if payment_timeout == Duration::from_secs(30) {
+        Duration::from_secs(1)
+    } else {
+        payment_timeout
+    };
+    let rows = orders::demo::run(timeout).await?;
+    print!("{}", orders::demo::table(&rows));
+    Ok(())
+}
+
+async fn serve(listen: SocketAddr, payment_timeout: Duration) -> orders::Result<()> {
+    let system = System::embedded(Config {
+        payment_timeout,
+        ..Config::default()
+    })
+    .await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| orders::Error::internal(format!("cannot listen on {listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(orders::Error::internal)?;
+    tracing::info!(
+        %addr,
+        payment_timeout = ?payment_timeout,
+        "orders is serving; try:\n\
+         curl -s -X POST http://{addr}/api/products -H 'content-type: application/json' -d '{{\"name\":\"Widget\",\"price\":\"12.50\",\"stock\":10}}'\n\
+         curl -s -X POST http://{addr}/api/orders -H 'content-type: application/json' -H 'Idempotency-Key: demo-1' -d '{{\"customer_email\":\"ada@example.com\",\"items\":[{{\"product_id\":\"<product_id>\",\"quantity\":2}}],\"payment\":{{\"card_token\":\"tok_ok\"}}}}'\n\
+         curl -s 'http://{addr}/api/orders/<order_id>?min_position=<position>'\n\
+         curl -s http://{addr}/api/orders/<order_id>/events\n\
+         curl -s -X POST http://{addr}/api/orders/<order_id>/cancel -H 'content-type: application/json' -d '{{\"reason\":\"changed my mind\"}}'\n\
+         curl -s 'http://{addr}/api/orders?customer_email=ada@example.com'   curl -s 'http://{addr}/api/orders/search?q=widget'   curl -s http://{addr}/api/stats\n\
+         curl -s http://{addr}/openapi.json   curl -s http://{addr}/metrics   curl -s http://{addr}/health\n\
+         card tokens: tok_ok, tok_decline, tok_timeout, tok_delay_<ms>"
+    );
+    let app = system.router();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        })
+        .await
+        .map_err(orders::Error::internal)?;
+    system.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+}
