@@ -1,6 +1,8 @@
 //! es-core's backend conformance suite against PostgreSQL, one fresh schema
 //! per check (so the checks run in parallel).
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
+
 use std::sync::Arc;
 
 use es_core::testing::conformance;

@@ -5,6 +5,8 @@
 //! reader (and an xmin-filtered reader with a position-only cursor) skipping
 //! events while `read_all`/`subscribe_all` see every one, in order.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Bad input gets a typed error and writes nothing; an unreachable database
 //! is `Unavailable`; migrations are idempotent and safe in parallel.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
+
 use std::time::Duration;
 
 use es_core::testing::conformance::{event, events, unique_stream, whole_log};

@@ -1,0 +1,282 @@
+//! Snapshots, checkpoints (in the caller's transaction), the inbox, the
+//! hold-back metric, and live subscriptions across stores and lost
+//! connections.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
+
+use std::time::Duration;
+
+use es_core::testing::conformance::{event, events, unique_stream};
+use es_core::{
+    CheckpointStore, EventStore, ExpectedVersion, Inbox, Payload, Position, Snapshot, SnapshotStore,
+};
+use es_postgres::{
+    PostgresCheckpointStore, PostgresEventStore, PostgresInbox, PostgresSnapshotStore,
+};
+use futures::StreamExt;
+use sqlx::Connection;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn snapshots_keep_the_newest() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    let snapshots = PostgresSnapshotStore::new(pool, &schema);
+    let stream = unique_stream("snap");
+    assert_eq!(snapshots.load(&stream).await.unwrap(), None);
+    let at = |version, state: &str| Snapshot {
+        stream_id: stream.clone(),
+        version,
+        schema_version: 2,
+        state: Payload::from_json(state.to_owned()).unwrap(),
+    };
+    snapshots.save(at(10, r#"{"n":10}"#)).await.unwrap();
+    snapshots.save(at(5, r#"{"n":5}"#)).await.unwrap();
+    let loaded = snapshots.load(&stream).await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.schema_version), (10, 2));
+    assert!(loaded
+        .state
+        .json_eq(&Payload::from_json(r#"{"n":10}"#).unwrap()));
+    snapshots.save(at(20, r#"{"n":20}"#)).await.unwrap();
+    assert_eq!(snapshots.load(&stream).await.unwrap().unwrap().version, 20);
+    let bad = Snapshot {
+        state: Payload::from_trusted_json("{oops"),
+        ..at(30, "{}")
+    };
+    assert!(snapshots.save(bad).await.is_err());
+    assert_eq!(snapshots.load(&stream).await.unwrap().unwrap().version, 20);
+}
+
+#[tokio::test]
+async fn checkpoints_commit_with_the_callers_transaction() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    let checkpoints = PostgresCheckpointStore::new(pool.clone(), &schema);
+    assert_eq!(checkpoints.load("p").await.unwrap(), None);
+    checkpoints.save("p", Position::new(7, 3)).await.unwrap();
+    assert_eq!(
+        checkpoints.load("p").await.unwrap(),
+        Some(Position::new(7, 3))
+    );
+
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    checkpoints
+        .save_in_tx(&mut tx, "p", Position::new(9, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        checkpoints.load_in_tx(&mut tx, "p").await.unwrap(),
+        Some(Position::new(9, 1))
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        checkpoints.load("p").await.unwrap(),
+        Some(Position::new(7, 3))
+    );
+
+    let mut tx = conn.begin().await.unwrap();
+    checkpoints
+        .save_in_tx(&mut tx, "p", Position::new(9, 2))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        checkpoints.load("p").await.unwrap(),
+        Some(Position::new(9, 2))
+    );
+    assert!(checkpoints
+        .save("p", Position::new(u64::MAX, 0))
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_records_once() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    let inbox = PostgresInbox::new(pool.clone(), &schema);
+    let id = Uuid::now_v7();
+    assert!(!inbox.contains("c", id).await.unwrap());
+    assert!(inbox.record("c", id).await.unwrap());
+    assert!(!inbox.record("c", id).await.unwrap());
+    assert!(inbox.contains("c", id).await.unwrap());
+    assert!(
+        inbox.record("other", id).await.unwrap(),
+        "consumers are separate"
+    );
+
+    // Rolled back: not recorded.
+    let id = Uuid::now_v7();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    assert!(inbox.record_in_tx(&mut tx, "c", id).await.unwrap());
+    assert!(inbox.contains_in_tx(&mut tx, "c", id).await.unwrap());
+    tx.rollback().await.unwrap();
+    assert!(!inbox.contains("c", id).await.unwrap());
+
+    // Two concurrent transactions: exactly one records it.
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let pool = pool.clone();
+        let inbox = inbox.clone();
+        handles.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut tx = conn.begin().await.unwrap();
+            let first = inbox.record_in_tx(&mut tx, "c", id).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.commit().await.unwrap();
+            first
+        }));
+    }
+    let mut firsts = 0;
+    for h in handles {
+        firsts += usize::from(h.await.unwrap());
+    }
+    assert_eq!(firsts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holdback_reports_the_open_writer() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    let store =
+        PostgresEventStore::new(pool.clone(), schema).with_read_wait(Duration::from_millis(20));
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    store
+        .append(&unique_stream("h"), ExpectedVersion::NoStream, events(0, 3))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let held = store.holdback().await.unwrap();
+    assert_eq!(held.events_held_back, 3, "{held:?}");
+    assert!(held.xids_in_flight() >= 1);
+    assert!(held.oldest_writer_age.is_some(), "{held:?}");
+    // The oldest writer is ours unless another test's transaction is older.
+    let _ = pid;
+    assert!(store
+        .read_all(Position::START, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    tx.commit().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if store.holdback().await.unwrap().events_held_back == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still held back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.read_all(Position::START, 10).await.unwrap().len(), 3);
+}
+
+/// A subscriber in one store is woken by appends of another store (another
+/// process) through NOTIFY, also after its LISTEN connection was killed.
+/// Polling is set to a minute, so only a wake-up can deliver in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_other_processes_and_survives_a_dropped_connection() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    let reader = PostgresEventStore::new(pool.clone(), schema.clone())
+        .with_poll_interval(Duration::from_secs(60));
+    let writer = PostgresEventStore::new(pool.clone(), schema);
+    let mut sub = reader.subscribe_all(Position::START);
+    // Let the listener connect.
+    let listen = format!("LISTEN \"{}\"%", reader.channel());
+    let find_listener = || {
+        let pool = pool.clone();
+        let listen = listen.clone();
+        async move {
+            for _ in 0..200 {
+                let pid: Option<i32> = sqlx::query_scalar(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(&listen)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                if let Some(pid) = pid {
+                    return pid;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let all: Vec<(i32, Option<String>, Option<String>)> =
+                sqlx::query_as("SELECT pid, state, query FROM pg_stat_activity")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            panic!("the listener never connected: {listen} {all:#?}");
+        }
+    };
+    let first_pid = find_listener().await;
+    let e = event(1);
+    let id = e.event_id;
+    writer
+        .append(&unique_stream("n"), ExpectedVersion::NoStream, vec![e])
+        .await
+        .unwrap();
+    assert_eq!(next(&mut sub).await.event_id, id);
+
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first_pid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    let e = event(2);
+    let id = e.event_id;
+    writer
+        .append(&unique_stream("n"), ExpectedVersion::NoStream, vec![e])
+        .await
+        .unwrap();
+    assert_eq!(next(&mut sub).await.event_id, id);
+    let second_pid = find_listener().await;
+    assert_ne!(first_pid, second_pid, "the listener reconnected");
+    let e = event(3);
+    let id = e.event_id;
+    writer
+        .append(&unique_stream("n"), ExpectedVersion::NoStream, vec![e])
+        .await
+        .unwrap();
+    assert_eq!(next(&mut sub).await.event_id, id);
+}
+
+/// Polling alone (no NOTIFY) still delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_fallback_without_notify() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    let reader = PostgresEventStore::new(pool.clone(), schema.clone())
+        .with_poll_interval(Duration::from_millis(50));
+    let writer = PostgresEventStore::new(pool, schema).with_notify(false);
+    let mut sub = reader.subscribe_all(Position::START);
+    let e = event(1);
+    let id = e.event_id;
+    writer
+        .append(&unique_stream("p"), ExpectedVersion::NoStream, vec![e])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.event_id, id);
+}
+
+async fn next(
+    sub: &mut futures::stream::BoxStream<
+        'static,
+        Result<es_core::RecordedEvent, es_core::StoreError>,
+    >,
+) -> es_core::RecordedEvent {
+    tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("no wake-up arrived")
+        .expect("ended")
+        .expect("failed")
+}
