@@ -221,7 +221,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                                     event_type: event.event_type.to_string(),
                                     stream_id: event.stream_id.clone(),
                                     position: event.position,
-                                    source: error,
+                                    source: Box::new(error),
                                 });
                             }
                             dead[i] = true;

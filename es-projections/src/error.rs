@@ -33,7 +33,16 @@ pub enum Error {
         position: Position,
         /// What the projection said.
         #[source]
-        source: ProjectionError,
+        source: Box<ProjectionError>,
+    },
+    /// The projection could not create its read model's tables.
+    #[error("projection {projection} could not set up its read model: {source}")]
+    Setup {
+        /// The projection's name.
+        projection: String,
+        /// What the projection said.
+        #[source]
+        source: Box<ProjectionError>,
     },
     /// The event store failed (subscription, head, read).
     #[error("projection {projection}: event store failed: {source}")]
@@ -144,6 +153,7 @@ impl Error {
                 | Self::BadCheckpoint { .. }
                 | Self::Failed { .. }
                 | Self::Panicked { .. }
+                | Self::Setup { .. }
                 | Self::Config { .. }
         )
     }
@@ -156,7 +166,6 @@ impl Error {
     }
 
     #[cfg(feature = "postgres")]
-    #[allow(dead_code)] // used by the PostgreSQL runner
     pub(crate) fn db(projection: &str, source: sqlx::Error) -> Self {
         Self::Database {
             projection: projection.to_owned(),

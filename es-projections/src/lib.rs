@@ -6,6 +6,8 @@ mod error;
 mod handle;
 mod memory;
 mod options;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod telemetry;
 
 pub use dead_letter::DeadLetter;

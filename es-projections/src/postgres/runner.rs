@@ -1,0 +1,460 @@
+//! The PostgreSQL runner.
+
+use std::fmt;
+use std::future::Future;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use es_core::{EventStore, Position, Projection, ProjectionError};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::watch;
+
+use super::lock::LeaderLock;
+use super::{from_i64, ident, migrate, to_i64, NOTIFY_CHANNEL};
+use crate::core::{Backend, Runner};
+use crate::handle::{RunState, Shared};
+use crate::{DeadLetter, Error, ProjectionHandle, RunnerOptions};
+
+/// A projection whose read model is a set of PostgreSQL tables.
+///
+/// `apply` receives the batch's transaction, with `search_path` set to the
+/// projection's model schema: write unqualified table names, so the same
+/// code builds a fresh copy of the tables during a rebuild.
+pub trait PgProjection: Projection<Tx = PgConnection> {
+    /// Creates the read model's tables (unqualified names, `IF NOT EXISTS`)
+    /// in the current schema. Runs when the runner starts and at the start of
+    /// a rebuild, in a transaction.
+    fn setup(
+        &self,
+        conn: &mut PgConnection,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}
+
+/// Runs a [`PgProjection`] from its checkpoint: batches of events applied
+/// and committed with the checkpoint in one transaction, one active instance
+/// per projection across processes (the others wait as standbys).
+pub struct PgProjectionRunner<P> {
+    pub(crate) pool: PgPool,
+    pub(crate) schema: String,
+    pub(crate) model_schema: String,
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) projection: Arc<P>,
+    pub(crate) options: RunnerOptions,
+    pub(crate) leader_check: Duration,
+    pub(crate) leader_election: bool,
+}
+
+impl<P> fmt::Debug for PgProjectionRunner<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgProjectionRunner")
+            .field("schema", &self.schema)
+            .field("model_schema", &self.model_schema)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: PgProjection> PgProjectionRunner<P> {
+    /// A runner keeping its checkpoint in runner schema `schema` (see
+    /// [`migrate`]) and the read model in `model_schema`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when a schema name is not a plain identifier (the
+    /// model schema's name may have at most 40 bytes, to leave room for the
+    /// rebuild's suffixes).
+    pub fn new(
+        pool: PgPool,
+        schema: &str,
+        model_schema: &str,
+        store: Arc<dyn EventStore>,
+        projection: Arc<P>,
+    ) -> Result<Self, Error> {
+        ident(schema)?;
+        ident(model_schema)?;
+        if model_schema.len() > 40 {
+            return Err(Error::Config {
+                reason: format!("model schema name {model_schema:?} is longer than 40 bytes"),
+            });
+        }
+        Ok(Self {
+            pool,
+            schema: schema.to_owned(),
+            model_schema: model_schema.to_owned(),
+            store,
+            projection,
+            options: RunnerOptions::default(),
+            leader_check: Duration::from_secs(2),
+            leader_election: true,
+        })
+    }
+
+    /// Batch size, error policy, retries.
+    #[must_use]
+    pub fn with_options(mut self, options: RunnerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How often a leader checks that it still holds its lock, and a standby
+    /// tries to take it (default 2 s).
+    #[must_use]
+    pub fn with_leader_check(mut self, every: Duration) -> Self {
+        self.leader_check = every;
+        self
+    }
+
+    /// Whether the runner takes the projection's advisory lock before it
+    /// runs (default true). Without it, several instances may run at once:
+    /// each batch's checkpoint compare-and-set still keeps every event
+    /// applied exactly once (the losers roll back and retry), at the cost of
+    /// wasted work.
+    #[must_use]
+    pub fn with_leader_election(mut self, on: bool) -> Self {
+        self.leader_election = on;
+        self
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        self.projection.name()
+    }
+
+    /// Runs in a background task; the handle reports position, lag and dead
+    /// letters and offers `wait_for` and `stop`. Must be called inside a Tokio
+    /// runtime.
+    pub fn spawn(self) -> ProjectionHandle {
+        let shared = Shared::new(self.projection.name());
+        let store = Arc::clone(&self.store);
+        let task_shared = Arc::clone(&shared);
+        let task = tokio::spawn(async move {
+            let mut stop = task_shared.stop.subscribe();
+            let outcome = self.run_shared(&task_shared, &mut stop).await;
+            task_shared.set_state(match outcome {
+                Ok(()) => RunState::Stopped,
+                Err(error) => {
+                    tracing::error!(projection = %task_shared.name, %error, "projection runner stopped");
+                    RunState::Failed(Arc::new(error))
+                }
+            });
+        });
+        ProjectionHandle::new(shared, store, task)
+    }
+
+    /// Runs in the current task until `stop` turns true (`Ok`) or a fatal
+    /// error: waits for the projection's leadership, then follows the log;
+    /// goes back to waiting if the leadership is lost.
+    ///
+    /// # Errors
+    /// [`Error::Apply`] when the projection fails on an event under
+    /// [`OnError::Stop`](crate::OnError::Stop); infrastructure errors once the
+    /// retries are used up.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
+        let shared = Shared::new(self.projection.name());
+        self.run_shared(&shared, &mut stop).await
+    }
+
+    async fn run_shared(
+        &self,
+        shared: &Arc<Shared>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let name = self.projection.name().to_owned();
+        migrate(&self.pool, &self.schema).await?;
+        // Leadership is per runner schema and projection name.
+        let lock_name = format!("{}.{name}", self.schema);
+        loop {
+            shared.set_state(RunState::Starting);
+            if !self.leader_election {
+                let runner = Runner {
+                    projection: Arc::clone(&self.projection),
+                    backend: PgBackend::new(self, &self.model_schema, &name)?,
+                    store: Arc::clone(&self.store),
+                    options: self.options.clone(),
+                    shared: Arc::clone(shared),
+                };
+                runner.backend.setup(&*self.projection).await?;
+                return runner.run(stop).await;
+            }
+            let lock = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                lock = LeaderLock::acquire(&self.pool, &lock_name, self.leader_check) => lock,
+            };
+            let mut lock = match lock {
+                Ok(lock) => lock,
+                Err(error) => {
+                    tracing::warn!(projection = %name, %error, "cannot take the projection's leadership; retrying");
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        () = tokio::time::sleep(self.leader_check) => continue,
+                    }
+                }
+            };
+            tracing::info!(projection = %name, "projection leadership taken");
+            let runner = Runner {
+                projection: Arc::clone(&self.projection),
+                backend: PgBackend::new(self, &self.model_schema, &name)?,
+                store: Arc::clone(&self.store),
+                options: self.options.clone(),
+                shared: Arc::clone(shared),
+            };
+            let outcome = tokio::select! {
+                outcome = async {
+                    runner.backend.setup(&*self.projection).await?;
+                    runner.run(stop).await
+                } => Some(outcome),
+                () = lock.lost(self.leader_check) => None,
+            };
+            match outcome {
+                Some(outcome) => {
+                    lock.release().await;
+                    return outcome;
+                }
+                None => {
+                    tracing::warn!(projection = %name, "projection leadership lost; back to standby");
+                }
+            }
+        }
+    }
+}
+
+/// Checkpoints in the runner schema, units of work as transactions with
+/// `search_path` set to a model schema.
+pub(crate) struct PgBackend {
+    pub(crate) pool: PgPool,
+    pub(crate) name: String,
+    pub(crate) checkpoint_name: String,
+    pub(crate) set_path: String,
+    create_schema: String,
+    select_sql: String,
+    insert_sql: String,
+    update_sql: String,
+    dead_sql: String,
+    notify_key: String,
+}
+
+impl PgBackend {
+    pub(crate) fn new<P>(
+        runner: &PgProjectionRunner<P>,
+        model_schema: &str,
+        checkpoint_name: &str,
+    ) -> Result<Self, Error> {
+        let schema = ident(&runner.schema)?;
+        Ok(Self {
+            pool: runner.pool.clone(),
+            name: checkpoint_name.to_owned(),
+            checkpoint_name: checkpoint_name.to_owned(),
+            set_path: format!("SET LOCAL search_path TO {}, public", ident(model_schema)?),
+            create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", ident(model_schema)?),
+            select_sql: format!(
+                "SELECT major, minor FROM {schema}.projection_checkpoints WHERE name = $1 FOR UPDATE"
+            ),
+            insert_sql: format!(
+                "INSERT INTO {schema}.projection_checkpoints (name, major, minor) \
+                 VALUES ($1, 0, 0) ON CONFLICT (name) DO NOTHING"
+            ),
+            update_sql: format!(
+                "UPDATE {schema}.projection_checkpoints SET major = $2, minor = $3, \
+                 updated_at = now() WHERE name = $1"
+            ),
+            dead_sql: format!(
+                "INSERT INTO {schema}.projection_dead_letters \
+                 (projection, event_id, event_type, stream_id, major, minor, error, failed_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], \
+                 $5::bigint[], $6::bigint[], $7::text[], $8::timestamptz[]) \
+                 ON CONFLICT (projection, event_id) DO NOTHING"
+            ),
+            notify_key: format!("{}.{checkpoint_name}", runner.schema),
+        })
+    }
+
+    /// Creates the model schema and the projection's tables in it. Two
+    /// runners doing so at once can collide in the catalog (`IF NOT EXISTS`
+    /// is not atomic); the loser retries in a fresh transaction.
+    pub(crate) async fn setup<P: PgProjection>(&self, projection: &P) -> Result<(), Error> {
+        let mut attempt = 0;
+        loop {
+            match self.setup_once(projection).await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(projection = %self.name, %error, "read model setup collided; retrying");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn setup_once<'a, P: PgProjection>(
+        &'a self,
+        projection: &'a P,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            let mut tx = self.open().await?;
+            sqlx::query(&self.create_schema)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::db(&self.name, e))?;
+            projection
+                .setup(&mut tx)
+                .await
+                .map_err(|source| Error::Setup {
+                    projection: self.name.clone(),
+                    source: Box::new(source),
+                })?;
+            tx.commit().await.map_err(|e| Error::db(&self.name, e))
+        }
+        .boxed()
+    }
+
+    /// A transaction with `search_path` set to the model schema (created if
+    /// missing).
+    pub(crate) fn open(&self) -> BoxFuture<'_, Result<Transaction<'static, Postgres>, Error>> {
+        async move {
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|e| Error::db(&self.name, e))?;
+            sqlx::query(&self.set_path)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::db(&self.name, e))?;
+            Ok(tx)
+        }
+        .boxed()
+    }
+
+    /// Reads the checkpoint inside `tx`, locking its row.
+    pub(crate) fn locked_checkpoint<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+    ) -> BoxFuture<'a, Result<Option<Position>, Error>> {
+        async move {
+            let row: Option<(i64, i64)> = sqlx::query_as(&self.select_sql)
+                .bind(&self.checkpoint_name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| Error::db(&self.name, e))?;
+            Ok(row.map(|(a, b)| Position::new(from_i64(a), from_i64(b))))
+        }
+        .boxed()
+    }
+
+    /// Writes the checkpoint, the dead letters and the notification inside
+    /// `tx`.
+    pub(crate) fn write_checkpoint<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        position: Position,
+        dead_letters: &'a [DeadLetter],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        async move {
+            sqlx::query(&self.update_sql)
+                .bind(&self.checkpoint_name)
+                .bind(to_i64(&self.name, position.major())?)
+                .bind(to_i64(&self.name, position.minor())?)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::db(&self.name, e))?;
+            if !dead_letters.is_empty() {
+                let mut majors = Vec::new();
+                let mut minors = Vec::new();
+                for d in dead_letters {
+                    majors.push(to_i64(&self.name, d.position.major())?);
+                    minors.push(to_i64(&self.name, d.position.minor())?);
+                }
+                sqlx::query(&self.dead_sql)
+                    .bind(
+                        dead_letters
+                            .iter()
+                            .map(|d| d.projection.clone())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(dead_letters.iter().map(|d| d.event_id).collect::<Vec<_>>())
+                    .bind(
+                        dead_letters
+                            .iter()
+                            .map(|d| d.event_type.clone())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        dead_letters
+                            .iter()
+                            .map(|d| d.stream_id.to_string())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(majors)
+                    .bind(minors)
+                    .bind(
+                        dead_letters
+                            .iter()
+                            .map(|d| d.error.clone())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(dead_letters.iter().map(|d| d.failed_at).collect::<Vec<_>>())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| Error::db(&self.name, e))?;
+            }
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(format!("{} {position}", self.notify_key))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::db(&self.name, e))?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+impl<P: PgProjection> Backend<P> for PgBackend {
+    type Unit = Transaction<'static, Postgres>;
+    const TRANSACTIONAL: bool = true;
+
+    async fn load_checkpoint(&self) -> Result<Position, Error> {
+        sqlx::query(&self.insert_sql)
+            .bind(&self.checkpoint_name)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::db(&self.name, e))?;
+        let row: (i64, i64) = sqlx::query_as(&self.select_sql.replace(" FOR UPDATE", ""))
+            .bind(&self.checkpoint_name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| Error::db(&self.name, e))?;
+        Ok(Position::new(from_i64(row.0), from_i64(row.1)))
+    }
+
+    async fn begin(&self, expected: Position) -> Result<Self::Unit, Error> {
+        let mut tx = self.open().await?;
+        let found = self.locked_checkpoint(&mut tx).await?;
+        if found != Some(expected) {
+            return Err(Error::Fenced {
+                projection: self.name.clone(),
+                expected,
+                found,
+            });
+        }
+        Ok(tx)
+    }
+
+    fn tx(unit: &mut Self::Unit) -> &mut PgConnection {
+        unit
+    }
+
+    async fn commit(
+        &self,
+        mut unit: Self::Unit,
+        position: Position,
+        dead_letters: &[DeadLetter],
+    ) -> Result<(), Error> {
+        self.write_checkpoint(&mut unit, position, dead_letters)
+            .await?;
+        unit.commit().await.map_err(|e| Error::db(&self.name, e))
+    }
+}
