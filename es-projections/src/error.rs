@@ -63,6 +63,17 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// An es-postgres operation (checkpoint store, leader lock, migration)
+    /// failed.
+    #[cfg(feature = "postgres")]
+    #[error("projection {projection}: {source}")]
+    Postgres {
+        /// The projection's name.
+        projection: String,
+        /// The backend's error.
+        #[source]
+        source: es_postgres::PgError,
+    },
     /// Redis failed.
     #[cfg(feature = "redis")]
     #[error("redis error: {source}")]
@@ -160,6 +171,14 @@ impl Error {
 
     pub(crate) fn store(projection: &str, source: StoreError) -> Self {
         Self::Store {
+            projection: projection.to_owned(),
+            source,
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    pub(crate) fn pg(projection: &str, source: es_postgres::PgError) -> Self {
+        Self::Postgres {
             projection: projection.to_owned(),
             source,
         }

@@ -11,7 +11,9 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use super::{from_i64, ident, NOTIFY_CHANNEL};
+use es_core::CheckpointStore as _;
+
+use super::{ident, NOTIFY_CHANNEL};
 use crate::Error;
 
 /// The stored checkpoint of projection `name` in the runner schema `schema`.
@@ -23,16 +25,11 @@ pub async fn load_checkpoint(
     schema: &str,
     name: &str,
 ) -> Result<Option<Position>, Error> {
-    let sql = format!(
-        "SELECT major, minor FROM {}.projection_checkpoints WHERE name = $1",
-        ident(schema)?
-    );
-    let row: Option<(i64, i64)> = sqlx::query_as(&sql)
-        .bind(name)
-        .fetch_optional(pool)
+    ident(schema)?;
+    es_postgres::PostgresCheckpointStore::new(pool.clone(), schema)
+        .load(name)
         .await
-        .map_err(|e| Error::db(name, e))?;
-    Ok(row.map(|(major, minor)| Position::new(from_i64(major), from_i64(minor))))
+        .map_err(|e| Error::store(name, e))
 }
 
 /// Waits until projection `name` (run by any process against `schema`) has

@@ -5,17 +5,20 @@
 //!
 //! # Tables
 //!
-//! [`migrate`] creates, in a schema of your choice (the *runner schema*):
+//! The runner schema is an `es-postgres` schema (the one holding the events,
+//! or another): [`migrate`] runs `es_postgres::migrate` on it and adds
+//! `projection_dead_letters`, where events set aside under
+//! [`OnError::DeadLetter`](crate::OnError::DeadLetter) are written in the
+//! batch's transaction.
 //!
-//! - `projection_checkpoints (name, major, minor, updated_at)`: one row per
-//!   projection; every batch locks its row (`SELECT ... FOR UPDATE`), checks it
-//!   still holds the position the runner started the batch from, and updates
-//!   it in the batch's transaction. That compare-and-set is the fence that
-//!   makes a stale leader or a swapped-in rebuild roll a batch back instead of
-//!   applying it twice.
-//! - `projection_dead_letters`: events set aside under
-//!   [`OnError::DeadLetter`](crate::OnError::DeadLetter), written in the
-//!   batch's transaction.
+//! Checkpoints live in `es-postgres`'s checkpoint table
+//! ([`es_postgres::PostgresCheckpointStore`], so any `CheckpointStore` reader
+//! sees them). Every batch takes a transaction-scoped advisory lock for its
+//! projection, re-reads the checkpoint in its transaction and checks it still
+//! holds the position the runner started the batch from, applies the events
+//! and saves the new checkpoint with `save_in_tx`. That compare-and-set is
+//! the fence that makes a stale leader or a swapped-in rebuild roll a batch
+//! back instead of applying it twice.
 //!
 //! Each projection's read model lives in its own *model schema*. The runner
 //! sets `search_path` to it at the start of every transaction, so a
@@ -23,13 +26,11 @@
 //! tables in a fresh schema and swap the two by renaming them.
 
 mod checkpoints;
-mod lock;
 mod rebuild;
 mod runner;
 pub mod sink;
 
 pub use checkpoints::{load_checkpoint, wait_for_checkpoint, CheckpointWatcher};
-pub use lock::LeaderLock;
 pub use rebuild::{rebuild, NoProgress, RebuildOptions, RebuildProgress, RebuildReport};
 pub use runner::{PgProjection, PgProjectionRunner};
 
@@ -41,39 +42,32 @@ use crate::Error;
 /// `"<runner schema>.<projection name>"`.
 pub const NOTIFY_CHANNEL: &str = "es_projections_checkpoint";
 
-/// Creates the runner's tables in `schema` (and the schema) if they are not
-/// there. Idempotent; safe to run from several processes at once.
+/// Migrates `schema` with `es_postgres::migrate` (events, checkpoints, ...)
+/// and creates the dead-letter table. Idempotent; safe to run from several
+/// processes at once.
 ///
 /// # Errors
 /// [`Error::Config`] for a bad schema name, [`Error::Database`] when
 /// PostgreSQL fails.
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), Error> {
-    let schema = ident(schema)?;
+    let q = ident(schema)?;
+    es_postgres::migrate(pool, schema)
+        .await
+        .map_err(|e| Error::pg("migrate", e))?;
     let statements = [
         "SELECT pg_advisory_xact_lock(hashtextextended('es_projections:migrate', 0))".to_owned(),
-        format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
         format!(
-            r#"
-        CREATE TABLE IF NOT EXISTS {schema}.projection_checkpoints (
-            name text PRIMARY KEY,
-            major bigint NOT NULL,
-            minor bigint NOT NULL,
-            updated_at timestamptz NOT NULL DEFAULT now()
-        )"#
-        ),
-        format!(
-            r#"
-        CREATE TABLE IF NOT EXISTS {schema}.projection_dead_letters (
-            projection text NOT NULL,
-            event_id uuid NOT NULL,
-            event_type text NOT NULL,
-            stream_id text NOT NULL,
-            major bigint NOT NULL,
-            minor bigint NOT NULL,
-            error text NOT NULL,
-            failed_at timestamptz NOT NULL,
-            PRIMARY KEY (projection, event_id)
-        )"#
+            "CREATE TABLE IF NOT EXISTS {q}.projection_dead_letters (
+                projection text NOT NULL,
+                event_id uuid NOT NULL,
+                event_type text NOT NULL,
+                stream_id text NOT NULL,
+                major bigint NOT NULL,
+                minor bigint NOT NULL,
+                error text NOT NULL,
+                failed_at timestamptz NOT NULL,
+                PRIMARY KEY (projection, event_id)
+            )"
         ),
     ];
     let mut tx = pool.begin().await.map_err(|e| Error::db("migrate", e))?;
@@ -110,8 +104,4 @@ pub(crate) fn to_i64(projection: &str, value: u64) -> Result<i64, Error> {
     i64::try_from(value).map_err(|_| Error::Config {
         reason: format!("projection {projection}: position part {value} does not fit a bigint"),
     })
-}
-
-pub(crate) fn from_i64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
 }

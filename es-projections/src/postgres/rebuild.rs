@@ -8,13 +8,14 @@ use es_core::Position;
 use futures::StreamExt;
 use sqlx::PgConnection;
 
-use super::lock::LeaderLock;
 use super::runner::{PgBackend, PgProjection, PgProjectionRunner};
 use super::{ident, migrate};
 use crate::core::Runner;
 use crate::handle::Shared;
 use crate::telemetry::{self, measure_lag};
 use crate::{DeadLetter, Error, OnError, RunnerOptions};
+use es_core::CheckpointStore as _;
+use es_postgres::LeaderLock;
 
 /// How a rebuild runs.
 #[derive(Clone, Debug)]
@@ -111,15 +112,21 @@ pub async fn rebuild<P: PgProjection>(
     let started = Instant::now();
     let name = runner.projection.name().to_owned();
     migrate(&runner.pool, &runner.schema).await?;
-    let Some(guard) =
-        LeaderLock::try_acquire(&runner.pool, &format!("rebuild:{}.{name}", runner.schema)).await?
+    let Some(guard) = LeaderLock::try_acquire(
+        &runner.pool,
+        &format!("es-projections rebuild {}.{name}", runner.schema),
+    )
+    .await
+    .map_err(|e| Error::pg(&name, e))?
     else {
         return Err(Error::Config {
             reason: format!("a rebuild of projection {name} is already running"),
         });
     };
     let outcome = replay_and_swap(runner, options, progress, &name, started).await;
-    guard.release().await;
+    if let Err(error) = guard.release().await {
+        tracing::warn!(projection = %name, %error, "releasing the rebuild lock failed; its connection is closed");
+    }
     outcome
 }
 
@@ -145,15 +152,12 @@ async fn replay_and_swap<P: PgProjection>(
     ] {
         sqlx::query(&sql).execute(&runner.pool).await.map_err(db)?;
     }
-    sqlx::query(&format!(
-        "DELETE FROM {}.projection_checkpoints WHERE name = $1",
-        ident(&runner.schema)?
-    ))
-    .bind(&rebuild_name)
-    .execute(&runner.pool)
-    .await
-    .map_err(db)?;
     let backend = PgBackend::new(runner, &shadow, &rebuild_name)?;
+    backend
+        .checkpoints
+        .save(&rebuild_name, Position::START)
+        .await
+        .map_err(|e| Error::store(name, e))?;
     backend.setup(&*runner.projection).await?;
 
     // 2. Replay up to the head as it is now.
@@ -183,9 +187,7 @@ async fn replay_and_swap<P: PgProjection>(
             .on_error(options.on_error),
         shared: Arc::clone(&shared),
     };
-    // The row must exist before the first fenced batch.
-    let mut position =
-        <PgBackend as crate::core::Backend<P>>::load_checkpoint(&replay.backend).await?;
+    let mut position = Position::START;
     let mut done = 0u64;
     let mut dead = 0u64;
     if target > position {
@@ -222,7 +224,6 @@ async fn replay_and_swap<P: PgProjection>(
 
     // 3. Swap, in one transaction.
     let live_backend = PgBackend::new(runner, &shadow, name)?;
-    <PgBackend as crate::core::Backend<P>>::load_checkpoint(&live_backend).await?;
     let mut tx = replay.backend.open().await?;
     let live_at = live_backend
         .locked_checkpoint(&mut tx)
@@ -253,14 +254,6 @@ async fn replay_and_swap<P: PgProjection>(
     live_backend
         .write_checkpoint(&mut tx, final_at, &letters)
         .await?;
-    sqlx::query(&format!(
-        "DELETE FROM {}.projection_checkpoints WHERE name = $1",
-        ident(&runner.schema)?
-    ))
-    .bind(&rebuild_name)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
     tx.commit().await.map_err(db)?;
     if exists && !options.keep_old {
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {old_q} CASCADE"))

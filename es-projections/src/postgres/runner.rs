@@ -12,8 +12,10 @@ use es_core::{EventStore, Position, Projection, ProjectionError};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
-use super::lock::LeaderLock;
-use super::{from_i64, ident, migrate, to_i64, NOTIFY_CHANNEL};
+use es_core::CheckpointStore as _;
+use es_postgres::{LeaderLock, PostgresCheckpointStore};
+
+use super::{ident, migrate, to_i64, NOTIFY_CHANNEL};
 use crate::core::{Backend, Runner};
 use crate::handle::{RunState, Shared};
 use crate::{DeadLetter, Error, ProjectionHandle, RunnerOptions};
@@ -164,7 +166,9 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         let name = self.projection.name().to_owned();
         migrate(&self.pool, &self.schema).await?;
         // Leadership is per runner schema and projection name.
-        let lock_name = format!("{}.{name}", self.schema);
+        let lock = LeaderLock::new(format!("es-projections:{}.{name}", self.schema))
+            .retry_interval(self.leader_check)
+            .check_interval(self.leader_check, Duration::from_secs(5));
         loop {
             shared.set_state(RunState::Starting);
             if !self.leader_election {
@@ -178,11 +182,11 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 runner.backend.setup(&*self.projection).await?;
                 return runner.run(stop).await;
             }
-            let lock = tokio::select! {
+            let guard = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return Ok(()),
-                lock = LeaderLock::acquire(&self.pool, &lock_name, self.leader_check) => lock,
+                guard = lock.wait(&self.pool) => guard,
             };
-            let mut lock = match lock {
+            let guard = match guard {
                 Ok(lock) => lock,
                 Err(error) => {
                     tracing::warn!(projection = %name, %error, "cannot take the projection's leadership; retrying");
@@ -205,11 +209,13 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                     runner.backend.setup(&*self.projection).await?;
                     runner.run(stop).await
                 } => Some(outcome),
-                () = lock.lost(self.leader_check) => None,
+                () = guard.lost() => None,
             };
             match outcome {
                 Some(outcome) => {
-                    lock.release().await;
+                    if let Err(error) = guard.release().await {
+                        tracing::warn!(projection = %name, %error, "releasing the projection's leadership failed; its connection is closed");
+                    }
                     return outcome;
                 }
                 None => {
@@ -226,11 +232,10 @@ pub(crate) struct PgBackend {
     pub(crate) pool: PgPool,
     pub(crate) name: String,
     pub(crate) checkpoint_name: String,
+    pub(crate) checkpoints: PostgresCheckpointStore,
     pub(crate) set_path: String,
     create_schema: String,
-    select_sql: String,
-    insert_sql: String,
-    update_sql: String,
+    fence_key: String,
     dead_sql: String,
     notify_key: String,
 }
@@ -246,19 +251,10 @@ impl PgBackend {
             pool: runner.pool.clone(),
             name: checkpoint_name.to_owned(),
             checkpoint_name: checkpoint_name.to_owned(),
+            checkpoints: PostgresCheckpointStore::new(runner.pool.clone(), &runner.schema),
             set_path: format!("SET LOCAL search_path TO {}, public", ident(model_schema)?),
             create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", ident(model_schema)?),
-            select_sql: format!(
-                "SELECT major, minor FROM {schema}.projection_checkpoints WHERE name = $1 FOR UPDATE"
-            ),
-            insert_sql: format!(
-                "INSERT INTO {schema}.projection_checkpoints (name, major, minor) \
-                 VALUES ($1, 0, 0) ON CONFLICT (name) DO NOTHING"
-            ),
-            update_sql: format!(
-                "UPDATE {schema}.projection_checkpoints SET major = $2, minor = $3, \
-                 updated_at = now() WHERE name = $1"
-            ),
+            fence_key: format!("es-projections fence {}.{checkpoint_name}", runner.schema),
             dead_sql: format!(
                 "INSERT INTO {schema}.projection_dead_letters \
                  (projection, event_id, event_type, stream_id, major, minor, error, failed_at) \
@@ -328,18 +324,23 @@ impl PgBackend {
         .boxed()
     }
 
-    /// Reads the checkpoint inside `tx`, locking its row.
+    /// Takes the checkpoint's transaction-scoped lock (every batch of this
+    /// checkpoint, in any process, waits for the one holding it) and reads the
+    /// checkpoint inside `tx`.
     pub(crate) fn locked_checkpoint<'a>(
         &'a self,
         tx: &'a mut PgConnection,
     ) -> BoxFuture<'a, Result<Option<Position>, Error>> {
         async move {
-            let row: Option<(i64, i64)> = sqlx::query_as(&self.select_sql)
-                .bind(&self.checkpoint_name)
-                .fetch_optional(&mut *tx)
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(&self.fence_key)
+                .execute(&mut *tx)
                 .await
                 .map_err(|e| Error::db(&self.name, e))?;
-            Ok(row.map(|(a, b)| Position::new(from_i64(a), from_i64(b))))
+            self.checkpoints
+                .load_in_tx(tx, &self.checkpoint_name)
+                .await
+                .map_err(|e| Error::pg(&self.name, e))
         }
         .boxed()
     }
@@ -353,13 +354,10 @@ impl PgBackend {
         dead_letters: &'a [DeadLetter],
     ) -> BoxFuture<'a, Result<(), Error>> {
         async move {
-            sqlx::query(&self.update_sql)
-                .bind(&self.checkpoint_name)
-                .bind(to_i64(&self.name, position.major())?)
-                .bind(to_i64(&self.name, position.minor())?)
-                .execute(&mut *tx)
+            self.checkpoints
+                .save_in_tx(tx, &self.checkpoint_name, position)
                 .await
-                .map_err(|e| Error::db(&self.name, e))?;
+                .map_err(|e| Error::pg(&self.name, e))?;
             if !dead_letters.is_empty() {
                 let mut majors = Vec::new();
                 let mut minors = Vec::new();
@@ -417,23 +415,18 @@ impl<P: PgProjection> Backend<P> for PgBackend {
     const TRANSACTIONAL: bool = true;
 
     async fn load_checkpoint(&self) -> Result<Position, Error> {
-        sqlx::query(&self.insert_sql)
-            .bind(&self.checkpoint_name)
-            .execute(&self.pool)
+        Ok(self
+            .checkpoints
+            .load(&self.checkpoint_name)
             .await
-            .map_err(|e| Error::db(&self.name, e))?;
-        let row: (i64, i64) = sqlx::query_as(&self.select_sql.replace(" FOR UPDATE", ""))
-            .bind(&self.checkpoint_name)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| Error::db(&self.name, e))?;
-        Ok(Position::new(from_i64(row.0), from_i64(row.1)))
+            .map_err(|e| Error::store(&self.name, e))?
+            .unwrap_or(Position::START))
     }
 
     async fn begin(&self, expected: Position) -> Result<Self::Unit, Error> {
         let mut tx = self.open().await?;
         let found = self.locked_checkpoint(&mut tx).await?;
-        if found != Some(expected) {
+        if found.unwrap_or(Position::START) != expected {
             return Err(Error::Fenced {
                 projection: self.name.clone(),
                 expected,

@@ -9,7 +9,6 @@ use es_core::{
     Projection, ProjectionError, RecordedEvent, StreamId,
 };
 use es_projections::postgres::PgProjection;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 
@@ -18,20 +17,12 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// A pool, and a fresh runner schema and model schema for one test.
+/// A pool, and a fresh (migrated) runner schema and a model schema name
+/// for one test.
 pub async fn fresh() -> (PgPool, String, String) {
-    let url = database_url();
-    let pool = PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {url}: {e}"));
+    let (pool, schema) = es_postgres::testing::fresh_schema_with(12).await;
     let id = uuid::Uuid::new_v4().simple().to_string();
-    (
-        pool,
-        format!("esp_run_{}", &id[..12]),
-        format!("esp_m_{}", &id[..12]),
-    )
+    (pool, schema, format!("esp_m_{}", &id[..12]))
 }
 
 /// Drops a test's schemas.
