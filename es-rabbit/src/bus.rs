@@ -4,7 +4,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::watch;
@@ -97,6 +100,12 @@ impl RabbitBus {
         &self.inner.connector.config
     }
 
+    /// How many connections this bus has opened: 1 after the first connect,
+    /// +1 for every reconnection.
+    pub fn connections_opened(&self) -> u64 {
+        self.inner.connector.generation()
+    }
+
     /// Closes the current connection. Running consumers reconnect unless
     /// their subscriptions are stopped; the next publish reconnects.
     pub async fn close(&self) {
@@ -155,6 +164,59 @@ impl RabbitBus {
         }
         let _ = channel.close(200, "done".into()).await;
         Ok(out)
+    }
+
+    /// Deletes a group's work, retry and dead-letter queues (with the
+    /// messages in them). For tests and decommissioning; consumers of the
+    /// group stop receiving.
+    pub async fn delete_group(&self, subscription: &Subscription) -> Result<(), BusError> {
+        let topology = &self.inner.topology;
+        let live = self.inner.connector.live().await?;
+        let channel = live
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        for name in [
+            topology.queue(&subscription.group),
+            topology.retry_queue(subscription),
+            topology.dead_letter_queue(&subscription.group),
+        ] {
+            channel
+                .queue_delete(short(&name)?, QueueDeleteOptions::default())
+                .await
+                .map_err(unavailable)?;
+        }
+        let _ = channel.close(200, "deleted".into()).await;
+        Ok(())
+    }
+
+    /// Deletes the topic exchanges of `topics` and the dead-letter exchange.
+    /// For tests and decommissioning.
+    pub async fn delete_exchanges(&self, topics: &[&str]) -> Result<(), BusError> {
+        let topology = &self.inner.topology;
+        let live = self.inner.connector.live().await?;
+        let channel = live
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let names = topics
+            .iter()
+            .map(|t| topology.exchange(t))
+            .chain([topology.dead_letter_exchange()]);
+        for name in names {
+            channel
+                .exchange_delete(short(&name)?, ExchangeDeleteOptions::default())
+                .await
+                .map_err(unavailable)?;
+        }
+        live.exchanges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        let _ = channel.close(200, "deleted".into()).await;
+        Ok(())
     }
 
     async fn passive_count(&self, name: &str) -> Result<u32, BusError> {

@@ -76,6 +76,11 @@ impl Connector {
         }
     }
 
+    /// The number of connections opened so far.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generations.load(Ordering::SeqCst)
+    }
+
     /// The current connection if it is healthy, else a new one (one attempt).
     pub(crate) async fn live(&self) -> Result<Arc<Live>, RabbitError> {
         let mut current = self.current.lock().await;
@@ -137,9 +142,9 @@ impl Connector {
             url: redact(&self.config.url),
             source,
         };
-        let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        let next = self.generations.load(Ordering::SeqCst) + 1;
         let properties = ConnectionProperties::default()
-            .with_connection_name(format!("{}#{generation}", self.config.connection_name).into());
+            .with_connection_name(format!("{}#{next}", self.config.connection_name).into());
         let connection = Connection::connect(&self.config.url, properties)
             .await
             .map_err(unavailable)?;
@@ -148,6 +153,7 @@ impl Connector {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(unavailable)?;
+        let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::debug!(generation, "connected to RabbitMQ");
         Ok(Live {
             connection,

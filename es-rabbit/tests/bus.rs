@@ -1,5 +1,7 @@
 //! RabbitBus against the real broker: round trip, confirms, unroutable,
 //! competing consumers, retry, dead letters, poison messages, duplicates.
+// Helpers outside #[test] fns unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -53,6 +55,7 @@ async fn a_message_round_trips_with_its_metadata() {
     let mut expected: Message = sent;
     expected.metadata.traceparent = Some(tp);
     assert_eq!(got.message, expected);
+    common::cleanup(&bus).await;
 }
 
 #[tokio::test]
@@ -79,6 +82,7 @@ async fn mandatory_unroutable_is_an_error_and_non_mandatory_is_not() {
         .unwrap();
     bus.publish(&[m]).await.unwrap();
     assert_eq!(bus.queue_depth("g").await.unwrap(), 1);
+    common::cleanup(&bus).await;
 }
 
 #[tokio::test]
@@ -101,6 +105,7 @@ async fn declare_is_idempotent_and_conflicts_are_typed() {
         .await
         .unwrap();
     assert_eq!(bus.queue_depth("g").await.unwrap(), 2);
+    common::cleanup(&bus).await;
 }
 
 #[tokio::test]
@@ -132,6 +137,7 @@ async fn competing_consumers_share_a_group() {
         ca.deliveries(),
         cb.deliveries()
     );
+    common::cleanup(&a).await;
 }
 
 #[tokio::test]
@@ -167,6 +173,7 @@ async fn retry_waits_and_counts_attempts() {
     handle.stop().await;
     assert_eq!(*attempts.lock().unwrap(), vec![1, 2, 3]);
     assert_eq!(bus.dead_letter_depth("g").await.unwrap(), 0);
+    common::cleanup(&bus).await;
 }
 
 #[tokio::test]
@@ -224,6 +231,7 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts_without_bl
     );
     assert_eq!(dead[0].attempts, 3);
     assert_eq!(dead[0].reason, "always fails");
+    common::cleanup(&bus).await;
 }
 
 #[tokio::test]
@@ -251,6 +259,7 @@ async fn dead_letter_outcome_records_the_reason() {
     assert_eq!(dead[0].reason, "order unknown");
     assert_eq!(dead[0].attempts, 1);
     assert_eq!(dead[0].message.as_ref().unwrap().message_id, m.message_id);
+    common::cleanup(&bus).await;
 }
 
 #[tokio::test]
@@ -300,6 +309,7 @@ async fn an_undecodable_message_goes_to_the_dead_letters_and_does_not_block() {
     );
     assert_eq!(dead[0].body, b"\xff not json");
     assert!(dead[0].message.is_none());
+    common::cleanup(&bus).await;
 }
 
 #[tokio::test]
@@ -321,4 +331,5 @@ async fn a_thousand_duplicates_are_applied_once() {
     assert_eq!(counter.applied_count(), 1);
     assert_eq!(counter.applied.lock().unwrap()[&m.message_id], 1);
     assert_eq!(bus.queue_depth("g").await.unwrap(), 0);
+    common::cleanup(&bus).await;
 }

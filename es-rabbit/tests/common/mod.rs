@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests (a real RabbitMQ at `AMQP_URL`,
 //! default 127.0.0.1:5672).
-#![allow(dead_code, unreachable_pub)]
+// Test support: a panic is the failure report we want.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -121,23 +122,18 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
 /// Closes every broker connection whose name starts with `name` (this test's
 /// connections only), returning how many were closed.
 pub fn close_connections(name: &str) -> usize {
-    let json = rabbitmqctl(&[
-        "list_connections",
-        "pid",
-        "client_properties",
-        "--formatter",
-        "json",
-        "-q",
-    ]);
-    let rows: Vec<serde_json::Value> = serde_json::from_str(json.trim()).unwrap_or_default();
+    let table = rabbitmqctl(&["list_connections", "pid", "client_properties", "-q"]);
     let mut closed = 0;
-    for row in rows {
-        let props = row["client_properties"].to_string();
+    for line in table.lines() {
+        let Some((pid, props)) = line.split_once('\t') else {
+            continue;
+        };
         if props.contains(name) {
-            let pid = row["pid"].as_str().unwrap_or_default().to_owned();
-            let _ = Command::new("rabbitmqctl")
-                .args(["close_connection", &pid, "es-rabbit test: connection cut"])
-                .output();
+            rabbitmqctl(&[
+                "close_connection",
+                pid.trim(),
+                "es-rabbit test: connection cut",
+            ]);
             closed += 1;
         }
     }
@@ -179,4 +175,45 @@ pub fn start_broker() {
     {
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Deletes every queue and exchange under the bus's prefix (tests leave
+/// nothing behind on the shared broker when they pass).
+pub async fn cleanup(bus: &RabbitBus) {
+    let prefix = bus.topology().prefix().to_owned();
+    assert!(
+        prefix.starts_with("t-"),
+        "only test prefixes are cleaned up"
+    );
+    let list = |what: &str| -> Vec<String> {
+        let json = rabbitmqctl(&[what, "name", "--formatter", "json", "-q"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(json.trim()).unwrap_or_default();
+        rows.iter()
+            .filter_map(|r| r["name"].as_str())
+            .filter(|n| n.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect()
+    };
+    let conn =
+        lapin::Connection::connect(&bus.config().url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for queue in list("list_queues") {
+        ch.queue_delete(
+            queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    for exchange in list("list_exchanges") {
+        ch.exchange_delete(
+            exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let _ = conn.close(200, "cleaned up".into()).await;
 }
