@@ -26,6 +26,8 @@ message_enum! {
     pub enum SagaInput {
         /// An order was placed: start.
         OrderCreated,
+        /// The order's stock is confirmed: it may be marked paid.
+        OrderInventoryConfirmed,
         /// The order is paid: complete it.
         OrderPaymentConfirmed,
         /// The order completed.
@@ -48,6 +50,7 @@ impl SagaInput {
     pub fn order_id(&self) -> Uuid {
         match self {
             Self::OrderCreated(m) => m.order_id,
+            Self::OrderInventoryConfirmed(m) => m.order_id,
             Self::OrderPaymentConfirmed(m) => m.order_id,
             Self::OrderCompleted(m) => m.order_id,
             Self::OrderCancelled(m) => m.order_id,
@@ -169,6 +172,8 @@ pub enum OrderSagaEvent {
     PaymentRefused(Because),
     /// No payment answer came in time.
     PaymentTimedOut(Noted),
+    /// The order confirmed its stock.
+    OrderStockConfirmed(Noted),
     /// The order is paid.
     OrderPaid(Noted),
     /// The order completed.
@@ -188,6 +193,7 @@ impl es_core::DomainEvent for OrderSagaEvent {
             Self::PaymentTaken(_) => "PaymentTaken",
             Self::PaymentRefused(_) => "PaymentRefused",
             Self::PaymentTimedOut(_) => "PaymentTimedOut",
+            Self::OrderStockConfirmed(_) => "OrderStockConfirmed",
             Self::OrderPaid(_) => "OrderPaid",
             Self::Completed(_) => "Completed",
             Self::Cancelled(_) => "Cancelled",
@@ -224,6 +230,8 @@ pub struct OrderSaga {
     pub payment_refused: Option<String>,
     /// No payment answer in time.
     pub timed_out: bool,
+    /// The order confirmed its stock.
+    pub order_stock_confirmed: bool,
     /// The order is paid.
     pub order_paid: bool,
     /// The order completed.
@@ -301,7 +309,13 @@ impl OrderSaga {
         if self.stock_held && not(Step::ChargeCard) {
             due.push(Step::ChargeCard);
         }
-        if self.paid.is_some() && self.issued.contains(&Step::ChargeCard) && not(Step::ConfirmPayment) {
+        // The order takes its transitions in sequence: it is marked paid only
+        // once it has confirmed its stock, whatever order the answers arrive in.
+        if self.paid.is_some()
+            && self.issued.contains(&Step::ChargeCard)
+            && self.order_stock_confirmed
+            && not(Step::ConfirmPayment)
+        {
             due.push(Step::ConfirmPayment);
         }
         if self.order_paid && not(Step::Complete) {
@@ -350,6 +364,9 @@ impl OrderSaga {
                 OrderSagaEvent::PaymentRefused(Because {
                     reason: m.reason.clone(),
                 })
+            }
+            SagaInput::OrderInventoryConfirmed(_) if !self.order_stock_confirmed => {
+                OrderSagaEvent::OrderStockConfirmed(Noted {})
             }
             SagaInput::OrderPaymentConfirmed(_) if !self.order_paid => {
                 OrderSagaEvent::OrderPaid(Noted {})
@@ -504,6 +521,7 @@ impl Saga for OrderSaga {
             OrderSagaEvent::PaymentTaken(p) => self.paid = Some(p.clone()),
             OrderSagaEvent::PaymentRefused(b) => self.payment_refused = Some(b.reason.clone()),
             OrderSagaEvent::PaymentTimedOut(_) => self.timed_out = true,
+            OrderSagaEvent::OrderStockConfirmed(_) => self.order_stock_confirmed = true,
             OrderSagaEvent::OrderPaid(_) => self.order_paid = true,
             OrderSagaEvent::Completed(_) => self.completed = true,
             OrderSagaEvent::Cancelled(b) => self.cancelled = Some(b.reason.clone()),

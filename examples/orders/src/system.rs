@@ -230,7 +230,13 @@ impl System {
         };
         let mut saga_bindings = on(
             topics::ORDER,
-            &["OrderCreated", "OrderPaymentConfirmed", "OrderCompleted", "OrderCancelled"],
+            &[
+                "OrderCreated",
+                "OrderInventoryConfirmed",
+                "OrderPaymentConfirmed",
+                "OrderCompleted",
+                "OrderCancelled",
+            ],
         );
         saga_bindings.extend(on(topics::INVENTORY, &["InventoryReserved", "InventoryReservationFailed"]));
         saga_bindings.extend(on(topics::PAYMENT, &["PaymentSucceeded", "PaymentDeclined"]));
