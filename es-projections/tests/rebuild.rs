@@ -1,0 +1,242 @@
+//! Rebuilds against a real PostgreSQL, with the PostgreSQL event store as the
+//! log: a rebuild equals the incrementally built model, swaps atomically
+//! while a live runner keeps applying and readers keep reading.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use es_core::{EventStore, Position};
+use es_postgres::PostgresEventStore;
+use es_projections::postgres::{
+    load_checkpoint, rebuild, PgProjectionRunner, RebuildOptions, RebuildProgress, RebuildReport,
+};
+use es_projections::{Error, RunnerOptions};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn runner(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    model: &str,
+    store: &Arc<dyn EventStore>,
+    projection: &Arc<Ledger>,
+) -> PgProjectionRunner<Ledger> {
+    PgProjectionRunner::new(
+        pool.clone(),
+        schema,
+        model,
+        Arc::clone(store),
+        Arc::clone(projection),
+    )
+    .unwrap()
+    .with_options(
+        RunnerOptions::default()
+            .batch_size(50)
+            .backoff(Duration::from_millis(10), Duration::from_millis(100)),
+    )
+    .with_leader_check(Duration::from_millis(100))
+}
+
+/// What the balances must be, computed from the log itself.
+async fn expected_balances(store: &dyn EventStore) -> Vec<(String, i64, i64)> {
+    let mut totals = BTreeMap::<String, (i64, i64)>::new();
+    let mut after = Position::START;
+    loop {
+        let page = store.read_all(after, 1_000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        for e in page.iter().filter(|e| &*e.event_type == "Deposited") {
+            let amount = e.payload.to_value().unwrap()["amount"].as_i64().unwrap();
+            let t = totals.entry(e.stream_id.to_string()).or_default();
+            t.0 += amount;
+            t.1 += 1;
+        }
+    }
+    totals.into_iter().map(|(k, (t, n))| (k, t, n)).collect()
+}
+
+#[derive(Default)]
+struct Recorded {
+    total: AtomicU64,
+    last: AtomicU64,
+    finished: Mutex<Option<RebuildReport>>,
+}
+
+impl RebuildProgress for Recorded {
+    fn start(&self, total: u64) {
+        self.total.store(total, Ordering::SeqCst);
+    }
+    fn progress(&self, done: u64, _total: u64) {
+        assert!(
+            done >= self.last.load(Ordering::SeqCst),
+            "progress went back"
+        );
+        self.last.store(done, Ordering::SeqCst);
+    }
+    fn finish(&self, report: &RebuildReport) {
+        *self.finished.lock().unwrap() = Some(report.clone());
+    }
+}
+
+async fn seed_pg(store: &dyn EventStore, rounds: u64, offset: u64) -> Position {
+    let mut last = Position::START;
+    for i in 0..rounds {
+        let events = (0..10)
+            .map(|j| deposit((offset + i * 10 + j) as i64 % 97 + 1))
+            .collect();
+        last = append(store, &format!("acct-{}", i % 9), events).await;
+        if i % 7 == 0 {
+            append(store, "noise-1", vec![noise()]).await;
+        }
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_equals_the_incremental_model_and_swaps_under_live_writes_and_reads() {
+    let (pool, schema, model) = fresh().await;
+    let store: Arc<dyn EventStore> =
+        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+    let ledger = Ledger::new("ledger");
+    let first = seed_pg(&*store, 150, 0).await;
+    let live = runner(&pool, &schema, &model, &store, &ledger).spawn();
+    live.wait_for(first, WAIT).await.unwrap();
+    let incremental = balances(&pool, &model).await;
+    assert_eq!(incremental, expected_balances(&*store).await);
+
+    // Readers of the live model, and writers to the log, during the rebuild.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (pool, model, stop) = (pool.clone(), model.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let q = format!("SELECT count(*) FROM \"{model}\".balances");
+                match sqlx::query_scalar::<_, i64>(&q).fetch_one(&pool).await {
+                    Ok(n) if n > 0 => ok += 1,
+                    Ok(n) => failed.push(format!("empty model: {n}")),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let writer = {
+        let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut last = Position::START;
+            let mut round = 0;
+            while !stop.load(Ordering::SeqCst) && round < 200 {
+                last = seed_pg(&*store, 1, 10_000 + round).await;
+                round += 1;
+            }
+            last
+        })
+    };
+    let progress = Recorded::default();
+    let report = rebuild(
+        &runner(&pool, &schema, &model, &store, &ledger),
+        &RebuildOptions {
+            batch_size: 64,
+            ..RebuildOptions::default()
+        },
+        &progress,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let last_written = writer.await.unwrap();
+    let (reads, failures) = reader.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "reads failed during the rebuild: {failures:?}"
+    );
+    assert!(reads > 0);
+
+    assert!(report.events >= 150 * 10);
+    assert_eq!(progress.total.load(Ordering::SeqCst) >= 1_500, true);
+    assert_eq!(progress.last.load(Ordering::SeqCst), report.events);
+    assert_eq!(progress.finished.lock().unwrap().as_ref(), Some(&report));
+
+    // The live runner goes on into the swapped-in model.
+    let head = store.head().await.unwrap();
+    assert!(head >= last_written);
+    live.wait_for(head, WAIT).await.unwrap();
+    assert_eq!(
+        balances(&pool, &model).await,
+        expected_balances(&*store).await
+    );
+    let (rows, distinct) = ledger_counts(&pool, &model).await;
+    assert_eq!(rows, distinct);
+    let deposits: i64 = expected_balances(&*store).await.iter().map(|b| b.2).sum();
+    assert_eq!(rows, deposits);
+    assert_eq!(
+        load_checkpoint(&pool, &schema, "ledger").await.unwrap(),
+        Some(head)
+    );
+    // The old model is gone; the shadow name is free again.
+    let leftovers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname IN ($1, $2)")
+            .bind(format!("{model}__old"))
+            .bind(format!("{model}__rebuild"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(leftovers, 0);
+    live.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_rebuild_creates_the_model_and_a_second_concurrent_one_is_refused() {
+    let (pool, schema, model) = fresh().await;
+    let store: Arc<dyn EventStore> =
+        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+    let ledger = Ledger::new("ledger");
+    let head = seed_pg(&*store, 30, 0).await;
+    // Hold the rebuild lock as another process would.
+    let held = es_postgres::LeaderLock::try_acquire(
+        &pool,
+        &format!("es-projections rebuild {schema}.ledger"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let r = runner(&pool, &schema, &model, &store, &ledger);
+    let refused = rebuild(
+        &r,
+        &RebuildOptions::default(),
+        &es_projections::postgres::NoProgress,
+    )
+    .await;
+    assert!(matches!(refused, Err(Error::Config { .. })), "{refused:?}");
+    held.release().await.unwrap();
+    let report = rebuild(
+        &r,
+        &RebuildOptions::default(),
+        &es_projections::postgres::NoProgress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.position, head);
+    assert_eq!(
+        balances(&pool, &model).await,
+        expected_balances(&*store).await
+    );
+    assert_eq!(
+        load_checkpoint(&pool, &schema, "ledger").await.unwrap(),
+        Some(head)
+    );
+    // A runner started now has nothing left to do.
+    let live = r.spawn();
+    live.wait_for(head, WAIT).await.unwrap();
+    assert_eq!(ledger_counts(&pool, &model).await, (300, 300));
+    live.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
