@@ -8,6 +8,8 @@ mod memory;
 mod options;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+mod redis_sink;
 pub mod telemetry;
 
 pub use dead_letter::DeadLetter;
@@ -15,4 +17,6 @@ pub use error::{Error, Result};
 pub use handle::{ProjectionHandle, RunState};
 pub use memory::{spawn_in_memory, spawn_in_memory_with};
 pub use options::{OnError, RunnerOptions};
+#[cfg(feature = "redis")]
+pub use redis_sink::{RedisSink, Versioned};
 pub use telemetry::Lag;
