@@ -143,7 +143,8 @@ impl RabbitRelay {
     }
 
     /// Waits for the lock, relays while holding it, and waits again when it is
-    /// lost; returns when `stop` turns true (or the store's log ends).
+    /// lost; returns when `stop` turns true (or the store's log ends). The
+    /// future is `Send`: spawn it.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
         let mut delay = Duration::from_millis(100);
         loop {
@@ -184,7 +185,7 @@ impl RabbitRelay {
             tokio::pin!(running);
             let outcome = tokio::select! {
                 result = &mut running => Some(result),
-                _ = stop.wait_for(|s| *s) => {
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
                     halt.send_replace(true);
                     Some((&mut running).await)
                 }
@@ -201,5 +202,108 @@ impl RabbitRelay {
                 return result;
             }
         }
+    }
+}
+
+/// The relay on PostgreSQL (feature `postgres`): es-postgres's advisory lock
+/// as the [`LeaderLock`], and its checkpoint store.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use es_core::StoreError;
+    use es_postgres::sqlx::PgPool;
+    use es_postgres::{LeaderGuard, PostgresCheckpointStore, PostgresEventStore};
+
+    use super::{LeaderLock, Leadership, RabbitRelay};
+    use crate::RabbitBus;
+
+    /// es-postgres's session advisory lock (on a dedicated connection, so a
+    /// dead leader's lock frees itself) as a relay's [`LeaderLock`].
+    #[derive(Clone, Debug)]
+    pub struct PgLeaderLock {
+        pool: PgPool,
+        retry: Duration,
+        check: Duration,
+        check_timeout: Duration,
+    }
+
+    impl PgLeaderLock {
+        /// A lock on `pool`'s database; a standby retries every 500 ms and the
+        /// holder checks its connection every second (5 s timeout).
+        pub fn new(pool: PgPool) -> Self {
+            Self {
+                pool,
+                retry: Duration::from_millis(500),
+                check: Duration::from_secs(1),
+                check_timeout: Duration::from_secs(5),
+            }
+        }
+
+        /// Sets how often a standby retries and how often (with what
+        /// timeout) the holder checks its connection.
+        #[must_use]
+        pub fn with_intervals(
+            mut self,
+            retry: Duration,
+            check: Duration,
+            timeout: Duration,
+        ) -> Self {
+            self.retry = retry;
+            self.check = check;
+            self.check_timeout = timeout;
+            self
+        }
+    }
+
+    #[async_trait]
+    impl LeaderLock for PgLeaderLock {
+        async fn acquire(&self, name: &str) -> Result<Box<dyn Leadership>, StoreError> {
+            let guard = es_postgres::LeaderLock::new(format!("es-rabbit-relay:{name}"))
+                .retry_interval(self.retry)
+                .check_interval(self.check, self.check_timeout)
+                .wait(&self.pool)
+                .await?;
+            Ok(Box::new(PgLeadership(guard)))
+        }
+    }
+
+    struct PgLeadership(LeaderGuard);
+
+    #[async_trait]
+    impl Leadership for PgLeadership {
+        async fn lost(&mut self) {
+            self.0.lost().await;
+        }
+    }
+
+    impl RabbitRelay {
+        /// A relay of `store`'s log, with its checkpoint in the store's
+        /// schema and a PostgreSQL advisory lock for single-active failover.
+        pub fn postgres(
+            name: impl Into<String>,
+            store: &PostgresEventStore,
+            bus: &RabbitBus,
+        ) -> Self {
+            let pool = store.pool().clone();
+            let checkpoints = PostgresCheckpointStore::new(pool.clone(), store.schema());
+            Self::new(
+                name,
+                Arc::new(store.clone()),
+                bus,
+                Arc::new(checkpoints),
+                Arc::new(PgLeaderLock::new(pool)),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn _run_is_send(relay: &super::RabbitRelay, stop: tokio::sync::watch::Receiver<bool>) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&relay.run(stop));
     }
 }

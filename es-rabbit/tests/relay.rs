@@ -1,0 +1,197 @@
+//! The relay: the store's log reaches RabbitMQ in order, from a PostgreSQL
+//! checkpoint, with one active instance and a standby that takes over.
+
+// Helpers outside #[test] fns unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{bus, cleanup, config, eventually, Counter};
+use es_core::{
+    CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, InMemoryCheckpointStore,
+    InMemoryEventStore, Metadata, NewEvent, Outcome, Payload, Position, StreamId, Subscription,
+};
+use es_postgres::PostgresCheckpointStore;
+use es_rabbit::{LocalLeaderLock, RabbitRelay};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn append(store: &dyn EventStore, count: usize, offset: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for n in offset..offset + count {
+        let event = NewEvent::new(
+            "OrderPlaced",
+            1,
+            Payload::from_json(format!(r#"{{"n":{n}}}"#)).unwrap(),
+            Metadata::new().with_correlation_id(Uuid::now_v7()),
+        );
+        ids.push(event.event_id);
+        let stream = StreamId::for_aggregate("order", n % 17).unwrap();
+        store
+            .append(&stream, ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
+    }
+    ids
+}
+
+#[tokio::test]
+async fn the_relay_publishes_the_log_in_order_and_checkpoints_in_postgres() {
+    let store = es_postgres::testing::fresh_store().await;
+    let bus = bus(config("relay")).await;
+    // Ordered consumption: one consumer, one message at a time.
+    let seen: Arc<Mutex<Vec<Uuid>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"]).with_prefetch(1),
+            Arc::new(move |d: Delivery| {
+                let sink = Arc::clone(&sink);
+                async move {
+                    sink.lock().unwrap().push(d.message.message_id);
+                    Outcome::Ack
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let ids = append(&store, 300, 0).await;
+    let relay = Arc::new(RabbitRelay::postgres("orders-relay", &store, &bus).with_batch_size(64));
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn({
+        let relay = Arc::clone(&relay);
+        async move { relay.run(stopped).await }
+    });
+    eventually("300 relayed", LIMIT, || seen.lock().unwrap().len() >= 300).await;
+    let more = append(&store, 100, 300).await;
+    eventually("400 relayed", LIMIT, || seen.lock().unwrap().len() >= 400).await;
+    stop.send_replace(true);
+    running.await.unwrap().unwrap();
+    handle.stop().await;
+
+    let mut expected = ids;
+    expected.extend(more);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        expected,
+        "every event once, in log order"
+    );
+    let checkpoints = PostgresCheckpointStore::new(store.pool().clone(), store.schema());
+    assert_eq!(
+        checkpoints.load("orders-relay").await.unwrap(),
+        Some(store.head().await.unwrap())
+    );
+    cleanup(&bus).await;
+}
+
+#[tokio::test]
+async fn a_standby_relay_takes_over_when_the_active_one_dies() {
+    let store = es_postgres::testing::fresh_store().await;
+    let bus = bus(config("failover")).await;
+    let counter = Counter::default();
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"]).with_prefetch(32),
+            Arc::new(counter.clone()),
+        )
+        .await
+        .unwrap();
+    let lock = Arc::new(
+        es_rabbit::PgLeaderLock::new(store.pool().clone()).with_intervals(
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+            Duration::from_secs(2),
+        ),
+    );
+    let checkpoints = Arc::new(PostgresCheckpointStore::new(
+        store.pool().clone(),
+        store.schema(),
+    ));
+    let make = || {
+        Arc::new(RabbitRelay::new(
+            "orders-relay",
+            Arc::new(store.clone()),
+            &bus,
+            Arc::clone(&checkpoints) as Arc<dyn CheckpointStore>,
+            Arc::clone(&lock) as Arc<dyn es_rabbit::LeaderLock>,
+        ))
+    };
+    let (first, second) = (make(), make());
+    let (stop, stopped) = watch::channel(false);
+    let mut first_active = first.active();
+    let mut second_active = second.active();
+    let first_task = tokio::spawn({
+        let (relay, stopped) = (Arc::clone(&first), stopped.clone());
+        async move { relay.run(stopped).await }
+    });
+    first_active.wait_for(|a| *a).await.unwrap();
+    let second_task = tokio::spawn({
+        let (relay, stopped) = (Arc::clone(&second), stopped.clone());
+        async move { relay.run(stopped).await }
+    });
+
+    let mut ids = append(&store, 200, 0).await;
+    eventually("200 relayed", LIMIT, || counter.applied_count() == 200).await;
+    assert!(!*second_active.borrow(), "one active relay at a time");
+
+    // The active relay dies (its task and lock connection go away).
+    first_task.abort();
+    let _ = first_task.await;
+    tokio::time::timeout(LIMIT, second_active.wait_for(|a| *a))
+        .await
+        .expect("the standby takes over")
+        .unwrap();
+    ids.extend(append(&store, 200, 200).await);
+    eventually("400 relayed", LIMIT, || counter.applied_count() == 400).await;
+    stop.send_replace(true);
+    second_task.await.unwrap().unwrap();
+    handle.stop().await;
+
+    let applied: std::collections::HashSet<Uuid> =
+        counter.applied.lock().unwrap().keys().copied().collect();
+    assert_eq!(applied, ids.into_iter().collect());
+    assert_eq!(counter.applied_twice(), 0);
+    cleanup(&bus).await;
+}
+
+#[tokio::test]
+async fn the_relay_runs_on_the_in_memory_store_with_a_local_lock() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let bus = bus(config("memrelay")).await;
+    bus.declare(&Subscription::new("g", ["order.*"]))
+        .await
+        .unwrap();
+    append(store.as_ref(), 50, 0).await;
+    let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+    let relay = RabbitRelay::new(
+        "mem",
+        store.clone(),
+        &bus,
+        checkpoints.clone(),
+        Arc::new(LocalLeaderLock::new()),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let relay = Arc::new(relay);
+    let running = tokio::spawn({
+        let relay = Arc::clone(&relay);
+        async move { relay.run(stopped).await }
+    });
+    let head = store.head().await.unwrap();
+    for _ in 0..3000 {
+        if checkpoints.load("mem").await.unwrap() == Some(head) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send_replace(true);
+    running.await.unwrap().unwrap();
+    assert_ne!(head, Position::START);
+    assert_eq!(checkpoints.load("mem").await.unwrap(), Some(head));
+    assert_eq!(bus.queue_depth("g").await.unwrap(), 50);
+    cleanup(&bus).await;
+}
