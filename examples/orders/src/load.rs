@@ -227,6 +227,7 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(Error::internal)?,
     ));
     let started = Instant::now();
+    let sampler = embedded.as_ref().map(|system| tokio::spawn(sample(Arc::clone(system))));
     let mut workers = Vec::new();
     for worker in 0..options.concurrency.max(1) {
         let (driver, next, counts, histogram, bar, products) = (
@@ -288,6 +289,9 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
     bar.finish_and_clear();
     let h = histogram.lock().unwrap_or_else(PoisonError::into_inner).clone();
     drop(driver);
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
     if let Some(system) = embedded {
         if let Ok(system) = Arc::try_unwrap(system) {
             system.shutdown().await;
@@ -308,4 +312,25 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
             h.max(),
         ],
     })
+}
+
+/// Logs, every second, where work is waiting: bus queues and the read
+/// model's lag (at debug level; `RUST_LOG=orders::load=debug`).
+async fn sample(system: Arc<System>) {
+    let store = Arc::clone(system.store());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let depths: Vec<String> = crate::system::groups::ALL
+            .iter()
+            .map(|g| format!("{g}={}", system.memory_bus().map_or(0, |b| b.queue_depth(g))))
+            .collect();
+        let head = store.head().await.map(|p| p.major()).unwrap_or_default();
+        let projected = system.query.projection().position().major();
+        tracing::debug!(
+            head,
+            projection_behind = head.saturating_sub(projected),
+            queues = %depths.join(" "),
+            "load sample"
+        );
+    }
 }
