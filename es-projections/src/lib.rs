@@ -1,7 +1,12 @@
 #![doc = include_str!("../README.md")]
 
+#[cfg(all(feature = "cli", feature = "postgres"))]
+pub mod cli;
 mod core;
 mod dead_letter;
+#[cfg(feature = "postgres")]
+#[doc(hidden)]
+pub mod doc_support;
 mod error;
 mod handle;
 mod memory;

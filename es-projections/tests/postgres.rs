@@ -1,6 +1,8 @@
 //! The PostgreSQL runner against a real PostgreSQL (DATABASE_URL, default
 //! postgres://postgres@127.0.0.1:5432/postgres).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
+
 mod common;
 
 use std::sync::atomic::Ordering;

@@ -2,6 +2,8 @@
 //! chunks with random batch sizes, restarts and dead letters, a rebuild from
 //! position 0 gives exactly the model the incremental runs built.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
+
 mod common;
 
 use std::sync::Arc;

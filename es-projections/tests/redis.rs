@@ -1,6 +1,8 @@
 //! The Redis sink against a real Redis (REDIS_URL, default
 //! redis://127.0.0.1:6379).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
+
 use std::sync::Arc;
 use std::time::Duration;
 

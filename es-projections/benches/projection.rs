@@ -1,0 +1,139 @@
+//! Projection throughput into a PostgreSQL table (events/s) and the time to
+//! rebuild a read model from 1,000,000 events, against the PostgreSQL event
+//! store. A bench binary (CI does not run it):
+//!
+//! ```text
+//! cargo bench -p es-projections --bench projection
+//! ```
+//!
+//! `DATABASE_URL` names the database; `BENCH_REBUILD_EVENTS` (default
+//! 1000000) and `BENCH_THROUGHPUT_EVENTS` (default 200000) the sizes. The
+//! events are seeded with one bulk `INSERT ... SELECT generate_series` per
+//! 100,000 rows; the benchmark's schemas are dropped at the end.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use es_core::EventStore;
+use es_postgres::PostgresEventStore;
+use es_projections::doc_support::{bulk_seed, Balances};
+use es_projections::postgres::{
+    self, PgProjectionRunner, RebuildOptions, RebuildProgress, RebuildReport,
+};
+use es_projections::RunnerOptions;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Default)]
+struct Every10Percent(std::sync::atomic::AtomicU64);
+
+impl RebuildProgress for Every10Percent {
+    fn start(&self, total: u64) {
+        eprintln!("rebuild: replaying {total} events");
+    }
+    fn progress(&self, done: u64, total: u64) {
+        let decile = done * 10 / total.max(1);
+        if decile > self.0.swap(decile, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("rebuild: {done}/{total}");
+        }
+    }
+    fn finish(&self, report: &RebuildReport) {
+        eprintln!("rebuild: done in {:.1?}", report.elapsed);
+    }
+}
+
+async fn drop_schemas(pool: &sqlx::PgPool, names: &[String]) {
+    for name in names {
+        for suffix in ["", "__rebuild", "__old"] {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}{suffix}\" CASCADE"))
+                .execute(pool)
+                .await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let rebuild_events = env_u64("BENCH_REBUILD_EVENTS", 1_000_000);
+    let throughput_events = env_u64("BENCH_THROUGHPUT_EVENTS", 200_000);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await?;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let schema = format!("bench_es_{}", &id[..8]);
+    let mut schemas = vec![schema.clone()];
+    postgres::migrate(&pool, &schema).await?;
+    let store: Arc<dyn EventStore> =
+        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+    let projection = Arc::new(Balances::default());
+
+    println!(
+        "## es-projections bench ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let started = Instant::now();
+    let total = bulk_seed(&pool, &schema, throughput_events, 1_000).await?;
+    println!("seeded {total} events in {:.2?}", started.elapsed());
+    let head = store.head().await?;
+
+    for batch in [100usize, 1_000, 5_000] {
+        let model = format!("bench_m_{}_{batch}", &id[..8]);
+        schemas.push(model.clone());
+        let name = format!("balances_{batch}");
+        let runner = PgProjectionRunner::new(
+            pool.clone(),
+            &schema,
+            &model,
+            Arc::clone(&store),
+            Arc::new(Balances { name }),
+        )?
+        .with_options(RunnerOptions::default().batch_size(batch));
+        let started = Instant::now();
+        let handle = runner.spawn();
+        handle.wait_for(head, Duration::from_secs(3_600)).await?;
+        let elapsed = started.elapsed();
+        handle.stop().await?;
+        println!(
+            "throughput, batch {batch:>5}: {total} events in {elapsed:.2?} = {:.0} events/s",
+            total as f64 / elapsed.as_secs_f64()
+        );
+    }
+
+    let more = rebuild_events.saturating_sub(total);
+    let started = Instant::now();
+    let total = bulk_seed(&pool, &schema, more, 1_000).await?;
+    println!("seeded up to {total} events in {:.2?}", started.elapsed());
+    let model = format!("bench_m_{}_rebuild", &id[..8]);
+    schemas.push(model.clone());
+    let runner = PgProjectionRunner::new(
+        pool.clone(),
+        &schema,
+        &model,
+        Arc::clone(&store),
+        projection,
+    )?;
+    for batch in [2_000usize] {
+        let options = RebuildOptions {
+            batch_size: batch,
+            total_events: Some(total),
+            ..RebuildOptions::default()
+        };
+        let report = postgres::rebuild(&runner, &options, &Every10Percent::default()).await?;
+        println!(
+            "rebuild, batch {batch}: {} events in {:.2?} = {:.0} events/s",
+            report.events,
+            report.elapsed,
+            report.events as f64 / report.elapsed.as_secs_f64()
+        );
+    }
+    drop_schemas(&pool, &schemas).await;
+    Ok(())
+}
