@@ -102,9 +102,13 @@ $fn$;
 -- (an idempotent replay, or an empty batch), 2 wrong expected version
 -- (out_version is the actual version), 10..13 idempotency conflicts (see
 -- replayed). A payload that is not JSON raises invalid_text_representation.
+-- p_guarded: handle a race with a concurrent append inside (a subtransaction,
+-- for callers inside their own transaction); otherwise the race raises
+-- unique_violation and the caller calls again.
 CREATE OR REPLACE FUNCTION {schema}.append_events(
     p_tenant text, p_stream text, p_expected bigint,
-    p_ids uuid[], p_types text[], p_versions integer[], p_payloads text[], p_metadata text[])
+    p_ids uuid[], p_types text[], p_versions integer[], p_payloads text[], p_metadata text[],
+    p_guarded boolean)
 RETURNS TABLE (outcome integer, out_version bigint, out_tx bigint, out_position bigint, out_event uuid)
 LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -136,6 +140,23 @@ BEGIN
             RETURN;
         END IF;
         v_tx := pg_current_xact_id()::text::bigint;
+        IF NOT p_guarded THEN
+            -- The fast path, without a subtransaction: a race with a
+            -- concurrent append raises unique_violation and the caller (not in
+            -- a transaction of its own) calls again.
+            WITH inserted AS (
+                INSERT INTO {schema}.events (transaction_id, tenant, stream_id, stream_version,
+                                            event_id, event_type, schema_version, payload, metadata)
+                SELECT v_tx, p_tenant, p_stream, v_actual + u.i, u.id, u.ty, u.sv, u.pl::jsonb, u.md::jsonb
+                  FROM unnest(p_ids, p_types, p_versions, p_payloads, p_metadata)
+                       WITH ORDINALITY AS u(id, ty, sv, pl, md, i)
+                 ORDER BY u.i
+                RETURNING global_position
+            )
+            SELECT max(global_position) INTO v_last FROM inserted;
+            RETURN QUERY SELECT 0, v_actual + v_n, v_tx, v_last, NULL::uuid;
+            RETURN;
+        END IF;
         BEGIN
             WITH inserted AS (
                 INSERT INTO {schema}.events (transaction_id, tenant, stream_id, stream_version,

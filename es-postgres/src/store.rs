@@ -22,6 +22,9 @@ use uuid::Uuid;
 use crate::error::{store_error, PgError, Result};
 use crate::schema::{quoted, validate_schema};
 
+/// The shortest time between two `NOTIFY`s of one store under load.
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(2);
+
 /// The default largest batch one append takes.
 pub const DEFAULT_MAX_BATCH: usize = 10_000;
 
@@ -71,6 +74,7 @@ struct Settings {
 
 #[derive(Debug)]
 struct Sql {
+    append_fast: String,
     append: String,
     read_stream: String,
     read_all: String,
@@ -92,7 +96,25 @@ impl Sql {
     fn new(schema: &str) -> Self {
         let s = quoted(schema);
         Self {
-            append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8)"),
+            append_fast: format!(
+                "WITH cur AS (SELECT coalesce((SELECT stream_version FROM {s}.events \
+                                WHERE tenant = $1 AND stream_id = $2 \
+                                ORDER BY stream_version DESC LIMIT 1), 0) AS v), \
+                 ok AS (SELECT v FROM cur WHERE $3 = -1 OR ($3 = -2 AND v = 0) OR ($3 = -3 AND v > 0) OR $3 = v), \
+                 ins AS (INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                                event_id, event_type, schema_version, payload, metadata) \
+                         SELECT pg_current_xact_id()::text::bigint, $1, $2, ok.v + u.i, u.id, u.ty, u.sv, \
+                                u.pl::jsonb, u.md::jsonb \
+                           FROM ok, unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
+                                WITH ORDINALITY AS u(id, ty, sv, pl, md, i) \
+                          ORDER BY u.i \
+                         RETURNING transaction_id, global_position, stream_version) \
+                 SELECT (SELECT max(stream_version) FROM ins), (SELECT max(transaction_id) FROM ins), \
+                        (SELECT max(global_position) FROM ins), (SELECT v FROM cur), \
+                        CASE WHEN NOT EXISTS (SELECT 1 FROM ok) \
+                             THEN EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY ($4::uuid[])) END"
+            ),
+            append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             read_stream: format!(
                 "SELECT {COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
                  AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
@@ -287,6 +309,76 @@ fn refused_payload(events: &[NewEvent]) -> Uuid {
         .map_or_else(Uuid::nil, |e| e.event_id)
 }
 
+/// A batch encoded as the arrays the append statements take.
+struct Batch<'a> {
+    events: &'a [NewEvent],
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    versions: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<String>,
+}
+
+impl<'a> Batch<'a> {
+    fn encode(events: &'a [NewEvent], max_batch: usize) -> Result<Self, StoreError> {
+        validate(events, max_batch)?;
+        let n = events.len();
+        let mut batch = Batch {
+            events,
+            ids: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+        };
+        for event in events {
+            batch.ids.push(event.event_id);
+            batch.types.push(&*event.event_type);
+            batch
+                .versions
+                .push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
+            batch.payloads.push(event.payload.as_str());
+            batch.metadata.push(if event.metadata.is_empty() {
+                "{}".to_owned()
+            } else {
+                serde_json::to_string(&event.metadata).map_err(|e| StoreError::InvalidEvent {
+                    event_id: event.event_id,
+                    reason: format!("metadata cannot be serialized: {e}"),
+                })?
+            });
+        }
+        Ok(batch)
+    }
+
+    fn map_error(&self, error: sqlx::Error, guarded: bool) -> StoreError {
+        if !guarded && is_unique_violation(&error) {
+            StoreError::Backend {
+                source: Box::new(RaceLost),
+            }
+        } else if is_invalid_json(&error) {
+            StoreError::InvalidPayload {
+                event_id: refused_payload(self.events),
+            }
+        } else {
+            store_error(error)
+        }
+    }
+}
+
+/// A concurrent append won a race on a stream version or an event id; the
+/// append is decided again.
+#[derive(Debug, thiserror::Error)]
+#[error("a concurrent append won the race; retrying")]
+struct RaceLost;
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "23505"))
+}
+
+fn is_race_lost(error: &StoreError) -> bool {
+    matches!(error, StoreError::Backend { source } if source.is::<RaceLost>())
+}
+
 fn is_invalid_json(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db
@@ -409,7 +501,7 @@ impl PostgresEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         let result = self
-            .append_on(&mut *conn, stream, expected, &events)
+            .append_on(&mut *conn, stream, expected, &events, true)
             .await?;
         if result.written && self.shared.settings.notify {
             sqlx::query("SELECT pg_notify($1, '')")
@@ -427,52 +519,82 @@ impl PostgresEventStore {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: &[NewEvent],
+        guarded: bool,
     ) -> Result<AppendResult, StoreError>
     where
         E: sqlx::PgExecutor<'c>,
     {
-        validate(events, self.shared.settings.max_batch)?;
-        let n = events.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut types = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut metadata = Vec::with_capacity(n);
-        for event in events {
-            ids.push(event.event_id);
-            types.push(&*event.event_type);
-            versions.push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
-            payloads.push(event.payload.as_str());
-            metadata.push(if event.metadata.is_empty() {
-                "{}".to_owned()
-            } else {
-                serde_json::to_string(&event.metadata).map_err(|e| StoreError::InvalidEvent {
-                    event_id: event.event_id,
-                    reason: format!("metadata cannot be serialized: {e}"),
-                })?
-            });
+        let batch = Batch::encode(events, self.shared.settings.max_batch)?;
+        self.call_append(executor, stream, expected, &batch, guarded)
+            .await
+    }
+
+    /// The common case in one plain statement: read the version, check the
+    /// expectation and insert the batch, or report the conflict. `None` when
+    /// the expectation failed and ids of the batch are already stored (the
+    /// append function then decides the replay).
+    async fn append_fast(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        batch: &Batch<'_>,
+    ) -> Result<Option<AppendResult>, StoreError> {
+        let row: (Option<i64>, Option<i64>, Option<i64>, i64, Option<bool>) =
+            sqlx::query_as(&self.shared.sql.append_fast)
+                .bind("")
+                .bind(stream.as_str())
+                .bind(expected_code(expected))
+                .bind(&batch.ids)
+                .bind(&batch.types)
+                .bind(&batch.versions)
+                .bind(&batch.payloads)
+                .bind(&batch.metadata)
+                .fetch_one(&self.shared.pool)
+                .await
+                .map_err(|e| batch.map_error(e, false))?;
+        match row {
+            (Some(version), Some(tx), Some(position), _, _) => Ok(Some(AppendResult {
+                stream_version: to_u64(version),
+                position: position_of(tx, position),
+                written: true,
+            })),
+            // The expectation failed and no event of the batch is stored: a
+            // plain conflict, decided in this one round trip.
+            (_, _, _, actual, Some(false)) => Err(StoreError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual: to_u64(actual),
+            }),
+            // Some ids are stored: the append function decides the replay.
+            _ => Ok(None),
         }
+    }
+
+    async fn call_append<'c, E>(
+        &self,
+        executor: E,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        batch: &Batch<'_>,
+        guarded: bool,
+    ) -> Result<AppendResult, StoreError>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
         let row: (i32, Option<i64>, Option<i64>, Option<i64>, Option<Uuid>) =
             sqlx::query_as(&self.shared.sql.append)
                 .bind("")
                 .bind(stream.as_str())
                 .bind(expected_code(expected))
-                .bind(&ids)
-                .bind(&types)
-                .bind(&versions)
-                .bind(&payloads)
-                .bind(&metadata)
+                .bind(&batch.ids)
+                .bind(&batch.types)
+                .bind(&batch.versions)
+                .bind(&batch.payloads)
+                .bind(&batch.metadata)
+                .bind(guarded)
                 .fetch_one(executor)
                 .await
-                .map_err(|e| {
-                    if is_invalid_json(&e) {
-                        StoreError::InvalidPayload {
-                            event_id: refused_payload(events),
-                        }
-                    } else {
-                        store_error(e)
-                    }
-                })?;
+                .map_err(|e| batch.map_error(e, guarded))?;
         let (outcome, version, tx, position, event) = row;
         let conflict = |reason| StoreError::IdempotencyConflict {
             stream: stream.clone(),
@@ -692,6 +814,9 @@ async fn notifier(shared: Weak<Shared>, signal: Arc<Notify>, pool: PgPool, chann
         {
             tracing::debug!(%error, channel, "NOTIFY failed; subscribers elsewhere fall back to polling");
         }
+        // At most one NOTIFY per interval under load: appends meanwhile are
+        // announced by the next one.
+        tokio::time::sleep(NOTIFY_INTERVAL).await;
     }
 }
 
@@ -778,10 +903,32 @@ impl EventStore for PostgresEventStore {
             correlation_id = first.and_then(|m| m.correlation_id).map(tracing::field::display),
             causation_id = first.and_then(|m| m.causation_id).map(tracing::field::display),
         );
-        let result = self
-            .append_on(&self.shared.pool, stream, expected, &events)
-            .instrument(span)
-            .await?;
+        let result = async {
+            let batch = Batch::encode(&events, self.shared.settings.max_batch)?;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                // After a few lost races, let the function settle them inside.
+                let guarded = attempt > 3;
+                if !events.is_empty() && !guarded {
+                    match self.append_fast(stream, expected, &batch).await {
+                        Ok(Some(result)) => return Ok(result),
+                        Ok(None) => {}
+                        Err(e) if is_race_lost(&e) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                match self
+                    .call_append(&self.shared.pool, stream, expected, &batch, guarded)
+                    .await
+                {
+                    Err(e) if is_race_lost(&e) => continue,
+                    other => return other,
+                }
+            }
+        }
+        .instrument(span)
+        .await?;
         if result.written {
             self.announce();
         }
