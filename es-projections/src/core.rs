@@ -142,8 +142,8 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                 let started = Instant::now();
                 let stats = self.batch(position, &events).await?;
                 position = events[events.len() - 1].position;
-                self.shared.set_position(position);
                 *failures = 0;
+                // Metrics first: whoever waits for the position sees them.
                 self.record_batch(&stats, started);
                 if last_lag.is_none_or(|t| t.elapsed() >= self.options.lag_interval) {
                     *last_lag = Some(Instant::now());
@@ -151,6 +151,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                         telemetry::record_lag(self.name(), &lag);
                     }
                 }
+                self.shared.set_position(position);
             }
             if let Some(error) = failed {
                 return Err(Error::store(self.name(), error));

@@ -71,7 +71,16 @@ async fn check(steps: Vec<Step>) -> Result<(), TestCaseError> {
         )
         .with_leader_check(Duration::from_millis(50))
     };
+    // At least one event, so the last run has created the model's tables
+    // by the time it has handled the head.
     let mut steps = steps;
+    steps.insert(
+        0,
+        Step::Deposit {
+            account: 0,
+            amount: 1,
+        },
+    );
     steps.push(Step::Run { batch: 7 });
     for step in steps {
         match step {
