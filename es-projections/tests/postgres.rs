@@ -369,3 +369,76 @@ async fn waiting_for_a_position_works_from_another_process() {
     handle.stop().await.unwrap();
     cleanup(&pool, &[&schema, &model]).await;
 }
+
+/// The leader's lock connection is killed (as a network failure would): the
+/// leader notices, stops acting as leader, and a standby (or the old leader,
+/// once it wins the lock again) finishes the work, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lock_connection_dies_steps_down_and_the_work_goes_on_once() {
+    let (pool, schema, model) = fresh().await;
+    let store = InMemoryEventStore::new();
+    let first = seed(&store, 100, 5).await;
+    let ledger = Ledger::new("ledger");
+    let options = RunnerOptions::default().batch_size(10);
+    let a = runner(&pool, &schema, &model, &store, &ledger, options.clone()).spawn();
+    a.wait_for(first, WAIT).await.unwrap();
+    let b = runner(&pool, &schema, &model, &store, &ledger, options).spawn();
+    // Kill the session holding the leader lock.
+    let lock_name = format!("es-leader:es-projections:{schema}.ledger");
+    let holders = || {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT l.pid FROM pg_locks l \
+             CROSS JOIN (SELECT hashtextextended($1, 0) AS k) key \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.classid = ((key.k >> 32) & 4294967295)::oid \
+               AND l.objid = (key.k & 4294967295)::oid",
+        )
+        .bind(&lock_name)
+        .fetch_all(&pool)
+    };
+    let old = holders().await.unwrap();
+    assert_eq!(old.len(), 1, "exactly one session holds the lock");
+    let (killed,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
+        .bind(old[0])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    // Someone takes the lock again, on a new session.
+    let retaken = tokio::time::timeout(WAIT, async {
+        loop {
+            let now = holders().await.unwrap();
+            if now.len() == 1 && now[0] != old[0] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(retaken.is_ok(), "the lock was not taken again");
+    let second = seed(&store, 100, 5).await;
+    // Whoever leads now catches up; the other stays a standby.
+    let reached = tokio::time::timeout(WAIT, async {
+        loop {
+            if a.position() >= second || b.position() >= second {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "nobody took over: a {:?}, b {:?}",
+        a.state(),
+        b.state()
+    );
+    assert_eq!(ledger_counts(&pool, &model).await, (200, 200));
+    assert_eq!(
+        load_checkpoint(&pool, &schema, "ledger").await.unwrap(),
+        Some(second)
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
