@@ -130,74 +130,68 @@ pub struct SagaStarted {
     pub payment_timeout_ms: u64,
 }
 
-/// A fact with a reason.
+/// Something the saga learnt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Because {
-    /// Why.
-    pub reason: String,
+pub enum Fact {
+    /// The order was placed.
+    Started(SagaStarted),
+    /// The stock is held.
+    StockHeld,
+    /// The stock could not be held.
+    StockUnavailable {
+        /// Why.
+        reason: String,
+    },
+    /// The payment was taken.
+    PaymentTaken {
+        /// The transaction.
+        transaction_id: String,
+        /// The amount.
+        amount: Money,
+    },
+    /// The payment was refused.
+    PaymentRefused {
+        /// Why.
+        reason: String,
+    },
+    /// No payment answer came in time.
+    PaymentTimedOut,
+    /// The order confirmed its stock.
+    OrderStockConfirmed,
+    /// The order is paid.
+    OrderPaid,
+    /// The order completed.
+    OrderCompleted,
+    /// The order was cancelled.
+    OrderCancelled {
+        /// Why.
+        reason: String,
+    },
 }
 
-/// A fact with nothing more to say.
+/// One reaction's change of state: what was learnt and which steps were
+/// issued (one event per reaction keeps the saga's stream short).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Noted {}
-
-/// A payment was taken.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PaymentTaken {
-    /// The transaction.
-    pub transaction_id: String,
-    /// The amount.
-    pub amount: Money,
-}
-
-/// A step was issued.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Issued {
-    /// The step.
-    pub step: Step,
+pub struct Advanced {
+    /// What was learnt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learnt: Option<Fact>,
+    /// Steps issued.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issued: Vec<Step>,
 }
 
 /// The saga's own events (stream category `order_saga`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrderSagaEvent {
-    /// Started for an order.
-    Started(SagaStarted),
-    /// The stock is held.
-    StockHeld(Noted),
-    /// The stock could not be held.
-    StockUnavailable(Because),
-    /// The payment was taken.
-    PaymentTaken(PaymentTaken),
-    /// The payment was refused.
-    PaymentRefused(Because),
-    /// No payment answer came in time.
-    PaymentTimedOut(Noted),
-    /// The order confirmed its stock.
-    OrderStockConfirmed(Noted),
-    /// The order is paid.
-    OrderPaid(Noted),
-    /// The order completed.
-    Completed(Noted),
-    /// The order was cancelled.
-    Cancelled(Because),
-    /// A step was issued.
-    Issued(Issued),
+    /// A reaction's change of state.
+    Advanced(Advanced),
 }
 
 impl es_core::DomainEvent for OrderSagaEvent {
     fn event_type(&self) -> &'static str {
         match self {
-            Self::Started(_) => "Started",
-            Self::StockHeld(_) => "StockHeld",
-            Self::StockUnavailable(_) => "StockUnavailable",
-            Self::PaymentTaken(_) => "PaymentTaken",
-            Self::PaymentRefused(_) => "PaymentRefused",
-            Self::PaymentTimedOut(_) => "PaymentTimedOut",
-            Self::OrderStockConfirmed(_) => "OrderStockConfirmed",
-            Self::OrderPaid(_) => "OrderPaid",
-            Self::Completed(_) => "Completed",
-            Self::Cancelled(_) => "Cancelled",
-            Self::Issued(_) => "Issued",
+            Self::Advanced(_) => "Advanced",
         }
     }
 }
@@ -224,8 +218,8 @@ pub struct OrderSaga {
     pub stock_held: bool,
     /// Stock could not be held.
     pub stock_unavailable: Option<String>,
-    /// The payment taken.
-    pub paid: Option<PaymentTaken>,
+    /// The payment taken: transaction and amount.
+    pub paid: Option<(String, Money)>,
     /// The payment refused.
     pub payment_refused: Option<String>,
     /// No payment answer in time.
@@ -324,13 +318,13 @@ impl OrderSaga {
         due
     }
 
-    fn fact(&self, input: &SagaInput) -> Option<OrderSagaEvent> {
+    fn fact(&self, input: &SagaInput) -> Option<Fact> {
         Some(match input {
             SagaInput::OrderCreated(m) => {
                 if self.started.is_some() {
                     return None;
                 }
-                OrderSagaEvent::Started(SagaStarted {
+                Fact::Started(SagaStarted {
                     order_id: m.order_id,
                     customer_email: m.customer_email.clone(),
                     lines: m
@@ -346,56 +340,66 @@ impl OrderSaga {
                     payment_timeout_ms: m.payment_timeout_ms,
                 })
             }
-            SagaInput::InventoryReserved(_) if !self.stock_held => {
-                OrderSagaEvent::StockHeld(Noted {})
-            }
+            SagaInput::InventoryReserved(_) if !self.stock_held => Fact::StockHeld,
             SagaInput::InventoryReservationFailed(m) if self.stock_unavailable.is_none() => {
-                OrderSagaEvent::StockUnavailable(Because {
+                Fact::StockUnavailable {
                     reason: m.reason.clone(),
-                })
+                }
             }
-            SagaInput::PaymentSucceeded(m) if self.paid.is_none() => {
-                OrderSagaEvent::PaymentTaken(PaymentTaken {
-                    transaction_id: m.transaction_id.clone(),
-                    amount: m.amount,
-                })
-            }
+            SagaInput::PaymentSucceeded(m) if self.paid.is_none() => Fact::PaymentTaken {
+                transaction_id: m.transaction_id.clone(),
+                amount: m.amount,
+            },
             SagaInput::PaymentDeclined(m) if self.payment_refused.is_none() => {
-                OrderSagaEvent::PaymentRefused(Because {
+                Fact::PaymentRefused {
                     reason: m.reason.clone(),
-                })
+                }
             }
             SagaInput::OrderInventoryConfirmed(_) if !self.order_stock_confirmed => {
-                OrderSagaEvent::OrderStockConfirmed(Noted {})
+                Fact::OrderStockConfirmed
             }
-            SagaInput::OrderPaymentConfirmed(_) if !self.order_paid => {
-                OrderSagaEvent::OrderPaid(Noted {})
-            }
-            SagaInput::OrderCompleted(_) if !self.completed => {
-                OrderSagaEvent::Completed(Noted {})
-            }
-            SagaInput::OrderCancelled(m) if self.cancelled.is_none() => {
-                OrderSagaEvent::Cancelled(Because {
-                    reason: m.reason.clone(),
-                })
-            }
+            SagaInput::OrderPaymentConfirmed(_) if !self.order_paid => Fact::OrderPaid,
+            SagaInput::OrderCompleted(_) if !self.completed => Fact::OrderCompleted,
+            SagaInput::OrderCancelled(m) if self.cancelled.is_none() => Fact::OrderCancelled {
+                reason: m.reason.clone(),
+            },
             _ => return None,
         })
     }
 
-    /// Applies `facts`, then issues every step now due.
-    fn decide(
-        &self,
-        facts: Vec<OrderSagaEvent>,
-        now: DateTime<Utc>,
-    ) -> Reaction<OrderSagaEvent, SagaCommand> {
-        let mut next = self.clone();
-        let mut reaction = Reaction::none();
-        for fact in facts {
-            next.apply(&fact);
-            reaction = reaction.event(fact);
+    fn learn(&mut self, fact: &Fact) {
+        match fact {
+            Fact::Started(s) => self.started = Some(s.clone()),
+            Fact::StockHeld => self.stock_held = true,
+            Fact::StockUnavailable { reason } => self.stock_unavailable = Some(reason.clone()),
+            Fact::PaymentTaken {
+                transaction_id,
+                amount,
+            } => self.paid = Some((transaction_id.clone(), *amount)),
+            Fact::PaymentRefused { reason } => self.payment_refused = Some(reason.clone()),
+            Fact::PaymentTimedOut => self.timed_out = true,
+            Fact::OrderStockConfirmed => self.order_stock_confirmed = true,
+            Fact::OrderPaid => self.order_paid = true,
+            Fact::OrderCompleted => self.completed = true,
+            Fact::OrderCancelled { reason } => self.cancelled = Some(reason.clone()),
         }
+    }
+
+    /// Learns `fact`, then issues every step now due, as one state event.
+    fn decide(&self, fact: Option<Fact>, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {
+        let mut next = self.clone();
+        if let Some(fact) = &fact {
+            next.learn(fact);
+        }
+        let mut reaction = Reaction::none();
+        let mut advanced = Advanced {
+            learnt: fact,
+            issued: Vec::new(),
+        };
         let Some(started) = next.started.clone() else {
+            if advanced.learnt.is_some() {
+                reaction = reaction.event(OrderSagaEvent::Advanced(advanced));
+            }
             return reaction;
         };
         let order_id = started.order_id;
@@ -403,8 +407,9 @@ impl OrderSaga {
             && self.paid.is_none()
             && self.payment_refused.is_none()
             && !self.timed_out;
-        for step in next.due_steps() {
-            reaction = reaction.event(OrderSagaEvent::Issued(Issued { step }));
+        let steps = next.due_steps();
+        next.issued.extend(steps.iter().copied());
+        for &step in &steps {
             reaction = match step {
                 Step::Reserve => reaction.send(
                     topics::INVENTORY_COMMANDS,
@@ -441,7 +446,7 @@ impl OrderSaga {
                         transaction_id: next
                             .paid
                             .as_ref()
-                            .map(|p| p.transaction_id.clone())
+                            .map(|p| p.0.clone())
                             .unwrap_or_default(),
                     }),
                 ),
@@ -499,6 +504,10 @@ impl OrderSaga {
         if deadline_pending && !still_waiting {
             reaction = reaction.cancel(PAYMENT_DEADLINE);
         }
+        advanced.issued = steps;
+        if advanced.learnt.is_some() || !advanced.issued.is_empty() {
+            reaction.events.insert(0, OrderSagaEvent::Advanced(advanced));
+        }
         reaction
     }
 }
@@ -515,25 +524,17 @@ impl Saga for OrderSaga {
 
     fn apply(&mut self, event: &OrderSagaEvent) {
         match event {
-            OrderSagaEvent::Started(s) => self.started = Some(s.clone()),
-            OrderSagaEvent::StockHeld(_) => self.stock_held = true,
-            OrderSagaEvent::StockUnavailable(b) => self.stock_unavailable = Some(b.reason.clone()),
-            OrderSagaEvent::PaymentTaken(p) => self.paid = Some(p.clone()),
-            OrderSagaEvent::PaymentRefused(b) => self.payment_refused = Some(b.reason.clone()),
-            OrderSagaEvent::PaymentTimedOut(_) => self.timed_out = true,
-            OrderSagaEvent::OrderStockConfirmed(_) => self.order_stock_confirmed = true,
-            OrderSagaEvent::OrderPaid(_) => self.order_paid = true,
-            OrderSagaEvent::Completed(_) => self.completed = true,
-            OrderSagaEvent::Cancelled(b) => self.cancelled = Some(b.reason.clone()),
-            OrderSagaEvent::Issued(i) => {
-                self.issued.insert(i.step);
+            OrderSagaEvent::Advanced(a) => {
+                if let Some(fact) = &a.learnt {
+                    self.learn(fact);
+                }
+                self.issued.extend(a.issued.iter().copied());
             }
         }
     }
 
     fn react(&self, input: &SagaInput, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {
-        let facts = self.fact(input).into_iter().collect();
-        self.decide(facts, now)
+        self.decide(self.fact(input), now)
     }
 
     fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {
@@ -545,6 +546,6 @@ impl Saga for OrderSaga {
         {
             return Reaction::none();
         }
-        self.decide(vec![OrderSagaEvent::PaymentTimedOut(Noted {})], now)
+        self.decide(Some(Fact::PaymentTimedOut), now)
     }
 }
