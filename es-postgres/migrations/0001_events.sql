@@ -5,6 +5,10 @@
 -- order is (transaction_id, global_position), and readers only read rows whose
 -- transaction is older than pg_snapshot_xmin(pg_current_snapshot()): every such
 -- transaction has finished, so nothing can still commit below what they read.
+--
+-- payload and metadata are `json`, not `jsonb`: the store only checks they are
+-- JSON and gives back the exact text it was given (cheaper to write and to
+-- read back; cast to jsonb to query inside them).
 CREATE TABLE IF NOT EXISTS {schema}.events (
     global_position bigserial NOT NULL,
     transaction_id bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
@@ -14,8 +18,8 @@ CREATE TABLE IF NOT EXISTS {schema}.events (
     event_id uuid NOT NULL,
     event_type text NOT NULL CHECK (event_type <> ''),
     schema_version integer NOT NULL,
-    payload jsonb NOT NULL,
-    metadata jsonb NOT NULL,
+    payload json NOT NULL,
+    metadata json NOT NULL,
     recorded_at timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT events_stream_key PRIMARY KEY (tenant, stream_id, stream_version),
     CONSTRAINT events_event_id_key UNIQUE (event_id)
@@ -84,7 +88,7 @@ BEGIN
             RETURN;
         END IF;
         IF v_row.event_type <> v_row.ty OR v_row.schema_version <> v_row.sv
-           OR v_row.payload <> v_row.pl::jsonb THEN
+           OR v_row.payload::jsonb <> v_row.pl::jsonb THEN
             RETURN QUERY SELECT 13, NULL::bigint, NULL::bigint, NULL::bigint, v_row.id;
             RETURN;
         END IF;
@@ -147,7 +151,7 @@ BEGIN
             WITH inserted AS (
                 INSERT INTO {schema}.events (transaction_id, tenant, stream_id, stream_version,
                                             event_id, event_type, schema_version, payload, metadata)
-                SELECT v_tx, p_tenant, p_stream, v_actual + u.i, u.id, u.ty, u.sv, u.pl::jsonb, u.md::jsonb
+                SELECT v_tx, p_tenant, p_stream, v_actual + u.i, u.id, u.ty, u.sv, u.pl::json, u.md::json
                   FROM unnest(p_ids, p_types, p_versions, p_payloads, p_metadata)
                        WITH ORDINALITY AS u(id, ty, sv, pl, md, i)
                  ORDER BY u.i
@@ -161,7 +165,7 @@ BEGIN
             WITH inserted AS (
                 INSERT INTO {schema}.events (transaction_id, tenant, stream_id, stream_version,
                                             event_id, event_type, schema_version, payload, metadata)
-                SELECT v_tx, p_tenant, p_stream, v_actual + u.i, u.id, u.ty, u.sv, u.pl::jsonb, u.md::jsonb
+                SELECT v_tx, p_tenant, p_stream, v_actual + u.i, u.id, u.ty, u.sv, u.pl::json, u.md::json
                   FROM unnest(p_ids, p_types, p_versions, p_payloads, p_metadata)
                        WITH ORDINALITY AS u(id, ty, sv, pl, md, i)
                  ORDER BY u.i

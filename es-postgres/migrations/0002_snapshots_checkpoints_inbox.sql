@@ -4,7 +4,7 @@ CREATE TABLE IF NOT EXISTS {schema}.snapshots (
     stream_id text NOT NULL,
     version bigint NOT NULL,
     schema_version integer NOT NULL,
-    state jsonb NOT NULL,
+    state json NOT NULL,
     taken_at timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT snapshots_key PRIMARY KEY (tenant, stream_id)
 );

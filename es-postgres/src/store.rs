@@ -89,6 +89,10 @@ struct Sql {
 const COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, event_id, \
                        event_type, schema_version, payload::text, metadata::text, recorded_at";
 
+/// The columns of `read_stream`: the stream id is known, so not sent back.
+const STREAM_COLUMNS: &str = "global_position, transaction_id, '', stream_version, event_id, \
+                              event_type, schema_version, payload::text, metadata::text, recorded_at";
+
 /// The log's readable horizon: rows of transactions below it are final.
 const XMIN: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
@@ -104,7 +108,7 @@ impl Sql {
                  ins AS (INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
                                 event_id, event_type, schema_version, payload, metadata) \
                          SELECT pg_current_xact_id()::text::bigint, $1, $2, ok.v + u.i, u.id, u.ty, u.sv, \
-                                u.pl::jsonb, u.md::jsonb \
+                                u.pl::json, u.md::json \
                            FROM ok, unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
                                 WITH ORDINALITY AS u(id, ty, sv, pl, md, i) \
                           ORDER BY u.i \
@@ -116,7 +120,7 @@ impl Sql {
             ),
             append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             read_stream: format!(
-                "SELECT {COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
+                "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
                  AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
             ),
             read_all: format!(
@@ -230,14 +234,18 @@ fn decode(row: EventRow, stream: Option<&StreamId>) -> Result<RecordedEvent> {
         recorded_at,
     ) = row;
     let stream_id = match stream {
-        Some(s) if s.as_str() == stream_id => s.clone(),
-        _ => StreamId::new(&stream_id).map_err(|e| PgError::Corrupt {
+        Some(s) => s.clone(),
+        None => StreamId::new(&stream_id).map_err(|e| PgError::Corrupt {
             reason: e.to_string(),
         })?,
     };
-    let metadata: Metadata = serde_json::from_str(&metadata).map_err(|e| PgError::Corrupt {
-        reason: format!("metadata of event {event_id}: {e}"),
-    })?;
+    let metadata: Metadata = if metadata == "{}" {
+        Metadata::default()
+    } else {
+        serde_json::from_str(&metadata).map_err(|e| PgError::Corrupt {
+            reason: format!("metadata of event {event_id}: {e}"),
+        })?
+    };
     Ok(RecordedEvent {
         event_id,
         stream_id,

@@ -29,7 +29,7 @@ impl PostgresSnapshotStore {
             pool,
             save_sql: format!(
                 "INSERT INTO {s}.snapshots AS old (tenant, stream_id, version, schema_version, state) \
-                 VALUES ('', $1, $2, $3, $4::jsonb) \
+                 VALUES ('', $1, $2, $3, $4::json) \
                  ON CONFLICT (tenant, stream_id) DO UPDATE \
                  SET version = excluded.version, schema_version = excluded.schema_version, \
                      state = excluded.state, taken_at = now() \
