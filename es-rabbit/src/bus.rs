@@ -243,14 +243,20 @@ impl RabbitBus {
 
     async fn publish_on(&self, live: &Live, messages: &[Message]) -> Result<(), BusError> {
         let topology = &self.inner.topology;
+        // Exchange names per topic, declared once per connection.
+        let mut exchanges: Vec<(&str, lapin::types::ShortString)> = Vec::new();
         for message in messages {
+            if exchanges.iter().any(|(t, _)| *t == &*message.topic) {
+                continue;
+            }
             let exchange = topology.exchange(&message.topic);
             if !live.exchange_declared(&exchange) {
                 topology
                     .declare_exchange(&live.publisher, &message.topic)
                     .await?;
-                live.mark_exchange(exchange);
+                live.mark_exchange(exchange.clone());
             }
+            exchanges.push((&message.topic, short(&exchange)?));
         }
         let window = self.inner.connector.config.confirm_window;
         let options = BasicPublishOptions {
@@ -284,7 +290,11 @@ impl RabbitBus {
             let confirm = live
                 .publisher
                 .basic_publish(
-                    short(&topology.exchange(&message.topic))?,
+                    exchanges
+                        .iter()
+                        .find(|(t, _)| *t == &*message.topic)
+                        .map(|(_, e)| e.clone())
+                        .unwrap_or_default(),
                     short(&message.routing_key())?,
                     options,
                     message.payload.as_str().as_bytes(),
