@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod demo;
+pub mod distributed;
 mod error;
 pub mod http;
 pub mod inventory;

@@ -33,8 +33,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the HTTP API (the default).
-    Serve,
+    /// Serve the HTTP API (the default). With `--services`, run those
+    /// services of the distributed deployment over PostgreSQL, RabbitMQ and
+    /// Redis instead of the embedded system.
+    Serve(Box<orders::distributed::ServeArgs>),
     /// Place a handful of orders covering each path and print their outcomes.
     Demo,
     /// Generate load and report completed orders/s and latency percentiles.
@@ -83,16 +85,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     orders::telemetry::init_tracing(cli.log_json);
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.listen, cli.payment_timeout).await,
-        Command::Demo => demo(cli.payment_timeout).await,
-        Command::Load {
+    let result = match cli.command {
+        None => serve(cli.listen, cli.payment_timeout).await,
+        Some(Command::Serve(args)) if args.services.is_none() => serve(cli.listen, cli.payment_timeout).await,
+        Some(Command::Serve(args)) => orders::distributed::serve(*args, cli.listen, cli.payment_timeout).await,
+        Some(Command::Demo) => demo(cli.payment_timeout).await,
+        Some(Command::Load {
             orders,
             concurrency,
             products,
             target,
             consumers,
-        } => {
+        }) => {
             let options = orders::load::LoadOptions {
                 orders,
                 concurrency,

@@ -1,0 +1,138 @@
+//! The order service's catalog read model, durable in its schema: the
+//! competing consumers of product events write a table, and every instance
+//! of the order service follows the table into its in-memory [`Catalog`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use es_core::{Delivery, EventCodec, MessageHandler, Outcome};
+use es_postgres::sqlx::{self, PgPool};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::inventory::ProductEvent;
+use crate::order::{Catalog, CatalogEntry};
+use crate::{Error, Money, Result};
+
+/// The catalog table and the in-memory catalog that follows it.
+#[derive(Debug, Clone)]
+pub struct PgCatalog {
+    pool: PgPool,
+    table: String,
+    catalog: Arc<Catalog>,
+}
+
+impl PgCatalog {
+    /// Creates the table in `schema` (idempotent), loads it, and follows it
+    /// every 50 ms until `stop`.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn start(pool: PgPool, schema: &str, mut stop: watch::Receiver<bool>) -> Result<Self> {
+        let table = format!("\"{schema}\".catalog");
+        let mut tx = pool.begin().await.map_err(Error::internal)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('orders:catalog-table', 0))")
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::internal)?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (product_id uuid PRIMARY KEY, name text NOT NULL, price text NOT NULL)"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::internal)?;
+        tx.commit().await.map_err(Error::internal)?;
+        let this = Self {
+            pool,
+            table,
+            catalog: Arc::new(Catalog::new()),
+        };
+        this.refresh().await?;
+        let follower = this.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                if let Err(error) = follower.refresh().await {
+                    tracing::debug!(%error, "catalog refresh failed");
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    /// The in-memory catalog the order service prices from.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.catalog)
+    }
+
+    /// The bus handler writing product events into the table.
+    pub fn handler(&self) -> PgCatalogHandler {
+        PgCatalogHandler(self.clone())
+    }
+
+    async fn refresh(&self) -> Result<()> {
+        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.table))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::internal)?;
+        if usize::try_from(count).unwrap_or(0) == self.catalog.len() {
+            return Ok(());
+        }
+        let rows: Vec<(Uuid, String, String)> =
+            sqlx::query_as(&format!("SELECT product_id, name, price FROM {}", self.table))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Error::internal)?;
+        for (id, name, price) in rows {
+            if self.catalog.get(id).is_none() {
+                if let Ok(price) = price.parse::<Money>() {
+                    self.catalog.upsert(id, CatalogEntry { name, price });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes product events into the catalog table (idempotent).
+#[derive(Debug, Clone)]
+pub struct PgCatalogHandler(PgCatalog);
+
+#[async_trait]
+impl MessageHandler for PgCatalogHandler {
+    async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let m = &delivery.message;
+        match EventCodec::<ProductEvent>::new().decode_parts(&m.message_type, m.schema_version, &m.payload) {
+            Ok(ProductEvent::ProductCreated(p)) => {
+                let written = sqlx::query(&format!(
+                    "INSERT INTO {} (product_id, name, price) VALUES ($1, $2, $3) ON CONFLICT (product_id) DO NOTHING",
+                    self.0.table
+                ))
+                .bind(p.product_id)
+                .bind(&p.name)
+                .bind(p.price.to_string())
+                .execute(&self.0.pool)
+                .await;
+                match written {
+                    Ok(_) => {
+                        self.0.catalog.upsert(
+                            p.product_id,
+                            CatalogEntry {
+                                name: p.name,
+                                price: p.price,
+                            },
+                        );
+                        Outcome::Ack
+                    }
+                    Err(e) => Outcome::retry(e),
+                }
+            }
+            Ok(_) => Outcome::Ack,
+            Err(e) => Outcome::dead_letter(e),
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! The query service on PostgreSQL and Redis: the order read model kept by
+//! es-projections' PostgreSQL runner (batch and checkpoint in one
+//! transaction, one active runner across processes with takeover), full-text
+//! search with PostgreSQL text search, hot order details in Redis with
+//! version-guarded writes, and `min_position` read-your-writes from any
+//! process through the checkpoint's `NOTIFY`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use es_core::{EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent, StreamId};
+use es_postgres::sqlx::postgres::{PgListener, PgRow};
+use es_postgres::sqlx::{self, PgConnection, PgPool, Row};
+use es_postgres::PostgresEventStore;
+use es_projections::postgres::{CheckpointWatcher, PgProjection, PgProjectionRunner};
+use es_projections::{ProjectionHandle, RedisSink, RunnerOptions};
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use crate::http::{parse_id, ApiError, ErrorBody};
+use crate::order::{validate_email, Order, OrderEvent, OrderStatus};
+use crate::query::{
+    decode_cursor, GetOrderParams, HistoryEvent, ListParams, OrderItemView, OrderPage, OrderView,
+    SearchParams, SearchResult, Stats, StatusStats, MAX_WAIT,
+};
+use crate::{Error, Money, Result};
+
+/// The projection's name (its checkpoint).
+pub(super) const PROJECTION: &str = "orders_read_model";
+
+const COLUMNS: &str = "order_id, customer_email, items, total, status, created_at, completed_at, cancellation_reason, version";
+
+/// The projection writing the `orders` table (and the Redis cache).
+pub struct PgOrderProjection {
+    codec: EventCodec<OrderEvent>,
+    cache: Option<RedisSink>,
+    channel: String,
+}
+
+impl std::fmt::Debug for PgOrderProjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOrderProjection")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(event: &RecordedEvent, reason: impl std::fmt::Display) -> ProjectionError {
+    ProjectionError::InvalidEvent {
+        projection: PROJECTION.to_owned(),
+        event_id: event.event_id,
+        position: event.position,
+        reason: reason.to_string(),
+    }
+}
+
+fn storage(e: sqlx::Error) -> ProjectionError {
+    // A database failure is the runner's to retry.
+    ProjectionError::Storage {
+        projection: PROJECTION.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+/// The words PostgreSQL text search indexes for an order: the email, its
+/// parts, and the product names.
+fn search_text(email: &str, names: &[&str]) -> String {
+    let mut text = String::from(email);
+    text.push(' ');
+    text.extend(email.chars().map(|c| if c.is_alphanumeric() { c } else { ' ' }));
+    for n in names {
+        text.push(' ');
+        text.push_str(n);
+    }
+    text
+}
+
+/// A `to_tsquery` expression matching every word of `q` as a prefix.
+pub(super) fn tsquery(q: &str) -> Option<String> {
+    let words: Vec<String> = q
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| format!("{}:*", w.to_lowercase()))
+        .collect();
+    (!words.is_empty()).then(|| words.join(" & "))
+}
+
+fn view_of(row: &PgRow) -> std::result::Result<(OrderView, u64), String> {
+    let items: serde_json::Value = row.try_get("items").map_err(|e| e.to_string())?;
+    let items: Vec<OrderItemView> = serde_json::from_value(items).map_err(|e| e.to_string())?;
+    let total: String = row.try_get("total").map_err(|e| e.to_string())?;
+    let status: String = row.try_get("status").map_err(|e| e.to_string())?;
+    let version: i64 = row.try_get("version").map_err(|e| e.to_string())?;
+    Ok((
+        OrderView {
+            order_id: row.try_get("order_id").map_err(|e| e.to_string())?,
+            customer_email: row.try_get("customer_email").map_err(|e| e.to_string())?,
+            items,
+            total: total.parse::<Money>().map_err(|e| e.to_string())?,
+            status: status.parse::<OrderStatus>()?,
+            created_at: row.try_get("created_at").map_err(|e| e.to_string())?,
+            completed_at: row.try_get("completed_at").map_err(|e| e.to_string())?,
+            cancellation_reason: row.try_get("cancellation_reason").map_err(|e| e.to_string())?,
+        },
+        u64::try_from(version).unwrap_or_default(),
+    ))
+}
+
+impl Projection for PgOrderProjection {
+    type Tx = PgConnection;
+
+    fn name(&self) -> &str {
+        PROJECTION
+    }
+
+    fn accepts(&self, event_type: &str) -> bool {
+        matches!(
+            event_type,
+            "OrderCreated" | "OrderInventoryConfirmed" | "OrderPaymentConfirmed" | "OrderCompleted" | "OrderCancelled"
+        )
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, event: &RecordedEvent) -> std::result::Result<(), ProjectionError> {
+        if event.stream_id.category() != <Order as es_core::Aggregate>::TYPE {
+            return Ok(());
+        }
+        let decoded = self.codec.decode(event).map_err(|e| invalid(event, e))?;
+        let version = i64::try_from(event.stream_version).map_err(|e| invalid(event, e))?;
+        let row = match &decoded {
+            OrderEvent::OrderCreated(e) => {
+                let items: Vec<OrderItemView> = e
+                    .items
+                    .iter()
+                    .map(|l| OrderItemView {
+                        product_id: l.product_id,
+                        product_name: l.product_name.clone(),
+                        unit_price: l.unit_price,
+                        quantity: l.quantity,
+                    })
+                    .collect();
+                let names: Vec<&str> = e.items.iter().map(|l| l.product_name.as_str()).collect();
+                let items = serde_json::to_value(&items).map_err(|e| invalid(event, e))?;
+                sqlx::query(&format!(
+                    "INSERT INTO orders (order_id, customer_email, items, total, total_minor, status, created_at, version, search)
+                     VALUES ($1, $2, $3, $4, $5, 'Pending', $6, $7, to_tsvector('simple', $8))
+                     ON CONFLICT (order_id) DO NOTHING RETURNING {COLUMNS}"
+                ))
+                .bind(e.order_id)
+                .bind(&e.customer_email)
+                .bind(items)
+                .bind(e.total.to_string())
+                .bind(i64::try_from(e.total.minor_units()).unwrap_or(i64::MAX))
+                .bind(e.created_at)
+                .bind(version)
+                .bind(search_text(&e.customer_email, &names))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(storage)?
+            }
+            other => {
+                let (order_id, status, completed_at, reason): (Uuid, OrderStatus, Option<DateTime<Utc>>, Option<&str>) =
+                    match other {
+                        OrderEvent::OrderInventoryConfirmed(e) => (e.order_id, OrderStatus::InventoryConfirmed, None, None),
+                        OrderEvent::OrderPaymentConfirmed(e) => (e.order_id, OrderStatus::PaymentConfirmed, None, None),
+                        OrderEvent::OrderCompleted(e) => (e.order_id, OrderStatus::Completed, Some(e.completed_at), None),
+                        OrderEvent::OrderCancelled(e) => (e.order_id, OrderStatus::Cancelled, None, Some(e.reason.as_str())),
+                        OrderEvent::OrderCreated(_) => return Ok(()),
+                    };
+                let row = sqlx::query(&format!(
+                    "UPDATE orders SET status = $2, version = $3,
+                        completed_at = coalesce($4, completed_at),
+                        cancellation_reason = coalesce($5, cancellation_reason)
+                     WHERE order_id = $1 AND version < $3 RETURNING {COLUMNS}"
+                ))
+                .bind(order_id)
+                .bind(status.as_str())
+                .bind(version)
+                .bind(completed_at)
+                .bind(reason)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(storage)?;
+                if status.is_terminal() && row.is_some() {
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(&self.channel)
+                        .bind(order_id.to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(storage)?;
+                }
+                row
+            }
+        };
+        if let Some(row) = row {
+            let (view, version) = view_of(&row).map_err(|e| invalid(event, e))?;
+            if view.status.is_terminal() {
+                let outcome = if view.status == OrderStatus::Completed { "completed" } else { "cancelled" };
+                ::metrics::counter!("orders_finished_total", "outcome" => outcome).increment(1);
+                let seconds = (event.recorded_at - view.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                ::metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome).record(seconds.max(0.0));
+            }
+            if let Some(cache) = &self.cache {
+                // Version-guarded: an older write never replaces a newer one.
+                if let Err(error) = cache.put_json(&view.order_id.to_string(), version, &view).await {
+                    tracing::warn!(%error, "order cache write failed");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PgProjection for PgOrderProjection {
+    async fn setup(&self, conn: &mut PgConnection) -> std::result::Result<(), ProjectionError> {
+        for sql in [
+            "CREATE TABLE IF NOT EXISTS orders (
+                order_id uuid PRIMARY KEY,
+                customer_email text NOT NULL,
+                items jsonb NOT NULL,
+                total text NOT NULL,
+                total_minor bigint NOT NULL,
+                status text NOT NULL,
+                created_at timestamptz NOT NULL,
+                completed_at timestamptz,
+                cancellation_reason text,
+                version bigint NOT NULL,
+                search tsvector NOT NULL
+            )",
+            "CREATE INDEX IF NOT EXISTS orders_by_created ON orders (created_at DESC, order_id DESC)",
+            "CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_email, created_at DESC, order_id DESC)",
+            "CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status)",
+            "CREATE INDEX IF NOT EXISTS orders_search ON orders USING gin (search)",
+        ] {
+            sqlx::query(sql).execute(&mut *conn).await.map_err(storage)?;
+        }
+        Ok(())
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;
+
+/// The query service over PostgreSQL and Redis.
+pub struct PgQueryService {
+    pool: PgPool,
+    model: String,
+    schema: String,
+    order_store: PostgresEventStore,
+    cache: Option<RedisSink>,
+    watcher: CheckpointWatcher,
+    projection: ProjectionHandle,
+    waiters: Waiters,
+}
+
+impl std::fmt::Debug for PgQueryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgQueryService")
+            .field("schema", &self.schema)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgQueryService {
+    /// Migrates `schema` (the runner's checkpoints), starts the runner (it
+    /// waits as a standby while another process holds the projection) over
+    /// `order_store`, connects the Redis cache (keys prefixed `prefix`) and
+    /// follows terminal-order notifications.
+    ///
+    /// # Errors
+    /// When PostgreSQL cannot be reached or the schema names are invalid.
+    pub async fn start(
+        pool: PgPool,
+        order_store: PostgresEventStore,
+        schema: &str,
+        redis_url: &str,
+        prefix: &str,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>> {
+        es_projections::postgres::migrate(&pool, schema)
+            .await
+            .map_err(|e| Error::internal(format!("migrating {schema}: {e}")))?;
+        let model = format!("{schema}_rm");
+        let channel = format!("{schema}_terminal");
+        let cache = match RedisSink::connect(redis_url, &format!("{prefix}order:")).await {
+            Ok(sink) => Some(sink.with_ttl(Duration::from_secs(600))),
+            Err(error) => {
+                tracing::warn!(%error, redis_url, "Redis unavailable: order details are served from PostgreSQL only");
+                None
+            }
+        };
+        let projection = Arc::new(PgOrderProjection {
+            codec: EventCodec::new(),
+            cache: cache.clone(),
+            channel: channel.clone(),
+        });
+        let store: Arc<dyn EventStore> = Arc::new(order_store.clone());
+        let runner = PgProjectionRunner::new(pool.clone(), schema, &model, store, projection)
+            .map_err(Error::internal)?
+            .with_leader_check(Duration::from_millis(500))
+            .with_options(RunnerOptions::default().batch_size(500).max_consecutive_failures(u32::MAX));
+        let handle = runner.spawn();
+        let watcher = CheckpointWatcher::start(pool.clone(), schema)
+            .await
+            .map_err(Error::internal)?;
+        let waiters: Waiters = Arc::default();
+        {
+            let waiters = Arc::clone(&waiters);
+            let pool = pool.clone();
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut listener = match PgListener::connect_with(&pool).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    if listener.listen(&channel).await.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    loop {
+                        tokio::select! {
+                            _ = stop.changed() => {
+                                let _ = handle.stop().await;
+                                return;
+                            }
+                            note = listener.try_recv() => match note {
+                                Ok(Some(note)) => {
+                                    if let Ok(id) = note.payload().parse::<Uuid>() {
+                                        let ready = waiters.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                                        for tx in ready.into_iter().flatten() {
+                                            let _ = tx.send(());
+                                        }
+                                    }
+                                }
+                                // Reconnected (notifications may be lost): wake everyone to re-check.
+                                Ok(None) => wake_all(&waiters),
+                                Err(_) => {
+                                    wake_all(&waiters);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Arc::new(Self {
+            pool,
+            model,
+            schema: schema.to_owned(),
+            order_store,
+            cache,
+            watcher,
+            projection: handle,
+            waiters,
+        }))
+    }
+
+    /// The projection's handle (position, lag).
+    pub fn projection(&self) -> &ProjectionHandle {
+        &self.projection
+    }
+
+    /// Waits (at most [`MAX_WAIT`]) until the read model, maintained by
+    /// whichever process is active, has committed `position`.
+    ///
+    /// # Errors
+    /// When the time runs out or PostgreSQL fails.
+    pub async fn wait_for(&self, position: Position) -> Result<()> {
+        self.watcher
+            .wait_for(PROJECTION, position, MAX_WAIT)
+            .await
+            .map_err(Error::internal)
+    }
+
+    async fn from_db(&self, order_id: Uuid) -> Result<Option<(OrderView, u64)>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM \"{}\".orders WHERE order_id = $1", self.model))
+            .bind(order_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::internal)?;
+        row.map(|r| view_of(&r).map_err(Error::internal)).transpose()
+    }
+
+    /// One order: from Redis when cached (and no position is asked for),
+    /// else from PostgreSQL (and then cached).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when there is no such order.
+    pub async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView> {
+        let key = order_id.to_string();
+        if let Some(position) = min_position {
+            self.wait_for(position).await?;
+        } else if let Some(cache) = &self.cache {
+            if let Ok(Some(hit)) = cache.get_json::<OrderView>(&key).await {
+                ::metrics::counter!("query_cache_total", "result" => "hit").increment(1);
+                return Ok(hit.value);
+            }
+            ::metrics::counter!("query_cache_total", "result" => "miss").increment(1);
+        }
+        let (view, version) = self.from_db(order_id).await?.ok_or_else(|| Error::NotFound {
+            what: format!("order {order_id}"),
+        })?;
+        if let Some(cache) = &self.cache {
+            let _ = cache.put_json(&key, version, &view).await;
+        }
+        Ok(view)
+    }
+
+    /// One order, straight from PostgreSQL.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when there is no such order.
+    pub async fn fresh(&self, order_id: Uuid) -> Result<OrderView> {
+        self.from_db(order_id).await?.map(|v| v.0).ok_or_else(|| Error::NotFound {
+            what: format!("order {order_id}"),
+        })
+    }
+
+    /// Waits up to `timeout` for the order to reach a terminal status.
+    pub async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(order_id)
+                .or_default()
+                .push(tx);
+            if let Ok(Some((view, _))) = self.from_db(order_id).await {
+                if view.status.is_terminal() {
+                    return;
+                }
+            }
+            // Woken by the notification, or re-check every second.
+            let wake = tokio::time::Instant::now() + Duration::from_secs(1);
+            if tokio::time::timeout_at(wake.min(deadline), rx).await.is_ok() {
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.waiters.lock().unwrap_or_else(PoisonError::into_inner).remove(&order_id);
+                return;
+            }
+        }
+    }
+
+    /// Orders newest first.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn list(
+        &self,
+        email: Option<&str>,
+        status: Option<OrderStatus>,
+        limit: usize,
+        cursor: Option<(DateTime<Utc>, Uuid)>,
+    ) -> Result<OrderPage> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM \"{}\".orders
+             WHERE ($1::text IS NULL OR customer_email = $1)
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::timestamptz IS NULL OR (created_at, order_id) < ($3, $4))
+             ORDER BY created_at DESC, order_id DESC LIMIT $5",
+            self.model
+        ))
+        .bind(email)
+        .bind(status.map(OrderStatus::as_str))
+        .bind(cursor.map(|c| c.0))
+        .bind(cursor.map(|c| c.1))
+        .bind(i64::try_from(limit + 1).unwrap_or(101))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::internal)?;
+        let mut orders = Vec::new();
+        for row in &rows {
+            orders.push(view_of(row).map_err(Error::internal)?.0);
+        }
+        let more = orders.len() > limit;
+        orders.truncate(limit);
+        let next_cursor = if more {
+            orders
+                .last()
+                .map(|o| format!("{}_{}", o.created_at.timestamp_micros(), o.order_id.simple()))
+        } else {
+            None
+        };
+        Ok(OrderPage { orders, next_cursor })
+    }
+
+    /// Full-text search over product names and the customer's email (each
+    /// word of `q` as a prefix), newest first.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn search(&self, q: &str, limit: usize) -> Result<Vec<OrderView>> {
+        let Some(query) = tsquery(q) else { return Ok(Vec::new()) };
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM \"{}\".orders WHERE search @@ to_tsquery('simple', $1)
+             ORDER BY created_at DESC, order_id DESC LIMIT $2",
+            self.model
+        ))
+        .bind(query)
+        .bind(i64::try_from(limit).unwrap_or(100))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::internal)?;
+        rows.iter()
+            .map(|r| view_of(r).map(|v| v.0).map_err(Error::internal))
+            .collect()
+    }
+
+    /// Counts and revenue by status.
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn stats(&self) -> Result<Stats> {
+        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(&format!(
+            "SELECT status, count(*), sum(total_minor)::bigint FROM \"{}\".orders GROUP BY status",
+            self.model
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::internal)?;
+        let mut stats = Stats {
+            total_orders: 0,
+            by_status: BTreeMap::new(),
+        };
+        for status in OrderStatus::ALL {
+            stats.by_status.insert(status.as_str().to_owned(), StatusStats::default());
+        }
+        for (status, count, revenue) in rows {
+            let count = u64::try_from(count).unwrap_or_default();
+            stats.total_orders += count;
+            stats.by_status.insert(
+                status,
+                StatusStats {
+                    count,
+                    revenue: Money::from_minor(u64::try_from(revenue.unwrap_or(0)).unwrap_or_default()),
+                },
+            );
+        }
+        Ok(stats)
+    }
+
+    /// An order's events, from the order service's store.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when there is no such order.
+    pub async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
+        let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
+        let events = self.order_store.read_stream(&stream, 1, 10_000).await?;
+        if events.is_empty() {
+            return Err(Error::NotFound {
+                what: format!("order {order_id}"),
+            });
+        }
+        Ok(events
+            .into_iter()
+            .map(|e| HistoryEvent {
+                version: e.stream_version,
+                position: e.position.to_string(),
+                event_type: e.event_type.to_string(),
+                recorded_at: e.recorded_at,
+                data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
+                causation_id: e.metadata.causation_id,
+                correlation_id: e.metadata.correlation_id,
+            })
+            .collect())
+    }
+}
+
+fn wake_all(waiters: &Waiters) {
+    let all: Vec<_> = waiters
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain()
+        .collect();
+    for (_, txs) in all {
+        for tx in txs {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn bad(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        body: ErrorBody {
+            code: "invalid_query",
+            message: message.into(),
+            field: Some(field.to_owned()),
+        },
+    }
+}
+
+/// The query routes of part 1, served from PostgreSQL and Redis.
+pub(super) fn router(service: Arc<PgQueryService>) -> Router {
+    Router::new()
+        .route("/api/orders", get(list_orders))
+        .route("/api/orders/search", get(search_orders))
+        .route("/api/orders/{id}", get(get_order))
+        .route("/api/orders/{id}/events", get(order_events))
+        .route("/api/stats", get(stats))
+        .with_state(service)
+}
+
+async fn get_order(
+    State(service): State<Arc<PgQueryService>>,
+    Path(id): Path<String>,
+    Query(params): Query<GetOrderParams>,
+) -> std::result::Result<Json<OrderView>, ApiError> {
+    let order_id = parse_id("order", &id)?;
+    let min_position = params
+        .min_position
+        .as_deref()
+        .map(str::parse::<Position>)
+        .transpose()
+        .map_err(|e| bad("min_position", e.to_string()))?;
+    if let Some(ms) = params.wait_terminal_ms {
+        if let Some(p) = min_position {
+            service.wait_for(p).await?;
+        }
+        service
+            .wait_terminal(order_id, Duration::from_millis(ms.min(10_000)))
+            .await;
+        // After waiting, read what PostgreSQL has (the cache may lag a write).
+        return Ok(Json(service.fresh(order_id).await?));
+    }
+    Ok(Json(service.order(order_id, min_position).await?))
+}
+
+async fn list_orders(
+    State(service): State<Arc<PgQueryService>>,
+    Query(params): Query<ListParams>,
+) -> std::result::Result<Json<OrderPage>, ApiError> {
+    let email = params
+        .customer_email
+        .as_deref()
+        .map(validate_email)
+        .transpose()
+        .map_err(|e| bad("customer_email", e.to_string()))?;
+    let status = params
+        .status
+        .as_deref()
+        .map(str::parse::<OrderStatus>)
+        .transpose()
+        .map_err(|e| bad("status", e))?;
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(bad("limit", "limit must be between 1 and 100"));
+    }
+    let cursor = params
+        .cursor
+        .as_deref()
+        .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor", "not a cursor this API returned")))
+        .transpose()?;
+    Ok(Json(service.list(email.as_deref(), status, limit, cursor).await?))
+}
+
+async fn search_orders(
+    State(service): State<Arc<PgQueryService>>,
+    Query(params): Query<SearchParams>,
+) -> std::result::Result<Json<SearchResult>, ApiError> {
+    let q = params.q.unwrap_or_default();
+    let q = q.trim();
+    if q.is_empty() || q.chars().count() > 100 {
+        return Err(bad("q", "q must be 1 to 100 characters"));
+    }
+    Ok(Json(SearchResult {
+        orders: service.search(q, 100).await?,
+    }))
+}
+
+async fn order_events(
+    State(service): State<Arc<PgQueryService>>,
+    Path(id): Path<String>,
+) -> std::result::Result<Json<Vec<HistoryEvent>>, ApiError> {
+    let order_id = parse_id("order", &id)?;
+    Ok(Json(service.history(order_id).await?))
+}
+
+async fn stats(State(service): State<Arc<PgQueryService>>) -> std::result::Result<Json<Stats>, ApiError> {
+    Ok(Json(service.stats().await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_queries() {
+        assert_eq!(tsquery("gus@").as_deref(), Some("gus:*"));
+        assert_eq!(tsquery("Blue Widget").as_deref(), Some("blue:* & widget:*"));
+        assert_eq!(tsquery("@@"), None);
+        assert!(search_text("ada@example.com", &["Widget"]).contains("ada example com"));
+    }
+}
