@@ -73,7 +73,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     postgres::migrate(&pool, &schema).await?;
     let store: Arc<dyn EventStore> =
         Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
-    let projection = Arc::new(Balances::default());
 
     println!(
         "## es-projections bench ({} cores)",
@@ -84,16 +83,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("seeded {total} events in {:.2?}", started.elapsed());
     let head = store.head().await?;
 
-    for batch in [100usize, 1_000, 5_000] {
-        let model = format!("bench_m_{}_{batch}", &id[..8]);
+    for (batched, batch) in [
+        (false, 100usize),
+        (false, 1_000),
+        (true, 100),
+        (true, 1_000),
+        (true, 5_000),
+    ] {
+        let mode = if batched { "set-based" } else { "per-event" };
+        let model = format!("bench_m_{}_{}_{batch}", &id[..8], u8::from(batched));
         schemas.push(model.clone());
-        let name = format!("balances_{batch}");
+        let name = format!("balances_{}_{batch}", u8::from(batched));
         let runner = PgProjectionRunner::new(
             pool.clone(),
             &schema,
             &model,
             Arc::clone(&store),
-            Arc::new(Balances { name }),
+            Arc::new(Balances { name, batched }),
         )?
         .with_options(RunnerOptions::default().batch_size(batch));
         let started = Instant::now();
@@ -102,7 +108,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let elapsed = started.elapsed();
         handle.stop().await?;
         println!(
-            "throughput, batch {batch:>5}: {total} events in {elapsed:.2?} = {:.0} events/s",
+            "throughput, {mode}, batch {batch:>5}: {total} events in {elapsed:.2?} = {:.0} events/s",
             total as f64 / elapsed.as_secs_f64()
         );
     }
@@ -111,24 +117,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let total = bulk_seed(&pool, &schema, more, 1_000).await?;
     println!("seeded up to {total} events in {:.2?}", started.elapsed());
-    let model = format!("bench_m_{}_rebuild", &id[..8]);
-    schemas.push(model.clone());
-    let runner = PgProjectionRunner::new(
-        pool.clone(),
-        &schema,
-        &model,
-        Arc::clone(&store),
-        projection,
-    )?;
-    for batch in [2_000usize] {
+    for batched in [true, false] {
+        let mode = if batched { "set-based" } else { "per-event" };
+        let model = format!("bench_m_{}_rebuild_{}", &id[..8], u8::from(batched));
+        schemas.push(model.clone());
+        let projection = Balances {
+            name: format!("balances_rebuild_{}", u8::from(batched)),
+            batched,
+        };
+        let runner = PgProjectionRunner::new(
+            pool.clone(),
+            &schema,
+            &model,
+            Arc::clone(&store),
+            Arc::new(projection),
+        )?;
+        let batch = 2_000;
         let options = RebuildOptions {
             batch_size: batch,
             total_events: Some(total),
             ..RebuildOptions::default()
         };
         let report = postgres::rebuild(&runner, &options, &Every10Percent::default()).await?;
+        let (sum,): (Option<i64>,) = sqlx::query_as(&format!(
+            "SELECT sum(events)::bigint FROM \"{model}\".balances"
+        ))
+        .fetch_one(&pool)
+        .await?;
+        assert_eq!(
+            sum,
+            Some(i64::try_from(total)?),
+            "the rebuilt model does not count every event"
+        );
         println!(
-            "rebuild, batch {batch}: {} events in {:.2?} = {:.0} events/s",
+            "rebuild, {mode}, batch {batch}: {} events in {:.2?} = {:.0} events/s",
             report.events,
             report.elapsed,
             report.events as f64 / report.elapsed.as_secs_f64()

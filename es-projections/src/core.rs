@@ -43,6 +43,18 @@ pub(crate) trait Backend<P: Projection>: Send + Sync + 'static {
         position: Position,
         dead_letters: &[DeadLetter],
     ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Applies a batch's accepted events in one go, when the projection has a
+    /// set-based form. `None`: it has not; the runner applies them one by one.
+    fn apply_batch<'a>(
+        &'a self,
+        projection: &'a P,
+        unit: &'a mut Self::Unit,
+        events: &'a [&'a RecordedEvent],
+    ) -> impl Future<Output = Option<Result<(), es_core::ProjectionError>>> + Send + 'a {
+        let _ = (projection, unit, events);
+        async { None }
+    }
 }
 
 /// Everything a running loop needs.
@@ -78,6 +90,15 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
             match self.follow(stop, &mut failures, &mut last_lag).await {
                 Ok(()) => return Ok(()),
                 Err(error) if error.is_fatal() => return Err(error),
+                Err(error @ Error::Fenced { .. }) => {
+                    // Another instance moved the checkpoint (a rebuild's swap,
+                    // a second writer): not a failure, just start over from it.
+                    tracing::info!(projection = self.name(), %error, "projection reloading its checkpoint");
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        () = tokio::time::sleep(self.options.backoff) => {}
+                    }
+                }
                 Err(error) => {
                     failures += 1;
                     metrics::counter!(telemetry::RETRIES, "projection" => self.name().to_owned())
@@ -191,9 +212,41 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
         async move {
             let mut dead = vec![false; events.len()];
             let mut letters = Vec::new();
+            // A set-based apply of the whole batch first, when the
+            // projection has one; one event at a time after it fails, to find
+            // (and stop on, or set aside) the failing event.
+            let mut whole_batch = B::TRANSACTIONAL;
             'attempt: loop {
                 let mut unit = self.backend.begin(checkpoint).await?;
                 let mut stats = BatchStats::default();
+                if whole_batch {
+                    whole_batch = false;
+                    let accepted: Vec<&RecordedEvent> = events
+                        .iter()
+                        .filter(|e| self.projection.accepts(&e.event_type))
+                        .collect();
+                    let outcome = if accepted.is_empty() {
+                        Some(Ok(()))
+                    } else {
+                        self.backend
+                            .apply_batch(&self.projection, &mut unit, &accepted)
+                            .await
+                    };
+                    match outcome {
+                        Some(Ok(())) => {
+                            stats.applied = accepted.len() as u64;
+                            stats.skipped = (events.len() - accepted.len()) as u64;
+                            self.backend.commit(unit, last, &letters).await?;
+                            return Ok(stats);
+                        }
+                        Some(Err(error)) => {
+                            tracing::debug!(%error, "set-based apply failed; applying one event at a time");
+                            drop(unit);
+                            continue 'attempt;
+                        }
+                        None => {}
+                    }
+                }
                 for (i, event) in events.iter().enumerate() {
                     if dead[i] {
                         stats.dead += 1;

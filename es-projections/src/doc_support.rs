@@ -13,13 +13,62 @@ use crate::Error;
 pub struct Balances {
     /// The projection's name.
     pub name: String,
+    /// Whether to apply whole batches with one set-based statement.
+    pub batched: bool,
 }
 
 impl Default for Balances {
     fn default() -> Self {
         Self {
             name: "balances".to_owned(),
+            batched: true,
         }
+    }
+}
+
+impl Balances {
+    fn amount(&self, event: &RecordedEvent) -> Result<i64, ProjectionError> {
+        event
+            .payload
+            .to_value()
+            .ok()
+            .and_then(|v| v["amount"].as_i64())
+            .ok_or_else(|| ProjectionError::InvalidEvent {
+                projection: self.name.clone(),
+                event_id: event.event_id,
+                position: event.position,
+                reason: "no integer amount".into(),
+            })
+    }
+
+    async fn apply_all(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        // One row per account: ON CONFLICT cannot touch a row twice.
+        let mut sums = std::collections::BTreeMap::<&str, (i64, i64)>::new();
+        for event in events {
+            let sum = sums.entry(event.stream_id.as_str()).or_default();
+            sum.0 += self.amount(event)?;
+            sum.1 += 1;
+        }
+        let accounts: Vec<&str> = sums.keys().copied().collect();
+        let totals: Vec<i64> = sums.values().map(|s| s.0).collect();
+        let counts: Vec<i64> = sums.values().map(|s| s.1).collect();
+        sqlx::query(
+            "INSERT INTO balances (account, total, events) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
+             ON CONFLICT (account) DO UPDATE SET total = balances.total + EXCLUDED.total, \
+             events = balances.events + EXCLUDED.events",
+        )
+        .bind(accounts)
+        .bind(totals)
+        .bind(counts)
+        .execute(tx)
+        .await
+        .map_err(|e| storage(&self.name, e))?;
+        Ok(())
     }
 }
 
@@ -46,17 +95,7 @@ impl Projection for Balances {
         tx: &mut PgConnection,
         event: &RecordedEvent,
     ) -> Result<(), ProjectionError> {
-        let amount = event
-            .payload
-            .to_value()
-            .ok()
-            .and_then(|v| v["amount"].as_i64())
-            .ok_or_else(|| ProjectionError::InvalidEvent {
-                projection: self.name.clone(),
-                event_id: event.event_id,
-                position: event.position,
-                reason: "no integer amount".into(),
-            })?;
+        let amount = self.amount(event)?;
         sqlx::query(
             "INSERT INTO balances (account, total, events) VALUES ($1, $2, 1) \
              ON CONFLICT (account) DO UPDATE SET total = balances.total + EXCLUDED.total, \
@@ -81,6 +120,18 @@ impl PgProjection for Balances {
         .await
         .map_err(|e| storage(&self.name, e))?;
         Ok(())
+    }
+
+    async fn apply_batch<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> Option<Result<(), ProjectionError>> {
+        if self.batched {
+            Some(self.apply_all(conn, events).await)
+        } else {
+            None
+        }
     }
 }
 

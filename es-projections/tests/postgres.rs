@@ -296,9 +296,7 @@ async fn the_checkpoint_fence_stops_concurrent_writers_from_applying_twice() {
                 &model,
                 &store,
                 &ledger,
-                RunnerOptions::default()
-                    .batch_size(batch)
-                    .max_consecutive_failures(1_000),
+                RunnerOptions::default().batch_size(batch),
             )
             .with_leader_election(false)
             .spawn()

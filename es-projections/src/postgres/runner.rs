@@ -8,7 +8,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_core::{EventStore, Position, Projection, ProjectionError};
+use es_core::{EventStore, Position, Projection, ProjectionError, RecordedEvent};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
@@ -33,6 +33,22 @@ pub trait PgProjection: Projection<Tx = PgConnection> {
         &self,
         conn: &mut PgConnection,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Applies a whole batch of accepted events (in log order) with
+    /// set-based SQL, for throughput. Return `None` (the default) when the
+    /// projection has no such form: the runner then calls `apply` per event.
+    ///
+    /// Must have the same effect as applying the events one by one. When it
+    /// fails, the runner rolls the batch back and applies it again event by
+    /// event, so the failing event is named (or set aside as a dead letter).
+    fn apply_batch<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        events: &'a [&'a RecordedEvent],
+    ) -> impl Future<Output = Option<Result<(), ProjectionError>>> + Send + 'a {
+        let _ = (conn, events);
+        async { None }
+    }
 }
 
 /// Runs a [`PgProjection`] from its checkpoint: batches of events applied
@@ -438,6 +454,15 @@ impl<P: PgProjection> Backend<P> for PgBackend {
 
     fn tx(unit: &mut Self::Unit) -> &mut PgConnection {
         unit
+    }
+
+    fn apply_batch<'a>(
+        &'a self,
+        projection: &'a P,
+        unit: &'a mut Self::Unit,
+        events: &'a [&'a RecordedEvent],
+    ) -> impl Future<Output = Option<Result<(), ProjectionError>>> + Send + 'a {
+        projection.apply_batch(unit, events)
     }
 
     async fn commit(
