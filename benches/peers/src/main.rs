@@ -1,0 +1,435 @@
+//! es-postgres (through es-core's `Repository`) beside `postgres-es` +
+//! `cqrs-es` (event-sourced, no snapshots), executing the same commands on
+//! the same aggregate shape against the same database, measured alternately
+//! in slices so load changes on the machine hit both alike.
+//!
+//! ```text
+//! cargo run --release --manifest-path benches/peers/Cargo.toml
+//! BENCH_SECS=6 cargo run --release --manifest-path benches/peers/Cargo.toml
+//! ```
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{CqrsFramework, EventEnvelope};
+use es_core::{EventStore, Metadata, Repository, SnapshotPolicy};
+use es_postgres::{PostgresEventStore, PostgresSnapshotStore};
+use postgres_es::PostgresEventRepository;
+use serde::{Deserialize, Serialize};
+
+// ---------- the shared domain: an order with items ----------
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Item {
+    product_id: String,
+    name: String,
+    unit_price: String,
+    quantity: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Created {
+    order_id: String,
+    customer_email: String,
+    items: Vec<Item>,
+    total: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum OrderEvent {
+    OrderCreated(Created),
+    ItemAdded(Item),
+}
+
+#[derive(Clone, Debug)]
+enum OrderCommand {
+    Create,
+    AddItems(u32),
+}
+
+#[derive(Debug)]
+struct Refused;
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("refused")
+    }
+}
+impl std::error::Error for Refused {}
+
+fn item() -> Item {
+    Item {
+        product_id: "5d0c".into(),
+        name: "Walnut Desk".into(),
+        unit_price: "199.99".into(),
+        quantity: 2,
+    }
+}
+
+fn created() -> Created {
+    Created {
+        order_id: "0b7a3c1e-6d0e-4b8e-9a57-2f1c6e9d4a11".into(),
+        customer_email: "ada@example.com".into(),
+        items: vec![item()],
+        total: "399.98".into(),
+    }
+}
+
+#[derive(Default, Debug, Serialize, Deserialize)]
+struct Order {
+    created: bool,
+    items: u64,
+    total_quantity: u64,
+}
+
+impl Order {
+    fn decide(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, Refused> {
+        match command {
+            OrderCommand::Create if !self.created => Ok(vec![OrderEvent::OrderCreated(created())]),
+            OrderCommand::Create => Err(Refused),
+            OrderCommand::AddItems(n) => {
+                Ok((0..n).map(|_| OrderEvent::ItemAdded(item())).collect())
+            }
+        }
+    }
+
+    fn evolve(&mut self, event: &OrderEvent) {
+        match event {
+            OrderEvent::OrderCreated(c) => {
+                self.created = true;
+                self.items += c.items.len() as u64;
+            }
+            OrderEvent::ItemAdded(i) => {
+                self.items += 1;
+                self.total_quantity += u64::from(i.quantity);
+            }
+        }
+    }
+}
+
+// es-core side.
+impl es_core::DomainEvent for OrderEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::OrderCreated(_) => "OrderCreated",
+            Self::ItemAdded(_) => "ItemAdded",
+        }
+    }
+}
+
+impl es_core::Aggregate for Order {
+    type Event = OrderEvent;
+    type Command = OrderCommand;
+    type Error = Refused;
+    const TYPE: &'static str = "order";
+    fn apply(&mut self, event: &OrderEvent) {
+        self.evolve(event);
+    }
+    fn handle(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, Refused> {
+        self.decide(command)
+    }
+}
+
+// cqrs-es side: the same state and events.
+impl cqrs_es::DomainEvent for OrderEvent {
+    fn event_type(&self) -> String {
+        es_core::DomainEvent::event_type(self).to_owned()
+    }
+    fn event_version(&self) -> String {
+        "1".to_owned()
+    }
+}
+
+#[derive(Default, Debug, Serialize, Deserialize)]
+struct CqrsOrder(Order);
+
+impl cqrs_es::Aggregate for CqrsOrder {
+    const TYPE: &'static str = "order";
+    type Command = OrderCommand;
+    type Event = OrderEvent;
+    type Error = Refused;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: OrderCommand,
+        _services: &(),
+        sink: &cqrs_es::event_sink::EventSink<Self>,
+    ) -> Result<(), Refused> {
+        for event in self.0.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: OrderEvent) {
+        self.0.evolve(&event);
+    }
+}
+
+struct NoQuery;
+#[allow(dead_code)]
+fn _unused(_: EventEnvelope<CqrsOrder>) {}
+
+type Cqrs = CqrsFramework<CqrsOrder, PersistedEventStore<PostgresEventRepository, CqrsOrder>>;
+
+// ---------- harness ----------
+
+fn secs() -> Duration {
+    Duration::from_secs_f64(
+        std::env::var("BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3.0),
+    )
+}
+
+async fn run_for<F, Fut>(concurrency: usize, time: Duration, op: Arc<F>) -> f64
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + time;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let op = op.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    op(worker).await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("worker panicked");
+    }
+    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Alternates `a` and `b` in three slices each; returns their ops/s.
+async fn pair<F, Fut, G, Gut>(concurrency: usize, a: F, b: G) -> (f64, f64)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+    G: Fn(usize) -> Gut + Send + Sync + 'static,
+    Gut: Future<Output = ()> + Send,
+{
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    // Warm up both.
+    run_for(concurrency, Duration::from_millis(200), a.clone()).await;
+    run_for(concurrency, Duration::from_millis(200), b.clone()).await;
+    let slice = secs() / 3;
+    let (mut ra, mut rb) = (0.0, 0.0);
+    for _ in 0..3 {
+        ra += run_for(concurrency, slice, a.clone()).await;
+        rb += run_for(concurrency, slice, b.clone()).await;
+    }
+    (ra / 3.0, rb / 3.0)
+}
+
+fn report(name: &str, ours: f64, theirs: f64, unit: &str) {
+    println!(
+        "| {name} | {ours:.0} {unit} | {theirs:.0} {unit} | {:.2}x |",
+        ours / theirs
+    );
+}
+
+fn id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let (pool, schema) = es_postgres::testing::fresh_schema_with(40).await;
+    // postgres-es's tables (its db/init.sql), in the same schema.
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE \"{schema}\".cqrs_events (
+            aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+            sequence bigint CHECK (sequence >= 0) NOT NULL,
+            event_type text NOT NULL, event_version text NOT NULL,
+            payload json NOT NULL, metadata json NOT NULL,
+            PRIMARY KEY (aggregate_type, aggregate_id, sequence));
+         CREATE TABLE \"{schema}\".cqrs_snapshots (
+            aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+            last_sequence bigint CHECK (last_sequence >= 0) NOT NULL,
+            current_snapshot bigint CHECK (current_snapshot >= 0) NOT NULL,
+            payload json NOT NULL,
+            PRIMARY KEY (aggregate_type, aggregate_id, last_sequence));"
+    ))
+    .execute(&pool)
+    .await
+    .expect("create postgres-es tables");
+
+    let store = PostgresEventStore::new(pool.clone(), schema.clone());
+    let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
+    let repo = Arc::new(Repository::<Order>::new(dyn_store.clone()));
+    let snap_repo = Arc::new(Repository::<Order>::new(dyn_store.clone()).with_snapshots(
+        Arc::new(PostgresSnapshotStore::new(pool.clone(), &schema)),
+        SnapshotPolicy::Every(100),
+        1,
+    ));
+    let events_table = format!("\"{schema}\".cqrs_events");
+    let snapshots_table = format!("\"{schema}\".cqrs_snapshots");
+    let cqrs_repo =
+        PostgresEventRepository::new(pool.clone()).with_tables(&events_table, &snapshots_table);
+    let cqrs: Arc<Cqrs> = Arc::new(CqrsFramework::new(
+        PersistedEventStore::new_event_store(cqrs_repo),
+        vec![],
+        (),
+    ));
+    let _ = NoQuery;
+
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&pool)
+        .await
+        .expect("version");
+    println!(
+        "PostgreSQL {version}; schema {schema}; {} s per side per measurement",
+        secs().as_secs_f64()
+    );
+    println!();
+    println!("| command | es-postgres + Repository | postgres-es + cqrs-es | ratio |");
+    println!("|---|---|---|---|");
+    let meta = Metadata::new();
+
+    // 1. A command creating a new aggregate (load: empty; one event).
+    for c in [1usize, 8, 32] {
+        let (r, m) = (repo.clone(), meta.clone());
+        let ours = move |_w: usize| {
+            let (r, m) = (r.clone(), m.clone());
+            async move {
+                r.execute(id(), OrderCommand::Create, &m)
+                    .await
+                    .expect("ours");
+            }
+        };
+        let q = cqrs.clone();
+        let theirs = move |_w: usize| {
+            let q = q.clone();
+            async move {
+                q.execute(&id(), OrderCommand::Create)
+                    .await
+                    .expect("cqrs-es");
+            }
+        };
+        let (o, t) = pair(c, ours, theirs).await;
+        report(
+            &format!("create (1 event, new aggregate), {c} clients"),
+            o,
+            t,
+            "cmd/s",
+        );
+    }
+
+    // 2. A command producing 100 events on a new aggregate.
+    for c in [1usize, 8] {
+        let (r, m) = (repo.clone(), meta.clone());
+        let ours = move |_w: usize| {
+            let (r, m) = (r.clone(), m.clone());
+            async move {
+                r.execute(id(), OrderCommand::AddItems(100), &m)
+                    .await
+                    .expect("ours");
+            }
+        };
+        let q = cqrs.clone();
+        let theirs = move |_w: usize| {
+            let q = q.clone();
+            async move {
+                q.execute(&id(), OrderCommand::AddItems(100))
+                    .await
+                    .expect("cqrs-es");
+            }
+        };
+        let (o, t) = pair(c, ours, theirs).await;
+        report(
+            &format!("100-event command, {c} clients"),
+            o * 100.0,
+            t * 100.0,
+            "events/s",
+        );
+    }
+
+    // 3. A one-event command on an aggregate of 1,000 events (load 1,000,
+    //    decide, append 1), one aggregate per client.
+    for c in [1usize, 8] {
+        let ours_ids: Arc<Vec<String>> = Arc::new((0..c).map(|_| id()).collect());
+        let theirs_ids: Arc<Vec<String>> = Arc::new((0..c).map(|_| id()).collect());
+        for i in 0..c {
+            for _ in 0..10 {
+                repo.execute(&ours_ids[i], OrderCommand::AddItems(100), &meta)
+                    .await
+                    .expect("seed ours");
+                cqrs.execute(&theirs_ids[i], OrderCommand::AddItems(100))
+                    .await
+                    .expect("seed cqrs-es");
+            }
+        }
+        let (r, m, ids) = (repo.clone(), meta.clone(), ours_ids.clone());
+        let ours = move |w: usize| {
+            let (r, m, ids) = (r.clone(), m.clone(), ids.clone());
+            async move {
+                r.execute(&ids[w], OrderCommand::AddItems(1), &m)
+                    .await
+                    .expect("ours");
+            }
+        };
+        let (q, ids) = (cqrs.clone(), theirs_ids.clone());
+        let theirs = move |w: usize| {
+            let (q, ids) = (q.clone(), ids.clone());
+            async move {
+                q.execute(&ids[w], OrderCommand::AddItems(1))
+                    .await
+                    .expect("cqrs-es");
+            }
+        };
+        let (o, t) = pair(c, ours, theirs).await;
+        report(
+            &format!("1-event command on a 1,000-event aggregate, no snapshots, {c} clients"),
+            o,
+            t,
+            "cmd/s",
+        );
+        if c == 1 {
+            let snap_ids: Arc<Vec<String>> = Arc::new(vec![id()]);
+            for _ in 0..10 {
+                snap_repo
+                    .execute(&snap_ids[0], OrderCommand::AddItems(100), &meta)
+                    .await
+                    .expect("seed");
+            }
+            let (r, m, ids) = (snap_repo.clone(), meta.clone(), snap_ids.clone());
+            let ours_snap = move |w: usize| {
+                let (r, m, ids) = (r.clone(), m.clone(), ids.clone());
+                async move {
+                    r.execute(&ids[w], OrderCommand::AddItems(1), &m)
+                        .await
+                        .expect("ours");
+                }
+            };
+            let (q, ids) = (cqrs.clone(), theirs_ids.clone());
+            let theirs = move |w: usize| {
+                let (q, ids) = (q.clone(), ids.clone());
+                async move {
+                    q.execute(&ids[w], OrderCommand::AddItems(1))
+                        .await
+                        .expect("cqrs-es");
+                }
+            };
+            let (o, t) = pair(1, ours_snap, theirs).await;
+            report(
+                "same, es-postgres with snapshots every 100 vs postgres-es without, 1 client",
+                o,
+                t,
+                "cmd/s",
+            );
+        }
+    }
+    let _ = store;
+}
