@@ -23,7 +23,7 @@ use crate::error::{store_error, PgError, Result};
 use crate::schema::{quoted, validate_schema};
 
 /// The shortest time between two `NOTIFY`s of one store under load.
-const NOTIFY_INTERVAL: Duration = Duration::from_millis(2);
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// The default largest batch one append takes.
 pub const DEFAULT_MAX_BATCH: usize = 10_000;
