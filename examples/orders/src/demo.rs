@@ -43,10 +43,17 @@ pub async fn run(payment_timeout: Duration) -> Result<Vec<DemoRow>> {
         ..Config::default()
     })
     .await?;
-    let widget = system.inventory.create_product("Widget", "12.50", 10).await?;
+    let widget = system
+        .inventory
+        .create_product("Widget", "12.50", 10)
+        .await?;
     let gadget = system.inventory.create_product("Gadget", "3.20", 1).await?;
     for id in [widget, gadget] {
-        system.orders.catalog().get_or_wait(id, Duration::from_secs(5)).await;
+        system
+            .orders
+            .catalog()
+            .get_or_wait(id, Duration::from_secs(5))
+            .await;
     }
     let late = format!("tok_delay_{}", payment_timeout.as_millis() + 500);
     let scenarios: Vec<(&'static str, Uuid, i64, String, bool)> = vec![
@@ -84,7 +91,8 @@ pub async fn run(payment_timeout: Duration) -> Result<Vec<DemoRow>> {
         rows.push((scenario, order_id, status));
     }
     // Let compensations (refunds, releases, notifications) finish.
-    tokio::time::sleep(payment_timeout.min(Duration::from_secs(2)) + Duration::from_millis(700)).await;
+    tokio::time::sleep(payment_timeout.min(Duration::from_secs(2)) + Duration::from_millis(700))
+        .await;
     let mut out = Vec::new();
     for (scenario, order_id, status) in rows {
         let view = system.query.order(order_id, None).await.ok();
@@ -104,7 +112,11 @@ pub async fn run(payment_timeout: Duration) -> Result<Vec<DemoRow>> {
         });
     }
     let stock = system.inventory.product(widget).await?;
-    tracing::info!(available = stock.available, reserved = stock.reserved, "widget stock after the demo");
+    tracing::info!(
+        available = stock.available,
+        reserved = stock.reserved,
+        "widget stock after the demo"
+    );
     system.shutdown().await;
     Ok(out)
 }

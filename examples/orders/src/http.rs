@@ -66,11 +66,17 @@ impl From<Error> for ApiError {
                     field: Some(field),
                 },
             },
-            e @ Error::UnknownProduct { .. } => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_product", e.to_string())
+            e @ Error::UnknownProduct { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_product",
+                e.to_string(),
+            ),
+            e @ Error::NotFound { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
-            e @ Error::NotFound { .. } => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-            Error::Conflict { message } => Self::new(StatusCode::CONFLICT, "illegal_transition", message),
+            Error::Conflict { message } => {
+                Self::new(StatusCode::CONFLICT, "illegal_transition", message)
+            }
             e @ Error::IdempotencyKeyReused { .. } => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",

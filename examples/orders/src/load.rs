@@ -88,7 +88,10 @@ impl std::fmt::Display for LoadReport {
 #[derive(Clone)]
 enum Driver {
     Embedded(Arc<System>),
-    Http { client: reqwest::Client, base: String },
+    Http {
+        client: reqwest::Client,
+        base: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -116,8 +119,15 @@ impl Driver {
         let price = format!("{}.{:02}", 1 + i % 50, i % 100);
         match self {
             Self::Embedded(system) => {
-                let id = system.inventory.create_product(&name, &price, 1_000_000_000).await?;
-                system.orders.catalog().get_or_wait(id, Duration::from_secs(10)).await;
+                let id = system
+                    .inventory
+                    .create_product(&name, &price, 1_000_000_000)
+                    .await?;
+                system
+                    .orders
+                    .catalog()
+                    .get_or_wait(id, Duration::from_secs(10))
+                    .await;
                 Ok(id)
             }
             Self::Http { client, base } => {
@@ -128,7 +138,10 @@ impl Driver {
                     .await
                     .map_err(http_err)?;
                 if !res.status().is_success() {
-                    return Err(http_err(format!("creating a product answered {}", res.status())));
+                    return Err(http_err(format!(
+                        "creating a product answered {}",
+                        res.status()
+                    )));
                 }
                 Ok(res.json::<Created>().await.map_err(http_err)?.product_id)
             }
@@ -146,7 +159,10 @@ impl Driver {
                     .await
                     .map_err(http_err)?;
                 if res.status() != reqwest::StatusCode::ACCEPTED {
-                    return Err(http_err(format!("placing an order answered {}", res.status())));
+                    return Err(http_err(format!(
+                        "placing an order answered {}",
+                        res.status()
+                    )));
                 }
                 Ok(res.json::<Placed>().await.map_err(http_err)?.order_id)
             }
@@ -164,7 +180,9 @@ impl Driver {
             Self::Http { client, base } => {
                 for _ in 0..6 {
                     let res = client
-                        .get(format!("{base}/api/orders/{order_id}?wait_terminal_ms=10000"))
+                        .get(format!(
+                            "{base}/api/orders/{order_id}?wait_terminal_ms=10000"
+                        ))
                         .send()
                         .await
                         .ok()?;
@@ -203,7 +221,11 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
                 })
                 .await?,
             );
-            (Driver::Embedded(Arc::clone(&system)), Some(system), "embedded (in process)".to_owned())
+            (
+                Driver::Embedded(Arc::clone(&system)),
+                Some(system),
+                "embedded (in process)".to_owned(),
+            )
         }
     };
     let mut products = Vec::with_capacity(options.products);
@@ -227,7 +249,9 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(Error::internal)?,
     ));
     let started = Instant::now();
-    let sampler = embedded.as_ref().map(|system| tokio::spawn(sample(Arc::clone(system))));
+    let sampler = embedded
+        .as_ref()
+        .map(|system| tokio::spawn(sample(Arc::clone(system))));
     let mut workers = Vec::new();
     for worker in 0..options.concurrency.max(1) {
         let (driver, next, counts, histogram, bar, products) = (
@@ -287,7 +311,10 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    let h = histogram.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let h = histogram
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     drop(driver);
     if let Some(sampler) = sampler {
         sampler.abort();
@@ -322,7 +349,12 @@ async fn sample(system: Arc<System>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let depths: Vec<String> = crate::system::groups::ALL
             .iter()
-            .map(|g| format!("{g}={}", system.memory_bus().map_or(0, |b| b.queue_depth(g))))
+            .map(|g| {
+                format!(
+                    "{g}={}",
+                    system.memory_bus().map_or(0, |b| b.queue_depth(g))
+                )
+            })
             .collect();
         let head = store.head().await.map(|p| p.major()).unwrap_or_default();
         let projected = system.query.projection().position().major();

@@ -148,7 +148,19 @@ mod tests {
             assert_eq!(m.minor_units(), minor, "{s}");
             assert_eq!(m.to_string(), back);
         }
-        for bad in ["", ".5", "1.", "1.234", "-1", "+1", "1e3", "abc", "1.2.3", " 1", "99999999999999999"] {
+        for bad in [
+            "",
+            ".5",
+            "1.",
+            "1.234",
+            "-1",
+            "+1",
+            "1e3",
+            "abc",
+            "1.2.3",
+            " 1",
+            "99999999999999999",
+        ] {
             assert!(bad.parse::<Money>().is_err(), "{bad:?} parsed");
         }
     }

@@ -47,7 +47,10 @@ pub struct RecordingSink {
 impl RecordingSink {
     /// Everything sent so far.
     pub fn sent(&self) -> Vec<SentNotification> {
-        self.sent.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// What was sent about an order.
@@ -106,12 +109,15 @@ impl NotificationService {
     /// Handles a notification command: sends it unless this order and kind
     /// was already notified.
     pub async fn handle_command(&self, message: &Message) -> Outcome {
-        let NotificationCommandMessage::NotifyCustomer(c) = match EventCodec::<NotificationCommandMessage>::new()
-            .decode_parts(&message.message_type, message.schema_version, &message.payload)
-        {
-            Ok(c) => c,
-            Err(e) => return Outcome::dead_letter(e),
-        };
+        let NotificationCommandMessage::NotifyCustomer(c) =
+            match EventCodec::<NotificationCommandMessage>::new().decode_parts(
+                &message.message_type,
+                message.schema_version,
+                &message.payload,
+            ) {
+                Ok(c) => c,
+                Err(e) => return Outcome::dead_letter(e),
+            };
         let key = Uuid::new_v5(
             &NAMESPACE,
             format!("{}:{}", c.order_id, c.kind.as_str()).as_bytes(),

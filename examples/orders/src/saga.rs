@@ -251,8 +251,7 @@ impl OrderSaga {
         if let Some(reason) = &self.payment_refused {
             return Some(format!("payment declined: {reason}"));
         }
-        self.timed_out
-            .then(|| "payment timed out".to_owned())
+        self.timed_out.then(|| "payment timed out".to_owned())
     }
 
     /// Where it stands.
@@ -276,7 +275,11 @@ impl OrderSaga {
         }
         let not = |s: Step| !self.issued.contains(&s);
         if self.completed {
-            due.extend([Step::CommitStock, Step::NotifyConfirmed].into_iter().filter(|s| not(*s)));
+            due.extend(
+                [Step::CommitStock, Step::NotifyConfirmed]
+                    .into_iter()
+                    .filter(|s| not(*s)),
+            );
             return due;
         }
         if self.failure().is_some() {
@@ -386,7 +389,11 @@ impl OrderSaga {
     }
 
     /// Learns `fact`, then issues every step now due, as one state event.
-    fn decide(&self, fact: Option<Fact>, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {
+    fn decide(
+        &self,
+        fact: Option<Fact>,
+        now: DateTime<Utc>,
+    ) -> Reaction<OrderSagaEvent, SagaCommand> {
         let mut next = self.clone();
         if let Some(fact) = &fact {
             next.learn(fact);
@@ -443,11 +450,7 @@ impl OrderSaga {
                     topics::ORDER_COMMANDS,
                     SagaCommand::ConfirmOrderPayment(messages::ConfirmOrderPayment {
                         order_id,
-                        transaction_id: next
-                            .paid
-                            .as_ref()
-                            .map(|p| p.0.clone())
-                            .unwrap_or_default(),
+                        transaction_id: next.paid.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
                     }),
                 ),
                 Step::Complete => reaction.send(
@@ -506,7 +509,9 @@ impl OrderSaga {
         }
         advanced.issued = steps;
         if advanced.learnt.is_some() || !advanced.issued.is_empty() {
-            reaction.events.insert(0, OrderSagaEvent::Advanced(advanced));
+            reaction
+                .events
+                .insert(0, OrderSagaEvent::Advanced(advanced));
         }
         reaction
     }
@@ -533,7 +538,11 @@ impl Saga for OrderSaga {
         }
     }
 
-    fn react(&self, input: &SagaInput, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {
+    fn react(
+        &self,
+        input: &SagaInput,
+        now: DateTime<Utc>,
+    ) -> Reaction<OrderSagaEvent, SagaCommand> {
         self.decide(self.fact(input), now)
     }
 

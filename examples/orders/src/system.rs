@@ -202,7 +202,11 @@ impl System {
         let inventory = Arc::new(InventoryService::new(
             Repository::new(Arc::clone(&store))
                 .with_retry(hot)
-                .with_snapshots(Arc::clone(&backends.snapshots), SnapshotPolicy::Every(64), 1),
+                .with_snapshots(
+                    Arc::clone(&backends.snapshots),
+                    SnapshotPolicy::Every(64),
+                    1,
+                ),
             Repository::new(Arc::clone(&store)).with_retry(hot),
         ));
         let payments = Arc::new(PaymentService::new(
@@ -238,8 +242,14 @@ impl System {
                 "OrderCancelled",
             ],
         );
-        saga_bindings.extend(on(topics::INVENTORY, &["InventoryReserved", "InventoryReservationFailed"]));
-        saga_bindings.extend(on(topics::PAYMENT, &["PaymentSucceeded", "PaymentDeclined"]));
+        saga_bindings.extend(on(
+            topics::INVENTORY,
+            &["InventoryReserved", "InventoryReservationFailed"],
+        ));
+        saga_bindings.extend(on(
+            topics::PAYMENT,
+            &["PaymentSucceeded", "PaymentDeclined"],
+        ));
         let wiring: Vec<(Subscription, Arc<dyn MessageHandler>)> = vec![
             (
                 sub(groups::SAGA, &saga_bindings),
@@ -254,15 +264,24 @@ impl System {
                 Arc::new(CatalogHandler(Arc::clone(&catalog))),
             ),
             (
-                sub(groups::INVENTORY, &[format!("{}.*", topics::INVENTORY_COMMANDS)]),
+                sub(
+                    groups::INVENTORY,
+                    &[format!("{}.*", topics::INVENTORY_COMMANDS)],
+                ),
                 Arc::new(InventoryCommandHandler(Arc::clone(&inventory))),
             ),
             (
-                sub(groups::PAYMENT, &[format!("{}.*", topics::PAYMENT_COMMANDS)]),
+                sub(
+                    groups::PAYMENT,
+                    &[format!("{}.*", topics::PAYMENT_COMMANDS)],
+                ),
                 Arc::new(PaymentCommandHandler(Arc::clone(&payments))),
             ),
             (
-                sub(groups::NOTIFICATION, &[format!("{}.*", topics::NOTIFICATION_COMMANDS)]),
+                sub(
+                    groups::NOTIFICATION,
+                    &[format!("{}.*", topics::NOTIFICATION_COMMANDS)],
+                ),
                 Arc::new(NotificationHandler(Arc::clone(&notifications))),
             ),
         ];
@@ -357,7 +376,9 @@ impl System {
             )
             .route("/metrics", get(metrics_text))
             .route("/openapi.json", get(|| async { Json(openapi()) }))
-            .layer(axum::extract::DefaultBodyLimit::max(crate::http::MAX_BODY_BYTES))
+            .layer(axum::extract::DefaultBodyLimit::max(
+                crate::http::MAX_BODY_BYTES,
+            ))
     }
 
     /// Stops every consumer and background task.

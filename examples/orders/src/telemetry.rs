@@ -56,7 +56,8 @@ pub(crate) async fn gauges(
         }
         if let Some(bus) = &bus {
             for group in groups::ALL {
-                metrics::gauge!("bus_queue_depth", "group" => group).set(bus.queue_depth(group) as f64);
+                metrics::gauge!("bus_queue_depth", "group" => group)
+                    .set(bus.queue_depth(group) as f64);
             }
         }
         if let Ok(lag) = query.projection().lag().await {
@@ -66,7 +67,9 @@ pub(crate) async fn gauges(
                 .set(lag.seconds);
         }
         let relayed = *relay.borrow();
-        if let Ok(lag) = es_projections::telemetry::measure_lag(store.as_ref(), relayed, 10_000).await {
+        if let Ok(lag) =
+            es_projections::telemetry::measure_lag(store.as_ref(), relayed, 10_000).await
+        {
             metrics::gauge!("relay_lag_events").set(lag.events as f64);
         }
     }

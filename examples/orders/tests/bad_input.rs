@@ -15,28 +15,72 @@ async fn bad_orders_are_refused_and_change_nothing() {
     let unknown = uuid::Uuid::now_v7().to_string();
     let good_item = json!([{"product_id": widget, "quantity": 1}]);
     let cases = [
-        (json!({"customer_email": "a@b.co", "items": [], "payment": {"card_token": "tok_ok"}}), StatusCode::UNPROCESSABLE_ENTITY, "items"),
-        (json!({"customer_email": "a@b.co", "items": [{"product_id": widget, "quantity": 0}], "payment": {"card_token": "tok_ok"}}), StatusCode::UNPROCESSABLE_ENTITY, "items[0].quantity"),
-        (json!({"customer_email": "a@b.co", "items": [{"product_id": widget, "quantity": -3}], "payment": {"card_token": "tok_ok"}}), StatusCode::UNPROCESSABLE_ENTITY, "items[0].quantity"),
-        (json!({"customer_email": "not-an-email", "items": good_item, "payment": {"card_token": "tok_ok"}}), StatusCode::UNPROCESSABLE_ENTITY, "customer_email"),
-        (json!({"customer_email": "a@b.co", "items": [{"product_id": unknown, "quantity": 1}], "payment": {"card_token": "tok_ok"}}), StatusCode::UNPROCESSABLE_ENTITY, "unknown product"),
-        (json!({"customer_email": "a@b.co", "items": good_item, "payment": {"card_token": ""}}), StatusCode::UNPROCESSABLE_ENTITY, "payment.card_token"),
-        (json!({"customer_email": "a@b.co", "items": good_item}), StatusCode::UNPROCESSABLE_ENTITY, "payment"),
-        (json!({"customer_email": "a@b.co", "items": good_item, "payment": {"card_token": "tok_ok"}, "total": "0.01"}), StatusCode::UNPROCESSABLE_ENTITY, "total"),
-        (json!({"customer_email": "a@b.co", "items": [{"product_id": "nope", "quantity": 1}], "payment": {"card_token": "tok_ok"}}), StatusCode::UNPROCESSABLE_ENTITY, "product_id"),
+        (
+            json!({"customer_email": "a@b.co", "items": [], "payment": {"card_token": "tok_ok"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "items",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": [{"product_id": widget, "quantity": 0}], "payment": {"card_token": "tok_ok"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "items[0].quantity",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": [{"product_id": widget, "quantity": -3}], "payment": {"card_token": "tok_ok"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "items[0].quantity",
+        ),
+        (
+            json!({"customer_email": "not-an-email", "items": good_item, "payment": {"card_token": "tok_ok"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "customer_email",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": [{"product_id": unknown, "quantity": 1}], "payment": {"card_token": "tok_ok"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown product",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": good_item, "payment": {"card_token": ""}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "payment.card_token",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": good_item}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "payment",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": good_item, "payment": {"card_token": "tok_ok"}, "total": "0.01"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "total",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": [{"product_id": "nope", "quantity": 1}], "payment": {"card_token": "tok_ok"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "product_id",
+        ),
     ];
     for (body, status, mention) in cases {
         let (code, answer) = app.post("/api/orders", body.clone()).await;
         assert_eq!(code, status, "{body} -> {answer}");
         let message = answer["message"].as_str().unwrap_or_default();
         assert!(answer["code"].is_string(), "{answer}");
-        assert!(message.contains(mention), "{body}: {message:?} should mention {mention:?}");
+        assert!(
+            message.contains(mention),
+            "{body}: {message:?} should mention {mention:?}"
+        );
     }
     // Malformed JSON, wrong content type, oversized body.
     let raw = |body: Vec<u8>, ct: &str| {
-        Request::post("/api/orders").header("content-type", ct).body(Body::from(body)).unwrap()
+        Request::post("/api/orders")
+            .header("content-type", ct)
+            .body(Body::from(body))
+            .unwrap()
     };
-    let (code, answer) = app.raw(raw(b"{\"customer_email\": ".to_vec(), "application/json")).await;
+    let (code, answer) = app
+        .raw(raw(b"{\"customer_email\": ".to_vec(), "application/json"))
+        .await;
     assert_eq!(code, StatusCode::BAD_REQUEST, "{answer}");
     assert_eq!(answer["code"], "malformed_json");
     let (code, answer) = app.raw(raw(b"{}".to_vec(), "text/plain")).await;
@@ -57,13 +101,23 @@ async fn bad_orders_are_refused_and_change_nothing() {
         assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {answer}");
         assert_eq!(answer["field"], field, "{answer}");
     }
-    let (code, _) = app.post(&format!("/api/products/{widget}/restock"), json!({"quantity": 0})).await;
+    let (code, _) = app
+        .post(
+            &format!("/api/products/{widget}/restock"),
+            json!({"quantity": 0}),
+        )
+        .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
     let (code, answer) = app.get("/api/products/not-a-uuid").await;
-    assert_eq!((code, answer["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!(
+        (code, answer["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
     let (code, _) = app.get(&format!("/api/orders/{unknown}")).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
-    let (code, _) = app.get(&format!("/api/orders/{unknown}?min_position=nonsense")).await;
+    let (code, _) = app
+        .get(&format!("/api/orders/{unknown}?min_position=nonsense"))
+        .await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
     // Nothing was written by any of it.
     assert_eq!(app.system.store().head().await.unwrap(), head_before);
@@ -77,11 +131,18 @@ async fn idempotency_keys() {
     let widget = app.product("Widget", "2.00", 100).await;
     let body = json!({"customer_email": "ivy@example.com", "items": [{"product_id": widget, "quantity": 1}], "payment": {"card_token": "tok_ok"}});
     let key = [("idempotency-key", "order-42")];
-    let (code, first) = app.call("POST", "/api/orders", Some(body.clone()), &key).await;
+    let (code, first) = app
+        .call("POST", "/api/orders", Some(body.clone()), &key)
+        .await;
     assert_eq!(code, StatusCode::ACCEPTED, "{first}");
-    let (code, again) = app.call("POST", "/api/orders", Some(body.clone()), &key).await;
+    let (code, again) = app
+        .call("POST", "/api/orders", Some(body.clone()), &key)
+        .await;
     assert_eq!(code, StatusCode::ACCEPTED);
-    assert_eq!(first, again, "the same key and body answer the first answer");
+    assert_eq!(
+        first, again,
+        "the same key and body answer the first answer"
+    );
     let mut other = body.clone();
     other["items"][0]["quantity"] = json!(2);
     let (code, answer) = app.call("POST", "/api/orders", Some(other), &key).await;
@@ -101,7 +162,10 @@ async fn idempotency_keys() {
                 .unwrap();
             let res = router.oneshot(req).await.unwrap();
             assert_eq!(res.status(), StatusCode::ACCEPTED);
-            let bytes = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+            let bytes = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
             serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["order_id"].clone()
         }));
     }

@@ -10,11 +10,18 @@ async fn happy_path_completes_and_notifies() {
     let app = common::app().await;
     let widget = app.product("Widget", "12.50", 10).await;
     let gadget = app.product("Gadget", "0.99", 5).await;
-    let (status, placed) = app.order("Ada@Example.com", &[(&widget, 2), (&gadget, 3)], "tok_ok").await;
+    let (status, placed) = app
+        .order("Ada@Example.com", &[(&widget, 2), (&gadget, 3)], "tok_ok")
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
     assert_eq!(placed["status"], "Pending");
     let id = placed["order_id"].as_str().unwrap();
-    let (status, read) = app.get(&format!("/api/orders/{id}?min_position={}", placed["position"].as_str().unwrap())).await;
+    let (status, read) = app
+        .get(&format!(
+            "/api/orders/{id}?min_position={}",
+            placed["position"].as_str().unwrap()
+        ))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(read["total"], "27.97");
     let order = app.finished(id).await;
@@ -25,17 +32,75 @@ async fn happy_path_completes_and_notifies() {
     assert_eq!(order["items"][0]["product_name"], "Widget");
     app.settle().await;
     let (_, w) = app.get(&format!("/api/products/{widget}")).await;
-    assert_eq!((w["available"].as_u64(), w["reserved"].as_u64()), (Some(8), Some(0)), "{w}");
+    assert_eq!(
+        (w["available"].as_u64(), w["reserved"].as_u64()),
+        (Some(8), Some(0)),
+        "{w}"
+    );
     let sent = app.system.sent.for_order(id.parse().unwrap());
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert_eq!(sent[0].kind, orders::messages::NotificationKind::OrderConfirmed);
+    assert_eq!(
+        sent[0].kind,
+        orders::messages::NotificationKind::OrderConfirmed
+    );
     let (_, events) = app.get(&format!("/api/orders/{id}/events")).await;
-    let types: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["OrderCreated", "OrderInventoryConfirmed", "OrderPaymentConfirmed", "OrderCompleted"]);
+    let types: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "OrderCreated",
+            "OrderInventoryConfirmed",
+            "OrderPaymentConfirmed",
+            "OrderCompleted"
+        ]
+    );
     for e in events.as_array().unwrap() {
-        assert_eq!(e["correlation_id"].as_str(), Some(id), "one correlation id across hops");
+        assert_eq!(
+            e["correlation_id"].as_str(),
+            Some(id),
+            "one correlation id across hops"
+        );
     }
-    let _ = json!({});
+    // One trace per order: every event of every stream of the order carries
+    // a traceparent whose trace id is the order id.
+    let trace = id.replace('-', "");
+    let all = app
+        .system
+        .store()
+        .read_all(es_core::Position::START, 100_000)
+        .await
+        .unwrap();
+    let mine: Vec<_> = all
+        .iter()
+        .filter(|e| e.metadata.correlation_id.map(|c| c.to_string()).as_deref() == Some(id))
+        .collect();
+    assert!(
+        mine.len() > 10,
+        "events of the order across services: {}",
+        mine.len()
+    );
+    let categories: std::collections::BTreeSet<&str> =
+        mine.iter().map(|e| e.stream_id.category()).collect();
+    for category in ["order", "order_saga", "inventory", "product", "payment"] {
+        assert!(
+            categories.contains(category),
+            "{category} missing from {categories:?}"
+        );
+    }
+    for e in mine {
+        let tp = e.metadata.traceparent.as_deref().unwrap_or_default();
+        assert!(
+            tp.contains(&trace),
+            "{} in {} has traceparent {tp:?}",
+            e.event_type,
+            e.stream_id
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,37 +109,76 @@ async fn out_of_stock_cancels_and_reserves_nothing() {
     let plenty = app.product("Plenty", "1.00", 100).await;
     let scarce = app.product("Scarce", "2.00", 1).await;
     // Two lines: the first could be reserved, the second cannot: none is held.
-    let (status, placed) = app.order("bo@example.com", &[(&plenty, 3), (&scarce, 2)], "tok_ok").await;
+    let (status, placed) = app
+        .order("bo@example.com", &[(&plenty, 3), (&scarce, 2)], "tok_ok")
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let id = placed["order_id"].as_str().unwrap();
     let order = app.finished(id).await;
     assert_eq!(order["status"], "Cancelled");
-    assert!(order["cancellation_reason"].as_str().unwrap().contains("insufficient stock of Scarce"), "{order}");
+    assert!(
+        order["cancellation_reason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient stock of Scarce"),
+        "{order}"
+    );
     app.settle().await;
     for (p, stock) in [(&plenty, 100), (&scarce, 1)] {
         let (_, v) = app.get(&format!("/api/products/{p}")).await;
-        assert_eq!((v["available"].as_u64(), v["reserved"].as_u64()), (Some(stock), Some(0)), "{v}");
+        assert_eq!(
+            (v["available"].as_u64(), v["reserved"].as_u64()),
+            (Some(stock), Some(0)),
+            "{v}"
+        );
     }
     let sent = app.system.sent.for_order(id.parse().unwrap());
     assert_eq!(sent.len(), 1);
-    assert_eq!(sent[0].kind, orders::messages::NotificationKind::OrderCancelled);
-    let payment = app.system.payments.payment(id.parse().unwrap()).await.unwrap();
-    assert_eq!(payment.state, orders::payment::PaymentState::None, "nothing was charged");
+    assert_eq!(
+        sent[0].kind,
+        orders::messages::NotificationKind::OrderCancelled
+    );
+    let payment = app
+        .system
+        .payments
+        .payment(id.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        payment.state,
+        orders::payment::PaymentState::None,
+        "nothing was charged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declined_payment_releases_stock_and_cancels() {
     let app = common::app().await;
     let widget = app.product("Widget", "5.00", 4).await;
-    let (_, placed) = app.order("cy@example.com", &[(&widget, 3)], "tok_decline").await;
+    let (_, placed) = app
+        .order("cy@example.com", &[(&widget, 3)], "tok_decline")
+        .await;
     let id = placed["order_id"].as_str().unwrap();
     let order = app.finished(id).await;
     assert_eq!(order["status"], "Cancelled");
-    assert_eq!(order["cancellation_reason"], "payment declined: card declined");
+    assert_eq!(
+        order["cancellation_reason"],
+        "payment declined: card declined"
+    );
     app.settle().await;
     let (_, v) = app.get(&format!("/api/products/{widget}")).await;
-    assert_eq!((v["available"].as_u64(), v["reserved"].as_u64()), (Some(4), Some(0)), "{v}");
-    let kinds: Vec<_> = app.system.sent.for_order(id.parse().unwrap()).into_iter().map(|n| n.kind).collect();
+    assert_eq!(
+        (v["available"].as_u64(), v["reserved"].as_u64()),
+        (Some(4), Some(0)),
+        "{v}"
+    );
+    let kinds: Vec<_> = app
+        .system
+        .sent
+        .for_order(id.parse().unwrap())
+        .into_iter()
+        .map(|n| n.kind)
+        .collect();
     assert_eq!(kinds, [orders::messages::NotificationKind::OrderCancelled]);
 }
 
@@ -83,36 +187,64 @@ async fn customer_cancellation_releases_and_refunds_and_illegal_transitions_are_
     let app = common::app().await;
     let widget = app.product("Widget", "5.00", 4).await;
     // The gateway never answers: the order waits in InventoryConfirmed.
-    let (_, placed) = app.order("di@example.com", &[(&widget, 2)], "tok_timeout").await;
+    let (_, placed) = app
+        .order("di@example.com", &[(&widget, 2)], "tok_timeout")
+        .await;
     let id = placed["order_id"].as_str().unwrap().to_owned();
     let mut status = String::new();
     for _ in 0..500 {
         let (_, o) = app.get(&format!("/api/orders/{id}")).await;
         status = o["status"].as_str().unwrap_or_default().to_owned();
-        if status == "InventoryConfirmed" { break; }
+        if status == "InventoryConfirmed" {
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(status, "InventoryConfirmed");
-    let (code, body) = app.post(&format!("/api/orders/{id}/cancel"), json!({"reason": "changed my mind"})).await;
+    let (code, body) = app
+        .post(
+            &format!("/api/orders/{id}/cancel"),
+            json!({"reason": "changed my mind"}),
+        )
+        .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "Cancelled");
-    let (code, body) = app.post(&format!("/api/orders/{id}/cancel"), json!({"reason": "again"})).await;
+    let (code, body) = app
+        .post(
+            &format!("/api/orders/{id}/cancel"),
+            json!({"reason": "again"}),
+        )
+        .await;
     assert_eq!(code, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["code"], "illegal_transition");
     let order = app.finished(&id).await;
     assert_eq!(order["cancellation_reason"], "changed my mind");
     app.settle().await;
     let (_, v) = app.get(&format!("/api/products/{widget}")).await;
-    assert_eq!((v["available"].as_u64(), v["reserved"].as_u64()), (Some(4), Some(0)), "{v}");
+    assert_eq!(
+        (v["available"].as_u64(), v["reserved"].as_u64()),
+        (Some(4), Some(0)),
+        "{v}"
+    );
 
     // Paid then cancelled before completion is refunded: simulate with a
     // slow gateway and cancel as soon as the order is paid.
     let (_, placed) = app.order("di@example.com", &[(&widget, 1)], "tok_ok").await;
     let done = app.finished(placed["order_id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "Completed");
-    let (code, body) = app.post(&format!("/api/orders/{}/cancel", done["order_id"].as_str().unwrap()), json!({})).await;
+    let (code, body) = app
+        .post(
+            &format!("/api/orders/{}/cancel", done["order_id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
     assert_eq!(code, StatusCode::CONFLICT, "{body}");
-    let (code, _) = app.post(&format!("/api/orders/{}/cancel", uuid::Uuid::now_v7()), json!({})).await;
+    let (code, _) = app
+        .post(
+            &format!("/api/orders/{}/cancel", uuid::Uuid::now_v7()),
+            json!({}),
+        )
+        .await;
     assert_eq!(code, StatusCode::NOT_FOUND);
 }
 
@@ -124,8 +256,12 @@ async fn payment_timeout_cancels_and_a_late_payment_is_refunded() {
     })
     .await;
     let widget = app.product("Widget", "5.00", 5).await;
-    let (_, silent) = app.order("ed@example.com", &[(&widget, 1)], "tok_timeout").await;
-    let (_, late) = app.order("ed@example.com", &[(&widget, 1)], "tok_delay_800").await;
+    let (_, silent) = app
+        .order("ed@example.com", &[(&widget, 1)], "tok_timeout")
+        .await;
+    let (_, late) = app
+        .order("ed@example.com", &[(&widget, 1)], "tok_delay_800")
+        .await;
     for placed in [&silent, &late] {
         let order = app.finished(placed["order_id"].as_str().unwrap()).await;
         assert_eq!(order["status"], "Cancelled", "{order}");
@@ -135,13 +271,23 @@ async fn payment_timeout_cancels_and_a_late_payment_is_refunded() {
     let mut state = orders::payment::PaymentState::None;
     for _ in 0..300 {
         state = app.system.payments.payment(late_id).await.unwrap().state;
-        if state == orders::payment::PaymentState::Refunded { break; }
+        if state == orders::payment::PaymentState::Refunded {
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(state, orders::payment::PaymentState::Refunded, "the late payment is refunded");
+    assert_eq!(
+        state,
+        orders::payment::PaymentState::Refunded,
+        "the late payment is refunded"
+    );
     app.settle().await;
     let (_, v) = app.get(&format!("/api/products/{widget}")).await;
-    assert_eq!((v["available"].as_u64(), v["reserved"].as_u64()), (Some(5), Some(0)), "{v}");
+    assert_eq!(
+        (v["available"].as_u64(), v["reserved"].as_u64()),
+        (Some(5), Some(0)),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +297,13 @@ async fn queries_list_search_and_stats() {
     let gizmo = app.product("Gizmo", "1.25", 100).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let (_, p) = app.order("fay@example.com", &[(&widget, 1)], if i == 4 { "tok_decline" } else { "tok_ok" }).await;
+        let (_, p) = app
+            .order(
+                "fay@example.com",
+                &[(&widget, 1)],
+                if i == 4 { "tok_decline" } else { "tok_ok" },
+            )
+            .await;
         ids.push(p["order_id"].as_str().unwrap().to_owned());
     }
     let (_, p) = app.order("gus@example.com", &[(&gizmo, 2)], "tok_ok").await;
@@ -160,14 +312,23 @@ async fn queries_list_search_and_stats() {
         app.finished(id).await;
     }
     // Paging through a customer's orders, newest first.
-    let (code, page) = app.get("/api/orders?customer_email=FAY@example.com&limit=2").await;
+    let (code, page) = app
+        .get("/api/orders?customer_email=FAY@example.com&limit=2")
+        .await;
     assert_eq!(code, StatusCode::OK, "{page}");
     assert_eq!(page["orders"].as_array().unwrap().len(), 2);
-    assert_eq!(page["orders"][0]["order_id"].as_str(), Some(ids[4].as_str()));
+    assert_eq!(
+        page["orders"][0]["order_id"].as_str(),
+        Some(ids[4].as_str())
+    );
     let mut seen = 2;
     let mut cursor = page["next_cursor"].as_str().unwrap().to_owned();
     loop {
-        let (_, page) = app.get(&format!("/api/orders?customer_email=fay@example.com&limit=2&cursor={cursor}")).await;
+        let (_, page) = app
+            .get(&format!(
+                "/api/orders?customer_email=fay@example.com&limit=2&cursor={cursor}"
+            ))
+            .await;
         seen += page["orders"].as_array().unwrap().len();
         match page["next_cursor"].as_str() {
             Some(c) => cursor = c.to_owned(),
@@ -197,7 +358,9 @@ async fn queries_list_search_and_stats() {
 async fn health_metrics_and_openapi() {
     let app = common::app().await;
     let widget = app.product("Widget", "1.00", 10).await;
-    let (_, p) = app.order("hal@example.com", &[(&widget, 1)], "tok_ok").await;
+    let (_, p) = app
+        .order("hal@example.com", &[(&widget, 1)], "tok_ok")
+        .await;
     app.finished(p["order_id"].as_str().unwrap()).await;
     let (code, health) = app.get("/health").await;
     assert_eq!(code, StatusCode::OK);
@@ -205,16 +368,38 @@ async fn health_metrics_and_openapi() {
     let (code, text) = app.get("/metrics").await;
     assert_eq!(code, StatusCode::OK);
     let text = text.as_str().unwrap();
-    for metric in ["orders_placed_total", "orders_finished_total", "saga_step_seconds", "order_end_to_end_seconds"] {
+    for metric in [
+        "orders_placed_total",
+        "orders_finished_total",
+        "saga_step_seconds",
+        "order_end_to_end_seconds",
+    ] {
         assert!(text.contains(metric), "{metric} missing from /metrics");
     }
     let (code, doc) = app.get("/openapi.json").await;
     assert_eq!(code, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
-    for path in ["/api/products", "/api/products/{id}", "/api/products/{id}/restock", "/api/orders", "/api/orders/{id}",
-                 "/api/orders/search", "/api/orders/{id}/events", "/api/orders/{id}/cancel", "/api/stats", "/health", "/metrics"] {
-        assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
+    for path in [
+        "/api/products",
+        "/api/products/{id}",
+        "/api/products/{id}/restock",
+        "/api/orders",
+        "/api/orders/{id}",
+        "/api/orders/search",
+        "/api/orders/{id}/events",
+        "/api/orders/{id}/cancel",
+        "/api/stats",
+        "/health",
+        "/metrics",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the OpenAPI document"
+        );
     }
-    assert!(paths["/api/orders"]["get"].is_object() && paths["/api/orders"]["post"].is_object(), "both services' /api/orders operations");
+    assert!(
+        paths["/api/orders"]["get"].is_object() && paths["/api/orders"]["post"].is_object(),
+        "both services' /api/orders operations"
+    );
 }

@@ -16,14 +16,21 @@ async fn many_buyers_for_scarce_stock() {
     let mut rounds: Vec<(u64, usize)> = vec![(5, 40), (1, 25), (12, 60), (0, 10), (7, 7)];
     rounds.extend((0..35).map(|_| (rng.u64(0..8), rng.usize(1..30))));
     for (round, (units, buyers)) in rounds.into_iter().enumerate() {
-        let product = app.product(&format!("Scarce {round}"), "9.99", units as i64).await;
+        let product = app
+            .product(&format!("Scarce {round}"), "9.99", units as i64)
+            .await;
         let mut tasks = Vec::new();
         for b in 0..buyers {
             let (app, product) = (Arc::clone(&app), product.clone());
             tasks.push(tokio::spawn(async move {
-                let (code, placed) = app.order(&format!("buyer{b}@example.com"), &[(&product, 1)], "tok_ok").await;
+                let (code, placed) = app
+                    .order(&format!("buyer{b}@example.com"), &[(&product, 1)], "tok_ok")
+                    .await;
                 assert_eq!(code, StatusCode::ACCEPTED, "{placed}");
-                app.finished(placed["order_id"].as_str().unwrap()).await["status"].as_str().unwrap().to_owned()
+                app.finished(placed["order_id"].as_str().unwrap()).await["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
             }));
         }
         let mut completed = 0;
@@ -34,10 +41,18 @@ async fn many_buyers_for_scarce_stock() {
                 other => panic!("unexpected final status {other}"),
             }
         }
-        assert_eq!(completed, units.min(buyers as u64), "round {round}: exactly as many completions as units");
+        assert_eq!(
+            completed,
+            units.min(buyers as u64),
+            "round {round}: exactly as many completions as units"
+        );
         app.settle().await;
         let (_, v) = app.get(&format!("/api/products/{product}")).await;
-        assert_eq!(v["available"].as_u64(), Some(units.saturating_sub(buyers as u64)), "{v}");
+        assert_eq!(
+            v["available"].as_u64(),
+            Some(units.saturating_sub(buyers as u64)),
+            "{v}"
+        );
         assert_eq!(v["reserved"].as_u64(), Some(0), "{v}");
     }
     let dead: usize = orders::system::groups::ALL
@@ -57,7 +72,9 @@ async fn the_default_30s_payment_deadline_on_a_manual_clock() {
     })
     .await;
     let widget = app.product("Widget", "3.00", 2).await;
-    let (_, placed) = app.order("jo@example.com", &[(&widget, 2)], "tok_timeout").await;
+    let (_, placed) = app
+        .order("jo@example.com", &[(&widget, 2)], "tok_timeout")
+        .await;
     let id = placed["order_id"].as_str().unwrap();
     // Wait (real time) until stock is reserved and the deadline set.
     let mut status = String::new();
@@ -81,5 +98,9 @@ async fn the_default_30s_payment_deadline_on_a_manual_clock() {
     assert_eq!(order["cancellation_reason"], "payment timed out");
     app.settle().await;
     let (_, v) = app.get(&format!("/api/products/{widget}")).await;
-    assert_eq!((v["available"].as_u64(), v["reserved"].as_u64()), (Some(2), Some(0)), "{v}");
+    assert_eq!(
+        (v["available"].as_u64(), v["reserved"].as_u64()),
+        (Some(2), Some(0)),
+        "{v}"
+    );
 }

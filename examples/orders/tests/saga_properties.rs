@@ -51,18 +51,25 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<u64>(),
         0u64..4,
         1u32..3,
-        prop_oneof![Just(Card::Approves), Just(Card::Declines), Just(Card::Silent), Just(Card::Late)],
+        prop_oneof![
+            Just(Card::Approves),
+            Just(Card::Declines),
+            Just(Card::Silent),
+            Just(Card::Late)
+        ],
         proptest::option::of(0usize..30),
         0usize..40,
     )
-        .prop_map(|(seed, stock, quantity, card, cancel_at, timeout_at)| Scenario {
-            seed,
-            stock,
-            quantity,
-            card,
-            cancel_at,
-            timeout_at,
-        })
+        .prop_map(
+            |(seed, stock, quantity, card, cancel_at, timeout_at)| Scenario {
+                seed,
+                stock,
+                quantity,
+                card,
+                cancel_at,
+                timeout_at,
+            },
+        )
 }
 
 enum Item {
@@ -122,11 +129,15 @@ impl World {
             for e in events {
                 self.order.apply(&e);
                 match e {
-                    OrderEvent::OrderPaymentConfirmed(m) => self.emit(SagaInput::OrderPaymentConfirmed(m)),
+                    OrderEvent::OrderPaymentConfirmed(m) => {
+                        self.emit(SagaInput::OrderPaymentConfirmed(m))
+                    }
                     OrderEvent::OrderCompleted(m) => self.emit(SagaInput::OrderCompleted(m)),
                     OrderEvent::OrderCancelled(m) => self.emit(SagaInput::OrderCancelled(m)),
                     OrderEvent::OrderCreated(m) => self.emit(SagaInput::OrderCreated(m)),
-                    OrderEvent::OrderInventoryConfirmed(m) => self.emit(SagaInput::OrderInventoryConfirmed(m)),
+                    OrderEvent::OrderInventoryConfirmed(m) => {
+                        self.emit(SagaInput::OrderInventoryConfirmed(m))
+                    }
                 }
             }
         }
@@ -177,7 +188,10 @@ impl World {
                     return;
                 }
                 let q = c.lines[0].quantity;
-                match self.product.handle(ProductCommand::Reserve { order_id, quantity: q }) {
+                match self.product.handle(ProductCommand::Reserve {
+                    order_id,
+                    quantity: q,
+                }) {
                     Ok(events) => {
                         events.iter().for_each(|e| self.product.apply(e));
                         self.emit(SagaInput::InventoryReserved(messages::InventoryReserved {
@@ -195,11 +209,17 @@ impl World {
             }
             SagaCommand::ReleaseInventory(_) => {
                 self.released = true;
-                let events = self.product.handle(ProductCommand::Release { order_id }).unwrap();
+                let events = self
+                    .product
+                    .handle(ProductCommand::Release { order_id })
+                    .unwrap();
                 events.iter().for_each(|e| self.product.apply(e));
             }
             SagaCommand::CommitInventory(_) => {
-                let events = self.product.handle(ProductCommand::Commit { order_id }).unwrap();
+                let events = self
+                    .product
+                    .handle(ProductCommand::Commit { order_id })
+                    .unwrap();
                 events.iter().for_each(|e| self.product.apply(e));
             }
             SagaCommand::ProcessPayment(c) => {
@@ -224,8 +244,12 @@ impl World {
                 for e in events {
                     self.payment.apply(&e);
                     let input = match e {
-                        orders::payment::PaymentEvent::PaymentSucceeded(m) => SagaInput::PaymentSucceeded(m),
-                        orders::payment::PaymentEvent::PaymentDeclined(m) => SagaInput::PaymentDeclined(m),
+                        orders::payment::PaymentEvent::PaymentSucceeded(m) => {
+                            SagaInput::PaymentSucceeded(m)
+                        }
+                        orders::payment::PaymentEvent::PaymentDeclined(m) => {
+                            SagaInput::PaymentDeclined(m)
+                        }
                         orders::payment::PaymentEvent::PaymentRefunded(_) => continue,
                     };
                     if matches!(self.card, Card::Late) {
@@ -239,7 +263,9 @@ impl World {
                 let events = self.payment.handle(PaymentCommand::Refund).unwrap();
                 events.iter().for_each(|e| self.payment.apply(e));
             }
-            SagaCommand::ConfirmOrderInventory(_) => self.order_event(OrderCommand::ConfirmInventory),
+            SagaCommand::ConfirmOrderInventory(_) => {
+                self.order_event(OrderCommand::ConfirmInventory)
+            }
             SagaCommand::ConfirmOrderPayment(c) => self.order_event(OrderCommand::ConfirmPayment {
                 transaction_id: c.transaction_id,
             }),
@@ -329,7 +355,13 @@ async fn run(s: Scenario) -> Result<(), TestCaseError> {
             world.time_out().await;
         }
         if world.queue.is_empty() {
-            let pending = !world.manager.load(order_id).await.unwrap().deadlines.is_empty();
+            let pending = !world
+                .manager
+                .load(order_id)
+                .await
+                .unwrap()
+                .deadlines
+                .is_empty();
             if !timed_out || pending || world.late_payment.is_some() {
                 // Nothing else happens until time passes the deadline.
                 timed_out = true;

@@ -15,9 +15,17 @@ async fn over_a_real_socket() {
     let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     let client = reqwest::Client::new();
 
-    let res = client.post(format!("{base}/api/products")).json(&json!({"name": "Lamp", "price": "19.90", "stock": 3})).send().await.unwrap();
+    let res = client
+        .post(format!("{base}/api/products"))
+        .json(&json!({"name": "Lamp", "price": "19.90", "stock": 3}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
-    let product = res.json::<Value>().await.unwrap()["product_id"].as_str().unwrap().to_owned();
+    let product = res.json::<Value>().await.unwrap()["product_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let place = |token: &str, key: Option<&str>| {
         let mut req = client.post(format!("{base}/api/orders")).json(&json!({
             "customer_email": "kim@example.com",
@@ -32,20 +40,49 @@ async fn over_a_real_socket() {
     let res = place("tok_ok", Some("sock-1")).await.unwrap();
     assert_eq!(res.status(), 202);
     let ok: Value = res.json().await.unwrap();
-    let again: Value = place("tok_ok", Some("sock-1")).await.unwrap().json().await.unwrap();
+    let again: Value = place("tok_ok", Some("sock-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ok, again);
-    let declined: Value = place("tok_decline", None).await.unwrap().json().await.unwrap();
+    let declined: Value = place("tok_decline", None)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     for (placed, expected) in [(&ok, "Completed"), (&declined, "Cancelled")] {
         let order: Value = client
-            .get(format!("{base}/api/orders/{}?min_position={}&wait_terminal_ms=10000", placed["order_id"].as_str().unwrap(), placed["position"].as_str().unwrap()))
-            .send().await.unwrap().json().await.unwrap();
+            .get(format!(
+                "{base}/api/orders/{}?min_position={}&wait_terminal_ms=10000",
+                placed["order_id"].as_str().unwrap(),
+                placed["position"].as_str().unwrap()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(order["status"], expected, "{order}");
         assert_eq!(order["total"], "19.90");
     }
-    let res = client.post(format!("{base}/api/orders")).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    let res = client
+        .post(format!("{base}/api/orders"))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
     assert_eq!(res.json::<Value>().await.unwrap()["code"], "malformed_json");
-    let res = client.get(format!("{base}/openapi.json")).send().await.unwrap();
+    let res = client
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let res = client.get(format!("{base}/metrics")).send().await.unwrap();
     assert!(res.text().await.unwrap().contains("orders_placed_total"));

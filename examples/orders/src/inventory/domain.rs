@@ -165,12 +165,14 @@ impl Aggregate for Product {
             if self.exists {
                 return Err(ProductError::AlreadyExists);
             }
-            return Ok(vec![ProductEvent::ProductCreated(messages::ProductCreated {
-                product_id,
-                name,
-                price,
-                stock,
-            })]);
+            return Ok(vec![ProductEvent::ProductCreated(
+                messages::ProductCreated {
+                    product_id,
+                    name,
+                    price,
+                    stock,
+                },
+            )]);
         }
         if !self.exists {
             return Err(ProductError::NotFound(self.id));
@@ -342,7 +344,10 @@ impl Aggregate for Reservation {
         };
     }
 
-    fn handle(&self, command: ReservationCommand) -> Result<Vec<ReservationEvent>, ReservationError> {
+    fn handle(
+        &self,
+        command: ReservationCommand,
+    ) -> Result<Vec<ReservationEvent>, ReservationError> {
         let order_id = self.order_id;
         match (command, &self.state) {
             (ReservationCommand::RecordReserved(lines), ReservationState::Open) => {
@@ -353,12 +358,11 @@ impl Aggregate for Reservation {
             (ReservationCommand::RecordReserved(_), ReservationState::Released(_)) => {
                 Err(ReservationError::AlreadyReleased)
             }
-            (ReservationCommand::RecordFailed(reason), ReservationState::Open) => Ok(vec![
-                ReservationEvent::InventoryReservationFailed(messages::InventoryReservationFailed {
-                    order_id,
-                    reason,
-                }),
-            ]),
+            (ReservationCommand::RecordFailed(reason), ReservationState::Open) => {
+                Ok(vec![ReservationEvent::InventoryReservationFailed(
+                    messages::InventoryReservationFailed { order_id, reason },
+                )])
+            }
             (
                 ReservationCommand::Release,
                 ReservationState::Open | ReservationState::Reserved(_),
@@ -368,9 +372,11 @@ impl Aggregate for Reservation {
             (ReservationCommand::Release, ReservationState::Committed(_)) => {
                 Err(ReservationError::AlreadyCommitted)
             }
-            (ReservationCommand::Commit, ReservationState::Reserved(_)) => Ok(vec![
-                ReservationEvent::InventoryCommitted(messages::InventoryCommitted { order_id }),
-            ]),
+            (ReservationCommand::Commit, ReservationState::Reserved(_)) => {
+                Ok(vec![ReservationEvent::InventoryCommitted(
+                    messages::InventoryCommitted { order_id },
+                )])
+            }
             (ReservationCommand::Commit, ReservationState::Committed(_)) => Ok(vec![]),
             (ReservationCommand::Commit, _) => Err(ReservationError::NotReserved),
             // Anything else was already decided: nothing changes.
@@ -469,11 +475,25 @@ mod tests {
     fn reserve_is_idempotent_per_order() {
         let mut p = created(5);
         let order_id = Uuid::from_u128(9);
-        let events = p.handle(ProductCommand::Reserve { order_id, quantity: 3 }).unwrap();
+        let events = p
+            .handle(ProductCommand::Reserve {
+                order_id,
+                quantity: 3,
+            })
+            .unwrap();
         p.apply(&events[0]);
-        assert!(p.handle(ProductCommand::Reserve { order_id, quantity: 3 }).unwrap().is_empty());
+        assert!(p
+            .handle(ProductCommand::Reserve {
+                order_id,
+                quantity: 3
+            })
+            .unwrap()
+            .is_empty());
         assert!(matches!(
-            p.handle(ProductCommand::Reserve { order_id: Uuid::from_u128(10), quantity: 3 }),
+            p.handle(ProductCommand::Reserve {
+                order_id: Uuid::from_u128(10),
+                quantity: 3
+            }),
             Err(ProductError::InsufficientStock { available: 2, .. })
         ));
     }

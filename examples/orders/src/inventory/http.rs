@@ -76,7 +76,9 @@ async fn create_product(
     State(service): State<Arc<InventoryService>>,
     ApiJson(body): ApiJson<CreateProduct>,
 ) -> Result<(StatusCode, Json<ProductCreatedBody>), ApiError> {
-    let product_id = service.create_product(&body.name, &body.price, body.stock).await?;
+    let product_id = service
+        .create_product(&body.name, &body.price, body.stock)
+        .await?;
     Ok((StatusCode::CREATED, Json(ProductCreatedBody { product_id })))
 }
 

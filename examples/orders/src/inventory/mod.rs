@@ -84,16 +84,22 @@ impl InventoryService {
     pub async fn create_product(&self, name: &str, price: &str, stock: i64) -> Result<Uuid> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 200 {
-            return Err(Error::validation("name", "a name of 1 to 200 characters is required"));
+            return Err(Error::validation(
+                "name",
+                "a name of 1 to 200 characters is required",
+            ));
         }
-        let price: Money = price
-            .parse()
-            .map_err(|e: crate::money::ParseMoneyError| Error::validation("price", e.to_string()))?;
+        let price: Money = price.parse().map_err(|e: crate::money::ParseMoneyError| {
+            Error::validation("price", e.to_string())
+        })?;
         if price == Money::ZERO {
             return Err(Error::validation("price", "must be more than 0"));
         }
         if !(0..=1_000_000_000).contains(&stock) {
-            return Err(Error::validation("stock", format!("must be between 0 and 1000000000, got {stock}")));
+            return Err(Error::validation(
+                "stock",
+                format!("must be between 0 and 1000000000, got {stock}"),
+            ));
         }
         let product_id = Uuid::now_v7();
         let command = ProductCommand::Create {
@@ -107,7 +113,9 @@ impl InventoryService {
             .execute(product_id, command, &metadata)
             .await
             .map_err(|e| match e {
-                RepositoryError::Rejected(e) => Error::Conflict { message: e.to_string() },
+                RepositoryError::Rejected(e) => Error::Conflict {
+                    message: e.to_string(),
+                },
                 e => Error::from_repository(e),
             })?;
         tracing::info!(%product_id, name, %price, stock, "product created");
@@ -117,7 +125,10 @@ impl InventoryService {
     /// Adds units to a product's stock.
     pub async fn restock(&self, product_id: Uuid, quantity: i64) -> Result<ProductView> {
         if !(1..=1_000_000_000).contains(&quantity) {
-            return Err(Error::validation("quantity", format!("must be between 1 and 1000000000, got {quantity}")));
+            return Err(Error::validation(
+                "quantity",
+                format!("must be between 1 and 1000000000, got {quantity}"),
+            ));
         }
         let metadata = Metadata::new().with_correlation_id(product_id);
         let quantity = u64::try_from(quantity).unwrap_or_default();
@@ -162,10 +173,12 @@ impl InventoryService {
         let metadata = message.metadata.caused_by(message.message_id);
         let result = match command {
             InventoryCommandMessage::ReserveInventory(c) => {
-                self.reserve(c.order_id, &c.lines, message.message_id, &metadata).await
+                self.reserve(c.order_id, &c.lines, message.message_id, &metadata)
+                    .await
             }
             InventoryCommandMessage::ReleaseInventory(c) => {
-                self.release(c.order_id, message.message_id, &metadata).await
+                self.release(c.order_id, message.message_id, &metadata)
+                    .await
             }
             InventoryCommandMessage::CommitInventory(c) => {
                 self.commit(c.order_id, message.message_id, &metadata).await
@@ -248,7 +261,12 @@ impl InventoryService {
                 self.give_back(order_id, lines, metadata).await?;
                 tracing::info!(%order_id, %reason, "reservation failed");
                 let _ = self
-                    .record(order_id, cause, ReservationCommand::RecordFailed(reason), metadata)
+                    .record(
+                        order_id,
+                        cause,
+                        ReservationCommand::RecordFailed(reason),
+                        metadata,
+                    )
                     .await?;
             }
             None => {
@@ -269,11 +287,20 @@ impl InventoryService {
         Ok(())
     }
 
-    async fn give_back(&self, order_id: Uuid, lines: &[StockLine], metadata: &Metadata) -> Result<()> {
+    async fn give_back(
+        &self,
+        order_id: Uuid,
+        lines: &[StockLine],
+        metadata: &Metadata,
+    ) -> Result<()> {
         for line in lines {
             match self
                 .products
-                .execute(line.product_id, ProductCommand::Release { order_id }, metadata)
+                .execute(
+                    line.product_id,
+                    ProductCommand::Release { order_id },
+                    metadata,
+                )
                 .await
             {
                 Ok(_) | Err(RepositoryError::Rejected(_)) => {}
@@ -309,7 +336,11 @@ impl InventoryService {
             for line in lines {
                 match self
                     .products
-                    .execute(line.product_id, ProductCommand::Commit { order_id }, metadata)
+                    .execute(
+                        line.product_id,
+                        ProductCommand::Commit { order_id },
+                        metadata,
+                    )
                     .await
                 {
                     Ok(_) | Err(RepositoryError::Rejected(_)) => {}

@@ -91,7 +91,11 @@ pub struct CatalogHandler(pub Arc<Catalog>);
 impl MessageHandler for CatalogHandler {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         let m = &delivery.message;
-        match EventCodec::<ProductEvent>::new().decode_parts(&m.message_type, m.schema_version, &m.payload) {
+        match EventCodec::<ProductEvent>::new().decode_parts(
+            &m.message_type,
+            m.schema_version,
+            &m.payload,
+        ) {
             Ok(ProductEvent::ProductCreated(p)) => {
                 self.0.upsert(
                     p.product_id,

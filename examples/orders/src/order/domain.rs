@@ -334,7 +334,9 @@ mod tests {
         })
     }
 
-    fn run(commands: impl IntoIterator<Item = OrderCommand>) -> (Order, Vec<Result<(), OrderError>>) {
+    fn run(
+        commands: impl IntoIterator<Item = OrderCommand>,
+    ) -> (Order, Vec<Result<(), OrderError>>) {
         let mut order = Order::default();
         let mut results = Vec::new();
         for c in commands {
@@ -417,7 +419,10 @@ mod tests {
                 | (Some(Pending), InventoryConfirmed)
                 | (Some(InventoryConfirmed), PaymentConfirmed)
                 | (Some(PaymentConfirmed), Completed)
-                | (Some(Pending | InventoryConfirmed | PaymentConfirmed), Cancelled)
+                | (
+                    Some(Pending | InventoryConfirmed | PaymentConfirmed),
+                    Cancelled
+                )
         )
     }
 

@@ -134,7 +134,10 @@ impl OrderService {
     ) -> Result<PlacedOrder> {
         let email = validate_email(&request.customer_email)?;
         if request.items.is_empty() {
-            return Err(Error::validation("items", "an order needs at least one item"));
+            return Err(Error::validation(
+                "items",
+                "an order needs at least one item",
+            ));
         }
         if request.items.len() > MAX_ITEMS {
             return Err(Error::validation(
@@ -154,7 +157,10 @@ impl OrderService {
             if item.quantity <= 0 || item.quantity > MAX_QUANTITY {
                 return Err(Error::validation(
                     format!("items[{i}].quantity"),
-                    format!("must be between 1 and {MAX_QUANTITY}, got {}", item.quantity),
+                    format!(
+                        "must be between 1 and {MAX_QUANTITY}, got {}",
+                        item.quantity
+                    ),
                 ));
             }
             let quantity = u32::try_from(item.quantity).unwrap_or(u32::MAX);
@@ -189,11 +195,15 @@ impl OrderService {
             }
             None => Uuid::now_v7(),
         };
-        let span = tracing::info_span!("order.place", correlation_id = %order_id, order_id = %order_id);
+        let span =
+            tracing::info_span!("order.place", correlation_id = %order_id, order_id = %order_id);
         let _enter = span.enter();
+        // One trace per order: its trace id is the order id.
+        let span_id = Uuid::new_v4().simple().to_string();
         let metadata = Metadata::new()
             .with_correlation_id(order_id)
             .with_causation_id(order_id)
+            .with_traceparent(format!("00-{}-{}-01", order_id.simple(), &span_id[..16]))
             .with_header(REQUEST_HASH, request_hash.to_string());
         let command = OrderCommand::Place(PlaceOrder {
             order_id,
@@ -236,7 +246,9 @@ impl OrderService {
         };
         let stored = first.metadata.headers.get(REQUEST_HASH);
         if stored.map(String::as_str) != Some(hash.to_string().as_str()) {
-            return Err(Error::IdempotencyKeyReused { key: key.to_owned() });
+            return Err(Error::IdempotencyKeyReused {
+                key: key.to_owned(),
+            });
         }
         Ok(PlacedOrder {
             order_id,
@@ -290,14 +302,18 @@ impl OrderService {
         };
         let now = self.clock.now();
         let (order_id, command) = match command {
-            OrderCommandMessage::ConfirmOrderInventory(c) => (c.order_id, OrderCommand::ConfirmInventory),
+            OrderCommandMessage::ConfirmOrderInventory(c) => {
+                (c.order_id, OrderCommand::ConfirmInventory)
+            }
             OrderCommandMessage::ConfirmOrderPayment(c) => (
                 c.order_id,
                 OrderCommand::ConfirmPayment {
                     transaction_id: c.transaction_id,
                 },
             ),
-            OrderCommandMessage::CompleteOrder(c) => (c.order_id, OrderCommand::Complete { at: now }),
+            OrderCommandMessage::CompleteOrder(c) => {
+                (c.order_id, OrderCommand::Complete { at: now })
+            }
             OrderCommandMessage::CancelOrder(c) => (
                 c.order_id,
                 OrderCommand::Cancel {
@@ -335,7 +351,12 @@ fn request_hash(request: &PlaceOrderRequest) -> Result<Uuid> {
 /// Checks an email address's shape and normalises it (trimmed, lower case).
 pub fn validate_email(raw: &str) -> Result<String> {
     let email = raw.trim().to_lowercase();
-    let invalid = |why: &str| Err(Error::validation("customer_email", format!("{raw:?} is not a valid email address: {why}")));
+    let invalid = |why: &str| {
+        Err(Error::validation(
+            "customer_email",
+            format!("{raw:?} is not a valid email address: {why}"),
+        ))
+    };
     if email.is_empty() || email.len() > 254 {
         return invalid("it must be 1 to 254 characters");
     }
@@ -345,7 +366,11 @@ pub fn validate_email(raw: &str) -> Result<String> {
     if local.is_empty() || domain.contains('@') {
         return invalid("it needs exactly one @ with a name before it");
     }
-    if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') || domain.contains("..") {
+    if !domain.contains('.')
+        || domain.starts_with('.')
+        || domain.ends_with('.')
+        || domain.contains("..")
+    {
         return invalid("the domain needs a dot between labels");
     }
     if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -360,8 +385,13 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert_eq!(validate_email(" Ada@Example.com ").unwrap(), "ada@example.com");
-        for bad in ["", "a", "a@", "@b.c", "a@b", "a@b@c.d", "a b@c.d", "a@.c", "a@b..c"] {
+        assert_eq!(
+            validate_email(" Ada@Example.com ").unwrap(),
+            "ada@example.com"
+        );
+        for bad in [
+            "", "a", "a@", "@b.c", "a@b", "a@b@c.d", "a b@c.d", "a@.c", "a@b..c",
+        ] {
             assert!(validate_email(bad).is_err(), "{bad:?}");
         }
     }

@@ -129,7 +129,10 @@ impl Aggregate for Payment {
                         })
                     }
                     GatewayAnswer::Declined { reason } => {
-                        PaymentEvent::PaymentDeclined(messages::PaymentDeclined { order_id, reason })
+                        PaymentEvent::PaymentDeclined(messages::PaymentDeclined {
+                            order_id,
+                            reason,
+                        })
                     }
                 }])
             }

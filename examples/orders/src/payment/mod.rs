@@ -14,7 +14,9 @@ use async_trait::async_trait;
 use es_core::{Delivery, EventCodec, Message, MessageHandler, Outcome, Repository};
 use uuid::Uuid;
 
-pub use domain::{GatewayAnswer, Payment, PaymentCommand, PaymentError, PaymentEvent, PaymentState};
+pub use domain::{
+    GatewayAnswer, Payment, PaymentCommand, PaymentError, PaymentEvent, PaymentState,
+};
 
 use crate::messages::message_enum;
 
@@ -51,7 +53,10 @@ pub fn gateway(card_token: &str, charge_id: Uuid) -> GatewayBehaviour {
             reason: "card declined".into(),
         }),
         "tok_timeout" => GatewayBehaviour::Silent,
-        other => match other.strip_prefix("tok_delay_").and_then(|ms| ms.parse::<u64>().ok()) {
+        other => match other
+            .strip_prefix("tok_delay_")
+            .and_then(|ms| ms.parse::<u64>().ok())
+        {
             Some(ms) => GatewayBehaviour::ApproveAfter(Duration::from_millis(ms.min(600_000))),
             None => GatewayBehaviour::Answer(GatewayAnswer::Declined {
                 reason: format!("unknown card token {other:?}"),
@@ -121,7 +126,12 @@ impl PaymentService {
             PaymentCommandMessage::RefundPayment(c) => {
                 let result = self
                     .payments
-                    .execute_once(c.order_id, message.message_id, PaymentCommand::Refund, &metadata)
+                    .execute_once(
+                        c.order_id,
+                        message.message_id,
+                        PaymentCommand::Refund,
+                        &metadata,
+                    )
                     .await;
                 if let Ok(committed) = &result {
                     if !committed.events.is_empty() {

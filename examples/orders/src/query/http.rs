@@ -11,7 +11,10 @@ use es_core::Position;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use super::{decode_cursor, HistoryEvent, OrderItemView, OrderPage, OrderView, QueryService, Stats, StatusStats};
+use super::{
+    decode_cursor, HistoryEvent, OrderItemView, OrderPage, OrderView, QueryService, Stats,
+    StatusStats,
+};
 use crate::http::{parse_id, ApiError, ErrorBody};
 use crate::order::{validate_email, OrderStatus};
 
@@ -138,7 +141,12 @@ async fn list_orders(
         .as_deref()
         .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor", "not a cursor this API returned")))
         .transpose()?;
-    Ok(Json(service.model().list(email.as_deref(), status, limit, cursor)))
+    Ok(Json(service.model().list(
+        email.as_deref(),
+        status,
+        limit,
+        cursor,
+    )))
 }
 
 /// The search query.

@@ -163,7 +163,9 @@ impl OrderReadModel {
         let mut last = None;
         let mut more = false;
         for key in range.rev() {
-            let Some(view) = model.orders.get(&key.1) else { continue };
+            let Some(view) = model.orders.get(&key.1) else {
+                continue;
+            };
             if status.is_some_and(|s| s != view.status) {
                 continue;
             }
@@ -192,7 +194,9 @@ impl OrderReadModel {
             .filter_map(|(_, id)| model.orders.get(id))
             .filter(|o| {
                 o.customer_email.contains(&q)
-                    || o.items.iter().any(|i| i.product_name.to_lowercase().contains(&q))
+                    || o.items
+                        .iter()
+                        .any(|i| i.product_name.to_lowercase().contains(&q))
             })
             .take(limit)
             .cloned()
@@ -275,7 +279,10 @@ impl OrderReadModel {
                 model.set_status(e.order_id, OrderStatus::PaymentConfirmed);
             }
             OrderEvent::OrderCompleted(e) => {
-                if model.set_status(e.order_id, OrderStatus::Completed).is_some() {
+                if model
+                    .set_status(e.order_id, OrderStatus::Completed)
+                    .is_some()
+                {
                     if let Some(view) = model.orders.get_mut(&e.order_id) {
                         view.completed_at = Some(e.completed_at);
                         terminal = Some((e.order_id, OrderStatus::Completed, view.created_at));
@@ -283,7 +290,10 @@ impl OrderReadModel {
                 }
             }
             OrderEvent::OrderCancelled(e) => {
-                if model.set_status(e.order_id, OrderStatus::Cancelled).is_some() {
+                if model
+                    .set_status(e.order_id, OrderStatus::Cancelled)
+                    .is_some()
+                {
                     if let Some(view) = model.orders.get_mut(&e.order_id) {
                         view.cancellation_reason = Some(e.reason.clone());
                         terminal = Some((e.order_id, OrderStatus::Cancelled, view.created_at));
@@ -293,10 +303,15 @@ impl OrderReadModel {
         }
         drop(model);
         if let Some((order_id, status, created_at)) = terminal {
-            let outcome = if status == OrderStatus::Completed { "completed" } else { "cancelled" };
+            let outcome = if status == OrderStatus::Completed {
+                "completed"
+            } else {
+                "cancelled"
+            };
             metrics::counter!("orders_finished_total", "outcome" => outcome).increment(1);
             let seconds = (recorded_at - created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome).record(seconds.max(0.0));
+            metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome)
+                .record(seconds.max(0.0));
             self.notify(order_id, status);
         }
     }

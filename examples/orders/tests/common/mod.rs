@@ -30,7 +30,13 @@ pub async fn app() -> App {
 }
 
 impl App {
-    pub async fn call(&self, method: &str, uri: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(uri);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -52,7 +58,8 @@ impl App {
         let value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         (status, value)
     }
@@ -66,23 +73,48 @@ impl App {
     }
 
     pub async fn product(&self, name: &str, price: &str, stock: i64) -> String {
-        let (status, body) = self.post("/api/products", json!({"name": name, "price": price, "stock": stock})).await;
+        let (status, body) = self
+            .post(
+                "/api/products",
+                json!({"name": name, "price": price, "stock": stock}),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let id = body["product_id"].as_str().unwrap().to_owned();
         // The order service learns products through the bus.
         let uuid = id.parse().unwrap();
-        assert!(self.system.orders.catalog().get_or_wait(uuid, Duration::from_secs(5)).await.is_some());
+        assert!(self
+            .system
+            .orders
+            .catalog()
+            .get_or_wait(uuid, Duration::from_secs(5))
+            .await
+            .is_some());
         id
     }
 
-    pub async fn order(&self, email: &str, items: &[(&str, i64)], token: &str) -> (StatusCode, Value) {
-        let items: Vec<Value> = items.iter().map(|(p, q)| json!({"product_id": p, "quantity": q})).collect();
-        self.post("/api/orders", json!({"customer_email": email, "items": items, "payment": {"card_token": token}})).await
+    pub async fn order(
+        &self,
+        email: &str,
+        items: &[(&str, i64)],
+        token: &str,
+    ) -> (StatusCode, Value) {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(p, q)| json!({"product_id": p, "quantity": q}))
+            .collect();
+        self.post(
+            "/api/orders",
+            json!({"customer_email": email, "items": items, "payment": {"card_token": token}}),
+        )
+        .await
     }
 
     /// Waits for the order's terminal status (bounded) and returns the order.
     pub async fn finished(&self, order_id: &str) -> Value {
-        let (status, body) = self.get(&format!("/api/orders/{order_id}?wait_terminal_ms=10000")).await;
+        let (status, body) = self
+            .get(&format!("/api/orders/{order_id}?wait_terminal_ms=10000"))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
@@ -92,9 +124,18 @@ impl App {
         let bus = self.system.memory_bus().unwrap();
         let mut quiet = 0;
         for _ in 0..2000 {
-            let busy: usize = orders::system::groups::ALL.iter().map(|g| bus.queue_depth(g)).sum();
-            if busy == 0 { quiet += 1; } else { quiet = 0; }
-            if quiet >= 5 { return; }
+            let busy: usize = orders::system::groups::ALL
+                .iter()
+                .map(|g| bus.queue_depth(g))
+                .sum();
+            if busy == 0 {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+            if quiet >= 5 {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the system did not settle");
