@@ -6,6 +6,10 @@
 //!   the same confirm window (256) on both sides.
 //! - `consume/ack`: 1,000 messages waiting in the queue, consumed and acked
 //!   through a subscription (prefetch 64).
+//! - `encode/*`: the client-side CPU per message (no broker).
+//! - `publish/paired`: printed first; the three publish variants alternating
+//!   round by round, medians and ratios (robust to a machine shared with
+//!   builds).
 //! - `relay/postgres`: 1,000 events relayed from a PostgreSQL store to
 //!   RabbitMQ (batches of 256, confirmed, checkpoint saved per batch).
 
@@ -186,7 +190,23 @@ async fn raw_publish_with(
     }
 }
 
+/// Whether the command line's filter (if any) selects benchmarks under
+/// `name`, so that filtered-out groups do not even set up.
+fn wanted(name: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| name.contains(f.as_str()) || f.contains(name))
+}
+
 fn publish(c: &mut Criterion) {
+    if !wanted("publish/") {
+        return;
+    }
     let rt = Runtime::new().unwrap();
     let s = rt.block_on(setup());
     let mut group = c.benchmark_group("publish");
@@ -247,6 +267,9 @@ fn publish(c: &mut Criterion) {
 }
 
 fn consume(c: &mut Criterion) {
+    if !wanted("consume/ack") {
+        return;
+    }
     let rt = Runtime::new().unwrap();
     let s = rt.block_on(setup());
     let mut group = c.benchmark_group("consume");
@@ -294,6 +317,9 @@ fn consume(c: &mut Criterion) {
 }
 
 fn relay(c: &mut Criterion) {
+    if !wanted("relay/postgres") {
+        return;
+    }
     let rt = Runtime::new().unwrap();
     let s = rt.block_on(setup());
     let store = rt.block_on(es_postgres::testing::fresh_store());
@@ -404,7 +430,39 @@ fn paired() {
     rt.block_on(cleanup(&s));
 }
 
-criterion_group!(benches, publish, consume, relay);
+/// The client-side CPU per message, without the broker: es-rabbit's
+/// envelope encoding (properties, headers, a new traceparent) against the
+/// minimal properties of the raw baseline. Deterministic where the broker
+/// round trips above are noisy.
+fn encode(c: &mut Criterion) {
+    let batch = messages();
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("es-rabbit", |b| {
+        b.iter(|| {
+            for m in &batch {
+                let trace = es_rabbit::TraceParent::child_of(m.metadata.traceparent.as_deref());
+                let props = es_rabbit::codec::properties(m, &trace.to_string()).unwrap();
+                std::hint::black_box((props, m.routing_key()));
+            }
+        });
+    });
+    group.bench_function("raw-minimal", |b| {
+        b.iter(|| {
+            for m in &batch {
+                let props = BasicProperties::default()
+                    .with_message_id(m.message_id.to_string().into())
+                    .with_type(m.message_type.as_ref().into())
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2);
+                std::hint::black_box((props, m.routing_key()));
+            }
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, encode, publish, consume, relay);
 
 fn main() {
     if std::env::args()
