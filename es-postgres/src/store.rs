@@ -413,7 +413,7 @@ impl PostgresEventStore {
                     max_batch: DEFAULT_MAX_BATCH,
                     page_size: 1_000,
                     poll: Duration::from_millis(500),
-                    read_wait: Duration::from_millis(500),
+                    read_wait: Duration::from_secs(1),
                     notify: true,
                 },
                 wake: watch::Sender::new(0),
@@ -464,7 +464,7 @@ impl PostgresEventStore {
 
     /// How long `read_all`, `head` and subscriptions wait for committed
     /// events held back by an older transaction still running before
-    /// answering without them (default 500 ms). See [`Holdback`].
+    /// answering without them (default 1 s). See [`Holdback`].
     #[must_use]
     pub fn with_read_wait(self, wait: Duration) -> Self {
         self.with_settings(|s| s.read_wait = wait)

@@ -46,10 +46,15 @@ pub async fn fresh_schema_with(max_connections: u32) -> (PgPool, String) {
 
 /// A migrated [`crate::PostgresEventStore`] in a fresh schema.
 ///
+/// Its read wait is 10 s: tests share the server with other sessions, and a
+/// write transaction open elsewhere in the cluster holds the readable log back
+/// (see [`crate::Holdback`]); waiting longer keeps read-your-writes checks
+/// from failing because of someone else's transaction.
+///
 /// # Panics
 ///
 /// As [`fresh_schema`].
 pub async fn fresh_store() -> crate::PostgresEventStore {
     let (pool, schema) = fresh_schema().await;
-    crate::PostgresEventStore::new(pool, schema)
+    crate::PostgresEventStore::new(pool, schema).with_read_wait(std::time::Duration::from_secs(10))
 }

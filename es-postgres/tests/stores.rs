@@ -165,7 +165,7 @@ async fn holdback_reports_the_open_writer() {
         .unwrap()
         .is_empty());
     tx.commit().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if store.holdback().await.unwrap().events_held_back == 0 {
             break;
