@@ -78,7 +78,7 @@ impl Gauges {
             }
         }
         if let Some(query) = &self.projection {
-            if let Ok(lag) = query.projection().lag().await {
+            if let Ok(lag) = query.lag().await {
                 metrics::gauge!("projection_lag_events", "projection" => "orders_read_model").set(lag.events as f64);
                 metrics::gauge!("projection_lag_seconds", "projection" => "orders_read_model").set(lag.seconds);
             }

@@ -400,11 +400,20 @@ impl Node {
                 for (s, h) in wiring {
                     subscriptions.push(bus.subscribe(s, h).await.map_err(|e| infra("subscribe")(e.to_string()))?);
                 }
-                let scheduler = DeadlineScheduler::new(Arc::clone(&saga), Duration::from_millis(100));
                 let s = stopped.clone();
+                let saga_for_deadlines = Arc::clone(&saga);
                 tasks.push(tokio::spawn(async move {
-                    if let Err(error) = scheduler.run(s).await {
-                        tracing::error!(%error, "deadline scheduler stopped");
+                    // The scheduler stops on a store failure: start it again.
+                    loop {
+                        let scheduler = DeadlineScheduler::new(Arc::clone(&saga_for_deadlines), Duration::from_millis(100));
+                        match scheduler.run(s.clone()).await {
+                            Ok(()) => return,
+                            Err(error) => tracing::warn!(%error, "deadline scheduler failed; restarting"),
+                        }
+                        if *s.borrow() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }));
                 local = local.merge(crate::order::router(orders));
@@ -505,8 +514,16 @@ impl Node {
                             tracing::info!(store = name, active = on, "relay leadership changed");
                         }
                     });
-                    if let Err(error) = relay.run(s).await {
-                        tracing::error!(%error, store = name, "relay stopped");
+                    // The relay stops on a store failure: start it again.
+                    loop {
+                        match relay.run(s.clone()).await {
+                            Ok(()) => break,
+                            Err(error) => tracing::warn!(%error, store = name, "relay failed; restarting"),
+                        }
+                        if *s.borrow() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     watcher.abort();
                 }));

@@ -19,7 +19,7 @@ use es_postgres::sqlx::postgres::{PgListener, PgRow};
 use es_postgres::sqlx::{self, PgConnection, PgPool, Row};
 use es_postgres::PostgresEventStore;
 use es_projections::postgres::{CheckpointWatcher, PgProjection, PgProjectionRunner};
-use es_projections::{ProjectionHandle, RedisSink, RunnerOptions};
+use es_projections::{RedisSink, RunnerOptions};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
@@ -253,7 +253,6 @@ pub struct PgQueryService {
     order_store: PostgresEventStore,
     cache: Option<RedisSink>,
     watcher: CheckpointWatcher,
-    projection: ProjectionHandle,
     waiters: Waiters,
 }
 
@@ -304,7 +303,24 @@ impl PgQueryService {
             .map_err(Error::internal)?
             .with_leader_check(Duration::from_millis(500))
             .with_options(RunnerOptions::default().batch_size(500).max_consecutive_failures(u32::MAX));
-        let handle = runner.spawn();
+        {
+            // The runner stops when the database fails mid-batch: start it
+            // again from its checkpoint (it waits as a standby while another
+            // process holds the projection).
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    match runner.run(stop.clone()).await {
+                        Ok(()) => return,
+                        Err(error) => tracing::warn!(%error, "projection runner failed; restarting"),
+                    }
+                    if *stop.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
         let watcher = CheckpointWatcher::start(pool.clone(), schema)
             .await
             .map_err(Error::internal)?;
@@ -312,7 +328,6 @@ impl PgQueryService {
         {
             let waiters = Arc::clone(&waiters);
             let pool = pool.clone();
-            let handle = handle.clone();
             tokio::spawn(async move {
                 loop {
                     let mut listener = match PgListener::connect_with(&pool).await {
@@ -328,10 +343,7 @@ impl PgQueryService {
                     }
                     loop {
                         tokio::select! {
-                            _ = stop.changed() => {
-                                let _ = handle.stop().await;
-                                return;
-                            }
+                            _ = stop.changed() => return,
                             note = listener.try_recv() => match note {
                                 Ok(Some(note)) => {
                                     if let Ok(id) = note.payload().parse::<Uuid>() {
@@ -360,14 +372,23 @@ impl PgQueryService {
             order_store,
             cache,
             watcher,
-            projection: handle,
             waiters,
         }))
     }
 
-    /// The projection's handle (position, lag).
-    pub fn projection(&self) -> &ProjectionHandle {
-        &self.projection
+    /// How far the read model is behind the order service's log (whichever
+    /// process runs the projection).
+    ///
+    /// # Errors
+    /// When PostgreSQL fails.
+    pub async fn lag(&self) -> Result<es_projections::Lag> {
+        let at = es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
+            .await
+            .map_err(Error::internal)?
+            .unwrap_or(Position::START);
+        es_projections::telemetry::measure_lag(&self.order_store, at, 10_000)
+            .await
+            .map_err(Error::from)
     }
 
     /// Waits (at most [`MAX_WAIT`]) until the read model, maintained by

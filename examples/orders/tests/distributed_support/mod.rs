@@ -159,7 +159,7 @@ impl Cluster {
             .env("ORDERS_ORDER_URL", self.urls("order"))
             .env("ORDERS_INVENTORY_URL", self.urls("inventory"))
             .env("ORDERS_QUERY_URL", self.urls("query"))
-            .env("ORDERS_PG_POOL", "8")
+            .env("ORDERS_PG_POOL", "4")
             .env("RUST_LOG", "warn,orders=info,es_rabbit=info,es_postgres=info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -270,27 +270,7 @@ impl Cluster {
     /// Places an order with an idempotency key, retrying (same key) until it
     /// is accepted: the gateway answers 5xx while a service is down.
     pub async fn order_retrying(&self, key: &str, email: &str, items: &[(&str, i64)], token: &str) -> String {
-        let items: Vec<Value> = items.iter().map(|(p, q)| json!({"product_id": p, "quantity": q})).collect();
-        let body = json!({"customer_email": email, "items": items, "payment": {"card_token": token}});
-        for _ in 0..600 {
-            let res = self
-                .client
-                .post(format!("{}/api/orders", self.gateway))
-                .header("Idempotency-Key", key)
-                .json(&body)
-                .send()
-                .await;
-            if let Ok(res) = res {
-                let status = res.status();
-                if status == StatusCode::ACCEPTED {
-                    let v: Value = res.json().await.unwrap();
-                    return v["order_id"].as_str().unwrap().to_owned();
-                }
-                assert!(status.is_server_error(), "placing {key} answered {status}: {:?}", res.text().await);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("order {key} was never accepted");
+        place_retrying(&self.client, &self.gateway, key, email, items, token).await
     }
 
     /// Waits until the order is Completed or Cancelled; its view.
@@ -430,14 +410,47 @@ async fn redis_check() {
     let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap_or_else(|e| panic!("Redis at {url}: {e}"));
 }
 
+/// Places an order with an idempotency key, retrying (same key) until it is
+/// accepted: the gateway answers 5xx while a service is down.
+pub async fn place_retrying(
+    client: &reqwest::Client,
+    gateway: &str,
+    key: &str,
+    email: &str,
+    items: &[(&str, i64)],
+    token: &str,
+) -> String {
+    let items: Vec<Value> = items.iter().map(|(p, q)| json!({"product_id": p, "quantity": q})).collect();
+    let body = json!({"customer_email": email, "items": items, "payment": {"card_token": token}});
+    for _ in 0..1200 {
+        let res = client
+            .post(format!("{gateway}/api/orders"))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await;
+        if let Ok(res) = res {
+            let status = res.status();
+            if status == StatusCode::ACCEPTED {
+                let v: Value = res.json().await.unwrap();
+                return v["order_id"].as_str().unwrap().to_owned();
+            }
+            assert!(status.is_server_error(), "placing {key} answered {status}: {:?}", res.text().await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("order {key} was never accepted");
+}
+
 /// Places `n` orders over `products` from `concurrency` clients, each with a
 /// key, retrying until accepted. Returns (order id, lines by product index).
 pub async fn place_many(
-    cluster: &Cluster,
-    products: &[(String, u64)],
+    client: reqwest::Client,
+    gateway: String,
+    products: Vec<(String, u64)>,
     n: usize,
     concurrency: usize,
-    tag: &str,
+    tag: String,
 ) -> Vec<(String, Vec<(usize, i64)>)> {
     use futures::StreamExt;
     futures::stream::iter(0..n)
@@ -448,8 +461,9 @@ pub async fn place_many(
             let key = format!("{tag}-{i}");
             let email = format!("c{}@example.com", i % 7);
             let product = products[pid].0.clone();
+            let (client, gateway) = (client.clone(), gateway.clone());
             async move {
-                let id = cluster.order_retrying(&key, &email, &[(&product, q)], token).await;
+                let id = place_retrying(&client, &gateway, &key, &email, &[(&product, q)], token).await;
                 (id, vec![(pid, q)])
             }
         })
