@@ -26,7 +26,7 @@ impl ProgressBarReporter {
     /// A bar you made (a hidden one in tests, one in a `MultiProgress`).
     pub fn with_bar(bar: ProgressBar) -> Self {
         let style = ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events ({per_sec}, {eta} left)",
+            "{msg} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events ({eta} left)",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
@@ -58,5 +58,33 @@ impl RebuildProgress for ProgressBarReporter {
             "rebuilt: {} events in {:.1?}, swapped in at {}",
             report.events, report.elapsed, report.position
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use es_core::Position;
+
+    use super::*;
+
+    #[test]
+    fn the_bar_follows_the_rebuild() {
+        let reporter = ProgressBarReporter::with_bar(ProgressBar::hidden());
+        reporter.start(100);
+        reporter.progress(40, 100);
+        assert_eq!(reporter.position(), 40);
+        // The log grew during the replay: the bar grows with it.
+        reporter.progress(120, 120);
+        assert_eq!(reporter.bar.length(), Some(120));
+        reporter.finish(&RebuildReport {
+            events: 120,
+            caught_up_in_swap: 0,
+            position: Position::new(1, 120),
+            dead_letters: 0,
+            elapsed: Duration::from_secs(1),
+        });
+        assert!(reporter.bar.is_finished());
     }
 }
