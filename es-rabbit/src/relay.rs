@@ -143,8 +143,9 @@ impl RabbitRelay {
     }
 
     /// Waits for the lock, relays while holding it, and waits again when it is
-    /// lost; returns when `stop` turns true (or the store's log ends). The
-    /// future is `Send`: spawn it.
+    /// lost; returns when `stop` turns true (or the store's log ends). A
+    /// failure to take the lock or read the checkpoint is logged and retried
+    /// with backoff, not returned. The future is `Send`: spawn it.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
         let mut delay = Duration::from_millis(100);
         loop {
@@ -167,7 +168,6 @@ impl RabbitRelay {
                     continue;
                 }
             };
-            delay = Duration::from_millis(100);
             tracing::info!(relay = %self.name, "relay active");
             self.active.send_replace(true);
             let mut relay = Relay::new(
@@ -184,25 +184,43 @@ impl RabbitRelay {
             let running = relay.run(halted);
             tokio::pin!(running);
             let outcome = tokio::select! {
-                result = &mut running => Some(result),
+                result = &mut running => Term::Ended(result),
                 () = async { let _ = stop.wait_for(|s| *s).await; } => {
                     halt.send_replace(true);
-                    Some((&mut running).await)
+                    let _ = (&mut running).await;
+                    Term::Stopped
                 }
                 () = leadership.lost() => {
                     tracing::warn!(relay = %self.name, "relay lock lost; standing by");
                     halt.send_replace(true);
                     let _ = (&mut running).await;
-                    None
+                    Term::Lost
                 }
             };
             drop(leadership);
             self.active.send_replace(false);
-            if let Some(result) = outcome {
-                return result;
+            match outcome {
+                Term::Stopped | Term::Ended(Ok(())) => return Ok(()),
+                Term::Lost => {}
+                Term::Ended(Err(error)) => {
+                    // The checkpoint could not be read: stand down, retry later.
+                    tracing::warn!(relay = %self.name, %error, retry_in = ?delay, "relay failed; retrying");
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
+}
+
+/// How one term as the active relay ended.
+enum Term {
+    Stopped,
+    Lost,
+    Ended(Result<(), RelayError>),
 }
 
 /// The relay on PostgreSQL (feature `postgres`): es-postgres's advisory lock

@@ -195,3 +195,124 @@ async fn the_relay_runs_on_the_in_memory_store_with_a_local_lock() {
     assert_eq!(bus.queue_depth("g").await.unwrap(), 50);
     cleanup(&bus).await;
 }
+
+/// A checkpoint store whose first loads fail, then delegates.
+struct FailingFirst {
+    failures: std::sync::atomic::AtomicU32,
+    inner: InMemoryCheckpointStore,
+}
+
+#[async_trait::async_trait]
+impl CheckpointStore for FailingFirst {
+    async fn load(&self, name: &str) -> Result<Option<Position>, es_core::StoreError> {
+        if self
+            .failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(es_core::StoreError::Unavailable {
+                source: "database down".into(),
+            });
+        }
+        self.inner.load(name).await
+    }
+    async fn save(&self, name: &str, position: Position) -> Result<(), es_core::StoreError> {
+        self.inner.save(name, position).await
+    }
+}
+
+/// A lock that is always free; each leadership is lost when `revoke` fires.
+#[derive(Clone)]
+struct RevocableLock {
+    revoke: watch::Sender<u32>,
+    acquired: Arc<std::sync::atomic::AtomicU32>,
+}
+
+struct Revocable(watch::Receiver<u32>);
+
+#[async_trait::async_trait]
+impl es_rabbit::Leadership for Revocable {
+    async fn lost(&mut self) {
+        let _ = self.0.changed().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl es_rabbit::LeaderLock for RevocableLock {
+    async fn acquire(
+        &self,
+        _name: &str,
+    ) -> Result<Box<dyn es_rabbit::Leadership>, es_core::StoreError> {
+        self.acquired
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Box::new(Revocable(self.revoke.subscribe())))
+    }
+}
+
+#[tokio::test]
+async fn the_relay_survives_checkpoint_failures_and_lost_leadership() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let bus = bus(config("relayfail")).await;
+    let counter = Counter::default();
+    let handle = bus
+        .subscribe(
+            Subscription::new("g", ["order.*"]),
+            Arc::new(counter.clone()),
+        )
+        .await
+        .unwrap();
+    let checkpoints = Arc::new(FailingFirst {
+        failures: 2.into(),
+        inner: InMemoryCheckpointStore::new(),
+    });
+    let lock = RevocableLock {
+        revoke: watch::Sender::new(0),
+        acquired: Arc::default(),
+    };
+    let relay = Arc::new(RabbitRelay::new(
+        "flaky",
+        store.clone(),
+        &bus,
+        checkpoints,
+        Arc::new(lock.clone()),
+    ));
+    let mut active = relay.active();
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn({
+        let relay = Arc::clone(&relay);
+        async move { relay.run(stopped).await }
+    });
+    let mut ids = append(store.as_ref(), 20, 0).await;
+    eventually("relayed despite two failed checkpoint loads", LIMIT, || {
+        counter.applied_count() == 20
+    })
+    .await;
+    // Leadership lost: the relay stands down, takes the lock again, goes on.
+    active.wait_for(|a| *a).await.unwrap();
+    let before = lock.acquired.load(std::sync::atomic::Ordering::SeqCst);
+    lock.revoke.send_modify(|n| *n += 1);
+    eventually("re-acquired", LIMIT, || {
+        lock.acquired.load(std::sync::atomic::Ordering::SeqCst) > before
+    })
+    .await;
+    ids.extend(append(store.as_ref(), 20, 20).await);
+    eventually("relayed after re-acquiring", LIMIT, || {
+        counter.applied_count() == 40
+    })
+    .await;
+    stop.send_replace(true);
+    running.await.unwrap().unwrap();
+    handle.stop().await;
+    let applied: std::collections::HashSet<Uuid> =
+        counter.applied.lock().unwrap().keys().copied().collect();
+    assert_eq!(applied, ids.into_iter().collect());
+    assert!(
+        lock.acquired.load(std::sync::atomic::Ordering::SeqCst) >= 4,
+        "two failed terms, one lost, one final"
+    );
+    cleanup(&bus).await;
+}
