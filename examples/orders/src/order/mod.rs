@@ -92,7 +92,6 @@ message_enum! {
 }
 
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2c4f_7a10_8e3b_4f5d_9c21_6b0e_3a7d_1f48);
-const REQUEST_HASH: &str = "request-hash";
 
 /// The order service.
 #[derive(Debug)]
@@ -182,8 +181,11 @@ impl OrderService {
                 quantity,
             });
         }
-        let request_hash = request_hash(&request)?;
-        let order_id = match idempotency_key {
+        // With a key, the order id comes from the key and the command id from
+        // the key and the request: the same request again is recognised as a
+        // duplicate by the repository, another request under the same key
+        // finds the order already placed.
+        let (order_id, command_id) = match idempotency_key {
             Some(key) => {
                 if key.is_empty() || key.len() > 200 {
                     return Err(Error::validation(
@@ -191,9 +193,14 @@ impl OrderService {
                         "must be 1 to 200 characters",
                     ));
                 }
-                Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes())
+                let order_id = Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes());
+                let hash = request_hash(&request)?;
+                (order_id, Uuid::new_v5(&order_id, hash.as_bytes()))
             }
-            None => Uuid::now_v7(),
+            None => {
+                let order_id = Uuid::now_v7();
+                (order_id, order_id)
+            }
         };
         let span =
             tracing::info_span!("order.place", correlation_id = %order_id, order_id = %order_id);
@@ -203,8 +210,7 @@ impl OrderService {
         let metadata = Metadata::new()
             .with_correlation_id(order_id)
             .with_causation_id(order_id)
-            .with_traceparent(format!("00-{}-{}-01", order_id.simple(), &span_id[..16]))
-            .with_header(REQUEST_HASH, request_hash.to_string());
+            .with_traceparent(format!("00-{}-{}-01", order_id.simple(), &span_id[..16]));
         let command = OrderCommand::Place(PlaceOrder {
             order_id,
             customer_email: email,
@@ -216,7 +222,7 @@ impl OrderService {
         drop(_enter);
         let result = self
             .orders
-            .execute_once(order_id, order_id, command, &metadata)
+            .execute_once(order_id, command_id, command, &metadata)
             .await;
         match result {
             Ok(committed) if !committed.duplicate => {
@@ -228,28 +234,24 @@ impl OrderService {
                     position: committed.position,
                 })
             }
-            Ok(_) | Err(RepositoryError::Rejected(OrderError::AlreadyExists(_))) => {
-                self.replay(order_id, request_hash, idempotency_key.unwrap_or_default())
-                    .await
+            Ok(_) => self.replay(order_id).await,
+            Err(RepositoryError::Rejected(OrderError::AlreadyExists(_))) => {
+                Err(Error::IdempotencyKeyReused {
+                    key: idempotency_key.unwrap_or_default().to_owned(),
+                })
             }
             Err(RepositoryError::Rejected(e)) => Err(Error::validation("items", e.to_string())),
             Err(e) => Err(Error::from_repository(e)),
         }
     }
 
-    /// The first answer to an idempotent request, if the request is the same.
-    async fn replay(&self, order_id: Uuid, hash: Uuid, key: &str) -> Result<PlacedOrder> {
+    /// The first answer to a request made again with its idempotency key.
+    async fn replay(&self, order_id: Uuid) -> Result<PlacedOrder> {
         let stream = self.orders.stream_id(order_id)?;
         let first = self.orders.store().read_stream(&stream, 1, 1).await?;
         let Some(first) = first.into_iter().next() else {
             return Err(Error::internal("idempotent order has no history"));
         };
-        let stored = first.metadata.headers.get(REQUEST_HASH);
-        if stored.map(String::as_str) != Some(hash.to_string().as_str()) {
-            return Err(Error::IdempotencyKeyReused {
-                key: key.to_owned(),
-            });
-        }
         Ok(PlacedOrder {
             order_id,
             status: OrderStatus::Pending,
