@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use es_core::{EventStore, Position};
+use es_core::{EventStore, InMemoryEventStore, Position};
 use es_postgres::PostgresEventStore;
 use es_projections::postgres::{
     load_checkpoint, rebuild, PgProjectionRunner, RebuildOptions, RebuildProgress, RebuildReport,
@@ -239,6 +239,83 @@ async fn a_first_rebuild_creates_the_model_and_a_second_concurrent_one_is_refuse
     let live = r.spawn();
     live.wait_for(head, WAIT).await.unwrap();
     assert_eq!(ledger_counts(&pool, &model).await, (300, 300));
+    live.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
+
+/// Appends events once the replay has reached its target, and waits (on a
+/// worker thread) until the live runner has applied them: the swap must then
+/// apply them to the new model itself.
+struct AppendAtTheEnd {
+    store: InMemoryEventStore,
+    live: es_projections::ProjectionHandle,
+    fired: AtomicBool,
+}
+
+impl RebuildProgress for AppendAtTheEnd {
+    fn start(&self, _: u64) {}
+    fn progress(&self, done: u64, total: u64) {
+        if done < total || self.fired.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let events: Vec<_> = (0..50).map(|i| deposit(1_000 + i)).collect();
+        let at = futures::executor::block_on(append(&self.store, "acct-late", events));
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.live.position() < at && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            self.live.position() >= at,
+            "the live runner did not apply the late events"
+        );
+    }
+    fn finish(&self, _: &RebuildReport) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn the_swap_applies_what_the_live_runner_committed_after_the_replay() {
+    let (pool, schema, model) = fresh().await;
+    let store = InMemoryEventStore::new();
+    let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
+    let ledger = Ledger::new("ledger");
+    let first = seed(&store, 300, 7).await;
+    let live = runner(&pool, &schema, &model, &dyn_store, &ledger).spawn();
+    live.wait_for(first, WAIT).await.unwrap();
+    let progress = AppendAtTheEnd {
+        store: store.clone(),
+        live: live.clone(),
+        fired: AtomicBool::new(false),
+    };
+    let report = rebuild(
+        &runner(&pool, &schema, &model, &dyn_store, &ledger),
+        &RebuildOptions {
+            batch_size: 100,
+            keep_old: true,
+            ..RebuildOptions::default()
+        },
+        &progress,
+    )
+    .await
+    .unwrap();
+    assert!(progress.fired.load(Ordering::SeqCst));
+    assert_eq!(report.events, 300);
+    assert_eq!(report.caught_up_in_swap, 50);
+    let head = store.head().await.unwrap();
+    assert_eq!(report.position, head);
+    assert_eq!(
+        balances(&pool, &model).await,
+        expected_balances(&store).await
+    );
+    assert_eq!(ledger_counts(&pool, &model).await, (350, 350));
+    // keep_old: the replaced model is still there, as it was.
+    assert_eq!(
+        ledger_counts(&pool, &format!("{model}__old")).await,
+        (350, 350)
+    );
+    // And the live runner goes on into the new model.
+    let more = seed(&store, 10, 7).await;
+    live.wait_for(more, WAIT).await.unwrap();
+    assert_eq!(ledger_counts(&pool, &model).await, (360, 360));
     live.stop().await.unwrap();
     cleanup(&pool, &[&schema, &model]).await;
 }
