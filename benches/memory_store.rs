@@ -8,18 +8,32 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use es::doc_support::counter::{Counter, CounterEvent};
-use es::{EventCodec, EventStore, ExpectedVersion, InMemoryEventStore, Metadata, NewEvent, Repository, StreamId};
+use es::{
+    EventCodec, EventStore, ExpectedVersion, InMemoryEventStore, Metadata, NewEvent, Repository,
+    StreamId,
+};
 
 fn new_events(codec: &EventCodec<CounterEvent>, n: usize) -> Vec<NewEvent> {
     (0..n)
-        .map(|i| codec.encode(&CounterEvent::Incremented { by: i as u32 + 1 }, Metadata::new()).expect("encodes"))
+        .map(|i| {
+            codec
+                .encode(
+                    &CounterEvent::Incremented { by: i as u32 + 1 },
+                    Metadata::new(),
+                )
+                .expect("encodes")
+        })
         .collect()
 }
 
 fn appends(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let codec = EventCodec::<CounterEvent>::new();
-    let streams: Vec<StreamId> = (0..1_000).map(|i| StreamId::new(format!("counter-{i}")).expect("id")).collect();
+    let streams: Vec<StreamId> = (0..1_000)
+        .map(|i| StreamId::new(format!("counter-{i}")).expect("id"))
+        .collect();
     let mut group = c.benchmark_group("memory_store/append");
     for batch in [1usize, 100] {
         group.throughput(Throughput::Elements(batch as u64));
@@ -29,7 +43,8 @@ fn appends(c: &mut Criterion) {
                     // A fresh store per sample keeps memory bounded; events are
                     // built outside the timed region.
                     let store = InMemoryEventStore::new();
-                    let batches: Vec<Vec<NewEvent>> = (0..iters).map(|_| new_events(&codec, batch)).collect();
+                    let batches: Vec<Vec<NewEvent>> =
+                        (0..iters).map(|_| new_events(&codec, batch)).collect();
                     let start = Instant::now();
                     for (i, events) in batches.into_iter().enumerate() {
                         store
@@ -46,12 +61,18 @@ fn appends(c: &mut Criterion) {
 }
 
 fn load(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
     let codec = EventCodec::<CounterEvent>::new();
     let stream = StreamId::new("counter-big").expect("id");
-    rt.block_on(store.append(&stream, ExpectedVersion::NoStream, new_events(&codec, 1_000)))
-        .expect("seed");
+    rt.block_on(store.append(
+        &stream,
+        ExpectedVersion::NoStream,
+        new_events(&codec, 1_000),
+    ))
+    .expect("seed");
     let repo = Repository::<Counter>::new(store);
     let mut group = c.benchmark_group("memory_store/load");
     group.throughput(Throughput::Elements(1_000));
