@@ -122,13 +122,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Lag => {
             let at = load_checkpoint(&pool, &args.schema, "balances").await?;
-            let head = store.head().await?;
-            let lag =
-                es_projections::telemetry::measure_lag(&*store, at.unwrap_or_default(), 1_000_000)
-                    .await?;
+            let lag = postgres::projection_lag(&pool, &args.schema, "balances", &*store, 1_000_000)
+                .await?;
             println!(
-                "checkpoint {:?}, head {head}, behind by {} events ({:.1}s)",
-                at.map(|p| p.to_string()),
+                "checkpoint {}, head {}, behind by {} events ({:.1}s)",
+                at.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+                store.head().await?,
                 lag.events,
                 lag.seconds
             );

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use es_core::{EventStore, InMemoryEventStore, Position};
 use es_projections::postgres::{
-    load_checkpoint, wait_for_checkpoint, CheckpointWatcher, PgProjectionRunner,
+    load_checkpoint, projection_lag, wait_for_checkpoint, CheckpointWatcher, PgProjectionRunner,
 };
 use es_projections::{Error, OnError, RunState, RunnerOptions};
 use tokio::sync::watch;
@@ -343,6 +343,10 @@ async fn waiting_for_a_position_works_from_another_process() {
         wait_for_checkpoint(&pool, &schema, "ledger", at, Duration::from_millis(100)).await,
         Err(Error::Timeout { .. })
     ));
+    let lag = projection_lag(&pool, &schema, "ledger", &store, 1_000)
+        .await
+        .unwrap();
+    assert_eq!((lag.events, lag.events_capped), (50, false));
     let waiting = {
         let watcher = watcher.clone();
         tokio::spawn(async move { watcher.wait_for("ledger", at, WAIT).await })
@@ -364,6 +368,10 @@ async fn waiting_for_a_position_works_from_another_process() {
         .unwrap();
     watcher.wait_for("ledger", later, WAIT).await.unwrap();
     assert_eq!(ledger_counts(&pool, &model).await, (55, 55));
+    let lag = projection_lag(&pool, &schema, "ledger", &store, 1_000)
+        .await
+        .unwrap();
+    assert!(lag.is_caught_up(), "{lag:?}");
     handle.stop().await.unwrap();
     cleanup(&pool, &[&schema, &model]).await;
 }

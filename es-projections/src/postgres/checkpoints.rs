@@ -32,6 +32,26 @@ pub async fn load_checkpoint(
         .map_err(|e| Error::store(name, e))
 }
 
+/// How far projection `name` (run by any process against `schema`) is
+/// behind the head of `store`'s log, counting up to `limit` events.
+///
+/// # Errors
+/// [`Error::Database`] / [`Error::Store`] when PostgreSQL or the store fails.
+pub async fn projection_lag(
+    pool: &PgPool,
+    schema: &str,
+    name: &str,
+    store: &dyn es_core::EventStore,
+    limit: usize,
+) -> Result<crate::Lag, Error> {
+    let at = load_checkpoint(pool, schema, name)
+        .await?
+        .unwrap_or(Position::START);
+    crate::telemetry::measure_lag(store, at, limit)
+        .await
+        .map_err(|e| Error::store(name, e))
+}
+
 /// Waits until projection `name` (run by any process against `schema`) has
 /// committed a checkpoint at or after `position`, or `timeout` has passed.
 ///

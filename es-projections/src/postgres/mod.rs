@@ -30,7 +30,7 @@ mod rebuild;
 mod runner;
 pub mod sink;
 
-pub use checkpoints::{load_checkpoint, wait_for_checkpoint, CheckpointWatcher};
+pub use checkpoints::{load_checkpoint, projection_lag, wait_for_checkpoint, CheckpointWatcher};
 pub use rebuild::{rebuild, NoProgress, RebuildOptions, RebuildProgress, RebuildReport};
 pub use runner::{PgProjection, PgProjectionRunner};
 
