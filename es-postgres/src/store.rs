@@ -373,6 +373,13 @@ impl<'a> Batch<'a> {
     }
 }
 
+fn no_row() -> StoreError {
+    PgError::Corrupt {
+        reason: "the append statement returned no row".to_owned(),
+    }
+    .into()
+}
+
 /// A concurrent append won a race on a stream version or an event id; the
 /// append is decided again.
 #[derive(Debug, thiserror::Error)]
@@ -557,9 +564,14 @@ impl PostgresEventStore {
                 .bind(&batch.versions)
                 .bind(&batch.payloads)
                 .bind(&batch.metadata)
-                .fetch_one(&self.shared.pool)
+                // fetch_all, not fetch_one: it returns only after the server
+                // reports the statement (and so its autocommit) complete;
+                // fetch_one returns at the first row, before the commit.
+                .fetch_all(&self.shared.pool)
                 .await
-                .map_err(|e| batch.map_error(e, false))?;
+                .map_err(|e| batch.map_error(e, false))?
+                .pop()
+                .ok_or_else(no_row)?;
         match row {
             (Some(version), Some(tx), Some(position), _, _) => Ok(Some(AppendResult {
                 stream_version: to_u64(version),
@@ -600,9 +612,11 @@ impl PostgresEventStore {
                 .bind(&batch.payloads)
                 .bind(&batch.metadata)
                 .bind(guarded)
-                .fetch_one(executor)
+                .fetch_all(executor)
                 .await
-                .map_err(|e| batch.map_error(e, guarded))?;
+                .map_err(|e| batch.map_error(e, guarded))?
+                .pop()
+                .ok_or_else(no_row)?;
         let (outcome, version, tx, position, event) = row;
         let conflict = |reason| StoreError::IdempotencyConflict {
             stream: stream.clone(),

@@ -341,3 +341,30 @@ async fn many_writer_torture() {
         }
     }
 }
+
+/// An append returns only once its transaction has committed: another
+/// connection sees the event as soon as the call returns (a driver call that
+/// returned at the first result row would answer before the commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_appends_are_committed() {
+    let (store, pool) = store().await;
+    let mut other = pool.acquire().await.unwrap();
+    let count = format!(
+        "SELECT count(*) FROM \"{}\".events WHERE event_id = $1",
+        store.schema()
+    );
+    for round in 0..200u64 {
+        let e = event(round);
+        let id = e.event_id;
+        store
+            .append(&unique_stream("ack"), ExpectedVersion::NoStream, vec![e])
+            .await
+            .unwrap();
+        let seen: i64 = sqlx::query_scalar(&count)
+            .bind(id)
+            .fetch_one(&mut *other)
+            .await
+            .unwrap();
+        assert_eq!(seen, 1, "round {round}: acknowledged but not visible");
+    }
+}
