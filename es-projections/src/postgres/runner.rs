@@ -149,13 +149,19 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         let task_shared = Arc::clone(&shared);
         let task = tokio::spawn(async move {
             let mut stop = task_shared.stop.subscribe();
-            let outcome = self.run_shared(&task_shared, &mut stop).await;
+            let outcome = std::panic::AssertUnwindSafe(self.run_shared(&task_shared, &mut stop))
+                .catch_unwind()
+                .await;
             task_shared.set_state(match outcome {
-                Ok(()) => RunState::Stopped,
-                Err(error) => {
+                Ok(Ok(())) => RunState::Stopped,
+                Ok(Err(error)) => {
                     tracing::error!(projection = %task_shared.name, %error, "projection runner stopped");
                     RunState::Failed(Arc::new(error))
                 }
+                Err(panic) => RunState::Failed(Arc::new(Error::Panicked {
+                    projection: task_shared.name.clone(),
+                    message: crate::core::panic_message(&*panic),
+                })),
             });
         });
         ProjectionHandle::new(shared, store, task)
