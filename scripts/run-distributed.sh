@@ -8,6 +8,7 @@
 #   scripts/run-distributed.sh                 # one process per service
 #   ORDERS_REPLICAS=2 scripts/run-distributed.sh  # two of each worker
 #   ORDERS_RELEASE=0 scripts/run-distributed.sh   # debug build
+#   ORDERS_BUILD=0 scripts/run-distributed.sh     # use the binary already built
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,8 @@ mkdir -p "$LOGS"
 
 profile=release
 if [[ "${ORDERS_RELEASE:-1}" == 0 ]]; then profile=debug; fi
-if [[ "$profile" == release ]]; then cargo build --release -p orders --bin orders; else cargo build -p orders --bin orders; fi
+if [[ "${ORDERS_BUILD:-1}" == 0 ]]; then :
+elif [[ "$profile" == release ]]; then cargo build --release -p orders --bin orders; else cargo build -p orders --bin orders; fi
 BIN="target/$profile/orders"
 
 pids=()
