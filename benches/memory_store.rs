@@ -3,6 +3,8 @@
 //!
 //!     cargo bench --bench memory_store
 
+#![allow(missing_docs)] // criterion_group! generates undocumented public functions
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
