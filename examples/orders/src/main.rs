@@ -16,10 +16,19 @@ use clap::{Parser, Subcommand};
 use orders::{Config, System};
 
 #[derive(Debug, Parser)]
-#[command(name = "orders", version, about = "The event-driven order-processing system, embedded in one process")]
+#[command(
+    name = "orders",
+    version,
+    about = "The event-driven order-processing system, embedded in one process"
+)]
 struct Cli {
     /// Where to serve the HTTP API.
-    #[arg(long, env = "ORDERS_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "ORDERS_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
     listen: SocketAddr,
     /// How long payment may take once stock is reserved (e.g. 30s, 2s, 500ms).
     #[arg(long, env = "ORDERS_PAYMENT_TIMEOUT", default_value = "30s", value_parser = parse_duration, global = true)]
@@ -87,8 +96,12 @@ async fn main() -> ExitCode {
     orders::telemetry::init_tracing(cli.log_json);
     let result = match cli.command {
         None => serve(cli.listen, cli.payment_timeout).await,
-        Some(Command::Serve(args)) if args.services.is_none() => serve(cli.listen, cli.payment_timeout).await,
-        Some(Command::Serve(args)) => orders::distributed::serve(*args, cli.listen, cli.payment_timeout).await,
+        Some(Command::Serve(args)) if args.services.is_none() => {
+            serve(cli.listen, cli.payment_timeout).await
+        }
+        Some(Command::Serve(args)) => {
+            orders::distributed::serve(*args, cli.listen, cli.payment_timeout).await
+        }
         Some(Command::Demo) => demo(cli.payment_timeout).await,
         Some(Command::Load {
             orders,

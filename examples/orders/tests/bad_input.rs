@@ -1,6 +1,8 @@
 //! Bad input gets a 4xx with a JSON body that says what is wrong, and
 //! changes nothing; idempotency keys.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod common;
 
 use axum::body::Body;

@@ -1,5 +1,7 @@
 //! End-to-end flows over the HTTP API, in process (`oneshot`).
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod common;
 
 use axum::http::StatusCode;

@@ -1,5 +1,7 @@
 //! Many buyers race for scarce stock; the payment deadline on virtual time.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod common;
 
 use std::sync::Arc;

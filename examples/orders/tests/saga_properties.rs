@@ -6,6 +6,8 @@
 //! consistent side effects, and every step (so every compensation) is issued
 //! at most once.
 
+#![allow(clippy::unwrap_used, clippy::needless_pass_by_value)] // A simulation harness: a panic is the report.
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! The API over a real socket.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod common;
 
 use std::time::Duration;
