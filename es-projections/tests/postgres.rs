@@ -448,3 +448,53 @@ async fn a_leader_whose_lock_connection_dies_steps_down_and_the_work_goes_on_onc
     b.stop().await.unwrap();
     cleanup(&pool, &[&schema, &model]).await;
 }
+
+#[tokio::test]
+async fn upserts_are_version_guarded_and_bind_every_value_kind() {
+    use es_projections::postgres::sink::{delete, Upsert, Value};
+    let (pool, schema, model) = fresh().await;
+    let mut conn = pool.acquire().await.unwrap();
+    for sql in [
+        format!("CREATE SCHEMA \"{model}\""),
+        format!("SET search_path TO \"{model}\""),
+        "CREATE TABLE orders (id text PRIMARY KEY, status text, cents bigint, paid boolean, \
+         customer uuid, doc jsonb, at timestamptz, note text, version bigint NOT NULL)"
+            .to_owned(),
+    ] {
+        sqlx::query(&sql).execute(&mut *conn).await.unwrap();
+    }
+    let row = |status: &str, version: u64| {
+        Upsert::into("orders")
+            .key("id", "o-1")
+            .set("status", status)
+            .set("cents", 1250_i64)
+            .set("paid", true)
+            .set("customer", uuid::Uuid::nil())
+            .set("doc", serde_json::json!({"items": 2}))
+            .set("at", chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)
+            .set("note", Value::Null)
+            .version("version", version)
+    };
+    assert!(row("placed", 2).execute(&mut conn).await.unwrap());
+    assert!(!row("stale", 1).execute(&mut conn).await.unwrap());
+    assert!(!row("replayed", 2).execute(&mut conn).await.unwrap());
+    const STATUS: &str = "SELECT status, version, paid, doc FROM orders WHERE id = 'o-1'";
+    type Row = (String, i64, bool, serde_json::Value);
+    let (s, v, paid, doc): Row = sqlx::query_as(STATUS).fetch_one(&mut *conn).await.unwrap();
+    assert_eq!(
+        (s.as_str(), v, paid, doc["items"].as_i64()),
+        ("placed", 2, true, Some(2))
+    );
+    assert!(row("paid", 3).execute(&mut conn).await.unwrap());
+    let now: Row = sqlx::query_as(STATUS).fetch_one(&mut *conn).await.unwrap();
+    assert_eq!(now.0, "paid");
+    // Identifiers are checked, never spliced raw.
+    let bad = Upsert::into("orders; DROP TABLE orders")
+        .key("id", "x")
+        .execute(&mut conn)
+        .await;
+    assert!(matches!(bad, Err(Error::Config { .. })), "{bad:?}");
+    assert_eq!(delete(&mut conn, "orders", "id", "o-1").await.unwrap(), 1);
+    drop(conn);
+    cleanup(&pool, &[&schema, &model]).await;
+}
