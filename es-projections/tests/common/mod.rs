@@ -20,7 +20,7 @@ pub fn database_url() -> String {
 /// A pool, and a fresh (migrated) runner schema and a model schema name
 /// for one test.
 pub async fn fresh() -> (PgPool, String, String) {
-    let (pool, schema) = es_postgres::testing::fresh_schema_with(12).await;
+    let (pool, schema) = es_postgres::testing::fresh_schema_with(8).await;
     let id = uuid::Uuid::new_v4().simple().to_string();
     (pool, schema, format!("esp_m_{}", &id[..12]))
 }
