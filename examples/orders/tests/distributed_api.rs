@@ -2,6 +2,8 @@
 //! service its own OS process over PostgreSQL, RabbitMQ and Redis, the API
 //! through the gateway, emails through a real SMTP server.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod distributed_support;
 
 use distributed_support::Cluster;
@@ -31,8 +33,14 @@ async fn the_public_api_through_the_gateway() {
     assert_eq!(placed["status"], "Pending");
     let id = placed["order_id"].as_str().unwrap().to_owned();
     let position = placed["position"].as_str().unwrap();
-    let (code, view) = c.get(&format!("/api/orders/{id}?min_position={position}")).await;
-    assert_eq!(code, StatusCode::OK, "read-your-writes across processes: {view}");
+    let (code, view) = c
+        .get(&format!("/api/orders/{id}?min_position={position}"))
+        .await;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "read-your-writes across processes: {view}"
+    );
     assert_eq!(view["customer_email"], "fay@example.com");
     assert_eq!(view["total"], "20.00");
     let done = c.finished(&id).await;
@@ -40,42 +48,79 @@ async fn the_public_api_through_the_gateway() {
     assert!(done["completed_at"].is_string());
     assert_eq!(c.wait_mail(&format!("Order {id}: OrderConfirmed")).await, 1);
     let (_, p) = c.get(&format!("/api/products/{widget}")).await;
-    assert_eq!((p["available"].as_u64(), p["reserved"].as_u64()), (Some(98), Some(0)), "{p}");
+    assert_eq!(
+        (p["available"].as_u64(), p["reserved"].as_u64()),
+        (Some(98), Some(0)),
+        "{p}"
+    );
     let (code, events) = c.get(&format!("/api/orders/{id}/events")).await;
     assert_eq!(code, StatusCode::OK);
-    let types: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["OrderCreated", "OrderInventoryConfirmed", "OrderPaymentConfirmed", "OrderCompleted"]);
+    let types: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "OrderCreated",
+            "OrderInventoryConfirmed",
+            "OrderPaymentConfirmed",
+            "OrderCompleted"
+        ]
+    );
 
     // Out of stock: cancelled, nothing reserved.
     let (_, placed) = c.order("gus@example.com", &[(&gizmo, 5)], "tok_ok").await;
     let oos = placed["order_id"].as_str().unwrap().to_owned();
     let v = c.finished(&oos).await;
     assert_eq!(v["status"], "Cancelled", "{v}");
-    assert_eq!(c.wait_mail(&format!("Order {oos}: OrderCancelled")).await, 1);
+    assert_eq!(
+        c.wait_mail(&format!("Order {oos}: OrderCancelled")).await,
+        1
+    );
 
     // Declined payment: stock released.
-    let (_, placed) = c.order("gus@example.com", &[(&gizmo, 2)], "tok_decline").await;
+    let (_, placed) = c
+        .order("gus@example.com", &[(&gizmo, 2)], "tok_decline")
+        .await;
     let declined = placed["order_id"].as_str().unwrap().to_owned();
     assert_eq!(c.finished(&declined).await["status"], "Cancelled");
 
     // Payment timeout (2 s here): cancelled, stock released.
-    let (_, placed) = c.order("hal@example.com", &[(&gizmo, 1)], "tok_timeout").await;
+    let (_, placed) = c
+        .order("hal@example.com", &[(&gizmo, 1)], "tok_timeout")
+        .await;
     let timed_out = placed["order_id"].as_str().unwrap().to_owned();
     let v = c.finished(&timed_out).await;
     assert_eq!(v["status"], "Cancelled", "{v}");
 
     // Customer cancellation, then illegal transitions are 409.
-    let (_, placed) = c.order("ivy@example.com", &[(&widget, 1)], "tok_delay_1500").await;
+    let (_, placed) = c
+        .order("ivy@example.com", &[(&widget, 1)], "tok_delay_1500")
+        .await;
     let cancel = placed["order_id"].as_str().unwrap().to_owned();
-    let (code, body) = c.post(&format!("/api/orders/{cancel}/cancel"), json!({"reason": "changed my mind"})).await;
+    let (code, body) = c
+        .post(
+            &format!("/api/orders/{cancel}/cancel"),
+            json!({"reason": "changed my mind"}),
+        )
+        .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let v = c.finished(&cancel).await;
     assert_eq!(v["status"], "Cancelled");
     assert_eq!(v["cancellation_reason"], "changed my mind");
-    let (code, _) = c.post(&format!("/api/orders/{cancel}/cancel"), json!({})).await;
+    let (code, _) = c
+        .post(&format!("/api/orders/{cancel}/cancel"), json!({}))
+        .await;
     assert_eq!(code, StatusCode::CONFLICT);
     let (code, _) = c.post(&format!("/api/orders/{id}/cancel"), json!({})).await;
-    assert_eq!(code, StatusCode::CONFLICT, "a completed order cannot be cancelled");
+    assert_eq!(
+        code,
+        StatusCode::CONFLICT,
+        "a completed order cannot be cancelled"
+    );
 
     // Bad input: 4xx with a JSON body, nothing created.
     let (code, body) = c.order("not-an-email", &[(&widget, 1)], "tok_ok").await;
@@ -87,7 +132,10 @@ async fn the_public_api_through_the_gateway() {
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
     let unknown = uuid::Uuid::new_v4().to_string();
     let (code, body) = c.order("a@example.com", &[(&unknown, 1)], "tok_ok").await;
-    assert_eq!((code, body["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_product")));
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_product"))
+    );
     let res = c
         .client
         .post(format!("{}/api/orders", c.gateway))
@@ -113,23 +161,54 @@ async fn the_public_api_through_the_gateway() {
 
     // Idempotency keys, stored durably with the order.
     let body = json!({"customer_email": "jo@example.com", "items": [{"product_id": widget, "quantity": 1}], "payment": {"card_token": "tok_ok"}});
-    let (c1, first) = c.call("POST", "/api/orders", Some(body.clone()), &[("Idempotency-Key", "key-1")]).await;
-    let (c2, second) = c.call("POST", "/api/orders", Some(body), &[("Idempotency-Key", "key-1")]).await;
+    let (c1, first) = c
+        .call(
+            "POST",
+            "/api/orders",
+            Some(body.clone()),
+            &[("Idempotency-Key", "key-1")],
+        )
+        .await;
+    let (c2, second) = c
+        .call(
+            "POST",
+            "/api/orders",
+            Some(body),
+            &[("Idempotency-Key", "key-1")],
+        )
+        .await;
     assert_eq!((c1, c2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
     assert_eq!(first, second);
     let other = json!({"customer_email": "jo@example.com", "items": [{"product_id": widget, "quantity": 2}], "payment": {"card_token": "tok_ok"}});
-    let (code, _) = c.call("POST", "/api/orders", Some(other), &[("Idempotency-Key", "key-1")]).await;
+    let (code, _) = c
+        .call(
+            "POST",
+            "/api/orders",
+            Some(other),
+            &[("Idempotency-Key", "key-1")],
+        )
+        .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
     let keyed = first["order_id"].as_str().unwrap().to_owned();
     c.finished(&keyed).await;
 
     // Queries: a customer's orders with paging, status filter, search, stats.
-    let (code, page) = c.get("/api/orders?customer_email=GUS@example.com&limit=1").await;
+    let (code, page) = c
+        .get("/api/orders?customer_email=GUS@example.com&limit=1")
+        .await;
     assert_eq!(code, StatusCode::OK, "{page}");
     assert_eq!(page["orders"].as_array().unwrap().len(), 1);
-    assert_eq!(page["orders"][0]["order_id"].as_str(), Some(declined.as_str()), "newest first");
+    assert_eq!(
+        page["orders"][0]["order_id"].as_str(),
+        Some(declined.as_str()),
+        "newest first"
+    );
     let cursor = page["next_cursor"].as_str().unwrap();
-    let (_, page) = c.get(&format!("/api/orders?customer_email=gus@example.com&limit=1&cursor={cursor}")).await;
+    let (_, page) = c
+        .get(&format!(
+            "/api/orders?customer_email=gus@example.com&limit=1&cursor={cursor}"
+        ))
+        .await;
     assert_eq!(page["orders"][0]["order_id"].as_str(), Some(oos.as_str()));
     assert!(page["next_cursor"].is_null());
     let (_, cancelled) = c.get("/api/orders?status=Cancelled").await;
@@ -150,7 +229,11 @@ async fn the_public_api_through_the_gateway() {
 
     // Operations: health, every process's metrics, the merged OpenAPI document.
     let (code, health) = c.get("/health").await;
-    assert_eq!((code, health["status"].as_str()), (StatusCode::OK, Some("ok")), "{health}");
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (StatusCode::OK, Some("ok")),
+        "{health}"
+    );
     let (code, text) = c.get("/metrics").await;
     assert_eq!(code, StatusCode::OK);
     let text = text.as_str().unwrap();
@@ -169,12 +252,31 @@ async fn the_public_api_through_the_gateway() {
     let (code, doc) = c.get("/openapi.json").await;
     assert_eq!(code, StatusCode::OK);
     let paths = doc["paths"].as_object().unwrap();
-    for path in ["/api/products", "/api/products/{id}", "/api/products/{id}/restock", "/api/orders", "/api/orders/{id}",
-                 "/api/orders/search", "/api/orders/{id}/events", "/api/orders/{id}/cancel", "/api/stats", "/health", "/metrics"] {
-        assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
+    for path in [
+        "/api/products",
+        "/api/products/{id}",
+        "/api/products/{id}/restock",
+        "/api/orders",
+        "/api/orders/{id}",
+        "/api/orders/search",
+        "/api/orders/{id}/events",
+        "/api/orders/{id}/cancel",
+        "/api/stats",
+        "/health",
+        "/metrics",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the OpenAPI document"
+        );
     }
     // Restock through the gateway.
-    let (code, p) = c.post(&format!("/api/products/{gizmo}/restock"), json!({"quantity": 7})).await;
+    let (code, p) = c
+        .post(
+            &format!("/api/products/{gizmo}/restock"),
+            json!({"quantity": 7}),
+        )
+        .await;
     assert_eq!(code, StatusCode::OK, "{p}");
     assert_eq!(p["available"], 10);
     // Exactly one email per order and kind.

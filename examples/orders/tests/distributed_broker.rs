@@ -4,6 +4,8 @@
 //! or Cancelled, stock adds up, no payment was taken twice, one email per
 //! order and kind.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod distributed_support;
 
 use std::process::Command;
@@ -35,7 +37,9 @@ impl Drop for BrokerGuard {
     fn drop(&mut self) {
         rabbitmqctl(&["start_app"]);
         for _ in 0..120 {
-            if rabbitmqctl(&["await_startup"]) && std::net::TcpStream::connect("127.0.0.1:5672").is_ok() {
+            if rabbitmqctl(&["await_startup"])
+                && std::net::TcpStream::connect("127.0.0.1:5672").is_ok()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -49,22 +53,39 @@ async fn rabbitmq_restart_mid_flow() {
     let c = Cluster::start("broker", &LAYOUT, "5s").await;
     let mut stock = Vec::new();
     for i in 0..3 {
-        stock.push((c.product(&format!("Broker Widget {i}"), "2.00", 100).await, 100));
+        stock.push((
+            c.product(&format!("Broker Widget {i}"), "2.00", 100).await,
+            100,
+        ));
     }
-    let load = tokio::spawn(place_many(c.client.clone(), c.gateway.clone(), stock.clone(), 200, 8, "broker".into()));
+    let load = tokio::spawn(place_many(
+        c.client.clone(),
+        c.gateway.clone(),
+        stock.clone(),
+        200,
+        8,
+        "broker".into(),
+    ));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     {
         let _guard = BrokerGuard;
         assert!(
-            tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"])).await.unwrap(),
+            tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+                .await
+                .unwrap(),
             "rabbitmqctl stop_app failed (is rabbitmqctl on PATH and the broker local?)"
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
-        tokio::task::spawn_blocking(move || drop(_guard)).await.unwrap();
+        tokio::task::spawn_blocking(move || drop(_guard))
+            .await
+            .unwrap();
     }
     let orders = load.await.unwrap();
     let (completed, cancelled) = c.check_invariants(&stock, &orders).await;
-    eprintln!("broker restart: {} orders, {completed} completed, {cancelled} cancelled", orders.len());
+    eprintln!(
+        "broker restart: {} orders, {completed} completed, {cancelled} cancelled",
+        orders.len()
+    );
     assert_eq!(completed + cancelled, 200);
     c.stop().await;
 }

@@ -5,6 +5,8 @@
 //! payment was taken twice and every order got exactly one email of its
 //! outcome.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod distributed_support;
 
 use std::time::Duration;
@@ -23,7 +25,11 @@ const LAYOUT: [(&str, &str); 6] = [
 async fn products(c: &Cluster, n: usize, stock: u64) -> Vec<(String, u64)> {
     let mut v = Vec::new();
     for i in 0..n {
-        v.push((c.product(&format!("Crash Widget {i}"), "3.00", stock as i64).await, stock));
+        v.push((
+            c.product(&format!("Crash Widget {i}"), "3.00", stock as i64)
+                .await,
+            stock,
+        ));
     }
     v
 }
@@ -32,7 +38,14 @@ async fn products(c: &Cluster, n: usize, stock: u64) -> Vec<(String, u64)> {
 async fn sigkill_each_service_in_turn_under_load() {
     let mut c = Cluster::start("kill", &LAYOUT, "5s").await;
     let stock = products(&c, 4, 100).await;
-    let load = tokio::spawn(place_many(c.client.clone(), c.gateway.clone(), stock.clone(), 300, 8, "kill".into()));
+    let load = tokio::spawn(place_many(
+        c.client.clone(),
+        c.gateway.clone(),
+        stock.clone(),
+        300,
+        8,
+        "kill".into(),
+    ));
     for target in ["order", "inventory", "payment", "query", "relay"] {
         tokio::time::sleep(Duration::from_millis(800)).await;
         c.kill(target).await;
@@ -41,9 +54,11 @@ async fn sigkill_each_service_in_turn_under_load() {
     }
     let orders = load.await.unwrap();
     let (completed, cancelled) = c.check_invariants(&stock, &orders).await;
-    eprintln!("sigkill: {} orders, {completed} completed, {cancelled} cancelled", orders.len());
+    eprintln!(
+        "sigkill: {} orders, {completed} completed, {cancelled} cancelled",
+        orders.len()
+    );
     assert_eq!(completed + cancelled, 300);
     assert!(completed > 0 && cancelled > 0);
     c.stop().await;
 }
-

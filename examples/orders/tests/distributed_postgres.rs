@@ -4,6 +4,8 @@
 //! committed: afterwards every accepted order is Completed or Cancelled,
 //! stock adds up, no payment was taken twice, one email per order.
 
+#![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
+
 mod distributed_support;
 
 use std::time::Duration;
@@ -23,7 +25,11 @@ const LAYOUT: [(&str, &str); 6] = [
 async fn products(c: &Cluster, n: usize, stock: u64) -> Vec<(String, u64)> {
     let mut v = Vec::new();
     for i in 0..n {
-        v.push((c.product(&format!("Crash Widget {i}"), "3.00", stock as i64).await, stock));
+        v.push((
+            c.product(&format!("Crash Widget {i}"), "3.00", stock as i64)
+                .await,
+            stock,
+        ));
     }
     v
 }
@@ -32,7 +38,14 @@ async fn products(c: &Cluster, n: usize, stock: u64) -> Vec<(String, u64)> {
 async fn postgres_connections_cut_again_and_again() {
     let c = Cluster::start("pgcut", &LAYOUT, "5s").await;
     let stock = products(&c, 3, 100).await;
-    let load = tokio::spawn(place_many(c.client.clone(), c.gateway.clone(), stock.clone(), 200, 8, "pgcut".into()));
+    let load = tokio::spawn(place_many(
+        c.client.clone(),
+        c.gateway.clone(),
+        stock.clone(),
+        200,
+        8,
+        "pgcut".into(),
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     // For 4 s, every connection of the deployment is terminated every 100 ms:
     // PostgreSQL is unreachable for the services, and nothing they do in

@@ -29,7 +29,11 @@ impl PgCatalog {
     ///
     /// # Errors
     /// When PostgreSQL fails.
-    pub async fn start(pool: PgPool, schema: &str, mut stop: watch::Receiver<bool>) -> Result<Self> {
+    pub async fn start(
+        pool: PgPool,
+        schema: &str,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Self> {
         let table = format!("\"{schema}\".catalog");
         let mut tx = pool.begin().await.map_err(Error::internal)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('orders:catalog-table', 0))")
@@ -82,11 +86,13 @@ impl PgCatalog {
         if usize::try_from(count).unwrap_or(0) == self.catalog.len() {
             return Ok(());
         }
-        let rows: Vec<(Uuid, String, String)> =
-            sqlx::query_as(&format!("SELECT product_id, name, price FROM {}", self.table))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(Error::internal)?;
+        let rows: Vec<(Uuid, String, String)> = sqlx::query_as(&format!(
+            "SELECT product_id, name, price FROM {}",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::internal)?;
         for (id, name, price) in rows {
             if self.catalog.get(id).is_none() {
                 if let Ok(price) = price.parse::<Money>() {
@@ -106,7 +112,11 @@ pub struct PgCatalogHandler(PgCatalog);
 impl MessageHandler for PgCatalogHandler {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         let m = &delivery.message;
-        match EventCodec::<ProductEvent>::new().decode_parts(&m.message_type, m.schema_version, &m.payload) {
+        match EventCodec::<ProductEvent>::new().decode_parts(
+            &m.message_type,
+            m.schema_version,
+            &m.payload,
+        ) {
             Ok(ProductEvent::ProductCreated(p)) => {
                 let written = sqlx::query(&format!(
                     "INSERT INTO {} (product_id, name, price) VALUES ($1, $2, $3) ON CONFLICT (product_id) DO NOTHING",

@@ -105,7 +105,11 @@ struct Gateway {
 ///
 /// # Errors
 /// When the HTTP client cannot be built.
-pub fn gateway_router(upstreams: Upstreams, local: Router, owners: BTreeSet<Owner>) -> Result<Router> {
+pub fn gateway_router(
+    upstreams: &Upstreams,
+    local: Router,
+    owners: BTreeSet<Owner>,
+) -> Result<Router> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .connect_timeout(Duration::from_secs(2))
@@ -126,7 +130,10 @@ pub fn gateway_router(upstreams: Upstreams, local: Router, owners: BTreeSet<Owne
     Ok(Router::new()
         .route("/health", get(health))
         .route("/metrics", get(all_metrics))
-        .route("/openapi.json", get(|| async { Json(crate::system::openapi()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::system::openapi()) }),
+        )
         .fallback(forward)
         .with_state(state))
 }
@@ -147,7 +154,11 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let Some(owner) = Owner::of(&method, &path) else {
-        return error(StatusCode::NOT_FOUND, "not_found", format!("no route for {method} {path}"));
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route for {method} {path}"),
+        );
     };
     let incoming = request
         .headers()
@@ -178,10 +189,16 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
                 )
             }
         };
-        let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         let mut last_error = String::new();
         for base in gw.pools[&owner].order() {
-            let mut upstream = gw.client.request(method.clone(), format!("{base}{path}{query}"));
+            let mut upstream = gw
+                .client
+                .request(method.clone(), format!("{base}{path}{query}"));
             for name in &FORWARDED {
                 if let Some(v) = parts.headers.get(name) {
                     upstream = upstream.header(name, v);
@@ -217,7 +234,10 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         error(
             StatusCode::BAD_GATEWAY,
             "upstream_unavailable",
-            format!("the {} service did not answer: {last_error}", owner.as_str()),
+            format!(
+                "the {} service did not answer: {last_error}",
+                owner.as_str()
+            ),
         )
     }
     .instrument(span)
@@ -241,11 +261,19 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
                 Ok(r) if r.status().is_success()
             );
             ok &= up;
-            upstreams.insert(format!("{}@{base}", owner.as_str()), if up { "ok" } else { "unavailable" }.into());
+            upstreams.insert(
+                format!("{}@{base}", owner.as_str()),
+                if up { "ok" } else { "unavailable" }.into(),
+            );
         }
     }
-    let body = serde_json::json!({"status": if ok { "ok" } else { "degraded" }, "upstreams": upstreams});
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body =
+        serde_json::json!({"status": if ok { "ok" } else { "degraded" }, "upstreams": upstreams});
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
@@ -270,7 +298,13 @@ async fn all_metrics(State(gw): State<Arc<Gateway>>) -> Response {
             if !seen.insert(base.clone()) {
                 continue;
             }
-            if let Ok(res) = gw.client.get(format!("{base}/metrics")).timeout(Duration::from_secs(2)).send().await {
+            if let Ok(res) = gw
+                .client
+                .get(format!("{base}/metrics"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
                 if let Ok(text) = res.text().await {
                     texts.push((format!("{}@{base}", owner.as_str()), text));
                 }
@@ -346,10 +380,22 @@ mod tests {
     fn owners() {
         assert_eq!(Owner::of(&Method::POST, "/api/orders"), Some(Owner::Order));
         assert_eq!(Owner::of(&Method::GET, "/api/orders"), Some(Owner::Query));
-        assert_eq!(Owner::of(&Method::GET, "/api/orders/search"), Some(Owner::Query));
-        assert_eq!(Owner::of(&Method::POST, "/api/orders/x/cancel"), Some(Owner::Order));
-        assert_eq!(Owner::of(&Method::GET, "/api/orders/x/events"), Some(Owner::Query));
-        assert_eq!(Owner::of(&Method::POST, "/api/products/x/restock"), Some(Owner::Inventory));
+        assert_eq!(
+            Owner::of(&Method::GET, "/api/orders/search"),
+            Some(Owner::Query)
+        );
+        assert_eq!(
+            Owner::of(&Method::POST, "/api/orders/x/cancel"),
+            Some(Owner::Order)
+        );
+        assert_eq!(
+            Owner::of(&Method::GET, "/api/orders/x/events"),
+            Some(Owner::Query)
+        );
+        assert_eq!(
+            Owner::of(&Method::POST, "/api/products/x/restock"),
+            Some(Owner::Inventory)
+        );
         assert_eq!(Owner::of(&Method::GET, "/api/stats"), Some(Owner::Query));
         assert_eq!(Owner::of(&Method::GET, "/nope"), None);
     }

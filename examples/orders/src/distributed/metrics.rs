@@ -79,8 +79,10 @@ impl Gauges {
         }
         if let Some(query) = &self.projection {
             if let Ok(lag) = query.lag().await {
-                metrics::gauge!("projection_lag_events", "projection" => "orders_read_model").set(lag.events as f64);
-                metrics::gauge!("projection_lag_seconds", "projection" => "orders_read_model").set(lag.seconds);
+                metrics::gauge!("projection_lag_events", "projection" => "orders_read_model")
+                    .set(lag.events as f64);
+                metrics::gauge!("projection_lag_seconds", "projection" => "orders_read_model")
+                    .set(lag.seconds);
             }
         }
         if let Some(pool) = &self.pool {

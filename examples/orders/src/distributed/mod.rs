@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use axum::routing::get;
 use axum::{Json, Router};
 use es_core::{
-    Delivery, DeadlineScheduler, EventBus, EventStore, MessageHandler, Outcome, Repository,
+    DeadlineScheduler, Delivery, EventBus, EventStore, MessageHandler, Outcome, Repository,
     RetryPolicy, SagaHandler, SagaManager, SnapshotPolicy, Subscription, SubscriptionHandle,
     SystemClock,
 };
@@ -151,10 +151,18 @@ pub struct ServeArgs {
     #[arg(long, env = "ORDERS_SERVICES", value_delimiter = ',')]
     pub services: Option<Vec<String>>,
     /// PostgreSQL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     pub database_url: String,
     /// RabbitMQ.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// Redis (the query service's hot cache).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
@@ -170,19 +178,31 @@ pub struct ServeArgs {
     #[arg(long, env = "ORDERS_NAMESPACE", default_value = "orders")]
     pub namespace: String,
     /// Where the gateway finds the order service.
-    #[arg(long, env = "ORDERS_ORDER_URL", default_value = "http://127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "ORDERS_ORDER_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
     pub order_url: String,
     /// Where the gateway finds the inventory service.
-    #[arg(long, env = "ORDERS_INVENTORY_URL", default_value = "http://127.0.0.1:8082")]
+    #[arg(
+        long,
+        env = "ORDERS_INVENTORY_URL",
+        default_value = "http://127.0.0.1:8082"
+    )]
     pub inventory_url: String,
     /// Where the gateway finds the query service.
-    #[arg(long, env = "ORDERS_QUERY_URL", default_value = "http://127.0.0.1:8085")]
+    #[arg(
+        long,
+        env = "ORDERS_QUERY_URL",
+        default_value = "http://127.0.0.1:8085"
+    )]
     pub query_url: String,
     /// Deliveries each subscription handles at once (RabbitMQ prefetch).
     #[arg(long, env = "ORDERS_PREFETCH", default_value_t = 32)]
     pub prefetch: u16,
     /// PostgreSQL connections per process.
-    #[arg(long, env = "ORDERS_PG_POOL", default_value_t = 16)]
+    #[arg(long, env = "ORDERS_PG_POOL", default_value_t = 8)]
     pub pg_pool: u32,
 }
 
@@ -201,7 +221,7 @@ impl ServeArgs {
             inventory_url: "http://127.0.0.1:8082".into(),
             query_url: "http://127.0.0.1:8085".into(),
             prefetch: 32,
-            pg_pool: 16,
+            pg_pool: 8,
         }
     }
 
@@ -286,8 +306,14 @@ fn saga_bindings() -> Vec<String> {
             "OrderCancelled",
         ],
     );
-    b.extend(on(topics::INVENTORY, &["InventoryReserved", "InventoryReservationFailed"]));
-    b.extend(on(topics::PAYMENT, &["PaymentSucceeded", "PaymentDeclined"]));
+    b.extend(on(
+        topics::INVENTORY,
+        &["InventoryReserved", "InventoryReservationFailed"],
+    ));
+    b.extend(on(
+        topics::PAYMENT,
+        &["PaymentSucceeded", "PaymentDeclined"],
+    ));
     b
 }
 
@@ -300,22 +326,37 @@ async fn pg_pool(args: &ServeArgs, application: &str) -> Result<PgPool> {
     let config = PgConfig::with_options(options)
         .max_connections(args.pg_pool)
         .acquire_timeout(Duration::from_secs(5));
-    patiently(&format!("PostgreSQL at {}", args.database_url), Duration::from_secs(60), || {
-        let config = config.clone();
-        async move { config.pool().await.map_err(|e| e.to_string()) }
-    })
+    patiently(
+        &format!("PostgreSQL at {}", args.database_url),
+        Duration::from_secs(60),
+        || {
+            let config = config.clone();
+            async move { config.pool().await.map_err(|e| e.to_string()) }
+        },
+    )
     .await
 }
 
 async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
-    patiently(&format!("migrating schema {schema}"), Duration::from_secs(60), || async {
-        es_postgres::migrate(pool, schema).await.map_err(|e| e.to_string())
-    })
+    patiently(
+        &format!("migrating schema {schema}"),
+        Duration::from_secs(60),
+        || async {
+            es_postgres::migrate(pool, schema)
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
     .await
 }
 
 fn store(pool: &PgPool, schema: &str) -> Result<PostgresEventStore> {
-    PostgresEventStore::try_new(pool.clone(), schema.to_owned()).map_err(|e| infra("event store")(e.to_string()))
+    // Subscribers (relay, projection, deadlines) of a store written by
+    // another process are woken by NOTIFY; the poll is the fallback when a
+    // wake-up finds rows still held back by the xmin horizon.
+    Ok(PostgresEventStore::try_new(pool.clone(), schema.to_owned())
+        .map_err(|e| infra("event store")(e.to_string()))?
+        .with_poll_interval(Duration::from_millis(50)))
 }
 
 impl Node {
@@ -327,8 +368,8 @@ impl Node {
     /// invalid.
     pub async fn start(args: &ServeArgs, payment_timeout: Duration) -> Result<Self> {
         telemetry::prometheus();
-        let services = parse_services(args.services.as_deref().unwrap_or(&[]))
-            .map_err(Error::internal)?;
+        let services =
+            parse_services(args.services.as_deref().unwrap_or(&[])).map_err(Error::internal)?;
         let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
         let application = format!("{}:{}", args.namespace, names.join("+"));
         let needs_pg = services.iter().any(|s| *s != Service::Gateway);
@@ -339,10 +380,14 @@ impl Node {
             .with_prefix(format!("{}.", args.namespace))
             .with_connection_name(application.clone());
         let bus = if needs_pg {
-            patiently(&format!("RabbitMQ at {}", args.amqp_url), Duration::from_secs(60), || {
-                let c = bus_config.clone();
-                async move { RabbitBus::connect(c).await.map_err(|e| e.to_string()) }
-            })
+            patiently(
+                &format!("RabbitMQ at {}", args.amqp_url),
+                Duration::from_secs(60),
+                || {
+                    let c = bus_config.clone();
+                    async move { RabbitBus::connect(c).await.map_err(|e| e.to_string()) }
+                },
+            )
             .await?
         } else {
             RabbitBus::lazy(bus_config)
@@ -385,30 +430,48 @@ impl Node {
                     Arc::clone(&clock),
                     payment_timeout,
                 ));
-                let saga = Arc::new(SagaManager::<OrderSaga>::new(Arc::clone(&shared), Arc::clone(&clock)));
+                let saga = Arc::new(SagaManager::<OrderSaga>::new(
+                    Arc::clone(&shared),
+                    Arc::clone(&clock),
+                ));
                 let wiring: Vec<(Subscription, Arc<dyn MessageHandler>)> = vec![
-                    (sub(groups::SAGA, saga_bindings()), Arc::new(TimedSaga(SagaHandler(Arc::clone(&saga))))),
+                    (
+                        sub(groups::SAGA, saga_bindings()),
+                        Arc::new(TimedSaga(SagaHandler(Arc::clone(&saga)))),
+                    ),
                     (
                         sub(groups::ORDER, vec![format!("{}.*", topics::ORDER_COMMANDS)]),
                         Arc::new(OrderCommandHandler(Arc::clone(&orders))),
                     ),
                     (
-                        sub(groups::CATALOG, vec![format!("{}.ProductCreated", topics::PRODUCT)]),
+                        sub(
+                            groups::CATALOG,
+                            vec![format!("{}.ProductCreated", topics::PRODUCT)],
+                        ),
                         Arc::new(pg_catalog.handler()),
                     ),
                 ];
                 for (s, h) in wiring {
-                    subscriptions.push(bus.subscribe(s, h).await.map_err(|e| infra("subscribe")(e.to_string()))?);
+                    subscriptions.push(
+                        bus.subscribe(s, h)
+                            .await
+                            .map_err(|e| infra("subscribe")(e.to_string()))?,
+                    );
                 }
                 let s = stopped.clone();
                 let saga_for_deadlines = Arc::clone(&saga);
                 tasks.push(tokio::spawn(async move {
                     // The scheduler stops on a store failure: start it again.
                     loop {
-                        let scheduler = DeadlineScheduler::new(Arc::clone(&saga_for_deadlines), Duration::from_millis(100));
+                        let scheduler = DeadlineScheduler::new(
+                            Arc::clone(&saga_for_deadlines),
+                            Duration::from_millis(100),
+                        );
                         match scheduler.run(s.clone()).await {
                             Ok(()) => return,
-                            Err(error) => tracing::warn!(%error, "deadline scheduler failed; restarting"),
+                            Err(error) => {
+                                tracing::warn!(%error, "deadline scheduler failed; restarting")
+                            }
                         }
                         if *s.borrow() {
                             return;
@@ -419,7 +482,9 @@ impl Node {
                 local = local.merge(crate::order::router(orders));
                 owners.insert(Owner::Order);
                 relays.insert("order");
-                gauges.groups.extend([groups::SAGA, groups::ORDER, groups::CATALOG]);
+                gauges
+                    .groups
+                    .extend([groups::SAGA, groups::ORDER, groups::CATALOG]);
             }
 
             if services.contains(&Service::Inventory) {
@@ -435,7 +500,10 @@ impl Node {
                 ));
                 subscriptions.push(
                     bus.subscribe(
-                        sub(groups::INVENTORY, vec![format!("{}.*", topics::INVENTORY_COMMANDS)]),
+                        sub(
+                            groups::INVENTORY,
+                            vec![format!("{}.*", topics::INVENTORY_COMMANDS)],
+                        ),
                         Arc::new(InventoryCommandHandler(Arc::clone(&inventory))),
                     )
                     .await
@@ -451,10 +519,14 @@ impl Node {
                 let schema = args.schema("payment");
                 migrate(&pool, &schema).await?;
                 let shared: Arc<dyn EventStore> = Arc::new(store(&pool, &schema)?);
-                let payments = Arc::new(PaymentService::new(Repository::new(shared).with_retry(hot)));
+                let payments =
+                    Arc::new(PaymentService::new(Repository::new(shared).with_retry(hot)));
                 subscriptions.push(
                     bus.subscribe(
-                        sub(groups::PAYMENT, vec![format!("{}.*", topics::PAYMENT_COMMANDS)]),
+                        sub(
+                            groups::PAYMENT,
+                            vec![format!("{}.*", topics::PAYMENT_COMMANDS)],
+                        ),
                         Arc::new(PaymentCommandHandler(payments)),
                     )
                     .await
@@ -472,7 +544,10 @@ impl Node {
                 let service = Arc::new(NotificationService::new(inbox, sink));
                 subscriptions.push(
                     bus.subscribe(
-                        sub(groups::NOTIFICATION, vec![format!("{}.*", topics::NOTIFICATION_COMMANDS)]),
+                        sub(
+                            groups::NOTIFICATION,
+                            vec![format!("{}.*", topics::NOTIFICATION_COMMANDS)],
+                        ),
                         Arc::new(NotificationHandler(service)),
                     )
                     .await
@@ -502,7 +577,10 @@ impl Node {
                 let schema = args.schema(name);
                 migrate(&pool, &schema).await?;
                 let store = store(&pool, &schema)?;
-                let relay = Arc::new(RabbitRelay::postgres(format!("{schema}_relay"), &store, &bus).with_batch_size(512));
+                let relay = Arc::new(
+                    RabbitRelay::postgres(format!("{schema}_relay"), &store, &bus)
+                        .with_batch_size(512),
+                );
                 gauges.relays.push((name, store));
                 let s = stopped.clone();
                 let mut active = relay.active();
@@ -510,7 +588,11 @@ impl Node {
                     let watcher = tokio::spawn(async move {
                         while active.changed().await.is_ok() {
                             let on = *active.borrow();
-                            ::metrics::gauge!("relay_active", "store" => name).set(if on { 1.0 } else { 0.0 });
+                            ::metrics::gauge!("relay_active", "store" => name).set(if on {
+                                1.0
+                            } else {
+                                0.0
+                            });
                             tracing::info!(store = name, active = on, "relay leadership changed");
                         }
                     });
@@ -518,7 +600,9 @@ impl Node {
                     loop {
                         match relay.run(s.clone()).await {
                             Ok(()) => break,
-                            Err(error) => tracing::warn!(%error, store = name, "relay failed; restarting"),
+                            Err(error) => {
+                                tracing::warn!(%error, store = name, "relay failed; restarting")
+                            }
                         }
                         if *s.borrow() {
                             break;
@@ -539,7 +623,7 @@ impl Node {
                 inventory: args.inventory_url.clone(),
                 query: args.query_url.clone(),
             };
-            gateway_router(upstreams, local, owners)?
+            gateway_router(&upstreams, local, owners)?
         } else {
             with_operations(local, names.join(","))
         };
@@ -584,8 +668,13 @@ fn with_operations(local: Router, services: String) -> Router {
             }),
         )
         .route("/metrics", get(gateway::metrics_text))
-        .route("/openapi.json", get(|| async { Json(crate::system::openapi()) }))
-        .layer(axum::extract::DefaultBodyLimit::max(crate::http::MAX_BODY_BYTES))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::system::openapi()) }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::http::MAX_BODY_BYTES,
+        ))
 }
 
 /// Runs `orders serve --services ...` until Ctrl-C or SIGTERM.
@@ -612,13 +701,14 @@ pub async fn serve(args: ServeArgs, listen: SocketAddr, payment_timeout: Duratio
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -14,7 +14,9 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use es_core::{EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent, StreamId};
+use es_core::{
+    EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent, StreamId,
+};
 use es_postgres::sqlx::postgres::{PgListener, PgRow};
 use es_postgres::sqlx::{self, PgConnection, PgPool, Row};
 use es_postgres::PostgresEventStore;
@@ -73,7 +75,11 @@ fn storage(e: sqlx::Error) -> ProjectionError {
 fn search_text(email: &str, names: &[&str]) -> String {
     let mut text = String::from(email);
     text.push(' ');
-    text.extend(email.chars().map(|c| if c.is_alphanumeric() { c } else { ' ' }));
+    text.extend(
+        email
+            .chars()
+            .map(|c| if c.is_alphanumeric() { c } else { ' ' }),
+    );
     for n in names {
         text.push(' ');
         text.push_str(n);
@@ -106,7 +112,9 @@ fn view_of(row: &PgRow) -> std::result::Result<(OrderView, u64), String> {
             status: status.parse::<OrderStatus>()?,
             created_at: row.try_get("created_at").map_err(|e| e.to_string())?,
             completed_at: row.try_get("completed_at").map_err(|e| e.to_string())?,
-            cancellation_reason: row.try_get("cancellation_reason").map_err(|e| e.to_string())?,
+            cancellation_reason: row
+                .try_get("cancellation_reason")
+                .map_err(|e| e.to_string())?,
         },
         u64::try_from(version).unwrap_or_default(),
     ))
@@ -122,11 +130,19 @@ impl Projection for PgOrderProjection {
     fn accepts(&self, event_type: &str) -> bool {
         matches!(
             event_type,
-            "OrderCreated" | "OrderInventoryConfirmed" | "OrderPaymentConfirmed" | "OrderCompleted" | "OrderCancelled"
+            "OrderCreated"
+                | "OrderInventoryConfirmed"
+                | "OrderPaymentConfirmed"
+                | "OrderCompleted"
+                | "OrderCancelled"
         )
     }
 
-    async fn apply(&self, tx: &mut PgConnection, event: &RecordedEvent) -> std::result::Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        event: &RecordedEvent,
+    ) -> std::result::Result<(), ProjectionError> {
         if event.stream_id.category() != <Order as es_core::Aggregate>::TYPE {
             return Ok(());
         }
@@ -164,14 +180,32 @@ impl Projection for PgOrderProjection {
                 .map_err(storage)?
             }
             other => {
-                let (order_id, status, completed_at, reason): (Uuid, OrderStatus, Option<DateTime<Utc>>, Option<&str>) =
-                    match other {
-                        OrderEvent::OrderInventoryConfirmed(e) => (e.order_id, OrderStatus::InventoryConfirmed, None, None),
-                        OrderEvent::OrderPaymentConfirmed(e) => (e.order_id, OrderStatus::PaymentConfirmed, None, None),
-                        OrderEvent::OrderCompleted(e) => (e.order_id, OrderStatus::Completed, Some(e.completed_at), None),
-                        OrderEvent::OrderCancelled(e) => (e.order_id, OrderStatus::Cancelled, None, Some(e.reason.as_str())),
-                        OrderEvent::OrderCreated(_) => return Ok(()),
-                    };
+                let (order_id, status, completed_at, reason): (
+                    Uuid,
+                    OrderStatus,
+                    Option<DateTime<Utc>>,
+                    Option<&str>,
+                ) = match other {
+                    OrderEvent::OrderInventoryConfirmed(e) => {
+                        (e.order_id, OrderStatus::InventoryConfirmed, None, None)
+                    }
+                    OrderEvent::OrderPaymentConfirmed(e) => {
+                        (e.order_id, OrderStatus::PaymentConfirmed, None, None)
+                    }
+                    OrderEvent::OrderCompleted(e) => (
+                        e.order_id,
+                        OrderStatus::Completed,
+                        Some(e.completed_at),
+                        None,
+                    ),
+                    OrderEvent::OrderCancelled(e) => (
+                        e.order_id,
+                        OrderStatus::Cancelled,
+                        None,
+                        Some(e.reason.as_str()),
+                    ),
+                    OrderEvent::OrderCreated(_) => return Ok(()),
+                };
                 let row = sqlx::query(&format!(
                     "UPDATE orders SET status = $2, version = $3,
                         completed_at = coalesce($4, completed_at),
@@ -200,14 +234,25 @@ impl Projection for PgOrderProjection {
         if let Some(row) = row {
             let (view, version) = view_of(&row).map_err(|e| invalid(event, e))?;
             if view.status.is_terminal() {
-                let outcome = if view.status == OrderStatus::Completed { "completed" } else { "cancelled" };
+                let outcome = if view.status == OrderStatus::Completed {
+                    "completed"
+                } else {
+                    "cancelled"
+                };
                 ::metrics::counter!("orders_finished_total", "outcome" => outcome).increment(1);
-                let seconds = (event.recorded_at - view.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                ::metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome).record(seconds.max(0.0));
+                let seconds = (event.recorded_at - view.created_at)
+                    .num_microseconds()
+                    .unwrap_or(0) as f64
+                    / 1e6;
+                ::metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome)
+                    .record(seconds.max(0.0));
             }
             if let Some(cache) = &self.cache {
                 // Version-guarded: an older write never replaces a newer one.
-                if let Err(error) = cache.put_json(&view.order_id.to_string(), version, &view).await {
+                if let Err(error) = cache
+                    .put_json(&view.order_id.to_string(), version, &view)
+                    .await
+                {
                     tracing::warn!(%error, "order cache write failed");
                 }
             }
@@ -302,7 +347,11 @@ impl PgQueryService {
         let runner = PgProjectionRunner::new(pool.clone(), schema, &model, store, projection)
             .map_err(Error::internal)?
             .with_leader_check(Duration::from_millis(500))
-            .with_options(RunnerOptions::default().batch_size(500).max_consecutive_failures(u32::MAX));
+            .with_options(
+                RunnerOptions::default()
+                    .batch_size(500)
+                    .max_consecutive_failures(u32::MAX),
+            );
         {
             // The runner stops when the database fails mid-batch: start it
             // again from its checkpoint (it waits as a standby while another
@@ -312,7 +361,9 @@ impl PgQueryService {
                 loop {
                     match runner.run(stop.clone()).await {
                         Ok(()) => return,
-                        Err(error) => tracing::warn!(%error, "projection runner failed; restarting"),
+                        Err(error) => {
+                            tracing::warn!(%error, "projection runner failed; restarting")
+                        }
                     }
                     if *stop.borrow() {
                         return;
@@ -403,13 +454,17 @@ impl PgQueryService {
             .map_err(Error::internal)
     }
 
-    async fn from_db(&self, order_id: Uuid) -> Result<Option<(OrderView, u64)>> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM \"{}\".orders WHERE order_id = $1", self.model))
-            .bind(order_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(Error::internal)?;
-        row.map(|r| view_of(&r).map_err(Error::internal)).transpose()
+    async fn load_row(&self, order_id: Uuid) -> Result<Option<(OrderView, u64)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM \"{}\".orders WHERE order_id = $1",
+            self.model
+        ))
+        .bind(order_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::internal)?;
+        row.map(|r| view_of(&r).map_err(Error::internal))
+            .transpose()
     }
 
     /// One order: from Redis when cached (and no position is asked for),
@@ -428,9 +483,12 @@ impl PgQueryService {
             }
             ::metrics::counter!("query_cache_total", "result" => "miss").increment(1);
         }
-        let (view, version) = self.from_db(order_id).await?.ok_or_else(|| Error::NotFound {
-            what: format!("order {order_id}"),
-        })?;
+        let (view, version) = self
+            .load_row(order_id)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: format!("order {order_id}"),
+            })?;
         if let Some(cache) = &self.cache {
             let _ = cache.put_json(&key, version, &view).await;
         }
@@ -442,9 +500,12 @@ impl PgQueryService {
     /// # Errors
     /// [`Error::NotFound`] when there is no such order.
     pub async fn fresh(&self, order_id: Uuid) -> Result<OrderView> {
-        self.from_db(order_id).await?.map(|v| v.0).ok_or_else(|| Error::NotFound {
-            what: format!("order {order_id}"),
-        })
+        self.load_row(order_id)
+            .await?
+            .map(|v| v.0)
+            .ok_or_else(|| Error::NotFound {
+                what: format!("order {order_id}"),
+            })
     }
 
     /// Waits up to `timeout` for the order to reach a terminal status.
@@ -458,18 +519,24 @@ impl PgQueryService {
                 .entry(order_id)
                 .or_default()
                 .push(tx);
-            if let Ok(Some((view, _))) = self.from_db(order_id).await {
+            if let Ok(Some((view, _))) = self.load_row(order_id).await {
                 if view.status.is_terminal() {
                     return;
                 }
             }
             // Woken by the notification, or re-check every second.
             let wake = tokio::time::Instant::now() + Duration::from_secs(1);
-            if tokio::time::timeout_at(wake.min(deadline), rx).await.is_ok() {
+            if tokio::time::timeout_at(wake.min(deadline), rx)
+                .await
+                .is_ok()
+            {
                 continue;
             }
             if tokio::time::Instant::now() >= deadline {
-                self.waiters.lock().unwrap_or_else(PoisonError::into_inner).remove(&order_id);
+                self.waiters
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&order_id);
                 return;
             }
         }
@@ -509,13 +576,20 @@ impl PgQueryService {
         let more = orders.len() > limit;
         orders.truncate(limit);
         let next_cursor = if more {
-            orders
-                .last()
-                .map(|o| format!("{}_{}", o.created_at.timestamp_micros(), o.order_id.simple()))
+            orders.last().map(|o| {
+                format!(
+                    "{}_{}",
+                    o.created_at.timestamp_micros(),
+                    o.order_id.simple()
+                )
+            })
         } else {
             None
         };
-        Ok(OrderPage { orders, next_cursor })
+        Ok(OrderPage {
+            orders,
+            next_cursor,
+        })
     }
 
     /// Full-text search over product names and the customer's email (each
@@ -524,7 +598,9 @@ impl PgQueryService {
     /// # Errors
     /// When PostgreSQL fails.
     pub async fn search(&self, q: &str, limit: usize) -> Result<Vec<OrderView>> {
-        let Some(query) = tsquery(q) else { return Ok(Vec::new()) };
+        let Some(query) = tsquery(q) else {
+            return Ok(Vec::new());
+        };
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM \"{}\".orders WHERE search @@ to_tsquery('simple', $1)
              ORDER BY created_at DESC, order_id DESC LIMIT $2",
@@ -557,7 +633,9 @@ impl PgQueryService {
             by_status: BTreeMap::new(),
         };
         for status in OrderStatus::ALL {
-            stats.by_status.insert(status.as_str().to_owned(), StatusStats::default());
+            stats
+                .by_status
+                .insert(status.as_str().to_owned(), StatusStats::default());
         }
         for (status, count, revenue) in rows {
             let count = u64::try_from(count).unwrap_or_default();
@@ -566,7 +644,9 @@ impl PgQueryService {
                 status,
                 StatusStats {
                     count,
-                    revenue: Money::from_minor(u64::try_from(revenue.unwrap_or(0)).unwrap_or_default()),
+                    revenue: Money::from_minor(
+                        u64::try_from(revenue.unwrap_or(0)).unwrap_or_default(),
+                    ),
                 },
             );
         }
@@ -685,7 +765,11 @@ async fn list_orders(
         .as_deref()
         .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor", "not a cursor this API returned")))
         .transpose()?;
-    Ok(Json(service.list(email.as_deref(), status, limit, cursor).await?))
+    Ok(Json(
+        service
+            .list(email.as_deref(), status, limit, cursor)
+            .await?,
+    ))
 }
 
 async fn search_orders(
@@ -710,7 +794,9 @@ async fn order_events(
     Ok(Json(service.history(order_id).await?))
 }
 
-async fn stats(State(service): State<Arc<PgQueryService>>) -> std::result::Result<Json<Stats>, ApiError> {
+async fn stats(
+    State(service): State<Arc<PgQueryService>>,
+) -> std::result::Result<Json<Stats>, ApiError> {
     Ok(Json(service.stats().await?))
 }
 

@@ -1,7 +1,7 @@
 //! A deployment of the orders system as separate OS processes (the built
 //! `orders` binary) for the distributed tests, with a real SMTP server
 //! (Python's aiosmtpd) recording every email it receives.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -24,7 +25,11 @@ pub fn redis_url() -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 const SMTP_SERVER: &str = r#"
@@ -70,8 +75,14 @@ impl Cluster {
     /// Starts the SMTP server, `workers` (name -> service list) and a
     /// gateway, each its own process, and waits until all answer.
     pub async fn start(test: &str, workers: &[(&str, &str)], payment_timeout: &str) -> Self {
-        let namespace = format!("t{}_{}", test, &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("distributed").join(&namespace);
+        let namespace = format!(
+            "t{}_{}",
+            test,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("distributed")
+            .join(&namespace);
         std::fs::create_dir_all(&logs).unwrap();
         let pool = es_postgres::PgConfig::from_url(&database_url())
             .unwrap()
@@ -97,7 +108,10 @@ impl Cluster {
             .expect("python3 runs (the SMTP server needs python3 with aiosmtpd: scripts/services.sh ensure_smtp_tools)");
         let mut up = false;
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", smtp_port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", smtp_port))
+                .await
+                .is_ok()
+            {
                 up = true;
                 break;
             }
@@ -107,7 +121,10 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(up, "the SMTP server did not start on 127.0.0.1:{smtp_port}");
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
         let mut cluster = Self {
             namespace,
             gateway: String::new(),
@@ -149,7 +166,13 @@ impl Cluster {
             .open(self.logs.join(format!("{name}.log")))
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_orders"))
-            .args(["serve", "--services", services, "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "serve",
+                "--services",
+                services,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
             .args(["--payment-timeout", &self.payment_timeout])
             .env("DATABASE_URL", database_url())
             .env("AMQP_URL", amqp_url())
@@ -160,7 +183,10 @@ impl Cluster {
             .env("ORDERS_INVENTORY_URL", self.urls("inventory"))
             .env("ORDERS_QUERY_URL", self.urls("query"))
             .env("ORDERS_PG_POOL", "4")
-            .env("RUST_LOG", "warn,orders=info,es_rabbit=info,es_postgres=info")
+            .env(
+                "RUST_LOG",
+                "warn,orders=info,es_rabbit=info,es_postgres=info",
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -179,13 +205,21 @@ impl Cluster {
     pub async fn wait_healthy(&mut self, name: &str) {
         let port = self.procs[name].port;
         for _ in 0..600 {
-            if let Ok(r) = self.client.get(format!("http://127.0.0.1:{port}/health")).send().await {
+            if let Ok(r) = self
+                .client
+                .get(format!("http://127.0.0.1:{port}/health"))
+                .send()
+                .await
+            {
                 if r.status().is_success() {
                     return;
                 }
             }
             if let Ok(Some(status)) = self.procs.get_mut(name).unwrap().child.try_wait() {
-                panic!("{name} exited with {status}: see {}", self.logs.join(format!("{name}.log")).display());
+                panic!(
+                    "{name} exited with {status}: see {}",
+                    self.logs.join(format!("{name}.log")).display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -213,7 +247,13 @@ impl Cluster {
         format!("{}_{service}", self.namespace)
     }
 
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
         let mut req = self
             .client
             .request(method.parse().unwrap(), format!("{}{path}", self.gateway));
@@ -223,7 +263,10 @@ impl Cluster {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let res = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let res = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = res.status();
         let text = res.text().await.unwrap();
         let value = if text.is_empty() {
@@ -244,13 +287,25 @@ impl Cluster {
 
     /// Creates a product and waits until the order service knows it.
     pub async fn product(&self, name: &str, price: &str, stock: i64) -> String {
-        let (status, body) = self.post("/api/products", json!({"name": name, "price": price, "stock": stock})).await;
+        let (status, body) = self
+            .post(
+                "/api/products",
+                json!({"name": name, "price": price, "stock": stock}),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let id = body["product_id"].as_str().unwrap().to_owned();
         let uuid: uuid::Uuid = id.parse().unwrap();
-        let sql = format!("SELECT count(*) FROM \"{}\".catalog WHERE product_id = $1", self.schema("order"));
+        let sql = format!(
+            "SELECT count(*) FROM \"{}\".catalog WHERE product_id = $1",
+            self.schema("order")
+        );
         for _ in 0..200 {
-            let n: i64 = sqlx::query_scalar(&sql).bind(uuid).fetch_one(&self.pool).await.unwrap_or(0);
+            let n: i64 = sqlx::query_scalar(&sql)
+                .bind(uuid)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(0);
             if n == 1 {
                 // Every order instance follows the table within 50 ms.
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -261,15 +316,32 @@ impl Cluster {
         panic!("the order service never learnt product {id}");
     }
 
-    pub async fn order(&self, email: &str, items: &[(&str, i64)], token: &str) -> (StatusCode, Value) {
-        let items: Vec<Value> = items.iter().map(|(p, q)| json!({"product_id": p, "quantity": q})).collect();
-        self.post("/api/orders", json!({"customer_email": email, "items": items, "payment": {"card_token": token}}))
-            .await
+    pub async fn order(
+        &self,
+        email: &str,
+        items: &[(&str, i64)],
+        token: &str,
+    ) -> (StatusCode, Value) {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(p, q)| json!({"product_id": p, "quantity": q}))
+            .collect();
+        self.post(
+            "/api/orders",
+            json!({"customer_email": email, "items": items, "payment": {"card_token": token}}),
+        )
+        .await
     }
 
     /// Places an order with an idempotency key, retrying (same key) until it
     /// is accepted: the gateway answers 5xx while a service is down.
-    pub async fn order_retrying(&self, key: &str, email: &str, items: &[(&str, i64)], token: &str) -> String {
+    pub async fn order_retrying(
+        &self,
+        key: &str,
+        email: &str,
+        items: &[(&str, i64)],
+        token: &str,
+    ) -> String {
         place_retrying(&self.client, &self.gateway, key, email, items, token).await
     }
 
@@ -278,7 +350,10 @@ impl Cluster {
         for _ in 0..240 {
             if let Ok(res) = self
                 .client
-                .get(format!("{}/api/orders/{id}?wait_terminal_ms=1000", self.gateway))
+                .get(format!(
+                    "{}/api/orders/{id}?wait_terminal_ms=1000",
+                    self.gateway
+                ))
                 .send()
                 .await
             {
@@ -329,7 +404,11 @@ impl Cluster {
     /// Checks the invariants after a run: every order terminal, stock adds
     /// up per product, no payment taken twice, one email per order and kind.
     /// Returns (completed, cancelled).
-    pub async fn check_invariants(&self, products: &[(String, u64)], orders: &[(String, Vec<(usize, i64)>)]) -> (usize, usize) {
+    pub async fn check_invariants(
+        &self,
+        products: &[(String, u64)],
+        orders: &[(String, Vec<(usize, i64)>)],
+    ) -> (usize, usize) {
         let mut sold = vec![0u64; products.len()];
         let (mut completed, mut cancelled) = (0, 0);
         let mut finals = Vec::new();
@@ -361,14 +440,22 @@ impl Cluster {
                 last = v;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(ok, "stock of {pid} does not add up: initial {initial}, sold {}, now {last}", sold[i]);
+            assert!(
+                ok,
+                "stock of {pid} does not add up: initial {initial}, sold {}, now {last}",
+                sold[i]
+            );
         }
         for (stream, n) in self.payments_per_order().await {
             assert_eq!(n, 1, "payment {stream} was taken {n} times");
         }
         // One email per order and kind.
         for (id, status) in &finals {
-            let kind = if status == "Completed" { "OrderConfirmed" } else { "OrderCancelled" };
+            let kind = if status == "Completed" {
+                "OrderConfirmed"
+            } else {
+                "OrderCancelled"
+            };
             let subject = format!("Order {id}: {kind}");
             let n = self.wait_mail(&subject).await;
             assert_eq!(n, 1, "{subject} was sent {n} times");
@@ -386,14 +473,30 @@ impl Cluster {
             let _ = p.child.wait().await;
         }
         let _ = self.smtp.start_kill();
-        for service in ["order", "inventory", "payment", "notification", "query", "query_rm"] {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema(service)))
-                .execute(&self.pool)
-                .await;
+        for service in [
+            "order",
+            "inventory",
+            "payment",
+            "notification",
+            "query",
+            "query_rm",
+        ] {
+            let _ = sqlx::query(&format!(
+                "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.schema(service)
+            ))
+            .execute(&self.pool)
+            .await;
         }
-        if let Ok(bus) = es_rabbit::RabbitBus::connect(es_rabbit::RabbitConfig::new(amqp_url()).with_prefix(format!("{}.", self.namespace))).await {
+        if let Ok(bus) = es_rabbit::RabbitBus::connect(
+            es_rabbit::RabbitConfig::new(amqp_url()).with_prefix(format!("{}.", self.namespace)),
+        )
+        .await
+        {
             for group in orders::system::groups::ALL {
-                let _ = bus.delete_group(&es_core::Subscription::new(group, Vec::<String>::new())).await;
+                let _ = bus
+                    .delete_group(&es_core::Subscription::new(group, Vec::<String>::new()))
+                    .await;
             }
             bus.close().await;
         }
@@ -402,12 +505,16 @@ impl Cluster {
 
 async fn redis_check() {
     let url = redis_url();
-    let client = redis::Client::open(url.as_str()).unwrap_or_else(|e| panic!("Redis URL {url}: {e}"));
+    let client =
+        redis::Client::open(url.as_str()).unwrap_or_else(|e| panic!("Redis URL {url}: {e}"));
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .unwrap_or_else(|e| panic!("Redis at {url} is not answering: {e}"));
-    let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap_or_else(|e| panic!("Redis at {url}: {e}"));
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("Redis at {url}: {e}"));
 }
 
 /// Places an order with an idempotency key, retrying (same key) until it is
@@ -420,7 +527,10 @@ pub async fn place_retrying(
     items: &[(&str, i64)],
     token: &str,
 ) -> String {
-    let items: Vec<Value> = items.iter().map(|(p, q)| json!({"product_id": p, "quantity": q})).collect();
+    let items: Vec<Value> = items
+        .iter()
+        .map(|(p, q)| json!({"product_id": p, "quantity": q}))
+        .collect();
     let body = json!({"customer_email": email, "items": items, "payment": {"card_token": token}});
     for _ in 0..1200 {
         let res = client
@@ -435,7 +545,11 @@ pub async fn place_retrying(
                 let v: Value = res.json().await.unwrap();
                 return v["order_id"].as_str().unwrap().to_owned();
             }
-            assert!(status.is_server_error(), "placing {key} answered {status}: {:?}", res.text().await);
+            assert!(
+                status.is_server_error(),
+                "placing {key} answered {status}: {:?}",
+                res.text().await
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -463,7 +577,8 @@ pub async fn place_many(
             let product = products[pid].0.clone();
             let (client, gateway) = (client.clone(), gateway.clone());
             async move {
-                let id = place_retrying(&client, &gateway, &key, &email, &[(&product, q)], token).await;
+                let id =
+                    place_retrying(&client, &gateway, &key, &email, &[(&product, q)], token).await;
                 (id, vec![(pid, q)])
             }
         })
