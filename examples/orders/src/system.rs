@@ -204,7 +204,7 @@ impl System {
                 .with_retry(hot)
                 .with_snapshots(
                     Arc::clone(&backends.snapshots),
-                    SnapshotPolicy::Every(64),
+                    SnapshotPolicy::Every(16),
                     1,
                 ),
             Repository::new(Arc::clone(&store)).with_retry(hot),
