@@ -11,13 +11,14 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::watch;
-use tracing::field;
+use tracing::{field, Instrument};
 
 use es_core::{BusError, EventBus, Message, MessageHandler, Subscription, SubscriptionHandle};
 
 use crate::codec::{self, header_int, header_str};
 use crate::connection::{Connector, Live};
 use crate::consumer::ConsumerTask;
+use crate::error::bounded;
 use crate::topology::{
     short, validate, Topology, ATTEMPT_HEADER, DEAD_LETTER_GROUP_HEADER, DEAD_LETTER_REASON_HEADER,
 };
@@ -259,6 +260,7 @@ impl RabbitBus {
             exchanges.push((&message.topic, short(&exchange)?));
         }
         let window = self.inner.connector.config.confirm_window;
+        let limit = self.inner.connector.config.operation_timeout;
         let options = BasicPublishOptions {
             mandatory: self.mandatory,
             ..BasicPublishOptions::default()
@@ -282,42 +284,45 @@ impl RabbitBus {
                 span_id = %trace.span_id(),
                 parent_span_id = parent.map(|p| field::display(p.span_id())),
             );
-            let _entered = span.enter();
             let properties =
                 codec::properties(message, &trace.to_string()).map_err(|e| BusError::Backend {
                     source: Box::new(e),
                 })?;
-            let confirm = live
-                .publisher
-                .basic_publish(
-                    exchanges
-                        .iter()
-                        .find(|(t, _)| *t == &*message.topic)
-                        .map(|(_, e)| e.clone())
-                        .unwrap_or_default(),
-                    short(&message.routing_key())?,
-                    options,
-                    message.payload.as_str().as_bytes(),
-                    properties,
-                )
-                .await
-                .map_err(unavailable)?;
+            let exchange = exchanges
+                .iter()
+                .find(|(t, _)| *t == &*message.topic)
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default();
+            let publishing = live.publisher.basic_publish(
+                exchange,
+                short(&message.routing_key())?,
+                options,
+                message.payload.as_str().as_bytes(),
+                properties,
+            );
+            let confirm = bounded(limit, "basic.publish", publishing)
+                .instrument(span)
+                .await?;
             pending.push_back((index, confirm));
             if pending.len() >= window {
                 if let Some((index, confirm)) = pending.pop_front() {
-                    settle(&messages[index], confirm).await?;
+                    settle(limit, &messages[index], confirm).await?;
                 }
             }
         }
         while let Some((index, confirm)) = pending.pop_front() {
-            settle(&messages[index], confirm).await?;
+            settle(limit, &messages[index], confirm).await?;
         }
         Ok(())
     }
 }
 
-async fn settle(message: &Message, confirm: PublisherConfirm) -> Result<(), BusError> {
-    match confirm.await.map_err(unavailable)? {
+async fn settle(
+    limit: std::time::Duration,
+    message: &Message,
+    confirm: PublisherConfirm,
+) -> Result<(), BusError> {
+    match bounded(limit, "publisher confirm", confirm).await? {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(_returned)) => Err(BusError::Unroutable {
             message_id: message.message_id,
@@ -356,7 +361,13 @@ impl EventBus for RabbitBus {
             .create_channel()
             .await
             .map_err(unavailable)?;
-        self.inner.topology.declare(&channel, subscription).await?;
+        let limit = self.inner.connector.config.operation_timeout;
+        bounded(
+            limit,
+            "declare",
+            self.inner.topology.declare(&channel, subscription),
+        )
+        .await?;
         let _ = channel.close(200, "declared".into()).await;
         Ok(())
     }

@@ -27,11 +27,15 @@ pub struct RabbitConfig {
     pub reconnect_max: Duration,
     /// The connection's name, shown in the broker's management tools.
     pub connection_name: String,
+    /// How long one broker operation (connect, declare, publish confirm, ack)
+    /// may take before the connection is treated as broken.
+    pub operation_timeout: Duration,
 }
 
 impl RabbitConfig {
     /// Settings for the broker at `url`, with no prefix, mandatory publishing,
-    /// a confirm window of 256 and reconnection backoff from 100 ms to 5 s.
+    /// a confirm window of 256, reconnection backoff from 100 ms to 5 s and a
+    /// 15 s limit per broker operation.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -41,6 +45,7 @@ impl RabbitConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             connection_name: "es-rabbit".to_owned(),
+            operation_timeout: Duration::from_secs(15),
         }
     }
 
@@ -76,6 +81,13 @@ impl RabbitConfig {
     pub fn with_reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_min = min;
         self.reconnect_max = max.max(min);
+        self
+    }
+
+    /// Sets the time limit of one broker operation.
+    #[must_use]
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
         self
     }
 

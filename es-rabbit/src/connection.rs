@@ -9,7 +9,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
-use crate::error::redact;
+use crate::error::{bounded, redact};
 use crate::{RabbitConfig, RabbitError};
 
 /// A live connection with its publishing channel (in confirm mode).
@@ -41,13 +41,16 @@ impl Live {
             .insert(name);
     }
 
-    /// Opens a channel in confirm mode.
-    pub(crate) async fn confirm_channel(&self) -> Result<Channel, lapin::Error> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(channel)
+    /// Opens a channel in confirm mode, within `limit`.
+    pub(crate) async fn confirm_channel(&self, limit: Duration) -> Result<Channel, RabbitError> {
+        bounded(limit, "open channel", async {
+            let channel = self.connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, lapin::Error>(channel)
+        })
+        .await
     }
 }
 
@@ -95,7 +98,15 @@ impl Connector {
                 "RabbitMQ connection lost; reconnecting"
             );
         }
-        let live = Arc::new(self.connect().await?);
+        let limit = self.config.operation_timeout;
+        let live = match tokio::time::timeout(limit, self.connect()).await {
+            Ok(live) => Arc::new(live?),
+            Err(_) => {
+                return Err(RabbitError::Timeout {
+                    operation: "connect",
+                })
+            }
+        };
         *current = Some(Arc::clone(&live));
         Ok(live)
     }

@@ -22,6 +22,7 @@ use es_core::{Delivery, MessageHandler, Outcome, Subscription};
 use crate::bus::{copy_headers, Inner};
 use crate::codec;
 use crate::connection::Live;
+use crate::error::bounded;
 use crate::topology::short;
 use crate::{RabbitError, TraceParent};
 
@@ -91,32 +92,40 @@ impl ConsumerTask {
         }
     }
 
+    fn limit(&self) -> Duration {
+        self.inner.connector.config.operation_timeout
+    }
+
     async fn consume(
         &self,
         live: &Live,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Flow, RabbitError> {
-        let channel = live
-            .confirm_channel()
-            .await
-            .map_err(RabbitError::protocol)?;
-        self.inner
-            .topology
-            .declare(&channel, &self.subscription)
-            .await?;
-        channel
-            .basic_qos(self.subscription.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(RabbitError::protocol)?;
-        let consumer = channel
-            .basic_consume(
+        let limit = self.limit();
+        let channel = live.confirm_channel(limit).await?;
+        bounded(
+            limit,
+            "declare",
+            self.inner.topology.declare(&channel, &self.subscription),
+        )
+        .await?;
+        bounded(
+            limit,
+            "basic.qos",
+            channel.basic_qos(self.subscription.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let consumer = bounded(
+            limit,
+            "basic.consume",
+            channel.basic_consume(
                 short(&self.queue)?,
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await
-            .map_err(RabbitError::protocol)?;
+            ),
+        )
+        .await?;
         tracing::debug!(group = %self.subscription.group, generation = live.generation, "consuming");
         // Turns false as soon as the channel is known to be gone: deliveries
         // still being handled then are not settled (their tags belong to the
@@ -126,9 +135,21 @@ impl ConsumerTask {
         let stopped = async move {
             let _ = stopping.wait_for(|s| *s).await;
         };
+        // A watchdog: should the client not end the delivery stream when the
+        // connection dies, end it here.
+        let dead = async {
+            while channel.status().connected() && live.connection.status().connected() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tracing::warn!(group = %self.subscription.group, "consumer channel is gone");
+        };
+        let ended = async move {
+            futures::pin_mut!(stopped, dead);
+            futures::future::select(stopped, dead).await;
+        };
         let consumed = AtomicBool::new(false);
         consumer
-            .take_until(Box::pin(stopped))
+            .take_until(Box::pin(ended))
             .for_each_concurrent(usize::from(self.subscription.prefetch), |item| async {
                 match item {
                     Ok(delivery) => {
@@ -144,10 +165,20 @@ impl ConsumerTask {
             .await;
         current.store(false, Ordering::SeqCst);
         if *stop.borrow() {
-            let _ = channel.close(200, "consumer stopped".into()).await;
+            let _ = bounded(
+                limit,
+                "close",
+                channel.close(200, "consumer stopped".into()),
+            )
+            .await;
             return Ok(Flow::Stopped);
         }
-        let _ = channel.close(200, "consumer restarting".into()).await;
+        let _ = bounded(
+            limit,
+            "close",
+            channel.close(200, "consumer restarting".into()),
+        )
+        .await;
         Ok(if consumed.load(Ordering::Relaxed) {
             Flow::Consumed
         } else {
@@ -165,7 +196,7 @@ impl ConsumerTask {
                 let reason = format!("undecodable message: {error}");
                 tracing::warn!(%group, %reason, "dead-lettering");
                 let settle = self.dead_letter(channel, &delivery, attempt, &reason).await;
-                return settle_delivery(current, &delivery, settle).await;
+                return settle_delivery(self.limit(), current, &delivery, settle).await;
             }
         };
         if attempt > max {
@@ -174,7 +205,7 @@ impl ConsumerTask {
             let settle = self
                 .dead_letter(channel, &delivery, attempt - 1, &reason)
                 .await;
-            return settle_delivery(current, &delivery, settle).await;
+            return settle_delivery(self.limit(), current, &delivery, settle).await;
         }
         let parent = message
             .metadata
@@ -211,7 +242,7 @@ impl ConsumerTask {
                 self.dead_letter(channel, &delivery, attempt, &reason).await
             }
         };
-        settle_delivery(current, &delivery, settle).await;
+        settle_delivery(self.limit(), current, &delivery, settle).await;
     }
 
     /// Publishes a copy that starts at `attempt` to the retry queue, from
@@ -254,7 +285,7 @@ impl ConsumerTask {
         headers: FieldTable,
     ) -> Settle {
         let properties = delivery.properties.clone().with_headers(headers);
-        let result = async {
+        let result = bounded(self.limit(), "republish", async {
             let confirm = channel
                 .basic_publish(
                     short(exchange)?,
@@ -266,10 +297,9 @@ impl ConsumerTask {
                     &delivery.data,
                     properties,
                 )
-                .await
-                .map_err(RabbitError::protocol)?;
-            confirm.await.map_err(RabbitError::protocol)
-        }
+                .await?;
+            Ok::<_, RabbitError>(confirm.await?)
+        })
         .await;
         match result {
             Ok(Confirmation::Ack(None)) => Settle::Ack,
@@ -293,7 +323,12 @@ enum Flow {
 
 /// Acks (or requeues) a delivery, unless its channel has been replaced or
 /// closed since: a tag is only ever used on the channel that delivered it.
-async fn settle_delivery(current: &AtomicBool, delivery: &AmqpDelivery, settle: Settle) {
+async fn settle_delivery(
+    limit: Duration,
+    current: &AtomicBool,
+    delivery: &AmqpDelivery,
+    settle: Settle,
+) {
     if !current.load(Ordering::SeqCst) || !delivery.acker.usable() {
         tracing::debug!(
             delivery_tag = delivery.delivery_tag,
@@ -302,15 +337,24 @@ async fn settle_delivery(current: &AtomicBool, delivery: &AmqpDelivery, settle: 
         return;
     }
     let result = match settle {
-        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Settle::Ack => {
+            bounded(
+                limit,
+                "basic.ack",
+                delivery.acker.ack(BasicAckOptions::default()),
+            )
+            .await
+        }
         Settle::Requeue => {
-            delivery
-                .acker
-                .nack(BasicNackOptions {
+            bounded(
+                limit,
+                "basic.nack",
+                delivery.acker.nack(BasicNackOptions {
                     requeue: true,
                     ..BasicNackOptions::default()
-                })
-                .await
+                }),
+            )
+            .await
         }
     };
     if let Err(error) = result {

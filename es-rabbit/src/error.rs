@@ -34,6 +34,13 @@ pub enum RabbitError {
         #[source]
         source: lapin::Error,
     },
+    /// A broker operation did not complete in time; the connection is
+    /// treated as broken.
+    #[error("RabbitMQ operation {operation} timed out")]
+    Timeout {
+        /// The operation.
+        operation: &'static str,
+    },
     /// Any other client or protocol error.
     #[error("RabbitMQ error: {source}")]
     Protocol {
@@ -77,10 +84,31 @@ impl From<RabbitError> for BusError {
                 group: name.clone(),
                 reason: error.to_string(),
             },
-            RabbitError::Protocol { .. } => Self::Unavailable {
+            RabbitError::Protocol { .. } | RabbitError::Timeout { .. } => Self::Unavailable {
                 source: Box::new(error),
             },
         }
+    }
+}
+
+/// Runs a broker operation with a time limit.
+pub(crate) async fn bounded<T, E>(
+    limit: std::time::Duration,
+    operation: &'static str,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, RabbitError>
+where
+    RabbitError: From<E>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => result.map_err(RabbitError::from),
+        Err(_) => Err(RabbitError::Timeout { operation }),
+    }
+}
+
+impl From<lapin::Error> for RabbitError {
+    fn from(source: lapin::Error) -> Self {
+        Self::Protocol { source }
     }
 }
 

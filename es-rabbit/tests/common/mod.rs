@@ -18,6 +18,13 @@ use uuid::Uuid;
 /// and the prefix as connection name (so a test can cut only its own
 /// connections).
 pub fn config(test: &str) -> RabbitConfig {
+    // Logs when RUST_LOG asks for them.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let prefix = format!("t-{test}-{}.", &Uuid::new_v4().simple().to_string()[..8]);
     RabbitConfig::from_env()
         .with_connection_name(prefix.clone())
