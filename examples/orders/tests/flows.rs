@@ -151,6 +151,21 @@ async fn out_of_stock_cancels_and_reserves_nothing() {
         orders::payment::PaymentState::None,
         "nothing was charged"
     );
+    // Restocked, the same order goes through.
+    let (code, v) = app
+        .post(
+            &format!("/api/products/{scarce}/restock"),
+            json!({"quantity": 4}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(v["available"], 5);
+    let (_, placed) = app
+        .order("bo@example.com", &[(&plenty, 3), (&scarce, 2)], "tok_ok")
+        .await;
+    let order = app.finished(placed["order_id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "Completed", "{order}");
+    assert_eq!(order["total"], "7.00");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +262,16 @@ async fn customer_cancellation_releases_and_refunds_and_illegal_transitions_are_
             json!({}),
         )
         .await;
+
     assert_eq!(code, StatusCode::NOT_FOUND);
+    let (code, body) = app
+        .call("POST", &format!("/api/orders/{id}/cancel"), None, &[])
+        .await;
+    assert_eq!(
+        code,
+        StatusCode::CONFLICT,
+        "no body is fine, still illegal: {body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

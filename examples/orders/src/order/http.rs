@@ -98,9 +98,22 @@ pub struct Cancelled {
 async fn cancel_order(
     State(service): State<Arc<OrderService>>,
     Path(id): Path<String>,
-    ApiJson(request): ApiJson<CancelRequest>,
+    body: axum::body::Bytes,
 ) -> Result<Json<Cancelled>, ApiError> {
     let order_id = parse_id("order", &id)?;
+    // The body is optional: no body cancels with a default reason.
+    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            let status = if e.is_data() {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            ApiError::new(status, "invalid_body", e.to_string())
+        })?
+    };
     let position = service.cancel_order(order_id, request.reason).await?;
     Ok(Json(Cancelled {
         order_id,
