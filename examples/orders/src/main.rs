@@ -93,7 +93,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    orders::telemetry::init_tracing(cli.log_json);
+    // A load run logs only warnings unless RUST_LOG says otherwise: a line
+    // per order would measure the terminal, not the system.
+    let default_level = if matches!(cli.command, Some(Command::Load { .. })) {
+        "warn"
+    } else {
+        "info"
+    };
+    orders::telemetry::init_tracing(cli.log_json, default_level);
     let result = match cli.command {
         None => serve(cli.listen, cli.payment_timeout).await,
         Some(Command::Serve(args)) if args.services.is_none() => {

@@ -23,11 +23,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`), with the spans'
-/// fields (correlation and causation ids) on every line.
-pub fn init_tracing(json: bool) {
+/// Logs to stderr, filtered by `RUST_LOG` (else `default_level`), with the
+/// spans' fields (correlation and causation ids) on every line.
+pub fn init_tracing(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
