@@ -333,3 +333,88 @@ async fn a_thousand_duplicates_are_applied_once() {
     assert_eq!(bus.queue_depth("g").await.unwrap(), 0);
     common::cleanup(&bus).await;
 }
+
+#[tokio::test]
+async fn a_nack_from_the_broker_is_an_error() {
+    let cfg = config("nack");
+    let bus = bus(cfg.clone()).await;
+    // A full queue that rejects publishes makes the broker nack them.
+    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let exchange = bus.topology().exchange("order");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let queue = bus.topology().queue("tiny");
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(queue.as_str().into(), Default::default(), args)
+        .await
+        .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "order.#".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let (first, second) = (message("order", "A", 1), message("order", "B", 2));
+    bus.publish(std::slice::from_ref(&first)).await.unwrap();
+    match bus.publish(std::slice::from_ref(&second)).await {
+        Err(BusError::Nacked { message_id }) => assert_eq!(message_id, second.message_id),
+        other => panic!("expected Nacked, got {other:?}"),
+    }
+    let _ = conn.close(200, "done".into()).await;
+    common::cleanup(&bus).await;
+}
+
+#[tokio::test]
+async fn queues_are_quorum_with_an_explicit_delivery_limit() {
+    let bus = bus(config("limits")).await;
+    let sub = Subscription::new("g", ["order.*"])
+        .with_max_attempts(4)
+        .with_retry_delay(Duration::from_millis(250));
+    bus.declare(&sub).await.unwrap();
+    let listing = common::rabbitmqctl(&["list_queues", "name", "arguments", "-q"]);
+    let line = |name: String| {
+        listing
+            .lines()
+            .find(|l| l.split('\t').next() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("{name} not declared:\n{listing}"))
+            .to_owned()
+    };
+    let work = line(bus.topology().queue("g"));
+    assert!(
+        work.contains("x-queue-type") && work.contains("quorum"),
+        "{work}"
+    );
+    assert!(
+        work.contains("x-delivery-limit") && work.contains(",4}"),
+        "{work}"
+    );
+    assert!(work.contains("x-dead-letter-exchange"), "{work}");
+    let retry = line(bus.topology().retry_queue(&sub));
+    assert!(
+        retry.contains("x-message-ttl") && retry.contains(",250}"),
+        "{retry}"
+    );
+    let dead = line(bus.topology().dead_letter_queue("g"));
+    assert!(dead.contains("quorum"), "{dead}");
+    common::cleanup(&bus).await;
+}
