@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use es_core::relay::Route;
-use es_core::{CheckpointStore, EventStore, Relay, RelayError, StoreError};
+use es_core::{CheckpointStore, EventStore, Position, Relay, RelayError, StoreError};
 
 use crate::RabbitBus;
 
@@ -89,6 +89,7 @@ pub struct RabbitRelay {
     batch_size: usize,
     route: Option<Route>,
     active: watch::Sender<bool>,
+    progress: watch::Sender<Position>,
 }
 
 impl fmt::Debug for RabbitRelay {
@@ -120,6 +121,7 @@ impl RabbitRelay {
             batch_size: 256,
             route: None,
             active: watch::Sender::new(false),
+            progress: watch::Sender::new(Position::START),
         }
     }
 
@@ -135,6 +137,12 @@ impl RabbitRelay {
     pub fn with_route(mut self, route: Route) -> Self {
         self.route = Some(route);
         self
+    }
+
+    /// The position this instance has published up to (and checkpointed),
+    /// as it changes; [`Position::START`] until it first becomes active.
+    pub fn progress(&self) -> watch::Receiver<Position> {
+        self.progress.subscribe()
     }
 
     /// Whether this instance is the active one, as it changes.
@@ -181,10 +189,19 @@ impl RabbitRelay {
                 relay = relay.with_route(Arc::clone(route));
             }
             let (halt, halted) = watch::channel(false);
+            let mut published = relay.progress();
+            let forward = async {
+                while published.changed().await.is_ok() {
+                    self.progress.send_replace(*published.borrow_and_update());
+                }
+                std::future::pending::<()>().await;
+            };
             let running = relay.run(halted);
-            tokio::pin!(running);
+            tokio::pin!(running, forward);
             let outcome = tokio::select! {
                 result = &mut running => Term::Ended(result),
+                // Never completes: forwards the relay's progress meanwhile.
+                () = &mut forward => Term::Stopped,
                 () = async { let _ = stop.wait_for(|s| *s).await; } => {
                     halt.send_replace(true);
                     let _ = (&mut running).await;

@@ -73,6 +73,7 @@ async fn the_relay_publishes_the_log_in_order_and_checkpoints_in_postgres() {
     stop.send_replace(true);
     running.await.unwrap().unwrap();
     handle.stop().await;
+    assert_eq!(*relay.progress().borrow(), store.head().await.unwrap());
 
     let mut expected = ids;
     expected.extend(more);
