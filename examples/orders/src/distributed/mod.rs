@@ -647,7 +647,8 @@ impl Node {
     pub async fn shutdown(self) {
         self.stop.send_replace(true);
         for s in self.subscriptions {
-            s.stop().await;
+            // A consumer stuck on a dead connection must not hold the exit.
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.stop()).await;
         }
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
