@@ -158,6 +158,28 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>>;
 }
 
+/// The checks every store makes on a batch before writing anything: no event
+/// has an empty type name, and no event id appears twice in the batch.
+/// Backends call it first and add their own limits.
+pub fn validate_batch(events: &[NewEvent]) -> Result<(), StoreError> {
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    for event in events {
+        if event.event_type.is_empty() {
+            return Err(StoreError::InvalidEvent {
+                event_id: event.event_id,
+                reason: "the event type is empty".into(),
+            });
+        }
+        if !seen.insert(event.event_id) {
+            return Err(StoreError::InvalidEvent {
+                event_id: event.event_id,
+                reason: "the event id appears twice in the batch".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Named positions in the global log, kept by the runners that follow it
 /// (projections, relays).
 #[async_trait]

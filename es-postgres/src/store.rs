@@ -1,6 +1,5 @@
 //! [`PostgresEventStore`]: the event store on PostgreSQL.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -277,28 +276,17 @@ fn validate(events: &[NewEvent], max_batch: usize) -> Result<(), StoreError> {
             max: max_batch,
         });
     }
-    let mut seen = HashSet::with_capacity(events.len());
-    for event in events {
-        if event.event_type.is_empty() {
-            return Err(StoreError::InvalidEvent {
-                event_id: event.event_id,
-                reason: "the event type is empty".into(),
-            });
-        }
-        if i32::try_from(event.schema_version).is_err() {
-            return Err(StoreError::InvalidEvent {
-                event_id: event.event_id,
-                reason: "the schema version is larger than 2^31 - 1".into(),
-            });
-        }
-        if !seen.insert(event.event_id) {
-            return Err(StoreError::InvalidEvent {
-                event_id: event.event_id,
-                reason: "the event id appears twice in the batch".into(),
-            });
-        }
+    es_core::store::validate_batch(events)?;
+    match events
+        .iter()
+        .find(|e| i32::try_from(e.schema_version).is_err())
+    {
+        Some(event) => Err(StoreError::InvalidEvent {
+            event_id: event.event_id,
+            reason: "the schema version is larger than 2^31 - 1".into(),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The event whose payload PostgreSQL refused: the first one that is not

@@ -8,6 +8,7 @@ use futures::stream::BoxStream;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::store::validate_batch;
 use crate::subscription::catch_up_then_live;
 use crate::{
     AppendResult, CheckpointStore, EventStore, ExpectedVersion, Inbox, NewEvent, Position,
@@ -90,26 +91,6 @@ impl InMemoryEventStore {
 
 fn position_of(index: usize) -> Position {
     Position::new(index as u64 + 1, 0)
-}
-
-/// Checks a batch for malformed events before anything is written.
-fn validate(events: &[NewEvent]) -> Result<(), StoreError> {
-    let mut seen = HashSet::with_capacity(events.len());
-    for event in events {
-        if event.event_type.is_empty() {
-            return Err(StoreError::InvalidEvent {
-                event_id: event.event_id,
-                reason: "the event type is empty".into(),
-            });
-        }
-        if !seen.insert(event.event_id) {
-            return Err(StoreError::InvalidEvent {
-                event_id: event.event_id,
-                reason: "the event id appears twice in the batch".into(),
-            });
-        }
-    }
-    Ok(())
 }
 
 impl State {
@@ -197,7 +178,7 @@ impl EventStore for InMemoryEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        validate(&events)?;
+        validate_batch(&events)?;
         let mut state = self.write_state();
         let found = events
             .iter()
