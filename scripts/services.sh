@@ -88,3 +88,17 @@ ensure_smtp_tools() {
     apt_install python3-aiosmtpd ||
     die "aiosmtpd is missing: pip install aiosmtpd"
 }
+
+drop_stale_test_schemas() {
+  # Tests create a PostgreSQL schema each (t_<uuid>, esp_run_<hex>, ...); most
+  # drop theirs, some leave them for inspection. Drop what earlier runs left
+  # so the catalog does not grow run after run.
+  local url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+  # One statement (and transaction) per schema: a single transaction would
+  # run out of locks.
+  psql "$url" -qAt >/dev/null 2>&1 <<'SQL' || true
+SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', nspname) FROM pg_namespace
+ WHERE nspname ~ '^(t|esp_m|esp_run|m|c|tpgcut|tkill)_[0-9a-f]{8,}$'
+\gexec
+SQL
+}

@@ -24,6 +24,8 @@ export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
+drop_stale_test_schemas
+
 if [ -z "${SKIP_LINT:-}" ]; then
   step "cargo fmt --check"
   cargo fmt --all -- --check
