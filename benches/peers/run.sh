@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-RAW_LIMIT=${RAW_LIMIT:-/work/shared/bench/raw-limit.sh}
+RAW_LIMIT=${RAW_LIMIT:-$(pwd)/../shared/bench/raw-limit.sh}
 export BENCH_SECS=${BENCH_SECS:-3}
 
 echo "## machine"
