@@ -54,7 +54,7 @@ port=$BASE_PORT
 declare -A urls
 start() { # service listen-port
   local service=$1 p=$2 pool=8
-  case $service in payment | notification | relay) pool=4 ;; esac
+  case $service in inventory) pool=12 ;; payment | notification | relay) pool=4 ;; esac
   "$BIN" serve --services "$service" --listen "127.0.0.1:$p" --pg-pool "$pool" >"$LOGS/$service-$p.log" 2>&1 &
   pids+=($!)
   echo "  $service (pid $!) on 127.0.0.1:$p, log $LOGS/$service-$p.log"
