@@ -34,4 +34,4 @@ if [ -z "${SKIP_LINT:-}" ]; then
 fi
 
 step "cargo test --workspace"
-cargo test --workspace -- --test-threads "${TEST_THREADS:-4}"
+cargo test --workspace --no-fail-fast -- --test-threads "${TEST_THREADS:-4}"

@@ -397,6 +397,14 @@ impl<A: Aggregate> Repository<A> {
                             duplicate: !result.written,
                         });
                     }
+                    // A concurrent execution of the same command id won with
+                    // another decision (a clock reading, a fresh id): reload,
+                    // which finds its events and answers a duplicate.
+                    Err(StoreError::IdempotencyConflict { .. })
+                        if command_id.is_some() && attempt < self.retry.max_attempts =>
+                    {
+                        attempt += 1;
+                    }
                     Err(StoreError::WrongExpectedVersion { .. })
                         if attempt < self.retry.max_attempts =>
                     {

@@ -76,6 +76,8 @@ async fn concurrent_commands_on_one_aggregate_all_land_through_retries() {
 struct Interloper {
     inner: InMemoryEventStore,
     armed: AtomicBool,
+    /// Waits this long before every append.
+    pause: Option<std::time::Duration>,
 }
 
 #[async_trait]
@@ -86,6 +88,9 @@ impl EventStore for Interloper {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
+        if let Some(pause) = self.pause {
+            tokio::time::sleep(pause).await;
+        }
         if self.armed.swap(false, Ordering::SeqCst) {
             let sneaky = es_core::EventCodec::<CounterEvent>::new()
                 .encode(&CounterEvent::Incremented { by: 100 }, Metadata::new())
@@ -130,6 +135,7 @@ async fn a_lost_race_is_decided_again_or_reported_as_contention() {
     let store = Arc::new(Interloper {
         inner: InMemoryEventStore::new(),
         armed: AtomicBool::new(true),
+        pause: None,
     });
     let repo = Repository::<Counter>::new(store.clone());
     let mut decisions = 0;
@@ -176,6 +182,45 @@ async fn execute_once_applies_a_command_id_once() {
         .await
         .unwrap();
     assert_eq!(repo.load("p").await.unwrap().state.value, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_executions_of_one_command_id_write_once() {
+    // The decision is not deterministic (think of a clock reading in the
+    // event): the losers must still answer "duplicate", not fail.
+    for round in 0..20 {
+        // Every execution loads before any appends: they all race.
+        let store = Arc::new(Interloper {
+            inner: InMemoryEventStore::new(),
+            armed: AtomicBool::new(false),
+            pause: Some(std::time::Duration::from_millis(5)),
+        });
+        let repo = Repository::<Counter>::new(store.clone());
+        let command_id = Uuid::now_v7();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let repo = repo.clone();
+                tokio::spawn(async move {
+                    repo.execute_with("same", &Metadata::new(), Some(command_id), |_| {
+                        Ok(vec![CounterEvent::Incremented {
+                            by: fastrand::u32(1..1_000_000),
+                        }])
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let mut written = 0;
+        for task in tasks {
+            let committed = task
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            written += usize::from(!committed.duplicate);
+        }
+        assert_eq!(written, 1, "round {round}");
+        assert_eq!(repo.load("same").await.unwrap().version, 1);
+    }
 }
 
 #[tokio::test]
