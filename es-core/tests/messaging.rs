@@ -455,3 +455,31 @@ async fn the_saga_handler_dead_letters_undecodable_input() {
     .await;
     assert_eq!(outcome, Outcome::Ack);
 }
+
+#[tokio::test]
+async fn managers_sharing_a_store_see_each_others_reactions() {
+    // Each manager keeps folded instances in memory; what another manager
+    // appended meanwhile must still count.
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let clock = Arc::new(ManualClock::default());
+    let a = SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone());
+    let b = SagaManager::<Reminder>::new(Arc::clone(&store), clock);
+    let saga = Uuid::now_v7();
+    let started = input(saga, &ReminderInput::Started);
+    let stopped = input(saga, &ReminderInput::Stopped);
+    assert!(matches!(
+        a.handle(&started).await.unwrap(),
+        SagaOutcome::Reacted { .. }
+    ));
+    assert!(a.load(saga).await.unwrap().state.waiting);
+    assert_eq!(b.handle(&started).await.unwrap(), SagaOutcome::Duplicate);
+    assert!(matches!(
+        b.handle(&stopped).await.unwrap(),
+        SagaOutcome::Reacted { .. }
+    ));
+    // a's cached instance predates the stop: it must catch up.
+    assert_eq!(a.handle(&stopped).await.unwrap(), SagaOutcome::Duplicate);
+    let seen_by_a = a.load(saga).await.unwrap();
+    assert!(seen_by_a.state.done && seen_by_a.deadlines.is_empty());
+    assert_eq!(seen_by_a, b.load(saga).await.unwrap());
+}
