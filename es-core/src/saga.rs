@@ -2,7 +2,7 @@
 //! messages by changing their own event-sourced state, sending commands, and
 //! setting deadlines, all in one atomic append.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -292,14 +292,7 @@ pub struct SagaManager<S: Saga> {
     inputs: EventCodec<S::Input>,
     commands: EventCodec<S::Command>,
     max_attempts: u32,
-    /// Instances folded so far, by saga id: a stream only grows, so a cached
-    /// instance is a valid prefix and loading reads only what came after it.
-    cache: std::sync::Mutex<HashMap<Uuid, SagaInstance<S>>>,
 }
-
-/// How many instances a manager keeps folded in memory before it forgets them
-/// all (they are rebuilt from their streams on demand).
-const CACHED_INSTANCES: usize = 10_000;
 
 impl<S: Saga> fmt::Debug for SagaManager<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -320,7 +313,6 @@ impl<S: Saga> SagaManager<S> {
             inputs: EventCodec::new(),
             commands: EventCodec::new(),
             max_attempts: 16,
-            cache: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -359,13 +351,8 @@ impl<S: Saga> SagaManager<S> {
 
     /// Loads a saga instance.
     pub async fn load(&self, saga_id: Uuid) -> Result<SagaInstance<S>, SagaError> {
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&saga_id);
         let stream = Self::stream_id(saga_id);
-        let mut instance = cached.unwrap_or_default();
+        let mut instance = SagaInstance::<S>::default();
         loop {
             let page = self
                 .store
@@ -378,18 +365,6 @@ impl<S: Saga> SagaManager<S> {
                 return Ok(instance);
             }
         }
-    }
-
-    /// Keeps a loaded instance for the next load of the same saga.
-    fn keep(&self, saga_id: Uuid, instance: SagaInstance<S>) {
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() >= CACHED_INSTANCES {
-            cache.clear();
-        }
-        cache.insert(saga_id, instance);
     }
 
     fn fold(
@@ -478,9 +453,7 @@ impl<S: Saga> SagaManager<S> {
             tracing::info_span!("es.saga.deadline", saga = S::TYPE, %saga_id, deadline = name);
         async {
             let instance = self.load(saga_id).await?;
-            let pending = instance.deadlines.get(name).copied();
-            self.keep(saga_id, instance);
-            let Some((due, set_by)) = pending else {
+            let Some(&(due, set_by)) = instance.deadlines.get(name) else {
                 return Ok(SagaOutcome::Ignored);
             };
             if due > self.clock.now() {
@@ -527,23 +500,25 @@ impl<S: Saga> SagaManager<S> {
             let instance = self.load(saga_id).await?;
             let now = self.clock.now();
             let Some((reaction, fired)) = decide(&instance, now) else {
-                let outcome = if instance.has_handled(cause) {
+                return Ok(if instance.has_handled(cause) {
                     SagaOutcome::Duplicate
                 } else {
                     SagaOutcome::Ignored
-                };
-                self.keep(saga_id, instance);
-                return Ok(outcome);
+                });
             };
             if reaction.is_empty() && fired.is_none() {
-                self.keep(saga_id, instance);
                 return Ok(SagaOutcome::NoChange);
             }
             let records = self.records(&stream, cause, metadata, &reaction, fired.as_deref())?;
-            let expected = ExpectedVersion::from_loaded(instance.version);
-            // What was loaded stays a valid prefix whatever the append does.
-            self.keep(saga_id, instance);
-            match self.store.append(&stream, expected, records).await {
+            match self
+                .store
+                .append(
+                    &stream,
+                    ExpectedVersion::from_loaded(instance.version),
+                    records,
+                )
+                .await
+            {
                 Ok(result) => {
                     return Ok(if result.written {
                         SagaOutcome::Reacted {
