@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -25,10 +24,10 @@ use es_projections::{RedisSink, RunnerOptions};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use crate::http::{parse_id, ApiError, ErrorBody};
-use crate::order::{validate_email, Order, OrderEvent, OrderStatus};
+use crate::http::{parse_id, ApiError};
+use crate::order::{Order, OrderEvent, OrderStatus};
 use crate::query::{
-    decode_cursor, GetOrderParams, HistoryEvent, ListParams, OrderItemView, OrderPage, OrderView,
+    bad, GetOrderParams, HistoryEvent, ListFilter, ListParams, OrderItemView, OrderPage, OrderView,
     SearchParams, SearchResult, Stats, StatusStats, MAX_WAIT,
 };
 use crate::{Error, Money, Result};
@@ -693,17 +692,6 @@ fn wake_all(waiters: &Waiters) {
     }
 }
 
-fn bad(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status: StatusCode::BAD_REQUEST,
-        body: ErrorBody {
-            code: "invalid_query",
-            message: message.into(),
-            field: Some(field.to_owned()),
-        },
-    }
-}
-
 /// The query routes of part 1, served from PostgreSQL and Redis.
 pub(super) fn router(service: Arc<PgQueryService>) -> Router {
     Router::new()
@@ -744,27 +732,12 @@ async fn list_orders(
     State(service): State<Arc<PgQueryService>>,
     Query(params): Query<ListParams>,
 ) -> std::result::Result<Json<OrderPage>, ApiError> {
-    let email = params
-        .customer_email
-        .as_deref()
-        .map(validate_email)
-        .transpose()
-        .map_err(|e| bad("customer_email", e.to_string()))?;
-    let status = params
-        .status
-        .as_deref()
-        .map(str::parse::<OrderStatus>)
-        .transpose()
-        .map_err(|e| bad("status", e))?;
-    let limit = params.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(bad("limit", "limit must be between 1 and 100"));
-    }
-    let cursor = params
-        .cursor
-        .as_deref()
-        .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor", "not a cursor this API returned")))
-        .transpose()?;
+    let ListFilter {
+        customer_email: email,
+        status,
+        limit,
+        cursor,
+    } = params.check()?;
     Ok(Json(
         service
             .list(email.as_deref(), status, limit, cursor)

@@ -39,7 +39,8 @@ pub fn router(service: Arc<QueryService>) -> Router {
         .with_state(service)
 }
 
-fn bad(field: &str, message: impl Into<String>) -> ApiError {
+/// A 400 for an invalid query parameter.
+pub(crate) fn bad(field: &str, message: impl Into<String>) -> ApiError {
     ApiError {
         status: StatusCode::BAD_REQUEST,
         body: ErrorBody {
@@ -107,6 +108,54 @@ pub struct ListParams {
     pub cursor: Option<String>,
 }
 
+/// The order list's filters and paging, checked.
+#[derive(Debug)]
+pub struct ListFilter {
+    /// Only this customer's orders (normalised).
+    pub customer_email: Option<String>,
+    /// Only orders in this status.
+    pub status: Option<OrderStatus>,
+    /// At most this many (1 to 100).
+    pub limit: usize,
+    /// Where the previous page ended: (created at, order id).
+    pub cursor: Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>,
+}
+
+impl ListParams {
+    /// Checks the parameters; a bad one is a 400 naming it.
+    pub fn check(&self) -> Result<ListFilter, ApiError> {
+        let customer_email = self
+            .customer_email
+            .as_deref()
+            .map(validate_email)
+            .transpose()
+            .map_err(|e| bad("customer_email", e.to_string()))?;
+        let status = self
+            .status
+            .as_deref()
+            .map(str::parse::<OrderStatus>)
+            .transpose()
+            .map_err(|e| bad("status", e))?;
+        let limit = self.limit.unwrap_or(20);
+        if !(1..=100).contains(&limit) {
+            return Err(bad("limit", "limit must be between 1 and 100"));
+        }
+        let cursor = self
+            .cursor
+            .as_deref()
+            .map(|c| {
+                decode_cursor(c).ok_or_else(|| bad("cursor", "not a cursor this API returned"))
+            })
+            .transpose()?;
+        Ok(ListFilter {
+            customer_email,
+            status,
+            limit,
+            cursor,
+        })
+    }
+}
+
 /// Orders, newest first.
 #[utoipa::path(
     get, path = "/api/orders", tag = "queries",
@@ -120,27 +169,12 @@ async fn list_orders(
     State(service): State<Arc<QueryService>>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<OrderPage>, ApiError> {
-    let email = params
-        .customer_email
-        .as_deref()
-        .map(validate_email)
-        .transpose()
-        .map_err(|e| bad("customer_email", e.to_string()))?;
-    let status = params
-        .status
-        .as_deref()
-        .map(str::parse::<OrderStatus>)
-        .transpose()
-        .map_err(|e| bad("status", e))?;
-    let limit = params.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(bad("limit", "limit must be between 1 and 100"));
-    }
-    let cursor = params
-        .cursor
-        .as_deref()
-        .map(|c| decode_cursor(c).ok_or_else(|| bad("cursor", "not a cursor this API returned")))
-        .transpose()?;
+    let ListFilter {
+        customer_email: email,
+        status,
+        limit,
+        cursor,
+    } = params.check()?;
     Ok(Json(service.model().list(
         email.as_deref(),
         status,

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use http::{router, GetOrderParams, ListParams, QueryApi, SearchParams, SearchResult};
+pub(crate) use http::bad;
+pub use http::{
+    router, GetOrderParams, ListFilter, ListParams, QueryApi, SearchParams, SearchResult,
+};
 pub use model::{
     decode_cursor, OrderItemView, OrderPage, OrderProjection, OrderReadModel, OrderView, Stats,
     StatusStats,
