@@ -10,34 +10,13 @@ mod distributed_support;
 
 use std::time::Duration;
 
-use distributed_support::{place_many, Cluster};
+use distributed_support::{place_many, Cluster, EVERY_SERVICE_APART};
 use es_postgres::sqlx;
-
-const LAYOUT: [(&str, &str); 6] = [
-    ("order", "order"),
-    ("inventory", "inventory"),
-    ("payment", "payment"),
-    ("notification", "notification"),
-    ("query", "query"),
-    ("relay", "relay"),
-];
-
-async fn products(c: &Cluster, n: usize, stock: u64) -> Vec<(String, u64)> {
-    let mut v = Vec::new();
-    for i in 0..n {
-        v.push((
-            c.product(&format!("Crash Widget {i}"), "3.00", stock as i64)
-                .await,
-            stock,
-        ));
-    }
-    v
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_connections_cut_again_and_again() {
-    let c = Cluster::start("pgcut", &LAYOUT, "5s").await;
-    let stock = products(&c, 3, 100).await;
+    let c = Cluster::start("pgcut", &EVERY_SERVICE_APART, "5s").await;
+    let stock = c.products("Crash Widget", "3.00", 3, 100).await;
     let load = tokio::spawn(place_many(
         c.client.clone(),
         c.gateway.clone(),

@@ -71,7 +71,36 @@ pub struct Cluster {
     payment_timeout: String,
 }
 
+/// Every service its own process, plus a separate relay process.
+pub const EVERY_SERVICE_APART: [(&str, &str); 6] = [
+    ("order", "order"),
+    ("inventory", "inventory"),
+    ("payment", "payment"),
+    ("notification", "notification"),
+    ("query", "query"),
+    ("relay", "relay"),
+];
+
 impl Cluster {
+    /// Creates `n` products named `<name> <i>` at `price` with `stock` units
+    /// each; returns (product id, initial stock) pairs.
+    pub async fn products(
+        &self,
+        name: &str,
+        price: &str,
+        n: usize,
+        stock: u64,
+    ) -> Vec<(String, u64)> {
+        let mut made = Vec::new();
+        for i in 0..n {
+            let id = self
+                .product(&format!("{name} {i}"), price, stock as i64)
+                .await;
+            made.push((id, stock));
+        }
+        made
+    }
+
     /// Starts the SMTP server, `workers` (name -> service list) and a
     /// gateway, each its own process, and waits until all answer.
     pub async fn start(test: &str, workers: &[(&str, &str)], payment_timeout: &str) -> Self {
