@@ -65,17 +65,38 @@ ensure_redis() {
   wait_for 30 "Redis" port_open 6379
 }
 
+amqp_answers() {
+  # The broker answers the AMQP 0-9-1 protocol header with a Connection.Start
+  # method frame (type 1). An open port alone is not enough: a wedged broker
+  # accepts connections and never answers them.
+  timeout 10 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672 || exit 1
+    printf "AMQP\x00\x00\x09\x01" >&3
+    head -c 1 <&3 | od -An -tx1 | grep -q 01' >/dev/null 2>&1
+}
+
+start_rabbitmq() {
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_for 120 "RabbitMQ" port_open 5672
+  # The port opens before the broker accepts work; wait for the app.
+  timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || true
+  wait_for 60 "RabbitMQ (AMQP handshake)" amqp_answers
+}
+
 ensure_rabbitmq() {
-  if port_open 5672; then return 0; fi
+  if port_open 5672; then
+    if amqp_answers; then return 0; fi
+    step "RabbitMQ accepts connections on 127.0.0.1:5672 but does not answer: restarting it"
+    timeout 30 rabbitmqctl stop >/dev/null 2>&1 || pkill -KILL -f 'beam.smp.*-s rabbit boot' || true
+    wait_for 30 "the wedged RabbitMQ to stop" bash -c '! (exec 3<>/dev/tcp/127.0.0.1/5672)'
+    start_rabbitmq
+    return 0
+  fi
   step "RabbitMQ is not answering on 127.0.0.1:5672: starting it"
   if ! command -v rabbitmq-server >/dev/null 2>&1; then
     apt_install rabbitmq-server ||
       die "RabbitMQ is not installed and this is not root: install the Debian package 'rabbitmq-server' (or point AMQP_URL at a broker)"
   fi
-  rabbitmq-server -detached >/dev/null 2>&1 || true
-  wait_for 120 "RabbitMQ" port_open 5672
-  # The port opens before the broker accepts work; wait for the app.
-  rabbitmqctl await_startup >/dev/null 2>&1 || true
+  start_rabbitmq
 }
 
 ensure_smtp_tools() {

@@ -67,7 +67,8 @@ impl RabbitBus {
     /// A bus that connects on first use.
     pub fn lazy(config: RabbitConfig) -> Self {
         let mandatory = config.mandatory;
-        let topology = Topology::new(config.prefix.clone());
+        let topology =
+            Topology::new(config.prefix.clone()).with_queue_expires(config.queue_expires);
         Self {
             inner: Arc::new(Inner {
                 connector: Connector::new(config),

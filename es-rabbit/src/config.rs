@@ -30,6 +30,10 @@ pub struct RabbitConfig {
     /// How long one broker operation (connect, declare, publish confirm, ack)
     /// may take before the connection is treated as broken.
     pub operation_timeout: Duration,
+    /// When set, every queue is declared with `x-expires`: the broker deletes
+    /// a queue that has gone unused this long (see
+    /// [`Topology`](crate::Topology)). For temporary groups and test runs.
+    pub queue_expires: Option<Duration>,
 }
 
 impl RabbitConfig {
@@ -46,6 +50,7 @@ impl RabbitConfig {
             reconnect_max: Duration::from_secs(5),
             connection_name: "es-rabbit".to_owned(),
             operation_timeout: Duration::from_secs(15),
+            queue_expires: None,
         }
     }
 
@@ -88,6 +93,13 @@ impl RabbitConfig {
     #[must_use]
     pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
+        self
+    }
+
+    /// Sets (or clears) the expiry of unused queues.
+    #[must_use]
+    pub fn with_queue_expires(mut self, expires: Option<Duration>) -> Self {
+        self.queue_expires = expires;
         self
     }
 

@@ -10,6 +10,12 @@
 //! | dead-letter exchange | `P` + `es.dead-letter` | durable `direct` |
 //! | dead-letter queue | `P` + `G` + `.dead-letter` | durable quorum queue bound to the dead-letter exchange with the work queue's name |
 //!
+//! With [`Topology::with_queue_expires`] every queue also carries `x-expires`:
+//! the broker deletes it after it has gone unused (no consumer, no
+//! redeclaration) that long. Meant for temporary groups and test runs; a
+//! retry or dead-letter queue has no consumer, so the expiry must be longer
+//! than the longest run.
+//!
 //! Every declaration is idempotent; redeclaring a queue with other arguments
 //! (another `max_attempts`) is refused by the broker and reported as
 //! [`RabbitError::TopologyConflict`].
@@ -33,6 +39,7 @@ pub const DEAD_LETTER_GROUP_HEADER: &str = "x-es-dead-letter-group";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,
+    queue_expires: Option<std::time::Duration>,
 }
 
 impl Topology {
@@ -40,7 +47,16 @@ impl Topology {
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
+            queue_expires: None,
         }
+    }
+
+    /// Declares every queue with `x-expires`: the broker deletes a queue
+    /// unused for `expires`.
+    #[must_use]
+    pub fn with_queue_expires(mut self, expires: Option<std::time::Duration>) -> Self {
+        self.queue_expires = expires;
+        self
     }
 
     /// The prefix.
@@ -127,10 +143,10 @@ impl Topology {
         }
 
         declare_exchange(channel, &dlx, ExchangeKind::Direct).await?;
-        declare_queue(channel, &dlq, quorum()).await?;
+        declare_queue(channel, &dlq, self.quorum()).await?;
         bind(channel, &dlq, &dlx, &queue).await?;
 
-        let mut work = quorum();
+        let mut work = self.quorum();
         work.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(i64::from(subscription.max_attempts)),
@@ -138,7 +154,7 @@ impl Topology {
         dead_letter_to(&mut work, &dlx, &queue);
         declare_queue(channel, &queue, work).await?;
 
-        let mut delayed = quorum();
+        let mut delayed = self.quorum();
         let ttl = i64::try_from(subscription.retry_delay.as_millis()).unwrap_or(i64::MAX);
         delayed.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         dead_letter_to(&mut delayed, "", &queue);
@@ -151,6 +167,19 @@ impl Topology {
             bind(channel, &queue, exchange, pattern).await?;
         }
         Ok(())
+    }
+
+    /// The arguments every queue is declared with.
+    fn quorum(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), string("quorum"));
+        if let Some(expires) = self.queue_expires {
+            let ms = i64::try_from(expires.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
+        args
     }
 }
 
@@ -183,12 +212,6 @@ pub(crate) fn short(name: &str) -> Result<ShortString, RabbitError> {
         name: name.to_owned(),
         reason: "longer than 255 bytes",
     })
-}
-
-fn quorum() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), string("quorum"));
-    args
 }
 
 fn dead_letter_to(args: &mut FieldTable, exchange: &str, routing_key: &str) {

@@ -418,3 +418,43 @@ async fn queues_are_quorum_with_an_explicit_delivery_limit() {
     assert!(dead.contains("quorum"), "{dead}");
     common::cleanup(&bus).await;
 }
+
+#[tokio::test]
+async fn unused_queues_expire_when_asked() {
+    let bus = bus(config("expires").with_queue_expires(Some(Duration::from_secs(1)))).await;
+    let sub = Subscription::new("g", ["order.*"]);
+    bus.declare(&sub).await.unwrap();
+    let names = [
+        bus.topology().queue("g"),
+        bus.topology().retry_queue(&sub),
+        bus.topology().dead_letter_queue("g"),
+    ];
+    let declared = common::rabbitmqctl(&["list_queues", "name", "arguments", "-q"]);
+    for name in &names {
+        let line = declared
+            .lines()
+            .find(|l| l.split('\t').next() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("{name} not declared:\n{declared}"));
+        assert!(
+            line.contains("x-expires") && line.contains(",1000}"),
+            "{line}"
+        );
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let listing = common::rabbitmqctl(&["list_queues", "name", "-q"]);
+        let left: Vec<_> = names
+            .iter()
+            .filter(|n| listing.lines().any(|l| l.trim() == n.as_str()))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "still declared a minute after their 1 s expiry: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    common::cleanup(&bus).await;
+}

@@ -30,6 +30,8 @@ pub fn config(test: &str) -> RabbitConfig {
         .with_connection_name(prefix.clone())
         .with_prefix(prefix)
         .with_reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        // A test that panics before deleting its queues leaves none behind.
+        .with_queue_expires(Some(Duration::from_secs(1800)))
 }
 
 /// Connects, failing with the URL tried when the broker is absent.

@@ -204,6 +204,11 @@ pub struct ServeArgs {
     /// PostgreSQL connections per process.
     #[arg(long, env = "ORDERS_PG_POOL", default_value_t = 8)]
     pub pg_pool: u32,
+    /// When set, RabbitMQ deletes this deployment's queues after they have
+    /// gone unused this many seconds (`x-expires`): for throw-away
+    /// deployments such as test runs.
+    #[arg(long, env = "ORDERS_QUEUE_EXPIRES_SECS")]
+    pub queue_expires_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -222,6 +227,7 @@ impl ServeArgs {
             query_url: "http://127.0.0.1:8085".into(),
             prefetch: 32,
             pg_pool: 8,
+            queue_expires_secs: None,
         }
     }
 
@@ -378,7 +384,8 @@ impl Node {
         let mut subscriptions = Vec::new();
         let bus_config = RabbitConfig::new(args.amqp_url.clone())
             .with_prefix(format!("{}.", args.namespace))
-            .with_connection_name(application.clone());
+            .with_connection_name(application.clone())
+            .with_queue_expires(args.queue_expires_secs.map(Duration::from_secs));
         let bus = if needs_pg {
             patiently(
                 &format!("RabbitMQ at {}", args.amqp_url),

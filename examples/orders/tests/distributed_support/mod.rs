@@ -212,6 +212,8 @@ impl Cluster {
             .env("ORDERS_INVENTORY_URL", self.urls("inventory"))
             .env("ORDERS_QUERY_URL", self.urls("query"))
             .env("ORDERS_PG_POOL", "4")
+            // A run that dies before its teardown leaves no queues behind.
+            .env("ORDERS_QUEUE_EXPIRES_SECS", "1800")
             .env(
                 "RUST_LOG",
                 "warn,orders=info,es_rabbit=info,es_postgres=info",
