@@ -39,11 +39,10 @@ impl Drop for BrokerGuard {
     }
 }
 
-// Intermittent: in 1 of 4 full CI runs on 2026-11-25 a reservation (3 units)
-// stayed held 20 s after every order had reached its terminal state. Until the
-// cause is found (issues 4 and 7), run it on purpose:
-//     cargo test -p orders --test distributed_broker -- --ignored
-#[ignore = "intermittent after a broker restart: a reservation can stay held (issues 4 and 7)"]
+// This test once showed a reservation (3 units) held after every order had
+// ended: a duplicate delivery of a reserve command, running beside the one
+// that failed for want of stock, could reserve a line after the failure was
+// recorded and never give it back (fixed in inventory::reserve).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_restart_mid_flow() {
     let c = Cluster::start("broker", &EVERY_SERVICE_APART, "5s").await;

@@ -13,11 +13,6 @@ use std::time::Duration;
 use distributed_support::{place_many, Cluster, EVERY_SERVICE_APART};
 use es_postgres::sqlx;
 
-// Intermittent, with the same symptom as the broker-restart test: in 1 of 6
-// full CI runs on 2026-11-25 a reservation (3 units) stayed held after every
-// order had reached its terminal state. Run it on purpose:
-//     cargo test -p orders --test distributed_postgres -- --ignored
-#[ignore = "intermittent: a reservation can stay held after connections are cut (issues 6 and 7)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_connections_cut_again_and_again() {
     let c = Cluster::start("pgcut", &EVERY_SERVICE_APART, "5s").await;

@@ -299,6 +299,10 @@ pub enum ReservationError {
     /// Nothing is held to commit.
     #[error("nothing is reserved to commit")]
     NotReserved,
+    /// It was recorded as failed (by an earlier delivery of the same
+    /// command): stock held since must be given back.
+    #[error("the reservation already failed")]
+    AlreadyFailed,
 }
 
 /// One order's reservation.
@@ -357,6 +361,9 @@ impl Aggregate for Reservation {
             }
             (ReservationCommand::RecordReserved(_), ReservationState::Released(_)) => {
                 Err(ReservationError::AlreadyReleased)
+            }
+            (ReservationCommand::RecordReserved(_), ReservationState::Failed) => {
+                Err(ReservationError::AlreadyFailed)
             }
             (ReservationCommand::RecordFailed(reason), ReservationState::Open) => {
                 Ok(vec![ReservationEvent::InventoryReservationFailed(
@@ -510,5 +517,21 @@ mod tests {
             Err(ReservationError::AlreadyReleased)
         );
         assert!(r.handle(ReservationCommand::Release).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_reservation_refuses_a_late_success() {
+        let order_id = Uuid::from_u128(4);
+        let mut r = reservation_for(order_id, Reservation::default());
+        for e in r
+            .handle(ReservationCommand::RecordFailed("out of stock".into()))
+            .unwrap()
+        {
+            r.apply(&e);
+        }
+        assert_eq!(
+            r.handle(ReservationCommand::RecordReserved(vec![])),
+            Err(ReservationError::AlreadyFailed)
+        );
     }
 }

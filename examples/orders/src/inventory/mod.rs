@@ -222,6 +222,19 @@ impl InventoryService {
         }
     }
 
+    /// Reserves every line or none, then records the outcome on the order's
+    /// reservation. Safe under redelivery, concurrent duplicates and a
+    /// release that overtakes it:
+    ///
+    /// - each product step runs at most once per delivery of the command
+    ///   (`execute_once` with an id derived from the message), so a late
+    ///   duplicate never re-reserves stock a commit or release already
+    ///   settled;
+    /// - the outcome is recorded before a failed attempt gives its stock
+    ///   back, so a retry after a crash finds the stock it holds still held;
+    /// - whenever the reservation is (or turns out to be) released or failed,
+    ///   the stock of every line is given back: this covers a crash after
+    ///   reserving and before recording, followed by a release.
     async fn reserve(
         &self,
         order_id: Uuid,
@@ -229,8 +242,13 @@ impl InventoryService {
         cause: Uuid,
         metadata: &Metadata,
     ) -> Result<()> {
-        if self.reservation(order_id).await?.state != ReservationState::Open {
-            return Ok(());
+        match self.reservation(order_id).await?.state {
+            ReservationState::Open => {}
+            ReservationState::Released(_) | ReservationState::Failed => {
+                // Settled without this delivery's stock: nothing may stay held.
+                return self.give_back(order_id, lines, metadata).await;
+            }
+            ReservationState::Reserved(_) | ReservationState::Committed(_) => return Ok(()),
         }
         let mut failure = None;
         for (i, line) in lines.iter().enumerate() {
@@ -256,9 +274,8 @@ impl InventoryService {
                 Err(e) => return Err(Error::from_repository(e)),
             }
         }
-        match failure {
+        let recorded = match failure {
             Some(reason) => {
-                self.give_back(order_id, lines, metadata).await?;
                 tracing::info!(%order_id, %reason, "reservation failed");
                 let _ = self
                     .record(
@@ -268,23 +285,37 @@ impl InventoryService {
                         metadata,
                     )
                     .await?;
-            }
-            None => {
-                let recorded = self
-                    .record(
-                        order_id,
-                        cause,
-                        ReservationCommand::RecordReserved(lines.to_vec()),
-                        metadata,
-                    )
-                    .await?;
-                if recorded == Err(ReservationError::AlreadyReleased) {
-                    // Released while we were reserving: give it all back.
-                    self.give_back(order_id, lines, metadata).await?;
+                match self.reservation(order_id).await?.state {
+                    // Failed (now, or by an earlier delivery) or released:
+                    // give back what this attempt holds.
+                    ReservationState::Failed | ReservationState::Released(_) => {
+                        Err(ReservationError::AlreadyFailed)
+                    }
+                    // A concurrent delivery of the same command succeeded.
+                    _ => Ok(()),
                 }
             }
+            None => {
+                self.record(
+                    order_id,
+                    cause,
+                    ReservationCommand::RecordReserved(lines.to_vec()),
+                    metadata,
+                )
+                .await?
+            }
+        };
+        match recorded {
+            Ok(()) => Ok(()),
+            // Released or failed while we were reserving: give it all back.
+            Err(ReservationError::AlreadyReleased | ReservationError::AlreadyFailed) => {
+                self.give_back(order_id, lines, metadata).await
+            }
+            Err(e) => {
+                tracing::warn!(%order_id, error = %e, "reservation not recorded");
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     async fn give_back(
@@ -360,5 +391,101 @@ pub struct InventoryCommandHandler(pub Arc<InventoryService>);
 impl MessageHandler for InventoryCommandHandler {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         self.0.handle_command(&delivery.message).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use es_core::InMemoryEventStore;
+
+    use super::*;
+
+    fn service() -> InventoryService {
+        let store: Arc<dyn es_core::EventStore> = Arc::new(InMemoryEventStore::new());
+        InventoryService::new(Repository::new(Arc::clone(&store)), Repository::new(store))
+    }
+
+    /// The first delivery of a reserve command held the stock and died before
+    /// recording it; the order was cancelled (released) meanwhile; the
+    /// redelivered command must give the stock back.
+    #[tokio::test]
+    async fn a_redelivered_reserve_after_a_release_gives_the_stock_back() {
+        let inventory = service();
+        let product_id = inventory.create_product("Widget", "2.50", 5).await.unwrap();
+        let order_id = Uuid::now_v7();
+        let cause = Uuid::now_v7();
+        let metadata = Metadata::new().with_correlation_id(order_id);
+        let lines = [StockLine {
+            product_id,
+            quantity: 3,
+        }];
+        // The first attempt's product step, and nothing after it.
+        inventory
+            .products
+            .execute_once(
+                product_id,
+                derived_id(cause, "reserve", 0),
+                ProductCommand::Reserve {
+                    order_id,
+                    quantity: 3,
+                },
+                &metadata,
+            )
+            .await
+            .unwrap();
+        assert_eq!(inventory.product(product_id).await.unwrap().reserved, 3);
+
+        inventory
+            .release(order_id, Uuid::now_v7(), &metadata)
+            .await
+            .unwrap();
+        inventory
+            .reserve(order_id, &lines, cause, &metadata)
+            .await
+            .unwrap();
+
+        let product = inventory.product(product_id).await.unwrap();
+        assert_eq!((product.reserved, product.available), (0, 5));
+        assert!(matches!(
+            inventory.reservation(order_id).await.unwrap().state,
+            ReservationState::Released(_)
+        ));
+    }
+
+    /// A reservation that fails on its second line records the failure and
+    /// holds nothing; a redelivery of the same command changes nothing.
+    #[tokio::test]
+    async fn a_failed_reservation_holds_nothing_even_when_redelivered() {
+        let inventory = service();
+        let plenty = inventory
+            .create_product("Plenty", "1.00", 10)
+            .await
+            .unwrap();
+        let scarce = inventory.create_product("Scarce", "1.00", 1).await.unwrap();
+        let order_id = Uuid::now_v7();
+        let cause = Uuid::now_v7();
+        let metadata = Metadata::new().with_correlation_id(order_id);
+        let lines = [
+            StockLine {
+                product_id: plenty,
+                quantity: 4,
+            },
+            StockLine {
+                product_id: scarce,
+                quantity: 2,
+            },
+        ];
+        for _ in 0..2 {
+            inventory
+                .reserve(order_id, &lines, cause, &metadata)
+                .await
+                .unwrap();
+            assert_eq!(
+                inventory.reservation(order_id).await.unwrap().state,
+                ReservationState::Failed
+            );
+            assert_eq!(inventory.product(plenty).await.unwrap().reserved, 0);
+            assert_eq!(inventory.product(scarce).await.unwrap().reserved, 0);
+        }
     }
 }
