@@ -4,6 +4,9 @@
 //! ```text
 //! cargo bench -p es-postgres --bench store            # 3 s per measurement
 //! BENCH_SECS=5 cargo bench -p es-postgres --bench store
+//! BENCH_GROUP=0 cargo bench -p es-postgres --bench store   # group commit off
+//! BENCH_GROUP=8,32 cargo bench -p es-postgres --bench store # 8 in flight, groups of 32
+//! BENCH_SINGLE_ONLY=1 cargo bench -p es-postgres --bench store # single-event appends only
 //! ```
 //!
 //! Prints one markdown table row per measurement. The raw baseline inserts the
@@ -121,8 +124,19 @@ fn row(name: &str, value: f64, unit: &str, note: &str) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let (pool, schema) = es_postgres::testing::fresh_schema_with(40).await;
-    let store = PostgresEventStore::new(pool.clone(), schema.clone())
+    let mut store = PostgresEventStore::new(pool.clone(), schema.clone())
         .with_notify(std::env::var("BENCH_NOTIFY").map_or(true, |v| v != "0"));
+    // BENCH_GROUP=<in flight>,<group size> (0 turns group commit off).
+    let group = std::env::var("BENCH_GROUP").ok();
+    if let Some((in_flight, size)) = group.as_deref().map(|g| {
+        let mut parts = g.split(',').map(|p| p.trim().parse::<usize>().unwrap());
+        (
+            parts.next().unwrap(),
+            parts.next().unwrap_or(es_postgres::DEFAULT_MAX_GROUP),
+        )
+    }) {
+        store = store.with_group_commit(in_flight, size);
+    }
     let q = format!("\"{schema}\"");
     sqlx::query(&format!(
         "CREATE TABLE {q}.raw_events (LIKE {q}.events INCLUDING ALL)"
@@ -135,8 +149,9 @@ async fn main() {
         .await
         .unwrap();
     println!(
-        "schema {schema}, PostgreSQL {version}, {} s per measurement",
-        secs().as_secs_f64()
+        "schema {schema}, PostgreSQL {version}, {} s per measurement, group commit {}",
+        secs().as_secs_f64(),
+        group.as_deref().unwrap_or("default")
     );
     println!();
     println!("| measurement | result | note |");
@@ -190,6 +205,10 @@ async fn main() {
             "baseline",
         );
         single.push((c, ours, raw));
+    }
+
+    if std::env::var_os("BENCH_SINGLE_ONLY").is_some() {
+        return;
     }
 
     // 100-event batches.

@@ -2,6 +2,7 @@
 
 mod config;
 mod error;
+mod group;
 pub mod lock;
 mod schema;
 mod store;
@@ -11,6 +12,7 @@ pub mod testing;
 
 pub use config::PgConfig;
 pub use error::{PgError, Result};
+pub use group::{DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT, MAX_GROUP_LIMIT};
 pub use lock::{LeaderGuard, LeaderLock};
 pub use schema::{migrate, MAX_SCHEMA_LEN};
 pub use store::{Holdback, PostgresEventStore, DEFAULT_MAX_BATCH};

@@ -26,6 +26,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "snapshots_checkpoints_inbox",
         sql: include_str!("../migrations/0002_snapshots_checkpoints_inbox.sql"),
     },
+    Migration {
+        version: 3,
+        name: "append_group",
+        sql: include_str!("../migrations/0003_append_group.sql"),
+    },
 ];
 
 /// Checks that `name` is a plain lower-case identifier, safe to splice into SQL.

@@ -1,5 +1,6 @@
 //! [`PostgresEventStore`]: the event store on PostgreSQL.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{store_error, PgError, Result};
+use crate::group::{GroupCommit, Turn, Waiting, DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT};
 use crate::schema::{quoted, validate_schema};
 
 /// The shortest time between two `NOTIFY`s of one store under load.
@@ -42,6 +44,10 @@ pub const DEFAULT_MAX_BATCH: usize = 10_000;
 ///   a transaction stays open.
 /// - `subscribe_all` is woken by appends of this process at once, by other
 ///   processes through `LISTEN`/`NOTIFY`, and polls as a fallback.
+/// - Concurrent appends are group-committed: at most
+///   [`DEFAULT_MAX_IN_FLIGHT`](crate::DEFAULT_MAX_IN_FLIGHT) run at once, and
+///   appends arriving meanwhile are written together, in one transaction,
+///   each decided on its own (see [`PostgresEventStore::with_group_commit`]).
 ///
 /// Cloning is cheap and shares the pool and the wake-up machinery.
 #[derive(Clone, Debug)]
@@ -60,6 +66,7 @@ struct Shared {
     notify_signal: Arc<Notify>,
     notifier_started: AtomicBool,
     listener_started: AtomicBool,
+    group: Option<GroupCommit>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -69,12 +76,31 @@ struct Settings {
     poll: Duration,
     read_wait: Duration,
     notify: bool,
+    /// Appends in flight at once; 0 turns group commit off.
+    max_in_flight: usize,
+    max_group: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_batch: DEFAULT_MAX_BATCH,
+            page_size: 1_000,
+            poll: Duration::from_millis(500),
+            read_wait: Duration::from_secs(1),
+            notify: true,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_group: DEFAULT_MAX_GROUP,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Sql {
     append_fast: String,
     append: String,
+    append_group: String,
+    append_group_fast: String,
     read_stream: String,
     read_all: String,
     pending: String,
@@ -118,6 +144,34 @@ impl Sql {
                              THEN EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY ($4::uuid[])) END"
             ),
             append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            append_group: format!("SELECT item, outcome, out_version, out_tx, out_position, out_event FROM {s}.append_group($1, $2, $3, $4, $5, $6, $7, $8)"),
+            // A group of appends to distinct streams in one plain statement:
+            // every expected version checked, then every event inserted; if
+            // any expectation fails nothing is inserted (the rows say which)
+            // and the append_group function decides the appends one by one.
+            append_group_fast: format!(
+                "WITH req AS (SELECT r.stream, r.expected, r.cnt, r.k, \
+                                     (sum(r.cnt) OVER (ORDER BY r.k) - r.cnt)::int8 AS off \
+                                FROM unnest($1::text[], $2::int8[], $3::int4[]) WITH ORDINALITY AS r(stream, expected, cnt, k)), \
+                 cur AS (SELECT req.*, coalesce((SELECT e.stream_version FROM {s}.events e \
+                                 WHERE e.tenant = '' AND e.stream_id = req.stream \
+                                 ORDER BY e.stream_version DESC LIMIT 1), 0) AS v FROM req), \
+                 bad AS (SELECT k FROM cur WHERE NOT (expected = -1 OR (expected = -2 AND v = 0) \
+                                 OR (expected = -3 AND v > 0) OR expected = v)), \
+                 ins AS (INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                                event_id, event_type, schema_version, payload, metadata) \
+                         SELECT pg_current_xact_id()::text::bigint, '', cur.stream, cur.v + (u.i - cur.off), \
+                                u.id, u.ty, u.sv, u.pl::json, u.md::json \
+                           FROM unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
+                                WITH ORDINALITY AS u(id, ty, sv, pl, md, i) \
+                           JOIN cur ON u.i > cur.off AND u.i <= cur.off + cur.cnt \
+                          WHERE NOT EXISTS (SELECT 1 FROM bad) \
+                          ORDER BY u.i \
+                         RETURNING stream_id, transaction_id, global_position, stream_version) \
+                 SELECT cur.k::int4, max(ins.stream_version), max(ins.transaction_id), max(ins.global_position) \
+                   FROM cur LEFT JOIN ins ON ins.stream_id = cur.stream \
+                  GROUP BY cur.k ORDER BY cur.k"
+            ),
             read_stream: format!(
                 "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
                  AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
@@ -126,9 +180,12 @@ impl Sql {
                 "SELECT {COLUMNS} FROM {s}.events WHERE (transaction_id, global_position) > ($1, $2) \
                  AND transaction_id < {XMIN} ORDER BY transaction_id, global_position LIMIT $3"
             ),
+            // Not filtered by the horizon: a row that became readable after
+            // the page was read (its older transaction ended in between)
+            // must be found too, or the page would come back without it.
             pending: format!(
-                "SELECT min(transaction_id) FROM {s}.events WHERE transaction_id >= {XMIN} \
-                 AND (transaction_id, global_position) > ($1, $2)"
+                "SELECT min(transaction_id) FROM {s}.events \
+                 WHERE (transaction_id, global_position) > ($1, $2)"
             ),
             last_pending: format!("SELECT max(transaction_id) FROM {s}.events WHERE transaction_id >= {XMIN}"),
             xmin: format!("SELECT {XMIN}"),
@@ -361,6 +418,75 @@ impl<'a> Batch<'a> {
     }
 }
 
+type OutcomeRow = (i32, Option<i64>, Option<i64>, Option<i64>, Option<Uuid>);
+
+/// An `append_group` row: the append's 1-based index, then its outcome row.
+type GroupRow = (
+    i32,
+    i32,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<Uuid>,
+);
+
+/// A row of the one-statement group: index, last version, transaction and
+/// position of what it wrote (none when nothing was written).
+type FastGroupRow = (i32, Option<i64>, Option<i64>, Option<i64>);
+
+/// What an `append_events` outcome row means for the caller.
+fn decide(
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    row: OutcomeRow,
+) -> Result<AppendResult, StoreError> {
+    let (outcome, version, tx, position, event) = row;
+    let conflict = |reason| StoreError::IdempotencyConflict {
+        stream: stream.clone(),
+        event_id: event.unwrap_or_default(),
+        reason,
+    };
+    match outcome {
+        0 | 1 => Ok(AppendResult {
+            stream_version: to_u64(version.unwrap_or(0)),
+            position: match (tx, position) {
+                (Some(tx), Some(p)) => position_of(tx, p),
+                _ => Position::START,
+            },
+            written: outcome == 0,
+        }),
+        2 => Err(StoreError::WrongExpectedVersion {
+            stream: stream.clone(),
+            expected,
+            actual: to_u64(version.unwrap_or(0)),
+        }),
+        10 => Err(conflict("only part of the batch is already stored")),
+        11 => Err(conflict("the event id is stored in another stream")),
+        12 => Err(conflict("the batch is stored at other positions")),
+        13 => Err(conflict("the stored event has another type or payload")),
+        other => Err(PgError::Corrupt {
+            reason: format!("append_events returned unknown outcome {other}"),
+        }
+        .into()),
+    }
+}
+
+fn no_runtime() -> StoreError {
+    StoreError::Unavailable {
+        source: "no tokio runtime is left to write the queued appends".into(),
+    }
+}
+
+/// An append slot, given back (or handed over to the queue) when dropped,
+/// also when the append's future is dropped half-way.
+struct Slot<'a>(&'a PostgresEventStore);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.release_slot();
+    }
+}
+
 fn no_row() -> StoreError {
     PgError::Corrupt {
         reason: "the append statement returned no row".to_owned(),
@@ -396,7 +522,10 @@ impl PostgresEventStore {
     /// [`crate::migrate`]). The schema name is quoted, never spliced raw; use
     /// [`PostgresEventStore::try_new`] to have it checked up front.
     pub fn new(pool: PgPool, schema: impl Into<String>) -> Self {
-        let schema = schema.into();
+        Self::with_parts(pool, schema.into(), Settings::default())
+    }
+
+    fn with_parts(pool: PgPool, schema: String, settings: Settings) -> Self {
         let channel = notify_channel(&schema);
         Self {
             shared: Arc::new(Shared {
@@ -404,13 +533,9 @@ impl PostgresEventStore {
                 pool,
                 schema,
                 channel,
-                settings: Settings {
-                    max_batch: DEFAULT_MAX_BATCH,
-                    page_size: 1_000,
-                    poll: Duration::from_millis(500),
-                    read_wait: Duration::from_secs(1),
-                    notify: true,
-                },
+                group: (settings.max_in_flight > 0)
+                    .then(|| GroupCommit::new(settings.max_in_flight, settings.max_group)),
+                settings,
                 wake: watch::Sender::new(0),
                 notify_signal: Arc::new(Notify::new()),
                 notifier_started: AtomicBool::new(false),
@@ -437,11 +562,27 @@ impl PostgresEventStore {
     fn with_settings(self, f: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = self.shared.settings;
         f(&mut settings);
-        let mut store = Self::new(self.shared.pool.clone(), self.shared.schema.clone());
-        if let Some(shared) = Arc::get_mut(&mut store.shared) {
-            shared.settings = settings;
-        }
-        store
+        Self::with_parts(
+            self.shared.pool.clone(),
+            self.shared.schema.clone(),
+            settings,
+        )
+    }
+
+    /// Group commit (on by default): at most `max_in_flight` appends run at
+    /// once, each on its own connection; appends that arrive while all of
+    /// them run are queued and written together, up to `max_group` (at most
+    /// 60) in one statement and one transaction, each decided on its own.
+    /// With one writer every append runs at once, as without grouping.
+    /// `max_in_flight = 0` turns grouping off: every append runs at once.
+    /// Defaults: [`DEFAULT_MAX_IN_FLIGHT`](crate::DEFAULT_MAX_IN_FLIGHT) and
+    /// [`DEFAULT_MAX_GROUP`](crate::DEFAULT_MAX_GROUP).
+    #[must_use]
+    pub fn with_group_commit(self, max_in_flight: usize, max_group: usize) -> Self {
+        self.with_settings(|s| {
+            s.max_in_flight = max_in_flight;
+            s.max_group = max_group;
+        })
     }
 
     /// The largest batch one append takes (default [`DEFAULT_MAX_BATCH`]).
@@ -589,50 +730,231 @@ impl PostgresEventStore {
     where
         E: sqlx::PgExecutor<'c>,
     {
-        let row: (i32, Option<i64>, Option<i64>, Option<i64>, Option<Uuid>) =
-            sqlx::query_as(&self.shared.sql.append)
-                .bind("")
-                .bind(stream.as_str())
-                .bind(expected_code(expected))
-                .bind(&batch.ids)
-                .bind(&batch.types)
-                .bind(&batch.versions)
-                .bind(&batch.payloads)
-                .bind(&batch.metadata)
-                .bind(guarded)
-                .fetch_all(executor)
-                .await
-                .map_err(|e| batch.map_error(e, guarded))?
-                .pop()
-                .ok_or_else(no_row)?;
-        let (outcome, version, tx, position, event) = row;
-        let conflict = |reason| StoreError::IdempotencyConflict {
-            stream: stream.clone(),
-            event_id: event.unwrap_or_default(),
-            reason,
-        };
-        match outcome {
-            0 | 1 => Ok(AppendResult {
-                stream_version: to_u64(version.unwrap_or(0)),
-                position: match (tx, position) {
-                    (Some(tx), Some(p)) => position_of(tx, p),
-                    _ => Position::START,
-                },
-                written: outcome == 0,
-            }),
-            2 => Err(StoreError::WrongExpectedVersion {
-                stream: stream.clone(),
-                expected,
-                actual: to_u64(version.unwrap_or(0)),
-            }),
-            10 => Err(conflict("only part of the batch is already stored")),
-            11 => Err(conflict("the event id is stored in another stream")),
-            12 => Err(conflict("the batch is stored at other positions")),
-            13 => Err(conflict("the stored event has another type or payload")),
-            other => Err(PgError::Corrupt {
-                reason: format!("append_events returned unknown outcome {other}"),
+        let row: OutcomeRow = sqlx::query_as(&self.shared.sql.append)
+            .bind("")
+            .bind(stream.as_str())
+            .bind(expected_code(expected))
+            .bind(&batch.ids)
+            .bind(&batch.types)
+            .bind(&batch.versions)
+            .bind(&batch.payloads)
+            .bind(&batch.metadata)
+            .bind(guarded)
+            .fetch_all(executor)
+            .await
+            .map_err(|e| batch.map_error(e, guarded))?
+            .pop()
+            .ok_or_else(no_row)?;
+        decide(stream, expected, row)
+    }
+
+    /// One append on its own: the one-statement fast path, the append
+    /// function when ids may be replayed, and a few retries of a lost race.
+    async fn append_now(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult, StoreError> {
+        let batch = Batch::encode(events, self.shared.settings.max_batch)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // After a few lost races, let the function settle them inside.
+            let guarded = attempt > 3;
+            if !events.is_empty() && !guarded {
+                match self.append_fast(stream, expected, &batch).await {
+                    Ok(Some(result)) => return Ok(result),
+                    Ok(None) => {}
+                    Err(e) if is_race_lost(&e) => continue,
+                    Err(e) => return Err(e),
+                }
             }
-            .into()),
+            match self
+                .call_append(&self.shared.pool, stream, expected, &batch, guarded)
+                .await
+            {
+                Err(e) if is_race_lost(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes queued appends as one group, answering each.
+    async fn commit_group(&self, mut group: Vec<Waiting>) {
+        if let [only] = group.as_slice() {
+            let result = self
+                .append_now(&only.stream, only.expected, &only.events)
+                .await;
+            if let Some(only) = group.pop() {
+                let _ = only.reply.send(result);
+            }
+            return;
+        }
+        // One lock order for every group: no two groups deadlock.
+        group.sort_by(|a, b| a.stream.as_str().cmp(b.stream.as_str()));
+        let span = tracing::debug_span!("es_postgres.append_group", appends = group.len());
+        let answers = self.write_group(&group).instrument(span).await;
+
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(error) => {
+                // Nothing of the group was written: each append on its own,
+                // so each caller gets its own answer.
+                tracing::debug!(%error, appends = group.len(), "group append failed; appending one by one");
+                let mut answers = Vec::with_capacity(group.len());
+                for w in &group {
+                    answers.push(self.append_now(&w.stream, w.expected, &w.events).await);
+                }
+                answers
+            }
+        };
+        for (w, answer) in group.into_iter().zip(answers) {
+            let _ = w.reply.send(answer);
+        }
+    }
+
+    /// One call of `append_group` for the appends that pass the client-side
+    /// checks; an answer per append, in order.
+    async fn write_group(
+        &self,
+        group: &[Waiting],
+    ) -> Result<Vec<Result<AppendResult, StoreError>>, StoreError> {
+        let mut answers: Vec<Option<Result<AppendResult, StoreError>>> =
+            Vec::with_capacity(group.len());
+        let mut batches = Vec::with_capacity(group.len());
+        let mut included = Vec::with_capacity(group.len());
+        for (i, w) in group.iter().enumerate() {
+            match Batch::encode(&w.events, self.shared.settings.max_batch) {
+                Ok(batch) => {
+                    answers.push(None);
+                    included.push(i);
+                    batches.push(batch);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        let total: usize = batches.iter().map(|b| b.ids.len()).sum();
+        let mut streams = Vec::with_capacity(included.len());
+        let mut expected = Vec::with_capacity(included.len());
+        let mut counts = Vec::with_capacity(included.len());
+        let mut ids = Vec::with_capacity(total);
+        let mut types = Vec::with_capacity(total);
+        let mut versions = Vec::with_capacity(total);
+        let mut payloads = Vec::with_capacity(total);
+        let mut metadata: Vec<&str> = Vec::with_capacity(total);
+        for (&i, batch) in included.iter().zip(&batches) {
+            streams.push(group[i].stream.as_str());
+            expected.push(expected_code(group[i].expected));
+            counts.push(i32::try_from(batch.ids.len()).unwrap_or(i32::MAX));
+            ids.extend_from_slice(&batch.ids);
+            types.extend_from_slice(&batch.types);
+            versions.extend_from_slice(&batch.versions);
+            payloads.extend_from_slice(&batch.payloads);
+            metadata.extend(batch.metadata.iter().map(String::as_str));
+        }
+        let distinct: BTreeSet<&str> = streams.iter().copied().collect();
+        let mut rows: Vec<GroupRow> = Vec::new();
+        if distinct.len() == streams.len() {
+            let fast: Result<Vec<FastGroupRow>, sqlx::Error> =
+                sqlx::query_as(&self.shared.sql.append_group_fast)
+                    .bind(&streams)
+                    .bind(&expected)
+                    .bind(&counts)
+                    .bind(&ids)
+                    .bind(&types)
+                    .bind(&versions)
+                    .bind(&payloads)
+                    .bind(&metadata)
+                    .fetch_all(&self.shared.pool)
+                    .await;
+            match fast {
+                // Every append written (an append the statement did not write
+                // shows no version: then none was, and the function decides).
+                Ok(fast) if fast.len() == streams.len() && fast.iter().all(|r| r.1.is_some()) => {
+                    rows = fast
+                        .into_iter()
+                        .map(|(item, version, tx, position)| (item, 0, version, tx, position, None))
+                        .collect();
+                }
+                Ok(_) => {}
+                // A race with a concurrent append, or a replayed id: the
+                // function settles it.
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        if rows.is_empty() {
+            rows = sqlx::query_as(&self.shared.sql.append_group)
+                .bind(&streams)
+                .bind(&expected)
+                .bind(&counts)
+                .bind(&ids)
+                .bind(&types)
+                .bind(&versions)
+                .bind(&payloads)
+                .bind(&metadata)
+                .fetch_all(&self.shared.pool)
+                .await
+                .map_err(store_error)?;
+        }
+        for (item, outcome, version, tx, position, event) in rows {
+            let slot = usize::try_from(item)
+                .ok()
+                .and_then(|k| k.checked_sub(1))
+                .and_then(|k| included.get(k).copied());
+            if let Some(i) = slot {
+                let w = &group[i];
+                answers[i] = Some(decide(
+                    &w.stream,
+                    w.expected,
+                    (outcome, version, tx, position, event),
+                ));
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(PgError::Corrupt {
+                        reason: "append_group returned no row for an append".to_owned(),
+                    }
+                    .into())
+                })
+            })
+            .collect())
+    }
+
+    /// Gives the append slot back, or hands the queue to a task that writes
+    /// it group by group.
+    fn release_slot(&self) {
+        let Some(group) = &self.shared.group else {
+            return;
+        };
+        let Some(first) = group.next_group() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let store = self.clone();
+                handle.spawn(async move {
+                    let mut next = Some(first);
+                    while let Some(waiting) = next {
+                        store.commit_group(waiting).await;
+                        next = store
+                            .shared
+                            .group
+                            .as_ref()
+                            .and_then(GroupCommit::next_group);
+                    }
+                });
+            }
+            Err(_) => {
+                for w in first {
+                    let _ = w.reply.send(Err(no_runtime()));
+                }
+                group.abandon(no_runtime);
+            }
         }
     }
 
@@ -660,8 +982,9 @@ impl PostgresEventStore {
             .collect()
     }
 
-    /// The oldest transaction with committed events after `after` that are not
-    /// readable yet because an older transaction is still running.
+    /// The oldest transaction with committed events after `after`: called
+    /// after a short page, so they were not readable when the page was read
+    /// (an older transaction was still running), though they may be now.
     async fn first_pending(&self, after: Position) -> Result<Option<i64>, StoreError> {
         let (major, minor) = position_parts(after)?;
         sqlx::query_scalar(&self.shared.sql.pending)
@@ -914,27 +1237,21 @@ impl EventStore for PostgresEventStore {
             causation_id = first.and_then(|m| m.causation_id).map(tracing::field::display),
         );
         let result = async {
-            let batch = Batch::encode(&events, self.shared.settings.max_batch)?;
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                // After a few lost races, let the function settle them inside.
-                let guarded = attempt > 3;
-                if !events.is_empty() && !guarded {
-                    match self.append_fast(stream, expected, &batch).await {
-                        Ok(Some(result)) => return Ok(result),
-                        Ok(None) => {}
-                        Err(e) if is_race_lost(&e) => continue,
-                        Err(e) => return Err(e),
+            match &self.shared.group {
+                Some(group) if !events.is_empty() => {
+                    match group.enter(stream.clone(), expected, events) {
+                        Turn::Run(stream, expected, events) => {
+                            let _slot = Slot(self);
+                            self.append_now(&stream, expected, &events).await
+                        }
+                        Turn::Wait(answer) => answer.await.unwrap_or_else(|_| {
+                            Err(StoreError::Unavailable {
+                                source: "the append's group was abandoned".into(),
+                            })
+                        }),
                     }
                 }
-                match self
-                    .call_append(&self.shared.pool, stream, expected, &batch, guarded)
-                    .await
-                {
-                    Err(e) if is_race_lost(&e) => continue,
-                    other => return other,
-                }
+                _ => self.append_now(stream, expected, &events).await,
             }
         }
         .instrument(span)
