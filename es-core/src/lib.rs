@@ -16,6 +16,7 @@ pub mod relay;
 pub mod repository;
 pub mod saga;
 pub mod snapshot;
+mod state_cache;
 pub mod store;
 pub mod stream;
 pub mod subscription;

@@ -8,6 +8,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::state_cache::{Entry, StateCache};
 use crate::{
     derived_id, Aggregate, CodecError, EventCodec, EventStore, ExpectedVersion, Metadata, Payload,
     Position, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
@@ -125,10 +126,15 @@ struct Snapshots<A> {
 /// another writer got there first it reloads and decides again, up to the
 /// [`RetryPolicy`]'s attempts, with jittered backoff. The command's metadata is
 /// given to every event it produces, so caused events keep the correlation id.
+///
+/// With [`Repository::with_state_cache`] it also keeps the states of recently
+/// used aggregates in memory, so a command reads only the events appended
+/// since (usually none) instead of the whole stream.
 pub struct Repository<A: Aggregate> {
     store: Arc<dyn EventStore>,
     codec: EventCodec<A::Event>,
     snapshots: Option<Snapshots<A>>,
+    cache: Option<Arc<StateCache<A>>>,
     retry: RetryPolicy,
 }
 
@@ -137,6 +143,7 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
         f.debug_struct("Repository")
             .field("aggregate", &A::TYPE)
             .field("snapshots", &self.snapshots.as_ref().map(|s| s.policy))
+            .field("cached_states", &self.cache.as_ref().map(|c| c.len()))
             .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
@@ -154,6 +161,7 @@ impl<A: Aggregate> Clone for Repository<A> {
                 encode: s.encode,
                 decode: s.decode,
             }),
+            cache: self.cache.clone(),
             retry: self.retry,
         }
     }
@@ -174,6 +182,18 @@ fn decode_state<A: DeserializeOwned>(payload: &Payload) -> Result<A, CodecError>
     })
 }
 
+/// Whether an append failed because some of its event ids are stored
+/// already: an idempotency conflict, or (the KurrentDB rule for ids stored at
+/// positions that do not fit) a wrong expected version while the stream is
+/// still at the version expected.
+fn ids_stored_elsewhere(error: &StoreError, loaded_version: u64) -> bool {
+    match error {
+        StoreError::IdempotencyConflict { .. } => true,
+        StoreError::WrongExpectedVersion { actual, .. } => *actual == loaded_version,
+        _ => false,
+    }
+}
+
 impl<A: Aggregate> Repository<A> {
     /// A repository over `store` with no snapshots and the default retry policy.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
@@ -181,8 +201,22 @@ impl<A: Aggregate> Repository<A> {
             store,
             codec: EventCodec::new(),
             snapshots: None,
+            cache: None,
             retry: RetryPolicy::default(),
         }
+    }
+
+    /// Keeps the states of up to about `capacity` recently used aggregates in
+    /// memory (shared by the clones of this repository). A command then
+    /// starts from the cached state and reads only the events appended since,
+    /// usually none: a command on a long stream costs what one on a new stream
+    /// does. Writers in other processes are no problem: the tail is always
+    /// read, and the append checks the version. Memory grows with `capacity`
+    /// times the size of a state; `load` does not use the cache.
+    #[must_use]
+    pub fn with_state_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(Arc::new(StateCache::new(capacity)));
+        self
     }
 
     /// Decodes through this codec (and its upcasters).
@@ -259,7 +293,22 @@ impl<A: Aggregate> Repository<A> {
             state: A::default(),
             version: 0,
         };
-        if let Some(snapshots) = &self.snapshots {
+        let cached = if seen.is_none() {
+            self.cache.as_ref().and_then(|c| c.take(stream))
+        } else {
+            // A command id is looked for among the events read: read them all
+            // from the snapshot on, not from a cached state.
+            if let Some(cache) = &self.cache {
+                cache.forget(stream);
+            }
+            None
+        };
+        if let Some(entry) = cached {
+            loaded = Loaded {
+                state: entry.state,
+                version: entry.version,
+            };
+        } else if let Some(snapshots) = &self.snapshots {
             match snapshots.store.load(stream).await {
                 Ok(Some(snapshot)) if snapshot.schema_version == snapshots.schema_version => {
                     match (snapshots.decode)(&snapshot.state) {
@@ -360,18 +409,28 @@ impl<A: Aggregate> Repository<A> {
             loop {
                 let (loaded, duplicate) = self.load_stream(&stream, marker).await?;
                 if duplicate {
+                    let version = loaded.version;
+                    self.keep(&stream, loaded);
                     return Ok(Committed {
                         events: Vec::new(),
-                        stream_version: loaded.version,
+                        stream_version: version,
                         position: Position::START,
                         duplicate: true,
                     });
                 }
-                let events = decide(&loaded.state).map_err(RepositoryError::Rejected)?;
+                let events = match decide(&loaded.state) {
+                    Ok(events) => events,
+                    Err(refused) => {
+                        self.keep(&stream, loaded);
+                        return Err(RepositoryError::Rejected(refused));
+                    }
+                };
                 if events.is_empty() {
+                    let version = loaded.version;
+                    self.keep(&stream, loaded);
                     return Ok(Committed {
                         events,
-                        stream_version: loaded.version,
+                        stream_version: version,
                         position: Position::START,
                         duplicate: false,
                     });
@@ -388,7 +447,7 @@ impl<A: Aggregate> Repository<A> {
                 match self.store.append(&stream, expected, batch).await {
                     Ok(result) => {
                         tracing::Span::current().record("attempts", attempt);
-                        self.maybe_snapshot(&stream, loaded, &events, result.stream_version)
+                        self.committed(&stream, loaded, &events, result.stream_version)
                             .await;
                         return Ok(Committed {
                             events,
@@ -397,27 +456,44 @@ impl<A: Aggregate> Repository<A> {
                             duplicate: !result.written,
                         });
                     }
-                    // A concurrent execution of the same command id won with
-                    // another decision (a clock reading, a fresh id): reload,
-                    // which finds its events and answers a duplicate.
-                    Err(StoreError::IdempotencyConflict { .. })
-                        if command_id.is_some() && attempt < self.retry.max_attempts =>
+                    // Ids derived from this command id are stored already: it
+                    // was executed before (its events are hidden from the load
+                    // by a snapshot) or concurrently, with another decision (a
+                    // clock reading, a fresh id). Either way it is a duplicate.
+                    Err(error)
+                        if command_id.is_some() && ids_stored_elsewhere(&error, loaded.version) =>
                     {
-                        attempt += 1;
+                        self.keep(&stream, loaded);
+                        let version = self.store.stream_version(&stream).await?;
+                        return Ok(Committed {
+                            events: Vec::new(),
+                            stream_version: version,
+                            position: Position::START,
+                            duplicate: true,
+                        });
                     }
                     Err(StoreError::WrongExpectedVersion { .. })
                         if attempt < self.retry.max_attempts =>
                     {
+                        // Still right up to its version: the next load reads on
+                        // from there.
+                        self.keep(&stream, loaded);
                         tokio::time::sleep(self.retry.backoff(attempt)).await;
                         attempt += 1;
                     }
                     Err(StoreError::WrongExpectedVersion { .. }) => {
+                        self.keep(&stream, loaded);
                         return Err(RepositoryError::Contention {
                             stream,
                             attempts: attempt,
                         });
                     }
-                    Err(other) => return Err(other.into()),
+                    Err(other) => {
+                        // Whether the append committed is unknown; the state
+                        // is right up to its version either way.
+                        self.keep(&stream, loaded);
+                        return Err(other.into());
+                    }
                 }
             }
         }
@@ -425,23 +501,56 @@ impl<A: Aggregate> Repository<A> {
         .await
     }
 
-    async fn maybe_snapshot(
+    /// Puts a loaded state (still right up to its version) back in the cache.
+    fn keep(&self, stream: &StreamId, loaded: Loaded<A>) {
+        if let Some(cache) = &self.cache {
+            cache.put(
+                stream.clone(),
+                Entry {
+                    state: loaded.state,
+                    version: loaded.version,
+                },
+            );
+        }
+    }
+
+    /// After an append: the new state to the cache and, by the policy, to
+    /// the snapshot store.
+    async fn committed(
         &self,
         stream: &StreamId,
         mut loaded: Loaded<A>,
         events: &[A::Event],
         version: u64,
     ) {
-        let Some(snapshots) = &self.snapshots else {
+        // The events sit right after the loaded version (the append expected
+        // it); anything else (a replay reported elsewhere) is left alone.
+        let count = u64::try_from(events.len()).unwrap_or(u64::MAX);
+        if loaded.version.checked_add(count) != Some(version) {
             return;
-        };
-        if !snapshots.policy.should_snapshot(loaded.version, version) {
+        }
+        let snapshot_due = self
+            .snapshots
+            .as_ref()
+            .is_some_and(|s| s.policy.should_snapshot(loaded.version, version));
+        if !snapshot_due && self.cache.is_none() {
             return;
         }
         for event in events {
             loaded.state.apply(event);
         }
-        let state = match (snapshots.encode)(&loaded.state) {
+        loaded.version = version;
+        if snapshot_due {
+            self.save_snapshot(stream, &loaded.state, version).await;
+        }
+        self.keep(stream, loaded);
+    }
+
+    async fn save_snapshot(&self, stream: &StreamId, state: &A, version: u64) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        let state = match (snapshots.encode)(state) {
             Ok(state) => state,
             Err(error) => {
                 tracing::warn!(%stream, %error, "cannot encode snapshot");

@@ -261,3 +261,180 @@ async fn snapshots_by_policy_give_the_same_state() {
         Repository::<Counter>::new(store).with_snapshots(snapshots, SnapshotPolicy::Every(10), 2);
     assert_eq!(v2.load("s").await.unwrap(), without);
 }
+
+/// A store that counts the events `read_stream` hands out.
+struct Counting {
+    inner: InMemoryEventStore,
+    read: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl EventStore for Counting {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        s: &StreamId,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let page = self.inner.read_stream(s, from, max).await?;
+        self.read.fetch_add(page.len() as u64, Ordering::SeqCst);
+        Ok(page)
+    }
+    async fn read_all(
+        &self,
+        after: Position,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(after, max).await
+    }
+    async fn stream_version(&self, s: &StreamId) -> Result<u64, StoreError> {
+        self.inner.stream_version(s).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+    fn subscribe_all(
+        &self,
+        after: Position,
+    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
+        self.inner.subscribe_all(after)
+    }
+}
+
+#[tokio::test]
+async fn a_state_cache_reads_only_the_tail_and_sees_other_writers() {
+    let store = Arc::new(Counting {
+        inner: InMemoryEventStore::new(),
+        read: Default::default(),
+    });
+    let cached = Repository::<Counter>::new(store.clone()).with_state_cache(16);
+    let other = Repository::<Counter>::new(store.clone());
+    for i in 1..=100 {
+        cached
+            .execute("long", inc(i), &Metadata::new())
+            .await
+            .unwrap();
+    }
+    // The first command read nothing (a new stream), and so did every later
+    // one: each started from the state the previous one left.
+    assert_eq!(store.read.load(Ordering::SeqCst), 0);
+
+    // Another writer appends; the cached repository reads just those events
+    // and decides on the up-to-date state.
+    for _ in 0..3 {
+        other
+            .execute("long", inc(1000), &Metadata::new())
+            .await
+            .unwrap();
+    }
+    store.read.store(0, Ordering::SeqCst);
+    let mut seen = 0;
+    cached
+        .execute_with("long", &Metadata::new(), None, |state| {
+            seen = state.value;
+            Ok(vec![CounterEvent::Incremented { by: 1 }])
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, (1..=100).sum::<u64>() + 3000);
+    assert_eq!(
+        store.read.load(Ordering::SeqCst),
+        3,
+        "read more than the tail"
+    );
+
+    // A rejected command leaves the cached state usable.
+    assert!(matches!(
+        cached.execute("long", inc(0), &Metadata::new()).await,
+        Err(RepositoryError::Rejected(_))
+    ));
+    let after = cached
+        .execute("long", inc(1), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(after.stream_version, 105);
+    assert_eq!(
+        cached.load("long").await.unwrap(),
+        other.load("long").await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_command_id_hidden_behind_a_snapshot_is_still_a_duplicate() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Counter>::new(store.clone())
+        .with_snapshots(
+            Arc::new(InMemorySnapshotStore::new()),
+            SnapshotPolicy::Every(2),
+            1,
+        )
+        .with_state_cache(8);
+    let command_id = Uuid::now_v7();
+    repo.execute_once("hidden", command_id, inc(5), &Metadata::new())
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        repo.execute("hidden", inc(1), &Metadata::new())
+            .await
+            .unwrap();
+    }
+    // The snapshot (version 4) hides the command's event (version 1) from the
+    // load: the store's event ids still tell.
+    let again = repo
+        .execute_once("hidden", command_id, inc(5), &Metadata::new())
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.events.is_empty());
+    assert_eq!(again.stream_version, 5);
+    assert_eq!(repo.load("hidden").await.unwrap().state.value, 9);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever mix of writers (cached, uncached, a tiny cache that evicts,
+    /// commands with ids, refused commands), a cached repository decides on
+    /// exactly the state a full load gives.
+    #[test]
+    fn cached_decisions_see_the_state_a_full_load_gives(
+        ops in proptest::collection::vec((0u8..4, 0u8..3, 0u32..4), 1..60)
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let store = Arc::new(InMemoryEventStore::new());
+            let cached = Repository::<Counter>::new(store.clone()).with_state_cache(64);
+            let tiny = Repository::<Counter>::new(store.clone()).with_state_cache(1);
+            let plain = Repository::<Counter>::new(store.clone());
+            for (writer, aggregate, by) in ops {
+                let id = format!("a{aggregate}");
+                let repo = match writer { 0 => &cached, 1 => &tiny, _ => &plain };
+                let expected = plain.load(&id).await.unwrap();
+                let mut seen = None;
+                let result = repo
+                    .execute_with(&id, &Metadata::new(), (writer == 3).then(Uuid::now_v7), |state| {
+                        seen = Some(state.clone());
+                        if by == 0 {
+                            Err(es_core::doc_support::counter::CounterError::ZeroStep)
+                        } else {
+                            Ok(vec![CounterEvent::Incremented { by }])
+                        }
+                    })
+                    .await;
+                assert_eq!(seen.as_ref(), Some(&expected.state));
+                match result {
+                    Ok(c) => assert_eq!(c.stream_version, expected.version + 1),
+                    Err(RepositoryError::Rejected(_)) => assert_eq!(by, 0),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+    }
+}

@@ -274,6 +274,7 @@ async fn main() {
         SnapshotPolicy::Every(100),
         1,
     ));
+    let cached_repo = Arc::new(Repository::<Order>::new(dyn_store.clone()).with_state_cache(1_000));
     let events_table = format!("\"{schema}\".cqrs_events");
     let snapshots_table = format!("\"{schema}\".cqrs_snapshots");
     let cqrs_repo =
@@ -430,6 +431,35 @@ async fn main() {
                 "cmd/s",
             );
         }
+        // The same aggregates through a repository with a state cache: after
+        // the first command each one reads only the (empty) tail.
+        let (r, m, ids) = (cached_repo.clone(), meta.clone(), ours_ids.clone());
+        let ours_cached = move |w: usize| {
+            let (r, m, ids) = (r.clone(), m.clone(), ids.clone());
+            async move {
+                r.execute(&ids[w], OrderCommand::AddItems(1), &m)
+                    .await
+                    .expect("ours");
+            }
+        };
+        let (q, ids) = (cqrs.clone(), theirs_ids.clone());
+        let theirs = move |w: usize| {
+            let (q, ids) = (q.clone(), ids.clone());
+            async move {
+                q.execute(&ids[w], OrderCommand::AddItems(1))
+                    .await
+                    .expect("cqrs-es");
+            }
+        };
+        let (o, t) = pair(c, ours_cached, theirs).await;
+        report(
+            &format!(
+                "same, es-postgres with a state cache vs postgres-es without snapshots, {c} clients"
+            ),
+            o,
+            t,
+            "cmd/s",
+        );
     }
     let _ = store;
 }
