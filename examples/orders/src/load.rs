@@ -1,6 +1,13 @@
-//! The load generator: places orders as fast as `concurrency` workers can,
-//! and measures completed orders per second and end-to-end latency (order
-//! accepted to terminal status) in an HDR histogram.
+//! The load generator: places orders as fast as `concurrency` workers can
+//! (a closed loop), or at a fixed rate (`rate`, an open loop), and measures
+//! completed orders per second and end-to-end latency (order accepted to
+//! terminal status) in an HDR histogram.
+//!
+//! At a fixed rate, order `n` is due at `start + n / rate` and its latency is
+//! counted from that moment, not from when a worker got to it: when the
+//! system (or the number of workers) cannot keep up, the waiting shows in the
+//! percentiles instead of silently lowering the rate (no coordinated
+//! omission).
 //!
 //! Without a target it runs an embedded system in process and drives it
 //! through the same service interface the HTTP handlers use; with a target
@@ -34,6 +41,9 @@ pub struct LoadOptions {
     pub consumers: u16,
     /// Show a progress bar.
     pub progress: bool,
+    /// Orders per second to place at (an open loop); `None` places them as
+    /// fast as the workers can.
+    pub rate: Option<f64>,
 }
 
 /// What a run measured.
@@ -53,6 +63,8 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Latency percentiles in microseconds: p50, p95, p99, max.
     pub latency_us: [u64; 4],
+    /// The fixed rate the orders were offered at, if any.
+    pub rate: Option<f64>,
 }
 
 impl LoadReport {
@@ -73,6 +85,9 @@ impl std::fmt::Display for LoadReport {
         )?;
         writeln!(f, "elapsed:           {:.2} s", self.elapsed.as_secs_f64())?;
         writeln!(f, "completed/s:       {:.0}", self.completed_per_second())?;
+        if let Some(rate) = self.rate {
+            writeln!(f, "offered rate:      {rate:.0} orders/s (open loop)")?;
+        }
         write!(
             f,
             "latency (ms):      p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
@@ -263,10 +278,23 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
             Arc::clone(&products),
         );
         let total = options.orders;
+        let rate = options.rate.filter(|r| r.is_finite() && *r > 0.0);
         workers.push(tokio::spawn(async move {
             let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).ok();
             let mut rng = fastrand::Rng::with_seed(worker as u64);
-            while next.fetch_add(1, Ordering::Relaxed) < total {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                let t0 = match rate {
+                    Some(rate) => {
+                        let due = started + Duration::from_secs_f64(n as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 let product = products[rng.usize(..products.len())];
                 let request = PlaceOrderRequest {
                     customer_email: format!("load{}@example.com", rng.u32(..1000)),
@@ -278,7 +306,6 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
                         card_token: "tok_ok".into(),
                     },
                 };
-                let t0 = Instant::now();
                 let outcome = match driver.place(request).await {
                     Ok(id) => driver.wait_terminal(id).await,
                     Err(error) => {
@@ -338,6 +365,7 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
             h.value_at_quantile(0.99),
             h.max(),
         ],
+        rate: options.rate,
     })
 }
 
@@ -364,5 +392,49 @@ async fn sample(system: Arc<System>) {
             queues = %depths.join(" "),
             "load sample"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(orders: u64, rate: Option<f64>) -> LoadOptions {
+        LoadOptions {
+            orders,
+            concurrency: 8,
+            products: 4,
+            target: None,
+            consumers: 1,
+            progress: false,
+            rate,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_loop_run_completes_every_order() {
+        let report = run(options(40, None)).await.unwrap();
+        assert_eq!(
+            (report.placed, report.completed, report.failed),
+            (40, 40, 0)
+        );
+        assert!(report.latency_us[0] > 0 && report.latency_us[0] <= report.latency_us[3]);
+        assert!(report.rate.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fixed_rate_run_offers_orders_on_schedule() {
+        let report = run(options(30, Some(100.0))).await.unwrap();
+        assert_eq!((report.completed, report.failed), (30, 0));
+        // The last order is due 29/100 s after the start: the run cannot end
+        // before it.
+        assert!(
+            report.elapsed >= Duration::from_millis(290),
+            "{:?}",
+            report.elapsed
+        );
+        assert!(report
+            .to_string()
+            .contains("offered rate:      100 orders/s"));
     }
 }

@@ -6,6 +6,7 @@
 //! cargo run -p orders -- demo               # a table of outcomes
 //! cargo run --release -p orders -- load --orders 20000 --concurrency 256
 //! cargo run --release -p orders -- load --orders 20000 --concurrency 128 --target http://127.0.0.1:8080
+//! cargo run --release -p orders -- load --orders 5000 --rate 250 --concurrency 512 --target http://127.0.0.1:8080
 //! ```
 
 use std::net::SocketAddr;
@@ -56,6 +57,11 @@ enum Command {
         /// Concurrent clients.
         #[arg(long, env = "ORDERS_LOAD_CONCURRENCY", default_value_t = 128)]
         concurrency: usize,
+        /// Place orders at this many per second (an open loop; latency counts
+        /// from when each order was due). Without it, as fast as the clients
+        /// can.
+        #[arg(long, env = "ORDERS_LOAD_RATE")]
+        rate: Option<f64>,
         /// Products to spread orders over.
         #[arg(long, env = "ORDERS_LOAD_PRODUCTS", default_value_t = 100)]
         products: usize,
@@ -113,6 +119,7 @@ async fn main() -> ExitCode {
         Some(Command::Load {
             orders,
             concurrency,
+            rate,
             products,
             target,
             consumers,
@@ -124,6 +131,7 @@ async fn main() -> ExitCode {
                 target,
                 consumers,
                 progress: true,
+                rate,
             };
             orders::load::run(options).await.map(|report| {
                 println!("{report}");
