@@ -277,7 +277,7 @@ impl<A: Aggregate> Repository<A> {
         id: impl fmt::Display,
     ) -> Result<Loaded<A>, RepositoryError<A::Error>> {
         let stream = self.stream_id(id)?;
-        self.load_stream(&stream, None)
+        self.load_stream(&stream, None, false)
             .await
             .map(|(loaded, _)| loaded)
     }
@@ -288,20 +288,17 @@ impl<A: Aggregate> Repository<A> {
         &self,
         stream: &StreamId,
         seen: Option<Uuid>,
+        from_cache: bool,
     ) -> Result<(Loaded<A>, bool), RepositoryError<A::Error>> {
         let mut loaded = Loaded {
             state: A::default(),
             version: 0,
         };
-        let cached = if seen.is_none() {
-            self.cache.as_ref().and_then(|c| c.take(stream))
-        } else {
-            // A command id is looked for among the events read: read them all
-            // from the snapshot on, not from a cached state.
-            if let Some(cache) = &self.cache {
-                cache.forget(stream);
-            }
-            None
+        // A command id is looked for among the events read, so those loads
+        // read from the snapshot on; `load` leaves the cache alone.
+        let cached = match (from_cache, &self.cache) {
+            (true, Some(cache)) if seen.is_none() => cache.take(stream),
+            _ => None,
         };
         if let Some(entry) = cached {
             loaded = Loaded {
@@ -407,7 +404,7 @@ impl<A: Aggregate> Repository<A> {
             let marker = command_id.map(|c| derived_id(c, stream.as_str(), 0));
             let mut attempt = 1;
             loop {
-                let (loaded, duplicate) = self.load_stream(&stream, marker).await?;
+                let (loaded, duplicate) = self.load_stream(&stream, marker, true).await?;
                 if duplicate {
                     let version = loaded.version;
                     self.keep(&stream, loaded);

@@ -74,13 +74,6 @@ impl<A> StateCache<A> {
         g.young.insert(stream, entry);
     }
 
-    /// Drops the entry of `stream`.
-    pub(crate) fn forget(&self, stream: &StreamId) {
-        let mut g = self.lock();
-        g.young.remove(stream);
-        g.old.remove(stream);
-    }
-
     /// How many entries it holds.
     pub(crate) fn len(&self) -> usize {
         let g = self.lock();

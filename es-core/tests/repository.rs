@@ -365,6 +365,13 @@ async fn a_state_cache_reads_only_the_tail_and_sees_other_writers() {
         cached.load("long").await.unwrap(),
         other.load("long").await.unwrap()
     );
+    // `load` left the cached state in place.
+    store.read.store(0, Ordering::SeqCst);
+    cached
+        .execute("long", inc(1), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(store.read.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]

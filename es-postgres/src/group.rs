@@ -17,6 +17,11 @@
 //! statement fails as a whole (a payload PostgreSQL refuses, a deadlock, a
 //! lost connection), nothing of it was written and each append is retried on
 //! its own, so each caller gets the error that is its own.
+//!
+//! An append that was queued is written even if its caller stops waiting
+//! (its future is dropped, a timeout fires): as with any append whose answer
+//! was not received, its outcome is unknown to the caller, who retries with
+//! the same event ids to find out.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
