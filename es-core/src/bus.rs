@@ -77,19 +77,29 @@ impl Message {
 /// assert!(!topic_matches("order.*", "inventory.Reserved"));
 /// ```
 pub fn topic_matches(pattern: &str, key: &str) -> bool {
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match p.split_first() {
-            None => k.is_empty(),
-            Some((&"#", rest)) => (0..=k.len()).any(|skip| go(rest, &k[skip..])),
-            Some((&word, rest)) => match k.split_first() {
-                Some((&kw, krest)) => (word == "*" || word == kw) && go(rest, krest),
-                None => false,
-            },
+    // Walks both word by word without allocating: it runs for every message,
+    // group and binding on the in-process bus.
+    fn go(mut p: std::str::Split<'_, char>, mut k: std::str::Split<'_, char>) -> bool {
+        loop {
+            match p.next() {
+                None => return k.next().is_none(),
+                Some("#") => loop {
+                    // `#` takes zero words, then one more at each turn.
+                    if go(p.clone(), k.clone()) {
+                        return true;
+                    }
+                    if k.next().is_none() {
+                        return false;
+                    }
+                },
+                Some(word) => match k.next() {
+                    Some(kw) if word == "*" || word == kw => {}
+                    _ => return false,
+                },
+            }
         }
     }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
-    go(&p, &k)
+    go(pattern.split('.'), key.split('.'))
 }
 
 /// A message handed to a handler.
@@ -330,5 +340,11 @@ mod tests {
         assert!(topic_matches("#.y", "a.x.y"));
         assert!(topic_matches("*.x.#", "a.x"));
         assert!(!topic_matches("*", "a.b"));
+        assert!(topic_matches("#", ""));
+        assert!(topic_matches("a.#.b", "a.b"));
+        assert!(topic_matches("a.#.b", "a.x.y.b"));
+        assert!(!topic_matches("a.#.b", "a.x.y"));
+        assert!(topic_matches("#.#", "a"));
+        assert!(!topic_matches("a", "a.b"));
     }
 }
