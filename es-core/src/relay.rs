@@ -33,6 +33,29 @@ pub fn default_route(event: &RecordedEvent) -> Option<Message> {
     }
 }
 
+/// The [`default_route`], except that the state events of the given saga
+/// types (streams `<saga type>-<id>`) stay in the store: a saga's state is its
+/// own business, not a contract other services consume, and publishing it
+/// costs a broker round trip per step. Its command records are still relayed.
+///
+/// ```
+/// use es_core::relay::route_without_saga_state;
+/// let route = route_without_saga_state(&["order_saga"]);
+/// # let _ = route;
+/// ```
+pub fn route_without_saga_state(saga_types: &[&str]) -> Route {
+    let private: Vec<String> = saga_types.iter().map(|t| (*t).to_owned()).collect();
+    Arc::new(move |event: &RecordedEvent| {
+        let internal = &*event.event_type != COMMAND_RECORD
+            && private.iter().any(|t| t == event.stream_id.category());
+        if internal {
+            None
+        } else {
+            default_route(event)
+        }
+    })
+}
+
 /// Why the relay stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -191,4 +214,53 @@ impl Relay {
 
 fn log_publish_failure(relay: &str, error: &BusError) {
     tracing::warn!(relay, %error, "publish failed; retrying");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Metadata, Payload, Position, StreamId};
+
+    fn recorded(stream: &str, event_type: &str, payload: Payload) -> RecordedEvent {
+        RecordedEvent {
+            event_id: uuid::Uuid::now_v7(),
+            stream_id: StreamId::new(stream).unwrap(),
+            stream_version: 1,
+            position: Position::new(1, 0),
+            event_type: event_type.into(),
+            schema_version: 1,
+            payload,
+            metadata: Metadata::new(),
+            recorded_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn saga_state_stays_and_everything_else_is_routed_as_by_default() {
+        let route = route_without_saga_state(&["order_saga"]);
+        let empty = || Payload::from_json("{}").unwrap();
+        assert!(route(&recorded("order_saga-1", "Advanced", empty())).is_none());
+        assert!(route(&recorded("order_saga-1", "$deadline", empty())).is_none());
+        // The saga's command records are still relayed, as their commands.
+        let command = CommandRecord {
+            topic: "payment_commands".into(),
+            command_type: "ChargeCard".into(),
+            schema_version: 1,
+            payload: empty(),
+        };
+        let record = recorded(
+            "order_saga-1",
+            COMMAND_RECORD,
+            Payload::from_value(&command).unwrap(),
+        );
+        let message = route(&record).unwrap();
+        assert_eq!(
+            (&*message.topic, &*message.message_type, message.message_id),
+            ("payment_commands", "ChargeCard", record.event_id)
+        );
+        let order = route(&recorded("order-1", "OrderCreated", empty())).unwrap();
+        assert_eq!(&*order.topic, "order");
+        // Another saga type is not private.
+        assert!(route(&recorded("other_saga-1", "Advanced", empty())).is_some());
+    }
 }

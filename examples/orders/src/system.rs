@@ -300,7 +300,10 @@ impl System {
                 Arc::clone(&bus),
                 Arc::clone(&backends.checkpoints),
             )
-            .with_batch_size(512),
+            .with_batch_size(512)
+            .with_route(es_core::relay::route_without_saga_state(&[
+                <OrderSaga as es_core::Saga>::TYPE,
+            ])),
         );
         {
             let relay = Arc::clone(&relay);

@@ -586,7 +586,10 @@ impl Node {
                 let store = store(&pool, &schema)?;
                 let relay = Arc::new(
                     RabbitRelay::postgres(format!("{schema}_relay"), &store, &bus)
-                        .with_batch_size(512),
+                        .with_batch_size(512)
+                        .with_route(es_core::relay::route_without_saga_state(&[
+                            <crate::saga::OrderSaga as es_core::Saga>::TYPE,
+                        ])),
                 );
                 gauges.relays.push((name, store));
                 let s = stopped.clone();
