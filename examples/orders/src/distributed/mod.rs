@@ -365,6 +365,11 @@ fn store(pool: &PgPool, schema: &str) -> Result<PostgresEventStore> {
         .with_poll_interval(Duration::from_millis(50)))
 }
 
+/// How long a message that failed waits before its next attempt, in every
+/// subscription of the distributed deployment (its retry queues are named
+/// after it).
+pub const RETRY_DELAY: Duration = Duration::from_millis(200);
+
 impl Node {
     /// Starts `args.services` in this process: migrations, topology,
     /// consumers, relays, projections and the HTTP router.
@@ -416,7 +421,7 @@ impl Node {
                     // PostgreSQL may be away for a while: keep retrying for
                     // about two minutes before a message is set aside.
                     .with_max_attempts(600)
-                    .with_retry_delay(Duration::from_millis(200))
+                    .with_retry_delay(RETRY_DELAY)
             };
             let clock: Arc<dyn es_core::Clock> = Arc::new(SystemClock);
             let mut relays: BTreeSet<&'static str> = BTreeSet::new();

@@ -525,9 +525,10 @@ impl Cluster {
         .await
         {
             for group in orders::system::groups::ALL {
-                let _ = bus
-                    .delete_group(&es_core::Subscription::new(group, Vec::<String>::new()))
-                    .await;
+                // The retry queue is named after the deployment's retry delay.
+                let subscription = es_core::Subscription::new(group, Vec::<String>::new())
+                    .with_retry_delay(orders::distributed::RETRY_DELAY);
+                let _ = bus.delete_group(&subscription).await;
             }
             bus.close().await;
         }
