@@ -1,6 +1,7 @@
 //! SIGKILL of the order, inventory, payment and query services and of the
 //! relay process in turn, under load, each restarted (every service its own
-//! OS process). Afterwards every order is Completed or Cancelled, stock adds
+//! OS process), after killing whichever process holds the active order relay,
+//! which another must take over. Afterwards every order is Completed or Cancelled, stock adds
 //! up (available + reserved + sold = initial, nothing left reserved), no
 //! payment was taken twice and every order got exactly one email of its
 //! outcome.
@@ -25,6 +26,19 @@ async fn sigkill_each_service_in_turn_under_load() {
         8,
         "kill".into(),
     ));
+    // The order store's relay runs, single-active, in both the order and the
+    // relay processes: kill whichever holds it now, and see the other take
+    // over.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let holder = c
+        .relay_taken_over("order", "", Duration::from_secs(30))
+        .await;
+    c.kill(&holder).await;
+    let successor = c
+        .relay_taken_over("order", &holder, Duration::from_secs(30))
+        .await;
+    eprintln!("sigkill: the order relay moved from {holder} to {successor}");
+    c.restart(&holder).await;
     for target in ["order", "inventory", "payment", "query", "relay"] {
         tokio::time::sleep(Duration::from_millis(800)).await;
         c.kill(target).await;

@@ -264,6 +264,46 @@ impl Cluster {
         let _ = proc.child.wait().await;
     }
 
+    /// The process whose relay of `store` is the active one, from each
+    /// process's own `/metrics` (`relay_active{store=...} 1`).
+    pub async fn active_relay(&self, store: &str) -> Option<String> {
+        let label = format!("store=\"{store}\"");
+        // The gateway's /metrics merges every process's: ask the processes.
+        for (name, p) in self.procs.iter().filter(|(n, _)| n.as_str() != "gateway") {
+            let url = format!("http://127.0.0.1:{}/metrics", p.port);
+            let Ok(response) = self.client.get(&url).send().await else {
+                continue;
+            };
+            let Ok(text) = response.text().await else {
+                continue;
+            };
+            let active = text.lines().any(|l| {
+                l.starts_with("relay_active{") && l.contains(&label) && l.trim_end().ends_with(" 1")
+            });
+            if active {
+                return Some(name.clone());
+            }
+        }
+        None
+    }
+
+    /// Waits (up to `limit`) until a process other than `not` holds the active
+    /// relay of `store`, and returns it (`not = ""`: any process).
+    pub async fn relay_taken_over(&self, store: &str, not: &str, limit: Duration) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            match self.active_relay(store).await {
+                Some(holder) if holder != not => return holder,
+                _ => {}
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no process took the {store} relay over within {limit:?} after {not} died"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Starts a killed process again on its port.
     pub async fn restart(&mut self, name: &str) {
         let (services, port) = {
