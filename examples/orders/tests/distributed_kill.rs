@@ -1,8 +1,8 @@
-//! SIGKILL of the order, inventory, payment and query services and of the
-//! relay process in turn, under load, each restarted (every service its own
-//! OS process), after killing whichever process holds the active order relay,
-//! which another must take over. Afterwards every order is Completed or Cancelled, stock adds
-//! up (available + reserved + sold = initial, nothing left reserved), no
+//! SIGKILL, under load, of whichever process holds the active order relay
+//! (another must take over), then of the order, inventory, payment and query
+//! services and the relay process in turn, each restarted (every service its
+//! own OS process). Afterwards every order is Completed or Cancelled, stock
+//! adds up (available + reserved + sold = initial, nothing left reserved), no
 //! payment was taken twice and every order got exactly one email of its
 //! outcome.
 
