@@ -123,3 +123,12 @@ SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', nspname) FROM pg_namespace
 \gexec
 SQL
 }
+
+drop_stale_test_keys() {
+  # The distributed tests' query services cache orders in Redis under their
+  # namespace (t<test>_<hex>:...); a run that died before its teardown leaves
+  # them. Delete what earlier runs left.
+  command -v redis-cli >/dev/null 2>&1 || return 0
+  redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" --scan --pattern 't*_????????:*' 2>/dev/null |
+    grep -E '^t[a-z]+_[0-9a-f]{8}:' | xargs -r -n 500 redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" del >/dev/null 2>&1 || true
+}

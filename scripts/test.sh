@@ -25,6 +25,7 @@ export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
 drop_stale_test_schemas
+drop_stale_test_keys
 
 if [ -z "${SKIP_LINT:-}" ]; then
   step "cargo fmt --check"

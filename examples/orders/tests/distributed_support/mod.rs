@@ -572,6 +572,20 @@ impl Cluster {
             }
             bus.close().await;
         }
+        // The query service's cache keys live under `<namespace>:`.
+        if let Ok(client) = redis::Client::open(redis_url().as_str()) {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}:*", self.namespace))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: redis::RedisResult<()> =
+                        redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                }
+            }
+        }
     }
 }
 
