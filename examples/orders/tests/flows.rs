@@ -105,6 +105,79 @@ async fn happy_path_completes_and_notifies() {
     }
 }
 
+/// A caller's W3C `traceparent` (the gateway's span, in the distributed
+/// deployment) makes the whole order one trace with the caller's span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incoming_traceparent_is_the_orders_trace() {
+    let app = common::app().await;
+    let widget = app.product("Traced", "1.00", 5).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (status, placed) = app
+        .call(
+            "POST",
+            "/api/orders",
+            Some(json!({
+                "customer_email": "t@example.com",
+                "items": [{"product_id": widget, "quantity": 1}],
+                "payment": {"card_token": "tok_ok"}
+            })),
+            &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
+    let id = placed["order_id"].as_str().unwrap();
+    assert_eq!(app.finished(id).await["status"], "Completed");
+    let all = app
+        .system
+        .store()
+        .read_all(es_core::Position::START, 100_000)
+        .await
+        .unwrap();
+    let mine: Vec<_> = all
+        .iter()
+        .filter(|e| e.metadata.correlation_id.map(|c| c.to_string()).as_deref() == Some(id))
+        .collect();
+    assert!(mine.len() > 10, "{}", mine.len());
+    for e in mine {
+        let tp = e.metadata.traceparent.as_deref().unwrap_or_default();
+        assert!(
+            tp.starts_with(&format!("00-{trace}-")),
+            "{} has {tp:?}",
+            e.event_type
+        );
+        // A span of its own, not the caller's.
+        assert!(!tp.contains("00f067aa0ba902b7"), "{tp}");
+    }
+
+    // A malformed traceparent is ignored: the order id is the trace id.
+    let (_, placed) = app
+        .call(
+            "POST",
+            "/api/orders",
+            Some(json!({
+                "customer_email": "t@example.com",
+                "items": [{"product_id": widget, "quantity": 1}],
+                "payment": {"card_token": "tok_ok"}
+            })),
+            &[("traceparent", "not-a-traceparent")],
+        )
+        .await;
+    let id = placed["order_id"].as_str().unwrap();
+    app.finished(id).await;
+    let all = app
+        .system
+        .store()
+        .read_all(es_core::Position::START, 100_000)
+        .await
+        .unwrap();
+    let created = all
+        .iter()
+        .find(|e| e.event_type.as_ref() == "OrderCreated" && e.stream_id.entity_id() == id)
+        .unwrap();
+    let tp = created.metadata.traceparent.as_deref().unwrap();
+    assert!(tp.contains(&id.replace('-', "")), "{tp}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_stock_cancels_and_reserves_nothing() {
     let app = common::app().await;

@@ -59,7 +59,10 @@ async fn place_order(
         })?),
         None => None,
     };
-    let placed = service.place_order(request, key).await?;
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let placed = service
+        .place_order_traced(request, key, traceparent)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(placed)))
 }
 

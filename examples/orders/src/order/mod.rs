@@ -131,6 +131,21 @@ impl OrderService {
         request: PlaceOrderRequest,
         idempotency_key: Option<&str>,
     ) -> Result<PlacedOrder> {
+        self.place_order_traced(request, idempotency_key, None)
+            .await
+    }
+
+    /// [`OrderService::place_order`] within the caller's trace: with a valid
+    /// W3C `traceparent` (from the HTTP request, for example the gateway's
+    /// span), the order's events carry that trace id, so the caller's span
+    /// and every hop of the order are one trace. Without one, the order id is
+    /// the trace id.
+    pub async fn place_order_traced(
+        &self,
+        request: PlaceOrderRequest,
+        idempotency_key: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<PlacedOrder> {
         let email = validate_email(&request.customer_email)?;
         if request.items.is_empty() {
             return Err(Error::validation(
@@ -205,12 +220,19 @@ impl OrderService {
         let span =
             tracing::info_span!("order.place", correlation_id = %order_id, order_id = %order_id);
         let _enter = span.enter();
-        // One trace per order: its trace id is the order id.
-        let span_id = Uuid::new_v4().simple().to_string();
+        // One trace per order: the caller's, or else one whose id is the
+        // order id.
+        let traceparent = match traceparent.and_then(es_rabbit::TraceParent::parse) {
+            Some(parent) => parent.child().to_string(),
+            None => {
+                let span_id = Uuid::new_v4().simple().to_string();
+                format!("00-{}-{}-01", order_id.simple(), &span_id[..16])
+            }
+        };
         let metadata = Metadata::new()
             .with_correlation_id(order_id)
             .with_causation_id(order_id)
-            .with_traceparent(format!("00-{}-{}-01", order_id.simple(), &span_id[..16]));
+            .with_traceparent(traceparent);
         let command = OrderCommand::Place(PlaceOrder {
             order_id,
             customer_email: email,
