@@ -1,6 +1,7 @@
 //! What travels with every event and message besides its payload.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -29,9 +30,11 @@ pub struct Metadata {
     /// The message or command that caused this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
-    /// The W3C `traceparent` of the span that produced this.
+    /// The W3C `traceparent` of the span that produced this. Shared, not
+    /// copied, when metadata is cloned: every event of an order carries it and
+    /// every reader of the log clones events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
+    pub traceparent: Option<Arc<str>>,
     /// Free-form string headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
@@ -59,7 +62,7 @@ impl Metadata {
 
     /// Sets the W3C traceparent.
     #[must_use]
-    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
+    pub fn with_traceparent(mut self, traceparent: impl Into<Arc<str>>) -> Self {
         self.traceparent = Some(traceparent.into());
         self
     }

@@ -165,7 +165,7 @@ fn decode_message(
         metadata: Metadata {
             correlation_id,
             causation_id,
-            traceparent,
+            traceparent: traceparent.map(Into::into),
             headers: extra,
         },
     })
@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(attempt, 1);
         assert_eq!(back.metadata.traceparent.as_deref(), Some(tp));
         let mut expected = m;
-        expected.metadata.traceparent = Some(tp.to_owned());
+        expected.metadata.traceparent = Some(tp.into());
         assert_eq!(back, expected);
     }
 
