@@ -78,6 +78,19 @@ struct Interloper {
     armed: AtomicBool,
     /// Waits this long before every append.
     pause: Option<std::time::Duration>,
+    /// Events handed out by `read_stream`.
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl Interloper {
+    fn new(armed: bool, pause: Option<std::time::Duration>) -> Self {
+        Self {
+            inner: InMemoryEventStore::new(),
+            armed: AtomicBool::new(armed),
+            pause,
+            read: Default::default(),
+        }
+    }
 }
 
 #[async_trait]
@@ -107,7 +120,9 @@ impl EventStore for Interloper {
         from: u64,
         max: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_stream(s, from, max).await
+        let page = self.inner.read_stream(s, from, max).await?;
+        self.read.fetch_add(page.len() as u64, Ordering::SeqCst);
+        Ok(page)
     }
     async fn read_all(
         &self,
@@ -132,11 +147,7 @@ impl EventStore for Interloper {
 
 #[tokio::test]
 async fn a_lost_race_is_decided_again_or_reported_as_contention() {
-    let store = Arc::new(Interloper {
-        inner: InMemoryEventStore::new(),
-        armed: AtomicBool::new(true),
-        pause: None,
-    });
+    let store = Arc::new(Interloper::new(true, None));
     let repo = Repository::<Counter>::new(store.clone());
     let mut decisions = 0;
     repo.execute_with("r", &Metadata::new(), None, |state| {
@@ -190,11 +201,10 @@ async fn concurrent_executions_of_one_command_id_write_once() {
     // event): the losers must still answer "duplicate", not fail.
     for round in 0..20 {
         // Every execution loads before any appends: they all race.
-        let store = Arc::new(Interloper {
-            inner: InMemoryEventStore::new(),
-            armed: AtomicBool::new(false),
-            pause: Some(std::time::Duration::from_millis(5)),
-        });
+        let store = Arc::new(Interloper::new(
+            false,
+            Some(std::time::Duration::from_millis(5)),
+        ));
         let repo = Repository::<Counter>::new(store.clone());
         let command_id = Uuid::now_v7();
         let tasks: Vec<_> = (0..8)
@@ -262,59 +272,10 @@ async fn snapshots_by_policy_give_the_same_state() {
     assert_eq!(v2.load("s").await.unwrap(), without);
 }
 
-/// A store that counts the events `read_stream` hands out.
-struct Counting {
-    inner: InMemoryEventStore,
-    read: std::sync::atomic::AtomicU64,
-}
-
-#[async_trait]
-impl EventStore for Counting {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, StoreError> {
-        self.inner.append(stream, expected, events).await
-    }
-    async fn read_stream(
-        &self,
-        s: &StreamId,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let page = self.inner.read_stream(s, from, max).await?;
-        self.read.fetch_add(page.len() as u64, Ordering::SeqCst);
-        Ok(page)
-    }
-    async fn read_all(
-        &self,
-        after: Position,
-        max: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all(after, max).await
-    }
-    async fn stream_version(&self, s: &StreamId) -> Result<u64, StoreError> {
-        self.inner.stream_version(s).await
-    }
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.inner.head().await
-    }
-    fn subscribe_all(
-        &self,
-        after: Position,
-    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
-        self.inner.subscribe_all(after)
-    }
-}
-
 #[tokio::test]
 async fn a_state_cache_reads_only_the_tail_and_sees_other_writers() {
-    let store = Arc::new(Counting {
-        inner: InMemoryEventStore::new(),
-        read: Default::default(),
-    });
+    // Never armed: it only counts what `read_stream` hands out.
+    let store = Arc::new(Interloper::new(false, None));
     let cached = Repository::<Counter>::new(store.clone()).with_state_cache(16);
     let other = Repository::<Counter>::new(store.clone());
     for i in 1..=100 {

@@ -390,7 +390,7 @@ async fn main() {
                     .expect("cqrs-es");
             }
         };
-        let (o, t) = pair(c, ours, theirs).await;
+        let (o, t) = pair(c, ours, theirs.clone()).await;
         report(
             &format!("1-event command on a 1,000-event aggregate, no snapshots, {c} clients"),
             o,
@@ -414,16 +414,7 @@ async fn main() {
                         .expect("ours");
                 }
             };
-            let (q, ids) = (cqrs.clone(), theirs_ids.clone());
-            let theirs = move |w: usize| {
-                let (q, ids) = (q.clone(), ids.clone());
-                async move {
-                    q.execute(&ids[w], OrderCommand::AddItems(1))
-                        .await
-                        .expect("cqrs-es");
-                }
-            };
-            let (o, t) = pair(1, ours_snap, theirs).await;
+            let (o, t) = pair(1, ours_snap, theirs.clone()).await;
             report(
                 "same, es-postgres with snapshots every 100 vs postgres-es without, 1 client",
                 o,
@@ -440,15 +431,6 @@ async fn main() {
                 r.execute(&ids[w], OrderCommand::AddItems(1), &m)
                     .await
                     .expect("ours");
-            }
-        };
-        let (q, ids) = (cqrs.clone(), theirs_ids.clone());
-        let theirs = move |w: usize| {
-            let (q, ids) = (q.clone(), ids.clone());
-            async move {
-                q.execute(&ids[w], OrderCommand::AddItems(1))
-                    .await
-                    .expect("cqrs-es");
             }
         };
         let (o, t) = pair(c, ours_cached, theirs).await;
