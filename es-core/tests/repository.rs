@@ -72,7 +72,8 @@ async fn concurrent_commands_on_one_aggregate_all_land_through_retries() {
     assert_eq!((loaded.state.value, loaded.version), (200, 200));
 }
 
-/// A store that lets another writer sneak in before the next append.
+/// A store that lets another writer sneak in before the next append, and
+/// counts the events `read_stream` hands out.
 struct Interloper {
     inner: InMemoryEventStore,
     armed: AtomicBool,
