@@ -471,6 +471,72 @@ fn decide(
     }
 }
 
+/// The arrays both group statements take: one entry per append (stream,
+/// expected version, event count), then the appends' events one after the
+/// other.
+struct GroupArrays<'a> {
+    streams: Vec<&'a str>,
+    expected: Vec<i64>,
+    counts: Vec<i32>,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    versions: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<&'a str>,
+}
+
+impl<'a> GroupArrays<'a> {
+    /// The appends `included` (indexes into `group`) with their encoded
+    /// batches.
+    fn new(group: &'a [Waiting], included: &[usize], batches: &'a [Batch<'a>]) -> Self {
+        let total: usize = batches.iter().map(|b| b.ids.len()).sum();
+        let mut arrays = Self {
+            streams: Vec::with_capacity(included.len()),
+            expected: Vec::with_capacity(included.len()),
+            counts: Vec::with_capacity(included.len()),
+            ids: Vec::with_capacity(total),
+            types: Vec::with_capacity(total),
+            versions: Vec::with_capacity(total),
+            payloads: Vec::with_capacity(total),
+            metadata: Vec::with_capacity(total),
+        };
+        for (&i, batch) in included.iter().zip(batches) {
+            arrays.streams.push(group[i].stream.as_str());
+            arrays.expected.push(expected_code(group[i].expected));
+            arrays
+                .counts
+                .push(i32::try_from(batch.ids.len()).unwrap_or(i32::MAX));
+            arrays.ids.extend_from_slice(&batch.ids);
+            arrays.types.extend_from_slice(&batch.types);
+            arrays.versions.extend_from_slice(&batch.versions);
+            arrays.payloads.extend_from_slice(&batch.payloads);
+            arrays
+                .metadata
+                .extend(batch.metadata.iter().map(String::as_str));
+        }
+        arrays
+    }
+
+    /// `sql` (`$1`..`$8`) with the arrays bound.
+    fn query<'q, O>(
+        &'q self,
+        sql: &'q str,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+    where
+        O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        sqlx::query_as(sql)
+            .bind(&self.streams)
+            .bind(&self.expected)
+            .bind(&self.counts)
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.versions)
+            .bind(&self.payloads)
+            .bind(&self.metadata)
+    }
+}
+
 fn no_runtime() -> StoreError {
     StoreError::Unavailable {
         source: "no tokio runtime is left to write the queued appends".into(),
@@ -834,44 +900,20 @@ impl PostgresEventStore {
                 Err(e) => answers.push(Some(Err(e))),
             }
         }
-        let total: usize = batches.iter().map(|b| b.ids.len()).sum();
-        let mut streams = Vec::with_capacity(included.len());
-        let mut expected = Vec::with_capacity(included.len());
-        let mut counts = Vec::with_capacity(included.len());
-        let mut ids = Vec::with_capacity(total);
-        let mut types = Vec::with_capacity(total);
-        let mut versions = Vec::with_capacity(total);
-        let mut payloads = Vec::with_capacity(total);
-        let mut metadata: Vec<&str> = Vec::with_capacity(total);
-        for (&i, batch) in included.iter().zip(&batches) {
-            streams.push(group[i].stream.as_str());
-            expected.push(expected_code(group[i].expected));
-            counts.push(i32::try_from(batch.ids.len()).unwrap_or(i32::MAX));
-            ids.extend_from_slice(&batch.ids);
-            types.extend_from_slice(&batch.types);
-            versions.extend_from_slice(&batch.versions);
-            payloads.extend_from_slice(&batch.payloads);
-            metadata.extend(batch.metadata.iter().map(String::as_str));
-        }
-        let distinct: BTreeSet<&str> = streams.iter().copied().collect();
+        let arrays = GroupArrays::new(group, &included, &batches);
+        let distinct: BTreeSet<&str> = arrays.streams.iter().copied().collect();
         let mut rows: Vec<GroupRow> = Vec::new();
-        if distinct.len() == streams.len() {
-            let fast: Result<Vec<FastGroupRow>, sqlx::Error> =
-                sqlx::query_as(&self.shared.sql.append_group_fast)
-                    .bind(&streams)
-                    .bind(&expected)
-                    .bind(&counts)
-                    .bind(&ids)
-                    .bind(&types)
-                    .bind(&versions)
-                    .bind(&payloads)
-                    .bind(&metadata)
-                    .fetch_all(&self.shared.pool)
-                    .await;
+        if distinct.len() == arrays.streams.len() {
+            let fast: Result<Vec<FastGroupRow>, sqlx::Error> = arrays
+                .query(&self.shared.sql.append_group_fast)
+                .fetch_all(&self.shared.pool)
+                .await;
             match fast {
                 // Every append written (an append the statement did not write
                 // shows no version: then none was, and the function decides).
-                Ok(fast) if fast.len() == streams.len() && fast.iter().all(|r| r.1.is_some()) => {
+                Ok(fast)
+                    if fast.len() == arrays.streams.len() && fast.iter().all(|r| r.1.is_some()) =>
+                {
                     rows = fast
                         .into_iter()
                         .map(|(item, version, tx, position)| (item, 0, version, tx, position, None))
@@ -885,15 +927,8 @@ impl PostgresEventStore {
             }
         }
         if rows.is_empty() {
-            rows = sqlx::query_as(&self.shared.sql.append_group)
-                .bind(&streams)
-                .bind(&expected)
-                .bind(&counts)
-                .bind(&ids)
-                .bind(&types)
-                .bind(&versions)
-                .bind(&payloads)
-                .bind(&metadata)
+            rows = arrays
+                .query(&self.shared.sql.append_group)
                 .fetch_all(&self.shared.pool)
                 .await
                 .map_err(store_error)?;
