@@ -71,16 +71,7 @@ async fn happy_path_completes_and_notifies() {
     // One trace per order: every event of every stream of the order carries
     // a traceparent whose trace id is the order id.
     let trace = id.replace('-', "");
-    let all = app
-        .system
-        .store()
-        .read_all(es_core::Position::START, 100_000)
-        .await
-        .unwrap();
-    let mine: Vec<_> = all
-        .iter()
-        .filter(|e| e.metadata.correlation_id.map(|c| c.to_string()).as_deref() == Some(id))
-        .collect();
+    let mine = app.order_events(id).await;
     assert!(
         mine.len() > 10,
         "events of the order across services: {}",
@@ -94,7 +85,7 @@ async fn happy_path_completes_and_notifies() {
             "{category} missing from {categories:?}"
         );
     }
-    for e in mine {
+    for e in &mine {
         let tp = e.metadata.traceparent.as_deref().unwrap_or_default();
         assert!(
             tp.contains(&trace),
@@ -127,16 +118,7 @@ async fn an_incoming_traceparent_is_the_orders_trace() {
     assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
     let id = placed["order_id"].as_str().unwrap();
     assert_eq!(app.finished(id).await["status"], "Completed");
-    let all = app
-        .system
-        .store()
-        .read_all(es_core::Position::START, 100_000)
-        .await
-        .unwrap();
-    let mine: Vec<_> = all
-        .iter()
-        .filter(|e| e.metadata.correlation_id.map(|c| c.to_string()).as_deref() == Some(id))
-        .collect();
+    let mine = app.order_events(id).await;
     assert!(mine.len() > 10, "{}", mine.len());
     for e in mine {
         let tp = e.metadata.traceparent.as_deref().unwrap_or_default();
@@ -164,15 +146,10 @@ async fn an_incoming_traceparent_is_the_orders_trace() {
         .await;
     let id = placed["order_id"].as_str().unwrap();
     app.finished(id).await;
-    let all = app
-        .system
-        .store()
-        .read_all(es_core::Position::START, 100_000)
-        .await
-        .unwrap();
-    let created = all
+    let events = app.order_events(id).await;
+    let created = events
         .iter()
-        .find(|e| e.event_type.as_ref() == "OrderCreated" && e.stream_id.entity_id() == id)
+        .find(|e| e.event_type.as_ref() == "OrderCreated")
         .unwrap();
     let tp = created.metadata.traceparent.as_deref().unwrap();
     assert!(tp.contains(&id.replace('-', "")), "{tp}");

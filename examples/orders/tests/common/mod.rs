@@ -110,6 +110,22 @@ impl App {
         .await
     }
 
+    /// Every event of the order, in every service's streams (by correlation
+    /// id), in log order.
+    pub async fn order_events(&self, order_id: &str) -> Vec<es_core::RecordedEvent> {
+        let all = self
+            .system
+            .store()
+            .read_all(es_core::Position::START, 100_000)
+            .await
+            .unwrap();
+        all.into_iter()
+            .filter(|e| {
+                e.metadata.correlation_id.map(|c| c.to_string()).as_deref() == Some(order_id)
+            })
+            .collect()
+    }
+
     /// Waits for the order's terminal status (bounded) and returns the order.
     pub async fn finished(&self, order_id: &str) -> Value {
         let (status, body) = self
