@@ -240,6 +240,14 @@ fn report(name: &str, ours: f64, theirs: f64, unit: &str) {
     );
 }
 
+/// One bench operation on our side: `AddItems(1)` on aggregate `ids[w]`
+/// through `repo`.
+async fn add_one(repo: Arc<Repository<Order>>, ids: Arc<Vec<String>>, meta: Metadata, w: usize) {
+    repo.execute(&ids[w], OrderCommand::AddItems(1), &meta)
+        .await
+        .expect("ours");
+}
+
 fn id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
@@ -373,14 +381,7 @@ async fn main() {
             }
         }
         let (r, m, ids) = (repo.clone(), meta.clone(), ours_ids.clone());
-        let ours = move |w: usize| {
-            let (r, m, ids) = (r.clone(), m.clone(), ids.clone());
-            async move {
-                r.execute(&ids[w], OrderCommand::AddItems(1), &m)
-                    .await
-                    .expect("ours");
-            }
-        };
+        let ours = move |w: usize| add_one(r.clone(), ids.clone(), m.clone(), w);
         let (q, ids) = (cqrs.clone(), theirs_ids.clone());
         let theirs = move |w: usize| {
             let (q, ids) = (q.clone(), ids.clone());
@@ -406,14 +407,7 @@ async fn main() {
                     .expect("seed");
             }
             let (r, m, ids) = (snap_repo.clone(), meta.clone(), snap_ids.clone());
-            let ours_snap = move |w: usize| {
-                let (r, m, ids) = (r.clone(), m.clone(), ids.clone());
-                async move {
-                    r.execute(&ids[w], OrderCommand::AddItems(1), &m)
-                        .await
-                        .expect("ours");
-                }
-            };
+            let ours_snap = move |w: usize| add_one(r.clone(), ids.clone(), m.clone(), w);
             let (o, t) = pair(1, ours_snap, theirs.clone()).await;
             report(
                 "same, es-postgres with snapshots every 100 vs postgres-es without, 1 client",
@@ -425,14 +419,7 @@ async fn main() {
         // The same aggregates through a repository with a state cache: after
         // the first command each one reads only the (empty) tail.
         let (r, m, ids) = (cached_repo.clone(), meta.clone(), ours_ids.clone());
-        let ours_cached = move |w: usize| {
-            let (r, m, ids) = (r.clone(), m.clone(), ids.clone());
-            async move {
-                r.execute(&ids[w], OrderCommand::AddItems(1), &m)
-                    .await
-                    .expect("ours");
-            }
-        };
+        let ours_cached = move |w: usize| add_one(r.clone(), ids.clone(), m.clone(), w);
         let (o, t) = pair(c, ours_cached, theirs).await;
         report(
             &format!(
