@@ -182,6 +182,15 @@ fn decode_state<A: DeserializeOwned>(payload: &Payload) -> Result<A, CodecError>
     })
 }
 
+/// How a command's first attempt finds the aggregate's state.
+#[derive(Clone, Copy)]
+enum Start {
+    /// Load it (cache, snapshot, stream).
+    Load,
+    /// Assume the stream does not exist yet; load only when that was wrong.
+    AssumeNew,
+}
+
 /// Whether an append failed because some of its event ids are stored
 /// already: an idempotency conflict, or (the KurrentDB rule for ids stored at
 /// positions that do not fit) a wrong expected version while the stream is
@@ -382,6 +391,54 @@ impl<A: Aggregate> Repository<A> {
         .await
     }
 
+    /// Executes a command that starts a new aggregate, without reading first.
+    ///
+    /// The command is decided against the empty state and appended expecting
+    /// no stream: one round trip to the store instead of two. When the stream
+    /// exists after all, nothing is written and the command is executed as by
+    /// [`Repository::execute`] (load, decide again, append), so the outcome is
+    /// the same as `execute`'s; only the cost of a wrong guess differs. Use it
+    /// where the id is fresh (a new UUID) and the stream almost never exists.
+    pub async fn create(
+        &self,
+        id: impl fmt::Display,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Committed<A::Event>, RepositoryError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.run(id, metadata, None, Start::AssumeNew, move |state| {
+            state.handle(command.clone())
+        })
+        .await
+    }
+
+    /// [`Repository::create`] at most once per `command_id`, as
+    /// [`Repository::execute_once`]: a command id executed before is answered
+    /// as a duplicate, whether its events are what the stream holds (the
+    /// store's idempotent re-append) or lie further in the stream (found by
+    /// the load that follows the wrong guess).
+    pub async fn create_once(
+        &self,
+        id: impl fmt::Display,
+        command_id: Uuid,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Committed<A::Event>, RepositoryError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.run(
+            id,
+            metadata,
+            Some(command_id),
+            Start::AssumeNew,
+            move |state| state.handle(command.clone()),
+        )
+        .await
+    }
+
     /// Executes a decision given as a closure over the current state; the
     /// closure runs again after each lost race.
     pub async fn execute_with(
@@ -389,6 +446,18 @@ impl<A: Aggregate> Repository<A> {
         id: impl fmt::Display,
         metadata: &Metadata,
         command_id: Option<Uuid>,
+        decide: impl FnMut(&A) -> Result<Vec<A::Event>, A::Error> + Send,
+    ) -> Result<Committed<A::Event>, RepositoryError<A::Error>> {
+        self.run(id, metadata, command_id, Start::Load, decide)
+            .await
+    }
+
+    async fn run(
+        &self,
+        id: impl fmt::Display,
+        metadata: &Metadata,
+        command_id: Option<Uuid>,
+        start: Start,
         mut decide: impl FnMut(&A) -> Result<Vec<A::Event>, A::Error> + Send,
     ) -> Result<Committed<A::Event>, RepositoryError<A::Error>> {
         let stream = self.stream_id(id)?;
@@ -403,8 +472,24 @@ impl<A: Aggregate> Repository<A> {
         async {
             let marker = command_id.map(|c| derived_id(c, stream.as_str(), 0));
             let mut attempt = 1;
+            // A state cached for the stream proves it exists: no guessing.
+            let mut assume_new = matches!(start, Start::AssumeNew)
+                && self
+                    .cache
+                    .as_ref()
+                    .is_none_or(|cache| !cache.contains(&stream));
             loop {
-                let (loaded, duplicate) = self.load_stream(&stream, marker, true).await?;
+                let (loaded, duplicate) = if assume_new {
+                    (
+                        Loaded {
+                            state: A::default(),
+                            version: 0,
+                        },
+                        false,
+                    )
+                } else {
+                    self.load_stream(&stream, marker, true).await?
+                };
                 if duplicate {
                     let version = loaded.version;
                     self.keep(&stream, loaded);
@@ -446,8 +531,10 @@ impl<A: Aggregate> Repository<A> {
                         tracing::Span::current().record("attempts", attempt);
                         self.committed(&stream, loaded, &events, result.stream_version)
                             .await;
+                        // Stored before at these positions: a duplicate decides
+                        // nothing new.
                         return Ok(Committed {
-                            events,
+                            events: if result.written { events } else { Vec::new() },
                             stream_version: result.stream_version,
                             position: result.position,
                             duplicate: !result.written,
@@ -468,6 +555,11 @@ impl<A: Aggregate> Repository<A> {
                             position: Position::START,
                             duplicate: true,
                         });
+                    }
+                    // The guess that the stream is new was wrong: not a race,
+                    // so no backoff and no attempt spent; load and decide.
+                    Err(StoreError::WrongExpectedVersion { .. }) if assume_new => {
+                        assume_new = false;
                     }
                     Err(StoreError::WrongExpectedVersion { .. })
                         if attempt < self.retry.max_attempts =>

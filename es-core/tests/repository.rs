@@ -1,17 +1,17 @@
 //! The repository: load, execute, retries, snapshots, idempotent commands.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use async_trait::async_trait;
+mod support;
+
 use es_core::doc_support::counter::{Counter, CounterCommand, CounterEvent};
 use es_core::{
-    AppendResult, EventStore, ExpectedVersion, InMemoryEventStore, InMemorySnapshotStore, Metadata,
-    NewEvent, Position, RecordedEvent, Repository, RepositoryError, RetryPolicy, Snapshot,
-    SnapshotPolicy, SnapshotStore, StoreError, StreamId,
+    EventStore, InMemoryEventStore, InMemorySnapshotStore, Metadata, Repository, RepositoryError,
+    RetryPolicy, Snapshot, SnapshotPolicy, SnapshotStore, StreamId,
 };
-use futures::stream::BoxStream;
+use support::Interloper;
 use uuid::Uuid;
 
 fn inc(by: u32) -> CounterCommand {
@@ -70,80 +70,6 @@ async fn concurrent_commands_on_one_aggregate_all_land_through_retries() {
     }
     let loaded = repo.load("hot").await.unwrap();
     assert_eq!((loaded.state.value, loaded.version), (200, 200));
-}
-
-/// A store that lets another writer sneak in before the next append, and
-/// counts the events `read_stream` hands out.
-struct Interloper {
-    inner: InMemoryEventStore,
-    armed: AtomicBool,
-    /// Waits this long before every append.
-    pause: Option<std::time::Duration>,
-    /// Events handed out by `read_stream`.
-    read: std::sync::atomic::AtomicU64,
-}
-
-impl Interloper {
-    fn new(armed: bool, pause: Option<std::time::Duration>) -> Self {
-        Self {
-            inner: InMemoryEventStore::new(),
-            armed: AtomicBool::new(armed),
-            pause,
-            read: Default::default(),
-        }
-    }
-}
-
-#[async_trait]
-impl EventStore for Interloper {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, StoreError> {
-        if let Some(pause) = self.pause {
-            tokio::time::sleep(pause).await;
-        }
-        if self.armed.swap(false, Ordering::SeqCst) {
-            let sneaky = es_core::EventCodec::<CounterEvent>::new()
-                .encode(&CounterEvent::Incremented { by: 100 }, Metadata::new())
-                .unwrap();
-            self.inner
-                .append(stream, ExpectedVersion::Any, vec![sneaky])
-                .await?;
-        }
-        self.inner.append(stream, expected, events).await
-    }
-    async fn read_stream(
-        &self,
-        s: &StreamId,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let page = self.inner.read_stream(s, from, max).await?;
-        self.read.fetch_add(page.len() as u64, Ordering::SeqCst);
-        Ok(page)
-    }
-    async fn read_all(
-        &self,
-        after: Position,
-        max: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all(after, max).await
-    }
-    async fn stream_version(&self, s: &StreamId) -> Result<u64, StoreError> {
-        self.inner.stream_version(s).await
-    }
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.inner.head().await
-    }
-    fn subscribe_all(
-        &self,
-        after: Position,
-    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
-        self.inner.subscribe_all(after)
-    }
 }
 
 #[tokio::test]
@@ -406,4 +332,60 @@ proptest::proptest! {
             }
         });
     }
+}
+
+#[tokio::test]
+async fn create_appends_without_reading_and_falls_back_when_the_stream_exists() {
+    let store = Arc::new(Interloper::new(false, None));
+    let repo = Repository::<Counter>::new(store.clone());
+    let new = repo
+        .create("fresh", inc(2), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!((new.stream_version, new.events.len()), (1, 1));
+    assert_eq!(store.reads.load(Ordering::SeqCst), 0, "create read first");
+
+    // The stream exists: the command is decided on the loaded state, as by
+    // `execute`, after one read.
+    let again = repo
+        .create("fresh", inc(3), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!((again.stream_version, again.duplicate), (2, false));
+    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(repo.load("fresh").await.unwrap().state.value, 5);
+    assert!(matches!(
+        repo.create("fresh", inc(0), &Metadata::new()).await,
+        Err(RepositoryError::Rejected(_))
+    ));
+    let stream = StreamId::new("counter-fresh").unwrap();
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn create_once_answers_a_repeated_command_id_as_a_duplicate() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    let command_id = Uuid::now_v7();
+    let first = repo
+        .create_once("o", command_id, inc(5), &Metadata::new())
+        .await
+        .unwrap();
+    assert!(!first.duplicate && first.events.len() == 1);
+    // The stream holds exactly the command's events: the store's idempotent
+    // re-append answers.
+    let again = repo
+        .create_once("o", command_id, inc(5), &Metadata::new())
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.events.is_empty(), "{again:?}");
+    // The stream went on since: the load after the wrong guess finds the id.
+    repo.execute("o", inc(1), &Metadata::new()).await.unwrap();
+    let late = repo
+        .create_once("o", command_id, inc(5), &Metadata::new())
+        .await
+        .unwrap();
+    assert!(late.duplicate && late.events.is_empty(), "{late:?}");
+    let loaded = repo.load("o").await.unwrap();
+    assert_eq!((loaded.state.value, loaded.version), (6, 2));
 }

@@ -307,33 +307,40 @@ async fn main() {
     println!("|---|---|---|---|");
     let meta = Metadata::new();
 
-    // 1. A command creating a new aggregate (load: empty; one event).
-    for c in [1usize, 8, 32] {
-        let (r, m) = (repo.clone(), meta.clone());
-        let ours = move |_w: usize| {
-            let (r, m) = (r.clone(), m.clone());
-            async move {
-                r.execute(id(), OrderCommand::Create, &m)
-                    .await
+    // 1. A command creating a new aggregate (load: empty; one event), through
+    // `execute` (which reads the empty stream first, as cqrs-es does) and
+    // through `create` (which appends expecting no stream, without reading).
+    for (how, create) in [("execute", false), ("create", true)] {
+        for c in [1usize, 8, 32] {
+            let (r, m) = (repo.clone(), meta.clone());
+            let ours = move |_w: usize| {
+                let (r, m) = (r.clone(), m.clone());
+                async move {
+                    if create {
+                        r.create(id(), OrderCommand::Create, &m).await
+                    } else {
+                        r.execute(id(), OrderCommand::Create, &m).await
+                    }
                     .expect("ours");
-            }
-        };
-        let q = cqrs.clone();
-        let theirs = move |_w: usize| {
-            let q = q.clone();
-            async move {
-                q.execute(&id(), OrderCommand::Create)
-                    .await
-                    .expect("cqrs-es");
-            }
-        };
-        let (o, t) = pair(c, ours, theirs).await;
-        report(
-            &format!("create (1 event, new aggregate), {c} clients"),
-            o,
-            t,
-            "cmd/s",
-        );
+                }
+            };
+            let q = cqrs.clone();
+            let theirs = move |_w: usize| {
+                let q = q.clone();
+                async move {
+                    q.execute(&id(), OrderCommand::Create)
+                        .await
+                        .expect("cqrs-es");
+                }
+            };
+            let (o, t) = pair(c, ours, theirs).await;
+            report(
+                &format!("new aggregate, 1 event, `Repository::{how}`, {c} clients"),
+                o,
+                t,
+                "cmd/s",
+            );
+        }
     }
 
     // 2. A command producing 100 events on a new aggregate.
