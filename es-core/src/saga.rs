@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bus::{Delivery, Message, MessageHandler, Outcome};
+use crate::state_cache::{Entry, StateCache};
 use crate::{
     derived_id, Clock, CodecError, DomainEvent, EventCodec, EventStore, ExpectedVersion, Metadata,
     NewEvent, Payload, Position, RecordedEvent, StoreError, StreamId,
@@ -292,6 +293,7 @@ pub struct SagaManager<S: Saga> {
     inputs: EventCodec<S::Input>,
     commands: EventCodec<S::Command>,
     max_attempts: u32,
+    cache: Option<Arc<StateCache<SagaInstance<S>>>>,
 }
 
 impl<S: Saga> fmt::Debug for SagaManager<S> {
@@ -313,7 +315,21 @@ impl<S: Saga> SagaManager<S> {
             inputs: EventCodec::new(),
             commands: EventCodec::new(),
             max_attempts: 16,
+            cache: None,
         }
+    }
+
+    /// Keeps up to about `capacity` recently used instances in memory, so a
+    /// reaction reads only the records appended since the instance was last
+    /// used (usually its own last reaction's) instead of its whole stream.
+    ///
+    /// Safe with other processes writing the same streams: a cached instance
+    /// is never wrong, only short of the tail, which every load reads; two
+    /// reactions on one instance at the same time never share a cached copy.
+    #[must_use]
+    pub fn with_instance_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(Arc::new(StateCache::new(capacity)));
+        self
     }
 
     /// Decodes inputs through this codec (and its upcasters).
@@ -351,12 +367,20 @@ impl<S: Saga> SagaManager<S> {
 
     /// Loads a saga instance.
     pub async fn load(&self, saga_id: Uuid) -> Result<SagaInstance<S>, SagaError> {
-        let stream = Self::stream_id(saga_id);
-        let mut instance = SagaInstance::<S>::default();
+        self.load_after(&Self::stream_id(saga_id), SagaInstance::default())
+            .await
+    }
+
+    /// Reads the records after `instance`'s version into it.
+    async fn load_after(
+        &self,
+        stream: &StreamId,
+        mut instance: SagaInstance<S>,
+    ) -> Result<SagaInstance<S>, SagaError> {
         loop {
             let page = self
                 .store
-                .read_stream(&stream, instance.version + 1, 1_000)
+                .read_stream(stream, instance.version + 1, 1_000)
                 .await?;
             for recorded in &page {
                 self.fold(&mut instance, recorded)?;
@@ -497,28 +521,30 @@ impl<S: Saga> SagaManager<S> {
     ) -> Result<SagaOutcome, SagaError> {
         let stream = Self::stream_id(saga_id);
         for attempt in 1..=self.max_attempts {
-            let instance = self.load(saga_id).await?;
+            let cached = self.cache.as_ref().and_then(|cache| cache.take(&stream));
+            let instance = self
+                .load_after(&stream, cached.map(|entry| entry.state).unwrap_or_default())
+                .await?;
             let now = self.clock.now();
             let Some((reaction, fired)) = decide(&instance, now) else {
-                return Ok(if instance.has_handled(cause) {
+                let outcome = if instance.has_handled(cause) {
                     SagaOutcome::Duplicate
                 } else {
                     SagaOutcome::Ignored
-                });
+                };
+                self.keep(&stream, instance);
+                return Ok(outcome);
             };
             if reaction.is_empty() && fired.is_none() {
+                self.keep(&stream, instance);
                 return Ok(SagaOutcome::NoChange);
             }
             let records = self.records(&stream, cause, metadata, &reaction, fired.as_deref())?;
-            match self
-                .store
-                .append(
-                    &stream,
-                    ExpectedVersion::from_loaded(instance.version),
-                    records,
-                )
-                .await
-            {
+            let expected = ExpectedVersion::from_loaded(instance.version);
+            // Right up to its version whatever the append does: the next
+            // reaction reads on from there (this one's records included).
+            self.keep(&stream, instance);
+            match self.store.append(&stream, expected, records).await {
                 Ok(result) => {
                     return Ok(if result.written {
                         SagaOutcome::Reacted {
@@ -540,6 +566,20 @@ impl<S: Saga> SagaManager<S> {
             stream,
             attempts: self.max_attempts,
         })
+    }
+
+    /// Puts an instance (right up to its version) in the cache, if any.
+    fn keep(&self, stream: &StreamId, instance: SagaInstance<S>) {
+        if let Some(cache) = &self.cache {
+            let version = instance.version;
+            cache.put(
+                stream.clone(),
+                Entry {
+                    state: instance,
+                    version,
+                },
+            );
+        }
     }
 
     fn records(
@@ -671,66 +711,99 @@ impl<S: Saga> DeadlineScheduler<S> {
 
     /// Runs until `stop` turns true or the store's subscription fails.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), SagaError> {
-        let mut pending: BTreeMap<(DateTime<Utc>, Uuid, String), ()> = BTreeMap::new();
-        let mut by_name: std::collections::HashMap<(Uuid, String), DateTime<Utc>> =
-            std::collections::HashMap::new();
+        let mut deadlines = Deadlines::default();
         let mut log = self.manager.store.subscribe_all(Position::START);
+        // One timer for the whole run: a fresh sleep per log event would cost
+        // a timer registration for every event of every stream.
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let now = self.manager.clock.now();
-            let due: Vec<_> = pending
-                .range(..=(now, Uuid::max(), String::new()))
-                .map(|(key, ())| key.clone())
-                .collect();
-            for (due_at, saga_id, name) in due {
-                match self.manager.fire_deadline(saga_id, &name).await {
-                    Ok(_) => {
-                        pending.remove(&(due_at, saga_id, name.clone()));
-                        by_name.remove(&(saga_id, name));
-                    }
-                    Err(error) => {
-                        tracing::warn!(saga = S::TYPE, %saga_id, deadline = %name, %error, "deadline not fired; will retry");
+            self.fire_due(&mut deadlines).await;
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = tick.tick() => {}
+                next = log.next() => {
+                    let mut next = next;
+                    // Everything the log has ready is noted before the due
+                    // deadlines are looked at again.
+                    loop {
+                        match next {
+                            None => return Ok(()),
+                            Some(Err(error)) => return Err(error.into()),
+                            Some(Ok(recorded)) => deadlines.note::<S>(&recorded),
+                        }
+                        match log.next().now_or_never() {
+                            Some(ready) => next = ready,
+                            None => break,
+                        }
                     }
                 }
             }
-            tokio::select! {
-                _ = stop.changed() => {}
-                () = tokio::time::sleep(self.tick) => {}
-                next = log.next() => match next {
-                    None => return Ok(()),
-                    Some(Err(error)) => return Err(error.into()),
-                    Some(Ok(recorded)) => {
-                        if recorded.stream_id.category() != S::TYPE {
-                            continue;
-                        }
-                        let Ok(saga_id) = recorded.stream_id.entity_id().parse::<Uuid>() else {
-                            continue;
-                        };
-                        let is_deadline = matches!(
-                            &*recorded.event_type,
-                            DEADLINE_SET | DEADLINE_CANCELLED | DEADLINE_FIRED
-                        );
-                        let Some(record) = is_deadline
-                            .then(|| recorded.payload.decode::<DeadlineRecord>().ok())
-                            .flatten()
-                        else {
-                            continue;
-                        };
-                        let key = (saga_id, record.name.clone());
-                        if let Some(old) = by_name.remove(&key) {
-                            pending.remove(&(old, saga_id, record.name.clone()));
-                        }
-                        if &*recorded.event_type == DEADLINE_SET {
-                            if let Some(due) = record.due {
-                                pending.insert((due, saga_id, record.name), ());
-                                by_name.insert(key, due);
-                            }
-                        }
-                    }
-                },
+        }
+    }
+
+    async fn fire_due(&self, deadlines: &mut Deadlines) {
+        for (due_at, saga_id, name) in deadlines.due(self.manager.clock.now()) {
+            match self.manager.fire_deadline(saga_id, &name).await {
+                Ok(_) => deadlines.remove(due_at, saga_id, name),
+                Err(error) => {
+                    tracing::warn!(saga = S::TYPE, %saga_id, deadline = %name, %error, "deadline not fired; will retry");
+                }
             }
         }
+    }
+}
+
+/// The pending deadlines of one saga type, as the log's records set them.
+#[derive(Default)]
+struct Deadlines {
+    pending: BTreeMap<(DateTime<Utc>, Uuid, String), ()>,
+    by_name: std::collections::HashMap<(Uuid, String), DateTime<Utc>>,
+}
+
+impl Deadlines {
+    /// Takes note of a log event: a deadline record of saga type `S` sets or
+    /// clears its deadline; anything else is ignored.
+    fn note<S: Saga>(&mut self, recorded: &RecordedEvent) {
+        let is_deadline = matches!(
+            &*recorded.event_type,
+            DEADLINE_SET | DEADLINE_CANCELLED | DEADLINE_FIRED
+        );
+        if !is_deadline || recorded.stream_id.category() != S::TYPE {
+            return;
+        }
+        let Ok(saga_id) = recorded.stream_id.entity_id().parse::<Uuid>() else {
+            return;
+        };
+        let Ok(record) = recorded.payload.decode::<DeadlineRecord>() else {
+            return;
+        };
+        let key = (saga_id, record.name.clone());
+        if let Some(old) = self.by_name.remove(&key) {
+            self.pending.remove(&(old, saga_id, record.name.clone()));
+        }
+        if &*recorded.event_type == DEADLINE_SET {
+            if let Some(due) = record.due {
+                self.pending.insert((due, saga_id, record.name), ());
+                self.by_name.insert(key, due);
+            }
+        }
+    }
+
+    /// The deadlines due at `now`, earliest first.
+    fn due(&self, now: DateTime<Utc>) -> Vec<(DateTime<Utc>, Uuid, String)> {
+        self.pending
+            .range(..=(now, Uuid::max(), String::new()))
+            .map(|(key, ())| key.clone())
+            .collect()
+    }
+
+    /// Forgets a deadline that fired.
+    fn remove(&mut self, due_at: DateTime<Utc>, saga_id: Uuid, name: String) {
+        self.pending.remove(&(due_at, saga_id, name.clone()));
+        self.by_name.remove(&(saga_id, name));
     }
 }

@@ -1,6 +1,8 @@
 //! The in-process bus, the relay, and sagas with deadlines on a virtual clock.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns may unwrap too
 
+mod support;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -462,8 +464,8 @@ async fn managers_sharing_a_store_see_each_others_reactions() {
     // appended meanwhile must still count.
     let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
     let clock = Arc::new(ManualClock::default());
-    let a = SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone());
-    let b = SagaManager::<Reminder>::new(Arc::clone(&store), clock);
+    let a = SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone()).with_instance_cache(16);
+    let b = SagaManager::<Reminder>::new(Arc::clone(&store), clock).with_instance_cache(16);
     let saga = Uuid::now_v7();
     let started = input(saga, &ReminderInput::Started);
     let stopped = input(saga, &ReminderInput::Stopped);
@@ -482,4 +484,32 @@ async fn managers_sharing_a_store_see_each_others_reactions() {
     let seen_by_a = a.load(saga).await.unwrap();
     assert!(seen_by_a.state.done && seen_by_a.deadlines.is_empty());
     assert_eq!(seen_by_a, b.load(saga).await.unwrap());
+}
+
+#[tokio::test]
+async fn an_instance_cache_reads_only_the_records_since_the_last_reaction() {
+    let store = Arc::new(support::Interloper::new(false, None));
+    let clock = Arc::new(ManualClock::default());
+    let cached = SagaManager::<Reminder>::new(store.clone(), clock.clone()).with_instance_cache(16);
+    let saga = Uuid::now_v7();
+    let started = input(saga, &ReminderInput::Started);
+    let stopped = input(saga, &ReminderInput::Stopped);
+    assert!(matches!(
+        cached.handle(&started).await.unwrap(),
+        SagaOutcome::Reacted { version: 2, .. }
+    ));
+    assert!(matches!(
+        cached.handle(&stopped).await.unwrap(),
+        SagaOutcome::Reacted { .. }
+    ));
+    assert_eq!(
+        cached.handle(&stopped).await.unwrap(),
+        SagaOutcome::Duplicate
+    );
+    // Each reaction read on from where the previous one had loaded to: the
+    // third from version 3, not from the start.
+    assert_eq!(*store.reads_from.lock().unwrap(), vec![1, 1, 3]);
+    let uncached = SagaManager::<Reminder>::new(store.clone(), clock);
+    let full = uncached.load(saga).await.unwrap();
+    assert!(full.state.done && full.deadlines.is_empty());
 }
