@@ -22,6 +22,13 @@ pub use system::{Backends, Config, System};
 
 use es_core::{Outcome, RepositoryError};
 
+/// How many recently used aggregate states each repository, and saga
+/// instances the saga manager, keeps in memory (`with_state_cache`,
+/// `with_instance_cache`): a command then reads only the events appended
+/// since, not the whole stream. Another instance of a service writing the
+/// same streams is seen in that tail, so caching is safe when scaled out.
+pub const CACHED_STATES: usize = 10_000;
+
 /// The bus outcome of a command executed on an aggregate: done or refused by
 /// the domain is an ack (a refusal is logged: the saga learns the state from
 /// the events); contention and store failures are retried; a payload that

@@ -194,7 +194,9 @@ impl System {
         };
         let catalog = Arc::new(Catalog::new());
         let orders = Arc::new(OrderService::new(
-            Repository::new(Arc::clone(&store)).with_retry(hot),
+            Repository::new(Arc::clone(&store))
+                .with_retry(hot)
+                .with_state_cache(crate::CACHED_STATES),
             Arc::clone(&catalog),
             Arc::clone(&config.clock),
             config.payment_timeout,
@@ -206,21 +208,26 @@ impl System {
                     Arc::clone(&backends.snapshots),
                     SnapshotPolicy::Every(16),
                     1,
-                ),
-            Repository::new(Arc::clone(&store)).with_retry(hot),
+                )
+                .with_state_cache(crate::CACHED_STATES),
+            Repository::new(Arc::clone(&store))
+                .with_retry(hot)
+                .with_state_cache(crate::CACHED_STATES),
         ));
         let payments = Arc::new(PaymentService::new(
-            Repository::new(Arc::clone(&store)).with_retry(hot),
+            Repository::new(Arc::clone(&store))
+                .with_retry(hot)
+                .with_state_cache(crate::CACHED_STATES),
         ));
         let sent = Arc::new(RecordingSink::default());
         let notifications = Arc::new(NotificationService::new(
             Arc::clone(&backends.inbox),
             Arc::clone(&sent) as Arc<dyn crate::notification::NotificationSink>,
         ));
-        let saga = Arc::new(SagaManager::<OrderSaga>::new(
-            Arc::clone(&store),
-            Arc::clone(&config.clock),
-        ));
+        let saga = Arc::new(
+            SagaManager::<OrderSaga>::new(Arc::clone(&store), Arc::clone(&config.clock))
+                .with_instance_cache(crate::CACHED_STATES),
+        );
         let query = Arc::new(QueryService::start(Arc::clone(&store)));
 
         let sub = |group: &str, bindings: &[String]| {

@@ -444,15 +444,17 @@ impl Node {
                 let pg_catalog = PgCatalog::start(pool.clone(), &schema, stopped.clone()).await?;
                 let catalog: Arc<Catalog> = pg_catalog.catalog();
                 let orders = Arc::new(OrderService::new(
-                    Repository::new(Arc::clone(&shared)).with_retry(hot),
+                    Repository::new(Arc::clone(&shared))
+                        .with_retry(hot)
+                        .with_state_cache(crate::CACHED_STATES),
                     Arc::clone(&catalog),
                     Arc::clone(&clock),
                     payment_timeout,
                 ));
-                let saga = Arc::new(SagaManager::<OrderSaga>::new(
-                    Arc::clone(&shared),
-                    Arc::clone(&clock),
-                ));
+                let saga = Arc::new(
+                    SagaManager::<OrderSaga>::new(Arc::clone(&shared), Arc::clone(&clock))
+                        .with_instance_cache(crate::CACHED_STATES),
+                );
                 let wiring: Vec<(Subscription, Arc<dyn MessageHandler>)> = vec![
                     (
                         sub(groups::SAGA, saga_bindings()),
@@ -515,8 +517,11 @@ impl Node {
                 let inventory = Arc::new(InventoryService::new(
                     Repository::new(Arc::clone(&shared))
                         .with_retry(hot)
-                        .with_snapshots(snapshots, SnapshotPolicy::Every(64), 1),
-                    Repository::new(Arc::clone(&shared)).with_retry(hot),
+                        .with_snapshots(snapshots, SnapshotPolicy::Every(64), 1)
+                        .with_state_cache(crate::CACHED_STATES),
+                    Repository::new(Arc::clone(&shared))
+                        .with_retry(hot)
+                        .with_state_cache(crate::CACHED_STATES),
                 ));
                 subscriptions.push(
                     bus.subscribe(
@@ -540,8 +545,11 @@ impl Node {
                 migrate(&pool, &schema).await?;
                 let shared: Arc<dyn EventStore> =
                     Arc::new(store(&pool, &schema, args.append_slots)?);
-                let payments =
-                    Arc::new(PaymentService::new(Repository::new(shared).with_retry(hot)));
+                let payments = Arc::new(PaymentService::new(
+                    Repository::new(shared)
+                        .with_retry(hot)
+                        .with_state_cache(crate::CACHED_STATES),
+                ));
                 subscriptions.push(
                     bus.subscribe(
                         sub(

@@ -244,7 +244,7 @@ impl OrderService {
         drop(_enter);
         let result = self
             .orders
-            .execute_once(order_id, command_id, command, &metadata)
+            .create_once(order_id, command_id, command, &metadata)
             .await;
         match result {
             Ok(committed) if !committed.duplicate => {

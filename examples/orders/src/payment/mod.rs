@@ -119,7 +119,7 @@ impl PaymentService {
                 };
                 let result = self
                     .payments
-                    .execute_once(c.order_id, message.message_id, command, &metadata)
+                    .create_once(c.order_id, message.message_id, command, &metadata)
                     .await;
                 crate::outcome_of(result, "payment")
             }
