@@ -9,6 +9,7 @@
 #   ORDERS_REPLICAS=2 scripts/run-distributed.sh  # two of each worker
 #   ORDERS_RELEASE=0 scripts/run-distributed.sh   # debug build
 #   ORDERS_BUILD=0 scripts/run-distributed.sh     # use the binary already built
+#   ORDERS_BUILD=0 ORDERS_BIN=/path/to/orders scripts/run-distributed.sh  # or that one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,7 @@ profile=release
 if [[ "${ORDERS_RELEASE:-1}" == 0 ]]; then profile=debug; fi
 if [[ "${ORDERS_BUILD:-1}" == 0 ]]; then :
 elif [[ "$profile" == release ]]; then cargo build --release -p orders --bin orders; else cargo build -p orders --bin orders; fi
-BIN="target/$profile/orders"
+BIN="${ORDERS_BIN:-target/$profile/orders}"
 
 pids=()
 cleanup() {
@@ -41,7 +42,7 @@ trap cleanup INT TERM EXIT
 if [[ -z "${ORDERS_SMTP:-}" ]]; then
   smtp_port=$((BASE_PORT + 99))
   if python3 -c 'import aiosmtpd' 2>/dev/null; then
-    python3 -m aiosmtpd -n -d -l "127.0.0.1:$smtp_port" >"$LOGS/smtp.log" 2>&1 &
+    python3 -m aiosmtpd -n -l "127.0.0.1:$smtp_port" >"$LOGS/smtp.log" 2>&1 &
     pids+=($!)
     echo "SMTP server (prints every email): 127.0.0.1:$smtp_port, log $LOGS/smtp.log"
   else

@@ -319,12 +319,16 @@ impl<S: Saga> SagaManager<S> {
         }
     }
 
-    /// Keeps up to about `capacity` recently used instances in memory, so a
-    /// reaction reads only the records appended since the instance was last
-    /// used (usually its own last reaction's) instead of its whole stream.
+    /// Keeps up to about `capacity` recently used instances in memory, as
+    /// they stand after their last reaction, so the next reaction on one
+    /// reads nothing: it decides on the cached instance and appends expecting
+    /// its version.
     ///
     /// Safe with other processes writing the same streams: a cached instance
-    /// is never wrong, only short of the tail, which every load reads; two
+    /// is never wrong, only possibly short of the tail. A reaction decided on
+    /// a stale one is refused by the store (wrong expected version) and
+    /// decided again after reading the tail; a decision to write nothing
+    /// (a duplicate, no change) is only taken after reading the tail. Two
     /// reactions on one instance at the same time never share a cached copy.
     #[must_use]
     pub fn with_instance_cache(mut self, capacity: usize) -> Self {
@@ -522,44 +526,83 @@ impl<S: Saga> SagaManager<S> {
         let stream = Self::stream_id(saga_id);
         for attempt in 1..=self.max_attempts {
             let cached = self.cache.as_ref().and_then(|cache| cache.take(&stream));
-            let instance = self
-                .load_after(&stream, cached.map(|entry| entry.state).unwrap_or_default())
-                .await?;
-            let now = self.clock.now();
-            let Some((reaction, fired)) = decide(&instance, now) else {
-                let outcome = if instance.has_handled(cause) {
-                    SagaOutcome::Duplicate
-                } else {
-                    SagaOutcome::Ignored
-                };
-                self.keep(&stream, instance);
-                return Ok(outcome);
+            // The first attempt trusts a cached instance without reading: a
+            // reaction decided on it is appended expecting its version, so
+            // the store refuses it if the stream moved on. After a lost race
+            // the tail is read.
+            let (mut instance, mut verified) = match cached {
+                Some(entry) if attempt == 1 => (entry.state, false),
+                cached => {
+                    let from = cached.map(|entry| entry.state).unwrap_or_default();
+                    (self.load_after(&stream, from).await?, true)
+                }
             };
-            if reaction.is_empty() && fired.is_none() {
-                self.keep(&stream, instance);
-                return Ok(SagaOutcome::NoChange);
-            }
+            let (reaction, fired) = loop {
+                let decision = decide(&instance, self.clock.now());
+                let writes = decision
+                    .as_ref()
+                    .is_some_and(|(reaction, fired)| !reaction.is_empty() || fired.is_some());
+                // A decision to write nothing is not checked by any append:
+                // only the stream's tail can confirm it.
+                if !writes && !verified {
+                    instance = self.load_after(&stream, instance).await?;
+                    verified = true;
+                    continue;
+                }
+                match decision {
+                    Some(decided) if writes => break decided,
+                    Some(_) => {
+                        self.keep(&stream, instance);
+                        return Ok(SagaOutcome::NoChange);
+                    }
+                    None => {
+                        let outcome = if instance.has_handled(cause) {
+                            SagaOutcome::Duplicate
+                        } else {
+                            SagaOutcome::Ignored
+                        };
+                        self.keep(&stream, instance);
+                        return Ok(outcome);
+                    }
+                }
+            };
             let records = self.records(&stream, cause, metadata, &reaction, fired.as_deref())?;
             let expected = ExpectedVersion::from_loaded(instance.version);
-            // Right up to its version whatever the append does: the next
-            // reaction reads on from there (this one's records included).
-            self.keep(&stream, instance);
+            // What the records will read back as, to bring a cached instance
+            // up to the new version without reading them.
+            let appended = self
+                .cache
+                .as_ref()
+                .map(|_| as_recorded(&stream, instance.version, &records));
             match self.store.append(&stream, expected, records).await {
                 Ok(result) => {
-                    return Ok(if result.written {
-                        SagaOutcome::Reacted {
-                            version: result.stream_version,
-                            position: result.position,
+                    if !result.written {
+                        self.keep(&stream, instance);
+                        return Ok(SagaOutcome::Duplicate);
+                    }
+                    if let Some(appended) = appended {
+                        let folded = appended
+                            .iter()
+                            .try_for_each(|recorded| self.fold(&mut instance, recorded));
+                        if folded.is_ok() && instance.version == result.stream_version {
+                            self.keep(&stream, instance);
                         }
-                    } else {
-                        SagaOutcome::Duplicate
-                    })
+                    }
+                    return Ok(SagaOutcome::Reacted {
+                        version: result.stream_version,
+                        position: result.position,
+                    });
                 }
                 Err(StoreError::WrongExpectedVersion { .. }) => {
+                    // Right up to its version: the retry reads on from there.
+                    self.keep(&stream, instance);
                     let backoff = Duration::from_micros(200 * u64::from(attempt.min(20)));
                     tokio::time::sleep(backoff.mul_f64(fastrand::f64())).await;
                 }
-                Err(other) => return Err(other.into()),
+                Err(other) => {
+                    self.keep(&stream, instance);
+                    return Err(other.into());
+                }
             }
         }
         Err(SagaError::Contention {
@@ -657,6 +700,26 @@ mod erased {
             })
         }
     }
+}
+
+/// Records about to be appended after `version`, as they will read back
+/// (positions aside, which folding does not use).
+fn as_recorded(stream: &StreamId, version: u64, records: &[NewEvent]) -> Vec<RecordedEvent> {
+    let recorded_at = Utc::now();
+    (version + 1..)
+        .zip(records)
+        .map(|(stream_version, new)| RecordedEvent {
+            event_id: new.event_id,
+            stream_id: stream.clone(),
+            stream_version,
+            position: Position::START,
+            event_type: Arc::clone(&new.event_type),
+            schema_version: new.schema_version,
+            payload: new.payload.clone(),
+            metadata: new.metadata.clone(),
+            recorded_at,
+        })
+        .collect()
 }
 
 /// A [`MessageHandler`] that feeds a saga: ack when handled (or a duplicate),

@@ -487,7 +487,7 @@ async fn managers_sharing_a_store_see_each_others_reactions() {
 }
 
 #[tokio::test]
-async fn an_instance_cache_reads_only_the_records_since_the_last_reaction() {
+async fn an_instance_cache_reads_nothing_before_a_reaction_it_writes() {
     let store = Arc::new(support::Interloper::new(false, None));
     let clock = Arc::new(ManualClock::default());
     let cached = SagaManager::<Reminder>::new(store.clone(), clock.clone()).with_instance_cache(16);
@@ -500,16 +500,48 @@ async fn an_instance_cache_reads_only_the_records_since_the_last_reaction() {
     ));
     assert!(matches!(
         cached.handle(&stopped).await.unwrap(),
-        SagaOutcome::Reacted { .. }
+        SagaOutcome::Reacted { version: 4, .. }
     ));
     assert_eq!(
         cached.handle(&stopped).await.unwrap(),
         SagaOutcome::Duplicate
     );
-    // Each reaction read on from where the previous one had loaded to: the
-    // third from version 3, not from the start.
-    assert_eq!(*store.reads_from.lock().unwrap(), vec![1, 1, 3]);
+    // The first reaction loaded the (empty) stream; the second decided on the
+    // instance the first left, reading nothing; the duplicate, which writes
+    // nothing, was confirmed by reading the tail after version 4.
+    assert_eq!(*store.reads_from.lock().unwrap(), vec![1, 5]);
     let uncached = SagaManager::<Reminder>::new(store.clone(), clock);
     let full = uncached.load(saga).await.unwrap();
     assert!(full.state.done && full.deadlines.is_empty());
+}
+
+#[tokio::test]
+async fn a_stale_cached_instance_never_decides_to_do_nothing() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let clock = Arc::new(ManualClock::default());
+    let a = SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone()).with_instance_cache(16);
+    let b = SagaManager::<Reminder>::new(Arc::clone(&store), clock);
+    let saga = Uuid::now_v7();
+    // a caches the instance while there is nothing to stop.
+    assert_eq!(
+        a.handle(&input(saga, &ReminderInput::Stopped))
+            .await
+            .unwrap(),
+        SagaOutcome::NoChange
+    );
+    // b starts it behind a's back.
+    assert!(matches!(
+        b.handle(&input(saga, &ReminderInput::Started))
+            .await
+            .unwrap(),
+        SagaOutcome::Reacted { .. }
+    ));
+    // On a's cached instance a stop changes nothing; on the stream it stops.
+    assert!(matches!(
+        a.handle(&input(saga, &ReminderInput::Stopped))
+            .await
+            .unwrap(),
+        SagaOutcome::Reacted { .. }
+    ));
+    assert!(b.load(saga).await.unwrap().state.done);
 }

@@ -312,7 +312,10 @@ async fn run(s: Scenario) -> Result<(), TestCaseError> {
         product.apply(&e);
     }
     let mut world = World {
-        manager: SagaManager::new(Arc::clone(&store), Arc::new(clock.clone())),
+        // As deployed: with the instance cache, so every reaction after the
+        // first decides on the instance the previous one left.
+        manager: SagaManager::new(Arc::clone(&store), Arc::new(clock.clone()))
+            .with_instance_cache(16),
         store,
         clock,
         order_id,
