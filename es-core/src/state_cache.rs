@@ -66,18 +66,26 @@ impl<A> StateCache<A> {
 
     /// Puts an entry (back) in, unless a newer one is there already.
     pub(crate) fn put(&self, stream: StreamId, entry: Entry<A>) {
-        let mut g = self.lock();
-        if let Some(present) = g.young.get(&stream).or_else(|| g.old.get(&stream)) {
-            if present.version >= entry.version {
-                return;
+        let evicted = {
+            let mut g = self.lock();
+            if let Some(present) = g.young.get(&stream).or_else(|| g.old.get(&stream)) {
+                if present.version >= entry.version {
+                    return;
+                }
             }
-        }
-        g.old.remove(&stream);
-        if g.young.len() >= self.capacity {
-            let young = std::mem::take(&mut g.young);
-            g.old = young;
-        }
-        g.young.insert(stream, entry);
+            g.old.remove(&stream);
+            let evicted = if g.young.len() >= self.capacity {
+                let young = std::mem::take(&mut g.young);
+                Some(std::mem::replace(&mut g.old, young))
+            } else {
+                None
+            };
+            g.young.insert(stream, entry);
+            evicted
+        };
+        // Freeing a generation of states takes a while: not under the lock,
+        // which every command on every aggregate of this type waits for.
+        drop(evicted);
     }
 
     /// How many entries it holds.
