@@ -397,8 +397,11 @@ impl<A: Aggregate> Repository<A> {
     /// no stream: one round trip to the store instead of two. When the stream
     /// exists after all, nothing is written and the command is executed as by
     /// [`Repository::execute`] (load, decide again, append), so the outcome is
-    /// the same as `execute`'s; only the cost of a wrong guess differs. Use it
-    /// where the id is fresh (a new UUID) and the stream almost never exists.
+    /// the same as `execute`'s; only the cost of a wrong guess differs. A
+    /// refusal, or a decision to write nothing, is never taken on the guess
+    /// alone (no append would check it): the stream is read and the command
+    /// decided again. Use it where the id is fresh (a new UUID) and the stream
+    /// almost never exists.
     pub async fn create(
         &self,
         id: impl fmt::Display,
@@ -501,6 +504,17 @@ impl<A: Aggregate> Repository<A> {
                     });
                 }
                 let events = match decide(&loaded.state) {
+                    // A refusal or a decision to write nothing, made on the
+                    // guessed empty state, is checked by no append: decide
+                    // again on the stream as it is.
+                    Ok(events) if assume_new && events.is_empty() => {
+                        assume_new = false;
+                        continue;
+                    }
+                    Err(_) if assume_new => {
+                        assume_new = false;
+                        continue;
+                    }
                     Ok(events) => events,
                     Err(refused) => {
                         self.keep(&stream, loaded);

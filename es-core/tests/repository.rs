@@ -354,10 +354,18 @@ async fn create_appends_without_reading_and_falls_back_when_the_stream_exists() 
     assert_eq!((again.stream_version, again.duplicate), (2, false));
     assert_eq!(store.reads.load(Ordering::SeqCst), 1);
     assert_eq!(repo.load("fresh").await.unwrap().state.value, 5);
+    // A refusal on the guessed empty state is not final: it is decided again
+    // on the stream as it is (which refuses too, here).
+    let reads = store.reads.load(Ordering::SeqCst);
     assert!(matches!(
         repo.create("fresh", inc(0), &Metadata::new()).await,
         Err(RepositoryError::Rejected(_))
     ));
+    assert_eq!(
+        store.reads.load(Ordering::SeqCst),
+        reads + 1,
+        "refused unread"
+    );
     let stream = StreamId::new("counter-fresh").unwrap();
     assert_eq!(store.stream_version(&stream).await.unwrap(), 2);
 }
