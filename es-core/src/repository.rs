@@ -363,10 +363,8 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.execute_with(id, metadata, None, move |state| {
-            state.handle(command.clone())
-        })
-        .await
+        self.decide_command(id, metadata, None, Start::Load, command)
+            .await
     }
 
     /// Executes a command at most once per `command_id`.
@@ -385,10 +383,8 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.execute_with(id, metadata, Some(command_id), move |state| {
-            state.handle(command.clone())
-        })
-        .await
+        self.decide_command(id, metadata, Some(command_id), Start::Load, command)
+            .await
     }
 
     /// Executes a command that starts a new aggregate, without reading first.
@@ -411,10 +407,8 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.run(id, metadata, None, Start::AssumeNew, move |state| {
-            state.handle(command.clone())
-        })
-        .await
+        self.decide_command(id, metadata, None, Start::AssumeNew, command)
+            .await
     }
 
     /// [`Repository::create`] at most once per `command_id`, as
@@ -432,14 +426,8 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.run(
-            id,
-            metadata,
-            Some(command_id),
-            Start::AssumeNew,
-            move |state| state.handle(command.clone()),
-        )
-        .await
+        self.decide_command(id, metadata, Some(command_id), Start::AssumeNew, command)
+            .await
     }
 
     /// Executes a decision given as a closure over the current state; the
@@ -453,6 +441,25 @@ impl<A: Aggregate> Repository<A> {
     ) -> Result<Committed<A::Event>, RepositoryError<A::Error>> {
         self.run(id, metadata, command_id, Start::Load, decide)
             .await
+    }
+
+    /// Runs a command through the aggregate's `handle`, decided again after
+    /// each lost race.
+    async fn decide_command(
+        &self,
+        id: impl fmt::Display,
+        metadata: &Metadata,
+        command_id: Option<Uuid>,
+        start: Start,
+        command: A::Command,
+    ) -> Result<Committed<A::Event>, RepositoryError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.run(id, metadata, command_id, start, move |state| {
+            state.handle(command.clone())
+        })
+        .await
     }
 
     async fn run(
