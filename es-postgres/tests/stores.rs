@@ -1,14 +1,16 @@
 //! Snapshots, checkpoints (in the caller's transaction), the inbox, the
-//! hold-back metric, and live subscriptions across stores and lost
-//! connections.
+//! hold-back metric, live subscriptions across stores and lost connections,
+//! and es-core's repository creating aggregates on PostgreSQL.
 
 #![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
 
 use std::time::Duration;
 
+use es_core::doc_support::counter::{Counter, CounterCommand};
 use es_core::testing::conformance::{event, events, unique_stream};
 use es_core::{
-    CheckpointStore, EventStore, ExpectedVersion, Inbox, Payload, Position, Snapshot, SnapshotStore,
+    CheckpointStore, EventStore, ExpectedVersion, Inbox, Metadata, Payload, Position, Repository,
+    Snapshot, SnapshotStore,
 };
 use es_postgres::{
     PostgresCheckpointStore, PostgresEventStore, PostgresInbox, PostgresSnapshotStore,
@@ -279,4 +281,46 @@ async fn next(
         .expect("no wake-up arrived")
         .expect("ended")
         .expect("failed")
+}
+
+/// `create` guesses that the stream is new; PostgreSQL's answers (a typed
+/// version conflict, an idempotent re-append) decide what happens next.
+#[tokio::test]
+async fn repository_create_on_postgres() {
+    let store = std::sync::Arc::new(es_postgres::testing::fresh_store().await);
+    let repo = Repository::<Counter>::new(store.clone());
+    let inc = |by| CounterCommand::Increment { by };
+    let meta = Metadata::new();
+    let id = Uuid::now_v7();
+    let first = repo.create(id, inc(2), &meta).await.unwrap();
+    assert_eq!((first.stream_version, first.duplicate), (1, false));
+    // The stream exists: the conflict makes it load and decide on version 1.
+    let second = repo.create(id, inc(3), &meta).await.unwrap();
+    assert_eq!((second.stream_version, second.duplicate), (2, false));
+    assert_eq!(repo.load(id).await.unwrap().state.value, 5);
+
+    let command_id = Uuid::now_v7();
+    let other = Uuid::now_v7();
+    let placed = repo
+        .create_once(other, command_id, inc(7), &meta)
+        .await
+        .unwrap();
+    assert!(!placed.duplicate);
+    // Same command again: PostgreSQL answers the same ids at the same
+    // positions as an idempotent success.
+    let again = repo
+        .create_once(other, command_id, inc(7), &meta)
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.events.is_empty(), "{again:?}");
+    // After the stream went on: the load after the conflict finds the id.
+    repo.execute(other, inc(1), &meta).await.unwrap();
+    let late = repo
+        .create_once(other, command_id, inc(7), &meta)
+        .await
+        .unwrap();
+    assert!(late.duplicate && late.events.is_empty(), "{late:?}");
+    let stream = repo.stream_id(other).unwrap();
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 2);
+    assert_eq!(repo.load(other).await.unwrap().state.value, 8);
 }
