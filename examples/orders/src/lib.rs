@@ -20,7 +20,10 @@ pub use error::{Error, Result};
 pub use money::Money;
 pub use system::{Backends, Config, System};
 
-use es_core::{Outcome, RepositoryError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use es_core::{Aggregate, EventStore, Outcome, Repository, RepositoryError, RetryPolicy};
 
 /// How many recently used aggregate states each repository, and saga
 /// instances the saga manager, keeps in memory (`with_state_cache`,
@@ -28,6 +31,19 @@ use es_core::{Outcome, RepositoryError};
 /// since, not the whole stream. Another instance of a service writing the
 /// same streams is seen in that tail, so caching is safe when scaled out.
 pub const CACHED_STATES: usize = 10_000;
+
+/// A repository as every service of both deployments uses it: the state cache
+/// of [`CACHED_STATES`] and a retry policy for hot aggregates (a popular
+/// product is raced for by many orders at once: many quick, short retries).
+pub(crate) fn repository<A: Aggregate>(store: Arc<dyn EventStore>) -> Repository<A> {
+    Repository::new(store)
+        .with_retry(RetryPolicy {
+            max_attempts: 64,
+            base_delay: Duration::from_micros(200),
+            max_delay: Duration::from_millis(20),
+        })
+        .with_state_cache(CACHED_STATES)
+}
 
 /// The bus outcome of a command executed on an aggregate: done or refused by
 /// the domain is an ack (a refusal is logged: the saga learns the state from

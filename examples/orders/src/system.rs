@@ -13,8 +13,8 @@ use axum::{Json, Router};
 use es_core::{
     CheckpointStore, Clock, DeadlineScheduler, Delivery, EventBus, EventStore, InMemoryBus,
     InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore, Inbox,
-    MessageHandler, Outcome, Relay, Repository, RetryPolicy, SagaHandler, SagaManager,
-    SnapshotPolicy, SnapshotStore, Subscription, SubscriptionHandle, SystemClock,
+    MessageHandler, Outcome, Relay, SagaHandler, SagaManager, SnapshotPolicy, SnapshotStore,
+    Subscription, SubscriptionHandle, SystemClock,
 };
 use serde::Serialize;
 use tokio::sync::watch;
@@ -187,38 +187,22 @@ impl System {
         telemetry::prometheus();
         let store = Arc::clone(&backends.store);
         let bus = Arc::clone(&backends.bus);
-        let hot = RetryPolicy {
-            max_attempts: 64,
-            base_delay: Duration::from_micros(200),
-            max_delay: Duration::from_millis(20),
-        };
         let catalog = Arc::new(Catalog::new());
         let orders = Arc::new(OrderService::new(
-            Repository::new(Arc::clone(&store))
-                .with_retry(hot)
-                .with_state_cache(crate::CACHED_STATES),
+            crate::repository(Arc::clone(&store)),
             Arc::clone(&catalog),
             Arc::clone(&config.clock),
             config.payment_timeout,
         ));
         let inventory = Arc::new(InventoryService::new(
-            Repository::new(Arc::clone(&store))
-                .with_retry(hot)
-                .with_snapshots(
-                    Arc::clone(&backends.snapshots),
-                    SnapshotPolicy::Every(16),
-                    1,
-                )
-                .with_state_cache(crate::CACHED_STATES),
-            Repository::new(Arc::clone(&store))
-                .with_retry(hot)
-                .with_state_cache(crate::CACHED_STATES),
+            crate::repository(Arc::clone(&store)).with_snapshots(
+                Arc::clone(&backends.snapshots),
+                SnapshotPolicy::Every(16),
+                1,
+            ),
+            crate::repository(Arc::clone(&store)),
         ));
-        let payments = Arc::new(PaymentService::new(
-            Repository::new(Arc::clone(&store))
-                .with_retry(hot)
-                .with_state_cache(crate::CACHED_STATES),
-        ));
+        let payments = Arc::new(PaymentService::new(crate::repository(Arc::clone(&store))));
         let sent = Arc::new(RecordingSink::default());
         let notifications = Arc::new(NotificationService::new(
             Arc::clone(&backends.inbox),

@@ -103,18 +103,24 @@ async fn an_incoming_traceparent_is_the_orders_trace() {
     let app = common::app().await;
     let widget = app.product("Traced", "1.00", 5).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let (status, placed) = app
-        .call(
-            "POST",
-            "/api/orders",
-            Some(json!({
-                "customer_email": "t@example.com",
-                "items": [{"product_id": widget, "quantity": 1}],
-                "payment": {"card_token": "tok_ok"}
-            })),
-            &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
-        )
-        .await;
+    let place = |traceparent: String| {
+        let body = json!({
+            "customer_email": "t@example.com",
+            "items": [{"product_id": widget, "quantity": 1}],
+            "payment": {"card_token": "tok_ok"}
+        });
+        let app = &app;
+        async move {
+            app.call(
+                "POST",
+                "/api/orders",
+                Some(body),
+                &[("traceparent", &traceparent)],
+            )
+            .await
+        }
+    };
+    let (status, placed) = place(format!("00-{trace}-00f067aa0ba902b7-01")).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
     let id = placed["order_id"].as_str().unwrap();
     assert_eq!(app.finished(id).await["status"], "Completed");
@@ -132,18 +138,7 @@ async fn an_incoming_traceparent_is_the_orders_trace() {
     }
 
     // A malformed traceparent is ignored: the order id is the trace id.
-    let (_, placed) = app
-        .call(
-            "POST",
-            "/api/orders",
-            Some(json!({
-                "customer_email": "t@example.com",
-                "items": [{"product_id": widget, "quantity": 1}],
-                "payment": {"card_token": "tok_ok"}
-            })),
-            &[("traceparent", "not-a-traceparent")],
-        )
-        .await;
+    let (_, placed) = place("not-a-traceparent".to_owned()).await;
     let id = placed["order_id"].as_str().unwrap();
     app.finished(id).await;
     let events = app.order_events(id).await;

@@ -32,9 +32,8 @@ use async_trait::async_trait;
 use axum::routing::get;
 use axum::{Json, Router};
 use es_core::{
-    DeadlineScheduler, Delivery, EventBus, EventStore, MessageHandler, Outcome, Repository,
-    RetryPolicy, SagaHandler, SagaManager, SnapshotPolicy, Subscription, SubscriptionHandle,
-    SystemClock,
+    DeadlineScheduler, Delivery, EventBus, EventStore, MessageHandler, Outcome, SagaHandler,
+    SagaManager, SnapshotPolicy, Subscription, SubscriptionHandle, SystemClock,
 };
 use es_postgres::sqlx::postgres::PgConnectOptions;
 use es_postgres::sqlx::PgPool;
@@ -417,11 +416,6 @@ impl Node {
 
         if needs_pg {
             let pool = pg_pool(args, &application).await?;
-            let hot = RetryPolicy {
-                max_attempts: 64,
-                base_delay: Duration::from_micros(200),
-                max_delay: Duration::from_millis(20),
-            };
             let sub = |group: &str, bindings: Vec<String>| {
                 Subscription::new(group, bindings)
                     .with_prefetch(args.prefetch)
@@ -444,9 +438,7 @@ impl Node {
                 let pg_catalog = PgCatalog::start(pool.clone(), &schema, stopped.clone()).await?;
                 let catalog: Arc<Catalog> = pg_catalog.catalog();
                 let orders = Arc::new(OrderService::new(
-                    Repository::new(Arc::clone(&shared))
-                        .with_retry(hot)
-                        .with_state_cache(crate::CACHED_STATES),
+                    crate::repository(Arc::clone(&shared)),
                     Arc::clone(&catalog),
                     Arc::clone(&clock),
                     payment_timeout,
@@ -515,13 +507,12 @@ impl Node {
                     Arc::new(store(&pool, &schema, args.append_slots)?);
                 let snapshots = Arc::new(PostgresSnapshotStore::new(pool.clone(), &schema));
                 let inventory = Arc::new(InventoryService::new(
-                    Repository::new(Arc::clone(&shared))
-                        .with_retry(hot)
-                        .with_snapshots(snapshots, SnapshotPolicy::Every(64), 1)
-                        .with_state_cache(crate::CACHED_STATES),
-                    Repository::new(Arc::clone(&shared))
-                        .with_retry(hot)
-                        .with_state_cache(crate::CACHED_STATES),
+                    crate::repository(Arc::clone(&shared)).with_snapshots(
+                        snapshots,
+                        SnapshotPolicy::Every(64),
+                        1,
+                    ),
+                    crate::repository(Arc::clone(&shared)),
                 ));
                 subscriptions.push(
                     bus.subscribe(
@@ -545,11 +536,7 @@ impl Node {
                 migrate(&pool, &schema).await?;
                 let shared: Arc<dyn EventStore> =
                     Arc::new(store(&pool, &schema, args.append_slots)?);
-                let payments = Arc::new(PaymentService::new(
-                    Repository::new(shared)
-                        .with_retry(hot)
-                        .with_state_cache(crate::CACHED_STATES),
-                ));
+                let payments = Arc::new(PaymentService::new(crate::repository(shared)));
                 subscriptions.push(
                     bus.subscribe(
                         sub(
