@@ -128,8 +128,8 @@ struct Snapshots<A> {
 /// given to every event it produces, so caused events keep the correlation id.
 ///
 /// With [`Repository::with_state_cache`] it also keeps the states of recently
-/// used aggregates in memory, so a command reads only the events appended
-/// since (usually none) instead of the whole stream.
+/// used aggregates in memory, so a command on one of them reads nothing: it is
+/// decided on the cached state and appended expecting the cached version.
 pub struct Repository<A: Aggregate> {
     store: Arc<dyn EventStore>,
     codec: EventCodec<A::Event>,
@@ -185,10 +185,22 @@ fn decode_state<A: DeserializeOwned>(payload: &Payload) -> Result<A, CodecError>
 /// How a command's first attempt finds the aggregate's state.
 #[derive(Clone, Copy)]
 enum Start {
-    /// Load it (cache, snapshot, stream).
+    /// Take the cached state, else load it (snapshot, stream).
     Load,
-    /// Assume the stream does not exist yet; load only when that was wrong.
+    /// Take the cached state, else assume the stream does not exist yet.
     AssumeNew,
+}
+
+/// A state a command is decided on without reading the stream first. The
+/// append's expected version checks the guess; a refusal or a decision to
+/// write nothing made on it is checked by nothing, so it is decided again on
+/// the stream as read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Guess {
+    /// The empty state of a stream assumed not to exist.
+    New,
+    /// The state cached after this process's last command on the stream.
+    Cached,
 }
 
 /// Whether an append failed because some of its event ids are stored
@@ -216,12 +228,20 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// Keeps the states of up to about `capacity` recently used aggregates in
-    /// memory (shared by the clones of this repository). A command then
-    /// starts from the cached state and reads only the events appended since,
-    /// usually none: a command on a long stream costs what one on a new stream
-    /// does. Writers in other processes are no problem: the tail is always
-    /// read, and the append checks the version. Memory grows with `capacity`
-    /// times the size of a state; `load` does not use the cache.
+    /// memory (shared by the clones of this repository). A command on a cached
+    /// aggregate is decided on the cached state without reading, and appended
+    /// expecting the cached version: one round trip to the store, whatever the
+    /// stream's length.
+    ///
+    /// Writers elsewhere (other processes, an uncached repository) are no
+    /// problem: their events make that append fail, and the command is
+    /// decided again on the tail read after the cached version (no backoff, no
+    /// attempt spent). A refusal or a decision to write nothing, made on the
+    /// cached state, is checked by no append, so it is only returned after
+    /// reading the tail and deciding again. For [`Repository::execute_once`]
+    /// the store's event ids catch a command id executed before: its derived
+    /// ids are stored already, and the append is refused. Memory grows with
+    /// `capacity` times the size of a state; `load` does not use the cache.
     #[must_use]
     pub fn with_state_cache(mut self, capacity: usize) -> Self {
         self.cache = Some(Arc::new(StateCache::new(capacity)));
@@ -482,23 +502,14 @@ impl<A: Aggregate> Repository<A> {
         async {
             let marker = command_id.map(|c| derived_id(c, stream.as_str(), 0));
             let mut attempt = 1;
-            // A state cached for the stream proves it exists: no guessing.
-            let mut assume_new = matches!(start, Start::AssumeNew)
-                && self
-                    .cache
-                    .as_ref()
-                    .is_none_or(|cache| !cache.contains(&stream));
+            let mut guess = self.first_guess(&stream, start);
             loop {
-                let (loaded, duplicate) = if assume_new {
-                    (
-                        Loaded {
-                            state: A::default(),
-                            version: 0,
-                        },
-                        false,
-                    )
-                } else {
-                    self.load_stream(&stream, marker, true).await?
+                // Whether the state about to be decided on was read from the
+                // store (`None`), or only guessed.
+                let guessed = guess.as_ref().map(|(kind, _)| *kind);
+                let (loaded, duplicate) = match guess.take() {
+                    Some((_, loaded)) => (loaded, false),
+                    None => self.load_stream(&stream, marker, true).await?,
                 };
                 if duplicate {
                     let version = loaded.version;
@@ -511,15 +522,15 @@ impl<A: Aggregate> Repository<A> {
                     });
                 }
                 let events = match decide(&loaded.state) {
-                    // A refusal or a decision to write nothing, made on the
-                    // guessed empty state, is checked by no append: decide
-                    // again on the stream as it is.
-                    Ok(events) if assume_new && events.is_empty() => {
-                        assume_new = false;
+                    // A refusal or a decision to write nothing, made on a
+                    // guessed state, is checked by no append: decide again on
+                    // the stream as it is.
+                    Ok(events) if guessed.is_some() && events.is_empty() => {
+                        self.drop_guess(&stream, guessed, loaded);
                         continue;
                     }
-                    Err(_) if assume_new => {
-                        assume_new = false;
+                    Err(_) if guessed.is_some() => {
+                        self.drop_guess(&stream, guessed, loaded);
                         continue;
                     }
                     Ok(events) => events,
@@ -577,10 +588,11 @@ impl<A: Aggregate> Repository<A> {
                             duplicate: true,
                         });
                     }
-                    // The guess that the stream is new was wrong: not a race,
-                    // so no backoff and no attempt spent; load and decide.
-                    Err(StoreError::WrongExpectedVersion { .. }) if assume_new => {
-                        assume_new = false;
+                    // The guessed state was not the stream's (it is not new,
+                    // or others wrote since the state was cached): not a race
+                    // lost, so no backoff and no attempt spent; load and decide.
+                    Err(StoreError::WrongExpectedVersion { .. }) if guessed.is_some() => {
+                        self.drop_guess(&stream, guessed, loaded);
                     }
                     Err(StoreError::WrongExpectedVersion { .. })
                         if attempt < self.retry.max_attempts =>
@@ -609,6 +621,35 @@ impl<A: Aggregate> Repository<A> {
         }
         .instrument(span)
         .await
+    }
+
+    /// The state a command's first attempt decides on unread, if any: the
+    /// cached one (which proves the stream exists), else for a create the
+    /// empty one.
+    fn first_guess(&self, stream: &StreamId, start: Start) -> Option<(Guess, Loaded<A>)> {
+        if let Some(entry) = self.cache.as_ref().and_then(|cache| cache.take(stream)) {
+            let loaded = Loaded {
+                state: entry.state,
+                version: entry.version,
+            };
+            return Some((Guess::Cached, loaded));
+        }
+        matches!(start, Start::AssumeNew).then(|| {
+            let empty = Loaded {
+                state: A::default(),
+                version: 0,
+            };
+            (Guess::New, empty)
+        })
+    }
+
+    /// A guess that did not hold: a cached state goes back to the cache
+    /// (it is still right up to its version, so the load reads on from
+    /// there); the empty state of a stream that exists is dropped.
+    fn drop_guess(&self, stream: &StreamId, guessed: Option<Guess>, loaded: Loaded<A>) {
+        if guessed == Some(Guess::Cached) {
+            self.keep(stream, loaded);
+        }
     }
 
     /// Puts a loaded state (still right up to its version) back in the cache.

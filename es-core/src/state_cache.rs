@@ -1,11 +1,12 @@
 //! The [`Repository`](crate::Repository)'s cache of aggregate states.
 //!
 //! An entry is an aggregate's state with the stream version it reflects. A
-//! command takes the entry out (so two commands never share a state), reads
-//! only the events after that version, decides, and puts the new state back
-//! once its events are appended. A command on the same aggregate running at the
-//! same time finds no entry and loads in full; a stale entry is never wrong,
-//! only short of the tail, which every load reads.
+//! command takes the entry out (so two commands never share a state), decides
+//! on it, and appends expecting its version; once the events are appended the
+//! new state goes back. A command on the same aggregate running at the same
+//! time finds no entry and loads in full. A stale entry is never wrong, only
+//! short of the tail: the append expecting its version fails, and the command
+//! reads the tail from there.
 //!
 //! Eviction is by two generations: entries live in `young`; when it is full it
 //! becomes `old` (dropping the previous `old`), and an entry found in `old` is

@@ -263,6 +263,74 @@ async fn a_state_cache_reads_only_the_tail_and_sees_other_writers() {
 }
 
 #[tokio::test]
+async fn a_cached_state_is_decided_on_unread_and_checked_by_the_append() {
+    let store = Arc::new(Interloper::new(false, None));
+    let cached = Repository::<Counter>::new(store.clone()).with_state_cache(16);
+    let other = Repository::<Counter>::new(store.clone());
+    let first = Uuid::now_v7();
+    cached
+        .execute_once("c", first, inc(1), &Metadata::new())
+        .await
+        .unwrap();
+    // The first command read the (empty) stream; on the cached state
+    // `execute_once` reads nothing.
+    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+    cached
+        .execute_once("c", Uuid::now_v7(), inc(2), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+
+    // A command id whose events the cached state holds already: the cached
+    // decision appends the same derived ids, which the store refuses, so it
+    // is a duplicate, still unread.
+    let again = cached
+        .execute_once("c", first, inc(1), &Metadata::new())
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.events.is_empty(), "{again:?}");
+    assert_eq!(again.stream_version, 2);
+    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+
+    // Another writer appends: the append expecting the cached version fails,
+    // and the command reads the tail after it and is decided again there.
+    other.execute("c", inc(10), &Metadata::new()).await.unwrap();
+    let mut decided_on = Vec::new();
+    let after = cached
+        .execute_with("c", &Metadata::new(), None, |state| {
+            decided_on.push(state.value);
+            Ok(vec![CounterEvent::Incremented { by: 1 }])
+        })
+        .await
+        .unwrap();
+    assert_eq!(decided_on, vec![3, 13]);
+    assert_eq!(after.stream_version, 4);
+    assert_eq!(*store.reads_from.lock().unwrap(), vec![1, 3]);
+
+    // A refusal decided on the cached state is confirmed on the tail first.
+    other.execute("c", inc(100), &Metadata::new()).await.unwrap();
+    let mut refused_on = Vec::new();
+    let refused = cached
+        .execute_with("c", &Metadata::new(), None, |state| {
+            refused_on.push(state.value);
+            if state.value < 100 {
+                Err(es_core::doc_support::counter::CounterError::ZeroStep)
+            } else {
+                Ok(vec![CounterEvent::Incremented { by: 1 }])
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused_on, vec![14, 114], "a cached refusal was final");
+    assert_eq!(refused.stream_version, 6);
+    assert_eq!(*store.reads_from.lock().unwrap(), vec![1, 3, 5]);
+    assert_eq!(
+        cached.load("c").await.unwrap(),
+        other.load("c").await.unwrap()
+    );
+}
+
+#[tokio::test]
 async fn a_command_id_hidden_behind_a_snapshot_is_still_a_duplicate() {
     let store = Arc::new(InMemoryEventStore::new());
     let repo = Repository::<Counter>::new(store.clone())
@@ -296,8 +364,8 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
     /// Whatever mix of writers (cached, uncached, a tiny cache that evicts,
-    /// commands with ids, refused commands), a cached repository decides on
-    /// exactly the state a full load gives.
+    /// commands with ids, refused commands), the decision a cached repository
+    /// returns or writes was taken on exactly the state a full load gives.
     #[test]
     fn cached_decisions_see_the_state_a_full_load_gives(
         ops in proptest::collection::vec((0u8..4, 0u8..3, 0u32..4), 1..60)
