@@ -621,64 +621,34 @@ pub async fn concurrent_appenders_race_on_one_stream(store: Arc<dyn EventStore>)
     );
 }
 
-/// A subscriber running while many writers append to many streams sees every
-/// acknowledged event exactly once, in strictly increasing positions, each
-/// stream in version order.
-pub async fn subscriber_sees_concurrent_writers_in_order(store: Arc<dyn EventStore>) {
-    const WRITERS: u64 = 8;
-    const STREAMS_PER_WRITER: u64 = 10;
-    const EVENTS_PER_STREAM: u64 = 5;
-    let start = store
-        .head()
-        .await
-        .unwrap_or_else(|e| panic!("head failed: {e}"));
-    let mut subscription = store.subscribe_all(start);
-    let mut tasks = Vec::new();
-    for writer in 0..WRITERS {
-        let store = Arc::clone(&store);
-        tasks.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for _ in 0..STREAMS_PER_WRITER {
-                let stream = unique_stream("torture");
-                for version in 0..EVENTS_PER_STREAM {
-                    let batch = events(writer, 1 + version % 2);
-                    acked.extend(batch.iter().map(|e| e.event_id));
-                    let expected = if version == 0 {
-                        ExpectedVersion::NoStream
-                    } else {
-                        ExpectedVersion::StreamExists
-                    };
-                    store
-                        .append(&stream, expected, batch)
-                        .await
-                        .unwrap_or_else(|e| panic!("append failed: {e}"));
-                }
-            }
-            acked
-        }));
-    }
-    let mut acked = HashSet::new();
-    for task in tasks {
-        acked.extend(
-            task.await
-                .unwrap_or_else(|e| panic!("writer panicked: {e}")),
-        );
-    }
-    let mut seen = HashSet::new();
-    let mut last = start;
+/// What the live subscriber of [`subscriber_sees_concurrent_writers_in_order`]
+/// saw.
+struct LiveDrain {
+    /// The check's events, in delivery order.
+    delivered: Vec<RecordedEvent>,
+    /// How many of them arrived before the last writer finished.
+    while_writing: usize,
+}
+
+/// Drains `subscription` until it has delivered every id in `expected`,
+/// asserting as it goes that positions strictly increase, that no event comes
+/// twice and that each stream's versions follow on from 1; then listens a
+/// little longer for repeats. Publishes how many expected events it has seen
+/// on `seen`.
+async fn drain_live(
+    mut subscription: Subscription,
+    after: Position,
+    expected: HashSet<Uuid>,
+    seen: tokio::sync::watch::Sender<usize>,
+    writers_done: Arc<std::sync::atomic::AtomicBool>,
+) -> LiveDrain {
+    use std::sync::atomic::Ordering;
+    let mut delivered = Vec::new();
+    let mut ids = HashSet::new();
+    let mut last = after;
     let mut versions: HashMap<StreamId, u64> = HashMap::new();
-    while seen.len() < acked.len() {
-        let next = tokio::time::timeout(Duration::from_secs(20), subscription.next()).await;
-        let event = match next {
-            Ok(Some(Ok(e))) => e,
-            Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
-            Ok(None) => panic!("subscription ended"),
-            Err(_) => panic!(
-                "subscription stalled: saw {} of {} events",
-                seen.len(),
-                acked.len()
-            ),
-        };
+    let mut while_writing = 0;
+    let mut check = |event: RecordedEvent, delivered: &mut Vec<RecordedEvent>| {
         assert!(
             event.position > last,
             "position {} not after {}",
@@ -686,11 +656,11 @@ pub async fn subscriber_sees_concurrent_writers_in_order(store: Arc<dyn EventSto
             last
         );
         last = event.position;
-        if !acked.contains(&event.event_id) {
-            continue;
+        if !expected.contains(&event.event_id) {
+            return;
         }
         assert!(
-            seen.insert(event.event_id),
+            ids.insert(event.event_id),
             "event {} delivered twice",
             event.event_id
         );
@@ -702,8 +672,166 @@ pub async fn subscriber_sees_concurrent_writers_in_order(store: Arc<dyn EventSto
             event.stream_id
         );
         *v = event.stream_version;
+        delivered.push(event);
+    };
+    while delivered.len() < expected.len() {
+        let next = tokio::time::timeout(Duration::from_secs(20), subscription.next()).await;
+        let event = match next {
+            Ok(Some(Ok(e))) => e,
+            Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
+            Ok(None) => panic!("subscription ended"),
+            Err(_) => panic!(
+                "subscription stalled: saw {} of {} events",
+                delivered.len(),
+                expected.len()
+            ),
+        };
+        let writing = !writers_done.load(Ordering::Acquire);
+        let before = delivered.len();
+        check(event, &mut delivered);
+        if delivered.len() > before {
+            while_writing += usize::from(writing);
+            seen.send_replace(delivered.len());
+        }
     }
-    assert_eq!(seen, acked);
+    // Anything more of ours would be a repeat (`check` panics on it).
+    while let Ok(next) = tokio::time::timeout(Duration::from_millis(200), subscription.next()).await
+    {
+        match next {
+            Some(Ok(e)) => check(e, &mut delivered),
+            Some(Err(e)) => panic!("subscription failed: {e}"),
+            None => panic!("subscription ended"),
+        }
+    }
+    LiveDrain {
+        delivered,
+        while_writing,
+    }
+}
+
+/// A subscriber draining the log live, in its own task, while many writers
+/// append to many streams, sees every committed event exactly once, in
+/// strictly increasing positions, each stream's versions contiguous from 1.
+///
+/// Half-way through its streams each writer waits until the subscriber has
+/// delivered at least as many of the check's events as that writer has
+/// committed, so the subscriber provably keeps up with writers still running
+/// rather than catching up once they are done.
+pub async fn subscriber_sees_concurrent_writers_in_order(store: Arc<dyn EventStore>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const WRITERS: u64 = 8;
+    const STREAMS_PER_WRITER: usize = 10;
+    const APPENDS_PER_STREAM: u64 = 5;
+    let start = store
+        .head()
+        .await
+        .unwrap_or_else(|e| panic!("head failed: {e}"));
+    // Every writer's streams and batches, planned up front so the subscriber
+    // knows which events to wait for.
+    let plans: Vec<Vec<(StreamId, Vec<Vec<NewEvent>>)>> = (0..WRITERS)
+        .map(|writer| {
+            (0..STREAMS_PER_WRITER)
+                .map(|_| {
+                    let batches = (0..APPENDS_PER_STREAM)
+                        .map(|append| events(writer, 1 + append % 2))
+                        .collect();
+                    (unique_stream("torture"), batches)
+                })
+                .collect()
+        })
+        .collect();
+    let expected: HashSet<Uuid> = plans
+        .iter()
+        .flatten()
+        .flat_map(|(_, batches)| batches.iter().flatten().map(|e| e.event_id))
+        .collect();
+    let writers_done = Arc::new(AtomicBool::new(false));
+    let (seen_tx, seen_rx) = tokio::sync::watch::channel(0usize);
+    let subscriber = tokio::spawn(drain_live(
+        store.subscribe_all(start),
+        start,
+        expected.clone(),
+        seen_tx,
+        Arc::clone(&writers_done),
+    ));
+    let mut tasks = Vec::new();
+    for plan in plans {
+        let store = Arc::clone(&store);
+        let mut seen = seen_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for (i, (stream, batches)) in plan.into_iter().enumerate() {
+                if i == STREAMS_PER_WRITER / 2 {
+                    let mine = committed.len();
+                    match tokio::time::timeout(
+                        Duration::from_secs(20),
+                        seen.wait_for(|n| *n >= mine),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => panic!("the subscriber stopped while writers ran"),
+                        Err(_) => {
+                            panic!("the subscriber did not deliver {mine} events while writers ran")
+                        }
+                    }
+                }
+                for (append, batch) in batches.into_iter().enumerate() {
+                    let ids: Vec<Uuid> = batch.iter().map(|e| e.event_id).collect();
+                    let expected = if append == 0 {
+                        ExpectedVersion::NoStream
+                    } else {
+                        ExpectedVersion::StreamExists
+                    };
+                    store
+                        .append(&stream, expected, batch)
+                        .await
+                        .unwrap_or_else(|e| panic!("append failed: {e}"));
+                    committed.extend(ids);
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = HashSet::new();
+    for task in tasks {
+        committed.extend(
+            task.await
+                .unwrap_or_else(|e| panic!("writer panicked: {e}")),
+        );
+    }
+    writers_done.store(true, Ordering::Release);
+    let drained = subscriber
+        .await
+        .unwrap_or_else(|e| panic!("subscriber panicked: {e}"));
+    assert_eq!(committed, expected, "a writer lost an append");
+    let delivered: HashSet<Uuid> = drained.delivered.iter().map(|e| e.event_id).collect();
+    assert_eq!(
+        delivered.len(),
+        drained.delivered.len(),
+        "an event came twice"
+    );
+    assert_eq!(delivered, committed, "the subscriber missed events");
+    assert!(
+        drained.while_writing > 0,
+        "the subscriber saw nothing while the writers ran"
+    );
+    // Delivery order is the log's order.
+    let log: Vec<Uuid> = whole_log(&*store, start)
+        .await
+        .into_iter()
+        .map(|e| e.event_id)
+        .filter(|id| committed.contains(id))
+        .collect();
+    assert_eq!(
+        drained
+            .delivered
+            .iter()
+            .map(|e| e.event_id)
+            .collect::<Vec<_>>(),
+        log,
+        "the subscription's order differs from read_all's"
+    );
 }
 
 #[cfg(test)]
