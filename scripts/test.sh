@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings up what the tests need (PostgreSQL, RabbitMQ, Redis on loopback) and runs
-# the whole suite: rustfmt check, clippy with warnings denied, every test in one build.
+# the whole suite: rustfmt check, clippy and rustdoc with warnings denied, every test
+# in one build.
 #
 #   scripts/test.sh            # everything
 #   SKIP_LINT=1 scripts/test.sh  # tests only
@@ -32,6 +33,12 @@ if [ -z "${SKIP_LINT:-}" ]; then
   cargo fmt --all -- --check
   step "cargo clippy (warnings are errors)"
   cargo clippy --workspace --all-targets -- -D warnings
+  # No workspace member enables the umbrella's features, so the run above builds
+  # `es` without its re-exports of the backends: lint those too.
+  step "cargo clippy -p es --all-features (warnings are errors)"
+  cargo clippy -p es --all-features -- -D warnings
+  step "cargo doc (warnings are errors)"
+  RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 fi
 
 step "cargo test --workspace"

@@ -1,8 +1,9 @@
 //! Event sourcing and CQRS for Rust.
 //!
 //! This umbrella crate re-exports [`es_core`] and, behind features, the
-//! production backends: `postgres` ([`es_postgres`]), `rabbit` ([`es_rabbit`])
-//! and `projections` ([`es_projections`]).
+//! production backends: `postgres` (`es_postgres`, as `es::postgres`), `rabbit`
+//! (`es_rabbit`, as `es::rabbit`) and `projections` (`es_projections`, as
+//! `es::projections`).
 
 pub use es_core::*;
 
