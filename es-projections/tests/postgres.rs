@@ -376,69 +376,210 @@ async fn waiting_for_a_position_works_from_another_process() {
     cleanup(&pool, &[&schema, &model]).await;
 }
 
+/// A pool of its own whose sessions carry a unique application name (the
+/// leader lock's session too: it is opened from the pool's options), so a
+/// test can tell whose a session is, or kill them all as a dying process
+/// would lose them.
+async fn named_pool(tag: &str) -> (sqlx::PgPool, String) {
+    let app = format!(
+        "esp-{tag}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let options: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.application_name(&app))
+        .await
+        .unwrap();
+    (pool, app)
+}
+
+/// The sessions (pid, application name) holding the leader lock of
+/// projection `ledger` in runner schema `schema`.
+async fn lock_holders(pool: &sqlx::PgPool, schema: &str) -> Vec<(i32, String)> {
+    sqlx::query_as(
+        "SELECT l.pid, coalesce(a.application_name, '') FROM pg_locks l \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         CROSS JOIN (SELECT hashtextextended($1, 0) AS k) key \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.classid = ((key.k >> 32) & 4294967295)::oid \
+           AND l.objid = (key.k & 4294967295)::oid",
+    )
+    .bind(format!("es-leader:es-projections:{schema}.ledger"))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until exactly one session holds the lock and `pick` accepts it.
+async fn wait_for_holder(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    pick: impl Fn(&(i32, String)) -> bool,
+) -> (i32, String) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let now = lock_holders(pool, schema).await;
+            if now.len() == 1 && pick(&now[0]) {
+                return now[0].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("nobody took the lock")
+}
+
+/// The leader dies abruptly in the middle of a batch, as its process being
+/// killed would: its task is aborted and every session it had (the leader
+/// lock's, and the one with the open batch transaction) is terminated,
+/// without releasing anything. The standby waiting on its own pool takes the
+/// lock, becomes the active runner, and catches up to the head, every event
+/// applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_from_a_leader_that_died_mid_batch() {
+    let (pool, schema, model) = fresh().await;
+    let (pool_a, app_a) = named_pool("a").await;
+    let (pool_b, app_b) = named_pool("b").await;
+    let store = InMemoryEventStore::new();
+    let first = seed(&store, 100, 5).await;
+    let options = RunnerOptions::default().batch_size(10);
+    // A commits the first 100 events, then hangs in its 105th apply, with
+    // rows written in its open transaction.
+    let ledger_a = Ledger::new("ledger");
+    ledger_a.hang_at.store(105, Ordering::SeqCst);
+    let a = runner(&pool_a, &schema, &model, &store, &ledger_a, options.clone());
+    let (_stop_a, stop) = watch::channel(false);
+    let task_a = tokio::spawn(async move { a.run(stop).await });
+    wait_for_checkpoint(&pool, &schema, "ledger", first, WAIT)
+        .await
+        .unwrap();
+    let ledger_b = Ledger::new("ledger");
+    let b = runner(&pool_b, &schema, &model, &store, &ledger_b, options).spawn();
+    // B is a standby: not set up, not moving.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(b.state(), RunState::Starting), "{:?}", b.state());
+    assert_eq!(lock_holders(&pool, &schema).await[0].1, app_a);
+    let head = seed(&store, 50, 5).await;
+    tokio::time::timeout(WAIT, ledger_a.reached.notified())
+        .await
+        .expect("A reached the middle of a batch");
+
+    // A dies: every session of its process goes, and its task with them.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \
+         FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&app_a)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    task_a.abort();
+    let died = task_a.await;
+    assert!(
+        matches!(&died, Err(e) if e.is_cancelled()),
+        "A ended by itself: {died:?}"
+    );
+    assert!(killed >= 2, "the lock's and the batch's sessions: {killed}");
+    // A's open batch did not land: the model matches A's last checkpoint.
+    let at_death = load_checkpoint(&pool, &schema, "ledger")
+        .await
+        .unwrap()
+        .unwrap();
+    let committed = store
+        .read_all(Position::START, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.position <= at_death)
+        .count() as i64;
+    assert!(committed < 150, "A had applied everything before dying");
+
+    // B, specifically, becomes the active runner and catches up.
+    let holder = wait_for_holder(&pool, &schema, |h| h.1 == app_b).await;
+    b.wait_for(head, WAIT).await.unwrap();
+    assert!(matches!(b.state(), RunState::Running), "{:?}", b.state());
+    assert_eq!(b.position(), head);
+    assert_eq!(lock_holders(&pool, &schema).await, vec![holder]);
+    assert!(
+        ledger_b.applies.load(Ordering::SeqCst) >= (150 - committed) as u64,
+        "B did not apply what A left"
+    );
+    assert_eq!(ledger_counts(&pool, &model).await, (150, 150));
+    let total: i64 = balances(&pool, &model).await.iter().map(|b| b.1).sum();
+    assert_eq!(total, (1..=100).sum::<i64>() + (1..=50).sum::<i64>());
+    assert_eq!(
+        load_checkpoint(&pool, &schema, "ledger").await.unwrap(),
+        Some(head)
+    );
+    b.stop().await.unwrap();
+    pool_a.close().await;
+    pool_b.close().await;
+    cleanup(&pool, &[&schema, &model]).await;
+}
+
 /// The leader's lock connection is killed (as a network failure would): the
-/// leader notices, stops acting as leader, and a standby (or the old leader,
-/// once it wins the lock again) finishes the work, exactly once.
+/// leader notices and stops acting as leader; whichever runner takes the
+/// lock again (the standby, or the old leader winning it back) is the one
+/// that runs and finishes the work, exactly once, while the other stays a
+/// standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_lock_connection_dies_steps_down_and_the_work_goes_on_once() {
     let (pool, schema, model) = fresh().await;
+    let (pool_a, app_a) = named_pool("a").await;
+    let (pool_b, app_b) = named_pool("b").await;
     let store = InMemoryEventStore::new();
     let first = seed(&store, 100, 5).await;
     let ledger = Ledger::new("ledger");
     let options = RunnerOptions::default().batch_size(10);
-    let a = runner(&pool, &schema, &model, &store, &ledger, options.clone()).spawn();
+    let a = runner(&pool_a, &schema, &model, &store, &ledger, options.clone()).spawn();
     a.wait_for(first, WAIT).await.unwrap();
-    let b = runner(&pool, &schema, &model, &store, &ledger, options).spawn();
-    // Kill the session holding the leader lock.
-    let lock_name = format!("es-leader:es-projections:{schema}.ledger");
-    let holders = || {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT l.pid FROM pg_locks l \
-             CROSS JOIN (SELECT hashtextextended($1, 0) AS k) key \
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-               AND l.classid = ((key.k >> 32) & 4294967295)::oid \
-               AND l.objid = (key.k & 4294967295)::oid",
-        )
-        .bind(&lock_name)
-        .fetch_all(&pool)
-    };
-    let old = holders().await.unwrap();
+    let b = runner(&pool_b, &schema, &model, &store, &ledger, options).spawn();
+    // Kill the session holding the leader lock: A's.
+    let old = lock_holders(&pool, &schema).await;
     assert_eq!(old.len(), 1, "exactly one session holds the lock");
+    assert_eq!(old[0].1, app_a);
     let (killed,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
-        .bind(old[0])
+        .bind(old[0].0)
         .fetch_one(&pool)
         .await
         .unwrap();
     assert!(killed);
     // Someone takes the lock again, on a new session.
-    let retaken = tokio::time::timeout(WAIT, async {
-        loop {
-            let now = holders().await.unwrap();
-            if now.len() == 1 && now[0] != old[0] {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let holder = wait_for_holder(&pool, &schema, |h| h.0 != old[0].0).await;
+    let (leader, standby) = if holder.1 == app_a {
+        (&a, &b)
+    } else {
+        assert_eq!(holder.1, app_b, "the lock is held by a stranger");
+        (&b, &a)
+    };
+    // The other one is, or soon is, a standby: the old leader notices the
+    // loss within its leader check (until then it may still commit a batch,
+    // which the checkpoint fence keeps exactly-once).
+    tokio::time::timeout(WAIT, async {
+        while !matches!(standby.state(), RunState::Starting) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
-    .await;
-    assert!(retaken.is_ok(), "the lock was not taken again");
+    .await
+    .expect("the old leader did not step down");
     let second = seed(&store, 100, 5).await;
-    // Whoever leads now catches up; the other stays a standby.
-    let reached = tokio::time::timeout(WAIT, async {
-        loop {
-            if a.position() >= second || b.position() >= second {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    // The lock holder is the one that runs and catches up...
+    leader.wait_for(second, WAIT).await.unwrap();
     assert!(
-        reached.is_ok(),
-        "nobody took over: a {:?}, b {:?}",
-        a.state(),
-        b.state()
+        matches!(leader.state(), RunState::Running),
+        "{:?}",
+        leader.state()
     );
+    assert_eq!(leader.position(), second);
+    // ...and the other one is a standby that has not moved.
+    assert!(
+        matches!(standby.state(), RunState::Starting),
+        "{:?}",
+        standby.state()
+    );
+    assert!(standby.position() <= first);
+    assert_eq!(lock_holders(&pool, &schema).await, vec![holder]);
     assert_eq!(ledger_counts(&pool, &model).await, (200, 200));
     assert_eq!(
         load_checkpoint(&pool, &schema, "ledger").await.unwrap(),
@@ -446,6 +587,8 @@ async fn a_leader_whose_lock_connection_dies_steps_down_and_the_work_goes_on_onc
     );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+    pool_a.close().await;
+    pool_b.close().await;
     cleanup(&pool, &[&schema, &model]).await;
 }
 
