@@ -8,5 +8,5 @@ mod projection;
 mod saga;
 
 pub use aggregate::{AggregateFixture, AggregateOutcome};
-pub use projection::{project, recorded, recorded_at};
+pub use projection::{project, recorded, recorded_at, Projected, ProjectionFixture};
 pub use saga::{SagaFixture, SagaStep};
