@@ -228,8 +228,10 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                     let outcome = if accepted.is_empty() {
                         Some(Ok(()))
                     } else {
+                        let span = batch_apply_span(self.name(), &accepted);
                         self.backend
                             .apply_batch(&self.projection, &mut unit, &accepted)
+                            .instrument(span)
                             .await
                     };
                     match outcome {
@@ -306,16 +308,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
         tx: &mut P::Tx,
         event: &RecordedEvent,
     ) -> Result<(), es_core::ProjectionError> {
-        let span = tracing::debug_span!(
-            "projection.apply",
-            projection = self.name(),
-            event_id = %event.event_id,
-            event_type = %event.event_type,
-            stream_id = %event.stream_id,
-            position = %event.position,
-            correlation_id = event.metadata.correlation_id.map(tracing::field::display),
-            causation_id = event.metadata.causation_id.map(tracing::field::display),
-        );
+        let span = event_span(self.name(), event);
         match AssertUnwindSafe(self.projection.apply(tx, event).instrument(span))
             .catch_unwind()
             .await
@@ -329,6 +322,44 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
             }),
         }
     }
+}
+
+/// The span of one projection step: the event, its position, and the
+/// correlation and causation ids it carries.
+pub(crate) fn event_span(projection: &str, event: &RecordedEvent) -> tracing::Span {
+    tracing::debug_span!(
+        "projection.apply",
+        projection,
+        event_id = %event.event_id,
+        event_type = %event.event_type,
+        stream_id = %event.stream_id,
+        position = %event.position,
+        correlation_id = event.metadata.correlation_id.map(tracing::field::display),
+        causation_id = event.metadata.causation_id.map(tracing::field::display),
+    )
+}
+
+/// The span of a set-based apply of `events` (not empty): the first and last
+/// positions it covers, with one `projection.apply` child span per event so
+/// that each event's correlation and causation ids are on record. The child
+/// spans are at debug level and cost next to nothing when that level is off.
+fn batch_apply_span(projection: &str, events: &[&RecordedEvent]) -> tracing::Span {
+    let (first, last) = (events[0].position, events[events.len() - 1].position);
+    let span = tracing::debug_span!(
+        "projection.apply_batch",
+        projection,
+        first = %first,
+        last = %last,
+        events = events.len(),
+    );
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        span.in_scope(|| {
+            for event in events {
+                drop(event_span(projection, event));
+            }
+        });
+    }
+    span
 }
 
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

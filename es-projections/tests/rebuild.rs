@@ -243,6 +243,60 @@ async fn a_first_rebuild_creates_the_model_and_a_second_concurrent_one_is_refuse
     cleanup(&pool, &[&schema, &model]).await;
 }
 
+/// Spans (name, parent's name, fields) from every test of this binary,
+/// through a global subscriber: the swap's catch-up runs on whichever worker
+/// thread the rebuild is on.
+type Spans = Mutex<Vec<(String, String, BTreeMap<String, String>)>>;
+
+struct Capture(&'static Spans);
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for Capture
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = BTreeMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        let parent = ctx
+            .span(id)
+            .and_then(|s| s.parent())
+            .map_or_else(String::new, |p| p.name().to_owned());
+        self.0
+            .lock()
+            .unwrap()
+            .push((attrs.metadata().name().to_owned(), parent, fields));
+    }
+}
+
+fn spans() -> &'static Spans {
+    use tracing_subscriber::layer::SubscriberExt;
+    static SPANS: std::sync::OnceLock<&'static Spans> = std::sync::OnceLock::new();
+    SPANS.get_or_init(|| {
+        let spans: &'static Spans = Box::leak(Box::default());
+        let subscriber = tracing_subscriber::registry()
+            .with(Capture(spans))
+            .with(tracing_subscriber::filter::LevelFilter::DEBUG);
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        spans
+    })
+}
+
 /// Appends events once the replay has reached its target, and waits (on a
 /// worker thread) until the live runner has applied them: the swap must then
 /// apply them to the new model itself.
@@ -274,6 +328,7 @@ impl RebuildProgress for AppendAtTheEnd {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn the_swap_applies_what_the_live_runner_committed_after_the_replay() {
+    let spans = spans();
     let (pool, schema, model) = fresh().await;
     let store = InMemoryEventStore::new();
     let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
@@ -307,6 +362,35 @@ async fn the_swap_applies_what_the_live_runner_committed_after_the_replay() {
         expected_balances(&store).await
     );
     assert_eq!(ledger_counts(&pool, &model).await, (350, 350));
+    // Each event the swap applied has its span, with its ids, in the
+    // catch-up's span.
+    let late = store
+        .read_stream(&es_core::StreamId::new("acct-late").unwrap(), 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 50);
+    {
+        let spans = spans.lock().unwrap();
+        for event in &late {
+            let step = spans
+                .iter()
+                .find(|(name, parent, f)| {
+                    name == "projection.apply"
+                        && parent == "projection.rebuild.catch_up"
+                        && f["event_id"] == event.event_id.to_string()
+                })
+                .unwrap_or_else(|| panic!("no catch-up span for {}", event.position));
+            assert_eq!(step.2["projection"], "ledger");
+            assert_eq!(
+                step.2["correlation_id"],
+                event.metadata.correlation_id.unwrap().to_string()
+            );
+            assert_eq!(
+                step.2["causation_id"],
+                event.metadata.causation_id.unwrap().to_string()
+            );
+        }
+    }
     // keep_old: the replaced model is still there, as it was.
     assert_eq!(
         ledger_counts(&pool, &format!("{model}__old")).await,

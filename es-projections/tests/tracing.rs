@@ -33,9 +33,13 @@ impl Visit for Fields<'_> {
 }
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, attrs: &Attributes<'_>, _: &Id, _: Context<'_, S>) {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let mut fields = BTreeMap::new();
         attrs.record(&mut Fields(&mut fields));
+        // The parent's name, under a key no span here uses as a field.
+        if let Some(parent) = ctx.span(id).and_then(|s| s.parent()) {
+            fields.insert("^parent".to_owned(), parent.name().to_owned());
+        }
         self.0
             .lock()
             .unwrap()
@@ -103,4 +107,101 @@ fn batches_and_events_get_spans_with_correlation_and_causation_ids() {
     assert_eq!(apply.1["causation_id"], causation.to_string());
     assert_eq!(apply.1["event_type"], "Traced");
     assert_eq!(apply.1["position"], "1.0");
+}
+
+/// The set-based path (`PgProjection::apply_batch`) applies a batch in one
+/// statement, yet each event still gets its `projection.apply` span with its
+/// ids, under a `projection.apply_batch` span naming the batch's positions.
+#[cfg(feature = "postgres")]
+#[test]
+fn a_set_based_batch_gets_a_span_and_one_span_per_event_with_its_ids() {
+    use es_core::Position;
+    use es_postgres::PostgresEventStore;
+    use es_projections::doc_support::Balances;
+    use es_projections::postgres::PgProjectionRunner;
+
+    let spans = Spans::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(Capture(Arc::clone(&spans)))
+        .with(tracing_subscriber::filter::LevelFilter::DEBUG);
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let recorded = rt.block_on(async {
+        let (pool, schema) = es_postgres::testing::fresh_schema_with(4).await;
+        let model = format!("{schema}_m");
+        let store: Arc<dyn EventStore> =
+            Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+        let events = (1..=3)
+            .map(|amount| {
+                let metadata = Metadata::new()
+                    .with_correlation_id(uuid::Uuid::now_v7())
+                    .with_causation_id(uuid::Uuid::now_v7());
+                let payload = Payload::from_value(&serde_json::json!({ "amount": amount }));
+                NewEvent::new("Deposited", 1, payload.unwrap(), metadata)
+            })
+            .collect();
+        let at = store
+            .append(
+                &StreamId::new("acct-1").unwrap(),
+                ExpectedVersion::Any,
+                events,
+            )
+            .await
+            .unwrap()
+            .position;
+        let projection = Balances {
+            name: "traced-set-based".to_owned(),
+            batched: true,
+        };
+        let handle = PgProjectionRunner::new(
+            pool.clone(),
+            &schema,
+            &model,
+            Arc::clone(&store),
+            Arc::new(projection),
+        )
+        .unwrap()
+        .spawn();
+        handle.wait_for(at, Duration::from_secs(30)).await.unwrap();
+        handle.stop().await.unwrap();
+        let recorded = store.read_all(Position::START, 10).await.unwrap();
+        for s in [&model, &schema] {
+            let sql = format!("DROP SCHEMA IF EXISTS \"{s}\" CASCADE");
+            sqlx::query(&sql).execute(&pool).await.unwrap();
+        }
+        recorded
+    });
+    assert_eq!(recorded.len(), 3);
+    let spans = spans.lock().unwrap();
+    let batches: Vec<_> = spans
+        .iter()
+        .filter(|(name, f)| {
+            name == "projection.apply_batch" && f["projection"] == "traced-set-based"
+        })
+        .collect();
+    assert!(!batches.is_empty(), "no projection.apply_batch span");
+    assert_eq!(batches[0].1["first"], recorded[0].position.to_string());
+    assert_eq!(batches[0].1["^parent"], "projection.batch");
+    for event in &recorded {
+        let step = spans
+            .iter()
+            .find(|(name, f)| {
+                name == "projection.apply" && f["event_id"] == event.event_id.to_string()
+            })
+            .unwrap_or_else(|| panic!("no span for the event at {}", event.position));
+        assert_eq!(step.1["^parent"], "projection.apply_batch");
+        assert_eq!(step.1["projection"], "traced-set-based");
+        assert_eq!(
+            step.1["correlation_id"],
+            event.metadata.correlation_id.unwrap().to_string()
+        );
+        assert_eq!(
+            step.1["causation_id"],
+            event.metadata.causation_id.unwrap().to_string()
+        );
+        assert_eq!(step.1["position"], event.position.to_string());
+    }
 }

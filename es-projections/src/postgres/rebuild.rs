@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use es_core::Position;
 use futures::StreamExt;
 use sqlx::PgConnection;
+use tracing::Instrument;
 
 use super::runner::{PgBackend, PgProjection, PgProjectionRunner};
 use super::{ident, migrate};
-use crate::core::Runner;
+use crate::core::{event_span, Runner};
 use crate::handle::Shared;
 use crate::telemetry::{self, measure_lag};
 use crate::{DeadLetter, Error, OnError, RunnerOptions};
@@ -123,7 +124,14 @@ pub async fn rebuild<P: PgProjection>(
             reason: format!("a rebuild of projection {name} is already running"),
         });
     };
-    let outcome = replay_and_swap(runner, options, progress, &name, started).await;
+    let span = tracing::info_span!(
+        "projection.rebuild",
+        projection = %name,
+        model = %runner.model_schema,
+    );
+    let outcome = replay_and_swap(runner, options, progress, &name, started)
+        .instrument(span)
+        .await;
     if let Err(error) = guard.release().await {
         tracing::warn!(projection = %name, %error, "releasing the rebuild lock failed; its connection is closed");
     }
@@ -232,7 +240,15 @@ async fn replay_and_swap<P: PgProjection>(
     let mut caught_up = 0u64;
     let mut letters = Vec::new();
     if live_at > position {
-        caught_up = catch_up(runner, options, &mut tx, position, live_at, &mut letters).await?;
+        let span = tracing::info_span!(
+            "projection.rebuild.catch_up",
+            projection = name,
+            from = %position,
+            to = %live_at,
+        );
+        caught_up = catch_up(runner, options, &mut tx, position, live_at, &mut letters)
+            .instrument(span)
+            .await?;
         dead += letters.len() as u64;
     }
     let final_at = live_at.max(position);
@@ -305,7 +321,11 @@ async fn catch_up<P: PgProjection>(
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
-            match runner.projection.apply(tx, event).await {
+            let step = runner
+                .projection
+                .apply(tx, event)
+                .instrument(event_span(name, event));
+            match step.await {
                 Ok(()) => {
                     sqlx::query("RELEASE SAVEPOINT es_catch_up")
                         .execute(&mut *tx)

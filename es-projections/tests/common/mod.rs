@@ -43,7 +43,9 @@ pub fn deposit(amount: i64) -> NewEvent {
         "Deposited",
         1,
         Payload::from_value(&serde_json::json!({ "amount": amount })).unwrap(),
-        Metadata::new().with_correlation_id(uuid::Uuid::now_v7()),
+        Metadata::new()
+            .with_correlation_id(uuid::Uuid::now_v7())
+            .with_causation_id(uuid::Uuid::now_v7()),
     )
 }
 
