@@ -20,8 +20,10 @@ use crate::Saga;
 /// use std::time::Duration;
 /// SagaFixture::<Reminder>::new()
 ///     .given([ReminderInput::Started])
-///     .when_time_passes(Duration::from_secs(30))
-///     .then_commands([ReminderCommand::Nudge]);
+///     .when_time_passes(Duration::from_secs(29))
+///     .then_no_commands()
+///     .when_time_passes(Duration::from_secs(1))
+///     .then_sent([("people", ReminderCommand::Nudge)]);
 /// ```
 pub struct SagaFixture<S: Saga> {
     state: S,
@@ -190,6 +192,31 @@ where
         self.fixture
     }
 
+    /// Asserts exactly these commands were sent, in order, each to its
+    /// topic; continues.
+    #[track_caller]
+    pub fn then_sent<'a>(
+        self,
+        expected: impl IntoIterator<Item = (&'a str, S::Command)>,
+    ) -> SagaFixture<S> {
+        let expected: Vec<(&str, S::Command)> = expected.into_iter().collect();
+        let sent: Vec<(&str, &S::Command)> = self
+            .reaction
+            .commands
+            .iter()
+            .map(|o| (o.topic.as_str(), &o.command))
+            .collect();
+        assert_eq!(
+            sent,
+            expected
+                .iter()
+                .map(|(topic, command)| (*topic, command))
+                .collect::<Vec<_>>(),
+            "the saga sent other commands (topic, command)"
+        );
+        self.fixture
+    }
+
     /// Asserts nothing was sent; continues.
     #[track_caller]
     pub fn then_no_commands(self) -> SagaFixture<S> {
@@ -212,5 +239,26 @@ where
             "the saga decided other events"
         );
         self.fixture
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::SagaFixture;
+    use crate::doc_support::reminder::{Reminder, ReminderCommand, ReminderInput};
+
+    #[test]
+    fn then_sent_checks_the_topic_too() {
+        let fixture = SagaFixture::<Reminder>::new().given([ReminderInput::Started]);
+        let due = fixture.pending_deadlines().get("nudge").copied();
+        assert_eq!(due, Some(fixture.now() + chrono::Duration::seconds(30)));
+        let result = std::panic::catch_unwind(|| {
+            fixture
+                .when_time_passes(Duration::from_secs(30))
+                .then_sent([("elsewhere", ReminderCommand::Nudge)]);
+        });
+        assert!(result.is_err(), "a command to another topic passed");
     }
 }
