@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use es_core::{EventStore, Position, Projection, RecordedEvent};
@@ -66,6 +66,24 @@ pub(crate) struct Runner<P, B> {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// When the lag was last measured.
+#[derive(Debug, Default)]
+pub(crate) struct LagClock(Mutex<Option<Instant>>);
+
+impl LagClock {
+    /// Whether the last measurement is older than `every` (or there was
+    /// none); if so, the caller measures now.
+    fn due(&self, every: std::time::Duration) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.is_none_or(|t| t.elapsed() >= every) {
+            *last = Some(Instant::now());
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// What one batch did.
 #[derive(Debug, Default)]
 pub(crate) struct BatchStats {
@@ -80,14 +98,62 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
     }
 
     /// Runs until `stop` turns true (`Ok`) or a fatal error.
+    ///
+    /// The lag gauges are measured after a committed batch and, while no
+    /// batch commits (an idle, stuck or retrying runner), on a timer; and once
+    /// more when the runner ends on an error, so they never keep reporting
+    /// the lag of the last good batch.
     pub(crate) async fn run(&self, stop: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let clock = LagClock::default();
+        let outcome = tokio::select! {
+            outcome = self.run_loop(stop, &clock) => outcome,
+            never = self.report_lag_on_a_timer(&clock) => match never {},
+        };
+        if outcome.is_err() {
+            self.report_lag().await;
+        }
+        outcome
+    }
+
+    /// Measures the lag from the last handled position and records it.
+    async fn report_lag(&self) {
+        let position = self.shared.progress.borrow().position;
+        match measure_lag(&*self.store, position, LAG_SCAN_LIMIT).await {
+            Ok(lag) => telemetry::record_lag(self.name(), &lag),
+            Err(error) => {
+                tracing::debug!(projection = self.name(), %error, "cannot measure the projection's lag");
+            }
+        }
+    }
+
+    /// Every `lag_interval`, measures the lag if nothing else has in that
+    /// time, while the runner is following the log (not while it is still
+    /// loading its checkpoint: its position is not known yet).
+    async fn report_lag_on_a_timer(&self, clock: &LagClock) -> std::convert::Infallible {
+        let every = self
+            .options
+            .lag_interval
+            .max(std::time::Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let running = matches!(self.shared.progress.borrow().state, RunState::Running);
+            if running && clock.due(every) {
+                self.report_lag().await;
+            }
+        }
+    }
+
+    async fn run_loop(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        clock: &LagClock,
+    ) -> Result<(), Error> {
         let mut failures = 0u32;
-        let mut last_lag = None::<Instant>;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            match self.follow(stop, &mut failures, &mut last_lag).await {
+            match self.follow(stop, &mut failures, clock).await {
                 Ok(()) => return Ok(()),
                 Err(error) if error.is_fatal() => return Err(error),
                 Err(error @ Error::Fenced { .. }) => {
@@ -124,7 +190,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
         &self,
         stop: &mut watch::Receiver<bool>,
         failures: &mut u32,
-        last_lag: &mut Option<Instant>,
+        clock: &LagClock,
     ) -> Result<(), Error> {
         let mut position = self.backend.load_checkpoint().await?;
         self.shared.set_position(position);
@@ -166,8 +232,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                 *failures = 0;
                 // Metrics first: whoever waits for the position sees them.
                 self.record_batch(&stats, started);
-                if last_lag.is_none_or(|t| t.elapsed() >= self.options.lag_interval) {
-                    *last_lag = Some(Instant::now());
+                if clock.due(self.options.lag_interval) {
                     if let Ok(lag) = measure_lag(&*self.store, position, LAG_SCAN_LIMIT).await {
                         telemetry::record_lag(self.name(), &lag);
                     }

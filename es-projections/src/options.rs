@@ -32,7 +32,9 @@ pub struct RunnerOptions {
     pub backoff: Duration,
     /// The longest retry delay.
     pub max_backoff: Duration,
-    /// How often, at most, the runner measures its lag for the metrics.
+    /// How often the runner measures its lag for the metrics: after a
+    /// committed batch when the last measurement is older than this, and on a
+    /// timer while no batch commits (an idle, stuck or retrying runner).
     pub lag_interval: Duration,
 }
 
@@ -77,6 +79,14 @@ impl RunnerOptions {
     pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
         self.backoff = first;
         self.max_backoff = max.max(first);
+        self
+    }
+
+    /// How often the runner measures its lag for the metrics (at least
+    /// every millisecond).
+    #[must_use]
+    pub fn lag_interval(mut self, every: Duration) -> Self {
+        self.lag_interval = every.max(Duration::from_millis(1));
         self
     }
 

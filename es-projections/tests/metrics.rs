@@ -158,3 +158,117 @@ async fn the_runner_counts_applied_and_skipped_events_batches_latency_and_lag() 
     handle.stop().await.unwrap();
     let _ = store.head().await.unwrap();
 }
+
+/// Applies `A` events once the gate lets it; fails on `Bad` events.
+struct Gated {
+    name: &'static str,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Projection for Gated {
+    type Tx = ();
+    fn name(&self) -> &str {
+        self.name
+    }
+    async fn apply(&self, _: &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
+        self.gate.acquire().await.unwrap().forget();
+        if &*event.event_type == "Bad" {
+            return Err(ProjectionError::InvalidEvent {
+                projection: self.name.to_owned(),
+                event_id: event.event_id,
+                position: event.position,
+                reason: "bad".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+async fn append_kinds(store: &InMemoryEventStore, kinds: &[&str]) -> es_core::Position {
+    let stream = StreamId::new("lag-1").unwrap();
+    let mut last = es_core::Position::START;
+    for kind in kinds {
+        let e = NewEvent::new(*kind, 1, Payload::from_json("{}").unwrap(), Metadata::new());
+        last = store
+            .append(&stream, ExpectedVersion::Any, vec![e])
+            .await
+            .unwrap()
+            .position;
+    }
+    last
+}
+
+/// The lag-in-events gauge of `projection`, once it reads `want` (or what it
+/// reads after 10 s).
+async fn lag_gauge_reaching(projection: &str, want: f64) -> Option<f64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = recorder()
+            .get(telemetry::LAG_EVENTS, projection)
+            .map(|c| f64::from_bits(c.0.load(Ordering::SeqCst)));
+        if now == Some(want) || tokio::time::Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A runner stuck in a batch commits nothing, yet its lag gauge follows the
+/// log on a timer: events appended meanwhile show; and once it gets going
+/// again the gauge goes back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_gauge_grows_while_the_runner_is_stuck() {
+    let _ = recorder();
+    let store = InMemoryEventStore::new();
+    let name = "metrics-stuck";
+    let projection = Arc::new(Gated {
+        name,
+        gate: tokio::sync::Semaphore::new(3),
+    });
+    let handle = es_projections::spawn_in_memory_with(
+        Arc::new(store.clone()),
+        Arc::clone(&projection),
+        es_projections::RunnerOptions::default().lag_interval(Duration::from_millis(20)),
+    );
+    let first = append_kinds(&store, &["A", "A", "A"]).await;
+    handle
+        .wait_for(first, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(lag_gauge_reaching(name, 0.0).await, Some(0.0));
+    // The gate is shut: the runner hangs in its next batch.
+    let last = append_kinds(&store, &["A", "A", "A", "A", "A"]).await;
+    assert_eq!(lag_gauge_reaching(name, 5.0).await, Some(5.0));
+    assert_eq!(handle.position(), first);
+    projection.gate.add_permits(5);
+    handle
+        .wait_for(last, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(lag_gauge_reaching(name, 0.0).await, Some(0.0));
+    handle.stop().await.unwrap();
+}
+
+/// A runner that stops on a failing event reports the lag it leaves behind
+/// (the failing event and what follows), not the last good batch's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_runner_reports_the_lag_it_leaves_behind() {
+    let rec = recorder();
+    let store = InMemoryEventStore::new();
+    let name = "metrics-failed";
+    append_kinds(&store, &["A", "A", "Bad", "A"]).await;
+    let handle = es_projections::spawn_in_memory(
+        Arc::new(store.clone()),
+        Arc::new(Gated {
+            name,
+            gate: tokio::sync::Semaphore::new(100),
+        }),
+    );
+    assert!(matches!(
+        handle.finished().await,
+        es_projections::RunState::Failed(_)
+    ));
+    let lag = rec.get(telemetry::LAG_EVENTS, name).unwrap();
+    assert_eq!(f64::from_bits(lag.0.load(Ordering::SeqCst)), 2.0);
+    assert!(rec.get(telemetry::LAG_SECONDS, name).is_some());
+}
