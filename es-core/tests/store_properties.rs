@@ -99,8 +99,10 @@ proptest! {
     }
 
     /// Concurrent writers with random batch sizes and expectations: versions
-    /// are contiguous from 1, positions strictly increase in read order, and
-    /// every acknowledged event is stored at the version reported.
+    /// are contiguous from 1, positions strictly increase in read order, every
+    /// acknowledged event is stored at the version reported, and an append
+    /// acknowledged under `Exact(v)` (or `NoStream`, that is `Exact(0)`) starts
+    /// at version v + 1 in the stream as read back.
     #[test]
     fn concurrent_appends_keep_the_invariants(
         writers in proptest::collection::vec(proptest::collection::vec(op(), 1..20), 2..6)
@@ -127,7 +129,7 @@ proptest! {
                         let batch: Vec<_> = (0..op.batch.max(1)).map(event).collect();
                         let ids: Vec<Uuid> = batch.iter().map(|e| e.event_id).collect();
                         match store.append(stream, expected, batch).await {
-                            Ok(r) => acked.push((op.stream, r.stream_version, ids)),
+                            Ok(r) => acked.push((op.stream, expected, r.stream_version, ids)),
                             Err(StoreError::WrongExpectedVersion { actual, .. }) => {
                                 assert!(!expected.is_satisfied_by(actual), "conflict although {expected} fits {actual}");
                             }
@@ -139,8 +141,14 @@ proptest! {
             }
             let mut all_acked = HashSet::new();
             let mut by_id = HashMap::new();
+            let mut exact = Vec::new();
             for task in tasks {
-                for (stream, last_version, ids) in task.await.unwrap() {
+                for (stream, expected, last_version, ids) in task.await.unwrap() {
+                    match expected {
+                        ExpectedVersion::Exact(v) => exact.push((stream, v, ids.clone())),
+                        ExpectedVersion::NoStream => exact.push((stream, 0, ids.clone())),
+                        ExpectedVersion::Any | ExpectedVersion::StreamExists => {}
+                    }
                     let first = last_version + 1 - ids.len() as u64;
                     for (offset, id) in ids.into_iter().enumerate() {
                         all_acked.insert(id);
@@ -160,6 +168,17 @@ proptest! {
                 let stored = store.read_stream(stream, 1, usize::MAX).await.unwrap();
                 let versions: Vec<u64> = stored.iter().map(|e| e.stream_version).collect();
                 prop_assert_eq!(versions, (1..=stored.len() as u64).collect::<Vec<_>>());
+            }
+            // What the stream holds right after each expected version, read
+            // back rather than taken from the store's report.
+            for (stream, v, ids) in exact {
+                let at = store.read_stream(&streams[stream], v + 1, ids.len()).await.unwrap();
+                prop_assert_eq!(
+                    at.first().map(|e| (e.event_id, e.stream_version)),
+                    Some((ids[0], v + 1)),
+                    "an append expecting version {} did not start at {}", v, v + 1
+                );
+                prop_assert_eq!(at.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids);
             }
             Ok(())
         })?;
