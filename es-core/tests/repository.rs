@@ -162,7 +162,8 @@ async fn concurrent_executions_of_one_command_id_write_once() {
 
 #[tokio::test]
 async fn snapshots_by_policy_give_the_same_state() {
-    let store = Arc::new(InMemoryEventStore::new());
+    // Never armed: it only records what `read_stream` is asked for.
+    let store = Arc::new(Interloper::new(false, None));
     let snapshots = Arc::new(InMemorySnapshotStore::new());
     let repo = Repository::<Counter>::new(store.clone()).with_snapshots(
         snapshots.clone(),
@@ -175,15 +176,32 @@ async fn snapshots_by_policy_give_the_same_state() {
     let stream = StreamId::new("counter-s").unwrap();
     let snap = snapshots.load(&stream).await.unwrap().expect("a snapshot");
     assert_eq!(snap.version, 20);
+    let reset = || {
+        store.read.store(0, Ordering::SeqCst);
+        store.reads_from.lock().unwrap().clear();
+    };
+    let read_since_reset = || {
+        (
+            store.reads_from.lock().unwrap().clone(),
+            store.read.load(Ordering::SeqCst),
+        )
+    };
+
+    // With the snapshot, only the tail after version 20 is read.
+    reset();
     let with = repo.load("s").await.unwrap();
+    assert_eq!(read_since_reset(), (vec![21], 5));
+    reset();
     let without = Repository::<Counter>::new(store.clone())
         .load("s")
         .await
         .unwrap();
+    assert_eq!(read_since_reset(), (vec![1], 25));
     assert_eq!(with, without);
     assert_eq!(with.state.value, (1..=25).sum::<u64>());
 
-    // A snapshot of another schema version, or one that does not decode, is ignored.
+    // A snapshot of another schema version, or one that does not decode, is
+    // ignored: the whole stream is read instead.
     snapshots
         .save(Snapshot {
             stream_id: stream.clone(),
@@ -193,10 +211,17 @@ async fn snapshots_by_policy_give_the_same_state() {
         })
         .await
         .unwrap();
+    reset();
     assert_eq!(repo.load("s").await.unwrap(), without);
-    let v2 =
-        Repository::<Counter>::new(store).with_snapshots(snapshots, SnapshotPolicy::Every(10), 2);
+    assert_eq!(read_since_reset(), (vec![1], 25));
+    let v2 = Repository::<Counter>::new(store.clone()).with_snapshots(
+        snapshots,
+        SnapshotPolicy::Every(10),
+        2,
+    );
+    reset();
     assert_eq!(v2.load("s").await.unwrap(), without);
+    assert_eq!(read_since_reset(), (vec![1], 25));
 }
 
 #[tokio::test]
