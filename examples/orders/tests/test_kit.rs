@@ -211,6 +211,9 @@ fn a_payment_in_time_closes_the_window() {
             amount: Money::from_minor(25_00),
         }))
         .then_no_commands();
-    assert!(saga.pending_deadlines().is_empty(), "the payment closed the window");
+    assert!(
+        saga.pending_deadlines().is_empty(),
+        "the payment closed the window"
+    );
     saga.when_time_passes(PAYMENT_WINDOW).then_no_commands();
 }
