@@ -117,45 +117,80 @@ impl Projection for StatusCache {
     }
 }
 
+/// An older part of the log replayed after newer values were written (a
+/// runner restarted from an older checkpoint, a rolled-back batch applied
+/// again, a second instance lagging behind) leaves the newer values: the
+/// version guard refuses every stale write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_projection_replayed_from_the_start_leaves_the_cache_as_it_was() {
+async fn an_older_prefix_replayed_after_newer_values_leaves_the_cache_as_it_was() {
     let sink = sink().await;
+    // The whole log, and each stream's history without its last event (the
+    // same events at the same stream versions), as an older checkpoint saw it.
     let store = InMemoryEventStore::new();
+    let prefix = InMemoryEventStore::new();
     let statuses = ["Placed", "Reserved", "Paid", "Shipped"];
     for order in 0..10 {
         let stream = StreamId::new(format!("order-{order}")).unwrap();
-        for status in &statuses[..=(order % 4)] {
+        let last = order % 4;
+        for (i, status) in statuses[..=last].iter().enumerate() {
             let e = NewEvent::new(
                 *status,
                 1,
                 Payload::from_json("{}").unwrap(),
                 Metadata::new(),
             );
+            if i < last {
+                prefix
+                    .append(&stream, ExpectedVersion::Any, vec![e.clone()])
+                    .await
+                    .unwrap();
+            }
             store
                 .append(&stream, ExpectedVersion::Any, vec![e])
                 .await
                 .unwrap();
         }
     }
-    let head = store.head().await.unwrap();
     let projection = Arc::new(StatusCache(sink.clone()));
+    let head = store.head().await.unwrap();
     let first = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&projection));
     first.wait_for(head, Duration::from_secs(10)).await.unwrap();
     first.stop().await.unwrap();
     let mut before = Vec::new();
     for order in 0..10 {
-        before.push(sink.get(&format!("order-{order}")).await.unwrap());
-    }
-    // A full replay (a restarted in-memory runner, or a rolled-back batch)
-    // writes every older version again: none of them lands.
-    let again = spawn_in_memory(Arc::new(store.clone()), projection);
-    again.wait_for(head, Duration::from_secs(10)).await.unwrap();
-    for (order, expected) in before.iter().enumerate() {
-        let got = sink.get(&format!("order-{order}")).await.unwrap();
-        assert_eq!(&got, expected);
-        let got = got.unwrap();
+        let got = sink.get(&format!("order-{order}")).await.unwrap().unwrap();
         assert_eq!(got.value, statuses[order % 4]);
         assert_eq!(got.version, (order % 4) as u64 + 1);
+        before.push(got);
     }
+    // The replay has teeth: an unguarded last-write-wins sink would end with
+    // the prefix's last status, an older one, for these keys.
+    let replayed = prefix
+        .read_all(es_core::Position::START, 100)
+        .await
+        .unwrap();
+    let mut last_write = std::collections::HashMap::new();
+    for e in &replayed {
+        last_write.insert(e.stream_id.to_string(), e.event_type.to_string());
+    }
+    let older = (0..10)
+        .filter(|o| {
+            last_write
+                .get(&format!("order-{o}"))
+                .is_some_and(|v| *v != before[*o].value)
+        })
+        .count();
+    assert_eq!(older, 7, "{last_write:?}");
+
+    let again = spawn_in_memory(Arc::new(prefix.clone()), projection);
+    let prefix_head = prefix.head().await.unwrap();
+    again
+        .wait_for(prefix_head, Duration::from_secs(10))
+        .await
+        .unwrap();
     again.stop().await.unwrap();
+    for (order, expected) in before.iter().enumerate() {
+        let got = sink.get(&format!("order-{order}")).await.unwrap();
+        assert_eq!(got.as_ref(), Some(expected), "order-{order}");
+    }
 }
