@@ -67,8 +67,29 @@ pub trait Projection: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
 }
 
-/// A runner's progress: the position of the last event a projection has
-/// applied (or skipped).
+/// A runner's progress as one value: a name and the position of the last
+/// event that runner (a projection runner, the relay) has handled, applied or
+/// skipped.
+///
+/// Resuming reads *after* the position: `store.subscribe_all(checkpoint.position)`
+/// continues with the next event, so a checkpoint of [`Position::START`] means
+/// "from the beginning".
+///
+/// A [`CheckpointStore`](crate::CheckpointStore) keeps the same pair but takes
+/// its parts separately (`save(name, position)`, `load(name)`), since its
+/// backends key a row by name; the runners use that trait, not this type.
+/// `Checkpoint` is for code that passes a checkpoint around whole, to report
+/// or serialise where a runner stands; the test kit's `Projected::checkpoint`
+/// (feature `testing`) returns one to tell what a runner would store after
+/// the given events. Its JSON form carries the position's string form:
+///
+/// ```
+/// use es_core::{Checkpoint, Position};
+/// let checkpoint = Checkpoint { name: "orders_read_model".into(), position: Position::new(812, 3) };
+/// let json = serde_json::to_string(&checkpoint).unwrap();
+/// assert_eq!(json, r#"{"name":"orders_read_model","position":"812.3"}"#);
+/// assert_eq!(serde_json::from_str::<Checkpoint>(&json).unwrap(), checkpoint);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// The projection's (or relay's) name.
