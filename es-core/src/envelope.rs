@@ -11,10 +11,25 @@ use crate::{Metadata, Payload, Position, StreamId};
 
 /// An event about to be appended: its id, type, schema version, payload and
 /// metadata. The store assigns the stream version, global position and time.
+///
+/// # Event ids: v7 when fresh, v5 when derived
+///
+/// A fresh event ([`NewEvent::new`], and so every event an
+/// [`EventCodec`](crate::EventCodec) encodes) gets a random, time-ordered
+/// UUID v7. An event written as the effect of an identified cause — a command
+/// run with a command id ([`Repository::execute_once`](crate::Repository::execute_once),
+/// [`Repository::create_once`](crate::Repository::create_once)) or a saga's
+/// reaction to a message — gets a name-based UUID v5 from [`derived_id`]
+/// instead: deterministic by design, so a retried or redelivered cause appends
+/// the same ids and the store answers with an idempotent success rather than
+/// writing the effects twice. Such ids carry no timestamp; nothing orders
+/// events by their id (the log's order is the [`Position`]), so the two kinds
+/// mix freely in one stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
     /// Unique id of the event; appending the same id again at the same position
-    /// is an idempotent success. A UUID v7 unless the caller chose one.
+    /// is an idempotent success. A fresh UUID v7, or a UUID v5 from
+    /// [`derived_id`] for an idempotent effect (see the type's docs).
     pub event_id: Uuid,
     /// The stable name of the event type (never a Rust type path).
     pub event_type: Arc<str>,
@@ -44,7 +59,8 @@ impl NewEvent {
     }
 
     /// Replaces the event id, for callers that derive ids deterministically
-    /// (see [`derived_id`]) so that a retried write is recognised as the same.
+    /// (a UUID v5 from [`derived_id`]) so that a retried write is recognised
+    /// as the same.
     #[must_use]
     pub fn with_id(mut self, event_id: Uuid) -> Self {
         self.event_id = event_id;
@@ -92,6 +108,13 @@ pub struct AppendResult {
 /// the effects land in (a stream id, a consumer name), and the event's index
 /// among the effects of that cause in that scope.
 ///
+/// The id is a name-based UUID v5 (SHA-1 of cause, index and scope in a fixed
+/// namespace), not the UUID v7 a fresh [`NewEvent`] gets: it must come out the
+/// same every time for the same inputs, which a time-based id cannot. The
+/// idempotent paths use it: [`Repository::execute_once`](crate::Repository::execute_once),
+/// [`Repository::create_once`](crate::Repository::create_once) and the saga
+/// manager's reactions.
+///
 /// A handler that derives its events' ids this way appends the same ids when a
 /// message is redelivered, and the store answers the second append as an
 /// idempotent success instead of writing the effects twice.
@@ -103,6 +126,9 @@ pub struct AppendResult {
 /// assert_eq!(derived_id(cause, "order-1", 0), derived_id(cause, "order-1", 0));
 /// assert_ne!(derived_id(cause, "order-1", 0), derived_id(cause, "order-1", 1));
 /// assert_ne!(derived_id(cause, "order-1", 0), derived_id(cause, "order-2", 0));
+/// // Name-based, where a fresh event's id is time-based.
+/// assert_eq!(derived_id(cause, "order-1", 0).get_version_num(), 5);
+/// assert_eq!(cause.get_version_num(), 7);
 /// ```
 pub fn derived_id(cause: Uuid, scope: &str, index: u32) -> Uuid {
     const NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2a7c_94b3_4d5e_8a1f_0c3b_5d7e_9f21);
