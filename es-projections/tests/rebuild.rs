@@ -17,7 +17,7 @@ use es_postgres::PostgresEventStore;
 use es_projections::postgres::{
     load_checkpoint, rebuild, PgProjectionRunner, RebuildOptions, RebuildProgress, RebuildReport,
 };
-use es_projections::{Error, RunnerOptions};
+use es_projections::{Error, OnError, RunnerOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -401,5 +401,71 @@ async fn the_swap_applies_what_the_live_runner_committed_after_the_replay() {
     live.wait_for(more, WAIT).await.unwrap();
     assert_eq!(ledger_counts(&pool, &model).await, (360, 360));
     live.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
+
+/// A rebuild's failures and dead letters name the projection itself, not the
+/// rebuild's own checkpoint (`<name>#rebuild`), and that checkpoint is gone
+/// once the new model is swapped in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_names_its_projection_and_leaves_no_checkpoint_of_its_own() {
+    let (pool, schema, model) = fresh().await;
+    let store = InMemoryEventStore::new();
+    let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
+    let ledger = Ledger::new("ledger");
+    seed(&store, 20, 3).await;
+    let bad = append(&store, "acct-9", vec![deposit(-5)]).await;
+    let head = seed(&store, 20, 3).await;
+    let r = runner(&pool, &schema, &model, &dyn_store, &ledger);
+    let options = RebuildOptions {
+        batch_size: 8,
+        ..RebuildOptions::default()
+    };
+    // Stop: the error names the projection and the event.
+    let err = rebuild(&r, &options, &es_projections::postgres::NoProgress)
+        .await
+        .unwrap_err();
+    let Error::Apply {
+        projection,
+        position,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!((projection.as_str(), *position), ("ledger", bad));
+    assert!(!err.to_string().contains("#rebuild"), "{err}");
+    // Dead letters: recorded under the projection's name.
+    let options = RebuildOptions {
+        on_error: OnError::DeadLetter,
+        ..options
+    };
+    let report = rebuild(&r, &options, &es_projections::postgres::NoProgress)
+        .await
+        .unwrap();
+    assert_eq!((report.dead_letters, report.position), (1, head));
+    let letters: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT projection, major, minor FROM \"{schema}\".projection_dead_letters"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        letters,
+        vec![("ledger".to_owned(), bad.major() as i64, bad.minor() as i64)]
+    );
+    assert_eq!(ledger_counts(&pool, &model).await, (40, 40));
+    // Only the projection's own checkpoint is left.
+    let names: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT name FROM \"{schema}\".checkpoints ORDER BY name"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(names, vec!["ledger".to_owned()]);
+    assert_eq!(
+        load_checkpoint(&pool, &schema, "ledger").await.unwrap(),
+        Some(head)
+    );
     cleanup(&pool, &[&schema, &model]).await;
 }

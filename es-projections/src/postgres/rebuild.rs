@@ -85,7 +85,8 @@ pub struct RebuildReport {
 ///
 /// 1. Creates schema `<model>__rebuild` (dropping a leftover one), runs the
 ///    projection's `setup` in it, and replays the whole log into it in
-///    batches, each committed with its own checkpoint `<name>#rebuild`.
+///    batches, each committed with its own checkpoint `<name>#rebuild`
+///    (deleted in the swap).
 ///    Meanwhile the live model keeps serving reads, and a live runner keeps
 ///    applying new events to it.
 /// 2. In one transaction: locks the live checkpoint (a live runner's next
@@ -160,7 +161,7 @@ async fn replay_and_swap<P: PgProjection>(
     ] {
         sqlx::query(&sql).execute(&runner.pool).await.map_err(db)?;
     }
-    let backend = PgBackend::new(runner, &shadow, &rebuild_name)?;
+    let backend = PgBackend::new(runner, &shadow, name, &rebuild_name)?;
     backend
         .checkpoints
         .save(&rebuild_name, Position::START)
@@ -185,7 +186,9 @@ async fn replay_and_swap<P: PgProjection>(
     };
     progress.start(total);
     metrics::gauge!(telemetry::REBUILD_PROGRESS, &label).set(0.0);
-    let shared = Shared::new(&rebuild_name);
+    // The replay runs under the projection's own name: its errors and dead
+    // letters name the projection, not the rebuild's checkpoint.
+    let shared = Shared::new(name);
     let replay = Runner {
         projection: Arc::clone(&runner.projection),
         backend,
@@ -231,7 +234,7 @@ async fn replay_and_swap<P: PgProjection>(
     }
 
     // 3. Swap, in one transaction.
-    let live_backend = PgBackend::new(runner, &shadow, name)?;
+    let live_backend = PgBackend::new(runner, &shadow, name, name)?;
     let mut tx = replay.backend.open().await?;
     let live_at = live_backend
         .locked_checkpoint(&mut tx)
@@ -270,6 +273,15 @@ async fn replay_and_swap<P: PgProjection>(
     live_backend
         .write_checkpoint(&mut tx, final_at, &letters)
         .await?;
+    // The rebuild's own checkpoint has served its purpose.
+    sqlx::query(&format!(
+        "DELETE FROM {}.checkpoints WHERE name = $1",
+        ident(&runner.schema)?
+    ))
+    .bind(&rebuild_name)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
     tx.commit().await.map_err(db)?;
     if exists && !options.keep_old {
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {old_q} CASCADE"))

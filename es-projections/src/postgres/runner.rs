@@ -196,7 +196,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             if !self.leader_election {
                 let runner = Runner {
                     projection: Arc::clone(&self.projection),
-                    backend: PgBackend::new(self, &self.model_schema, &name)?,
+                    backend: PgBackend::new(self, &self.model_schema, &name, &name)?,
                     store: Arc::clone(&self.store),
                     options: self.options.clone(),
                     shared: Arc::clone(shared),
@@ -221,7 +221,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             tracing::info!(projection = %name, "projection leadership taken");
             let runner = Runner {
                 projection: Arc::clone(&self.projection),
-                backend: PgBackend::new(self, &self.model_schema, &name)?,
+                backend: PgBackend::new(self, &self.model_schema, &name, &name)?,
                 store: Arc::clone(&self.store),
                 options: self.options.clone(),
                 shared: Arc::clone(shared),
@@ -263,15 +263,19 @@ pub(crate) struct PgBackend {
 }
 
 impl PgBackend {
+    /// A backend for projection `name` writing to `model_schema`, with its
+    /// checkpoint saved as `checkpoint_name` (the projection's name, or a
+    /// rebuild's own checkpoint).
     pub(crate) fn new<P>(
         runner: &PgProjectionRunner<P>,
         model_schema: &str,
+        name: &str,
         checkpoint_name: &str,
     ) -> Result<Self, Error> {
         let schema = ident(&runner.schema)?;
         Ok(Self {
             pool: runner.pool.clone(),
-            name: checkpoint_name.to_owned(),
+            name: name.to_owned(),
             checkpoint_name: checkpoint_name.to_owned(),
             checkpoints: PostgresCheckpointStore::new(runner.pool.clone(), &runner.schema),
             set_path: format!("SET LOCAL search_path TO {}, public", ident(model_schema)?),
