@@ -37,6 +37,23 @@ impl RunState {
 pub(crate) struct Progress {
     pub(crate) position: Position,
     pub(crate) state: RunState,
+    /// Whether the runner has ever been [`RunState::Running`] (set up, its
+    /// checkpoint loaded).
+    pub(crate) ran: bool,
+}
+
+impl Progress {
+    /// Whether the runner is set up and has handled every event up to
+    /// `position`: it is following the log, or it ended after having
+    /// followed it that far. A runner still starting (or a standby) has not.
+    fn reached(&self, position: Position) -> bool {
+        self.position >= position
+            && match self.state {
+                RunState::Running => true,
+                RunState::Stopped | RunState::Failed(_) => self.ran,
+                RunState::Starting => false,
+            }
+    }
 }
 
 /// The state a runner task and its handles share.
@@ -55,6 +72,7 @@ impl Shared {
             progress: watch::Sender::new(Progress {
                 position: Position::START,
                 state: RunState::Starting,
+                ran: false,
             }),
             stop: watch::Sender::new(false),
             dead_letters: Mutex::new(Vec::new()),
@@ -66,7 +84,10 @@ impl Shared {
     }
 
     pub(crate) fn set_state(&self, state: RunState) {
-        self.progress.send_modify(|p| p.state = state);
+        self.progress.send_modify(|p| {
+            p.ran |= matches!(state, RunState::Running);
+            p.state = state;
+        });
     }
 
     pub(crate) fn push_dead_letters(&self, letters: &[DeadLetter]) {
@@ -142,9 +163,12 @@ impl ProjectionHandle {
         self.shared.progress.borrow().state.clone()
     }
 
-    /// Waits until the projection has handled every event up to `position`
+    /// Waits until the runner is set up and following the log
+    /// ([`RunState::Running`]) and has handled every event up to `position`
     /// (read-your-writes: pass the position an append returned), or until
-    /// `timeout` has passed.
+    /// `timeout` has passed. `wait_for(Position::START, ..)` waits until the
+    /// runner is ready (its read model set up, its checkpoint loaded); a
+    /// standby waits until it leads.
     ///
     /// # Errors
     /// [`Error::Timeout`] when the time ran out, [`Error::Failed`] or
@@ -154,13 +178,13 @@ impl ProjectionHandle {
         let closed = matches!(
             tokio::time::timeout(
                 timeout,
-                rx.wait_for(|p| p.position >= position || p.state.is_terminal()),
+                rx.wait_for(|p| p.reached(position) || p.state.is_terminal()),
             )
             .await,
             Ok(Err(_))
         );
         let progress = self.shared.progress.borrow().clone();
-        if progress.position >= position {
+        if progress.reached(position) {
             return Ok(());
         }
         match progress.state {

@@ -207,6 +207,28 @@ async fn wait_for_times_out_with_where_it_got_and_lag_counts_what_is_left() {
     assert!(handle.lag().await.unwrap().is_caught_up());
 }
 
+/// Waiting for the start of the log waits for the runner to be set up, not
+/// just for a position every runner has from the outset.
+#[tokio::test]
+async fn waiting_for_the_start_waits_until_the_runner_is_running() {
+    let store = InMemoryEventStore::new();
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::new(Totals::default()));
+    // On this single-threaded runtime the runner's task has not run yet.
+    assert!(matches!(handle.state(), RunState::Starting));
+    handle.wait_for(Position::START, WAIT).await.unwrap();
+    assert!(
+        matches!(handle.state(), RunState::Running),
+        "{:?}",
+        handle.state()
+    );
+    // A runner stopped before it ever ran has not reached even the start.
+    let never = spawn_in_memory(Arc::new(store), Arc::new(Totals::default()));
+    never.stop().await.unwrap();
+    let err = never.wait_for(Position::START, WAIT).await.unwrap_err();
+    assert!(matches!(err, Error::Stopped { .. }), "{err}");
+    handle.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn stop_ends_the_runner_and_waits_report_it() {
     let store = InMemoryEventStore::new();

@@ -73,6 +73,33 @@ async fn batches_commit_with_their_checkpoint_and_skip_other_types() {
     cleanup(&pool, &[&schema, &model]).await;
 }
 
+/// `wait_for(START)` returns once the runner is set up: its read model's
+/// tables exist and its checkpoint is loaded, even on an empty log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_the_start_returns_once_the_read_model_is_set_up() {
+    let (pool, schema, model) = fresh().await;
+    let store = InMemoryEventStore::new();
+    let ledger = Ledger::new("ledger");
+    let handle = runner(
+        &pool,
+        &schema,
+        &model,
+        &store,
+        &ledger,
+        RunnerOptions::default(),
+    )
+    .spawn();
+    handle.wait_for(Position::START, WAIT).await.unwrap();
+    assert!(
+        matches!(handle.state(), RunState::Running),
+        "{:?}",
+        handle.state()
+    );
+    assert_eq!(ledger_counts(&pool, &model).await, (0, 0));
+    handle.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
+
 /// Kills the runner task in the middle of a batch (rows already written in
 /// its open transaction), several times, restarting it each time: every
 /// event ends up applied exactly once.
@@ -265,8 +292,11 @@ async fn one_leader_per_projection_and_a_standby_takes_over() {
     .spawn();
     let second = seed(&store, 100, 5).await;
     a.wait_for(second, WAIT).await.unwrap();
-    // B is a standby: it has not moved.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B is a standby: it has not moved, and is not ready even for the start.
+    let standby = b
+        .wait_for(Position::START, Duration::from_millis(300))
+        .await;
+    assert!(matches!(standby, Err(Error::Timeout { .. })), "{standby:?}");
     assert!(matches!(b.state(), RunState::Starting), "{:?}", b.state());
     assert_eq!(b.position(), Position::START);
     a.stop().await.unwrap();
@@ -457,7 +487,10 @@ async fn a_standby_takes_over_from_a_leader_that_died_mid_batch() {
     let ledger_b = Ledger::new("ledger");
     let b = runner(&pool_b, &schema, &model, &store, &ledger_b, options).spawn();
     // B is a standby: not set up, not moving.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let standby = b
+        .wait_for(Position::START, Duration::from_millis(300))
+        .await;
+    assert!(matches!(standby, Err(Error::Timeout { .. })), "{standby:?}");
     assert!(matches!(b.state(), RunState::Starting), "{:?}", b.state());
     assert_eq!(lock_holders(&pool, &schema).await[0].1, app_a);
     let head = seed(&store, 50, 5).await;
