@@ -18,16 +18,32 @@ use tokio::sync::Semaphore;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Sums `amount` per stream; fails on `amount < 0`; ignores `Ignored` events.
-#[derive(Default)]
 struct Totals {
+    name: &'static str,
     model: Mutex<HashMap<String, i64>>,
     gate: Option<Arc<Semaphore>>,
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Self::named("totals")
+    }
+}
+
+impl Totals {
+    fn named(name: &'static str) -> Self {
+        Self {
+            name,
+            model: Mutex::default(),
+            gate: None,
+        }
+    }
 }
 
 impl Projection for Totals {
     type Tx = ();
     fn name(&self) -> &str {
-        "totals"
+        self.name
     }
     fn accepts(&self, event_type: &str) -> bool {
         event_type != "Ignored"
@@ -267,10 +283,11 @@ async fn a_panicking_projection_fails_the_runner_instead_of_hanging_waiters() {
 #[tokio::test]
 async fn several_projections_run_independently() {
     let store = InMemoryEventStore::new();
-    let one = Arc::new(Totals::default());
-    let two = Arc::new(Totals::default());
+    let one = Arc::new(Totals::named("totals-one"));
+    let two = Arc::new(Totals::named("totals-two"));
     let h1 = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&one));
     let h2 = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&two));
+    assert_eq!((h1.name(), h2.name()), ("totals-one", "totals-two"));
     let at = append(&store, "a", vec![event("Added", 4)]).await;
     h1.wait_for(at, WAIT).await.unwrap();
     h1.stop().await.unwrap();
@@ -278,4 +295,7 @@ async fn several_projections_run_independently() {
     h2.wait_for(later, WAIT).await.unwrap();
     assert_eq!(total(&one, "a"), 4);
     assert_eq!(total(&two, "a"), 8);
+    assert!(matches!(h1.state(), RunState::Stopped));
+    assert!(matches!(h2.state(), RunState::Running));
+    h2.stop().await.unwrap();
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use es_core::{EventStore, InMemoryEventStore, Position};
+use es_projections::doc_support::Balances;
 use es_projections::postgres::{
     load_checkpoint, projection_lag, wait_for_checkpoint, CheckpointWatcher, PgProjectionRunner,
 };
@@ -305,6 +306,85 @@ async fn one_leader_per_projection_and_a_standby_takes_over() {
     assert_eq!(ledger_counts(&pool, &model).await, (300, 300));
     b.stop().await.unwrap();
     cleanup(&pool, &[&schema, &model]).await;
+}
+
+/// Projections are independent: one stopping on a failing event leaves
+/// another, in the same runner schema and on the same log, running and up to
+/// date, live events included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_projection_failing_leaves_another_running_and_up_to_date() {
+    let (pool, schema, model) = fresh().await;
+    let other_model = format!("{model}_b");
+    let store = InMemoryEventStore::new();
+    let good = seed(&store, 30, 3).await;
+    let bad = append(&store, "acct-9", vec![deposit(-5)]).await;
+    let head = seed(&store, 30, 3).await;
+    let ledger = Ledger::new("ledger");
+    let failing = runner(
+        &pool,
+        &schema,
+        &model,
+        &store,
+        &ledger,
+        RunnerOptions::default()
+            .batch_size(1)
+            .on_error(OnError::Stop),
+    )
+    .spawn();
+    let healthy = PgProjectionRunner::new(
+        pool.clone(),
+        &schema,
+        &other_model,
+        Arc::new(store.clone()),
+        Arc::new(Balances {
+            name: "balances".to_owned(),
+            batched: true,
+        }),
+    )
+    .unwrap()
+    .with_leader_check(Duration::from_millis(100))
+    .spawn();
+    let err = failing.wait_for(head, WAIT).await.unwrap_err();
+    let Error::Failed { source, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        matches!(&**source, Error::Apply { projection, position, .. }
+            if projection == "ledger" && *position == bad),
+        "{source}"
+    );
+    healthy.wait_for(head, WAIT).await.unwrap();
+    // The other one keeps following the log after the failure.
+    let later = seed(&store, 10, 3).await;
+    healthy.wait_for(later, WAIT).await.unwrap();
+    assert!(
+        matches!(healthy.state(), RunState::Running),
+        "{:?}",
+        healthy.state()
+    );
+    let (total, events): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT sum(total)::bigint, sum(events)::bigint FROM \"{other_model}\".balances"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (total, events),
+        (2 * (1..=30).sum::<i64>() - 5 + (1..=10).sum::<i64>(), 71)
+    );
+    assert_eq!(
+        load_checkpoint(&pool, &schema, "balances").await.unwrap(),
+        Some(later)
+    );
+    // The failed one stays where it stopped.
+    assert!(matches!(failing.state(), RunState::Failed(_)));
+    assert_eq!(
+        load_checkpoint(&pool, &schema, "ledger").await.unwrap(),
+        Some(good)
+    );
+    assert_eq!(ledger_counts(&pool, &model).await, (30, 30));
+    healthy.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model, &other_model]).await;
 }
 
 /// Runners that both believe they lead (no leader election here, as with a
