@@ -59,12 +59,6 @@ impl<A> StateCache<A> {
         g.young.remove(stream).or_else(|| g.old.remove(stream))
     }
 
-    /// Whether `stream` has an entry.
-    pub(crate) fn contains(&self, stream: &StreamId) -> bool {
-        let g = self.lock();
-        g.young.contains_key(stream) || g.old.contains_key(stream)
-    }
-
     /// Puts an entry (back) in, unless a newer one is there already.
     pub(crate) fn put(&self, stream: StreamId, entry: Entry<A>) {
         let evicted = {
