@@ -25,8 +25,8 @@ pub(crate) struct Entry<A> {
 }
 
 struct Generations<A> {
-    young: HashMap<StreamId, Entry<A>>,
-    old: HashMap<StreamId, Entry<A>>,
+    young: HashMap<StreamId, Entry<A>, foldhash::fast::RandomState>,
+    old: HashMap<StreamId, Entry<A>, foldhash::fast::RandomState>,
 }
 
 pub(crate) struct StateCache<A> {
@@ -38,8 +38,8 @@ impl<A> StateCache<A> {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             generations: Mutex::new(Generations {
-                young: HashMap::new(),
-                old: HashMap::new(),
+                young: HashMap::default(),
+                old: HashMap::default(),
             }),
             capacity: capacity.max(1),
         }
@@ -70,7 +70,9 @@ impl<A> StateCache<A> {
             }
             g.old.remove(&stream);
             let evicted = if g.young.len() >= self.capacity {
-                let young = std::mem::take(&mut g.young);
+                // Sized for a whole generation: it fills without rehashing.
+                let fresh = HashMap::with_capacity_and_hasher(self.capacity, Default::default());
+                let young = std::mem::replace(&mut g.young, fresh);
                 Some(std::mem::replace(&mut g.old, young))
             } else {
                 None

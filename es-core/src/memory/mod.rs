@@ -6,6 +6,7 @@
 //! keep nothing across restarts.
 
 mod bus;
+mod log;
 mod store;
 
 pub use bus::{DeadLetter, InMemoryBus};

@@ -8,6 +8,12 @@ use futures::stream::BoxStream;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+/// The maps' hasher. Stream ids and event ids are hashed on every append;
+/// foldhash (randomly seeded, hashbrown's default) does that several times
+/// faster than the standard library's SipHash.
+type FastHash = foldhash::fast::RandomState;
+
+use super::log::Log;
 use crate::store::validate_batch;
 use crate::subscription::catch_up_then_live;
 use crate::{
@@ -33,9 +39,11 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct State {
-    log: Vec<RecordedEvent>,
-    streams: HashMap<StreamId, Vec<usize>>,
-    ids: HashMap<Uuid, usize>,
+    log: Log,
+    /// Each stream's events, as indexes into the log.
+    streams: HashMap<StreamId, Vec<usize>, FastHash>,
+    /// Where each event id is in the log.
+    ids: HashMap<Uuid, usize, FastHash>,
 }
 
 impl Default for InMemoryEventStore {
@@ -84,8 +92,7 @@ impl InMemoryEventStore {
         let start = usize::try_from(after.major())
             .unwrap_or(usize::MAX)
             .min(state.log.len());
-        let end = start.saturating_add(max_count).min(state.log.len());
-        state.log[start..end].to_vec()
+        state.log.copy_range(start, start.saturating_add(max_count))
     }
 }
 
