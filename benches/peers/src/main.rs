@@ -248,6 +248,19 @@ async fn add_one(repo: Arc<Repository<Order>>, ids: Arc<Vec<String>>, meta: Meta
         .expect("ours");
 }
 
+/// Runs `create` once for every id of `ids`, 32 at a time.
+async fn seed_pool<F, Fut>(ids: &[String], create: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    use futures::StreamExt;
+    futures::stream::iter(ids.iter().cloned().map(create))
+        .buffer_unordered(32)
+        .collect::<()>()
+        .await;
+}
+
 fn id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
@@ -341,6 +354,74 @@ async fn main() {
                 "cmd/s",
             );
         }
+    }
+
+    // 1b. A one-event command on an existing small aggregate (created just
+    //    before, one to a few events), the common case of a command: ours
+    //    through a repository with a state cache (decided on the cached state,
+    //    appended expecting its version, nothing read), theirs through
+    //    cqrs-es (load, then the append in a transaction). Each call takes
+    //    the next aggregate of a pool created beforehand, so neither side's
+    //    aggregates grow long.
+    let pool_size: usize = std::env::var("BENCH_POOL")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let small_repo = Arc::new(
+        Repository::<Order>::new(dyn_store.clone()).with_state_cache(2 * pool_size),
+    );
+    let ours_pool: Arc<Vec<String>> = Arc::new((0..pool_size).map(|_| id()).collect());
+    let theirs_pool: Arc<Vec<String>> = Arc::new((0..pool_size).map(|_| id()).collect());
+    seed_pool(&ours_pool, |id| {
+        let (r, m) = (small_repo.clone(), meta.clone());
+        async move {
+            r.create(id, OrderCommand::Create, &m).await.expect("seed ours");
+        }
+    })
+    .await;
+    seed_pool(&theirs_pool, |id| {
+        let q = cqrs.clone();
+        async move {
+            q.execute(&id, OrderCommand::Create)
+                .await
+                .expect("seed cqrs-es");
+        }
+    })
+    .await;
+    let (next_ours, next_theirs) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    for c in [1usize, 8, 32] {
+        let (r, m, ids, next) = (
+            small_repo.clone(),
+            meta.clone(),
+            ours_pool.clone(),
+            next_ours.clone(),
+        );
+        let ours = move |_w: usize| {
+            let (r, m) = (r.clone(), m.clone());
+            let id = ids[next.fetch_add(1, Ordering::Relaxed) as usize % ids.len()].clone();
+            async move {
+                r.execute(id, OrderCommand::AddItems(1), &m)
+                    .await
+                    .expect("ours");
+            }
+        };
+        let (q, ids, next) = (cqrs.clone(), theirs_pool.clone(), next_theirs.clone());
+        let theirs = move |_w: usize| {
+            let q = q.clone();
+            let id = ids[next.fetch_add(1, Ordering::Relaxed) as usize % ids.len()].clone();
+            async move {
+                q.execute(&id, OrderCommand::AddItems(1))
+                    .await
+                    .expect("cqrs-es");
+            }
+        };
+        let (o, t) = pair(c, ours, theirs).await;
+        report(
+            &format!("1-event command on a small existing aggregate, state cache, {c} clients"),
+            o,
+            t,
+            "cmd/s",
+        );
     }
 
     // 2. A command producing 100 events on a new aggregate.
