@@ -56,7 +56,17 @@ impl StreamId {
 
     /// The stream of one aggregate: `<category>-<id>`.
     pub fn for_aggregate(category: &str, id: impl fmt::Display) -> Result<Self, InvalidStreamId> {
-        Self::new(format!("{category}-{id}"))
+        use fmt::Write;
+        // Room for a hyphenated UUID, the usual id, so it is written without
+        // growing; every command and saga reaction names its stream.
+        let mut name = String::with_capacity(category.len() + 1 + 36);
+        name.push_str(category);
+        name.push('-');
+        write!(name, "{id}").map_err(|_| InvalidStreamId {
+            id: category.to_owned(),
+            reason: "its id could not be formatted",
+        })?;
+        Self::new(name)
     }
 
     /// The id as a string slice.
