@@ -22,6 +22,7 @@ pub mod stream;
 pub mod subscription;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod trace;
 
 pub use aggregate::Aggregate;
 pub use bus::{
@@ -46,6 +47,7 @@ pub use saga::{
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{BoxError, CheckpointStore, EventStore, Inbox, StoreError};
 pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
+pub use trace::{InvalidTraceParent, TraceParent};
 
 /// Everything an application usually needs, in one `use`.
 pub mod prelude {

@@ -1,10 +1,11 @@
 //! What travels with every event and message besides its payload.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::TraceParent;
 
 /// Correlation and causation ids, the W3C trace context, and free-form headers.
 ///
@@ -30,11 +31,15 @@ pub struct Metadata {
     /// The message or command that caused this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
-    /// The W3C `traceparent` of the span that produced this. Shared, not
-    /// copied, when metadata is cloned: every event of an order carries it and
-    /// every reader of the log clones events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<Arc<str>>,
+    /// The W3C trace context of the span that produced this (stored and sent
+    /// in its standard text form; a stored value that does not parse reads
+    /// back as none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::trace::lenient"
+    )]
+    pub traceparent: Option<TraceParent>,
     /// Free-form string headers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
@@ -60,10 +65,10 @@ impl Metadata {
         self
     }
 
-    /// Sets the W3C traceparent.
+    /// Sets the W3C trace context.
     #[must_use]
-    pub fn with_traceparent(mut self, traceparent: impl Into<Arc<str>>) -> Self {
-        self.traceparent = Some(traceparent.into());
+    pub fn with_traceparent(mut self, traceparent: TraceParent) -> Self {
+        self.traceparent = Some(traceparent);
         self
     }
 
@@ -82,7 +87,7 @@ impl Metadata {
         Self {
             correlation_id: Some(self.correlation_id.unwrap_or(cause_id)),
             causation_id: Some(cause_id),
-            traceparent: self.traceparent.clone(),
+            traceparent: self.traceparent,
             headers: self.headers.clone(),
         }
     }
@@ -93,5 +98,29 @@ impl Metadata {
             && self.causation_id.is_none()
             && self.traceparent.is_none()
             && self.headers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trace_context_is_stored_as_its_text_and_a_bad_one_reads_back_as_none() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let metadata = Metadata::new().with_traceparent(tp.parse().unwrap());
+        let json = serde_json::to_string(&metadata).unwrap();
+        assert_eq!(json, format!(r#"{{"traceparent":"{tp}"}}"#));
+        assert_eq!(serde_json::from_str::<Metadata>(&json).unwrap(), metadata);
+
+        // A stored value that does not parse loses the trace, not the event.
+        let bad: Metadata = serde_json::from_str(
+            r#"{"correlation_id":"0190a0b1-0000-7000-8000-000000000001","traceparent":"garbage"}"#,
+        )
+        .unwrap();
+        assert_eq!(bad.traceparent, None);
+        assert!(bad.correlation_id.is_some());
+        let null: Metadata = serde_json::from_str(r#"{"traceparent":null}"#).unwrap();
+        assert_eq!(null.traceparent, None);
     }
 }

@@ -443,7 +443,7 @@ fn encode(c: &mut Criterion) {
     group.bench_function("es-rabbit", |b| {
         b.iter(|| {
             for m in &batch {
-                let trace = es_rabbit::TraceParent::child_of(m.metadata.traceparent.as_deref());
+                let trace = es_rabbit::TraceParent::child_of(m.metadata.traceparent);
                 let props = es_rabbit::codec::properties(m, &trace.to_string()).unwrap();
                 std::hint::black_box((props, m.routing_key()));
             }

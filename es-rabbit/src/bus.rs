@@ -268,12 +268,8 @@ impl RabbitBus {
         };
         let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::with_capacity(window);
         for (index, message) in messages.iter().enumerate() {
-            let trace = TraceParent::child_of(message.metadata.traceparent.as_deref());
-            let parent = message
-                .metadata
-                .traceparent
-                .as_deref()
-                .and_then(TraceParent::parse);
+            let parent = message.metadata.traceparent;
+            let trace = TraceParent::child_of(parent);
             let span = tracing::info_span!(
                 "es.rabbit.publish",
                 message_id = %message.message_id,

@@ -20,7 +20,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use uuid::Uuid;
 
-use es_core::{Message, Metadata, Payload};
+use es_core::{Message, Metadata, Payload, TraceParent};
 
 use crate::topology::{string, ATTEMPT_HEADER};
 
@@ -165,7 +165,7 @@ fn decode_message(
         metadata: Metadata {
             correlation_id,
             causation_id,
-            traceparent: traceparent.map(Into::into),
+            traceparent: traceparent.as_deref().and_then(TraceParent::parse),
             headers: extra,
         },
     })
@@ -219,7 +219,7 @@ fn now_secs() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use es_core::{Message, Metadata, Payload};
+    use es_core::{Message, Metadata, Payload, TraceParent};
     use lapin::types::AMQPValue;
     use uuid::Uuid;
 
@@ -248,9 +248,12 @@ mod tests {
         let (back, attempt) = decode(&props, m.payload.as_str().as_bytes());
         let back = back.unwrap();
         assert_eq!(attempt, 1);
-        assert_eq!(back.metadata.traceparent.as_deref(), Some(tp));
+        assert_eq!(
+            back.metadata.traceparent.map(|t| t.to_string()).as_deref(),
+            Some(tp)
+        );
         let mut expected = m;
-        expected.metadata.traceparent = Some(tp.into());
+        expected.metadata.traceparent = TraceParent::parse(tp);
         assert_eq!(back, expected);
     }
 

@@ -207,12 +207,8 @@ impl ConsumerTask {
                 .await;
             return settle_delivery(self.limit(), current, &delivery, settle).await;
         }
-        let parent = message
-            .metadata
-            .traceparent
-            .as_deref()
-            .and_then(TraceParent::parse);
-        let trace = parent.map_or_else(TraceParent::new_root, |p| p.child());
+        let parent = message.metadata.traceparent;
+        let trace = TraceParent::child_of(parent);
         let span = tracing::info_span!(
             "es.rabbit.consume",
             group = %group,

@@ -38,20 +38,25 @@ async fn a_message_round_trips_with_its_metadata() {
         .metadata
         .clone()
         .with_causation_id(uuid::Uuid::now_v7())
-        .with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .with_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        )
         .with_header("tenant", "acme");
     bus.publish(std::slice::from_ref(&sent)).await.unwrap();
     eventually("the delivery", LIMIT, || !seen.lock().unwrap().is_empty()).await;
     handle.stop().await;
     let got = seen.lock().unwrap()[0].clone();
     assert_eq!(got.attempt, 1);
-    let tp = got.message.metadata.traceparent.clone().unwrap();
+    let tp = got.message.metadata.traceparent.unwrap();
     // The header carries the publish span's context: same trace, new span.
     assert!(
-        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        tp.to_string()
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
         "{tp}"
     );
-    assert_ne!(tp, sent.metadata.traceparent.clone().unwrap());
+    assert_ne!(tp, sent.metadata.traceparent.unwrap());
     let mut expected: Message = sent;
     expected.metadata.traceparent = Some(tp);
     assert_eq!(got.message, expected);

@@ -399,7 +399,14 @@ pub async fn envelope_round_trips(store: Arc<dyn EventStore>) {
     let metadata = Metadata::new()
         .with_correlation_id(correlation)
         .with_causation_id(Uuid::now_v7())
-        .with_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .with_traceparent(
+            crate::TraceParent::from_parts(
+                0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+                0xb7ad_6b71_6920_3331,
+                1,
+            )
+            .unwrap_or_else(crate::TraceParent::new_root),
+        )
         .with_header("tenant", "acme");
     let payload = Payload::from_json(r#"{"name":"Ada \"Lovelace\"","lines":[{"sku":"é-1","qty":2}],"total":"12.50","nested":{"x":null}}"#)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -86,7 +86,11 @@ async fn happy_path_completes_and_notifies() {
         );
     }
     for e in &mine {
-        let tp = e.metadata.traceparent.as_deref().unwrap_or_default();
+        let tp = e
+            .metadata
+            .traceparent
+            .map(|t| t.to_string())
+            .unwrap_or_default();
         assert!(
             tp.contains(&trace),
             "{} in {} has traceparent {tp:?}",
@@ -127,7 +131,11 @@ async fn an_incoming_traceparent_is_the_orders_trace() {
     let mine = app.order_events(id).await;
     assert!(mine.len() > 10, "{}", mine.len());
     for e in mine {
-        let tp = e.metadata.traceparent.as_deref().unwrap_or_default();
+        let tp = e
+            .metadata
+            .traceparent
+            .map(|t| t.to_string())
+            .unwrap_or_default();
         assert!(
             tp.starts_with(&format!("00-{trace}-")),
             "{} has {tp:?}",
@@ -146,7 +154,7 @@ async fn an_incoming_traceparent_is_the_orders_trace() {
         .iter()
         .find(|e| e.event_type.as_ref() == "OrderCreated")
         .unwrap();
-    let tp = created.metadata.traceparent.as_deref().unwrap();
+    let tp = created.metadata.traceparent.unwrap().to_string();
     assert!(tp.contains(&id.replace('-', "")), "{tp}");
 }
 

@@ -164,8 +164,8 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let trace = TraceParent::child_of(incoming.as_deref());
+        .and_then(TraceParent::parse);
+    let trace = TraceParent::child_of(incoming);
     let span = tracing::info_span!("gateway.forward", %method, %path, service = owner.as_str(), trace_id = %trace.trace_id(), span_id = %trace.span_id());
     let response = async {
         let (mut parts, body) = request.into_parts();

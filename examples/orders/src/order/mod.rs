@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use es_core::{
     Clock, Delivery, EventCodec, MessageHandler, Metadata, Outcome, Position, Repository,
-    RepositoryError,
+    RepositoryError, TraceParent,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -222,12 +222,11 @@ impl OrderService {
         let _enter = span.enter();
         // One trace per order: the caller's, or else one whose id is the
         // order id.
-        let traceparent = match traceparent.and_then(es_rabbit::TraceParent::parse) {
-            Some(parent) => parent.child().to_string(),
-            None => {
-                let span_id = Uuid::new_v4().simple().to_string();
-                format!("00-{}-{}-01", order_id.simple(), &span_id[..16])
-            }
+        let traceparent = match traceparent.and_then(TraceParent::parse) {
+            Some(parent) => parent.child(),
+            // A trace whose id is the order id (never zero: a UUID v7 or v5).
+            None => TraceParent::root_with_trace_id(order_id.as_u128())
+                .unwrap_or_else(TraceParent::new_root),
         };
         let metadata = Metadata::new()
             .with_correlation_id(order_id)

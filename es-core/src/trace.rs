@@ -1,13 +1,21 @@
-//! A small W3C trace-context helper: parse and produce `traceparent` values so
-//! that a consumer's span names the publisher's span as its parent across the
-//! broker, without the OpenTelemetry stack.
+//! The W3C trace context every event and message carries: parse and produce
+//! `traceparent` values, so a trace follows an order across the store, the bus
+//! and every service, without the OpenTelemetry stack.
 
 use std::fmt;
+use std::str::FromStr;
 
-/// A W3C trace context (`traceparent`, version `00`).
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A W3C trace context (`traceparent`, version `00`): trace id, parent span id
+/// and flags.
+///
+/// It is `Copy` and holds no heap data: every event of an order carries it, and
+/// events and messages are cloned on every hop. It is stored and sent as the
+/// standard 55-character text form.
 ///
 /// ```
-/// use es_rabbit::TraceParent;
+/// use es_core::TraceParent;
 /// let parent = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
 /// let child = parent.child();
 /// assert_eq!(child.trace_id(), parent.trace_id());
@@ -22,6 +30,16 @@ pub struct TraceParent {
 }
 
 impl TraceParent {
+    /// A context from its parts; `None` when the trace or span id is zero
+    /// (which the standard forbids).
+    pub fn from_parts(trace_id: u128, span_id: u64, flags: u8) -> Option<Self> {
+        (trace_id != 0 && span_id != 0).then_some(Self {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
     /// A new trace (fresh trace id and span id), sampled.
     pub fn new_root() -> Self {
         Self {
@@ -29,6 +47,13 @@ impl TraceParent {
             span_id: nonzero_u64(),
             flags: 1,
         }
+    }
+
+    /// A new trace with the given id (a fresh span id, sampled), for a
+    /// system that names its traces after something of its own, such as an
+    /// order id; `None` when `trace_id` is zero.
+    pub fn root_with_trace_id(trace_id: u128) -> Option<Self> {
+        Self::from_parts(trace_id, nonzero_u64(), 1)
     }
 
     /// A child span in the same trace: same trace id and flags, new span id.
@@ -41,11 +66,9 @@ impl TraceParent {
         }
     }
 
-    /// A child of the context in `traceparent` when it parses, else a new root.
-    pub fn child_of(traceparent: Option<&str>) -> Self {
-        traceparent
-            .and_then(Self::parse)
-            .map_or_else(Self::new_root, |parent| parent.child())
+    /// A child of `parent` when there is one, else a new root.
+    pub fn child_of(parent: Option<Self>) -> Self {
+        parent.map_or_else(Self::new_root, |parent| parent.child())
     }
 
     /// Parses a `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`); `None`
@@ -72,11 +95,7 @@ impl TraceParent {
         let trace_id = u128::from_str_radix(trace, 16).ok()?;
         let span_id = u64::from_str_radix(span, 16).ok()?;
         let flags = u8::from_str_radix(flags, 16).ok()?;
-        (trace_id != 0 && span_id != 0).then_some(Self {
-            trace_id,
-            span_id,
-            flags,
-        })
+        Self::from_parts(trace_id, span_id, flags)
     }
 
     /// The trace id, as 32 lowercase hex digits.
@@ -88,6 +107,47 @@ impl TraceParent {
     pub fn span_id(&self) -> String {
         format!("{:016x}", self.span_id)
     }
+}
+
+/// A `traceparent` value that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a W3C traceparent: {value:?}")]
+pub struct InvalidTraceParent {
+    /// The rejected value (cut to a readable length).
+    pub value: String,
+}
+
+impl FromStr for TraceParent {
+    type Err = InvalidTraceParent;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s).ok_or_else(|| InvalidTraceParent {
+            value: s.chars().take(64).collect(),
+        })
+    }
+}
+
+impl Serialize for TraceParent {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceParent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// For [`Metadata`](crate::Metadata): a stored or received `traceparent` that
+/// does not parse is dropped rather than failing the whole event (a trace is
+/// lost, not the event).
+pub(crate) fn lenient<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<TraceParent>, D::Error> {
+    let text = Option::<std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+    Ok(text.and_then(|t| TraceParent::parse(&t)))
 }
 
 impl fmt::Display for TraceParent {
@@ -149,10 +209,22 @@ mod tests {
     #[test]
     fn child_of_keeps_the_trace() {
         let root = TraceParent::new_root();
-        let child = TraceParent::child_of(Some(&root.to_string()));
+        let child = TraceParent::child_of(Some(root));
         assert_eq!(child.trace_id(), root.trace_id());
         assert_ne!(child.span_id(), root.span_id());
-        let orphan = TraceParent::child_of(Some("garbage"));
+        let orphan = TraceParent::child_of(None);
         assert_ne!(orphan.trace_id(), root.trace_id());
+    }
+
+    #[test]
+    fn serializes_as_the_standard_text_and_parses_back() {
+        let s = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t: TraceParent = s.parse().unwrap();
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<TraceParent>(&json).unwrap(), t);
+        assert!(serde_json::from_str::<TraceParent>("\"garbage\"").is_err());
+        assert!("garbage".parse::<TraceParent>().is_err());
+        assert_eq!(TraceParent::from_parts(0, 1, 1), None);
     }
 }
