@@ -27,9 +27,11 @@ use es_core::{Aggregate, EventStore, Outcome, Repository, RepositoryError, Retry
 
 /// How many recently used aggregate states each repository, and saga
 /// instances the saga manager, keeps in memory (`with_state_cache`,
-/// `with_instance_cache`): a command then reads only the events appended
-/// since, not the whole stream. Another instance of a service writing the
-/// same streams is seen in that tail, so caching is safe when scaled out.
+/// `with_instance_cache`): a command or reaction on a cached one is decided
+/// without reading and appended expecting the cached version. Another
+/// instance of a service writing the same streams makes that append fail, and
+/// the command is decided again on the tail, so caching is safe when scaled
+/// out.
 pub const CACHED_STATES: usize = 10_000;
 
 /// A repository as every service of both deployments uses it: the state cache
