@@ -47,6 +47,25 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
     }
 }
 
+/// Captures every span at debug level and above on this thread, with a
+/// current-thread runtime whose tasks (the runner's) run under it.
+fn capturing() -> (
+    Spans,
+    tracing::subscriber::DefaultGuard,
+    tokio::runtime::Runtime,
+) {
+    let spans = Spans::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(Capture(Arc::clone(&spans)))
+        .with(tracing_subscriber::filter::LevelFilter::DEBUG);
+    let guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (spans, guard, rt)
+}
+
 struct Nothing;
 
 impl Projection for Nothing {
@@ -61,17 +80,7 @@ impl Projection for Nothing {
 
 #[test]
 fn batches_and_events_get_spans_with_correlation_and_causation_ids() {
-    let spans = Spans::default();
-    let subscriber = tracing_subscriber::registry()
-        .with(Capture(Arc::clone(&spans)))
-        .with(tracing_subscriber::filter::LevelFilter::DEBUG);
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // A current-thread runtime: the runner's task runs on this thread, under
-    // this subscriber.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (spans, _guard, rt) = capturing();
     let (correlation, causation) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
     rt.block_on(async {
         let store = InMemoryEventStore::new();
@@ -120,15 +129,7 @@ fn a_set_based_batch_gets_a_span_and_one_span_per_event_with_its_ids() {
     use es_projections::doc_support::Balances;
     use es_projections::postgres::PgProjectionRunner;
 
-    let spans = Spans::default();
-    let subscriber = tracing_subscriber::registry()
-        .with(Capture(Arc::clone(&spans)))
-        .with(tracing_subscriber::filter::LevelFilter::DEBUG);
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (spans, _guard, rt) = capturing();
     let recorded = rt.block_on(async {
         let (pool, schema) = es_postgres::testing::fresh_schema_with(4).await;
         let model = format!("{schema}_m");
