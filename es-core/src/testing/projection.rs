@@ -31,6 +31,18 @@ pub fn recorded_at<E: DomainEvent>(
     at: DateTime<Utc>,
     events: impl IntoIterator<Item = E>,
 ) -> Vec<RecordedEvent> {
+    record(stream, 1, first_position, at, events)
+}
+
+/// Encodes `events` as recorded on `stream` from version `first_version` and
+/// position `(first_position, 0)` on, one apart, at `at`.
+fn record<E: DomainEvent>(
+    stream: &StreamId,
+    first_version: u64,
+    first_position: u64,
+    at: DateTime<Utc>,
+    events: impl IntoIterator<Item = E>,
+) -> Vec<RecordedEvent> {
     let codec = EventCodec::<E>::new();
     (0u64..)
         .zip(events)
@@ -41,7 +53,7 @@ pub fn recorded_at<E: DomainEvent>(
             RecordedEvent {
                 event_id: new.event_id,
                 stream_id: stream.clone(),
-                stream_version: i + 1,
+                stream_version: first_version + i,
                 position: Position::new(first_position + i, 0),
                 event_type: new.event_type,
                 schema_version: new.schema_version,
@@ -188,26 +200,12 @@ impl<P: Projection> ProjectionFixture<P> {
         stream: &StreamId,
         events: impl IntoIterator<Item = E>,
     ) -> Self {
-        let codec = EventCodec::<E>::new();
-        for event in events {
-            let new = codec
-                .encode(&event, Metadata::new())
-                .unwrap_or_else(|e| panic!("fixture event does not encode: {e}"));
-            let version = self.versions.entry(stream.clone()).or_insert(0);
-            *version += 1;
-            self.pending.push(RecordedEvent {
-                event_id: new.event_id,
-                stream_id: stream.clone(),
-                stream_version: *version,
-                position: Position::new(self.next_position, 0),
-                event_type: new.event_type,
-                schema_version: new.schema_version,
-                payload: new.payload,
-                metadata: new.metadata,
-                recorded_at: self.now,
-            });
-            self.next_position += 1;
-        }
+        let version = self.versions.entry(stream.clone()).or_insert(0);
+        let batch = record(stream, *version + 1, self.next_position, self.now, events);
+        let count = batch.len() as u64;
+        *version += count;
+        self.next_position += count;
+        self.pending.extend(batch);
         self
     }
 
