@@ -248,6 +248,26 @@ async fn add_one(repo: Arc<Repository<Order>>, ids: Arc<Vec<String>>, meta: Meta
         .expect("ours");
 }
 
+/// Aggregate ids created beforehand, handed out in turn (round and round).
+struct Pool {
+    ids: Vec<String>,
+    next: AtomicU64,
+}
+
+impl Pool {
+    fn new(size: usize) -> Self {
+        Self {
+            ids: (0..size).map(|_| id()).collect(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        self.ids[turn % self.ids.len()].clone()
+    }
+}
+
 /// Runs `create` once for every id of `ids`, 32 at a time.
 async fn seed_pool<F, Fut>(ids: &[String], create: F)
 where
@@ -367,19 +387,20 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000);
-    let small_repo = Arc::new(
-        Repository::<Order>::new(dyn_store.clone()).with_state_cache(2 * pool_size),
-    );
-    let ours_pool: Arc<Vec<String>> = Arc::new((0..pool_size).map(|_| id()).collect());
-    let theirs_pool: Arc<Vec<String>> = Arc::new((0..pool_size).map(|_| id()).collect());
-    seed_pool(&ours_pool, |id| {
+    let small_repo =
+        Arc::new(Repository::<Order>::new(dyn_store.clone()).with_state_cache(2 * pool_size));
+    let ours_pool = Arc::new(Pool::new(pool_size));
+    let theirs_pool = Arc::new(Pool::new(pool_size));
+    seed_pool(&ours_pool.ids, |id| {
         let (r, m) = (small_repo.clone(), meta.clone());
         async move {
-            r.create(id, OrderCommand::Create, &m).await.expect("seed ours");
+            r.create(id, OrderCommand::Create, &m)
+                .await
+                .expect("seed ours");
         }
     })
     .await;
-    seed_pool(&theirs_pool, |id| {
+    seed_pool(&theirs_pool.ids, |id| {
         let q = cqrs.clone();
         async move {
             q.execute(&id, OrderCommand::Create)
@@ -388,27 +409,21 @@ async fn main() {
         }
     })
     .await;
-    let (next_ours, next_theirs) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     for c in [1usize, 8, 32] {
-        let (r, m, ids, next) = (
-            small_repo.clone(),
-            meta.clone(),
-            ours_pool.clone(),
-            next_ours.clone(),
-        );
+        let (r, m, pool) = (small_repo.clone(), meta.clone(), ours_pool.clone());
         let ours = move |_w: usize| {
             let (r, m) = (r.clone(), m.clone());
-            let id = ids[next.fetch_add(1, Ordering::Relaxed) as usize % ids.len()].clone();
+            let id = pool.next();
             async move {
                 r.execute(id, OrderCommand::AddItems(1), &m)
                     .await
                     .expect("ours");
             }
         };
-        let (q, ids, next) = (cqrs.clone(), theirs_pool.clone(), next_theirs.clone());
+        let (q, pool) = (cqrs.clone(), theirs_pool.clone());
         let theirs = move |_w: usize| {
             let q = q.clone();
-            let id = ids[next.fetch_add(1, Ordering::Relaxed) as usize % ids.len()].clone();
+            let id = pool.next();
             async move {
                 q.execute(&id, OrderCommand::AddItems(1))
                     .await
