@@ -13,6 +13,7 @@ pub mod payload;
 pub mod position;
 pub mod projection;
 pub mod relay;
+pub mod replica;
 pub mod repository;
 pub mod saga;
 pub mod snapshot;

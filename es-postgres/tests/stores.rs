@@ -1,6 +1,7 @@
 //! Snapshots, checkpoints (in the caller's transaction), the inbox, the
 //! hold-back metric, live subscriptions across stores and lost connections,
-//! and es-core's repository creating aggregates on PostgreSQL.
+//! es-core's repository creating aggregates on PostgreSQL, and a replica on
+//! PostgreSQL fed by relayed messages.
 
 #![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
 
@@ -323,4 +324,48 @@ async fn repository_create_on_postgres() {
     let stream = repo.stream_id(other).unwrap();
     assert_eq!(store.stream_version(&stream).await.unwrap(), 2);
     assert_eq!(repo.load(other).await.unwrap().state.value, 8);
+}
+
+#[tokio::test]
+async fn a_replica_on_postgres_copies_a_stream_whatever_the_delivery_order() {
+    use es_core::replica::{with_source, ReplicaHandler, Source};
+    use es_core::{relay::default_route, InMemoryEventStore, Message, Outcome};
+    let replica = std::sync::Arc::new(es_postgres::testing::fresh_store().await);
+    let source = InMemoryEventStore::new();
+    let stream = unique_stream("replicated");
+    source
+        .append(&stream, ExpectedVersion::NoStream, events(1, 3))
+        .await
+        .unwrap();
+    let recorded = source.read_stream(&stream, 1, 10).await.unwrap();
+    let route = with_source(std::sync::Arc::new(default_route), &["replicated"]);
+    let messages: Vec<Message> = recorded.iter().filter_map(|e| route(e)).collect();
+    let handler = ReplicaHandler::new(replica.clone());
+    // The last before the others: it waits for its predecessor.
+    assert!(matches!(
+        handler.replicate(&messages[2]).await,
+        Outcome::Retry { .. }
+    ));
+    for m in &messages {
+        assert_eq!(handler.replicate(m).await, Outcome::Ack);
+    }
+    // A redelivery after the stream moved past it is a duplicate.
+    assert_eq!(handler.replicate(&messages[0]).await, Outcome::Ack);
+    // Another payload in the same place: the copies diverged.
+    let mut changed = messages[1].clone();
+    changed.payload = Payload::from_json(r#"{"n":99}"#).unwrap();
+    assert!(matches!(
+        handler.replicate(&changed).await,
+        Outcome::DeadLetter { .. }
+    ));
+    let copy = replica.read_stream(&stream, 1, 10).await.unwrap();
+    assert_eq!(copy.len(), 3);
+    for (got, want) in copy.iter().zip(&recorded) {
+        assert_eq!(
+            (got.event_id, got.stream_version),
+            (want.event_id, want.stream_version)
+        );
+        assert!(got.payload.json_eq(&want.payload));
+        assert_eq!(Source::of_event(got), Some(Source::of_recorded(want)));
+    }
 }
