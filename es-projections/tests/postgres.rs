@@ -472,7 +472,19 @@ async fn waiting_for_a_position_works_from_another_process() {
     .spawn();
     waiting.await.unwrap().unwrap();
     assert_eq!(ledger_counts(&pool, &model).await, (50, 50));
+    // Waiting past the checkpoint already committed waits for the next batch.
+    let next = {
+        let watcher = watcher.clone();
+        tokio::spawn(async move { watcher.wait_past("ledger", at, WAIT).await })
+    };
+    assert!(matches!(
+        watcher
+            .wait_past("ledger", at, Duration::from_millis(100))
+            .await,
+        Err(Error::Timeout { reached, .. }) if reached == at
+    ));
     let later = seed(&store, 5, 3).await;
+    next.await.unwrap().unwrap();
     wait_for_checkpoint(&pool, &schema, "ledger", later, WAIT)
         .await
         .unwrap();

@@ -196,6 +196,32 @@ impl CheckpointWatcher {
         position: Position,
         timeout: Duration,
     ) -> Result<(), Error> {
+        self.wait_until(name, position, timeout, |p| p >= position)
+            .await
+    }
+
+    /// Waits until projection `name` has committed a checkpoint strictly
+    /// after `seen`, or `timeout` has passed: "wake me when the projection
+    /// next moves", for a reader re-checking a row it found not yet written.
+    ///
+    /// # Errors
+    /// As [`CheckpointWatcher::wait_for`].
+    pub async fn wait_past(
+        &self,
+        name: &str,
+        seen: Position,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        self.wait_until(name, seen, timeout, |p| p > seen).await
+    }
+
+    async fn wait_until(
+        &self,
+        name: &str,
+        wanted: Position,
+        timeout: Duration,
+        reached: impl Fn(Position) -> bool,
+    ) -> Result<(), Error> {
         let mut rx = {
             let mut positions = self
                 .inner
@@ -212,16 +238,16 @@ impl CheckpointWatcher {
             .await?
             .unwrap_or(Position::START);
         self.inner.advance(name, stored);
-        let reached = tokio::time::timeout(timeout, rx.wait_for(|p| *p >= position))
+        let done = tokio::time::timeout(timeout, rx.wait_for(|p| reached(*p)))
             .await
             .is_ok();
         let at = *rx.borrow();
-        if reached || at >= position {
+        if done || reached(at) {
             Ok(())
         } else {
             Err(Error::Timeout {
                 projection: name.to_owned(),
-                wanted: position,
+                wanted,
                 reached: at,
                 timeout,
             })
