@@ -126,8 +126,19 @@ pub mod groups {
     pub const PAYMENT: &str = "payment_service";
     /// The notification service's commands.
     pub const NOTIFICATION: &str = "notification_service";
+    /// The query service's replica of the order events (the distributed
+    /// deployment; in one process the query service follows the store).
+    pub const QUERY: &str = "order_query";
     /// Every group.
-    pub const ALL: [&str; 6] = [SAGA, ORDER, CATALOG, INVENTORY, PAYMENT, NOTIFICATION];
+    pub const ALL: [&str; 7] = [
+        SAGA,
+        ORDER,
+        CATALOG,
+        INVENTORY,
+        PAYMENT,
+        NOTIFICATION,
+        QUERY,
+    ];
 }
 
 /// The whole system in one process.

@@ -70,6 +70,18 @@ async fn the_public_api_through_the_gateway() {
             "OrderCompleted"
         ]
     );
+    // The history is the query service's replica of the order's stream, in
+    // its own schema, carrying the order service's positions.
+    assert_eq!(events[0]["position"].as_str(), Some(position), "{events}");
+    let copied: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".events WHERE stream_id = $1",
+        c.schema("query")
+    ))
+    .bind(format!("order-{id}"))
+    .fetch_one(&c.pool)
+    .await
+    .unwrap();
+    assert_eq!(copied, 4);
 
     // Out of stock: cancelled, nothing reserved.
     let (_, placed) = c.order("gus@example.com", &[(&gizmo, 5)], "tok_ok").await;

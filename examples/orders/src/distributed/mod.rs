@@ -13,8 +13,9 @@
 //! snapshots), the payment service's, the notification service's inbox, and
 //! the query service's read model. Each store is relayed to RabbitMQ by one
 //! active relay (a PostgreSQL advisory lock elects it; standbys take over).
-//! The query service projects the order service's log (read only) into its
-//! own schema.
+//! Services talk only through RabbitMQ: the query service, too, learns the
+//! orders from the order events the order store's relay publishes, which it
+//! copies into a replica log in its own schema and projects from there.
 
 mod catalog;
 mod gateway;
@@ -573,17 +574,25 @@ impl Node {
             }
 
             if services.contains(&Service::Query) {
-                let order_schema = args.schema("order");
-                migrate(&pool, &order_schema).await?;
+                let schema = args.schema("query");
                 let query = PgQueryService::start(
                     pool.clone(),
-                    store(&pool, &order_schema, args.append_slots)?,
-                    &args.schema("query"),
+                    store(&pool, &schema, args.append_slots)?,
+                    &schema,
                     &args.redis_url,
                     &format!("{}:", args.namespace),
                     stopped.clone(),
                 )
                 .await?;
+                subscriptions.push(
+                    bus.subscribe(
+                        sub(groups::QUERY, vec![format!("{}.*", topics::ORDER)]),
+                        Arc::new(query.replica_handler()),
+                    )
+                    .await
+                    .map_err(|e| infra("subscribe")(e.to_string()))?,
+                );
+                gauges.groups.push(groups::QUERY);
                 gauges.projection = Some(Arc::clone(&query));
                 local = local.merge(query_pg::router(query));
                 owners.insert(Owner::Query);
@@ -593,12 +602,23 @@ impl Node {
                 let schema = args.schema(name);
                 migrate(&pool, &schema).await?;
                 let store = store(&pool, &schema, args.append_slots)?;
+                let route = es_core::relay::route_without_saga_state(&[
+                    <crate::saga::OrderSaga as es_core::Saga>::TYPE,
+                ]);
+                // The order events carry where they stand in the order
+                // store, for the query service's replica.
+                let route = if name == "order" {
+                    es_core::replica::with_source(
+                        route,
+                        &[<crate::order::Order as es_core::Aggregate>::TYPE],
+                    )
+                } else {
+                    route
+                };
                 let relay = Arc::new(
                     RabbitRelay::postgres(format!("{schema}_relay"), &store, &bus)
                         .with_batch_size(512)
-                        .with_route(es_core::relay::route_without_saga_state(&[
-                            <crate::saga::OrderSaga as es_core::Saga>::TYPE,
-                        ])),
+                        .with_route(route),
                 );
                 gauges.relays.push((name, store));
                 let s = stopped.clone();

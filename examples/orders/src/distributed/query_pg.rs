@@ -1,9 +1,21 @@
-//! The query service on PostgreSQL and Redis: the order read model kept by
-//! es-projections' PostgreSQL runner (batch and checkpoint in one
-//! transaction, one active runner across processes with takeover), full-text
-//! search with PostgreSQL text search, hot order details in Redis with
-//! version-guarded writes, and `min_position` read-your-writes from any
-//! process through the checkpoint's `NOTIFY`.
+//! The query service on PostgreSQL and Redis.
+//!
+//! It never reads the order service's store. The order events reach it
+//! through RabbitMQ, and an [`es_core::replica::ReplicaHandler`] copies them
+//! into a replica log in the query service's own schema: the same events, in
+//! each order's own order, whatever the broker's redeliveries. From there:
+//!
+//! - es-projections' PostgreSQL runner keeps the order read model (batch and
+//!   checkpoint in one transaction, one active runner across processes with
+//!   takeover);
+//! - full-text search runs on PostgreSQL text search;
+//! - hot order details are cached in Redis with version-guarded writes;
+//! - `min_position` read-your-writes works from any process: each row keeps
+//!   the order service's position of the last event it reflects, and a
+//!   reader re-checks it each time the checkpoint's `NOTIFY` says the
+//!   projection moved;
+//! - an order's history is read from the replica, with the order service's
+//!   positions and recording times.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,6 +25,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use es_core::replica::{ReplicaHandler, Source};
 use es_core::{
     EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent, StreamId,
 };
@@ -36,6 +49,18 @@ use crate::{Error, Money, Result};
 pub(super) const PROJECTION: &str = "orders_read_model";
 
 const COLUMNS: &str = "order_id, customer_email, items, total, status, created_at, completed_at, cancellation_reason, version";
+
+/// Where `event` stands in the order service's store: its own place for an
+/// event of the order store itself, its source's for a replicated one.
+fn source_of(event: &RecordedEvent) -> Source {
+    Source::of_event(event).unwrap_or_else(|| Source::of_recorded(event))
+}
+
+/// A position as the two `bigint` columns that store it.
+fn position_columns(position: Position) -> (i64, i64) {
+    let part = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    (part(position.major()), part(position.minor()))
+}
 
 /// The projection writing the `orders` table (and the Redis cache).
 pub struct PgOrderProjection {
@@ -147,6 +172,8 @@ impl Projection for PgOrderProjection {
         }
         let decoded = self.codec.decode(event).map_err(|e| invalid(event, e))?;
         let version = i64::try_from(event.stream_version).map_err(|e| invalid(event, e))?;
+        let source = source_of(event);
+        let (source_major, source_minor) = position_columns(source.position);
         let row = match &decoded {
             OrderEvent::OrderCreated(e) => {
                 let items: Vec<OrderItemView> = e
@@ -162,8 +189,8 @@ impl Projection for PgOrderProjection {
                 let names: Vec<&str> = e.items.iter().map(|l| l.product_name.as_str()).collect();
                 let items = serde_json::to_value(&items).map_err(|e| invalid(event, e))?;
                 sqlx::query(&format!(
-                    "INSERT INTO orders (order_id, customer_email, items, total, total_minor, status, created_at, version, search)
-                     VALUES ($1, $2, $3, $4, $5, 'Pending', $6, $7, to_tsvector('simple', $8))
+                    "INSERT INTO orders (order_id, customer_email, items, total, total_minor, status, created_at, version, search, source_major, source_minor)
+                     VALUES ($1, $2, $3, $4, $5, 'Pending', $6, $7, to_tsvector('simple', $8), $9, $10)
                      ON CONFLICT (order_id) DO NOTHING RETURNING {COLUMNS}"
                 ))
                 .bind(e.order_id)
@@ -174,6 +201,8 @@ impl Projection for PgOrderProjection {
                 .bind(e.created_at)
                 .bind(version)
                 .bind(search_text(&e.customer_email, &names))
+                .bind(source_major)
+                .bind(source_minor)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(storage)?
@@ -208,7 +237,8 @@ impl Projection for PgOrderProjection {
                 let row = sqlx::query(&format!(
                     "UPDATE orders SET status = $2, version = $3,
                         completed_at = coalesce($4, completed_at),
-                        cancellation_reason = coalesce($5, cancellation_reason)
+                        cancellation_reason = coalesce($5, cancellation_reason),
+                        source_major = $6, source_minor = $7
                      WHERE order_id = $1 AND version < $3 RETURNING {COLUMNS}"
                 ))
                 .bind(order_id)
@@ -216,6 +246,8 @@ impl Projection for PgOrderProjection {
                 .bind(version)
                 .bind(completed_at)
                 .bind(reason)
+                .bind(source_major)
+                .bind(source_minor)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(storage)?;
@@ -239,7 +271,7 @@ impl Projection for PgOrderProjection {
                     "cancelled"
                 };
                 ::metrics::counter!("orders_finished_total", "outcome" => outcome).increment(1);
-                let seconds = (event.recorded_at - view.created_at)
+                let seconds = (source.recorded_at - view.created_at)
                     .num_microseconds()
                     .unwrap_or(0) as f64
                     / 1e6;
@@ -274,8 +306,13 @@ impl PgProjection for PgOrderProjection {
                 completed_at timestamptz,
                 cancellation_reason text,
                 version bigint NOT NULL,
-                search tsvector NOT NULL
+                search tsvector NOT NULL,
+                source_major bigint NOT NULL DEFAULT 0,
+                source_minor bigint NOT NULL DEFAULT 0
             )",
+            // Tables made before rows kept their source position.
+            "ALTER TABLE orders ADD COLUMN IF NOT EXISTS source_major bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE orders ADD COLUMN IF NOT EXISTS source_minor bigint NOT NULL DEFAULT 0",
             "CREATE INDEX IF NOT EXISTS orders_by_created ON orders (created_at DESC, order_id DESC)",
             "CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_email, created_at DESC, order_id DESC)",
             "CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status)",
@@ -294,7 +331,7 @@ pub struct PgQueryService {
     pool: PgPool,
     model: String,
     schema: String,
-    order_store: PostgresEventStore,
+    replica: PostgresEventStore,
     cache: Option<RedisSink>,
     watcher: CheckpointWatcher,
     waiters: Waiters,
@@ -310,16 +347,17 @@ impl std::fmt::Debug for PgQueryService {
 }
 
 impl PgQueryService {
-    /// Migrates `schema` (the runner's checkpoints), starts the runner (it
-    /// waits as a standby while another process holds the projection) over
-    /// `order_store`, connects the Redis cache (keys prefixed `prefix`) and
-    /// follows terminal-order notifications.
+    /// Migrates `schema` (the replica log and the runner's checkpoints),
+    /// starts the runner over `replica`, a store on `schema` (it waits as a
+    /// standby while another process holds the projection), connects the
+    /// Redis cache (keys prefixed `prefix`) and follows terminal-order
+    /// notifications. Feed the replica with [`PgQueryService::replica_handler`].
     ///
     /// # Errors
     /// When PostgreSQL cannot be reached or the schema names are invalid.
     pub async fn start(
         pool: PgPool,
-        order_store: PostgresEventStore,
+        replica: PostgresEventStore,
         schema: &str,
         redis_url: &str,
         prefix: &str,
@@ -342,7 +380,7 @@ impl PgQueryService {
             cache: cache.clone(),
             channel: channel.clone(),
         });
-        let store: Arc<dyn EventStore> = Arc::new(order_store.clone());
+        let store: Arc<dyn EventStore> = Arc::new(replica.clone());
         let runner = PgProjectionRunner::new(pool.clone(), schema, &model, store, projection)
             .map_err(Error::internal)?
             .with_leader_check(Duration::from_millis(500))
@@ -419,15 +457,22 @@ impl PgQueryService {
             pool,
             model,
             schema: schema.to_owned(),
-            order_store,
+            replica,
             cache,
             watcher,
             waiters,
         }))
     }
 
-    /// How far the read model is behind the order service's log (whichever
-    /// process runs the projection).
+    /// The bus handler copying the order service's events into the replica
+    /// log the read model is projected from.
+    pub fn replica_handler(&self) -> ReplicaHandler {
+        ReplicaHandler::new(Arc::new(self.replica.clone()))
+    }
+
+    /// How far the read model is behind the replica log (whichever process
+    /// runs the projection). How far the replica is behind the order service
+    /// is the depth of its queue.
     ///
     /// # Errors
     /// When PostgreSQL fails.
@@ -436,21 +481,56 @@ impl PgQueryService {
             .await
             .map_err(Error::internal)?
             .unwrap_or(Position::START);
-        es_projections::telemetry::measure_lag(&self.order_store, at, 10_000)
+        es_projections::telemetry::measure_lag(&self.replica, at, 10_000)
             .await
             .map_err(Error::from)
     }
 
-    /// Waits (at most [`MAX_WAIT`]) until the read model, maintained by
-    /// whichever process is active, has committed `position`.
+    /// Waits (at most [`MAX_WAIT`]) until the order's row, maintained by
+    /// whichever process runs the projection, reflects the order service's
+    /// log up to `position`: every event of this order at or before it.
+    /// `position` is what a write to this order answered.
     ///
     /// # Errors
     /// When the time runs out or PostgreSQL fails.
-    pub async fn wait_for(&self, position: Position) -> Result<()> {
-        self.watcher
-            .wait_for(PROJECTION, position, MAX_WAIT)
-            .await
-            .map_err(Error::internal)
+    pub async fn wait_for(&self, order_id: Uuid, position: Position) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + MAX_WAIT;
+        loop {
+            // The checkpoint first: a batch committed after this read wakes
+            // the wait below, so no write is missed between the two reads.
+            let seen =
+                es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
+                    .await
+                    .map_err(Error::internal)?
+                    .unwrap_or(Position::START);
+            if self.source_position(order_id).await? >= Some(position) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.watcher
+                .wait_past(PROJECTION, seen, left)
+                .await
+                .map_err(|e| {
+                    Error::internal(format!(
+                        "order {order_id} not at position {position} within {MAX_WAIT:?}: {e}"
+                    ))
+                })?;
+        }
+    }
+
+    /// The order service's position of the last event the order's row
+    /// reflects.
+    async fn source_position(&self, order_id: Uuid) -> Result<Option<Position>> {
+        let row: Option<(i64, i64)> = sqlx::query_as(&format!(
+            "SELECT source_major, source_minor FROM \"{}\".orders WHERE order_id = $1",
+            self.model
+        ))
+        .bind(order_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::internal)?;
+        let part = |v: i64| u64::try_from(v).unwrap_or_default();
+        Ok(row.map(|(major, minor)| Position::new(part(major), part(minor))))
     }
 
     async fn load_row(&self, order_id: Uuid) -> Result<Option<(OrderView, u64)>> {
@@ -474,7 +554,7 @@ impl PgQueryService {
     pub async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView> {
         let key = order_id.to_string();
         if let Some(position) = min_position {
-            self.wait_for(position).await?;
+            self.wait_for(order_id, position).await?;
         } else if let Some(cache) = &self.cache {
             if let Ok(Some(hit)) = cache.get_json::<OrderView>(&key).await {
                 ::metrics::counter!("query_cache_total", "result" => "hit").increment(1);
@@ -652,13 +732,14 @@ impl PgQueryService {
         Ok(stats)
     }
 
-    /// An order's events, from the order service's store.
+    /// An order's events, from the replica of the order service's log, with
+    /// the order service's positions and recording times.
     ///
     /// # Errors
     /// [`Error::NotFound`] when there is no such order.
     pub async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
         let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
-        let events = self.order_store.read_stream(&stream, 1, 10_000).await?;
+        let events = self.replica.read_stream(&stream, 1, 10_000).await?;
         if events.is_empty() {
             return Err(Error::NotFound {
                 what: format!("order {order_id}"),
@@ -666,14 +747,17 @@ impl PgQueryService {
         }
         Ok(events
             .into_iter()
-            .map(|e| HistoryEvent {
-                version: e.stream_version,
-                position: e.position.to_string(),
-                event_type: e.event_type.to_string(),
-                recorded_at: e.recorded_at,
-                data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
-                causation_id: e.metadata.causation_id,
-                correlation_id: e.metadata.correlation_id,
+            .map(|e| {
+                let source = source_of(&e);
+                HistoryEvent {
+                    version: e.stream_version,
+                    position: source.position.to_string(),
+                    event_type: e.event_type.to_string(),
+                    recorded_at: source.recorded_at,
+                    data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
+                    causation_id: e.metadata.causation_id,
+                    correlation_id: e.metadata.correlation_id,
+                }
             })
             .collect())
     }
@@ -717,7 +801,7 @@ async fn get_order(
         .map_err(|e| bad("min_position", e.to_string()))?;
     if let Some(ms) = params.wait_terminal_ms {
         if let Some(p) = min_position {
-            service.wait_for(p).await?;
+            service.wait_for(order_id, p).await?;
         }
         service
             .wait_terminal(order_id, Duration::from_millis(ms.min(10_000)))
