@@ -566,25 +566,19 @@ impl<S: Saga> SagaManager<S> {
                     }
                 }
             };
-            let records = self.records(&stream, cause, metadata, &reaction, fired.as_deref())?;
+            let (records, effects) =
+                self.records(&stream, cause, metadata, &reaction, fired.as_deref())?;
             let expected = ExpectedVersion::from_loaded(instance.version);
-            // What the records will read back as, to bring a cached instance
-            // up to the new version without reading them.
-            let appended = self
-                .cache
-                .as_ref()
-                .map(|_| as_recorded(&stream, instance.version, &records));
+            let count = records.len() as u64;
             match self.store.append(&stream, expected, records).await {
                 Ok(result) => {
                     if !result.written {
                         self.keep(&stream, instance);
                         return Ok(SagaOutcome::Duplicate);
                     }
-                    if let Some(appended) = appended {
-                        let folded = appended
-                            .iter()
-                            .try_for_each(|recorded| self.fold(&mut instance, recorded));
-                        if folded.is_ok() && instance.version == result.stream_version {
+                    if self.cache.is_some() {
+                        effects.advance(&mut instance, &reaction, metadata.causation_id, count);
+                        if instance.version == result.stream_version {
                             self.keep(&stream, instance);
                         }
                     }
@@ -632,8 +626,9 @@ impl<S: Saga> SagaManager<S> {
         metadata: &Metadata,
         reaction: &Reaction<S::Event, S::Command>,
         fired: Option<&str>,
-    ) -> Result<Vec<NewEvent>, SagaError> {
+    ) -> Result<(Vec<NewEvent>, Effects), SagaError> {
         let mut records = Vec::new();
+        let mut effects = Effects::default();
         let record = |records: &mut Vec<NewEvent>, event_type: &str, payload: Payload| {
             let index = u32::try_from(records.len()).unwrap_or(u32::MAX);
             records.push(
@@ -657,6 +652,7 @@ impl<S: Saga> SagaManager<S> {
                 due: None,
             };
             record(&mut records, event_type, payload(&body)?);
+            effects.ended.push(body.name);
         }
         for event in &reaction.events {
             let new = self.events.encode(event, metadata.clone())?;
@@ -672,6 +668,7 @@ impl<S: Saga> SagaManager<S> {
                 payload: new.payload,
             };
             record(&mut records, COMMAND_RECORD, payload(&body)?);
+            effects.sent.push(body);
         }
         for (name, due) in &reaction.deadlines {
             let body = DeadlineRecord {
@@ -679,8 +676,51 @@ impl<S: Saga> SagaManager<S> {
                 due: Some(*due),
             };
             record(&mut records, DEADLINE_SET, payload(&body)?);
+            let set_by = records.last().map(|r| r.event_id).unwrap_or_default();
+            effects.set.push((body.name, *due, set_by));
         }
-        Ok(records)
+        Ok((records, effects))
+    }
+}
+
+/// What a reaction's records do to its instance, noted as they are made:
+/// after the append, a cached instance is brought up to the new version
+/// with them, exactly as folding the records would, without decoding the
+/// records again.
+#[derive(Default)]
+struct Effects {
+    /// Deadlines fired or cancelled.
+    ended: Vec<String>,
+    /// Commands sent.
+    sent: Vec<CommandRecord>,
+    /// Deadlines set: name, due time, the id of the record that sets it.
+    set: Vec<(String, DateTime<Utc>, Uuid)>,
+}
+
+impl Effects {
+    /// Applies the reaction to `instance` in the order of its records (see
+    /// [`SagaManager::fold`]): `count` records caused by `cause`.
+    fn advance<S: Saga>(
+        self,
+        instance: &mut SagaInstance<S>,
+        reaction: &Reaction<S::Event, S::Command>,
+        cause: Option<Uuid>,
+        count: u64,
+    ) {
+        if let Some(cause) = cause.filter(|_| count > 0) {
+            instance.handled.insert(cause);
+        }
+        for name in &self.ended {
+            instance.deadlines.remove(name);
+        }
+        for event in &reaction.events {
+            instance.state.apply(event);
+        }
+        instance.sent.extend(self.sent);
+        for (name, due, set_by) in self.set {
+            instance.deadlines.insert(name, (due, set_by));
+        }
+        instance.version += count;
     }
 }
 
@@ -700,26 +740,6 @@ mod erased {
             })
         }
     }
-}
-
-/// Records about to be appended after `version`, as they will read back
-/// (positions aside, which folding does not use).
-fn as_recorded(stream: &StreamId, version: u64, records: &[NewEvent]) -> Vec<RecordedEvent> {
-    let recorded_at = Utc::now();
-    (version + 1..)
-        .zip(records)
-        .map(|(stream_version, new)| RecordedEvent {
-            event_id: new.event_id,
-            stream_id: stream.clone(),
-            stream_version,
-            position: Position::START,
-            event_type: Arc::clone(&new.event_type),
-            schema_version: new.schema_version,
-            payload: new.payload.clone(),
-            metadata: new.metadata.clone(),
-            recorded_at,
-        })
-        .collect()
 }
 
 /// A [`MessageHandler`] that feeds a saga: ack when handled (or a duplicate),
@@ -868,5 +888,63 @@ impl Deadlines {
     fn remove(&mut self, due_at: DateTime<Utc>, saga_id: Uuid, name: String) {
         self.pending.remove(&(due_at, saga_id, name.clone()));
         self.by_name.remove(&(saga_id, name));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc_support::reminder::{Reminder, ReminderInput};
+    use crate::{InMemoryEventStore, ManualClock};
+
+    fn input(saga: Uuid, input: &ReminderInput) -> Message {
+        Message::encode(
+            "reminders",
+            input,
+            Metadata::new().with_correlation_id(saga),
+        )
+        .unwrap()
+    }
+
+    /// The instance the cache holds after each reaction is the one a fresh
+    /// load folds from the stream: deadlines set, fired and cancelled,
+    /// commands sent, inputs handled and the state.
+    #[tokio::test]
+    async fn a_cached_instance_is_what_loading_the_stream_gives() {
+        let clock = Arc::new(ManualClock::default());
+        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        let manager =
+            SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone()).with_instance_cache(16);
+        let cached = |saga: Uuid| {
+            let stream = SagaManager::<Reminder>::stream_id(saga);
+            let cache = manager.cache.as_ref().unwrap();
+            let entry = cache.take(&stream).unwrap();
+            let state = entry.state.clone();
+            cache.put(stream, entry);
+            state
+        };
+        let (nudged, stopped) = (Uuid::now_v7(), Uuid::now_v7());
+        for saga in [nudged, stopped] {
+            manager
+                .handle(&input(saga, &ReminderInput::Started))
+                .await
+                .unwrap();
+            let loaded = manager.load(saga).await.unwrap();
+            assert_eq!(loaded.deadlines.len(), 1);
+            assert_eq!(cached(saga), loaded);
+        }
+        manager
+            .handle(&input(stopped, &ReminderInput::Stopped))
+            .await
+            .unwrap();
+        let loaded = manager.load(stopped).await.unwrap();
+        assert!(loaded.state.done && loaded.deadlines.is_empty());
+        assert_eq!(cached(stopped), loaded);
+        clock.advance(Duration::from_secs(31));
+        let fired = manager.fire_deadline(nudged, "nudge").await.unwrap();
+        assert!(matches!(fired, SagaOutcome::Reacted { .. }), "{fired:?}");
+        let loaded = manager.load(nudged).await.unwrap();
+        assert_eq!(loaded.sent.len(), 1);
+        assert_eq!(cached(nudged), loaded);
     }
 }
