@@ -29,7 +29,46 @@ pub struct DeadLetter {
 /// same bus.
 #[derive(Clone, Debug, Default)]
 pub struct InMemoryBus {
-    groups: Arc<Mutex<HashMap<String, Arc<Group>>>>,
+    groups: Arc<Mutex<Groups>>,
+}
+
+/// The groups, and the groups each routing key seen so far goes to.
+#[derive(Debug, Default)]
+struct Groups {
+    by_name: HashMap<String, Arc<Group>>,
+    /// Filled by `publish`, emptied whenever a group or a binding is added:
+    /// matching every binding of every group for each message is most of the
+    /// cost of publishing otherwise.
+    routes: HashMap<String, Arc<[Arc<Group>]>>,
+}
+
+/// The most routing keys whose groups are remembered at once.
+const MAX_ROUTES: usize = 4096;
+
+impl Groups {
+    fn route(&mut self, key: String) -> Arc<[Arc<Group>]> {
+        if let Some(groups) = self.routes.get(&key) {
+            return Arc::clone(groups);
+        }
+        let groups: Arc<[Arc<Group>]> = self
+            .by_name
+            .values()
+            .filter(|group| {
+                group
+                    .bindings
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .any(|b| topic_matches(b, &key))
+            })
+            .cloned()
+            .collect();
+        if self.routes.len() >= MAX_ROUTES {
+            self.routes.clear();
+        }
+        self.routes.insert(key, Arc::clone(&groups));
+        groups
+    }
 }
 
 #[derive(Debug)]
@@ -72,7 +111,10 @@ impl InMemoryBus {
 
     fn group(&self, subscription: &Subscription) -> Arc<Group> {
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        // A new group or binding changes where routing keys go.
+        groups.routes.clear();
         let group = groups
+            .by_name
             .entry(subscription.group.clone())
             .or_insert_with(|| {
                 Arc::new(Group {
@@ -100,7 +142,7 @@ impl InMemoryBus {
     /// Messages waiting in a group's queue plus those being handled.
     pub fn queue_depth(&self, group: &str) -> usize {
         let groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        groups.get(group).map_or(0, |g| {
+        groups.by_name.get(group).map_or(0, |g| {
             g.queue.lock().unwrap_or_else(PoisonError::into_inner).len()
                 + g.in_flight.load(std::sync::atomic::Ordering::SeqCst)
         })
@@ -109,7 +151,7 @@ impl InMemoryBus {
     /// The messages a group dead-lettered.
     pub fn dead_letters(&self, group: &str) -> Vec<DeadLetter> {
         let groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        groups.get(group).map_or_else(Vec::new, |g| {
+        groups.by_name.get(group).map_or_else(Vec::new, |g| {
             g.dead
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -121,28 +163,19 @@ impl InMemoryBus {
 #[async_trait]
 impl EventBus for InMemoryBus {
     async fn publish(&self, messages: &[Message]) -> Result<(), BusError> {
-        let groups: Vec<Arc<Group>> = self
-            .groups
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        for message in messages {
-            let key = message.routing_key();
-            for group in &groups {
-                let bound = group
-                    .bindings
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .iter()
-                    .any(|b| topic_matches(b, &key));
-                if bound {
-                    group.push(Delivery {
-                        message: message.clone(),
-                        attempt: 1,
-                    });
-                }
+        let routes: Vec<Arc<[Arc<Group>]>> = {
+            let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+            messages
+                .iter()
+                .map(|message| groups.route(message.routing_key()))
+                .collect()
+        };
+        for (message, groups) in messages.iter().zip(routes) {
+            for group in groups.iter() {
+                group.push(Delivery {
+                    message: message.clone(),
+                    attempt: 1,
+                });
             }
         }
         Ok(())
@@ -266,5 +299,58 @@ async fn consume(
         group
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Metadata, Payload};
+
+    fn message(topic: &str, message_type: &str) -> Message {
+        Message {
+            message_id: uuid::Uuid::now_v7(),
+            topic: topic.into(),
+            message_type: message_type.into(),
+            schema_version: 1,
+            payload: Payload::from_json("{}").unwrap(),
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// The routes remembered for a key are forgotten when a group or a
+    /// binding is added: a later group gets what is published after it.
+    #[tokio::test]
+    async fn a_group_or_binding_added_after_a_key_was_routed_receives_it() {
+        let bus = InMemoryBus::new();
+        let first = Subscription::new("first", ["order.Created"]);
+        bus.declare(&first).await.unwrap();
+        bus.publish(&[message("order", "Created")]).await.unwrap();
+        assert_eq!(bus.queue_depth("first"), 1);
+        bus.declare(&Subscription::new("second", ["order.*"]))
+            .await
+            .unwrap();
+        bus.publish(&[message("order", "Created"), message("order", "Paid")])
+            .await
+            .unwrap();
+        assert_eq!(
+            (bus.queue_depth("first"), bus.queue_depth("second")),
+            (2, 2)
+        );
+        // A binding added to an existing group counts from then on.
+        bus.declare(&Subscription::new("first", ["order.Paid"]))
+            .await
+            .unwrap();
+        bus.publish(&[message("order", "Paid")]).await.unwrap();
+        assert_eq!(
+            (bus.queue_depth("first"), bus.queue_depth("second")),
+            (3, 3)
+        );
+        // Unbound keys go nowhere.
+        bus.publish(&[message("payment", "Paid")]).await.unwrap();
+        assert_eq!(
+            (bus.queue_depth("first"), bus.queue_depth("second")),
+            (3, 3)
+        );
     }
 }
