@@ -210,15 +210,15 @@ impl EventStore for InMemoryEventStore {
             });
         }
         let recorded_at = Utc::now();
-        let state = &mut *state;
-        let indexes = state.streams.entry(stream.clone()).or_default();
+        let log = &mut *state;
+        let indexes = log.streams.entry(stream.clone()).or_default();
         let mut version = actual;
         for event in events {
-            let index = state.log.len();
+            let index = log.log.len();
             version += 1;
-            state.ids.insert(event.event_id, index);
+            log.ids.insert(event.event_id, index);
             indexes.push(index);
-            state.log.push(RecordedEvent {
+            log.log.push(RecordedEvent {
                 event_id: event.event_id,
                 stream_id: stream.clone(),
                 stream_version: version,
@@ -230,8 +230,18 @@ impl EventStore for InMemoryEventStore {
                 recorded_at,
             });
         }
-        let head = state.log.len() as u64;
-        self.shared.head.send_replace(head);
+        let head = log.log.len() as u64;
+        // Subscribers are woken after the lock is released, so none of them
+        // waits on it (nor this append on waking them). Two appends may get
+        // here in either order: the head only moves forward.
+        drop(state);
+        self.shared.head.send_if_modified(|seen| {
+            let newer = head > *seen;
+            if newer {
+                *seen = head;
+            }
+            newer
+        });
         Ok(AppendResult {
             stream_version: version,
             position: position_of(head as usize - 1),
