@@ -290,6 +290,36 @@ impl<E: DomainEvent> EventCodec<E> {
         ))
     }
 
+    /// Serializes an event into a [`NewEvent`] with the given id (a
+    /// [`derived_id`](crate::derived_id), say), without making a fresh one
+    /// first.
+    pub fn encode_with_id(
+        &self,
+        event: &E,
+        metadata: Metadata,
+        event_id: uuid::Uuid,
+    ) -> Result<NewEvent, CodecError> {
+        let event_type = event.event_type();
+        Ok(NewEvent {
+            event_id,
+            event_type: event_type.into(),
+            schema_version: event.schema_version(),
+            payload: encode_variant(event, event_type)?,
+            metadata,
+        })
+    }
+
+    /// Serializes an event's content: its type name, schema version and
+    /// payload.
+    pub fn encode_parts(&self, event: &E) -> Result<(&'static str, u32, Payload), CodecError> {
+        let event_type = event.event_type();
+        Ok((
+            event_type,
+            event.schema_version(),
+            encode_variant(event, event_type)?,
+        ))
+    }
+
     /// Decodes a recorded event.
     pub fn decode(&self, recorded: &RecordedEvent) -> Result<E, CodecError> {
         self.decode_parts(
@@ -517,6 +547,25 @@ mod tests {
                 .unwrap();
             assert_eq!(back, ev);
         }
+    }
+
+    #[test]
+    fn encoding_with_an_id_or_in_parts_gives_what_encode_gives() {
+        let codec = EventCodec::<Ev>::new();
+        let ev = Ev::Created { name: "n".into() };
+        let fresh = codec.encode(&ev, Metadata::new()).unwrap();
+        let id = uuid::Uuid::from_u128(7);
+        let with_id = codec.encode_with_id(&ev, Metadata::new(), id).unwrap();
+        assert_eq!(with_id.event_id, id);
+        assert_eq!(
+            (&with_id.event_type, with_id.schema_version, &with_id.payload),
+            (&fresh.event_type, fresh.schema_version, &fresh.payload)
+        );
+        let (event_type, schema_version, payload) = codec.encode_parts(&ev).unwrap();
+        assert_eq!(
+            (event_type, schema_version, &payload),
+            ("Created", 2, &fresh.payload)
+        );
     }
 
     #[test]

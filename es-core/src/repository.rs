@@ -551,11 +551,15 @@ impl<A: Aggregate> Repository<A> {
                 }
                 let mut batch = Vec::with_capacity(events.len());
                 for (index, event) in (0u32..).zip(&events) {
-                    let mut new = self.codec.encode(event, metadata.clone())?;
-                    if let Some(command_id) = command_id {
-                        new.event_id = derived_id(command_id, stream.as_str(), index);
-                    }
-                    batch.push(new);
+                    let metadata = metadata.clone();
+                    batch.push(match command_id {
+                        Some(command_id) => self.codec.encode_with_id(
+                            event,
+                            metadata,
+                            derived_id(command_id, stream.as_str(), index),
+                        )?,
+                        None => self.codec.encode(event, metadata)?,
+                    });
                 }
                 let expected = ExpectedVersion::from_loaded(loaded.version);
                 match self.store.append(&stream, expected, batch).await {

@@ -167,6 +167,33 @@ pub struct CommandRecord {
 }
 
 impl CommandRecord {
+    /// The record as stored: the JSON its `Serialize` gives, written
+    /// directly so the command's payload, already JSON, is not parsed again.
+    ///
+    /// # Errors
+    /// Never, in practice: the strings always serialize.
+    pub fn to_payload(&self) -> Result<Payload, CodecError> {
+        let string = |s: &str| {
+            serde_json::to_string(s).map_err(|source| CodecError::Encode {
+                event_type: COMMAND_RECORD.into(),
+                source,
+            })
+        };
+        let (topic, command_type) = (string(&self.topic)?, string(&self.command_type)?);
+        let command = self.payload.as_str();
+        let mut json = String::with_capacity(64 + topic.len() + command_type.len() + command.len());
+        json.push_str("{\"topic\":");
+        json.push_str(&topic);
+        json.push_str(",\"command_type\":");
+        json.push_str(&command_type);
+        json.push_str(",\"schema_version\":");
+        json.push_str(&self.schema_version.to_string());
+        json.push_str(",\"payload\":");
+        json.push_str(command);
+        json.push('}');
+        Ok(Payload::from_trusted_json(json))
+    }
+
     /// The bus message for a stored command record: the record's event id
     /// becomes the message id, so a resent command is recognised.
     pub fn to_message(&self, recorded: &RecordedEvent) -> Message {
@@ -629,15 +656,20 @@ impl<S: Saga> SagaManager<S> {
     ) -> Result<(Vec<NewEvent>, Effects), SagaError> {
         let mut records = Vec::new();
         let mut effects = Effects::default();
-        let record = |records: &mut Vec<NewEvent>, event_type: &str, payload: Payload| {
+        // Each record's id is derived from the input and its place in the
+        // reaction: the same reaction appended again is recognised.
+        let next_id = |records: &Vec<NewEvent>| {
             let index = u32::try_from(records.len()).unwrap_or(u32::MAX);
-            records.push(
-                NewEvent::new(event_type, 1, payload, metadata.clone()).with_id(derived_id(
-                    cause,
-                    stream.as_str(),
-                    index,
-                )),
-            );
+            derived_id(cause, stream.as_str(), index)
+        };
+        let record = |records: &mut Vec<NewEvent>, event_type: &'static str, payload: Payload| {
+            records.push(NewEvent {
+                event_id: next_id(records),
+                event_type: event_type.into(),
+                schema_version: 1,
+                payload,
+                metadata: metadata.clone(),
+            });
         };
         let payload = |value: &dyn erased::Json| value.to_payload();
         let ended = fired.map(|name| (DEADLINE_FIRED, name)).into_iter().chain(
@@ -655,19 +687,19 @@ impl<S: Saga> SagaManager<S> {
             effects.ended.push(body.name);
         }
         for event in &reaction.events {
-            let new = self.events.encode(event, metadata.clone())?;
-            let index = u32::try_from(records.len()).unwrap_or(u32::MAX);
-            records.push(new.with_id(derived_id(cause, stream.as_str(), index)));
+            let id = next_id(&records);
+            records.push(self.events.encode_with_id(event, metadata.clone(), id)?);
         }
         for outgoing in &reaction.commands {
-            let new = self.commands.encode(&outgoing.command, Metadata::new())?;
+            let (command_type, schema_version, command) =
+                self.commands.encode_parts(&outgoing.command)?;
             let body = CommandRecord {
                 topic: outgoing.topic.clone(),
-                command_type: new.event_type.to_string(),
-                schema_version: new.schema_version,
-                payload: new.payload,
+                command_type: command_type.to_owned(),
+                schema_version,
+                payload: command,
             };
-            record(&mut records, COMMAND_RECORD, payload(&body)?);
+            record(&mut records, COMMAND_RECORD, body.to_payload()?);
             effects.sent.push(body);
         }
         for (name, due) in &reaction.deadlines {
@@ -904,6 +936,22 @@ mod tests {
             Metadata::new().with_correlation_id(saga),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_command_record_is_stored_as_its_serialize_writes_it() {
+        let record = CommandRecord {
+            topic: "payment \"commands\"".into(),
+            command_type: "ChargeCard".into(),
+            schema_version: 3,
+            payload: Payload::from_json(r#"{"amount": "12.50", "card": ["tok_ok"]}"#).unwrap(),
+        };
+        let direct = record.to_payload().unwrap();
+        assert_eq!(
+            direct.as_str(),
+            Payload::from_value(&record).unwrap().as_str()
+        );
+        assert_eq!(direct.decode::<CommandRecord>().unwrap(), record);
     }
 
     /// The instance the cache holds after each reaction is the one a fresh
