@@ -558,7 +558,11 @@ mod tests {
         let with_id = codec.encode_with_id(&ev, Metadata::new(), id).unwrap();
         assert_eq!(with_id.event_id, id);
         assert_eq!(
-            (&with_id.event_type, with_id.schema_version, &with_id.payload),
+            (
+                &with_id.event_type,
+                with_id.schema_version,
+                &with_id.payload
+            ),
             (&fresh.event_type, fresh.schema_version, &fresh.payload)
         );
         let (event_type, schema_version, payload) = codec.encode_parts(&ev).unwrap();

@@ -229,7 +229,7 @@ pub struct SagaInstance<S> {
     pub deadlines: BTreeMap<String, (DateTime<Utc>, Uuid)>,
     /// The commands it has sent so far, in order.
     pub sent: Vec<CommandRecord>,
-    handled: HashSet<Uuid>,
+    handled: HashSet<Uuid, foldhash::fast::RandomState>,
 }
 
 impl<S: Default> Default for SagaInstance<S> {
@@ -239,7 +239,7 @@ impl<S: Default> Default for SagaInstance<S> {
             version: 0,
             deadlines: BTreeMap::new(),
             sent: Vec::new(),
-            handled: HashSet::new(),
+            handled: HashSet::default(),
         }
     }
 }
@@ -876,7 +876,7 @@ impl<S: Saga> DeadlineScheduler<S> {
 #[derive(Default)]
 struct Deadlines {
     pending: BTreeMap<(DateTime<Utc>, Uuid, String), ()>,
-    by_name: std::collections::HashMap<(Uuid, String), DateTime<Utc>>,
+    by_name: std::collections::HashMap<(Uuid, String), DateTime<Utc>, foldhash::fast::RandomState>,
 }
 
 impl Deadlines {

@@ -1,7 +1,6 @@
 //! A catch-up-then-live subscription built from `read_all` and a wake-up
 //! signal, for backends to reuse.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
@@ -30,14 +29,15 @@ where
 {
     struct State<R> {
         position: Position,
-        buffer: VecDeque<RecordedEvent>,
+        /// The rest of the last page read (taken as it is, not copied).
+        buffer: std::vec::IntoIter<RecordedEvent>,
         wake: watch::Receiver<u64>,
         read: R,
         failed: bool,
     }
     let state = State {
         position: after,
-        buffer: VecDeque::new(),
+        buffer: Vec::new().into_iter(),
         wake,
         read,
         failed: false,
@@ -47,7 +47,7 @@ where
             return None;
         }
         loop {
-            if let Some(event) = state.buffer.pop_front() {
+            if let Some(event) = state.buffer.next() {
                 state.position = event.position;
                 return Some((Ok(event), state));
             }
@@ -55,7 +55,7 @@ where
             // lands after the read still wakes the wait below.
             state.wake.borrow_and_update();
             match (state.read)(state.position, page_size).await {
-                Ok(page) if !page.is_empty() => state.buffer.extend(page),
+                Ok(page) if !page.is_empty() => state.buffer = page.into_iter(),
                 Ok(_) => {
                     let woke = tokio::time::timeout(poll, state.wake.changed()).await;
                     if let Ok(Err(_)) = woke {

@@ -39,7 +39,7 @@ struct Groups {
     /// Filled by `publish`, emptied whenever a group or a binding is added:
     /// matching every binding of every group for each message is most of the
     /// cost of publishing otherwise.
-    routes: HashMap<String, Arc<[Arc<Group>]>>,
+    routes: HashMap<String, Arc<[Arc<Group>]>, foldhash::fast::RandomState>,
 }
 
 /// The most routing keys whose groups are remembered at once.
