@@ -18,6 +18,7 @@ pub mod repository;
 pub mod saga;
 pub mod snapshot;
 mod state_cache;
+pub mod stop;
 pub mod store;
 pub mod stream;
 pub mod subscription;

@@ -146,10 +146,10 @@ impl Relay {
                 .ready_chunks(self.batch_size);
             loop {
                 let batch = tokio::select! {
-                    _ = stop.changed() => return Ok(()),
+                    () = crate::stop::requested(&mut stop) => return Ok(()),
                     batch = log.next() => batch,
                 };
-                if *stop.borrow() {
+                if crate::stop::is_requested(&stop) {
                     return Ok(());
                 }
                 let Some(batch) = batch else { return Ok(()) };
@@ -166,7 +166,7 @@ impl Relay {
                     let messages: Vec<Message> =
                         events.iter().filter_map(|e| (self.route)(e)).collect();
                     self.publish(&messages, &mut stop).await;
-                    if *stop.borrow() {
+                    if crate::stop::is_requested(&stop) {
                         return Ok(());
                     }
                     position = last;
@@ -194,7 +194,7 @@ impl Relay {
                 Err(error) => {
                     log_publish_failure(&self.name, &error);
                     tokio::select! {
-                        _ = stop.changed() => return,
+                        () = crate::stop::requested(stop) => return,
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));

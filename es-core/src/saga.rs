@@ -833,12 +833,12 @@ impl<S: Saga> DeadlineScheduler<S> {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if *stop.borrow() {
+            if crate::stop::is_requested(&stop) {
                 return Ok(());
             }
             self.fire_due(&mut deadlines).await;
             tokio::select! {
-                _ = stop.changed() => {}
+                () = crate::stop::requested(&mut stop) => {}
                 _ = tick.tick() => {}
                 next = log.next() => {
                     let mut next = next;
@@ -952,6 +952,23 @@ mod tests {
             Payload::from_value(&record).unwrap().as_str()
         );
         assert_eq!(direct.decode::<CommandRecord>().unwrap(), record);
+    }
+
+    /// A scheduler whose stop signal lost its sender stops, rather than
+    /// waking at once forever.
+    #[tokio::test]
+    async fn a_scheduler_stops_when_its_stop_sender_is_gone() {
+        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        let manager = Arc::new(SagaManager::<Reminder>::new(
+            store,
+            Arc::new(ManualClock::default()),
+        ));
+        let (tx, rx) = watch::channel(false);
+        let running =
+            tokio::spawn(DeadlineScheduler::new(manager, Duration::from_millis(10)).run(rx));
+        drop(tx);
+        let ended = tokio::time::timeout(Duration::from_secs(2), running).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
     }
 
     /// The instance the cache holds after each reaction is the one a fresh

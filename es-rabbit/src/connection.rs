@@ -119,7 +119,7 @@ impl Connector {
     ) -> Option<Arc<Live>> {
         let mut delay = self.config.reconnect_min;
         loop {
-            if *stop.borrow() {
+            if es_core::stop::is_requested(stop) {
                 return None;
             }
             match self.live().await {
@@ -130,7 +130,7 @@ impl Connector {
             }
             let jitter = Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 4 + 1));
             tokio::select! {
-                _ = stop.changed() => {}
+                () = es_core::stop::requested(stop) => {}
                 () = tokio::time::sleep(delay + jitter) => {}
             }
             delay = (delay * 2).min(self.config.reconnect_max);

@@ -68,7 +68,7 @@ impl ConsumerTask {
         let max = self.inner.connector.config.reconnect_max;
         let mut delay = min;
         loop {
-            if *stop.borrow() {
+            if es_core::stop::is_requested(&stop) {
                 return;
             }
             let Some(live) = self.inner.connector.live_with_backoff(&mut stop).await else {
@@ -85,7 +85,7 @@ impl ConsumerTask {
             drop(live);
             let jitter = Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 4 + 1));
             tokio::select! {
-                _ = stop.changed() => {}
+                () = es_core::stop::requested(&mut stop) => {}
                 () = tokio::time::sleep(delay + jitter) => {}
             }
             delay = (delay * 2).min(max);
@@ -164,7 +164,7 @@ impl ConsumerTask {
             })
             .await;
         current.store(false, Ordering::SeqCst);
-        if *stop.borrow() {
+        if es_core::stop::is_requested(stop) {
             let _ = bounded(
                 limit,
                 "close",

@@ -157,11 +157,11 @@ impl RabbitRelay {
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
         let mut delay = Duration::from_millis(100);
         loop {
-            if *stop.borrow() {
+            if es_core::stop::is_requested(&stop) {
                 return Ok(());
             }
             let acquired = tokio::select! {
-                _ = stop.changed() => continue,
+                () = es_core::stop::requested(&mut stop) => continue,
                 acquired = self.lock.acquire(&self.name) => acquired,
             };
             let mut leadership = match acquired {
@@ -169,7 +169,7 @@ impl RabbitRelay {
                 Err(error) => {
                     tracing::warn!(relay = %self.name, %error, "cannot take the relay lock; retrying");
                     tokio::select! {
-                        _ = stop.changed() => {}
+                        () = es_core::stop::requested(&mut stop) => {}
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -223,7 +223,7 @@ impl RabbitRelay {
                     // The checkpoint could not be read: stand down, retry later.
                     tracing::warn!(relay = %self.name, %error, retry_in = ?delay, "relay failed; retrying");
                     tokio::select! {
-                        _ = stop.changed() => {}
+                        () = es_core::stop::requested(&mut stop) => {}
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -231,13 +231,13 @@ async fn consume(
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
-        if *stopped.borrow() {
+        if crate::stop::is_requested(&stopped) {
             return;
         }
         let Some(delivery) = group.pop() else {
             tokio::select! {
                 () = group.ready.notified() => {}
-                _ = stopped.changed() => {}
+                () = crate::stop::requested(&mut stopped) => {}
             }
             continue;
         };
@@ -316,6 +316,34 @@ mod tests {
             payload: Payload::from_json("{}").unwrap(),
             metadata: Metadata::new(),
         }
+    }
+
+    /// Dropping a handle stops its consumers, as `SubscriptionHandle` says:
+    /// a message published afterwards stays in the queue.
+    #[tokio::test]
+    async fn a_dropped_handle_stops_its_consumers() {
+        let bus = InMemoryBus::new();
+        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = Arc::clone(&handled);
+        let handle = bus
+            .subscribe(
+                Subscription::new("g", ["t.*"]),
+                Arc::new(move |_d: Delivery| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Outcome::Ack
+                    }
+                }),
+            )
+            .await
+            .unwrap();
+        drop(handle);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        bus.publish(&[message("t", "X")]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(handled.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(bus.queue_depth("g"), 1);
     }
 
     /// The routes remembered for a key are forgotten when a group or a
