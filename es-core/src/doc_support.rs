@@ -93,6 +93,22 @@ pub mod reminder {
         }
     }
 
+    impl ReminderInput {
+        /// This input to saga `saga`, as a bus message on topic `reminders`
+        /// (the correlation id names the saga).
+        ///
+        /// # Panics
+        /// Never: the input always encodes.
+        pub fn to(&self, saga: uuid::Uuid) -> crate::Message {
+            crate::Message::encode(
+                "reminders",
+                self,
+                crate::Metadata::new().with_correlation_id(saga),
+            )
+            .unwrap_or_else(|e| unreachable!("a reminder input encodes: {e}"))
+        }
+    }
+
     /// Its state changes.
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     pub enum ReminderEvent {

@@ -930,12 +930,7 @@ mod tests {
     use crate::{InMemoryEventStore, ManualClock};
 
     fn input(saga: Uuid, input: &ReminderInput) -> Message {
-        Message::encode(
-            "reminders",
-            input,
-            Metadata::new().with_correlation_id(saga),
-        )
-        .unwrap()
+        input.to(saga)
     }
 
     #[test]

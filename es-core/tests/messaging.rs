@@ -277,12 +277,7 @@ async fn the_relay_publishes_the_log_in_order_and_resumes_from_its_checkpoint() 
 }
 
 fn input(saga: Uuid, input: &ReminderInput) -> Message {
-    Message::encode(
-        "reminders",
-        input,
-        Metadata::new().with_correlation_id(saga),
-    )
-    .unwrap()
+    input.to(saga)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
