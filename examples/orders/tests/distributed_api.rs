@@ -297,3 +297,71 @@ async fn the_public_api_through_the_gateway() {
     }
     c.stop().await;
 }
+
+/// Every process declares every group's queues at start-up: an order event
+/// published while only the payment service runs waits in the query
+/// service's queue instead of being lost to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_declares_the_queues_of_services_it_does_not_run() {
+    use distributed_support::{amqp_url, database_url};
+    use es_core::{EventBus, Message, Metadata, Payload};
+    use orders::distributed::{Node, ServeArgs};
+    use orders::system::groups;
+
+    let namespace = format!("ttopo_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut args = ServeArgs::defaults();
+    args.services = Some(vec!["payment".into()]);
+    args.namespace = namespace.clone();
+    args.database_url = database_url();
+    args.amqp_url = amqp_url();
+    args.queue_expires_secs = Some(300);
+    let node = Node::start(&args, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let bus = es_rabbit::RabbitBus::connect(
+        es_rabbit::RabbitConfig::new(amqp_url()).with_prefix(format!("{namespace}.")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bus.queue_depth(groups::QUERY).await.unwrap(), 0);
+    let created = Message {
+        message_id: uuid::Uuid::now_v7(),
+        topic: orders::messages::topics::ORDER.into(),
+        message_type: "OrderCreated".into(),
+        schema_version: 1,
+        payload: Payload::from_json("{}").unwrap(),
+        metadata: Metadata::new(),
+    };
+    bus.publish(&[created]).await.unwrap();
+    let mut depth = 0;
+    for _ in 0..50 {
+        depth = bus.queue_depth(groups::QUERY).await.unwrap();
+        if depth == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        depth, 1,
+        "the order event was not kept for the query service"
+    );
+    assert_eq!(bus.queue_depth(groups::SAGA).await.unwrap(), 1);
+    node.shutdown().await;
+    for group in groups::ALL {
+        let subscription = es_core::Subscription::new(group, Vec::<String>::new())
+            .with_retry_delay(orders::distributed::RETRY_DELAY);
+        let _ = bus.delete_group(&subscription).await;
+    }
+    bus.close().await;
+    let pool = es_postgres::PgConfig::from_url(&database_url())
+        .unwrap()
+        .pool()
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "DROP SCHEMA IF EXISTS \"{namespace}_payment\" CASCADE"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+}

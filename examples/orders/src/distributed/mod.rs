@@ -329,6 +329,29 @@ fn saga_bindings() -> Vec<String> {
     b
 }
 
+/// A consumer group of the deployment, with its bindings and delivery
+/// settings. Every process declares them all at start-up (see
+/// [`Node::start`]), so that no event is published before the queues of its
+/// consumers exist, whichever process starts first.
+fn subscription(args: &ServeArgs, group: &str) -> Subscription {
+    let bindings = match group {
+        groups::SAGA => saga_bindings(),
+        groups::ORDER => vec![format!("{}.*", topics::ORDER_COMMANDS)],
+        groups::CATALOG => vec![format!("{}.ProductCreated", topics::PRODUCT)],
+        groups::INVENTORY => vec![format!("{}.*", topics::INVENTORY_COMMANDS)],
+        groups::PAYMENT => vec![format!("{}.*", topics::PAYMENT_COMMANDS)],
+        groups::NOTIFICATION => vec![format!("{}.*", topics::NOTIFICATION_COMMANDS)],
+        groups::QUERY => vec![format!("{}.*", topics::ORDER)],
+        _ => Vec::new(),
+    };
+    Subscription::new(group, bindings)
+        .with_prefetch(args.prefetch)
+        // PostgreSQL may be away for a while: keep retrying for about two
+        // minutes before a message is set aside.
+        .with_max_attempts(600)
+        .with_retry_delay(RETRY_DELAY)
+}
+
 /// Connects a PostgreSQL pool named after the process's services (visible as
 /// `application_name` in `pg_stat_activity`).
 async fn pg_pool(args: &ServeArgs, application: &str) -> Result<PgPool> {
@@ -417,14 +440,15 @@ impl Node {
 
         if needs_pg {
             let pool = pg_pool(args, &application).await?;
-            let sub = |group: &str, bindings: Vec<String>| {
-                Subscription::new(group, bindings)
-                    .with_prefetch(args.prefetch)
-                    // PostgreSQL may be away for a while: keep retrying for
-                    // about two minutes before a message is set aside.
-                    .with_max_attempts(600)
-                    .with_retry_delay(RETRY_DELAY)
-            };
+            // Every group's queues, before any relay of this process runs:
+            // an event published to an exchange with no queue bound is lost
+            // to the consumers that start later.
+            for group in groups::ALL {
+                bus.declare(&subscription(args, group))
+                    .await
+                    .map_err(|e| infra("declare")(e.to_string()))?;
+            }
+            let sub = |group: &str| subscription(args, group);
             let clock: Arc<dyn es_core::Clock> = Arc::new(SystemClock);
             let mut relays: BTreeSet<&'static str> = BTreeSet::new();
             if services.contains(&Service::Relay) {
@@ -450,20 +474,14 @@ impl Node {
                 );
                 let wiring: Vec<(Subscription, Arc<dyn MessageHandler>)> = vec![
                     (
-                        sub(groups::SAGA, saga_bindings()),
+                        sub(groups::SAGA),
                         Arc::new(TimedSaga(SagaHandler(Arc::clone(&saga)))),
                     ),
                     (
-                        sub(groups::ORDER, vec![format!("{}.*", topics::ORDER_COMMANDS)]),
+                        sub(groups::ORDER),
                         Arc::new(OrderCommandHandler(Arc::clone(&orders))),
                     ),
-                    (
-                        sub(
-                            groups::CATALOG,
-                            vec![format!("{}.ProductCreated", topics::PRODUCT)],
-                        ),
-                        Arc::new(pg_catalog.handler()),
-                    ),
+                    (sub(groups::CATALOG), Arc::new(pg_catalog.handler())),
                 ];
                 for (s, h) in wiring {
                     subscriptions.push(
@@ -517,10 +535,7 @@ impl Node {
                 ));
                 subscriptions.push(
                     bus.subscribe(
-                        sub(
-                            groups::INVENTORY,
-                            vec![format!("{}.*", topics::INVENTORY_COMMANDS)],
-                        ),
+                        sub(groups::INVENTORY),
                         Arc::new(InventoryCommandHandler(Arc::clone(&inventory))),
                     )
                     .await
@@ -540,10 +555,7 @@ impl Node {
                 let payments = Arc::new(PaymentService::new(crate::repository(shared)));
                 subscriptions.push(
                     bus.subscribe(
-                        sub(
-                            groups::PAYMENT,
-                            vec![format!("{}.*", topics::PAYMENT_COMMANDS)],
-                        ),
+                        sub(groups::PAYMENT),
                         Arc::new(PaymentCommandHandler(payments)),
                     )
                     .await
@@ -561,10 +573,7 @@ impl Node {
                 let service = Arc::new(NotificationService::new(inbox, sink));
                 subscriptions.push(
                     bus.subscribe(
-                        sub(
-                            groups::NOTIFICATION,
-                            vec![format!("{}.*", topics::NOTIFICATION_COMMANDS)],
-                        ),
+                        sub(groups::NOTIFICATION),
                         Arc::new(NotificationHandler(service)),
                     )
                     .await
@@ -585,12 +594,9 @@ impl Node {
                 )
                 .await?;
                 subscriptions.push(
-                    bus.subscribe(
-                        sub(groups::QUERY, vec![format!("{}.*", topics::ORDER)]),
-                        Arc::new(query.replica_handler()),
-                    )
-                    .await
-                    .map_err(|e| infra("subscribe")(e.to_string()))?,
+                    bus.subscribe(sub(groups::QUERY), Arc::new(query.replica_handler()))
+                        .await
+                        .map_err(|e| infra("subscribe")(e.to_string()))?,
                 );
                 gauges.groups.push(groups::QUERY);
                 gauges.projection = Some(Arc::clone(&query));
