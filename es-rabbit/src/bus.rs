@@ -243,11 +243,46 @@ impl RabbitBus {
         Ok(queue.message_count())
     }
 
+    /// Publishes `messages`, with confirms, straight into `group`'s work
+    /// queue (the default exchange, routed by the queue's name) instead of
+    /// to their topics' exchanges: only that group receives them. For
+    /// replaying history to one consumer, such as a replica being filled;
+    /// the group must be declared.
+    ///
+    /// # Errors
+    /// As [`EventBus::publish`]; [`BusError::Unroutable`] when the group's
+    /// queue does not exist.
+    pub async fn publish_to_group(
+        &self,
+        group: &str,
+        messages: &[Message],
+    ) -> Result<(), BusError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let live = self.inner.connector.live().await?;
+        let queue = self.inner.topology.queue(group);
+        // Mandatory: a message for a queue that is not there is an error.
+        self.with_mandatory(true)
+            .publish_on_to(&live, messages, Some(&queue))
+            .await
+    }
+
     async fn publish_on(&self, live: &Live, messages: &[Message]) -> Result<(), BusError> {
+        self.publish_on_to(live, messages, None).await
+    }
+
+    /// Publishes to the topics' exchanges, or with `queue` to that queue.
+    async fn publish_on_to(
+        &self,
+        live: &Live,
+        messages: &[Message],
+        queue: Option<&str>,
+    ) -> Result<(), BusError> {
         let topology = &self.inner.topology;
         // Exchange names per topic, declared once per connection.
         let mut exchanges: Vec<(&str, lapin::types::ShortString)> = Vec::new();
-        for message in messages {
+        for message in messages.iter().filter(|_| queue.is_none()) {
             if exchanges.iter().any(|(t, _)| *t == &*message.topic) {
                 continue;
             }
@@ -285,14 +320,19 @@ impl RabbitBus {
                 codec::properties(message, &trace.to_string()).map_err(|e| BusError::Backend {
                     source: Box::new(e),
                 })?;
+            // The default exchange ("") routes by queue name.
             let exchange = exchanges
                 .iter()
                 .find(|(t, _)| *t == &*message.topic)
                 .map(|(_, e)| e.clone())
                 .unwrap_or_default();
+            let routing_key = match queue {
+                Some(queue) => short(queue)?,
+                None => short(&message.routing_key())?,
+            };
             let publishing = live.publisher.basic_publish(
                 exchange,
-                short(&message.routing_key())?,
+                routing_key,
                 options,
                 message.payload.as_str().as_bytes(),
                 properties,
