@@ -49,6 +49,10 @@ enum Command {
     Serve(Box<orders::distributed::ServeArgs>),
     /// Place a handful of orders covering each path and print their outcomes.
     Demo,
+    /// Publish the order store's order events again, into the query
+    /// service's queue only: fills the replica of a query service that joined
+    /// a deployment with older orders. Safe to run at any time.
+    ReplayOrders(Box<orders::distributed::ServeArgs>),
     /// Generate load and report completed orders/s and latency percentiles.
     Load {
         /// Orders to place.
@@ -116,6 +120,9 @@ async fn main() -> ExitCode {
             orders::distributed::serve(*args, cli.listen, cli.payment_timeout).await
         }
         Some(Command::Demo) => demo(cli.payment_timeout).await,
+        Some(Command::ReplayOrders(args)) => orders::distributed::replay_orders(&args)
+            .await
+            .map(|published| println!("{published} order events published to the query service")),
         Some(Command::Load {
             orders,
             concurrency,

@@ -365,3 +365,102 @@ async fn a_process_declares_the_queues_of_services_it_does_not_run() {
     .await
     .unwrap();
 }
+
+/// `orders replay-orders` publishes the order store's order events (not the
+/// saga's) into the query service's queue only, with their source headers;
+/// a replica fed from it holds each once, however often it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_orders_fills_a_replica_once() {
+    use distributed_support::{amqp_url, database_url};
+    use es_core::replica::{ReplicaHandler, Source};
+    use es_core::{EventBus, EventStore, ExpectedVersion, Metadata, NewEvent, Payload, StreamId};
+    use orders::distributed::{replay_orders, subscription, ServeArgs};
+    use orders::system::groups;
+
+    let namespace = format!(
+        "treplay_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut args = ServeArgs::defaults();
+    args.namespace = namespace.clone();
+    args.database_url = database_url();
+    args.amqp_url = amqp_url();
+    args.queue_expires_secs = Some(300);
+    let pool = es_postgres::PgConfig::from_url(&database_url())
+        .unwrap()
+        .pool()
+        .await
+        .unwrap();
+    let schema = args.schema("order");
+    es_postgres::migrate(&pool, &schema).await.unwrap();
+    let orders_store = es_postgres::PostgresEventStore::new(pool.clone(), schema.clone());
+    let order = StreamId::for_aggregate("order", uuid::Uuid::now_v7()).unwrap();
+    let saga = StreamId::for_aggregate("order_saga", uuid::Uuid::now_v7()).unwrap();
+    let event = |t: &str| NewEvent::new(t, 1, Payload::from_json("{}").unwrap(), Metadata::new());
+    orders_store
+        .append(
+            &order,
+            ExpectedVersion::NoStream,
+            vec![event("OrderCreated"), event("OrderCompleted")],
+        )
+        .await
+        .unwrap();
+    orders_store
+        .append(&saga, ExpectedVersion::NoStream, vec![event("Started")])
+        .await
+        .unwrap();
+    let bus = es_rabbit::RabbitBus::connect(
+        es_rabbit::RabbitConfig::new(amqp_url())
+            .with_prefix(format!("{namespace}."))
+            .with_queue_expires(Some(std::time::Duration::from_secs(300))),
+    )
+    .await
+    .unwrap();
+    // The saga's queue exists too, bound to the order events: it must get none.
+    bus.declare(&subscription(&args, groups::SAGA))
+        .await
+        .unwrap();
+    assert_eq!(replay_orders(&args).await.unwrap(), 2);
+    assert_eq!(replay_orders(&args).await.unwrap(), 2);
+
+    let replica = std::sync::Arc::new(es_core::InMemoryEventStore::new());
+    let handle = bus
+        .subscribe(
+            subscription(&args, groups::QUERY),
+            std::sync::Arc::new(ReplicaHandler::new(replica.clone())),
+        )
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if bus.queue_depth(groups::QUERY).await.unwrap() == 0
+            && replica.read_stream(&order, 1, 10).await.unwrap().len() == 2
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    handle.stop().await;
+    let copy = replica.read_stream(&order, 1, 10).await.unwrap();
+    let source = orders_store.read_stream(&order, 1, 10).await.unwrap();
+    assert_eq!(copy.len(), 2, "each event once, after two replays");
+    for (got, want) in copy.iter().zip(&source) {
+        assert_eq!(got.event_id, want.event_id);
+        assert_eq!(
+            Source::of_event(got).map(|s| s.position),
+            Some(want.position)
+        );
+    }
+    assert!(replica.read_stream(&saga, 1, 10).await.unwrap().is_empty());
+    // Only the query service's queue got them.
+    assert_eq!(bus.queue_depth(groups::SAGA).await.unwrap(), 0);
+    for group in groups::ALL {
+        let s = es_core::Subscription::new(group, Vec::<String>::new())
+            .with_retry_delay(orders::distributed::RETRY_DELAY);
+        let _ = bus.delete_group(&s).await;
+    }
+    bus.close().await;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}

@@ -333,7 +333,7 @@ fn saga_bindings() -> Vec<String> {
 /// settings. Every process declares them all at start-up (see
 /// [`Node::start`]), so that no event is published before the queues of its
 /// consumers exist, whichever process starts first.
-fn subscription(args: &ServeArgs, group: &str) -> Subscription {
+pub fn subscription(args: &ServeArgs, group: &str) -> Subscription {
     let bindings = match group {
         groups::SAGA => saga_bindings(),
         groups::ORDER => vec![format!("{}.*", topics::ORDER_COMMANDS)],
@@ -608,18 +608,12 @@ impl Node {
                 let schema = args.schema(name);
                 migrate(&pool, &schema).await?;
                 let store = store(&pool, &schema, args.append_slots)?;
-                let route = es_core::relay::route_without_saga_state(&[
-                    <crate::saga::OrderSaga as es_core::Saga>::TYPE,
-                ]);
-                // The order events carry where they stand in the order
-                // store, for the query service's replica.
                 let route = if name == "order" {
-                    es_core::replica::with_source(
-                        route,
-                        &[<crate::order::Order as es_core::Aggregate>::TYPE],
-                    )
+                    order_store_route()
                 } else {
-                    route
+                    es_core::relay::route_without_saga_state(&[
+                        <crate::saga::OrderSaga as es_core::Saga>::TYPE,
+                    ])
                 };
                 let relay = Arc::new(
                     RabbitRelay::postgres(format!("{schema}_relay"), &store, &bus)
@@ -700,6 +694,62 @@ impl Node {
         }
         self.bus.close().await;
     }
+}
+
+/// The relay's route for the order store: saga state stays in the store, and
+/// the order events carry where they stand in it, for the query service's
+/// replica.
+fn order_store_route() -> es_core::relay::Route {
+    es_core::replica::with_source(
+        es_core::relay::route_without_saga_state(&[
+            <crate::saga::OrderSaga as es_core::Saga>::TYPE,
+        ]),
+        &[<crate::order::Order as es_core::Aggregate>::TYPE],
+    )
+}
+
+/// Publishes every order event of the order store, from the start of its
+/// log, into the query service's queue only, with their source headers, as
+/// `orders replay-orders` does: it fills the replica of a query service that
+/// joins a deployment with orders from before its queue existed. Safe at any
+/// time and more than once: the replica takes an event it already holds as a
+/// duplicate. Returns how many events were published.
+///
+/// # Errors
+/// When PostgreSQL or RabbitMQ fails.
+pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
+    let pool = pg_pool(args, &format!("{}:replay-orders", args.namespace)).await?;
+    let bus = RabbitBus::connect(
+        RabbitConfig::new(args.amqp_url.clone())
+            .with_prefix(format!("{}.", args.namespace))
+            .with_queue_expires(args.queue_expires_secs.map(Duration::from_secs)),
+    )
+    .await
+    .map_err(|e| infra("RabbitMQ")(e.to_string()))?;
+    bus.declare(&subscription(args, groups::QUERY))
+        .await
+        .map_err(|e| infra("declare")(e.to_string()))?;
+    let store = store(&pool, &args.schema("order"), 1)?;
+    let route = order_store_route();
+    let mut after = es_core::Position::START;
+    let mut published = 0u64;
+    loop {
+        let page = store.read_all(after, 1_000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        let messages: Vec<es_core::Message> = page
+            .iter()
+            .filter_map(|event| route(event))
+            .filter(|m| es_core::replica::Source::from_metadata(&m.metadata).is_ok())
+            .collect();
+        bus.publish_to_group(groups::QUERY, &messages)
+            .await
+            .map_err(|e| infra("publish")(e.to_string()))?;
+        published += messages.len() as u64;
+    }
+    bus.close().await;
+    tracing::info!(published, "order events replayed to the query service");
+    Ok(published)
 }
 
 /// A service's own `/health`, `/metrics` and `/openapi.json` around its routes.
