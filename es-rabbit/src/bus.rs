@@ -280,9 +280,11 @@ impl RabbitBus {
         queue: Option<&str>,
     ) -> Result<(), BusError> {
         let topology = &self.inner.topology;
-        // Exchange names per topic, declared once per connection.
+        // Exchange names per topic, declared once per connection (none when
+        // publishing to a queue: the default exchange routes by its name).
         let mut exchanges: Vec<(&str, lapin::types::ShortString)> = Vec::new();
-        for message in messages.iter().filter(|_| queue.is_none()) {
+        let by_topic = if queue.is_none() { messages } else { &[] };
+        for message in by_topic {
             if exchanges.iter().any(|(t, _)| *t == &*message.topic) {
                 continue;
             }
@@ -320,7 +322,6 @@ impl RabbitBus {
                 codec::properties(message, &trace.to_string()).map_err(|e| BusError::Backend {
                     source: Box::new(e),
                 })?;
-            // The default exchange ("") routes by queue name.
             let exchange = exchanges
                 .iter()
                 .find(|(t, _)| *t == &*message.topic)

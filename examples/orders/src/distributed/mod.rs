@@ -737,10 +737,14 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
         let page = store.read_all(after, 1_000).await?;
         let Some(last) = page.last() else { break };
         after = last.position;
+        // The order streams' events only: the saga's command records in the
+        // same store are commands, not part of the replica.
         let messages: Vec<es_core::Message> = page
             .iter()
+            .filter(|event| {
+                event.stream_id.category() == <crate::order::Order as es_core::Aggregate>::TYPE
+            })
             .filter_map(|event| route(event))
-            .filter(|m| es_core::replica::Source::from_metadata(&m.metadata).is_ok())
             .collect();
         bus.publish_to_group(groups::QUERY, &messages)
             .await
