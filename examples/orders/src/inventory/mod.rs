@@ -199,13 +199,18 @@ impl InventoryService {
         Ok(domain::reservation_for(order_id, loaded.state))
     }
 
+    /// Records an outcome on the order's reservation. `Ok(Ok(true))` when
+    /// this call wrote it; `Ok(Ok(false))` when nothing was written: the
+    /// reservation already stood so, or `cause` had recorded an outcome
+    /// before (another delivery of the same command, perhaps with another
+    /// decision).
     async fn record(
         &self,
         order_id: Uuid,
         cause: Uuid,
         command: ReservationCommand,
         metadata: &Metadata,
-    ) -> Result<std::result::Result<(), ReservationError>> {
+    ) -> Result<std::result::Result<bool, ReservationError>> {
         let result = self
             .reservations
             .execute_with(order_id, metadata, Some(cause), |state: &Reservation| {
@@ -216,7 +221,7 @@ impl InventoryService {
             })
             .await;
         match result {
-            Ok(_) => Ok(Ok(())),
+            Ok(committed) => Ok(Ok(!committed.events.is_empty())),
             Err(RepositoryError::Rejected(e)) => Ok(Err(e)),
             Err(e) => Err(Error::from_repository(e)),
         }
@@ -243,13 +248,31 @@ impl InventoryService {
         metadata: &Metadata,
     ) -> Result<()> {
         match self.reservation(order_id).await?.state {
-            ReservationState::Open => {}
+            ReservationState::Open => self.hold(order_id, lines, cause, metadata).await,
             ReservationState::Released(_) | ReservationState::Failed => {
                 // Settled without this delivery's stock: nothing may stay held.
-                return self.give_back(order_id, lines, metadata).await;
+                self.give_back(order_id, lines, metadata).await
             }
-            ReservationState::Reserved(_) | ReservationState::Committed(_) => return Ok(()),
+            ReservationState::Reserved(_) | ReservationState::Committed(_) => Ok(()),
         }
+    }
+
+    /// The part of [`Self::reserve`] after it found the reservation open:
+    /// holds the stock of every line, or of none, and records the outcome.
+    ///
+    /// Another delivery of the same command may be running beside this one
+    /// and may decide otherwise (it failed for want of stock that this one
+    /// finds freed). The first outcome recorded stands; the later one is
+    /// taken as a duplicate of its command id and not written. So unless
+    /// this delivery wrote "reserved" itself, it reads the reservation as it
+    /// now stands and gives its stock back when that is failed or released.
+    async fn hold(
+        &self,
+        order_id: Uuid,
+        lines: &[StockLine],
+        cause: Uuid,
+        metadata: &Metadata,
+    ) -> Result<()> {
         let mut failure = None;
         for (i, line) in lines.iter().enumerate() {
             let command = ProductCommand::Reserve {
@@ -274,47 +297,30 @@ impl InventoryService {
                 Err(e) => return Err(Error::from_repository(e)),
             }
         }
-        let recorded = match failure {
+        let reserving = failure.is_none();
+        let outcome = match failure {
             Some(reason) => {
                 tracing::info!(%order_id, %reason, "reservation failed");
-                let _ = self
-                    .record(
-                        order_id,
-                        cause,
-                        ReservationCommand::RecordFailed(reason),
-                        metadata,
-                    )
-                    .await?;
-                match self.reservation(order_id).await?.state {
-                    // Failed (now, or by an earlier delivery) or released:
-                    // give back what this attempt holds.
-                    ReservationState::Failed | ReservationState::Released(_) => {
-                        Err(ReservationError::AlreadyFailed)
-                    }
-                    // A concurrent delivery of the same command succeeded.
-                    _ => Ok(()),
-                }
+                ReservationCommand::RecordFailed(reason)
             }
-            None => {
-                self.record(
-                    order_id,
-                    cause,
-                    ReservationCommand::RecordReserved(lines.to_vec()),
-                    metadata,
-                )
-                .await?
-            }
+            None => ReservationCommand::RecordReserved(lines.to_vec()),
         };
-        match recorded {
-            Ok(()) => Ok(()),
-            // Released or failed while we were reserving: give it all back.
-            Err(ReservationError::AlreadyReleased | ReservationError::AlreadyFailed) => {
+        match self.record(order_id, cause, outcome, metadata).await? {
+            // This delivery's own "reserved": the stock it holds is the
+            // reservation's.
+            Ok(true) if reserving => return Ok(()),
+            Ok(_) => {}
+            Err(e) => tracing::info!(%order_id, error = %e, "reservation outcome not recorded"),
+        }
+        match self.reservation(order_id).await?.state {
+            // Failed (now, or by another delivery) or released: give back
+            // what this attempt holds.
+            ReservationState::Failed | ReservationState::Released(_) => {
                 self.give_back(order_id, lines, metadata).await
             }
-            Err(e) => {
-                tracing::warn!(%order_id, error = %e, "reservation not recorded");
-                Ok(())
-            }
+            // Another delivery of the same command reserved: the lines this
+            // one reserved are its steps, so they are that reservation.
+            _ => Ok(()),
         }
     }
 
@@ -450,6 +456,62 @@ mod tests {
             inventory.reservation(order_id).await.unwrap().state,
             ReservationState::Released(_)
         ));
+    }
+
+    /// Two deliveries of one reserve command run side by side and both find
+    /// the reservation open. The first fails for want of stock and records
+    /// the failure; stock is freed; the second then holds the line and its
+    /// "reserved" is a duplicate of the recorded outcome. It must give the
+    /// stock back: the order's saga saw the failure and will never release
+    /// it. (Found as 3 units left reserved after a RabbitMQ restart, when the
+    /// relay published a batch twice.)
+    #[tokio::test]
+    async fn a_concurrent_duplicate_that_finds_stock_after_the_failure_gives_it_back() {
+        let inventory = service();
+        let product_id = inventory.create_product("Widget", "1.00", 3).await.unwrap();
+        let (order_id, other, cause) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let metadata = Metadata::new().with_correlation_id(order_id);
+        let lines = [StockLine {
+            product_id,
+            quantity: 3,
+        }];
+        let hold_one = ProductCommand::Reserve {
+            order_id: other,
+            quantity: 1,
+        };
+        inventory
+            .products
+            .execute(product_id, hold_one, &metadata)
+            .await
+            .unwrap();
+
+        // The first delivery, whole: fails and records it.
+        inventory
+            .reserve(order_id, &lines, cause, &metadata)
+            .await
+            .unwrap();
+        assert_eq!(
+            inventory.reservation(order_id).await.unwrap().state,
+            ReservationState::Failed
+        );
+        let release_other = ProductCommand::Release { order_id: other };
+        inventory
+            .products
+            .execute(product_id, release_other, &metadata)
+            .await
+            .unwrap();
+        // The second, past its check of an open reservation.
+        inventory
+            .hold(order_id, &lines, cause, &metadata)
+            .await
+            .unwrap();
+
+        let product = inventory.product(product_id).await.unwrap();
+        assert_eq!((product.reserved, product.available), (0, 3));
+        assert_eq!(
+            inventory.reservation(order_id).await.unwrap().state,
+            ReservationState::Failed
+        );
     }
 
     /// A reservation that fails on its second line records the failure and
