@@ -8,8 +8,17 @@
 //!
 //! A network partition can leave the server believing the old session alive
 //! for a while (until its TCP keepalive gives up) while the old leader
-//! already saw its connection fail: the old leader stops first, so two
-//! leaders never act at once, but failover can take that long.
+//! already saw its connection fail: the old leader stops first, but
+//! failover can take that long.
+//!
+//! The other way round, two leaders can act at once for up to one check
+//! interval: when the server ends the session first (a terminated backend,
+//! a server restart), another process may take the lock before the old
+//! leader's next check finds its connection dead. What a lock leads must
+//! bear that overlap. The relay does: both publish, consumers deduplicate
+//! by message id, and its checkpoint may step back, which repeats publishes
+//! and loses none. The projection runner guards each batch with a
+//! transaction lock and its checkpoint, so a batch is never applied twice.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Confirmation, PublisherConfirm};
@@ -129,6 +129,11 @@ impl RabbitBus {
 
     /// Removes and returns up to `max` messages from a group's dead-letter
     /// queue (for inspection or manual replay).
+    ///
+    /// The messages are taken unacknowledged and acknowledged together once
+    /// all are in hand: when a `basic.get` fails, or the call is dropped
+    /// halfway, the broker puts back every message taken so far (a dead
+    /// letter is often the last copy of a message).
     pub async fn take_dead_letters(
         &self,
         group: &str,
@@ -142,12 +147,21 @@ impl RabbitBus {
             .await
             .map_err(unavailable)?;
         let mut out = Vec::new();
+        let mut last_tag = None;
         while out.len() < max {
-            let got = channel
-                .basic_get(name.clone(), BasicGetOptions { no_ack: true })
+            let got = match channel
+                .basic_get(name.clone(), BasicGetOptions { no_ack: false })
                 .await
-                .map_err(unavailable)?;
+            {
+                Ok(got) => got,
+                Err(error) => {
+                    // Closing the channel returns what it took to the queue.
+                    let _ = channel.close(200, "take failed".into()).await;
+                    return Err(unavailable(error));
+                }
+            };
             let Some(got) = got else { break };
+            last_tag = Some(got.delivery.delivery_tag);
             let delivery = got.delivery;
             let empty = FieldTable::default();
             let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
@@ -163,6 +177,15 @@ impl RabbitBus {
                 reason,
                 attempts,
             });
+        }
+        if let Some(tag) = last_tag {
+            let acked = channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await;
+            if let Err(error) = acked {
+                let _ = channel.close(200, "ack failed".into()).await;
+                return Err(unavailable(error));
+            }
         }
         let _ = channel.close(200, "done".into()).await;
         Ok(out)

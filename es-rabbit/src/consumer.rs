@@ -10,11 +10,11 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{field, Instrument};
 
 use es_core::{Delivery, MessageHandler, Outcome, Subscription};
@@ -38,8 +38,10 @@ pub(crate) struct ConsumerTask {
 /// How a delivery is settled.
 enum Settle {
     Ack,
-    /// Return it to the queue (a republish failed); the broker counts the
-    /// return towards the delivery limit.
+    /// Return it to the queue (a republish failed) with `basic.reject`,
+    /// which the broker counts towards the delivery limit (since RabbitMQ
+    /// 4.3 a `basic.nack` no longer does, and a message whose republish
+    /// keeps failing would come back for ever).
     Requeue,
 }
 
@@ -131,6 +133,9 @@ impl ConsumerTask {
         // still being handled then are not settled (their tags belong to the
         // dead channel); the broker redelivers them.
         let current = AtomicBool::new(true);
+        // Signalled when the deliveries end: the channel is gone, or a stop
+        // was asked for.
+        let ended_deliveries = Notify::new();
         let mut stopping = stop.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|s| *s).await;
@@ -148,8 +153,12 @@ impl ConsumerTask {
             futures::future::select(stopped, dead).await;
         };
         let consumed = AtomicBool::new(false);
-        consumer
+        let drained = consumer
             .take_until(Box::pin(ended))
+            .chain(futures::stream::poll_fn(|_| {
+                ended_deliveries.notify_one();
+                std::task::Poll::Ready(None)
+            }))
             .for_each_concurrent(usize::from(self.subscription.prefetch), |item| async {
                 match item {
                     Ok(delivery) => {
@@ -161,8 +170,27 @@ impl ConsumerTask {
                         tracing::warn!(group = %self.subscription.group, %error, "consumer channel closed");
                     }
                 }
-            })
-            .await;
+            });
+        // Once the channel is gone, handlers still running can settle
+        // nothing (the broker redelivers their messages), yet the loop waits
+        // for them before it reconnects: one handler stuck on a dead socket
+        // would hold up the whole subscription. They get the operation
+        // limit to finish, then are dropped where they stand, as a crash
+        // would leave them; a graceful stop still waits for every one.
+        let halted = stop.clone();
+        let abandoned = async {
+            ended_deliveries.notified().await;
+            if es_core::stop::is_requested(&halted) {
+                return std::future::pending().await;
+            }
+            tokio::time::sleep(limit).await;
+        };
+        tokio::select! {
+            () = drained => {}
+            () = abandoned => {
+                tracing::warn!(group = %self.subscription.group, limit = ?limit, "handlers still running after the channel went; dropped unsettled");
+            }
+        }
         current.store(false, Ordering::SeqCst);
         if es_core::stop::is_requested(stop) {
             let _ = bounded(
@@ -344,11 +372,8 @@ async fn settle_delivery(
         Settle::Requeue => {
             bounded(
                 limit,
-                "basic.nack",
-                delivery.acker.nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                }),
+                "basic.reject",
+                delivery.acker.reject(BasicRejectOptions { requeue: true }),
             )
             .await
         }

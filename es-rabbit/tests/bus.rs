@@ -145,6 +145,73 @@ async fn competing_consumers_share_a_group() {
     common::cleanup(&a).await;
 }
 
+/// A handler that never returns must not keep its subscription from
+/// reconnecting once the connection is gone: running handlers get the
+/// operation limit, then are dropped unsettled, and the consumer consumes
+/// again (the stuck message comes back to it, redelivered).
+#[tokio::test]
+async fn a_stuck_handler_does_not_hold_up_reconnecting() {
+    let mut cfg = config("stuck");
+    cfg.operation_timeout = Duration::from_secs(2);
+    let consumer = bus(cfg.clone()).await;
+    let publisher = bus(cfg.with_connection_name("publisher")).await;
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (seen, stuck) = (Arc::clone(&handled), Arc::clone(&gate));
+    let handle = consumer
+        .subscribe(
+            Subscription::new("g", ["order.*"]).with_prefetch(4),
+            Arc::new(move |d: Delivery| {
+                let (seen, stuck) = (Arc::clone(&seen), Arc::clone(&stuck));
+                async move {
+                    let kind = d.message.message_type.to_string();
+                    seen.lock().unwrap().push(kind.clone());
+                    if kind == "Stuck" {
+                        // Held until the gate closes at the end of the test.
+                        let _ = stuck.acquire().await;
+                    }
+                    Outcome::Ack
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let count = |kind: &str| {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|k| *k == kind)
+            .count()
+    };
+    publisher
+        .publish(&[message("order", "Stuck", 1)])
+        .await
+        .unwrap();
+    eventually("the stuck handler running", LIMIT, || count("Stuck") == 1).await;
+
+    consumer.close().await;
+    publisher
+        .publish(&[message("order", "Placed", 2)])
+        .await
+        .unwrap();
+    eventually(
+        "a message published after the connection went",
+        LIMIT,
+        || count("Placed") == 1,
+    )
+    .await;
+    eventually("the stuck message redelivered", LIMIT, || {
+        count("Stuck") >= 2
+    })
+    .await;
+    assert!(consumer.connections_opened() >= 2);
+
+    gate.close();
+    handle.stop().await;
+    common::cleanup(&publisher).await;
+}
+
 #[tokio::test]
 async fn retry_waits_and_counts_attempts() {
     let bus = bus(config("retry")).await;
