@@ -203,6 +203,7 @@ pub struct PostgresInbox {
     pool: PgPool,
     record_sql: String,
     contains_sql: String,
+    forget_sql: String,
 }
 
 impl PostgresInbox {
@@ -217,6 +218,7 @@ impl PostgresInbox {
             contains_sql: format!(
                 "SELECT EXISTS (SELECT 1 FROM {s}.inbox WHERE consumer = $1 AND message_id = $2)"
             ),
+            forget_sql: format!("DELETE FROM {s}.inbox WHERE consumer = $1 AND message_id = $2"),
         }
     }
 
@@ -279,5 +281,15 @@ impl Inbox for PostgresInbox {
 
     async fn contains(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError> {
         Ok(self.contains_on(&self.pool, consumer, message_id).await?)
+    }
+
+    async fn forget(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query(&self.forget_sql)
+            .bind(consumer)
+            .bind(message_id)
+            .execute(&self.pool)
+            .await
+            .map_err(PgError::from)?;
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -106,6 +106,13 @@ async fn inbox_records_once() {
         "consumers are separate"
     );
 
+    // Forgotten: recorded again, for that consumer only.
+    assert!(inbox.forget("c", id).await.unwrap());
+    assert!(!inbox.forget("c", id).await.unwrap());
+    assert!(!inbox.contains("c", id).await.unwrap());
+    assert!(inbox.contains("other", id).await.unwrap());
+    assert!(inbox.record("c", id).await.unwrap());
+
     // Rolled back: not recorded.
     let id = Uuid::now_v7();
     let mut conn = pool.acquire().await.unwrap();

@@ -410,4 +410,31 @@ impl Inbox for InMemoryInbox {
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&(consumer.to_owned(), message_id)))
     }
+
+    async fn forget(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError> {
+        Ok(self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(consumer.to_owned(), message_id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_inbox_records_once_per_consumer_until_forgotten() {
+        let inbox = InMemoryInbox::new();
+        let id = Uuid::now_v7();
+        assert!(inbox.record("c", id).await.unwrap());
+        assert!(!inbox.record("c", id).await.unwrap());
+        assert!(inbox.record("other", id).await.unwrap());
+        assert!(inbox.forget("c", id).await.unwrap());
+        assert!(!inbox.forget("c", id).await.unwrap());
+        assert!(!inbox.contains("c", id).await.unwrap());
+        assert!(inbox.contains("other", id).await.unwrap());
+        assert!(inbox.record("c", id).await.unwrap());
+    }
 }

@@ -31,11 +31,32 @@ pub struct SentNotification {
     pub body: String,
 }
 
+/// Why a notification was not sent, as far as the sender can tell.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// Certainly not handed over: the server refused it, or no connection
+    /// could be made. `retry` says whether a later attempt may succeed (a
+    /// connection refused or a 4xx answer) or not (a 5xx answer, a
+    /// malformed address).
+    #[error("not sent: {reason}")]
+    NotSent {
+        /// What went wrong.
+        reason: String,
+        /// Whether trying again later may succeed.
+        retry: bool,
+    },
+    /// Perhaps handed over: the exchange broke off midway (a timeout, a
+    /// connection lost). Not tried again, so never sent twice.
+    #[error("perhaps sent: {0}")]
+    Unknown(String),
+}
+
 /// Where notifications go.
 #[async_trait]
 pub trait NotificationSink: Send + Sync + std::fmt::Debug + 'static {
     /// Sends one.
-    async fn send(&self, notification: SentNotification) -> Result<(), crate::Error>;
+    async fn send(&self, notification: SentNotification) -> Result<(), SendError>;
 }
 
 /// A sink that records and logs.
@@ -67,7 +88,7 @@ impl RecordingSink {
 
 #[async_trait]
 impl NotificationSink for RecordingSink {
-    async fn send(&self, notification: SentNotification) -> Result<(), crate::Error> {
+    async fn send(&self, notification: SentNotification) -> Result<(), SendError> {
         tracing::info!(
             order_id = %notification.order_id,
             to = %notification.email,
@@ -108,6 +129,13 @@ impl NotificationService {
 
     /// Handles a notification command: sends it unless this order and kind
     /// was already notified.
+    ///
+    /// The (order, kind) is claimed in the inbox before sending, so that
+    /// concurrent redeliveries send once. A send that certainly did not
+    /// happen gives the claim back and is retried (or, when retrying cannot
+    /// help, dead-lettered so that a replay sends it); one that perhaps
+    /// happened keeps the claim and is dead-lettered for a person to check:
+    /// at most once, never twice.
     pub async fn handle_command(&self, message: &Message) -> Outcome {
         let NotificationCommandMessage::NotifyCustomer(c) =
             match EventCodec::<NotificationCommandMessage>::new().decode_parts(
@@ -136,7 +164,7 @@ impl NotificationService {
                 c.reason.as_deref().unwrap_or("no reason given")
             ),
         };
-        if let Err(e) = self
+        let sent = self
             .sink
             .send(SentNotification {
                 order_id: c.order_id,
@@ -144,11 +172,26 @@ impl NotificationService {
                 kind: c.kind,
                 body,
             })
-            .await
-        {
-            // At most once: the claim stays, so this one is reported, not resent.
-            tracing::error!(error = %e, "notification could not be sent");
-            return Outcome::dead_letter(e);
+            .await;
+        match sent {
+            Ok(()) => {}
+            Err(SendError::NotSent { reason, retry }) => {
+                if let Err(e) = self.inbox.forget(CONSUMER, key).await {
+                    tracing::error!(order_id = %c.order_id, %reason, error = %e, "notification not sent, and its claim could not be given back");
+                    return Outcome::dead_letter(format!("{reason}; the claim stays: {e}"));
+                }
+                tracing::warn!(order_id = %c.order_id, %reason, retry, "notification not sent");
+                return if retry {
+                    Outcome::retry(reason)
+                } else {
+                    Outcome::dead_letter(reason)
+                };
+            }
+            Err(e @ SendError::Unknown(_)) => {
+                // At most once: the claim stays, so this one is reported, not resent.
+                tracing::error!(order_id = %c.order_id, error = %e, "notification perhaps not sent");
+                return Outcome::dead_letter(e);
+            }
         }
         metrics::counter!("notifications_sent_total", "kind" => c.kind.as_str()).increment(1);
         Outcome::Ack
@@ -163,5 +206,108 @@ pub struct NotificationHandler(pub Arc<NotificationService>);
 impl MessageHandler for NotificationHandler {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         self.0.handle_command(&delivery.message).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use es_core::{InMemoryInbox, Metadata};
+
+    use super::*;
+    use crate::messages::{topics, NotifyCustomer};
+
+    /// A sink that answers with the failures it was given, in turn, then
+    /// sends.
+    #[derive(Debug, Default)]
+    struct FlakySink {
+        failures: Mutex<VecDeque<SendError>>,
+        sent: RecordingSink,
+    }
+
+    #[async_trait]
+    impl NotificationSink for FlakySink {
+        async fn send(&self, notification: SentNotification) -> Result<(), SendError> {
+            let failure = self
+                .failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            match failure {
+                Some(failure) => Err(failure),
+                None => self.sent.send(notification).await,
+            }
+        }
+    }
+
+    fn service(
+        failures: impl IntoIterator<Item = SendError>,
+    ) -> (NotificationService, Arc<FlakySink>) {
+        let sink = Arc::new(FlakySink {
+            failures: Mutex::new(failures.into_iter().collect()),
+            sent: RecordingSink::default(),
+        });
+        let inbox: Arc<dyn Inbox> = Arc::new(InMemoryInbox::new());
+        (
+            NotificationService::new(inbox, Arc::clone(&sink) as _),
+            sink,
+        )
+    }
+
+    fn command() -> Message {
+        let notify = NotificationCommandMessage::NotifyCustomer(NotifyCustomer {
+            order_id: Uuid::now_v7(),
+            email: "ada@example.com".into(),
+            kind: NotificationKind::OrderConfirmed,
+            reason: None,
+        });
+        Message::encode(topics::NOTIFICATION_COMMANDS, &notify, Metadata::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_send_that_certainly_failed_is_retried_and_sent_once() {
+        let refused = SendError::NotSent {
+            reason: "connection refused".into(),
+            retry: true,
+        };
+        let (service, sink) = service([refused]);
+        let message = command();
+        assert!(matches!(
+            service.handle_command(&message).await,
+            Outcome::Retry { .. }
+        ));
+        assert!(sink.sent.sent().is_empty());
+        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
+        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
+        assert_eq!(sink.sent.sent().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_send_is_dead_lettered_and_a_replay_sends_it() {
+        let refused = SendError::NotSent {
+            reason: "550 mailbox unavailable".into(),
+            retry: false,
+        };
+        let (service, sink) = service([refused]);
+        let message = command();
+        assert!(matches!(
+            service.handle_command(&message).await,
+            Outcome::DeadLetter { .. }
+        ));
+        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
+        assert_eq!(sink.sent.sent().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_send_that_perhaps_happened_is_never_repeated() {
+        let (service, sink) = service([SendError::Unknown("timed out after DATA".into())]);
+        let message = command();
+        assert!(matches!(
+            service.handle_command(&message).await,
+            Outcome::DeadLetter { .. }
+        ));
+        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
+        assert!(sink.sent.sent().is_empty());
     }
 }
