@@ -614,7 +614,14 @@ impl<S: Saga> SagaManager<S> {
                         position: result.position,
                     });
                 }
-                Err(StoreError::WrongExpectedVersion { .. }) => {
+                // Lost a race; or another delivery of this input reacted
+                // first, its records' ids stored as ours are (they derive
+                // from the input) but with other payloads (a clock reading).
+                // Either way read on: the next round finds it handled.
+                Err(
+                    StoreError::WrongExpectedVersion { .. }
+                    | StoreError::IdempotencyConflict { .. },
+                ) => {
                     // Right up to its version: the retry reads on from there.
                     self.keep(&stream, instance);
                     let backoff = Duration::from_micros(200 * u64::from(attempt.min(20)));
@@ -964,6 +971,37 @@ mod tests {
         drop(tx);
         let ended = tokio::time::timeout(Duration::from_secs(2), running).await;
         assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    }
+
+    /// Two managers (two processes) handle one input, each on its own
+    /// reading of the clock: the one that comes second, deciding on a cached
+    /// instance from before the first one's reaction, writes record ids
+    /// that are stored already with other payloads. That is a duplicate,
+    /// not an error.
+    #[tokio::test]
+    async fn an_input_handled_elsewhere_at_another_time_is_a_duplicate() {
+        let clock = Arc::new(ManualClock::default());
+        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        let cached =
+            SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone()).with_instance_cache(16);
+        let other = SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone());
+        let saga = Uuid::now_v7();
+        // Caches the saga's empty instance.
+        let nothing = cached
+            .handle(&input(saga, &ReminderInput::Stopped))
+            .await
+            .unwrap();
+        assert!(matches!(nothing, SagaOutcome::NoChange), "{nothing:?}");
+        let started = input(saga, &ReminderInput::Started);
+        let first = other.handle(&started).await.unwrap();
+        assert!(matches!(first, SagaOutcome::Reacted { .. }), "{first:?}");
+        clock.advance(Duration::from_secs(1));
+
+        let second = cached.handle(&started).await.unwrap();
+        assert!(matches!(second, SagaOutcome::Duplicate), "{second:?}");
+        let loaded = cached.load(saga).await.unwrap();
+        assert_eq!(loaded.deadlines.len(), 1);
+        assert!(loaded.state.waiting);
     }
 
     /// The instance the cache holds after each reaction is the one a fresh
