@@ -49,14 +49,21 @@ impl Money {
         self.0
     }
 
-    /// `self * quantity`, or `None` on overflow.
+    /// `self * quantity`, or `None` past the largest amount accepted (an
+    /// amount that could be written but never parsed back).
     pub fn checked_mul(self, quantity: u64) -> Option<Self> {
-        self.0.checked_mul(quantity).map(Self)
+        self.0
+            .checked_mul(quantity)
+            .filter(|m| *m <= MAX_MINOR)
+            .map(Self)
     }
 
-    /// `self + other`, or `None` on overflow.
+    /// `self + other`, or `None` past the largest amount accepted.
     pub fn checked_add(self, other: Self) -> Option<Self> {
-        self.0.checked_add(other.0).map(Self)
+        self.0
+            .checked_add(other.0)
+            .filter(|m| *m <= MAX_MINOR)
+            .map(Self)
     }
 
     /// `self + other`, saturating (for statistics).
@@ -163,6 +170,17 @@ mod tests {
         ] {
             assert!(bad.parse::<Money>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    /// Whatever arithmetic gives back parses back: an order total is
+    /// written to the store as a string and read again by every consumer.
+    #[test]
+    fn arithmetic_stays_within_what_parses() {
+        let max = Money::from_minor(MAX_MINOR);
+        assert_eq!(max.checked_mul(1), Some(max));
+        assert_eq!(max.checked_mul(2), None);
+        assert_eq!(max.checked_add(Money::from_minor(1)), None);
+        assert_eq!(max.to_string().parse::<Money>(), Ok(max));
     }
 
     proptest! {

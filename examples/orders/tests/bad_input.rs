@@ -13,6 +13,8 @@ use serde_json::json;
 async fn bad_orders_are_refused_and_change_nothing() {
     let app = common::app().await;
     let widget = app.product("Widget", "12.50", 10).await;
+    // The largest price accepted: two of them are past the largest total.
+    let yacht = app.product("Yacht", "100000000000.00", 10).await;
     let head_before = app.system.store().head().await.unwrap();
     let unknown = uuid::Uuid::now_v7().to_string();
     let good_item = json!([{"product_id": widget, "quantity": 1}]);
@@ -54,6 +56,11 @@ async fn bad_orders_are_refused_and_change_nothing() {
         ),
         (
             json!({"customer_email": "a@b.co", "items": good_item, "payment": {"card_token": "tok_ok"}, "total": "0.01"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "total",
+        ),
+        (
+            json!({"customer_email": "a@b.co", "items": [{"product_id": yacht, "quantity": 2}], "payment": {"card_token": "tok_ok"}}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "total",
         ),
