@@ -370,7 +370,7 @@ impl System {
             store: Arc::clone(&self.backends.store),
             query: Arc::clone(&self.query),
         });
-        Router::new()
+        let router = Router::new()
             .merge(crate::order::router(Arc::clone(&self.orders)))
             .merge(crate::inventory::router(Arc::clone(&self.inventory)))
             .merge(crate::query::router(Arc::clone(&self.query)))
@@ -383,7 +383,8 @@ impl System {
             .route("/openapi.json", get(|| async { Json(openapi()) }))
             .layer(axum::extract::DefaultBodyLimit::max(
                 crate::http::MAX_BODY_BYTES,
-            ))
+            ));
+        crate::http::with_json_fallbacks(router)
     }
 
     /// Stops every consumer and background task.

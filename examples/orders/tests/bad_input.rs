@@ -128,6 +128,29 @@ async fn bad_orders_are_refused_and_change_nothing() {
         .get(&format!("/api/orders/{unknown}?min_position=nonsense"))
         .await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
+    // Query parameters of the wrong type, an unknown path, a method a path
+    // does not take: JSON errors too.
+    for uri in [
+        "/api/orders?limit=abc",
+        "/api/orders?limit=-1",
+        "/api/orders?status=Pending&limit=99999999999999999999999",
+        &format!("/api/orders/{unknown}?wait_terminal_ms=soon"),
+    ] {
+        let (code, answer) = app.get(uri).await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{uri} -> {answer}");
+        assert_eq!(answer["code"], "invalid_query", "{uri} -> {answer}");
+    }
+    let (code, answer) = app.get("/api/nothing-here").await;
+    assert_eq!(
+        (code, answer["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no_route"))
+    );
+    let delete = Request::delete("/api/orders").body(Body::empty()).unwrap();
+    let (code, answer) = app.raw(delete).await;
+    assert_eq!(
+        (code, answer["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
     // Nothing was written by any of it.
     assert_eq!(app.system.store().head().await.unwrap(), head_before);
     let (_, stats) = app.get("/api/stats").await;

@@ -759,7 +759,7 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
 /// A service's own `/health`, `/metrics` and `/openapi.json` around its routes.
 fn with_operations(local: Router, services: String) -> Router {
     let services = Arc::new(services);
-    local
+    let router = local
         .route(
             "/health",
             get(move || {
@@ -774,7 +774,8 @@ fn with_operations(local: Router, services: String) -> Router {
         )
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::http::MAX_BODY_BYTES,
-        ))
+        ));
+    crate::http::with_json_fallbacks(router)
 }
 
 /// Runs `orders serve --services ...` until Ctrl-C or SIGTERM.

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -37,7 +37,7 @@ use es_projections::{RedisSink, RunnerOptions};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use crate::http::{parse_id, ApiError};
+use crate::http::{parse_id, ApiError, ApiQuery};
 use crate::order::{Order, OrderEvent, OrderStatus};
 use crate::query::{
     bad, GetOrderParams, HistoryEvent, ListFilter, ListParams, OrderItemView, OrderPage, OrderView,
@@ -790,7 +790,7 @@ pub(super) fn router(service: Arc<PgQueryService>) -> Router {
 async fn get_order(
     State(service): State<Arc<PgQueryService>>,
     Path(id): Path<String>,
-    Query(params): Query<GetOrderParams>,
+    ApiQuery(params): ApiQuery<GetOrderParams>,
 ) -> std::result::Result<Json<OrderView>, ApiError> {
     let order_id = parse_id("order", &id)?;
     let min_position = params
@@ -814,7 +814,7 @@ async fn get_order(
 
 async fn list_orders(
     State(service): State<Arc<PgQueryService>>,
-    Query(params): Query<ListParams>,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> std::result::Result<Json<OrderPage>, ApiError> {
     let ListFilter {
         customer_email: email,
@@ -831,7 +831,7 @@ async fn list_orders(
 
 async fn search_orders(
     State(service): State<Arc<PgQueryService>>,
-    Query(params): Query<SearchParams>,
+    ApiQuery(params): ApiQuery<SearchParams>,
 ) -> std::result::Result<Json<SearchResult>, ApiError> {
     let q = params.q.unwrap_or_default();
     let q = q.trim();

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -15,7 +15,7 @@ use super::{
     decode_cursor, HistoryEvent, OrderItemView, OrderPage, OrderView, QueryService, Stats,
     StatusStats,
 };
-use crate::http::{parse_id, ApiError, ErrorBody};
+use crate::http::{parse_id, ApiError, ApiQuery, ErrorBody};
 use crate::order::{validate_email, OrderStatus};
 
 /// The query service's OpenAPI document.
@@ -75,7 +75,7 @@ pub struct GetOrderParams {
 async fn get_order(
     State(service): State<Arc<QueryService>>,
     Path(id): Path<String>,
-    Query(params): Query<GetOrderParams>,
+    ApiQuery(params): ApiQuery<GetOrderParams>,
 ) -> Result<Json<OrderView>, ApiError> {
     let order_id = parse_id("order", &id)?;
     let min_position = params
@@ -167,7 +167,7 @@ impl ListParams {
 )]
 async fn list_orders(
     State(service): State<Arc<QueryService>>,
-    Query(params): Query<ListParams>,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<OrderPage>, ApiError> {
     let ListFilter {
         customer_email: email,
@@ -208,7 +208,7 @@ pub struct SearchResult {
 )]
 async fn search_orders(
     State(service): State<Arc<QueryService>>,
-    Query(params): Query<SearchParams>,
+    ApiQuery(params): ApiQuery<SearchParams>,
 ) -> Result<Json<SearchResult>, ApiError> {
     let q = params.q.unwrap_or_default();
     let q = q.trim();
