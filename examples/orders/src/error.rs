@@ -39,6 +39,13 @@ pub enum Error {
         /// The key.
         key: String,
     },
+    /// A read waited its longest for the read model to reach a position,
+    /// and it has not yet: try again later.
+    #[error("the read model has not reached {what} yet")]
+    NotCaughtUp {
+        /// What it has not reached.
+        what: String,
+    },
     /// The event store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -83,6 +83,11 @@ impl From<Error> for ApiError {
                 "idempotency_key_reused",
                 e.to_string(),
             ),
+            e @ Error::NotCaughtUp { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_caught_up",
+                format!("{e}; try again"),
+            ),
             other => {
                 tracing::error!(error = %other, "request failed");
                 Self::new(

@@ -128,6 +128,14 @@ async fn bad_orders_are_refused_and_change_nothing() {
         .get(&format!("/api/orders/{unknown}?min_position=nonsense"))
         .await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
+    // A position no write answered is refused at once, not waited for.
+    let started = std::time::Instant::now();
+    let (code, answer) = app
+        .get(&format!("/api/orders/{unknown}?min_position=999999.0"))
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["field"], "min_position", "{answer}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // Query parameters of the wrong type, an unknown path, a method a path
     // does not take: JSON errors too.
     for uri in [

@@ -492,7 +492,7 @@ impl PgQueryService {
     /// `position` is what a write to this order answered.
     ///
     /// # Errors
-    /// When the time runs out or PostgreSQL fails.
+    /// [`Error::NotCaughtUp`] when the time runs out; PostgreSQL's errors.
     pub async fn wait_for(&self, order_id: Uuid, position: Position) -> Result<()> {
         let deadline = tokio::time::Instant::now() + MAX_WAIT;
         loop {
@@ -507,14 +507,17 @@ impl PgQueryService {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            self.watcher
-                .wait_past(PROJECTION, seen, left)
-                .await
-                .map_err(|e| {
-                    Error::internal(format!(
-                        "order {order_id} not at position {position} within {MAX_WAIT:?}: {e}"
-                    ))
-                })?;
+            match self.watcher.wait_past(PROJECTION, seen, left).await {
+                Ok(()) => {}
+                Err(es_projections::Error::Timeout { .. }) => {
+                    return Err(Error::NotCaughtUp {
+                        what: format!(
+                            "order {order_id} at position {position} within {MAX_WAIT:?}"
+                        ),
+                    })
+                }
+                Err(e) => return Err(Error::internal(e)),
+            }
         }
     }
 

@@ -70,6 +70,8 @@ pub struct GetOrderParams {
         (status = 200, description = "The order", body = OrderView),
         (status = 400, description = "Invalid min_position", body = ErrorBody),
         (status = 404, description = "No such order", body = ErrorBody),
+        (status = 422, description = "min_position past every write", body = ErrorBody),
+        (status = 503, description = "The read model did not reach min_position within 10 s", body = ErrorBody),
     )
 )]
 async fn get_order(

@@ -92,11 +92,25 @@ impl QueryService {
 
     /// Waits (at most [`MAX_WAIT`]) until the read model has applied
     /// everything up to `position`.
+    ///
+    /// # Errors
+    /// [`Error::Validation`] for a position past the store's head (no write
+    /// answered it), [`Error::NotCaughtUp`] when the time runs out.
     pub async fn wait_for(&self, position: Position) -> Result<()> {
-        self.projection
-            .wait_for(position, MAX_WAIT)
-            .await
-            .map_err(Error::internal)
+        let head = self.store.head().await?;
+        if position > head {
+            return Err(Error::validation(
+                "min_position",
+                format!("{position} is past the store's head ({head}): no write answered it"),
+            ));
+        }
+        match self.projection.wait_for(position, MAX_WAIT).await {
+            Ok(()) => Ok(()),
+            Err(es_projections::Error::Timeout { .. }) => Err(Error::NotCaughtUp {
+                what: format!("position {position} within {MAX_WAIT:?}"),
+            }),
+            Err(e) => Err(Error::internal(e)),
+        }
     }
 
     /// One order, after the read model reached `min_position` if given.
