@@ -66,6 +66,18 @@ impl fmt::Debug for RedisSink {
     }
 }
 
+/// `text` with Redis glob characters escaped, to match it literally.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn redis_err(source: redis::RedisError) -> Error {
     Error::Redis { source }
 }
@@ -160,6 +172,45 @@ impl RedisSink {
     /// [`Error::Redis`] when Redis fails.
     pub async fn delete(&self, key: &str, version: u64) -> Result<bool, Error> {
         self.write(key, version, "", true).await
+    }
+
+    /// Deletes every key under this sink's prefix, versions and tombstones
+    /// included: for a cache that may have missed writes (Redis was out of
+    /// reach while the read model moved on), so that readers fall back to
+    /// the source of truth. Returns how many keys it deleted. Safe beside
+    /// writers: a key written meanwhile is either deleted (a cache miss) or
+    /// kept as written.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when Redis fails (some keys may be deleted already).
+    pub async fn clear(&self) -> Result<u64, Error> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}*", glob_escape(&self.prefix));
+        let mut cursor = 0u64;
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_err)?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
     }
 
     /// The value of `key` and its version; `None` when absent or deleted.

@@ -25,6 +25,32 @@ async fn sink() -> RedisSink {
         .with_ttl(Duration::from_secs(600))
 }
 
+/// `clear` deletes every key under its prefix (tombstones too) and nothing
+/// else, even when the prefix holds glob characters.
+#[tokio::test]
+async fn clear_deletes_the_prefix_and_only_it() {
+    let url = redis_url();
+    let base = format!("esp-test:{}:", uuid::Uuid::new_v4().simple());
+    let connect = |prefix: String| {
+        let url = url.clone();
+        async move { RedisSink::connect(&url, &prefix).await.unwrap() }
+    };
+    let globby = connect(format!("{base}a*")).await;
+    let neighbour = connect(format!("{base}ab")).await;
+    for n in 0..1_200u64 {
+        globby.put(&n.to_string(), 1, "x").await.unwrap();
+    }
+    globby.delete("tombstone", 3).await.unwrap();
+    neighbour.put("k", 1, "kept").await.unwrap();
+
+    assert_eq!(globby.clear().await.unwrap(), 1_201);
+    assert_eq!(globby.get("7").await.unwrap(), None);
+    assert_eq!(globby.version("tombstone").await.unwrap(), None);
+    assert_eq!(neighbour.get("k").await.unwrap().unwrap().value, "kept");
+    assert_eq!(globby.clear().await.unwrap(), 0);
+    neighbour.clear().await.unwrap();
+}
+
 #[tokio::test]
 async fn newer_versions_win_and_stale_or_replayed_writes_change_nothing() {
     let sink = sink().await;

@@ -18,7 +18,8 @@
 //!   positions and recording times.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -62,10 +63,101 @@ fn position_columns(position: Position) -> (i64, i64) {
     (part(position.major()), part(position.minor()))
 }
 
+/// How long an order's details stay in Redis.
+const CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// The Redis cache of order details, as this process reaches it.
+///
+/// Redis may be out of reach at start-up, or fail a write while the read
+/// model moves on; then entries in Redis (this process's or another's) may
+/// be older than the read model. Such a cache has missed writes: this
+/// process reads PostgreSQL instead, and [`keep_cache`] clears the whole
+/// cache as soon as Redis answers, after which it is used again.
+#[derive(Debug, Default)]
+struct OrderCache {
+    sink: OnceLock<RedisSink>,
+    /// Writes missed since the last clear.
+    missed: AtomicU64,
+}
+
+impl OrderCache {
+    /// The sink, when connected and no write was missed since the last
+    /// clear.
+    fn usable(&self) -> Option<&RedisSink> {
+        if self.missed.load(Ordering::SeqCst) == 0 {
+            self.sink.get()
+        } else {
+            None
+        }
+    }
+
+    /// Writes an order's details at `version` (version-guarded: an older
+    /// write never replaces a newer one), or counts the write as missed.
+    async fn put(&self, view: &OrderView, version: u64) {
+        let written = match self.sink.get() {
+            Some(sink) => sink
+                .put_json(&view.order_id.to_string(), version, view)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => Err("Redis not connected".to_owned()),
+        };
+        if let Err(error) = written {
+            self.missed.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(%error, order_id = %view.order_id, "order cache write missed; the cache is bypassed until it is cleared");
+        }
+    }
+}
+
+/// Connects the cache when it is not, and clears it after missed writes,
+/// every 2 s until `stop`.
+async fn keep_cache(
+    cache: Arc<OrderCache>,
+    redis_url: String,
+    prefix: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if cache.sink.get().is_none() {
+            match RedisSink::connect(&redis_url, &prefix).await {
+                Ok(sink) => {
+                    let _ = cache.sink.set(sink.with_ttl(CACHE_TTL));
+                    tracing::info!(redis_url, "Redis connected");
+                }
+                Err(error) => tracing::debug!(%error, redis_url, "Redis still unavailable"),
+            }
+        }
+        let missed = cache.missed.load(Ordering::SeqCst);
+        if let (Some(sink), true) = (cache.sink.get(), missed > 0) {
+            match sink.clear().await {
+                // A write missed during the clear keeps it bypassed.
+                Ok(deleted) => {
+                    if cache
+                        .missed
+                        .compare_exchange(missed, 0, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        tracing::info!(
+                            missed,
+                            deleted,
+                            "order cache cleared after missed writes; in use again"
+                        );
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "order cache not cleared yet"),
+            }
+        }
+        tokio::select! {
+            () = es_core::stop::requested(&mut stop) => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
 /// The projection writing the `orders` table (and the Redis cache).
 pub struct PgOrderProjection {
     codec: EventCodec<OrderEvent>,
-    cache: Option<RedisSink>,
+    cache: Arc<OrderCache>,
     channel: String,
 }
 
@@ -278,15 +370,7 @@ impl Projection for PgOrderProjection {
                 ::metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome)
                     .record(seconds.max(0.0));
             }
-            if let Some(cache) = &self.cache {
-                // Version-guarded: an older write never replaces a newer one.
-                if let Err(error) = cache
-                    .put_json(&view.order_id.to_string(), version, &view)
-                    .await
-                {
-                    tracing::warn!(%error, "order cache write failed");
-                }
-            }
+            self.cache.put(&view, version).await;
         }
         Ok(())
     }
@@ -332,7 +416,7 @@ pub struct PgQueryService {
     model: String,
     schema: String,
     replica: PostgresEventStore,
-    cache: Option<RedisSink>,
+    cache: Arc<OrderCache>,
     watcher: CheckpointWatcher,
     waiters: Waiters,
 }
@@ -368,16 +452,25 @@ impl PgQueryService {
             .map_err(|e| Error::internal(format!("migrating {schema}: {e}")))?;
         let model = format!("{schema}_rm");
         let channel = format!("{schema}_terminal");
-        let cache = match RedisSink::connect(redis_url, &format!("{prefix}order:")).await {
-            Ok(sink) => Some(sink.with_ttl(Duration::from_secs(600))),
-            Err(error) => {
-                tracing::warn!(%error, redis_url, "Redis unavailable: order details are served from PostgreSQL only");
-                None
+        let cache = Arc::new(OrderCache::default());
+        let cache_prefix = format!("{prefix}order:");
+        match RedisSink::connect(redis_url, &cache_prefix).await {
+            Ok(sink) => {
+                let _ = cache.sink.set(sink.with_ttl(CACHE_TTL));
             }
-        };
+            Err(error) => {
+                tracing::warn!(%error, redis_url, "Redis unavailable: order details are served from PostgreSQL until it answers");
+            }
+        }
+        tokio::spawn(keep_cache(
+            Arc::clone(&cache),
+            redis_url.to_owned(),
+            cache_prefix,
+            stop.clone(),
+        ));
         let projection = Arc::new(PgOrderProjection {
             codec: EventCodec::new(),
-            cache: cache.clone(),
+            cache: Arc::clone(&cache),
             channel: channel.clone(),
         });
         let store: Arc<dyn EventStore> = Arc::new(replica.clone());
@@ -558,7 +651,7 @@ impl PgQueryService {
         let key = order_id.to_string();
         if let Some(position) = min_position {
             self.wait_for(order_id, position).await?;
-        } else if let Some(cache) = &self.cache {
+        } else if let Some(cache) = self.cache.usable() {
             if let Ok(Some(hit)) = cache.get_json::<OrderView>(&key).await {
                 ::metrics::counter!("query_cache_total", "result" => "hit").increment(1);
                 return Ok(hit.value);
@@ -571,7 +664,7 @@ impl PgQueryService {
             .ok_or_else(|| Error::NotFound {
                 what: format!("order {order_id}"),
             })?;
-        if let Some(cache) = &self.cache {
+        if let Some(cache) = self.cache.usable() {
             let _ = cache.put_json(&key, version, &view).await;
         }
         Ok(view)
@@ -870,5 +963,63 @@ mod tests {
         assert_eq!(tsquery("Blue Widget").as_deref(), Some("blue:* & widget:*"));
         assert_eq!(tsquery("@@"), None);
         assert!(search_text("ada@example.com", &["Widget"]).contains("ada example com"));
+    }
+
+    /// A write missed while Redis was out of reach makes this process read
+    /// PostgreSQL, and makes `keep_cache` clear what others cached, once
+    /// Redis answers; then the cache is used again. Needs Redis (REDIS_URL).
+    #[tokio::test]
+    async fn a_missed_write_bypasses_the_cache_until_it_is_cleared() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("orders-test:{}:order:", Uuid::new_v4().simple());
+        let other = RedisSink::connect(&url, &prefix)
+            .await
+            .unwrap_or_else(|e| panic!("Redis is not reachable at {url}: {e}"));
+        let mut view = OrderView {
+            order_id: Uuid::now_v7(),
+            customer_email: "ada@example.com".into(),
+            items: Vec::new(),
+            total: Money::ZERO,
+            status: OrderStatus::Pending,
+            created_at: Utc::now(),
+            completed_at: None,
+            cancellation_reason: None,
+        };
+        let key = view.order_id.to_string();
+        // Another process cached the order as it was.
+        other.put_json(&key, 1, &view).await.unwrap();
+
+        // This one projects its next version without reaching Redis.
+        let cache = Arc::new(OrderCache::default());
+        view.status = OrderStatus::Cancelled;
+        cache.put(&view, 2).await;
+        assert!(cache.usable().is_none());
+
+        let (stop, stopped) = watch::channel(false);
+        let keeper = tokio::spawn(keep_cache(
+            Arc::clone(&cache),
+            url.clone(),
+            prefix.clone(),
+            stopped,
+        ));
+        let started = std::time::Instant::now();
+        while cache.usable().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(20), "never cleared");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            other.get(&key).await.unwrap(),
+            None,
+            "the stale entry is gone"
+        );
+        cache.put(&view, 2).await;
+        let cached = other.get_json::<OrderView>(&key).await.unwrap().unwrap();
+        assert_eq!(
+            (cached.version, cached.value.status),
+            (2, OrderStatus::Cancelled)
+        );
+        stop.send_replace(true);
+        keeper.await.unwrap();
+        other.clear().await.unwrap();
     }
 }
