@@ -491,7 +491,11 @@ impl<A: Aggregate> Repository<A> {
         mut decide: impl FnMut(&A) -> Result<Vec<A::Event>, A::Error> + Send,
     ) -> Result<Committed<A::Event>, RepositoryError<A::Error>> {
         let stream = self.stream_id(id)?;
-        let span = tracing::info_span!(
+        // Debug level: a command runs inside the span of whatever sent it (a
+        // message's `es.bus.handle`, an HTTP request's), which carries the
+        // correlation and causation ids at info level; at info, a span per
+        // command would double the cost of formatting spans for every log.
+        let span = tracing::debug_span!(
             "es.command",
             aggregate = A::TYPE,
             stream = %stream,

@@ -482,7 +482,10 @@ impl<S: Saga> SagaManager<S> {
         let Some(saga_id) = S::saga_id(&input, &message.metadata) else {
             return Ok(SagaOutcome::Ignored);
         };
-        let span = tracing::info_span!(
+        // Debug level: a reaction runs inside its message's span (the bus's
+        // `es.bus.handle`, or the consumer's), which already carries the
+        // message, correlation and causation ids at info level.
+        let span = tracing::debug_span!(
             "es.saga.react",
             saga = S::TYPE,
             %saga_id,

@@ -110,7 +110,7 @@ async fn main() -> ExitCode {
     } else {
         "info"
     };
-    orders::telemetry::init_tracing(cli.log_json, default_level);
+    let _log = orders::telemetry::init_tracing(cli.log_json, default_level);
     let result = match cli.command {
         None => serve(cli.listen, cli.payment_timeout).await,
         Some(Command::Serve(args)) if args.services.is_none() => {

@@ -23,19 +23,36 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// Keeps the log writer's thread running; dropping it flushes what is
+/// buffered. Hold it until the process ends.
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
 /// Logs to stderr, filtered by `RUST_LOG` (else `default_level`), with the
 /// spans' fields (correlation and causation ids) on every line.
-pub fn init_tracing(json: bool, default_level: &str) {
+///
+/// Lines are written by a thread of their own, so a slow terminal or pipe
+/// never blocks the runtime's workers (a write to stderr is a blocking
+/// system call, one per line). The writer does not drop lines: when its
+/// buffer is full, logging waits, as a direct write would. Colours are used
+/// only when stderr is a terminal.
+pub fn init_tracing(json: bool, default_level: &str) -> LogGuard {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("orders-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+    guard
 }
 
 /// Updates queue-depth and lag gauges every second until `stop` turns true.
