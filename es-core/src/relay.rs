@@ -213,7 +213,14 @@ impl Relay {
 }
 
 fn log_publish_failure(relay: &str, error: &BusError) {
-    tracing::warn!(relay, %error, "publish failed; retrying");
+    match error {
+        // No queue takes a message that must be delivered: that does not heal
+        // by waiting, someone has to bind a queue.
+        BusError::Unroutable { .. } => {
+            tracing::error!(relay, %error, "a message no queue receives holds the relay; retrying");
+        }
+        _ => tracing::warn!(relay, %error, "publish failed; retrying"),
+    }
 }
 
 #[cfg(test)]

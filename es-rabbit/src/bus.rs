@@ -34,6 +34,8 @@ use crate::{RabbitConfig, RabbitError, TraceParent};
 pub struct RabbitBus {
     pub(crate) inner: Arc<Inner>,
     mandatory: bool,
+    /// Topics published as mandatory even when `mandatory` is off.
+    mandatory_topics: Arc<[Arc<str>]>,
 }
 
 #[derive(Debug)]
@@ -75,6 +77,7 @@ impl RabbitBus {
                 topology,
             }),
             mandatory,
+            mandatory_topics: Arc::new([]),
         }
     }
 
@@ -84,12 +87,36 @@ impl RabbitBus {
         Self {
             inner: Arc::clone(&self.inner),
             mandatory,
+            mandatory_topics: Arc::clone(&self.mandatory_topics),
         }
     }
 
-    /// Whether unroutable messages are errors.
+    /// The same bus (same connection), publishing the messages of `topics`
+    /// as mandatory even when [`with_mandatory(false)`](Self::with_mandatory)
+    /// is in force: an event may have no queue bound yet, but a command that
+    /// reaches no queue is lost, so its publish is a
+    /// [`BusError::Unroutable`] instead.
+    #[must_use]
+    pub fn with_mandatory_topics<I, T>(&self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<Arc<str>>,
+    {
+        Self {
+            inner: Arc::clone(&self.inner),
+            mandatory: self.mandatory,
+            mandatory_topics: topics.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// Whether unroutable messages are errors (on every topic).
     pub fn mandatory(&self) -> bool {
         self.mandatory
+    }
+
+    /// Whether an unroutable `message` is an error.
+    pub fn is_mandatory(&self, message: &Message) -> bool {
+        self.mandatory || self.mandatory_topics.contains(&message.topic)
     }
 
     /// The names of the exchanges and queues.
@@ -322,10 +349,6 @@ impl RabbitBus {
         }
         let window = self.inner.connector.config.confirm_window;
         let limit = self.inner.connector.config.operation_timeout;
-        let options = BasicPublishOptions {
-            mandatory: self.mandatory,
-            ..BasicPublishOptions::default()
-        };
         let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::with_capacity(window);
         for (index, message) in messages.iter().enumerate() {
             let parent = message.metadata.traceparent;
@@ -353,6 +376,10 @@ impl RabbitBus {
             let routing_key = match queue {
                 Some(queue) => short(queue)?,
                 None => short(&message.routing_key())?,
+            };
+            let options = BasicPublishOptions {
+                mandatory: self.is_mandatory(message),
+                ..BasicPublishOptions::default()
             };
             let publishing = live.publisher.basic_publish(
                 exchange,

@@ -4,7 +4,10 @@
 //! [`RabbitRelay`] wraps es-core's [`Relay`] (which follows the store's global
 //! log from a checkpoint, publishes each batch with confirms, then advances
 //! the checkpoint): it publishes through a non-mandatory [`RabbitBus`] (an
-//! event may have no queue bound yet) and runs only while it holds a
+//! event may have no queue bound yet), except on the topics named with
+//! [`RabbitRelay::with_mandatory_topics`] (commands: one that reaches no
+//! queue stops the relay at it, retried and logged as an error, until a queue
+//! is bound, instead of being passed over), and runs only while it holds a
 //! [`LeaderLock`], so that a standby takes over when the active instance
 //! dies or loses its lock.
 
@@ -129,6 +132,22 @@ impl RabbitRelay {
     #[must_use]
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// Publishes the messages of `topics` as mandatory: one that no queue
+    /// receives fails its batch, which is published again with backoff (and
+    /// the relay's lag grows) until a queue is bound, instead of being
+    /// confirmed and passed over. Name the topics of commands, which must
+    /// reach their handler; events stay non-mandatory, since a new event may
+    /// have no consumer yet.
+    #[must_use]
+    pub fn with_mandatory_topics<I, T>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<Arc<str>>,
+    {
+        self.bus = self.bus.with_mandatory_topics(topics);
         self
     }
 

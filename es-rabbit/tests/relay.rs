@@ -197,6 +197,70 @@ async fn the_relay_runs_on_the_in_memory_store_with_a_local_lock() {
     cleanup(&bus).await;
 }
 
+#[tokio::test]
+async fn a_command_no_queue_receives_holds_the_relay_until_one_is_bound() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let bus = bus(config("mandatory")).await;
+    let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+    let one = |stream: &str| {
+        let stream = StreamId::new(stream).unwrap();
+        let store = Arc::clone(&store);
+        async move {
+            let event = NewEvent::new(
+                "Happened",
+                1,
+                Payload::from_json("{}").unwrap(),
+                Metadata::new(),
+            );
+            store
+                .append(&stream, ExpectedVersion::Any, vec![event])
+                .await
+                .unwrap()
+                .position
+        }
+    };
+    // An event nobody listens to yet, then a command on a topic with no
+    // queue (the default route publishes on the stream's category).
+    let event_at = one("audit-1").await;
+    let command_at = one("billing_commands-1").await;
+    let relay = Arc::new(
+        RabbitRelay::new(
+            "mandatory",
+            store.clone(),
+            &bus,
+            checkpoints.clone(),
+            Arc::new(LocalLeaderLock::new()),
+        )
+        .with_batch_size(1)
+        .with_mandatory_topics(["billing_commands"]),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn({
+        let relay = Arc::clone(&relay);
+        async move { relay.run(stopped).await }
+    });
+    let progress = relay.progress();
+    eventually("the event passed over", LIMIT, || {
+        *progress.borrow() >= event_at
+    })
+    .await;
+    // The command is not confirmed and passed over: the relay retries it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(checkpoints.load("mandatory").await.unwrap(), Some(event_at));
+
+    bus.declare(&Subscription::new("billing", ["billing_commands.*"]))
+        .await
+        .unwrap();
+    eventually("the command delivered once a queue is bound", LIMIT, || {
+        *progress.borrow() == command_at
+    })
+    .await;
+    assert_eq!(bus.queue_depth("billing").await.unwrap(), 1);
+    stop.send_replace(true);
+    running.await.unwrap().unwrap();
+    cleanup(&bus).await;
+}
+
 /// A checkpoint store whose first loads fail, then delegates.
 struct FailingFirst {
     failures: std::sync::atomic::AtomicU32,

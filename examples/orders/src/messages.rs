@@ -27,6 +27,14 @@ pub mod topics {
     pub const PAYMENT_COMMANDS: &str = "payment_commands";
     /// Commands for the notification service.
     pub const NOTIFICATION_COMMANDS: &str = "notification_commands";
+    /// Every command topic: a command must reach its service's queue, so the
+    /// relays publish these as mandatory.
+    pub const COMMANDS: [&str; 4] = [
+        ORDER_COMMANDS,
+        INVENTORY_COMMANDS,
+        PAYMENT_COMMANDS,
+        NOTIFICATION_COMMANDS,
+    ];
 }
 
 /// Declares an enum of newtype variants named like their payload structs and

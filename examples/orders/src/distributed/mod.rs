@@ -618,7 +618,8 @@ impl Node {
                 let relay = Arc::new(
                     RabbitRelay::postgres(format!("{schema}_relay"), &store, &bus)
                         .with_batch_size(512)
-                        .with_route(route),
+                        .with_route(route)
+                        .with_mandatory_topics(topics::COMMANDS),
                 );
                 gauges.relays.push((name, store));
                 let s = stopped.clone();
