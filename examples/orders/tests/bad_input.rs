@@ -222,3 +222,31 @@ async fn idempotency_keys() {
     let (_, w) = app.get(&format!("/api/products/{widget}")).await;
     assert_eq!(w["available"], 98);
 }
+
+/// A read model that will not reach the asked position answers 503
+/// `not_caught_up` (the client may retry), not a 500 and not a stale order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_that_has_stopped_is_a_503() {
+    let app = common::app().await;
+    let widget = app.product("Widget", "12.50", 10).await;
+    // The read model stops following the store.
+    app.system.query.projection().stop().await.unwrap();
+    let (code, placed) = app
+        .order("ada@example.com", &[(&widget, 1)], "tok_ok")
+        .await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{placed}");
+    let id = placed["order_id"].as_str().unwrap();
+    let position = placed["position"].as_str().unwrap();
+    let started = std::time::Instant::now();
+    let (code, answer) = app
+        .get(&format!("/api/orders/{id}?min_position={position}"))
+        .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["code"], "not_caught_up", "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("not running"),
+        "{answer}"
+    );
+    // At once: a stopped read model is not waited for.
+    assert!(started.elapsed() < orders::query::MAX_WAIT);
+}

@@ -95,7 +95,8 @@ impl QueryService {
     ///
     /// # Errors
     /// [`Error::Validation`] for a position past the store's head (no write
-    /// answered it), [`Error::NotCaughtUp`] when the time runs out.
+    /// answered it), [`Error::NotCaughtUp`] when the time runs out or the
+    /// read model has stopped.
     pub async fn wait_for(&self, position: Position) -> Result<()> {
         let head = self.store.head().await?;
         if position > head {
@@ -109,7 +110,15 @@ impl QueryService {
             Err(es_projections::Error::Timeout { .. }) => Err(Error::NotCaughtUp {
                 what: format!("position {position} within {MAX_WAIT:?}"),
             }),
-            Err(e) => Err(Error::internal(e)),
+            // A read model that has stopped will not get there either: the
+            // read side is unavailable (and the operator is told), which is
+            // not the client's fault nor an answer to hide in a 500.
+            Err(error) => {
+                tracing::error!(%error, "the read model is not running");
+                Err(Error::NotCaughtUp {
+                    what: format!("position {position}: the read model is not running"),
+                })
+            }
         }
     }
 
