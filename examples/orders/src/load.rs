@@ -118,6 +118,8 @@ struct Target {
     address: String,
     /// The `Host` header.
     authority: HeaderValue,
+    /// The URL's path, before every API path (empty for `http://host:port`).
+    prefix: String,
 }
 
 impl Target {
@@ -140,6 +142,7 @@ impl Target {
                 authority.port_u16().unwrap_or(80)
             ),
             authority: HeaderValue::from_str(authority.as_str()).map_err(http_err)?,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
         })
     }
 }
@@ -226,7 +229,7 @@ impl Session {
         };
         let mut request = Request::builder()
             .method(method)
-            .uri(path)
+            .uri(format!("{}{path}", target.prefix))
             .header(header::HOST, target.authority.clone());
         if body.is_some() {
             request = request.header(header::CONTENT_TYPE, "application/json");
@@ -557,6 +560,29 @@ mod tests {
         .await
         .unwrap_err();
         assert!(error.to_string().contains("only http://"), "{error}");
+    }
+
+    #[test]
+    fn a_target_url_gives_the_address_host_and_path_prefix() {
+        let target = Target::parse("http://127.0.0.1:18080").unwrap();
+        assert_eq!(
+            (
+                target.address.as_str(),
+                target.authority.to_str().unwrap(),
+                target.prefix.as_str()
+            ),
+            ("127.0.0.1:18080", "127.0.0.1:18080", "")
+        );
+        let target = Target::parse("http://shop.example/gateway/").unwrap();
+        assert_eq!(
+            (
+                target.address.as_str(),
+                target.authority.to_str().unwrap(),
+                target.prefix.as_str()
+            ),
+            ("shop.example:80", "shop.example", "/gateway")
+        );
+        assert!(Target::parse("not a url").is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
