@@ -162,15 +162,22 @@ pub trait EventStore: Send + Sync + 'static {
 /// has an empty type name, and no event id appears twice in the batch.
 /// Backends call it first and add their own limits.
 pub fn validate_batch(events: &[NewEvent]) -> Result<(), StoreError> {
-    let mut seen = std::collections::HashSet::with_capacity(events.len());
-    for event in events {
+    // Most batches hold one to a few events: comparing with the ones before
+    // costs less than building a set (this runs on every append).
+    let mut seen =
+        (events.len() > 16).then(|| std::collections::HashSet::with_capacity(events.len()));
+    for (i, event) in events.iter().enumerate() {
         if event.event_type.is_empty() {
             return Err(StoreError::InvalidEvent {
                 event_id: event.event_id,
                 reason: "the event type is empty".into(),
             });
         }
-        if !seen.insert(event.event_id) {
+        let repeated = match seen.as_mut() {
+            Some(seen) => !seen.insert(event.event_id),
+            None => events[..i].iter().any(|e| e.event_id == event.event_id),
+        };
+        if repeated {
             return Err(StoreError::InvalidEvent {
                 event_id: event.event_id,
                 reason: "the event id appears twice in the batch".into(),
@@ -204,4 +211,34 @@ pub trait Inbox: Send + Sync + 'static {
     /// effect outside the store (sending an email) and then learns the
     /// effect certainly did not happen. Returns whether it was recorded.
     async fn forget(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Metadata, Payload};
+
+    fn batch(n: usize) -> Vec<NewEvent> {
+        (0..n)
+            .map(|_| NewEvent::new("E", 1, Payload::from_trusted_json("{}"), Metadata::new()))
+            .collect()
+    }
+
+    #[test]
+    fn a_repeated_event_id_is_refused_in_small_and_large_batches() {
+        // Small batches are checked pairwise, large ones with a set.
+        for n in [2, 3, 16, 17, 40] {
+            assert!(validate_batch(&batch(n)).is_ok(), "{n}");
+            let mut repeated = batch(n);
+            repeated[n - 1].event_id = repeated[n / 2 - 1].event_id;
+            match validate_batch(&repeated) {
+                Err(StoreError::InvalidEvent { event_id, reason }) => {
+                    assert_eq!(event_id, repeated[n - 1].event_id);
+                    assert!(reason.contains("twice"), "{reason}");
+                }
+                other => panic!("{n}: {other:?}"),
+            }
+        }
+        assert!(validate_batch(&[]).is_ok());
+    }
 }

@@ -39,18 +39,32 @@ struct Groups {
     /// Filled by `publish`, emptied whenever a group or a binding is added:
     /// matching every binding of every group for each message is most of the
     /// cost of publishing otherwise.
-    routes: HashMap<String, Arc<[Arc<Group>]>, foldhash::fast::RandomState>,
+    /// Keyed by topic, then message type: a lookup borrows the message's
+    /// names, with no routing key built per message.
+    routes: HashMap<Arc<str>, HashMap<Arc<str>, Route, FastHash>, FastHash>,
+    /// How many routes `routes` holds.
+    route_count: usize,
 }
+
+type FastHash = foldhash::fast::RandomState;
+
+/// The groups a routing key goes to.
+type Route = Arc<[Arc<Group>]>;
 
 /// The most routing keys whose groups are remembered at once.
 const MAX_ROUTES: usize = 4096;
 
 impl Groups {
-    fn route(&mut self, key: String) -> Arc<[Arc<Group>]> {
-        if let Some(groups) = self.routes.get(&key) {
+    fn route(&mut self, message: &Message) -> Route {
+        if let Some(groups) = self
+            .routes
+            .get(&*message.topic)
+            .and_then(|types| types.get(&*message.message_type))
+        {
             return Arc::clone(groups);
         }
-        let groups: Arc<[Arc<Group>]> = self
+        let key = message.routing_key();
+        let groups: Route = self
             .by_name
             .values()
             .filter(|group| {
@@ -63,11 +77,20 @@ impl Groups {
             })
             .cloned()
             .collect();
-        if self.routes.len() >= MAX_ROUTES {
-            self.routes.clear();
+        if self.route_count >= MAX_ROUTES {
+            self.forget_routes();
         }
-        self.routes.insert(key, Arc::clone(&groups));
+        self.routes
+            .entry(Arc::clone(&message.topic))
+            .or_default()
+            .insert(Arc::clone(&message.message_type), Arc::clone(&groups));
+        self.route_count += 1;
         groups
+    }
+
+    fn forget_routes(&mut self) {
+        self.routes.clear();
+        self.route_count = 0;
     }
 }
 
@@ -112,7 +135,7 @@ impl InMemoryBus {
     fn group(&self, subscription: &Subscription) -> Arc<Group> {
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
         // A new group or binding changes where routing keys go.
-        groups.routes.clear();
+        groups.forget_routes();
         let group = groups
             .by_name
             .entry(subscription.group.clone())
@@ -163,11 +186,11 @@ impl InMemoryBus {
 #[async_trait]
 impl EventBus for InMemoryBus {
     async fn publish(&self, messages: &[Message]) -> Result<(), BusError> {
-        let routes: Vec<Arc<[Arc<Group>]>> = {
+        let routes: Vec<Route> = {
             let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
             messages
                 .iter()
-                .map(|message| groups.route(message.routing_key()))
+                .map(|message| groups.route(message))
                 .collect()
         };
         for (message, groups) in messages.iter().zip(routes) {
