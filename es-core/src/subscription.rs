@@ -29,33 +29,33 @@ where
 {
     struct State<R> {
         position: Position,
-        /// The rest of the last page read (taken as it is, not copied).
-        buffer: std::vec::IntoIter<RecordedEvent>,
         wake: watch::Receiver<u64>,
         read: R,
         failed: bool,
     }
     let state = State {
         position: after,
-        buffer: Vec::new().into_iter(),
         wake,
         read,
         failed: false,
     };
-    stream::unfold(state, move |mut state| async move {
+    // A future per page, not per event: the events of a page are handed out
+    // by its iterator, as they are (not copied).
+    let pages = stream::unfold(state, move |mut state| async move {
         if state.failed {
             return None;
         }
         loop {
-            if let Some(event) = state.buffer.next() {
-                state.position = event.position;
-                return Some((Ok(event), state));
-            }
             // Mark the current wake-up as seen before reading, so a commit that
             // lands after the read still wakes the wait below.
             state.wake.borrow_and_update();
             match (state.read)(state.position, page_size).await {
-                Ok(page) if !page.is_empty() => state.buffer = page.into_iter(),
+                Ok(page) if !page.is_empty() => {
+                    if let Some(last) = page.last() {
+                        state.position = last.position;
+                    }
+                    return Some((Ok(page), state));
+                }
                 Ok(_) => {
                     let woke = tokio::time::timeout(poll, state.wake.changed()).await;
                     if let Ok(Err(_)) = woke {
@@ -70,6 +70,11 @@ where
                 }
             }
         }
-    })
-    .boxed()
+    });
+    pages
+        .flat_map(|page| match page {
+            Ok(events) => stream::iter(events.into_iter().map(Ok)).left_stream(),
+            Err(error) => stream::iter(std::iter::once(Err(error))).right_stream(),
+        })
+        .boxed()
 }
