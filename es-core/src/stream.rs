@@ -192,6 +192,10 @@ mod tests {
         assert!(StreamId::new("x".repeat(MAX_STREAM_ID_LEN)).is_ok());
         assert!(StreamId::new("x".repeat(MAX_STREAM_ID_LEN + 1)).is_err());
         assert!(StreamId::new("a\nb").is_err());
+        assert!(StreamId::new("a\u{7f}b").is_err());
+        // Non-ASCII ids: with a C1 control character, and without.
+        assert!(StreamId::new("caf\u{e9}-\u{85}").is_err());
+        assert!(StreamId::new("caf\u{e9}-1").is_ok());
         assert_eq!(StreamId::new("").unwrap_err().reason, "it is empty");
     }
 
