@@ -24,7 +24,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -269,35 +270,41 @@ impl Session {
             return Ok(id);
         }
         let body = json!({"name": name, "price": price, "stock": 1_000_000_000});
-        let (status, body) = self
-            .request(
-                Method::POST,
-                "/api/products",
-                Some(body.to_string().into_bytes()),
-            )
+        let created: Created = self
+            .post("/api/products", &body, "creating a product", |s| {
+                s.is_success()
+            })
             .await?;
-        if !status.is_success() {
-            return Err(http_err(format!("creating a product answered {status}")));
-        }
-        Ok(serde_json::from_slice::<Created>(&body)
-            .map_err(http_err)?
-            .product_id)
+        Ok(created.product_id)
     }
 
     async fn place(&mut self, request: PlaceOrderRequest) -> Result<Uuid> {
         if let Self::Embedded(system) = self {
             return Ok(system.orders.place_order(request, None).await?.order_id);
         }
-        let body = serde_json::to_vec(&request).map_err(http_err)?;
-        let (status, body) = self
-            .request(Method::POST, "/api/orders", Some(body))
+        let placed: Placed = self
+            .post("/api/orders", &request, "placing an order", |s| {
+                s == StatusCode::ACCEPTED
+            })
             .await?;
-        if status != StatusCode::ACCEPTED {
-            return Err(http_err(format!("placing an order answered {status}")));
+        Ok(placed.order_id)
+    }
+
+    /// POSTs `body` as JSON and reads the answer, when its status is one
+    /// `accepted` takes.
+    async fn post<T: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &impl Serialize,
+        what: &str,
+        accepted: impl Fn(StatusCode) -> bool,
+    ) -> Result<T> {
+        let body = serde_json::to_vec(body).map_err(http_err)?;
+        let (status, answer) = self.request(Method::POST, path, Some(body)).await?;
+        if !accepted(status) {
+            return Err(http_err(format!("{what} answered {status}")));
         }
-        Ok(serde_json::from_slice::<Placed>(&body)
-            .map_err(http_err)?
-            .order_id)
+        serde_json::from_slice(&answer).map_err(http_err)
     }
 
     async fn wait_terminal(&mut self, order_id: Uuid) -> Option<OrderStatus> {
