@@ -209,25 +209,6 @@ impl Session {
         let Self::Http { target, sender } = self else {
             return Err(Error::internal("an HTTP request on an embedded session"));
         };
-        let mut connection = match sender.take() {
-            Some(s) if !s.is_closed() => s,
-            _ => {
-                let stream = tokio::net::TcpStream::connect(&target.address)
-                    .await
-                    .map_err(|e| http_err(format!("connecting to {}: {e}", target.address)))?;
-                let _ = stream.set_nodelay(true);
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(http_err)?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "load connection closed");
-                    }
-                });
-                sender
-            }
-        };
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", target.prefix))
@@ -238,20 +219,43 @@ impl Session {
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(http_err)?;
-        let exchange = async {
+        let address = &target.address;
+        let kept = sender.take();
+        let exchange = async move {
+            let mut connection = match kept {
+                Some(s) if !s.is_closed() => s,
+                _ => {
+                    let stream = tokio::net::TcpStream::connect(address)
+                        .await
+                        .map_err(|e| http_err(format!("connecting to {address}: {e}")))?;
+                    let _ = stream.set_nodelay(true);
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                            .await
+                            .map_err(http_err)?;
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "load connection closed");
+                        }
+                    });
+                    sender
+                }
+            };
             connection.ready().await.map_err(http_err)?;
             let response = connection.send_request(request).await.map_err(http_err)?;
             let status = response.status();
             let body = response.into_body().collect().await.map_err(http_err)?;
-            Ok::<_, Error>((status, body.to_bytes()))
+            Ok::<_, Error>((status, body.to_bytes(), connection))
         };
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| http_err(format!("{path}: no answer in {REQUEST_TIMEOUT:?}")))??;
+        // The limit covers connecting too.
+        let (status, answer, connection) =
+            tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+                .await
+                .map_err(|_| http_err(format!("{path}: no answer in {REQUEST_TIMEOUT:?}")))??;
         // Kept for the next request only after a whole exchange: a connection
         // left mid-answer by an error or a timeout is dropped.
         *sender = Some(connection);
-        Ok(answer)
+        Ok((status, answer))
     }
 
     async fn create_product(&mut self, i: usize) -> Result<Uuid> {
