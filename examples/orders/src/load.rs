@@ -105,13 +105,6 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
-/// The system under load, embedded or remote.
-#[derive(Clone)]
-enum Driver {
-    Embedded(Arc<System>),
-    Http(Arc<Target>),
-}
-
 /// Where a running system listens.
 #[derive(Debug)]
 struct Target {
@@ -148,8 +141,8 @@ impl Target {
     }
 }
 
-/// A worker's way to the system: the embedded one, or a keep-alive HTTP/1.1
-/// connection of its own.
+/// A worker's way to the system under load: the embedded one, or a
+/// keep-alive HTTP/1.1 connection of its own to a running one.
 ///
 /// The connection is hyper's bare client, with no pool, retries or redirects
 /// between the worker and the socket: on this 2-core machine the load
@@ -185,19 +178,18 @@ fn http_err(e: impl std::fmt::Display) -> Error {
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl Driver {
-    fn session(&self) -> Session {
+impl Session {
+    /// Another session to the same system, with a connection of its own.
+    fn another(&self) -> Self {
         match self {
-            Self::Embedded(system) => Session::Embedded(Arc::clone(system)),
-            Self::Http(target) => Session::Http {
+            Self::Embedded(system) => Self::Embedded(Arc::clone(system)),
+            Self::Http { target, .. } => Self::Http {
                 target: Arc::clone(target),
                 sender: None,
             },
         }
     }
-}
 
-impl Session {
     /// Sends one request on the session's connection (opened, or opened
     /// again after the server closed it, on demand) and reads the answer.
     async fn request(
@@ -336,9 +328,12 @@ impl Session {
 
 /// Runs a load test.
 pub async fn run(options: LoadOptions) -> Result<LoadReport> {
-    let (driver, embedded, target) = match &options.target {
+    let (mut session, embedded, target) = match &options.target {
         Some(url) => (
-            Driver::Http(Arc::new(Target::parse(url)?)),
+            Session::Http {
+                target: Arc::new(Target::parse(url)?),
+                sender: None,
+            },
             None,
             url.clone(),
         ),
@@ -351,18 +346,16 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
                 .await?,
             );
             (
-                Driver::Embedded(Arc::clone(&system)),
+                Session::Embedded(Arc::clone(&system)),
                 Some(system),
                 "embedded (in process)".to_owned(),
             )
         }
     };
     let mut products = Vec::with_capacity(options.products);
-    let mut session = driver.session();
     for i in 0..options.products.max(1) {
         products.push(session.create_product(i).await?);
     }
-    drop(session);
     let products = Arc::new(products);
     let bar = if options.progress {
         let bar = ProgressBar::new(options.orders);
@@ -385,8 +378,8 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         .map(|system| tokio::spawn(sample(Arc::clone(system))));
     let mut workers = Vec::new();
     for worker in 0..options.concurrency.max(1) {
-        let (driver, next, counts, histogram, bar, products) = (
-            driver.clone(),
+        let (mut session, next, counts, histogram, bar, products) = (
+            session.another(),
             Arc::clone(&next),
             Arc::clone(&counts),
             Arc::clone(&histogram),
@@ -396,7 +389,6 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         let total = options.orders;
         let rate = options.rate.filter(|r| r.is_finite() && *r > 0.0);
         workers.push(tokio::spawn(async move {
-            let mut session = driver.session();
             let mut local = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).ok();
             let mut rng = fastrand::Rng::with_seed(worker as u64);
             loop {
@@ -459,7 +451,7 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    drop(driver);
+    drop(session);
     if let Some(sampler) = sampler {
         sampler.abort();
     }
@@ -575,23 +567,26 @@ mod tests {
 
     #[test]
     fn a_target_url_gives_the_address_host_and_path_prefix() {
-        let target = Target::parse("http://127.0.0.1:18080").unwrap();
+        let parts = |url: &str| {
+            let target = Target::parse(url).unwrap();
+            let host = target.authority.to_str().unwrap().to_owned();
+            (target.address, host, target.prefix)
+        };
         assert_eq!(
+            parts("http://127.0.0.1:18080"),
             (
-                target.address.as_str(),
-                target.authority.to_str().unwrap(),
-                target.prefix.as_str()
-            ),
-            ("127.0.0.1:18080", "127.0.0.1:18080", "")
+                "127.0.0.1:18080".into(),
+                "127.0.0.1:18080".into(),
+                String::new()
+            )
         );
-        let target = Target::parse("http://shop.example/gateway/").unwrap();
         assert_eq!(
+            parts("http://shop.example/gateway/"),
             (
-                target.address.as_str(),
-                target.authority.to_str().unwrap(),
-                target.prefix.as_str()
-            ),
-            ("shop.example:80", "shop.example", "/gateway")
+                "shop.example:80".into(),
+                "shop.example".into(),
+                "/gateway".into()
+            )
         );
         assert!(Target::parse("not a url").is_err());
     }
