@@ -19,8 +19,10 @@ use orders::{Config, System};
 /// mimalloc, not the C library's allocator: an event is allocated on one
 /// runtime worker and often freed on the other, and glibc's free then takes
 /// the other thread's arena lock; workers slept on it thousands of times a
-/// second. Measured in docs/benchmarks.md (2026-12-06 21:45): 11.6 % fewer
-/// instructions per order and a third of the context switches.
+/// second. Built without transparent huge pages (`no_thp`): with them, each
+/// purge of freed memory gave back parts of 2 MiB pages that the next
+/// allocations faulted in and zeroed again, a third of all CPU time.
+/// Measured in docs/benchmarks.md ("Session of 2026-12-06 21:28").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
