@@ -18,6 +18,9 @@ export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export ORDERS_NAMESPACE="${ORDERS_NAMESPACE:-orders}"
 export RUST_LOG="${RUST_LOG:-info}"
+# No transparent huge pages for mimalloc, even where the host enables them for
+# every process (docs/src/operations.md, "Memory allocator").
+export MIMALLOC_ALLOW_THP="${MIMALLOC_ALLOW_THP:-0}"
 GATEWAY="${ORDERS_GATEWAY:-127.0.0.1:8080}"
 BASE_PORT="${ORDERS_BASE_PORT:-8100}"
 REPLICAS="${ORDERS_REPLICAS:-1}"
