@@ -163,3 +163,93 @@ impl QueryService {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use es_core::{
+        AppendResult, ExpectedVersion, InMemoryEventStore, Metadata, NewEvent, Payload,
+        RecordedEvent, StoreError,
+    };
+    use futures::stream::BoxStream;
+
+    /// A store whose log never reaches its subscribers: the read model
+    /// stays running but never gets anywhere.
+    struct Stalled(InMemoryEventStore);
+
+    #[async_trait]
+    impl EventStore for Stalled {
+        async fn append(
+            &self,
+            stream: &StreamId,
+            expected: ExpectedVersion,
+            events: Vec<NewEvent>,
+        ) -> Result<AppendResult, StoreError> {
+            self.0.append(stream, expected, events).await
+        }
+
+        async fn read_stream(
+            &self,
+            stream: &StreamId,
+            from_version: u64,
+            max_count: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            self.0.read_stream(stream, from_version, max_count).await
+        }
+
+        async fn read_all(
+            &self,
+            after: Position,
+            max_count: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            self.0.read_all(after, max_count).await
+        }
+
+        async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+            self.0.stream_version(stream).await
+        }
+
+        async fn head(&self) -> Result<Position, StoreError> {
+            self.0.head().await
+        }
+
+        fn subscribe_all(
+            &self,
+            _after: Position,
+        ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
+            Box::pin(futures::stream::pending())
+        }
+    }
+
+    /// The wait for a position the running read model does not reach runs
+    /// out after [`MAX_WAIT`] and is `NotCaughtUp` (a 503 `not_caught_up`
+    /// over HTTP), not an error of the server's and not a stale answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_the_read_model_does_not_finish_in_time_is_not_caught_up() {
+        let inner = InMemoryEventStore::new();
+        let stream = StreamId::new("order-1").unwrap();
+        let event = NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: "OrderCreated".into(),
+            schema_version: 1,
+            payload: Payload::from_trusted_json("{}"),
+            metadata: Metadata::new(),
+        };
+        let written = inner
+            .append(&stream, ExpectedVersion::NoStream, vec![event])
+            .await
+            .unwrap();
+        let service = QueryService::start(Arc::new(Stalled(inner)));
+        let started = tokio::time::Instant::now();
+        let error = service.wait_for(written.position).await.unwrap_err();
+        assert!(
+            matches!(&error, Error::NotCaughtUp { what } if what.contains("within")),
+            "{error:?}"
+        );
+        assert!(started.elapsed() >= MAX_WAIT, "{:?}", started.elapsed());
+        let answer = crate::http::ApiError::from(error);
+        assert_eq!(answer.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.body.code, "not_caught_up");
+    }
+}
