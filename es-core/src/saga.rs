@@ -173,21 +173,15 @@ impl CommandRecord {
     /// # Errors
     /// Never, in practice: the strings always serialize.
     pub fn to_payload(&self) -> Result<Payload, CodecError> {
-        let string = |s: &str| {
-            serde_json::to_string(s).map_err(|source| CodecError::Encode {
-                event_type: COMMAND_RECORD.into(),
-                source,
-            })
-        };
-        let (topic, command_type) = (string(&self.topic)?, string(&self.command_type)?);
         let command = self.payload.as_str();
-        let mut json = String::with_capacity(64 + topic.len() + command_type.len() + command.len());
+        let mut json =
+            String::with_capacity(72 + self.topic.len() + self.command_type.len() + command.len());
         json.push_str("{\"topic\":");
-        json.push_str(&topic);
+        push_json_string(&mut json, &self.topic)?;
         json.push_str(",\"command_type\":");
-        json.push_str(&command_type);
+        push_json_string(&mut json, &self.command_type)?;
         json.push_str(",\"schema_version\":");
-        json.push_str(&self.schema_version.to_string());
+        json.push_str(itoa_u32(self.schema_version, &mut [0; 10]));
         json.push_str(",\"payload\":");
         json.push_str(command);
         json.push('}');
@@ -206,6 +200,40 @@ impl CommandRecord {
             metadata: recorded.metadata.clone(),
         }
     }
+}
+
+/// Appends `s` as a JSON string: directly when nothing in it needs escaping
+/// (topics and type names), else as `serde_json` writes it.
+fn push_json_string(json: &mut String, s: &str) -> Result<(), CodecError> {
+    let plain = s
+        .bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f && b.is_ascii());
+    if plain {
+        json.push('"');
+        json.push_str(s);
+        json.push('"');
+    } else {
+        let quoted = serde_json::to_string(s).map_err(|source| CodecError::Encode {
+            event_type: COMMAND_RECORD.into(),
+            source,
+        })?;
+        json.push_str(&quoted);
+    }
+    Ok(())
+}
+
+/// `n` in decimal, written into `buffer`.
+fn itoa_u32(mut n: u32, buffer: &mut [u8; 10]) -> &str {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buffer[at..]).unwrap_or("0")
 }
 
 /// The stored form of a deadline record.
@@ -945,18 +973,26 @@ mod tests {
 
     #[test]
     fn a_command_record_is_stored_as_its_serialize_writes_it() {
-        let record = CommandRecord {
-            topic: "payment \"commands\"".into(),
-            command_type: "ChargeCard".into(),
-            schema_version: 3,
-            payload: Payload::from_json(r#"{"amount": "12.50", "card": ["tok_ok"]}"#).unwrap(),
-        };
-        let direct = record.to_payload().unwrap();
-        assert_eq!(
-            direct.as_str(),
-            Payload::from_value(&record).unwrap().as_str()
-        );
-        assert_eq!(direct.decode::<CommandRecord>().unwrap(), record);
+        let cases = [
+            ("payment \"commands\"", "ChargeCard", 3),
+            ("payment_commands", "ChargeCard", 0),
+            ("back\\slash\ttab", "Caf\u{e9}", u32::MAX),
+            ("", "\u{7f}", 10),
+        ];
+        for (topic, command_type, schema_version) in cases {
+            let record = CommandRecord {
+                topic: topic.into(),
+                command_type: command_type.into(),
+                schema_version,
+                payload: Payload::from_json(r#"{"amount": "12.50", "card": ["tok_ok"]}"#).unwrap(),
+            };
+            let direct = record.to_payload().unwrap();
+            assert_eq!(
+                direct.as_str(),
+                Payload::from_value(&record).unwrap().as_str()
+            );
+            assert_eq!(direct.decode::<CommandRecord>().unwrap(), record);
+        }
     }
 
     /// A scheduler whose stop signal lost its sender stops, rather than

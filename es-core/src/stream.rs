@@ -57,16 +57,14 @@ impl StreamId {
     /// The stream of one aggregate: `<category>-<id>`.
     pub fn for_aggregate(category: &str, id: impl fmt::Display) -> Result<Self, InvalidStreamId> {
         use fmt::Write;
-        // Room for a hyphenated UUID, the usual id, so it is written without
-        // growing; every command and saga reaction names its stream.
-        let mut name = String::with_capacity(category.len() + 1 + 36);
-        name.push_str(category);
-        name.push('-');
-        write!(name, "{id}").map_err(|_| InvalidStreamId {
-            id: category.to_owned(),
-            reason: "its id could not be formatted",
+        // Every command and saga reaction names its stream: the name is
+        // written on the stack, and only the shared string is allocated.
+        let mut name = NameBuffer::default();
+        write!(name, "{category}-{id}").map_err(|_| InvalidStreamId {
+            id: category.chars().take(64).collect(),
+            reason: "it does not format within 200 bytes",
         })?;
-        Self::new(name)
+        Self::new(name.as_str())
     }
 
     /// The id as a string slice.
@@ -84,6 +82,41 @@ impl StreamId {
     /// The part after the first `-`, or the whole id when there is none.
     pub fn entity_id(&self) -> &str {
         self.0.split_once('-').map_or(&self.0, |(_, id)| id)
+    }
+}
+
+/// A stream id being formatted: room for the longest valid one, on the stack.
+struct NameBuffer {
+    bytes: [u8; MAX_STREAM_ID_LEN],
+    len: usize,
+}
+
+impl Default for NameBuffer {
+    fn default() -> Self {
+        Self {
+            bytes: [0; MAX_STREAM_ID_LEN],
+            len: 0,
+        }
+    }
+}
+
+impl NameBuffer {
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever copied in, so this never fails.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+impl fmt::Write for NameBuffer {
+    /// Fails once the name would pass [`MAX_STREAM_ID_LEN`].
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -197,6 +230,25 @@ mod tests {
         assert!(StreamId::new("caf\u{e9}-\u{85}").is_err());
         assert!(StreamId::new("caf\u{e9}-1").is_ok());
         assert_eq!(StreamId::new("").unwrap_err().reason, "it is empty");
+    }
+
+    #[test]
+    fn names_an_aggregate_stream_up_to_the_longest_id() {
+        let id = uuid::Uuid::now_v7();
+        let stream = StreamId::for_aggregate("order", id).unwrap();
+        assert_eq!(stream.as_str(), format!("order-{id}"));
+        let longest = "x".repeat(MAX_STREAM_ID_LEN - 2);
+        assert_eq!(
+            StreamId::for_aggregate("c", &longest)
+                .unwrap()
+                .as_str()
+                .len(),
+            200
+        );
+        let error = StreamId::for_aggregate("c", format!("{longest}x")).unwrap_err();
+        assert_eq!(error.reason, "it does not format within 200 bytes");
+        assert!(StreamId::for_aggregate("", 1).is_ok());
+        assert!(StreamId::for_aggregate("c\n", 1).is_err());
     }
 
     #[test]
