@@ -21,8 +21,8 @@ pub type Route = Arc<dyn Fn(&RecordedEvent) -> Option<Message> + Send + Sync>;
 /// published on the topic named by its stream's category.
 pub fn default_route(event: &RecordedEvent) -> Option<Message> {
     match &*event.event_type {
-        COMMAND_RECORD => match event.payload.decode::<CommandRecord>() {
-            Ok(record) => Some(record.to_message(event)),
+        COMMAND_RECORD => match CommandRecord::message_from(event) {
+            Ok(message) => Some(message),
             Err(error) => {
                 tracing::error!(event_id = %event.event_id, %error, "malformed command record not relayed");
                 None

@@ -200,6 +200,36 @@ impl CommandRecord {
             metadata: recorded.metadata.clone(),
         }
     }
+
+    /// The bus message for a stored command record, read straight from the
+    /// record's JSON: what [`to_message`](Self::to_message) gives for the
+    /// decoded record, without building the record first. The relay does
+    /// this for every command a saga sends.
+    ///
+    /// # Errors
+    /// When the payload is not a command record.
+    pub fn message_from(recorded: &RecordedEvent) -> Result<Message, serde_json::Error> {
+        /// The record's fields, borrowed where the JSON allows it.
+        #[derive(Deserialize)]
+        struct Borrowed<'a> {
+            #[serde(borrow)]
+            topic: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            command_type: std::borrow::Cow<'a, str>,
+            schema_version: u32,
+            #[serde(borrow)]
+            payload: &'a serde_json::value::RawValue,
+        }
+        let record: Borrowed<'_> = serde_json::from_str(recorded.payload.as_str())?;
+        Ok(Message {
+            message_id: recorded.event_id,
+            topic: Arc::from(&*record.topic),
+            message_type: Arc::from(&*record.command_type),
+            schema_version: record.schema_version,
+            payload: Payload::from_trusted_json(record.payload.get()),
+            metadata: recorded.metadata.clone(),
+        })
+    }
 }
 
 /// Appends `s` as a JSON string: directly when nothing in it needs escaping
@@ -992,6 +1022,30 @@ mod tests {
                 Payload::from_value(&record).unwrap().as_str()
             );
             assert_eq!(direct.decode::<CommandRecord>().unwrap(), record);
+            // The relay's reading gives the message the record gives.
+            let recorded = recorded_record(direct);
+            assert_eq!(
+                CommandRecord::message_from(&recorded).unwrap(),
+                record.to_message(&recorded)
+            );
+        }
+        let mut malformed = recorded_record(Payload::from_json(r#"{"topic": 1}"#).unwrap());
+        assert!(CommandRecord::message_from(&malformed).is_err());
+        malformed.payload = Payload::from_json(r#"{"topic": "t", "command_type": "C"}"#).unwrap();
+        assert!(CommandRecord::message_from(&malformed).is_err());
+    }
+
+    fn recorded_record(payload: Payload) -> RecordedEvent {
+        RecordedEvent {
+            event_id: Uuid::now_v7(),
+            stream_id: StreamId::new("order_saga-1").unwrap(),
+            stream_version: 2,
+            position: Position::new(7, 0),
+            event_type: COMMAND_RECORD.into(),
+            schema_version: 1,
+            payload,
+            metadata: Metadata::new().with_correlation_id(Uuid::now_v7()),
+            recorded_at: Utc::now(),
         }
     }
 
