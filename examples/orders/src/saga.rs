@@ -9,6 +9,7 @@
 //! drops redelivered messages by id.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use es_core::{Metadata, Reaction, Saga};
@@ -212,8 +213,8 @@ pub enum SagaPhase {
 /// The order saga's state: facts learnt and steps issued.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OrderSaga {
-    /// The order, once known.
-    pub started: Option<SagaStarted>,
+    /// The order, once known (shared: every decision copies the state).
+    pub started: Option<Arc<SagaStarted>>,
     /// Stock is held.
     pub stock_held: bool,
     /// Stock could not be held.
@@ -372,7 +373,7 @@ impl OrderSaga {
 
     fn learn(&mut self, fact: &Fact) {
         match fact {
-            Fact::Started(s) => self.started = Some(s.clone()),
+            Fact::Started(s) => self.started = Some(Arc::new(s.clone())),
             Fact::StockHeld => self.stock_held = true,
             Fact::StockUnavailable { reason } => self.stock_unavailable = Some(reason.clone()),
             Fact::PaymentTaken {
@@ -398,12 +399,15 @@ impl OrderSaga {
         if let Some(fact) = &fact {
             next.learn(fact);
         }
+        // Nothing is due before the order is known.
+        let steps = next.due_steps();
+        next.issued.extend(steps.iter().copied());
         let mut reaction = Reaction::none();
         let mut advanced = Advanced {
             learnt: fact,
             issued: Vec::new(),
         };
-        let Some(started) = next.started.clone() else {
+        let Some(started) = next.started.as_deref() else {
             if advanced.learnt.is_some() {
                 reaction = reaction.event(OrderSagaEvent::Advanced(advanced));
             }
@@ -414,8 +418,6 @@ impl OrderSaga {
             && self.paid.is_none()
             && self.payment_refused.is_none()
             && !self.timed_out;
-        let steps = next.due_steps();
-        next.issued.extend(steps.iter().copied());
         for &step in &steps {
             reaction = match step {
                 Step::Reserve => reaction.send(
