@@ -7,6 +7,7 @@
 
 mod bus;
 mod log;
+mod sharded;
 mod store;
 
 pub use bus::{DeadLetter, InMemoryBus};

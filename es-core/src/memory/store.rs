@@ -8,12 +8,8 @@ use futures::stream::BoxStream;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// The maps' hasher. Stream ids and event ids are hashed on every append;
-/// foldhash (randomly seeded, hashbrown's default) does that several times
-/// faster than the standard library's SipHash.
-type FastHash = foldhash::fast::RandomState;
-
 use super::log::Log;
+use super::sharded::ShardedMap;
 use crate::store::validate_batch;
 use crate::subscription::catch_up_then_live;
 use crate::{
@@ -41,9 +37,9 @@ struct Shared {
 struct State {
     log: Log,
     /// Each stream's events, as indexes into the log.
-    streams: HashMap<StreamId, Vec<usize>, FastHash>,
+    streams: ShardedMap<StreamId, Vec<usize>>,
     /// Where each event id is in the log.
-    ids: HashMap<Uuid, usize, FastHash>,
+    ids: ShardedMap<Uuid, usize>,
 }
 
 impl Default for InMemoryEventStore {
