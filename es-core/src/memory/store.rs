@@ -1,3 +1,4 @@
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -190,7 +191,13 @@ impl EventStore for InMemoryEventStore {
         if found > 0 {
             return state.replayed(stream, expected, &events, found);
         }
-        let actual = state.version(stream);
+        // One lookup of the stream, for its version and then its events.
+        let State { log, streams, ids } = &mut *state;
+        let entry = streams.entry(stream.clone());
+        let actual = match &entry {
+            Entry::Occupied(indexes) => indexes.get().len() as u64,
+            Entry::Vacant(_) => 0,
+        };
         if !expected.is_satisfied_by(actual) {
             return Err(StoreError::WrongExpectedVersion {
                 stream: stream.clone(),
@@ -206,15 +213,14 @@ impl EventStore for InMemoryEventStore {
             });
         }
         let recorded_at = Utc::now();
-        let log = &mut *state;
-        let indexes = log.streams.entry(stream.clone()).or_default();
+        let indexes = entry.or_default();
         let mut version = actual;
         for event in events {
-            let index = log.log.len();
+            let index = log.len();
             version += 1;
-            log.ids.insert(event.event_id, index);
+            ids.insert(event.event_id, index);
             indexes.push(index);
-            log.log.push(RecordedEvent {
+            log.push(RecordedEvent {
                 event_id: event.event_id,
                 stream_id: stream.clone(),
                 stream_version: version,
@@ -226,7 +232,7 @@ impl EventStore for InMemoryEventStore {
                 recorded_at,
             });
         }
-        let head = log.log.len() as u64;
+        let head = log.len() as u64;
         // Subscribers are woken after the lock is released, so none of them
         // waits on it (nor this append on waking them). Two appends may get
         // here in either order: the head only moves forward.
