@@ -14,8 +14,9 @@ use crate::StreamId;
 /// faster than the standard library's SipHash.
 type FastHash = foldhash::fast::RandomState;
 
-/// Shards per map.
+/// Shards per map: a power of two, picked by a hash's top bits.
 const SHARDS: usize = 32;
+const _: () = assert!(SHARDS.is_power_of_two());
 
 /// A hash map split into [`SHARDS`] maps by the key's hash.
 ///
@@ -68,7 +69,6 @@ impl ShardKey for Uuid {
 
 impl<K: ShardKey, V> ShardedMap<K, V> {
     fn shard_of(&self, key: &K) -> usize {
-        // The top bits: SHARDS is a power of two.
         (key.spread(&self.pick) >> (u64::BITS - SHARDS.trailing_zeros())) as usize
     }
 
