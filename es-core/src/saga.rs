@@ -173,6 +173,7 @@ impl CommandRecord {
     /// # Errors
     /// Never, in practice: the strings always serialize.
     pub fn to_payload(&self) -> Result<Payload, CodecError> {
+        use std::fmt::Write as _;
         let command = self.payload.as_str();
         let mut json =
             String::with_capacity(72 + self.topic.len() + self.command_type.len() + command.len());
@@ -180,9 +181,12 @@ impl CommandRecord {
         push_json_string(&mut json, &self.topic)?;
         json.push_str(",\"command_type\":");
         push_json_string(&mut json, &self.command_type)?;
-        json.push_str(",\"schema_version\":");
-        json.push_str(itoa_u32(self.schema_version, &mut [0; 10]));
-        json.push_str(",\"payload\":");
+        // Writing into a String cannot fail.
+        let _ = write!(
+            json,
+            ",\"schema_version\":{},\"payload\":",
+            self.schema_version
+        );
         json.push_str(command);
         json.push('}');
         Ok(Payload::from_trusted_json(json))
@@ -237,7 +241,7 @@ impl CommandRecord {
 fn push_json_string(json: &mut String, s: &str) -> Result<(), CodecError> {
     let plain = s
         .bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f && b.is_ascii());
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
     if plain {
         json.push('"');
         json.push_str(s);
@@ -250,20 +254,6 @@ fn push_json_string(json: &mut String, s: &str) -> Result<(), CodecError> {
         json.push_str(&quoted);
     }
     Ok(())
-}
-
-/// `n` in decimal, written into `buffer`.
-fn itoa_u32(mut n: u32, buffer: &mut [u8; 10]) -> &str {
-    let mut at = buffer.len();
-    loop {
-        at -= 1;
-        buffer[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buffer[at..]).unwrap_or("0")
 }
 
 /// The stored form of a deadline record.

@@ -85,9 +85,8 @@ impl RabbitBus {
     #[must_use]
     pub fn with_mandatory(&self, mandatory: bool) -> Self {
         Self {
-            inner: Arc::clone(&self.inner),
             mandatory,
-            mandatory_topics: Arc::clone(&self.mandatory_topics),
+            ..self.clone()
         }
     }
 
@@ -103,9 +102,8 @@ impl RabbitBus {
         T: Into<Arc<str>>,
     {
         Self {
-            inner: Arc::clone(&self.inner),
-            mandatory: self.mandatory,
             mandatory_topics: topics.into_iter().map(Into::into).collect(),
+            ..self.clone()
         }
     }
 
