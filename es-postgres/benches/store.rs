@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use es_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Payload, Position, StreamId};
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use futures::StreamExt;
 use uuid::Uuid;
 
@@ -124,7 +124,7 @@ fn row(name: &str, value: f64, unit: &str, note: &str) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let (pool, schema) = es_postgres::testing::fresh_schema_with(40).await;
-    let mut store = PostgresEventStore::new(pool.clone(), schema.clone())
+    let mut store = PgEventStore::new(pool.clone(), schema.clone())
         .with_notify(std::env::var("BENCH_NOTIFY").map_or(true, |v| v != "0"));
     // BENCH_GROUP=<in flight>,<group size> (0 turns group commit off).
     let group = std::env::var("BENCH_GROUP").ok();

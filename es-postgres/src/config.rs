@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use crate::error::{PgError, Result};
 use crate::schema::validate_schema;
-use crate::PostgresEventStore;
+use crate::PgEventStore;
 
 /// How to reach PostgreSQL and which schema to use.
 ///
@@ -150,13 +150,13 @@ impl PgConfig {
     }
 
     /// Connects, migrates the schema (unless turned off) and returns the store.
-    pub async fn event_store(&self) -> Result<PostgresEventStore> {
+    pub async fn event_store(&self) -> Result<PgEventStore> {
         validate_schema(&self.schema)?;
         let pool = self.pool().await?;
         if self.migrate {
             crate::migrate(&pool, &self.schema).await?;
         }
-        PostgresEventStore::try_new(pool, self.schema.clone())
+        PgEventStore::try_new(pool, self.schema.clone())
     }
 
     fn pool_options(&self) -> PgPoolOptions {

@@ -15,8 +15,8 @@ pub use error::{PgError, Result};
 pub use group::{DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT, MAX_GROUP_LIMIT};
 pub use lock::{LeaderGuard, LeaderLock};
 pub use schema::{migrate, MAX_SCHEMA_LEN};
-pub use store::{Holdback, PostgresEventStore, DEFAULT_MAX_BATCH};
-pub use stores::{PostgresCheckpointStore, PostgresInbox, PostgresSnapshotStore};
+pub use store::{Holdback, PgEventStore, DEFAULT_MAX_BATCH};
+pub use stores::{PgCheckpointStore, PgInbox, PgSnapshotStore};
 
 /// Re-exported so callers use the same sqlx as this crate.
 pub use sqlx;

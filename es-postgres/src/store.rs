@@ -1,4 +1,4 @@
-//! [`PostgresEventStore`]: the event store on PostgreSQL.
+//! [`PgEventStore`]: the event store on PostgreSQL.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,18 +40,18 @@ pub const DEFAULT_MAX_BATCH: usize = 10_000;
 ///   only rows of transactions older than the oldest transaction still running
 ///   (`pg_snapshot_xmin(pg_current_snapshot())`), so an event committed late by
 ///   a slow writer is never skipped: it is held back until every older writer
-///   has finished. See [`PostgresEventStore::holdback`] for what that costs when
+///   has finished. See [`PgEventStore::holdback`] for what that costs when
 ///   a transaction stays open.
 /// - `subscribe_all` is woken by appends of this process at once, by other
 ///   processes through `LISTEN`/`NOTIFY`, and polls as a fallback.
 /// - Concurrent appends are group-committed: at most
 ///   [`DEFAULT_MAX_IN_FLIGHT`](crate::DEFAULT_MAX_IN_FLIGHT) run at once, and
 ///   appends arriving meanwhile are written together, in one transaction,
-///   each decided on its own (see [`PostgresEventStore::with_group_commit`]).
+///   each decided on its own (see [`PgEventStore::with_group_commit`]).
 ///
 /// Cloning is cheap and shares the pool and the wake-up machinery.
 #[derive(Clone, Debug)]
-pub struct PostgresEventStore {
+pub struct PgEventStore {
     shared: Arc<Shared>,
 }
 
@@ -545,7 +545,7 @@ fn no_runtime() -> StoreError {
 
 /// An append slot, given back (or handed over to the queue) when dropped,
 /// also when the append's future is dropped half-way.
-struct Slot<'a>(&'a PostgresEventStore);
+struct Slot<'a>(&'a PgEventStore);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
@@ -583,10 +583,10 @@ fn is_invalid_json(error: &sqlx::Error) -> bool {
     }
 }
 
-impl PostgresEventStore {
+impl PgEventStore {
     /// A store over `pool` whose tables live in `schema` (create them with
     /// [`crate::migrate`]). The schema name is quoted, never spliced raw; use
-    /// [`PostgresEventStore::try_new`] to have it checked up front.
+    /// [`PgEventStore::try_new`] to have it checked up front.
     pub fn new(pool: PgPool, schema: impl Into<String>) -> Self {
         Self::with_parts(pool, schema.into(), Settings::default())
     }
@@ -610,7 +610,7 @@ impl PostgresEventStore {
         }
     }
 
-    /// Like [`PostgresEventStore::new`], rejecting a schema name that
+    /// Like [`PgEventStore::new`], rejecting a schema name that
     /// [`crate::migrate`] would reject.
     pub fn try_new(pool: PgPool, schema: impl Into<String>) -> Result<Self> {
         let schema = schema.into();
@@ -1107,7 +1107,7 @@ impl PostgresEventStore {
     }
 
     /// Wakes this process's subscribers now (for example after committing a
-    /// transaction that used [`PostgresEventStore::append_in_tx`]).
+    /// transaction that used [`PgEventStore::append_in_tx`]).
     pub fn wake_subscribers(&self) {
         self.shared.wake.send_modify(|v| *v = v.wrapping_add(1));
     }
@@ -1255,7 +1255,7 @@ async fn listener(shared: Weak<Shared>, pool: PgPool, channel: String, retry: Du
 }
 
 #[async_trait]
-impl EventStore for PostgresEventStore {
+impl EventStore for PgEventStore {
     async fn append(
         &self,
         stream: &StreamId,

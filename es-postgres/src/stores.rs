@@ -14,13 +14,13 @@ use crate::store::position_parts;
 /// Aggregate snapshots in `<schema>.snapshots`: the latest per stream. Saving
 /// an older snapshot than the stored one changes nothing.
 #[derive(Clone, Debug)]
-pub struct PostgresSnapshotStore {
+pub struct PgSnapshotStore {
     pool: PgPool,
     save_sql: String,
     load_sql: String,
 }
 
-impl PostgresSnapshotStore {
+impl PgSnapshotStore {
     /// A snapshot store over `pool` in `schema` (create it with
     /// [`crate::migrate`]).
     pub fn new(pool: PgPool, schema: impl AsRef<str>) -> Self {
@@ -84,7 +84,7 @@ impl PostgresSnapshotStore {
 }
 
 #[async_trait]
-impl SnapshotStore for PostgresSnapshotStore {
+impl SnapshotStore for PgSnapshotStore {
     async fn save(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         Ok(self.save_on(&self.pool, &snapshot).await?)
     }
@@ -107,16 +107,16 @@ impl SnapshotStore for PostgresSnapshotStore {
 /// Named checkpoints in `<schema>.checkpoints`.
 ///
 /// A projection runner stores its checkpoint in the same transaction as its
-/// read-model change with [`PostgresCheckpointStore::save_in_tx`], so both
+/// read-model change with [`PgCheckpointStore::save_in_tx`], so both
 /// commit or neither does.
 #[derive(Clone, Debug)]
-pub struct PostgresCheckpointStore {
+pub struct PgCheckpointStore {
     pool: PgPool,
     save_sql: String,
     load_sql: String,
 }
 
-impl PostgresCheckpointStore {
+impl PgCheckpointStore {
     /// A checkpoint store over `pool` in `schema` (create it with
     /// [`crate::migrate`]).
     pub fn new(pool: PgPool, schema: impl AsRef<str>) -> Self {
@@ -183,7 +183,7 @@ impl PostgresCheckpointStore {
 }
 
 #[async_trait]
-impl CheckpointStore for PostgresCheckpointStore {
+impl CheckpointStore for PgCheckpointStore {
     async fn load(&self, name: &str) -> Result<Option<Position>, StoreError> {
         Ok(self.load_on(&self.pool, name).await?)
     }
@@ -196,17 +196,17 @@ impl CheckpointStore for PostgresCheckpointStore {
 /// Processed message ids per consumer in `<schema>.inbox`.
 ///
 /// For exactly-once effects, record the message id in the same transaction as
-/// the effect with [`PostgresInbox::record_in_tx`]: a redelivered message finds
+/// the effect with [`PgInbox::record_in_tx`]: a redelivered message finds
 /// its id recorded (`false`) and the handler skips it.
 #[derive(Clone, Debug)]
-pub struct PostgresInbox {
+pub struct PgInbox {
     pool: PgPool,
     record_sql: String,
     contains_sql: String,
     forget_sql: String,
 }
 
-impl PostgresInbox {
+impl PgInbox {
     /// An inbox over `pool` in `schema` (create it with [`crate::migrate`]).
     pub fn new(pool: PgPool, schema: impl AsRef<str>) -> Self {
         let s = quoted(schema.as_ref());
@@ -274,7 +274,7 @@ impl PostgresInbox {
 }
 
 #[async_trait]
-impl Inbox for PostgresInbox {
+impl Inbox for PgInbox {
     async fn record(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError> {
         Ok(self.record_on(&self.pool, consumer, message_id).await?)
     }

@@ -44,7 +44,7 @@ pub async fn fresh_schema_with(max_connections: u32) -> (PgPool, String) {
     (pool, schema)
 }
 
-/// A migrated [`crate::PostgresEventStore`] in a fresh schema.
+/// A migrated [`crate::PgEventStore`] in a fresh schema.
 ///
 /// Its read wait is 10 s: tests share the server with other sessions, and a
 /// write transaction open elsewhere in the cluster holds the readable log back
@@ -54,7 +54,7 @@ pub async fn fresh_schema_with(max_connections: u32) -> (PgPool, String) {
 /// # Panics
 ///
 /// As [`fresh_schema`].
-pub async fn fresh_store() -> crate::PostgresEventStore {
+pub async fn fresh_store() -> crate::PgEventStore {
     let (pool, schema) = fresh_schema().await;
-    crate::PostgresEventStore::new(pool, schema).with_read_wait(std::time::Duration::from_secs(10))
+    crate::PgEventStore::new(pool, schema).with_read_wait(std::time::Duration::from_secs(10))
 }

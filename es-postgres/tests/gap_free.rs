@@ -13,29 +13,29 @@ use std::time::Duration;
 
 use es_core::testing::conformance::{event, unique_stream, whole_log};
 use es_core::{EventStore, ExpectedVersion, Position, RecordedEvent};
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use futures::StreamExt;
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
 /// The store (waiting up to 10 s for events held back by other sessions'
 /// transactions, so reads that must see everything do) and its pool.
-async fn store() -> (PostgresEventStore, PgPool) {
+async fn store() -> (PgEventStore, PgPool) {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let store = PostgresEventStore::new(pool.clone(), schema)
+    let store = PgEventStore::new(pool.clone(), schema)
         .with_read_wait(Duration::from_secs(10))
         .with_poll_interval(Duration::from_millis(100));
     (store, pool)
 }
 
 /// A handle on the same schema that does not wait for held-back events.
-fn impatient(store: &PostgresEventStore) -> PostgresEventStore {
-    PostgresEventStore::new(store.pool().clone(), store.schema().to_owned())
+fn impatient(store: &PgEventStore) -> PgEventStore {
+    PgEventStore::new(store.pool().clone(), store.schema().to_owned())
         .with_read_wait(Duration::from_millis(50))
 }
 
 /// A reader that follows `global_position > last` (no xmin filter).
-async fn naive_read(store: &PostgresEventStore, after: i64) -> Vec<(i64, Uuid)> {
+async fn naive_read(store: &PgEventStore, after: i64) -> Vec<(i64, Uuid)> {
     sqlx::query_as(&format!(
         "SELECT global_position, event_id FROM \"{}\".events WHERE global_position > $1 \
          ORDER BY global_position",
@@ -48,7 +48,7 @@ async fn naive_read(store: &PostgresEventStore, after: i64) -> Vec<(i64, Uuid)> 
 }
 
 /// A reader that filters by xmin but keeps a position-only cursor.
-async fn xmin_position_read(store: &PostgresEventStore, after: i64) -> Vec<(i64, Uuid)> {
+async fn xmin_position_read(store: &PgEventStore, after: i64) -> Vec<(i64, Uuid)> {
     sqlx::query_as(&format!(
         "SELECT global_position, event_id FROM \"{}\".events WHERE global_position > $1 \
          AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \

@@ -7,12 +7,12 @@ use std::collections::{BTreeSet, HashMap};
 
 use es_core::testing::conformance::{events, unique_stream, whole_log};
 use es_core::{AppendResult, EventStore, ExpectedVersion, Payload, Position, StoreError};
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use futures::future::join_all;
 
 /// One append slot: every append that arrives while one runs is queued and
 /// grouped.
-async fn store() -> PostgresEventStore {
+async fn store() -> PgEventStore {
     es_postgres::testing::fresh_store()
         .await
         .with_group_commit(1, 16)

@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use es_core::testing::conformance::{event, events, unique_stream, whole_log};
 use es_core::{EventStore, ExpectedVersion, NewEvent, Payload, Position, StoreError, StreamId};
-use es_postgres::{PgConfig, PgError, PostgresEventStore};
+use es_postgres::{PgConfig, PgError, PgEventStore};
 
-async fn store() -> PostgresEventStore {
+async fn store() -> PgEventStore {
     es_postgres::testing::fresh_store()
         .await
         .with_read_wait(Duration::from_millis(20))
 }
 
-async fn assert_nothing_written(store: &PostgresEventStore, stream: &StreamId) {
+async fn assert_nothing_written(store: &PgEventStore, stream: &StreamId) {
     assert_eq!(store.stream_version(stream).await.unwrap(), 0);
     assert!(whole_log(store, Position::START).await.is_empty());
 }
@@ -121,7 +121,7 @@ async fn unreachable_database_is_unavailable() {
         .unwrap()
         .acquire_timeout(Duration::from_millis(500))
         .pool_lazy();
-    let store = PostgresEventStore::new(pool, "es");
+    let store = PgEventStore::new(pool, "es");
     let err = store
         .append(&unique_stream("x"), ExpectedVersion::Any, events(0, 1))
         .await
@@ -151,7 +151,7 @@ async fn invalid_settings() {
             es_postgres::migrate(&pool, bad).await.unwrap_err(),
             PgError::InvalidSchemaName { .. }
         ));
-        assert!(PostgresEventStore::try_new(pool.clone(), bad).is_err());
+        assert!(PgEventStore::try_new(pool.clone(), bad).is_err());
     }
 }
 
@@ -177,7 +177,7 @@ async fn migrations_are_idempotent_and_safe_in_parallel() {
     .await
     .unwrap();
     assert_eq!(versions, vec![1, 2, 3]);
-    let store = PostgresEventStore::try_new(pool, schema).unwrap();
+    let store = PgEventStore::try_new(pool, schema).unwrap();
     store
         .append(&unique_stream("m"), ExpectedVersion::NoStream, events(0, 3))
         .await

@@ -14,7 +14,7 @@ use es_core::{
     Snapshot, SnapshotStore,
 };
 use es_postgres::{
-    PostgresCheckpointStore, PostgresEventStore, PostgresInbox, PostgresSnapshotStore,
+    PgCheckpointStore, PgEventStore, PgInbox, PgSnapshotStore,
 };
 use futures::StreamExt;
 use sqlx::Connection;
@@ -23,7 +23,7 @@ use uuid::Uuid;
 #[tokio::test]
 async fn snapshots_keep_the_newest() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let snapshots = PostgresSnapshotStore::new(pool, &schema);
+    let snapshots = PgSnapshotStore::new(pool, &schema);
     let stream = unique_stream("snap");
     assert_eq!(snapshots.load(&stream).await.unwrap(), None);
     let at = |version, state: &str| Snapshot {
@@ -52,7 +52,7 @@ async fn snapshots_keep_the_newest() {
 #[tokio::test]
 async fn checkpoints_commit_with_the_callers_transaction() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let checkpoints = PostgresCheckpointStore::new(pool.clone(), &schema);
+    let checkpoints = PgCheckpointStore::new(pool.clone(), &schema);
     assert_eq!(checkpoints.load("p").await.unwrap(), None);
     checkpoints.save("p", Position::new(7, 3)).await.unwrap();
     assert_eq!(
@@ -95,7 +95,7 @@ async fn checkpoints_commit_with_the_callers_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_records_once() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let inbox = PostgresInbox::new(pool.clone(), &schema);
+    let inbox = PgInbox::new(pool.clone(), &schema);
     let id = Uuid::now_v7();
     assert!(!inbox.contains("c", id).await.unwrap());
     assert!(inbox.record("c", id).await.unwrap());
@@ -147,7 +147,7 @@ async fn inbox_records_once() {
 async fn holdback_reports_the_open_writer() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
     let store =
-        PostgresEventStore::new(pool.clone(), schema).with_read_wait(Duration::from_millis(20));
+        PgEventStore::new(pool.clone(), schema).with_read_wait(Duration::from_millis(20));
     let mut conn = pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -192,9 +192,9 @@ async fn holdback_reports_the_open_writer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_other_processes_and_survives_a_dropped_connection() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let reader = PostgresEventStore::new(pool.clone(), schema.clone())
+    let reader = PgEventStore::new(pool.clone(), schema.clone())
         .with_poll_interval(Duration::from_secs(60));
-    let writer = PostgresEventStore::new(pool.clone(), schema);
+    let writer = PgEventStore::new(pool.clone(), schema);
     let mut sub = reader.subscribe_all(Position::START);
     // Let the listener connect.
     let listen = format!("LISTEN \"{}\"%", reader.channel());
@@ -260,9 +260,9 @@ async fn notify_wakes_other_processes_and_survives_a_dropped_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_fallback_without_notify() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let reader = PostgresEventStore::new(pool.clone(), schema.clone())
+    let reader = PgEventStore::new(pool.clone(), schema.clone())
         .with_poll_interval(Duration::from_millis(50));
-    let writer = PostgresEventStore::new(pool, schema).with_notify(false);
+    let writer = PgEventStore::new(pool, schema).with_notify(false);
     let mut sub = reader.subscribe_all(Position::START);
     let e = event(1);
     let id = e.event_id;

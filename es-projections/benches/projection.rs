@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use es_core::EventStore;
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use es_projections::doc_support::{bulk_seed, Balances};
 use es_projections::postgres::{
     self, PgProjectionRunner, RebuildOptions, RebuildProgress, RebuildReport,
@@ -104,7 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut schemas = vec![schema.clone()];
     postgres::migrate(&pool, &schema).await?;
     let store: Arc<dyn EventStore> =
-        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
 
     println!(
         "## es-projections bench ({} cores)",

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use es_core::EventStore;
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use es_projections::cli::ProgressBarReporter;
 use es_projections::doc_support::{bulk_seed, Balances};
 use es_projections::postgres::{self, load_checkpoint, PgProjectionRunner, RebuildOptions};
@@ -80,7 +80,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     postgres::migrate(&pool, &args.schema).await?;
     let store: Arc<dyn EventStore> =
-        Arc::new(PostgresEventStore::new(pool.clone(), args.schema.clone()));
+        Arc::new(PgEventStore::new(pool.clone(), args.schema.clone()));
     let runner = PgProjectionRunner::new(
         pool.clone(),
         &args.schema,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{append, cleanup, fresh};
 use es_core::{EventStore, Metadata, NewEvent, Payload, Position};
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use es_projections::doc_support::{bulk_seed, Balances};
 use es_projections::postgres::{load_checkpoint, PgProjectionRunner};
 use es_projections::{Error, OnError, RunnerOptions};
@@ -69,7 +69,7 @@ fn runner(
 async fn set_based_and_per_event_runs_build_the_same_model() {
     let (pool, schema, m) = fresh().await;
     let store: Arc<dyn EventStore> =
-        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     bulk_seed(&pool, &schema, 5_000, 37).await.unwrap();
     append(
         &*store,
@@ -117,7 +117,7 @@ async fn set_based_and_per_event_runs_build_the_same_model() {
 async fn a_failing_set_based_batch_falls_back_to_find_the_event() {
     let (pool, schema, m) = fresh().await;
     let store: Arc<dyn EventStore> =
-        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     bulk_seed(&pool, &schema, 500, 7).await.unwrap();
     let bad = append(
         &*store,
@@ -196,7 +196,7 @@ async fn a_failing_set_based_batch_falls_back_to_find_the_event() {
 async fn a_set_based_runner_aborted_at_random_moments_loses_and_doubles_nothing() {
     let (pool, schema, m) = fresh().await;
     let store: Arc<dyn EventStore> =
-        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     bulk_seed(&pool, &schema, 30_000, 101).await.unwrap();
     let head = store.head().await.unwrap();
     let mut rng = fastrand::Rng::with_seed(7);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use es_core::{EventStore, InMemoryEventStore, Position};
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use es_projections::postgres::{
     load_checkpoint, rebuild, PgProjectionRunner, RebuildOptions, RebuildProgress, RebuildReport,
 };
@@ -103,7 +103,7 @@ async fn seed_pg(store: &dyn EventStore, rounds: u64, offset: u64) -> Position {
 async fn a_rebuild_equals_the_incremental_model_and_swaps_under_live_writes_and_reads() {
     let (pool, schema, model) = fresh().await;
     let store: Arc<dyn EventStore> =
-        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     let ledger = Ledger::new("ledger");
     let first = seed_pg(&*store, 150, 0).await;
     let live = runner(&pool, &schema, &model, &store, &ledger).spawn();
@@ -199,7 +199,7 @@ async fn a_rebuild_equals_the_incremental_model_and_swaps_under_live_writes_and_
 async fn a_first_rebuild_creates_the_model_and_a_second_concurrent_one_is_refused() {
     let (pool, schema, model) = fresh().await;
     let store: Arc<dyn EventStore> =
-        Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     let ledger = Ledger::new("ledger");
     let head = seed_pg(&*store, 30, 0).await;
     // Hold the rebuild lock as another process would.

@@ -125,7 +125,7 @@ fn batches_and_events_get_spans_with_correlation_and_causation_ids() {
 #[test]
 fn a_set_based_batch_gets_a_span_and_one_span_per_event_with_its_ids() {
     use es_core::Position;
-    use es_postgres::PostgresEventStore;
+    use es_postgres::PgEventStore;
     use es_projections::doc_support::Balances;
     use es_projections::postgres::PgProjectionRunner;
 
@@ -134,7 +134,7 @@ fn a_set_based_batch_gets_a_span_and_one_span_per_event_with_its_ids() {
         let (pool, schema) = es_postgres::testing::fresh_schema_with(4).await;
         let model = format!("{schema}_m");
         let store: Arc<dyn EventStore> =
-            Arc::new(PostgresEventStore::new(pool.clone(), schema.clone()));
+            Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
         let events = (1..=3)
             .map(|amount| {
                 let metadata = Metadata::new()

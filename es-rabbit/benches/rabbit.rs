@@ -26,7 +26,7 @@ use es_core::{
     CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, Message, Metadata, NewEvent,
     Outcome, Payload, StreamId, Subscription,
 };
-use es_postgres::PostgresCheckpointStore;
+use es_postgres::PgCheckpointStore;
 use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
 use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -343,7 +343,7 @@ fn relay(c: &mut Criterion) {
         }
     });
     let head = rt.block_on(store.head()).unwrap();
-    let checkpoints = PostgresCheckpointStore::new(store.pool().clone(), store.schema());
+    let checkpoints = PgCheckpointStore::new(store.pool().clone(), store.schema());
     let mut group = c.benchmark_group("relay");
     group.throughput(Throughput::Elements(N as u64));
     group.sample_size(10);

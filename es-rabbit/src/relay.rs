@@ -269,7 +269,7 @@ pub mod postgres {
     use async_trait::async_trait;
     use es_core::StoreError;
     use es_postgres::sqlx::PgPool;
-    use es_postgres::{LeaderGuard, PostgresCheckpointStore, PostgresEventStore};
+    use es_postgres::{LeaderGuard, PgCheckpointStore, PgEventStore};
 
     use super::{LeaderLock, Leadership, RabbitRelay};
     use crate::RabbitBus;
@@ -338,11 +338,11 @@ pub mod postgres {
         /// schema and a PostgreSQL advisory lock for single-active failover.
         pub fn postgres(
             name: impl Into<String>,
-            store: &PostgresEventStore,
+            store: &PgEventStore,
             bus: &RabbitBus,
         ) -> Self {
             let pool = store.pool().clone();
-            let checkpoints = PostgresCheckpointStore::new(pool.clone(), store.schema());
+            let checkpoints = PgCheckpointStore::new(pool.clone(), store.schema());
             Self::new(
                 name,
                 Arc::new(store.clone()),

@@ -14,7 +14,7 @@ use es_core::{
     CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, InMemoryCheckpointStore,
     InMemoryEventStore, Metadata, NewEvent, Outcome, Payload, Position, StreamId, Subscription,
 };
-use es_postgres::PostgresCheckpointStore;
+use es_postgres::PgCheckpointStore;
 use es_rabbit::{LocalLeaderLock, RabbitRelay};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -82,7 +82,7 @@ async fn the_relay_publishes_the_log_in_order_and_checkpoints_in_postgres() {
         expected,
         "every event once, in log order"
     );
-    let checkpoints = PostgresCheckpointStore::new(store.pool().clone(), store.schema());
+    let checkpoints = PgCheckpointStore::new(store.pool().clone(), store.schema());
     assert_eq!(
         checkpoints.load("orders-relay").await.unwrap(),
         Some(store.head().await.unwrap())
@@ -109,7 +109,7 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies() {
             Duration::from_secs(2),
         ),
     );
-    let checkpoints = Arc::new(PostgresCheckpointStore::new(
+    let checkpoints = Arc::new(PgCheckpointStore::new(
         store.pool().clone(),
         store.schema(),
     ));

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{CqrsFramework, EventEnvelope};
 use es_core::{EventStore, Metadata, Repository, SnapshotPolicy};
-use es_postgres::{PostgresEventStore, PostgresSnapshotStore};
+use es_postgres::{PgEventStore, PgSnapshotStore};
 use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
 
@@ -307,11 +307,11 @@ async fn main() {
     .await
     .expect("create postgres-es tables");
 
-    let store = PostgresEventStore::new(pool.clone(), schema.clone());
+    let store = PgEventStore::new(pool.clone(), schema.clone());
     let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
     let repo = Arc::new(Repository::<Order>::new(dyn_store.clone()));
     let snap_repo = Arc::new(Repository::<Order>::new(dyn_store.clone()).with_snapshots(
-        Arc::new(PostgresSnapshotStore::new(pool.clone(), &schema)),
+        Arc::new(PgSnapshotStore::new(pool.clone(), &schema)),
         SnapshotPolicy::Every(100),
         1,
     ));

@@ -26,7 +26,7 @@ pub async fn load_checkpoint(
     name: &str,
 ) -> Result<Option<Position>, Error> {
     ident(schema)?;
-    es_postgres::PostgresCheckpointStore::new(pool.clone(), schema)
+    es_postgres::PgCheckpointStore::new(pool.clone(), schema)
         .load(name)
         .await
         .map_err(|e| Error::store(name, e))

@@ -12,7 +12,7 @@
 //! batch's transaction.
 //!
 //! Checkpoints live in `es-postgres`'s checkpoint table
-//! ([`es_postgres::PostgresCheckpointStore`], so any `CheckpointStore` reader
+//! ([`es_postgres::PgCheckpointStore`], so any `CheckpointStore` reader
 //! sees them). Every batch takes a transaction-scoped advisory lock for its
 //! projection, re-reads the checkpoint in its transaction and checks it still
 //! holds the position the runner started the batch from, applies the events

@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
 use es_core::CheckpointStore as _;
-use es_postgres::{LeaderLock, PostgresCheckpointStore};
+use es_postgres::{LeaderLock, PgCheckpointStore};
 
 use super::{ident, migrate, to_i64, NOTIFY_CHANNEL};
 use crate::core::{Backend, Runner};
@@ -254,7 +254,7 @@ pub(crate) struct PgBackend {
     pub(crate) pool: PgPool,
     pub(crate) name: String,
     pub(crate) checkpoint_name: String,
-    pub(crate) checkpoints: PostgresCheckpointStore,
+    pub(crate) checkpoints: PgCheckpointStore,
     pub(crate) set_path: String,
     create_schema: String,
     fence_key: String,
@@ -277,7 +277,7 @@ impl PgBackend {
             pool: runner.pool.clone(),
             name: name.to_owned(),
             checkpoint_name: checkpoint_name.to_owned(),
-            checkpoints: PostgresCheckpointStore::new(runner.pool.clone(), &runner.schema),
+            checkpoints: PgCheckpointStore::new(runner.pool.clone(), &runner.schema),
             set_path: format!("SET LOCAL search_path TO {}, public", ident(model_schema)?),
             create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", ident(model_schema)?),
             fence_key: format!("es-projections fence {}.{checkpoint_name}", runner.schema),

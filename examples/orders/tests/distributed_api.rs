@@ -393,7 +393,7 @@ async fn replaying_orders_fills_a_replica_once() {
         .unwrap();
     let schema = args.schema("order");
     es_postgres::migrate(&pool, &schema).await.unwrap();
-    let orders_store = es_postgres::PostgresEventStore::new(pool.clone(), schema.clone());
+    let orders_store = es_postgres::PgEventStore::new(pool.clone(), schema.clone());
     let order = StreamId::for_aggregate("order", uuid::Uuid::now_v7()).unwrap();
     let saga = StreamId::for_aggregate("order_saga", uuid::Uuid::now_v7()).unwrap();
     let event = |t: &str| NewEvent::new(t, 1, Payload::from_json("{}").unwrap(), Metadata::new());

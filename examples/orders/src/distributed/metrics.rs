@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use es_core::{CheckpointStore, Position};
 use es_postgres::sqlx::PgPool;
-use es_postgres::{PostgresCheckpointStore, PostgresEventStore};
+use es_postgres::{PgCheckpointStore, PgEventStore};
 use es_rabbit::RabbitBus;
 use tokio::sync::watch;
 
@@ -19,7 +19,7 @@ pub(super) struct Gauges {
     /// The consumer groups this process serves.
     pub groups: Vec<&'static str>,
     /// The stores whose relays run here (name, store).
-    pub relays: Vec<(&'static str, PostgresEventStore)>,
+    pub relays: Vec<(&'static str, PgEventStore)>,
     /// The query service, when it runs here.
     pub projection: Option<Arc<PgQueryService>>,
     /// The process's pool.
@@ -61,7 +61,7 @@ impl Gauges {
             }
         }
         for (name, store) in &self.relays {
-            let checkpoints = PostgresCheckpointStore::new(store.pool().clone(), store.schema());
+            let checkpoints = PgCheckpointStore::new(store.pool().clone(), store.schema());
             let relayed = checkpoints
                 .load(&format!("{}_relay", store.schema()))
                 .await

@@ -38,7 +38,7 @@ use es_core::{
 };
 use es_postgres::sqlx::postgres::PgConnectOptions;
 use es_postgres::sqlx::PgPool;
-use es_postgres::{PgConfig, PostgresEventStore, PostgresInbox, PostgresSnapshotStore};
+use es_postgres::{PgConfig, PgEventStore, PgInbox, PgSnapshotStore};
 use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -385,11 +385,11 @@ async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
     .await
 }
 
-fn store(pool: &PgPool, schema: &str, append_slots: usize) -> Result<PostgresEventStore> {
+fn store(pool: &PgPool, schema: &str, append_slots: usize) -> Result<PgEventStore> {
     // Subscribers (relay, projection, deadlines) of a store written by
     // another process are woken by NOTIFY; the poll is the fallback when a
     // wake-up finds rows still held back by the xmin horizon.
-    Ok(PostgresEventStore::try_new(pool.clone(), schema.to_owned())
+    Ok(PgEventStore::try_new(pool.clone(), schema.to_owned())
         .map_err(|e| infra("event store")(e.to_string()))?
         .with_poll_interval(Duration::from_millis(50))
         .with_group_commit(append_slots, es_postgres::DEFAULT_MAX_GROUP))
@@ -524,7 +524,7 @@ impl Node {
                 migrate(&pool, &schema).await?;
                 let shared: Arc<dyn EventStore> =
                     Arc::new(store(&pool, &schema, args.append_slots)?);
-                let snapshots = Arc::new(PostgresSnapshotStore::new(pool.clone(), &schema));
+                let snapshots = Arc::new(PgSnapshotStore::new(pool.clone(), &schema));
                 let inventory = Arc::new(InventoryService::new(
                     crate::repository(Arc::clone(&shared)).with_snapshots(
                         snapshots,
@@ -568,7 +568,7 @@ impl Node {
             if services.contains(&Service::Notification) {
                 let schema = args.schema("notification");
                 migrate(&pool, &schema).await?;
-                let inbox = Arc::new(PostgresInbox::new(pool.clone(), &schema));
+                let inbox = Arc::new(PgInbox::new(pool.clone(), &schema));
                 let sink = Arc::new(SmtpSink::new(&args.smtp, &args.mail_from)?);
                 let service = Arc::new(NotificationService::new(inbox, sink));
                 subscriptions.push(

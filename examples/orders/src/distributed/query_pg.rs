@@ -32,7 +32,7 @@ use es_core::{
 };
 use es_postgres::sqlx::postgres::{PgListener, PgRow};
 use es_postgres::sqlx::{self, PgConnection, PgPool, Row};
-use es_postgres::PostgresEventStore;
+use es_postgres::PgEventStore;
 use es_projections::postgres::{CheckpointWatcher, PgProjection, PgProjectionRunner};
 use es_projections::{RedisSink, RunnerOptions};
 use tokio::sync::{oneshot, watch};
@@ -415,7 +415,7 @@ pub struct PgQueryService {
     pool: PgPool,
     model: String,
     schema: String,
-    replica: PostgresEventStore,
+    replica: PgEventStore,
     cache: Arc<OrderCache>,
     watcher: CheckpointWatcher,
     waiters: Waiters,
@@ -441,7 +441,7 @@ impl PgQueryService {
     /// When PostgreSQL cannot be reached or the schema names are invalid.
     pub async fn start(
         pool: PgPool,
-        replica: PostgresEventStore,
+        replica: PgEventStore,
         schema: &str,
         redis_url: &str,
         prefix: &str,
