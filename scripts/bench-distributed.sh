@@ -16,12 +16,13 @@ cd "$(dirname "$0")/.."
 
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 BIN="${ORDERS_BIN:-target/release/orders}"
+LOAD_BIN="${ORDERS_LOAD_BIN:-target/release/orders-load}"
 NS="${ORDERS_NAMESPACE:-bench$$}"
 ORDERS="${BENCH_ORDERS:-2000}"
 CONCURRENCY="${BENCH_CONCURRENCY:-128}"
 GATEWAY="${ORDERS_GATEWAY:-127.0.0.1:8080}"
 LOGS="${ORDERS_LOGS:-target/bench-distributed-logs/$NS}"
-[[ -x "$BIN" ]] || cargo build --release -p orders --bin orders
+[[ -x "$BIN" && -x "$LOAD_BIN" ]] || cargo build --release -p orders --bin orders -p orders-load
 mkdir -p "$(dirname "$LOGS")"
 
 xacts() { psql -At "$DATABASE_URL" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"; }
@@ -62,6 +63,6 @@ echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); binary $BI
 rate=()
 [[ -n "${BENCH_RATE:-}" ]] && rate=(--rate "$BENCH_RATE")
 before=$(xacts)
-"$BIN" load --target "http://$GATEWAY" --orders "$ORDERS" --concurrency "$CONCURRENCY" "${rate[@]}"
+"$LOAD_BIN" --target "http://$GATEWAY" --orders "$ORDERS" --concurrency "$CONCURRENCY" "${rate[@]}"
 after=$(xacts)
 echo "PostgreSQL transactions per order: $(( (after - before) / ORDERS ))"

@@ -5,7 +5,6 @@ pub mod distributed;
 mod error;
 pub mod http;
 pub mod inventory;
-pub mod load;
 pub mod messages;
 pub mod money;
 pub mod notification;

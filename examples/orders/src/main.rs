@@ -4,10 +4,10 @@
 //! cargo run -p orders                       # serve on 127.0.0.1:8080
 //! cargo run -p orders -- --payment-timeout 2s --listen 127.0.0.1:9000
 //! cargo run -p orders -- demo               # a table of outcomes
-//! cargo run --release -p orders -- load --orders 20000 --concurrency 256
-//! cargo run --release -p orders -- load --orders 20000 --concurrency 128 --target http://127.0.0.1:8080
-//! cargo run --release -p orders -- load --orders 5000 --rate 250 --concurrency 512 --target http://127.0.0.1:8080
 //! ```
+//!
+//! The load generator is its own binary, `orders-load` (package
+//! `examples/orders-load`).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -63,30 +63,6 @@ enum Command {
     /// service's queue only: fills the replica of a query service that joined
     /// a deployment with older orders. Safe to run at any time.
     ReplayOrders(Box<orders::distributed::ServeArgs>),
-    /// Generate load and report completed orders/s and latency percentiles.
-    Load {
-        /// Orders to place.
-        #[arg(long, env = "ORDERS_LOAD_ORDERS", default_value_t = 10_000)]
-        orders: u64,
-        /// Concurrent clients.
-        #[arg(long, env = "ORDERS_LOAD_CONCURRENCY", default_value_t = 128)]
-        concurrency: usize,
-        /// Place orders at this many per second (an open loop; latency counts
-        /// from when each order was due). Without it, as fast as the clients
-        /// can.
-        #[arg(long, env = "ORDERS_LOAD_RATE")]
-        rate: Option<f64>,
-        /// Products to spread orders over.
-        #[arg(long, env = "ORDERS_LOAD_PRODUCTS", default_value_t = 100)]
-        products: usize,
-        /// A running system's base URL (e.g. http://127.0.0.1:8080); without
-        /// it the system runs in process.
-        #[arg(long, env = "ORDERS_LOAD_TARGET")]
-        target: Option<String>,
-        /// Consumers per subscription (embedded only).
-        #[arg(long, env = "ORDERS_CONSUMERS", default_value_t = 16)]
-        consumers: u16,
-    },
 }
 
 /// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
@@ -113,14 +89,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A load run logs only warnings unless RUST_LOG says otherwise: a line
-    // per order would measure the terminal, not the system.
-    let default_level = if matches!(cli.command, Some(Command::Load { .. })) {
-        "warn"
-    } else {
-        "info"
-    };
-    let _log = orders::telemetry::init_tracing(cli.log_json, default_level);
+    let _log = orders::telemetry::init_tracing(cli.log_json, "info");
     let result = match cli.command {
         None => serve(cli.listen, cli.payment_timeout).await,
         Some(Command::Serve(args)) if args.services.is_none() => {
@@ -133,27 +102,6 @@ async fn main() -> ExitCode {
         Some(Command::ReplayOrders(args)) => orders::distributed::replay_orders(&args)
             .await
             .map(|published| println!("{published} order events published to the query service")),
-        Some(Command::Load {
-            orders,
-            concurrency,
-            rate,
-            products,
-            target,
-            consumers,
-        }) => {
-            let options = orders::load::LoadOptions {
-                orders,
-                concurrency,
-                products,
-                target,
-                consumers,
-                progress: true,
-                rate,
-            };
-            orders::load::run(options).await.map(|report| {
-                println!("{report}");
-            })
-        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

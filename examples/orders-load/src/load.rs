@@ -29,12 +29,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::order::{OrderItemRequest, OrderStatus, PaymentRequest, PlaceOrderRequest};
-use crate::{Config, Error, Result, System};
+use orders::order::{OrderItemRequest, OrderStatus, PaymentRequest, PlaceOrderRequest};
+use orders::{Config, Error, Result, System};
 
 /// What to run.
 #[derive(Clone, Debug)]
-pub struct LoadOptions {
+pub(crate) struct LoadOptions {
     /// Orders to place.
     pub orders: u64,
     /// Concurrent workers.
@@ -54,7 +54,7 @@ pub struct LoadOptions {
 
 /// What a run measured.
 #[derive(Clone, Debug)]
-pub struct LoadReport {
+pub(crate) struct LoadReport {
     /// Where it ran (`embedded` or the target URL).
     pub target: String,
     /// Orders placed.
@@ -75,7 +75,7 @@ pub struct LoadReport {
 
 impl LoadReport {
     /// Completed orders per second.
-    pub fn completed_per_second(&self) -> f64 {
+    pub(crate) fn completed_per_second(&self) -> f64 {
         self.completed as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
@@ -327,7 +327,7 @@ impl Session {
 }
 
 /// Runs a load test.
-pub async fn run(options: LoadOptions) -> Result<LoadReport> {
+pub(crate) async fn run(options: LoadOptions) -> Result<LoadReport> {
     let (mut session, embedded, target) = match &options.target {
         Some(url) => (
             Session::Http {
@@ -479,12 +479,12 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
 }
 
 /// Logs, every second, where work is waiting: bus queues and the read
-/// model's lag (at debug level; `RUST_LOG=orders::load=debug`).
+/// model's lag (at debug level; `RUST_LOG=orders_load=debug`).
 async fn sample(system: Arc<System>) {
     let store = Arc::clone(system.store());
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let depths: Vec<String> = crate::system::groups::ALL
+        let depths: Vec<String> = orders::system::groups::ALL
             .iter()
             .map(|g| {
                 format!(
