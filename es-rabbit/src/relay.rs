@@ -336,11 +336,7 @@ pub mod postgres {
     impl RabbitRelay {
         /// A relay of `store`'s log, with its checkpoint in the store's
         /// schema and a PostgreSQL advisory lock for single-active failover.
-        pub fn postgres(
-            name: impl Into<String>,
-            store: &PgEventStore,
-            bus: &RabbitBus,
-        ) -> Self {
+        pub fn postgres(name: impl Into<String>, store: &PgEventStore, bus: &RabbitBus) -> Self {
             let pool = store.pool().clone();
             let checkpoints = PgCheckpointStore::new(pool.clone(), store.schema());
             Self::new(

@@ -109,10 +109,7 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies() {
             Duration::from_secs(2),
         ),
     );
-    let checkpoints = Arc::new(PgCheckpointStore::new(
-        store.pool().clone(),
-        store.schema(),
-    ));
+    let checkpoints = Arc::new(PgCheckpointStore::new(store.pool().clone(), store.schema()));
     let make = || {
         Arc::new(RabbitRelay::new(
             "orders-relay",
