@@ -307,7 +307,7 @@ impl Session {
         if let Self::Embedded(system) = self {
             return system
                 .query
-                .wait_terminal(order_id, Duration::from_secs(60))
+                .terminal_status(order_id, Duration::from_secs(60))
                 .await;
         }
         let path = format!("/api/orders/{order_id}?wait_terminal_ms=10000");

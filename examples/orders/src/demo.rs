@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::order::{OrderItemRequest, OrderStatus, PaymentRequest, PlaceOrderRequest};
 use crate::payment::PaymentState;
+use crate::query::OrderQueries;
 use crate::{Config, Result, System};
 
 /// One row of the demo's table.
@@ -76,7 +77,7 @@ pub async fn run(payment_timeout: Duration) -> Result<Vec<DemoRow>> {
         };
         let order = system.orders.place_order(request, None).await?;
         if cancel {
-            system.query.wait_for(order.position).await?;
+            system.query.wait_for_position(order.position).await?;
             system
                 .orders
                 .cancel_order(order.order_id, "changed my mind".into())
@@ -87,7 +88,7 @@ pub async fn run(payment_timeout: Duration) -> Result<Vec<DemoRow>> {
     let patience = payment_timeout * 2 + Duration::from_secs(5);
     let mut rows = Vec::new();
     for (scenario, order_id) in placed {
-        let status = system.query.wait_terminal(order_id, patience).await;
+        let status = system.query.terminal_status(order_id, patience).await;
         rows.push((scenario, order_id, status));
     }
     // Let compensations (refunds, releases, notifications) finish.

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod backends;
 pub mod demo;
 pub mod distributed;
 mod error;
@@ -7,6 +8,7 @@ pub mod http;
 pub mod inventory;
 pub mod messages;
 pub mod money;
+pub mod node;
 pub mod notification;
 pub mod order;
 pub mod payment;
@@ -14,15 +16,21 @@ pub mod query;
 pub mod saga;
 pub mod system;
 pub mod telemetry;
+pub mod topology;
 
+pub use backends::Backends;
 pub use error::{Error, Result};
 pub use money::Money;
-pub use system::{Backends, Config, System};
+pub use node::{Node, Service};
+pub use system::{Config, System};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_core::{Aggregate, EventStore, Outcome, Repository, RepositoryError, RetryPolicy};
+use es_core::{
+    Aggregate, Delivery, DomainEvent, EventCodec, EventStore, Message, MessageHandler, Metadata,
+    Outcome, Repository, RepositoryError, RetryPolicy,
+};
 
 /// How many recently used aggregate states each repository, and saga
 /// instances the saga manager, keeps in memory (`with_state_cache`,
@@ -44,6 +52,45 @@ pub(crate) fn repository<A: Aggregate>(store: Arc<dyn EventStore>) -> Repository
             max_delay: Duration::from_millis(20),
         })
         .with_state_cache(CACHED_STATES)
+}
+
+/// A service that takes commands from the bus.
+#[async_trait::async_trait]
+pub trait CommandService: Send + Sync + 'static {
+    /// The commands it takes.
+    type Command: DomainEvent;
+    /// Executes `command`, carried by `message`. The events it writes carry
+    /// `metadata`: the message's conversation, caused by the message.
+    async fn execute(
+        &self,
+        command: Self::Command,
+        message: &Message,
+        metadata: &Metadata,
+    ) -> Outcome;
+}
+
+/// Feeds a [`CommandService`] from the bus: decodes each message through the
+/// command type's codec (what cannot be decoded is dead-lettered) and
+/// executes it, caused by the message.
+#[derive(Debug)]
+pub struct Commands<S>(pub Arc<S>);
+
+#[async_trait::async_trait]
+impl<S: CommandService> MessageHandler for Commands<S> {
+    async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let m = &delivery.message;
+        match EventCodec::<S::Command>::new().decode_parts(
+            &m.message_type,
+            m.schema_version,
+            &m.payload,
+        ) {
+            Ok(command) => {
+                let metadata = m.metadata.caused_by(m.message_id);
+                self.0.execute(command, m, &metadata).await
+            }
+            Err(e) => Outcome::dead_letter(e),
+        }
+    }
 }
 
 /// The bus outcome of a command executed on an aggregate: done or refused by

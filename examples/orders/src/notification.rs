@@ -5,10 +5,13 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use es_core::{Delivery, EventCodec, Inbox, Message, MessageHandler, Outcome};
+use es_core::{Inbox, Message, Metadata, Outcome};
 use uuid::Uuid;
 
 use crate::messages::{message_enum, NotificationKind};
+use crate::node::{Service, Wiring};
+use crate::topology::groups;
+use crate::{CommandService, Result};
 
 message_enum! {
     /// The commands the notification service takes from the bus.
@@ -107,6 +110,19 @@ impl NotificationSink for RecordingSink {
 const CONSUMER: &str = "notification";
 const NAMESPACE: Uuid = Uuid::from_u128(0x8d2e_51c0_7a4b_4e19_b3f6_0a9c_2d5e_7f13);
 
+/// Starts the notification service in `w`: its commands, deduplicated
+/// through its inbox, sent through the deployment's mail sink.
+pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<NotificationService>> {
+    let inbox = w.backends.inbox(Service::Notification).await?;
+    let service = Arc::new(NotificationService::new(inbox, w.backends.mail()?));
+    w.consume(
+        groups::NOTIFICATION,
+        Arc::new(crate::Commands(Arc::clone(&service))),
+    )
+    .await?;
+    Ok(service)
+}
+
 /// The notification service.
 pub struct NotificationService {
     inbox: Arc<dyn Inbox>,
@@ -126,26 +142,23 @@ impl NotificationService {
     pub fn new(inbox: Arc<dyn Inbox>, sink: Arc<dyn NotificationSink>) -> Self {
         Self { inbox, sink }
     }
+}
 
-    /// Handles a notification command: sends it unless this order and kind
-    /// was already notified.
-    ///
-    /// The (order, kind) is claimed in the inbox before sending, so that
-    /// concurrent redeliveries send once. A send that certainly did not
-    /// happen gives the claim back and is retried (or, when retrying cannot
-    /// help, dead-lettered so that a replay sends it); one that perhaps
-    /// happened keeps the claim and is dead-lettered for a person to check:
-    /// at most once, never twice.
-    pub async fn handle_command(&self, message: &Message) -> Outcome {
-        let NotificationCommandMessage::NotifyCustomer(c) =
-            match EventCodec::<NotificationCommandMessage>::new().decode_parts(
-                &message.message_type,
-                message.schema_version,
-                &message.payload,
-            ) {
-                Ok(c) => c,
-                Err(e) => return Outcome::dead_letter(e),
-            };
+/// Handles a notification command: sends it unless this order and kind was
+/// already notified.
+///
+/// The (order, kind) is claimed in the inbox before sending, so that
+/// concurrent redeliveries send once. A send that certainly did not
+/// happen gives the claim back and is retried (or, when retrying cannot
+/// help, dead-lettered so that a replay sends it); one that perhaps
+/// happened keeps the claim and is dead-lettered for a person to check:
+/// at most once, never twice.
+#[async_trait]
+impl CommandService for NotificationService {
+    type Command = NotificationCommandMessage;
+
+    async fn execute(&self, command: Self::Command, _: &Message, _: &Metadata) -> Outcome {
+        let NotificationCommandMessage::NotifyCustomer(c) = command;
         let key = Uuid::new_v5(
             &NAMESPACE,
             format!("{}:{}", c.order_id, c.kind.as_str()).as_bytes(),
@@ -198,17 +211,6 @@ impl NotificationService {
     }
 }
 
-/// The message handler feeding notification commands to the service.
-#[derive(Debug, Clone)]
-pub struct NotificationHandler(pub Arc<NotificationService>);
-
-#[async_trait]
-impl MessageHandler for NotificationHandler {
-    async fn handle(&self, delivery: &Delivery) -> Outcome {
-        self.0.handle_command(&delivery.message).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
@@ -241,16 +243,25 @@ mod tests {
         }
     }
 
+    async fn handle(service: &Arc<NotificationService>, message: &Message) -> Outcome {
+        use es_core::MessageHandler;
+        let delivery = es_core::Delivery {
+            message: message.clone(),
+            attempt: 1,
+        };
+        crate::Commands(Arc::clone(service)).handle(&delivery).await
+    }
+
     fn service(
         failures: impl IntoIterator<Item = SendError>,
-    ) -> (NotificationService, Arc<FlakySink>) {
+    ) -> (Arc<NotificationService>, Arc<FlakySink>) {
         let sink = Arc::new(FlakySink {
             failures: Mutex::new(failures.into_iter().collect()),
             sent: RecordingSink::default(),
         });
         let inbox: Arc<dyn Inbox> = Arc::new(InMemoryInbox::new());
         (
-            NotificationService::new(inbox, Arc::clone(&sink) as _),
+            Arc::new(NotificationService::new(inbox, Arc::clone(&sink) as _)),
             sink,
         )
     }
@@ -274,12 +285,12 @@ mod tests {
         let (service, sink) = service([refused]);
         let message = command();
         assert!(matches!(
-            service.handle_command(&message).await,
+            handle(&service, &message).await,
             Outcome::Retry { .. }
         ));
         assert!(sink.sent.sent().is_empty());
-        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
-        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
+        assert_eq!(handle(&service, &message).await, Outcome::Ack);
+        assert_eq!(handle(&service, &message).await, Outcome::Ack);
         assert_eq!(sink.sent.sent().len(), 1);
     }
 
@@ -292,10 +303,10 @@ mod tests {
         let (service, sink) = service([refused]);
         let message = command();
         assert!(matches!(
-            service.handle_command(&message).await,
+            handle(&service, &message).await,
             Outcome::DeadLetter { .. }
         ));
-        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
+        assert_eq!(handle(&service, &message).await, Outcome::Ack);
         assert_eq!(sink.sent.sent().len(), 1);
     }
 
@@ -304,10 +315,10 @@ mod tests {
         let (service, sink) = service([SendError::Unknown("timed out after DATA".into())]);
         let message = command();
         assert!(matches!(
-            service.handle_command(&message).await,
+            handle(&service, &message).await,
             Outcome::DeadLetter { .. }
         ));
-        assert_eq!(service.handle_command(&message).await, Outcome::Ack);
+        assert_eq!(handle(&service, &message).await, Outcome::Ack);
         assert!(sink.sent.sent().is_empty());
     }
 }

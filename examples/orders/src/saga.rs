@@ -11,13 +11,29 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use es_core::{Metadata, Reaction, Saga};
+use es_core::{Delivery, MessageHandler, Metadata, Outcome, Reaction, Saga, SagaHandler};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::messages::{self, message_enum, topics, NotificationKind, StockLine};
 use crate::Money;
+
+/// The saga's bus handler, timing each reaction (`saga_step_seconds`).
+#[derive(Debug)]
+pub struct TimedSaga(pub SagaHandler<OrderSaga>);
+
+#[async_trait]
+impl MessageHandler for TimedSaga {
+    async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let started = std::time::Instant::now();
+        let outcome = self.0.handle(delivery).await;
+        metrics::histogram!("saga_step_seconds", "input" => delivery.message.message_type.to_string())
+            .record(started.elapsed().as_secs_f64());
+        outcome
+    }
+}
 
 /// The name of the payment deadline.
 pub const PAYMENT_DEADLINE: &str = "payment";

@@ -3,12 +3,15 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use es_core::{EventStore, InMemoryBus, Position};
+use es_core::{CheckpointStore, EventStore, InMemoryBus, Position};
+use es_postgres::sqlx::PgPool;
+use es_postgres::PgEventStore;
+use es_rabbit::RabbitBus;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
-use crate::query::QueryService;
-use crate::system::groups;
+use crate::backends::Backends;
+use crate::query::OrderQueries;
 
 /// The process's Prometheus recorder (installed on first use).
 pub fn prometheus() -> &'static PrometheusHandle {
@@ -55,39 +58,98 @@ pub fn init_tracing(json: bool, default_level: &str) -> LogGuard {
     guard
 }
 
-/// Updates queue-depth and lag gauges every second until `stop` turns true.
-pub(crate) async fn gauges(
-    store: Arc<dyn EventStore>,
-    bus: Option<InMemoryBus>,
-    query: Arc<QueryService>,
-    relay: watch::Receiver<Position>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+/// One relay's gauges: how far it is behind its store, and the store's xmin
+/// hold-back on PostgreSQL.
+pub(crate) struct RelayGauge {
+    pub(crate) store: Arc<dyn EventStore>,
+    pub(crate) checkpoints: Arc<dyn CheckpointStore>,
+    pub(crate) name: String,
+    pub(crate) label: &'static str,
+    pub(crate) pg: Option<PgEventStore>,
+}
+
+/// The process's gauges, updated every second: queue depths of the groups
+/// it consumes, relay lag per store, projection lag, the PostgreSQL xmin
+/// hold-back and pool size.
+pub(crate) struct Gauges {
+    memory_bus: Option<InMemoryBus>,
+    rabbit: Option<(RabbitBus, PgPool)>,
+    pub(crate) groups: Vec<&'static str>,
+    pub(crate) relays: Vec<RelayGauge>,
+    pub(crate) query: Option<Arc<dyn OrderQueries>>,
+}
+
+impl Gauges {
+    pub(crate) fn new(backends: &Backends) -> Self {
+        Self {
+            memory_bus: backends.memory_bus().cloned(),
+            rabbit: backends
+                .distributed()
+                .map(|(_, pool, bus)| (bus.clone(), pool.clone())),
+            groups: Vec::new(),
+            relays: Vec::new(),
+            query: None,
         }
-        if *stop.borrow() {
-            return;
+    }
+
+    /// Updates the gauges every second until `stop` turns true.
+    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = es_core::stop::requested(&mut stop) => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            self.measure().await;
         }
-        if let Some(bus) = &bus {
-            for group in groups::ALL {
-                metrics::gauge!("bus_queue_depth", "group" => group)
+    }
+
+    async fn measure(&self) {
+        for group in &self.groups {
+            if let Some(bus) = &self.memory_bus {
+                metrics::gauge!("bus_queue_depth", "group" => *group)
                     .set(bus.queue_depth(group) as f64);
             }
+            if let Some((bus, _)) = &self.rabbit {
+                if let Ok(depth) = bus.queue_depth(group).await {
+                    metrics::gauge!("bus_queue_depth", "group" => *group).set(f64::from(depth));
+                }
+                if let Ok(depth) = bus.dead_letter_depth(group).await {
+                    metrics::gauge!("bus_dead_letter_depth", "group" => *group)
+                        .set(f64::from(depth));
+                }
+            }
         }
-        if let Ok(lag) = query.projection().lag().await {
-            metrics::gauge!("projection_lag_events", "projection" => "orders_read_model")
-                .set(lag.events as f64);
-            metrics::gauge!("projection_lag_seconds", "projection" => "orders_read_model")
-                .set(lag.seconds);
+        for relay in &self.relays {
+            let relayed = relay
+                .checkpoints
+                .load(&relay.name)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(Position::START);
+            if let Ok(lag) =
+                es_projections::telemetry::measure_lag(relay.store.as_ref(), relayed, 10_000).await
+            {
+                metrics::gauge!("relay_lag_events", "store" => relay.label).set(lag.events as f64);
+                metrics::gauge!("relay_lag_seconds", "store" => relay.label).set(lag.seconds);
+            }
+            if let Some(store) = &relay.pg {
+                if let Ok(holdback) = store.holdback().await {
+                    metrics::gauge!("store_xmin_holdback_events", "store" => relay.label)
+                        .set(holdback.xids_in_flight() as f64);
+                }
+            }
         }
-        let relayed = *relay.borrow();
-        if let Ok(lag) =
-            es_projections::telemetry::measure_lag(store.as_ref(), relayed, 10_000).await
-        {
-            metrics::gauge!("relay_lag_events").set(lag.events as f64);
+        if let Some(query) = &self.query {
+            if let Ok(lag) = query.lag().await {
+                metrics::gauge!("projection_lag_events", "projection" => "orders_read_model")
+                    .set(lag.events as f64);
+                metrics::gauge!("projection_lag_seconds", "projection" => "orders_read_model")
+                    .set(lag.seconds);
+            }
+        }
+        if let Some((_, pool)) = &self.rabbit {
+            metrics::gauge!("pg_pool_connections").set(f64::from(pool.size()));
         }
     }
 }

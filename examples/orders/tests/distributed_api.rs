@@ -305,7 +305,7 @@ async fn the_public_api_through_the_gateway() {
 async fn a_process_declares_the_queues_of_services_it_does_not_run() {
     use distributed_support::{amqp_url, database_url};
     use es_core::{EventBus, Message, Metadata, Payload};
-    use orders::distributed::{Node, ServeArgs};
+    use orders::distributed::ServeArgs;
     use orders::system::groups;
 
     let namespace = format!("ttopo_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -315,7 +315,7 @@ async fn a_process_declares_the_queues_of_services_it_does_not_run() {
     args.database_url = database_url();
     args.amqp_url = amqp_url();
     args.queue_expires_secs = Some(300);
-    let node = Node::start(&args, std::time::Duration::from_secs(30))
+    let node = orders::distributed::start(&args, std::time::Duration::from_secs(30))
         .await
         .unwrap();
     let bus = es_rabbit::RabbitBus::connect(

@@ -6,13 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use es_core::{Delivery, EventCodec, MessageHandler, Outcome};
 use es_postgres::sqlx::{self, PgPool};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::inventory::ProductEvent;
-use crate::order::{Catalog, CatalogEntry};
+use crate::order::{Catalog, CatalogEntry, CatalogTable};
 use crate::{Error, Money, Result};
 
 /// The catalog table and the in-memory catalog that follows it.
@@ -73,11 +71,6 @@ impl PgCatalog {
         Arc::clone(&self.catalog)
     }
 
-    /// The bus handler writing product events into the table.
-    pub fn handler(&self) -> PgCatalogHandler {
-        PgCatalogHandler(self.clone())
-    }
-
     async fn refresh(&self) -> Result<()> {
         let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.table))
             .fetch_one(&self.pool)
@@ -104,45 +97,19 @@ impl PgCatalog {
     }
 }
 
-/// Writes product events into the catalog table (idempotent).
-#[derive(Debug, Clone)]
-pub struct PgCatalogHandler(PgCatalog);
-
 #[async_trait]
-impl MessageHandler for PgCatalogHandler {
-    async fn handle(&self, delivery: &Delivery) -> Outcome {
-        let m = &delivery.message;
-        match EventCodec::<ProductEvent>::new().decode_parts(
-            &m.message_type,
-            m.schema_version,
-            &m.payload,
-        ) {
-            Ok(ProductEvent::ProductCreated(p)) => {
-                let written = sqlx::query(&format!(
-                    "INSERT INTO {} (product_id, name, price) VALUES ($1, $2, $3) ON CONFLICT (product_id) DO NOTHING",
-                    self.0.table
-                ))
-                .bind(p.product_id)
-                .bind(&p.name)
-                .bind(p.price.to_string())
-                .execute(&self.0.pool)
-                .await;
-                match written {
-                    Ok(_) => {
-                        self.0.catalog.upsert(
-                            p.product_id,
-                            CatalogEntry {
-                                name: p.name,
-                                price: p.price,
-                            },
-                        );
-                        Outcome::Ack
-                    }
-                    Err(e) => Outcome::retry(e),
-                }
-            }
-            Ok(_) => Outcome::Ack,
-            Err(e) => Outcome::dead_letter(e),
-        }
+impl CatalogTable for PgCatalog {
+    async fn insert(&self, product_id: Uuid, entry: &CatalogEntry) -> Result<()> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (product_id, name, price) VALUES ($1, $2, $3) ON CONFLICT (product_id) DO NOTHING",
+            self.table
+        ))
+        .bind(product_id)
+        .bind(&entry.name)
+        .bind(entry.price.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(Error::internal)?;
+        Ok(())
     }
 }

@@ -132,7 +132,7 @@ pub fn gateway_router(
         .route("/metrics", get(all_metrics))
         .route(
             "/openapi.json",
-            get(|| async { Json(crate::system::openapi()) }),
+            get(|| async { Json(crate::node::openapi()) }),
         )
         .fallback(forward)
         .with_state(state))
@@ -275,14 +275,6 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
-}
-
-/// This process's Prometheus text.
-pub(super) async fn metrics_text() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        telemetry::prometheus().render(),
-    )
 }
 
 /// The gateway's metrics and every upstream's, each sample labelled with the

@@ -22,9 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use es_core::replica::{ReplicaHandler, Source};
 use es_core::{
@@ -38,11 +36,10 @@ use es_projections::{RedisSink, RunnerOptions};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use crate::http::{parse_id, ApiError, ApiQuery};
 use crate::order::{Order, OrderEvent, OrderStatus};
 use crate::query::{
-    bad, GetOrderParams, HistoryEvent, ListFilter, ListParams, OrderItemView, OrderPage, OrderView,
-    SearchParams, SearchResult, Stats, StatusStats, MAX_WAIT,
+    HistoryEvent, ListFilter, OrderItemView, OrderPage, OrderQueries, OrderView, Stats,
+    StatusStats, MAX_WAIT,
 };
 use crate::{Error, Money, Result};
 
@@ -563,57 +560,6 @@ impl PgQueryService {
         ReplicaHandler::new(Arc::new(self.replica.clone()))
     }
 
-    /// How far the read model is behind the replica log (whichever process
-    /// runs the projection). How far the replica is behind the order service
-    /// is the depth of its queue.
-    ///
-    /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn lag(&self) -> Result<es_projections::Lag> {
-        let at = es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
-            .await
-            .map_err(Error::internal)?
-            .unwrap_or(Position::START);
-        es_projections::telemetry::measure_lag(&self.replica, at, 10_000)
-            .await
-            .map_err(Error::from)
-    }
-
-    /// Waits (at most [`MAX_WAIT`]) until the order's row, maintained by
-    /// whichever process runs the projection, reflects the order service's
-    /// log up to `position`: every event of this order at or before it.
-    /// `position` is what a write to this order answered.
-    ///
-    /// # Errors
-    /// [`Error::NotCaughtUp`] when the time runs out; PostgreSQL's errors.
-    pub async fn wait_for(&self, order_id: Uuid, position: Position) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + MAX_WAIT;
-        loop {
-            // The checkpoint first: a batch committed after this read wakes
-            // the wait below, so no write is missed between the two reads.
-            let seen =
-                es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
-                    .await
-                    .map_err(Error::internal)?
-                    .unwrap_or(Position::START);
-            if self.source_position(order_id).await? >= Some(position) {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.watcher.wait_past(PROJECTION, seen, left).await {
-                Ok(()) => {}
-                Err(es_projections::Error::Timeout { .. }) => {
-                    return Err(Error::NotCaughtUp {
-                        what: format!(
-                            "order {order_id} at position {position} within {MAX_WAIT:?}"
-                        ),
-                    })
-                }
-                Err(e) => return Err(Error::internal(e)),
-            }
-        }
-    }
-
     /// The order service's position of the last event the order's row
     /// reflects.
     async fn source_position(&self, order_id: Uuid) -> Result<Option<Position>> {
@@ -641,13 +587,49 @@ impl PgQueryService {
         row.map(|r| view_of(&r).map_err(Error::internal))
             .transpose()
     }
+}
 
-    /// One order: from Redis when cached (and no position is asked for),
-    /// else from PostgreSQL (and then cached).
-    ///
-    /// # Errors
-    /// [`Error::NotFound`] when there is no such order.
-    pub async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView> {
+#[async_trait]
+impl OrderQueries for PgQueryService {
+    async fn lag(&self) -> Result<es_projections::Lag> {
+        let at = es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
+            .await
+            .map_err(Error::internal)?
+            .unwrap_or(Position::START);
+        es_projections::telemetry::measure_lag(&self.replica, at, 10_000)
+            .await
+            .map_err(Error::from)
+    }
+
+    async fn wait_for(&self, order_id: Uuid, position: Position) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + MAX_WAIT;
+        loop {
+            // The checkpoint first: a batch committed after this read wakes
+            // the wait below, so no write is missed between the two reads.
+            let seen =
+                es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
+                    .await
+                    .map_err(Error::internal)?
+                    .unwrap_or(Position::START);
+            if self.source_position(order_id).await? >= Some(position) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.watcher.wait_past(PROJECTION, seen, left).await {
+                Ok(()) => {}
+                Err(es_projections::Error::Timeout { .. }) => {
+                    return Err(Error::NotCaughtUp {
+                        what: format!(
+                            "order {order_id} at position {position} within {MAX_WAIT:?}"
+                        ),
+                    })
+                }
+                Err(e) => return Err(Error::internal(e)),
+            }
+        }
+    }
+
+    async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView> {
         let key = order_id.to_string();
         if let Some(position) = min_position {
             self.wait_for(order_id, position).await?;
@@ -670,11 +652,7 @@ impl PgQueryService {
         Ok(view)
     }
 
-    /// One order, straight from PostgreSQL.
-    ///
-    /// # Errors
-    /// [`Error::NotFound`] when there is no such order.
-    pub async fn fresh(&self, order_id: Uuid) -> Result<OrderView> {
+    async fn fresh(&self, order_id: Uuid) -> Result<OrderView> {
         self.load_row(order_id)
             .await?
             .map(|v| v.0)
@@ -683,8 +661,7 @@ impl PgQueryService {
             })
     }
 
-    /// Waits up to `timeout` for the order to reach a terminal status.
-    pub async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) {
+    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (tx, rx) = oneshot::channel();
@@ -717,17 +694,13 @@ impl PgQueryService {
         }
     }
 
-    /// Orders newest first.
-    ///
-    /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn list(
-        &self,
-        email: Option<&str>,
-        status: Option<OrderStatus>,
-        limit: usize,
-        cursor: Option<(DateTime<Utc>, Uuid)>,
-    ) -> Result<OrderPage> {
+    async fn list(&self, filter: ListFilter) -> Result<OrderPage> {
+        let ListFilter {
+            customer_email: email,
+            status,
+            limit,
+            cursor,
+        } = filter;
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM \"{}\".orders
              WHERE ($1::text IS NULL OR customer_email = $1)
@@ -736,7 +709,7 @@ impl PgQueryService {
              ORDER BY created_at DESC, order_id DESC LIMIT $5",
             self.model
         ))
-        .bind(email)
+        .bind(email.as_deref())
         .bind(status.map(OrderStatus::as_str))
         .bind(cursor.map(|c| c.0))
         .bind(cursor.map(|c| c.1))
@@ -767,12 +740,7 @@ impl PgQueryService {
         })
     }
 
-    /// Full-text search over product names and the customer's email (each
-    /// word of `q` as a prefix), newest first.
-    ///
-    /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn search(&self, q: &str, limit: usize) -> Result<Vec<OrderView>> {
+    async fn search(&self, q: &str, limit: usize) -> Result<Vec<OrderView>> {
         let Some(query) = tsquery(q) else {
             return Ok(Vec::new());
         };
@@ -791,11 +759,7 @@ impl PgQueryService {
             .collect()
     }
 
-    /// Counts and revenue by status.
-    ///
-    /// # Errors
-    /// When PostgreSQL fails.
-    pub async fn stats(&self) -> Result<Stats> {
+    async fn stats(&self) -> Result<Stats> {
         let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(&format!(
             "SELECT status, count(*), sum(total_minor)::bigint FROM \"{}\".orders GROUP BY status",
             self.model
@@ -828,12 +792,7 @@ impl PgQueryService {
         Ok(stats)
     }
 
-    /// An order's events, from the replica of the order service's log, with
-    /// the order service's positions and recording times.
-    ///
-    /// # Errors
-    /// [`Error::NotFound`] when there is no such order.
-    pub async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
+    async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
         let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
         let events = self.replica.read_stream(&stream, 1, 10_000).await?;
         if events.is_empty() {
@@ -857,6 +816,15 @@ impl PgQueryService {
             })
             .collect())
     }
+
+    async fn position(&self) -> Result<Position> {
+        Ok(
+            es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
+                .await
+                .map_err(Error::internal)?
+                .unwrap_or(Position::START),
+        )
+    }
 }
 
 fn wake_all(waiters: &Waiters) {
@@ -873,86 +841,6 @@ fn wake_all(waiters: &Waiters) {
 }
 
 /// The query routes of part 1, served from PostgreSQL and Redis.
-pub(super) fn router(service: Arc<PgQueryService>) -> Router {
-    Router::new()
-        .route("/api/orders", get(list_orders))
-        .route("/api/orders/search", get(search_orders))
-        .route("/api/orders/{id}", get(get_order))
-        .route("/api/orders/{id}/events", get(order_events))
-        .route("/api/stats", get(stats))
-        .with_state(service)
-}
-
-async fn get_order(
-    State(service): State<Arc<PgQueryService>>,
-    Path(id): Path<String>,
-    ApiQuery(params): ApiQuery<GetOrderParams>,
-) -> std::result::Result<Json<OrderView>, ApiError> {
-    let order_id = parse_id("order", &id)?;
-    let min_position = params
-        .min_position
-        .as_deref()
-        .map(str::parse::<Position>)
-        .transpose()
-        .map_err(|e| bad("min_position", e.to_string()))?;
-    if let Some(ms) = params.wait_terminal_ms {
-        if let Some(p) = min_position {
-            service.wait_for(order_id, p).await?;
-        }
-        service
-            .wait_terminal(order_id, Duration::from_millis(ms.min(10_000)))
-            .await;
-        // After waiting, read what PostgreSQL has (the cache may lag a write).
-        return Ok(Json(service.fresh(order_id).await?));
-    }
-    Ok(Json(service.order(order_id, min_position).await?))
-}
-
-async fn list_orders(
-    State(service): State<Arc<PgQueryService>>,
-    ApiQuery(params): ApiQuery<ListParams>,
-) -> std::result::Result<Json<OrderPage>, ApiError> {
-    let ListFilter {
-        customer_email: email,
-        status,
-        limit,
-        cursor,
-    } = params.check()?;
-    Ok(Json(
-        service
-            .list(email.as_deref(), status, limit, cursor)
-            .await?,
-    ))
-}
-
-async fn search_orders(
-    State(service): State<Arc<PgQueryService>>,
-    ApiQuery(params): ApiQuery<SearchParams>,
-) -> std::result::Result<Json<SearchResult>, ApiError> {
-    let q = params.q.unwrap_or_default();
-    let q = q.trim();
-    if q.is_empty() || q.chars().count() > 100 {
-        return Err(bad("q", "q must be 1 to 100 characters"));
-    }
-    Ok(Json(SearchResult {
-        orders: service.search(q, 100).await?,
-    }))
-}
-
-async fn order_events(
-    State(service): State<Arc<PgQueryService>>,
-    Path(id): Path<String>,
-) -> std::result::Result<Json<Vec<HistoryEvent>>, ApiError> {
-    let order_id = parse_id("order", &id)?;
-    Ok(Json(service.history(order_id).await?))
-}
-
-async fn stats(
-    State(service): State<Arc<PgQueryService>>,
-) -> std::result::Result<Json<Stats>, ApiError> {
-    Ok(Json(service.stats().await?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

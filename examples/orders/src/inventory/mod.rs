@@ -7,10 +7,7 @@ mod http;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use es_core::{
-    derived_id, Delivery, EventCodec, Message, MessageHandler, Metadata, Outcome, Repository,
-    RepositoryError,
-};
+use es_core::{derived_id, Message, Metadata, Outcome, Repository, RepositoryError};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -21,8 +18,11 @@ pub use domain::{
 };
 pub use http::{router, CreateProduct, InventoryApi, ProductCreatedBody, Restock};
 
+use crate::distributed::Owner;
 use crate::messages::{message_enum, StockLine};
-use crate::{Error, Money, Result};
+use crate::node::{Service, Wiring};
+use crate::topology::groups;
+use crate::{CommandService, Error, Money, Result};
 
 message_enum! {
     /// The commands the inventory service takes from the bus.
@@ -62,6 +62,25 @@ impl ProductView {
             reserved: product.reserved,
         }
     }
+}
+
+/// Starts the inventory service in `w`: its commands, its routes, and
+/// snapshots of its products.
+pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<InventoryService>> {
+    let store = w.backends.store(Service::Inventory).await?;
+    let (snapshots, policy) = w.backends.snapshots(Service::Inventory).await?;
+    let service = Arc::new(InventoryService::new(
+        crate::repository(Arc::clone(&store)).with_snapshots(snapshots, policy, 1),
+        crate::repository(Arc::clone(&store)),
+    ));
+    w.consume(
+        groups::INVENTORY,
+        Arc::new(crate::Commands(Arc::clone(&service))),
+    )
+    .await?;
+    w.serve(Owner::Inventory, router(Arc::clone(&service)));
+    w.relay(Service::Inventory, &store);
+    Ok(service)
 }
 
 /// The inventory service.
@@ -158,36 +177,6 @@ impl InventoryService {
             });
         }
         Ok(ProductView::of(&loaded.state))
-    }
-
-    /// Executes one of the saga's commands. Idempotent under redelivery.
-    pub async fn handle_command(&self, message: &Message) -> Outcome {
-        let command = match EventCodec::<InventoryCommandMessage>::new().decode_parts(
-            &message.message_type,
-            message.schema_version,
-            &message.payload,
-        ) {
-            Ok(c) => c,
-            Err(e) => return Outcome::dead_letter(e),
-        };
-        let metadata = message.metadata.caused_by(message.message_id);
-        let result = match command {
-            InventoryCommandMessage::ReserveInventory(c) => {
-                self.reserve(c.order_id, &c.lines, message.message_id, &metadata)
-                    .await
-            }
-            InventoryCommandMessage::ReleaseInventory(c) => {
-                self.release(c.order_id, message.message_id, &metadata)
-                    .await
-            }
-            InventoryCommandMessage::CommitInventory(c) => {
-                self.commit(c.order_id, message.message_id, &metadata).await
-            }
-        };
-        match result {
-            Ok(()) => Outcome::Ack,
-            Err(e) => Outcome::retry(e),
-        }
     }
 
     async fn reservation(&self, order_id: Uuid) -> Result<Reservation> {
@@ -389,14 +378,32 @@ impl InventoryService {
     }
 }
 
-/// The message handler feeding the saga's commands to the inventory service.
-#[derive(Debug, Clone)]
-pub struct InventoryCommandHandler(pub Arc<InventoryService>);
-
 #[async_trait]
-impl MessageHandler for InventoryCommandHandler {
-    async fn handle(&self, delivery: &Delivery) -> Outcome {
-        self.0.handle_command(&delivery.message).await
+impl CommandService for InventoryService {
+    type Command = InventoryCommandMessage;
+
+    async fn execute(
+        &self,
+        command: Self::Command,
+        message: &Message,
+        metadata: &Metadata,
+    ) -> Outcome {
+        let result = match command {
+            InventoryCommandMessage::ReserveInventory(c) => {
+                self.reserve(c.order_id, &c.lines, message.message_id, metadata)
+                    .await
+            }
+            InventoryCommandMessage::ReleaseInventory(c) => {
+                self.release(c.order_id, message.message_id, metadata).await
+            }
+            InventoryCommandMessage::CommitInventory(c) => {
+                self.commit(c.order_id, message.message_id, metadata).await
+            }
+        };
+        match result {
+            Ok(()) => Outcome::Ack,
+            Err(e) => Outcome::retry(e),
+        }
     }
 }
 

@@ -82,10 +82,29 @@ impl Catalog {
     }
 }
 
-/// Feeds product events from the bus into a [`Catalog`]. Idempotent: a
-/// redelivered event writes the same entry again.
+/// Where a catalog entry is kept durably before the in-memory catalog
+/// learns it (the order schema's catalog table, on PostgreSQL).
+#[async_trait]
+pub trait CatalogTable: Send + Sync + std::fmt::Debug + 'static {
+    /// Records a product (idempotent).
+    async fn insert(&self, product_id: Uuid, entry: &CatalogEntry) -> crate::Result<()>;
+}
+
+/// Feeds product events from the bus into a [`Catalog`], through its
+/// durable table if it has one. Idempotent: a redelivered event writes the
+/// same entry again.
 #[derive(Debug, Clone)]
-pub struct CatalogHandler(pub Arc<Catalog>);
+pub struct CatalogHandler {
+    catalog: Arc<Catalog>,
+    table: Option<Arc<dyn CatalogTable>>,
+}
+
+impl CatalogHandler {
+    /// Feeds `catalog`, writing each entry to `table` first when given.
+    pub fn new(catalog: Arc<Catalog>, table: Option<Arc<dyn CatalogTable>>) -> Self {
+        Self { catalog, table }
+    }
+}
 
 #[async_trait]
 impl MessageHandler for CatalogHandler {
@@ -97,13 +116,16 @@ impl MessageHandler for CatalogHandler {
             &m.payload,
         ) {
             Ok(ProductEvent::ProductCreated(p)) => {
-                self.0.upsert(
-                    p.product_id,
-                    CatalogEntry {
-                        name: p.name,
-                        price: p.price,
-                    },
-                );
+                let entry = CatalogEntry {
+                    name: p.name,
+                    price: p.price,
+                };
+                if let Some(table) = &self.table {
+                    if let Err(error) = table.insert(p.product_id, &entry).await {
+                        return Outcome::retry(error);
+                    }
+                }
+                self.catalog.upsert(p.product_id, entry);
                 Outcome::Ack
             }
             Ok(_) => Outcome::Ack,

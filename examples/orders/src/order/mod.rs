@@ -10,19 +10,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use es_core::{
-    Clock, Delivery, EventCodec, MessageHandler, Metadata, Outcome, Position, Repository,
-    RepositoryError, TraceParent,
+    Clock, DeadlineScheduler, Message, Metadata, Outcome, Position, Repository, RepositoryError,
+    SagaHandler, SagaManager, TraceParent,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use catalog::{Catalog, CatalogEntry, CatalogHandler};
+pub use catalog::{Catalog, CatalogEntry, CatalogHandler, CatalogTable};
 pub use domain::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus, PlaceOrder};
 pub use http::{router, CancelRequest, Cancelled, OrderApi};
 
+use crate::distributed::Owner;
 use crate::messages::{message_enum, OrderLine};
-use crate::{Error, Result};
+use crate::node::{Service, Wiring};
+use crate::saga::{OrderSaga, TimedSaga};
+use crate::topology::groups;
+use crate::{CommandService, Error, Result};
 
 /// The most lines an order may have.
 pub const MAX_ITEMS: usize = 100;
@@ -92,6 +96,51 @@ message_enum! {
 }
 
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2c4f_7a10_8e3b_4f5d_9c21_6b0e_3a7d_1f48);
+
+/// The order service and its saga, as a process runs them.
+#[derive(Clone, Debug)]
+pub struct Wired {
+    /// The order service.
+    pub service: Arc<OrderService>,
+    /// The saga's manager.
+    pub saga: Arc<SagaManager<OrderSaga>>,
+}
+
+/// Starts the order service in `w`: its commands, the saga (on the order
+/// store, with its deadlines), the catalog it prices from, and its routes.
+pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
+    let store = w.backends.store(Service::Order).await?;
+    let (catalog, feed) = w.backends.catalog(w.stop()).await?;
+    let clock = Arc::clone(&w.config.clock);
+    let service = Arc::new(OrderService::new(
+        crate::repository(Arc::clone(&store)),
+        catalog,
+        Arc::clone(&clock),
+        w.config.payment_timeout,
+    ));
+    let saga = Arc::new(
+        SagaManager::<OrderSaga>::new(Arc::clone(&store), clock)
+            .with_instance_cache(crate::CACHED_STATES),
+    );
+    w.consume(
+        groups::SAGA,
+        Arc::new(TimedSaga(SagaHandler(Arc::clone(&saga)))),
+    )
+    .await?;
+    w.consume(
+        groups::ORDER,
+        Arc::new(crate::Commands(Arc::clone(&service))),
+    )
+    .await?;
+    w.consume(groups::CATALOG, feed).await?;
+    let (deadlines, tick) = (Arc::clone(&saga), w.config.deadline_tick);
+    w.supervise("deadline scheduler", move |stop| {
+        DeadlineScheduler::new(Arc::clone(&deadlines), tick).run(stop)
+    });
+    w.serve(Owner::Order, router(Arc::clone(&service)));
+    w.relay(Service::Order, &store);
+    Ok(Wired { service, saga })
+}
 
 /// The order service.
 #[derive(Debug)]
@@ -311,18 +360,18 @@ impl OrderService {
             Err(e) => Err(Error::from_repository(e)),
         }
     }
+}
 
-    /// Executes one of the saga's commands, at most once per message.
-    pub async fn handle_command(&self, message: &es_core::Message) -> Outcome {
-        let codec = EventCodec::<OrderCommandMessage>::new();
-        let command = match codec.decode_parts(
-            &message.message_type,
-            message.schema_version,
-            &message.payload,
-        ) {
-            Ok(c) => c,
-            Err(e) => return Outcome::dead_letter(e),
-        };
+#[async_trait]
+impl CommandService for OrderService {
+    type Command = OrderCommandMessage;
+
+    async fn execute(
+        &self,
+        command: Self::Command,
+        message: &Message,
+        metadata: &Metadata,
+    ) -> Outcome {
         let now = self.clock.now();
         let (order_id, command) = match command {
             OrderCommandMessage::ConfirmOrderInventory(c) => {
@@ -346,23 +395,11 @@ impl OrderService {
                 },
             ),
         };
-        let metadata = message.metadata.caused_by(message.message_id);
         let result = self
             .orders
-            .execute_once(order_id, message.message_id, command, &metadata)
+            .execute_once(order_id, message.message_id, command, metadata)
             .await;
         crate::outcome_of(result, "order")
-    }
-}
-
-/// The message handler feeding the saga's commands to the order service.
-#[derive(Debug, Clone)]
-pub struct OrderCommandHandler(pub Arc<OrderService>);
-
-#[async_trait]
-impl MessageHandler for OrderCommandHandler {
-    async fn handle(&self, delivery: &Delivery) -> Outcome {
-        self.0.handle_command(&delivery.message).await
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use es_core::{Delivery, EventCodec, Message, MessageHandler, Outcome, Repository};
+use es_core::{Message, Metadata, Outcome, Repository};
 use uuid::Uuid;
 
 pub use domain::{
@@ -19,6 +19,9 @@ pub use domain::{
 };
 
 use crate::messages::message_enum;
+use crate::node::{Service, Wiring};
+use crate::topology::groups;
+use crate::{CommandService, Result};
 
 message_enum! {
     /// The commands the payment service takes from the bus.
@@ -65,6 +68,19 @@ pub fn gateway(card_token: &str, charge_id: Uuid) -> GatewayBehaviour {
     }
 }
 
+/// Starts the payment service in `w`: its commands.
+pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<PaymentService>> {
+    let store = w.backends.store(Service::Payment).await?;
+    let service = Arc::new(PaymentService::new(crate::repository(Arc::clone(&store))));
+    w.consume(
+        groups::PAYMENT,
+        Arc::new(crate::Commands(Arc::clone(&service))),
+    )
+    .await?;
+    w.relay(Service::Payment, &store);
+    Ok(service)
+}
+
 /// The payment service.
 #[derive(Debug)]
 pub struct PaymentService {
@@ -85,18 +101,18 @@ impl PaymentService {
             .map(|l| l.state)
             .map_err(crate::Error::from_repository)
     }
+}
 
-    /// Executes one of the saga's commands. Idempotent under redelivery.
-    pub async fn handle_command(&self, message: &Message) -> Outcome {
-        let command = match EventCodec::<PaymentCommandMessage>::new().decode_parts(
-            &message.message_type,
-            message.schema_version,
-            &message.payload,
-        ) {
-            Ok(c) => c,
-            Err(e) => return Outcome::dead_letter(e),
-        };
-        let metadata = message.metadata.caused_by(message.message_id);
+#[async_trait]
+impl CommandService for PaymentService {
+    type Command = PaymentCommandMessage;
+
+    async fn execute(
+        &self,
+        command: Self::Command,
+        message: &Message,
+        metadata: &Metadata,
+    ) -> Outcome {
         match command {
             PaymentCommandMessage::ProcessPayment(c) => {
                 let answer = match gateway(&c.card_token, message.message_id) {
@@ -119,7 +135,7 @@ impl PaymentService {
                 };
                 let result = self
                     .payments
-                    .create_once(c.order_id, message.message_id, command, &metadata)
+                    .create_once(c.order_id, message.message_id, command, metadata)
                     .await;
                 crate::outcome_of(result, "payment")
             }
@@ -130,7 +146,7 @@ impl PaymentService {
                         c.order_id,
                         message.message_id,
                         PaymentCommand::Refund,
-                        &metadata,
+                        metadata,
                     )
                     .await;
                 if let Ok(committed) = &result {
@@ -142,16 +158,5 @@ impl PaymentService {
                 crate::outcome_of(result, "payment")
             }
         }
-    }
-}
-
-/// The message handler feeding the saga's commands to the payment service.
-#[derive(Debug, Clone)]
-pub struct PaymentCommandHandler(pub Arc<PaymentService>);
-
-#[async_trait]
-impl MessageHandler for PaymentCommandHandler {
-    async fn handle(&self, delivery: &Delivery) -> Outcome {
-        self.0.handle_command(&delivery.message).await
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{
-    decode_cursor, HistoryEvent, OrderItemView, OrderPage, OrderView, QueryService, Stats,
+    decode_cursor, HistoryEvent, OrderItemView, OrderPage, OrderQueries, OrderView, Stats,
     StatusStats,
 };
 use crate::http::{parse_id, ApiError, ApiQuery, ErrorBody};
@@ -27,9 +27,10 @@ use crate::order::{validate_email, OrderStatus};
 )]
 pub struct QueryApi;
 
-/// The query routes: `GET /api/orders`, `/api/orders/search`,
-/// `/api/orders/{id}`, `/api/orders/{id}/events`, `/api/stats`.
-pub fn router(service: Arc<QueryService>) -> Router {
+/// The query routes over either read model: `GET /api/orders`,
+/// `/api/orders/search`, `/api/orders/{id}`, `/api/orders/{id}/events`,
+/// `/api/stats`.
+pub fn router(service: Arc<dyn OrderQueries>) -> Router {
     Router::new()
         .route("/api/orders", get(list_orders))
         .route("/api/orders/search", get(search_orders))
@@ -75,7 +76,7 @@ pub struct GetOrderParams {
     )
 )]
 async fn get_order(
-    State(service): State<Arc<QueryService>>,
+    State(service): State<Arc<dyn OrderQueries>>,
     Path(id): Path<String>,
     ApiQuery(params): ApiQuery<GetOrderParams>,
 ) -> Result<Json<OrderView>, ApiError> {
@@ -88,11 +89,12 @@ async fn get_order(
         .map_err(|e| bad("min_position", e.to_string()))?;
     if let Some(ms) = params.wait_terminal_ms {
         if let Some(p) = min_position {
-            service.wait_for(p).await?;
+            service.wait_for(order_id, p).await?;
         }
         service
             .wait_terminal(order_id, Duration::from_millis(ms.min(10_000)))
             .await;
+        return Ok(Json(service.fresh(order_id).await?));
     }
     Ok(Json(service.order(order_id, min_position).await?))
 }
@@ -168,21 +170,10 @@ impl ListParams {
     )
 )]
 async fn list_orders(
-    State(service): State<Arc<QueryService>>,
+    State(service): State<Arc<dyn OrderQueries>>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<OrderPage>, ApiError> {
-    let ListFilter {
-        customer_email: email,
-        status,
-        limit,
-        cursor,
-    } = params.check()?;
-    Ok(Json(service.model().list(
-        email.as_deref(),
-        status,
-        limit,
-        cursor,
-    )))
+    Ok(Json(service.list(params.check()?).await?))
 }
 
 /// The search query.
@@ -209,7 +200,7 @@ pub struct SearchResult {
     )
 )]
 async fn search_orders(
-    State(service): State<Arc<QueryService>>,
+    State(service): State<Arc<dyn OrderQueries>>,
     ApiQuery(params): ApiQuery<SearchParams>,
 ) -> Result<Json<SearchResult>, ApiError> {
     let q = params.q.unwrap_or_default();
@@ -218,7 +209,7 @@ async fn search_orders(
         return Err(bad("q", "q must be 1 to 100 characters"));
     }
     Ok(Json(SearchResult {
-        orders: service.model().search(q, 100),
+        orders: service.search(q, 100).await?,
     }))
 }
 
@@ -232,7 +223,7 @@ async fn search_orders(
     )
 )]
 async fn order_events(
-    State(service): State<Arc<QueryService>>,
+    State(service): State<Arc<dyn OrderQueries>>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
     let order_id = parse_id("order", &id)?;
@@ -244,6 +235,6 @@ async fn order_events(
     get, path = "/api/stats", tag = "queries",
     responses((status = 200, description = "Counts and revenue", body = Stats))
 )]
-async fn stats(State(service): State<Arc<QueryService>>) -> Json<Stats> {
-    Json(service.model().stats())
+async fn stats(State(service): State<Arc<dyn OrderQueries>>) -> Result<Json<Stats>, ApiError> {
+    Ok(Json(service.stats().await?))
 }

@@ -8,6 +8,7 @@ mod model;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use es_core::{EventStore, Position, StreamId};
 use es_projections::ProjectionHandle;
@@ -15,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub(crate) use http::bad;
 pub use http::{
     router, GetOrderParams, ListFilter, ListParams, QueryApi, SearchParams, SearchResult,
 };
@@ -24,8 +24,24 @@ pub use model::{
     StatusStats,
 };
 
+use crate::backends::QueryBackend;
+use crate::distributed::Owner;
+use crate::node::Wiring;
 use crate::order::OrderStatus;
+use crate::topology::groups;
 use crate::{Error, Result};
+
+/// Starts the query service in `w`: its read model (fed from the bus when
+/// it keeps a replica) and its routes.
+pub(crate) async fn wire(w: &mut Wiring) -> Result<QueryBackend> {
+    let backend = w.backends.query(w.stop()).await?;
+    if let Some(feed) = backend.feed() {
+        w.consume(groups::QUERY, feed).await?;
+    }
+    w.serve(Owner::Query, router(backend.queries()));
+    w.reads(backend.queries());
+    Ok(backend)
+}
 
 /// The longest a read waits for the read model to reach a position.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
@@ -48,6 +64,35 @@ pub struct HistoryEvent {
     pub causation_id: Option<Uuid>,
     /// The conversation (the order).
     pub correlation_id: Option<Uuid>,
+}
+
+/// What the query routes read, from either read model: [`QueryService`] (in
+/// memory, following the store) or
+/// [`PgQueryService`](crate::distributed::PgQueryService) (PostgreSQL and
+/// Redis, fed by the bus).
+#[async_trait]
+pub trait OrderQueries: Send + Sync + 'static {
+    /// One order, after the read model reflects `min_position` if given.
+    async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView>;
+    /// One order as the read model holds it now, bypassing any cache.
+    async fn fresh(&self, order_id: Uuid) -> Result<OrderView>;
+    /// Waits (at most [`MAX_WAIT`]) until the read model reflects `position`
+    /// for `order_id`.
+    async fn wait_for(&self, order_id: Uuid, position: Position) -> Result<()>;
+    /// Waits up to `timeout` for an order to reach a terminal status.
+    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration);
+    /// A page of orders, newest first.
+    async fn list(&self, filter: ListFilter) -> Result<OrderPage>;
+    /// Orders whose customer email or product names match `q`.
+    async fn search(&self, q: &str, limit: usize) -> Result<Vec<OrderView>>;
+    /// Counts and revenue by status.
+    async fn stats(&self) -> Result<Stats>;
+    /// An order's events.
+    async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>>;
+    /// How far the read model is behind its source.
+    async fn lag(&self) -> Result<es_projections::Lag>;
+    /// The source position the read model has applied up to.
+    async fn position(&self) -> Result<Position>;
 }
 
 /// The query service.
@@ -97,7 +142,7 @@ impl QueryService {
     /// [`Error::Validation`] for a position past the store's head (no write
     /// answered it), [`Error::NotCaughtUp`] when the time runs out or the
     /// read model has stopped.
-    pub async fn wait_for(&self, position: Position) -> Result<()> {
+    pub async fn wait_for_position(&self, position: Position) -> Result<()> {
         let head = self.store.head().await?;
         if position > head {
             return Err(Error::validation(
@@ -122,26 +167,65 @@ impl QueryService {
         }
     }
 
-    /// One order, after the read model reached `min_position` if given.
-    pub async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView> {
-        if let Some(position) = min_position {
-            self.wait_for(position).await?;
-        }
-        self.model.get(order_id).ok_or_else(|| Error::NotFound {
-            what: format!("order {order_id}"),
-        })
-    }
-
-    /// Waits up to `timeout` for an order to reach a terminal status.
-    pub async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) -> Option<OrderStatus> {
+    /// Waits up to `timeout` for an order to reach a terminal status, and
+    /// says which.
+    pub async fn terminal_status(&self, order_id: Uuid, timeout: Duration) -> Option<OrderStatus> {
         tokio::time::timeout(timeout, self.model.terminal(order_id))
             .await
             .ok()
             .and_then(Result::ok)
     }
+}
 
-    /// An order's events, from the store.
-    pub async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
+#[async_trait]
+impl OrderQueries for QueryService {
+    async fn order(&self, order_id: Uuid, min_position: Option<Position>) -> Result<OrderView> {
+        if let Some(position) = min_position {
+            self.wait_for_position(position).await?;
+        }
+        self.fresh(order_id).await
+    }
+
+    async fn fresh(&self, order_id: Uuid) -> Result<OrderView> {
+        self.model.get(order_id).ok_or_else(|| Error::NotFound {
+            what: format!("order {order_id}"),
+        })
+    }
+
+    async fn wait_for(&self, _order_id: Uuid, position: Position) -> Result<()> {
+        self.wait_for_position(position).await
+    }
+
+    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) {
+        self.terminal_status(order_id, timeout).await;
+    }
+
+    async fn list(&self, filter: ListFilter) -> Result<OrderPage> {
+        Ok(self.model.list(
+            filter.customer_email.as_deref(),
+            filter.status,
+            filter.limit,
+            filter.cursor,
+        ))
+    }
+
+    async fn search(&self, q: &str, limit: usize) -> Result<Vec<OrderView>> {
+        Ok(self.model.search(q, limit))
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        Ok(self.model.stats())
+    }
+
+    async fn lag(&self) -> Result<es_projections::Lag> {
+        self.projection.lag().await.map_err(Error::internal)
+    }
+
+    async fn position(&self) -> Result<Position> {
+        Ok(self.projection.position())
+    }
+
+    async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
         let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
         let events = self.store.read_stream(&stream, 1, 10_000).await?;
         if events.is_empty() {
@@ -242,7 +326,10 @@ mod tests {
             .unwrap();
         let service = QueryService::start(Arc::new(Stalled(inner)));
         let started = tokio::time::Instant::now();
-        let error = service.wait_for(written.position).await.unwrap_err();
+        let error = service
+            .wait_for_position(written.position)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&error, Error::NotCaughtUp { what } if what.contains("within")),
             "{error:?}"
