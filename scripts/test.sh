@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Brings up what the tests need (PostgreSQL, RabbitMQ, Redis on loopback) and runs
-# the whole suite: rustfmt check, clippy and rustdoc with warnings denied, every test
-# in one build.
+# the whole suite: rustfmt check, clippy (every feature combination of the umbrella
+# crate too) and rustdoc with warnings denied, an MSRV check, every test in one build.
 #
 #   scripts/test.sh            # everything
 #   SKIP_LINT=1 scripts/test.sh  # tests only
@@ -37,6 +37,19 @@ if [ -z "${SKIP_LINT:-}" ]; then
   # `es` without its re-exports of the backends: lint those too.
   step "cargo clippy -p es --all-features (warnings are errors)"
   cargo clippy -p es --all-features -- -D warnings
+  # Every other feature combination of the umbrella crate: none, then each backend
+  # alone (each must build without the others' re-exports).
+  for features in "" postgres rabbit projections; do
+    step "cargo clippy -p es --no-default-features --features '$features' (warnings are errors)"
+    cargo clippy -p es --no-default-features --features "$features" -- -D warnings
+  done
+  # The MSRV. Only one toolchain is installed where CI runs, so nothing builds with
+  # the `rust-version` compiler itself. Instead, clippy's `incompatible_msrv` lint
+  # (in the runs above, denied with the other warnings) flags any standard-library
+  # API newer than `rust-version`, and this step fails when a locked dependency
+  # declares a `rust-version` newer than the workspace's (see scripts/msrv-deps.py).
+  step "MSRV: no locked dependency needs a newer Rust than rust-version"
+  cargo metadata --format-version 1 --locked --all-features | python3 scripts/msrv-deps.py
   step "cargo doc (warnings are errors)"
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 fi

@@ -4,12 +4,16 @@
 //! production backends: `postgres` (`es_postgres`, as `es::postgres`), `rabbit`
 //! (`es_rabbit`, as `es::rabbit`) and `projections` (`es_projections`, as
 //! `es::projections`).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use es_core::*;
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use es_postgres as postgres;
 #[cfg(feature = "projections")]
+#[cfg_attr(docsrs, doc(cfg(feature = "projections")))]
 pub use es_projections as projections;
 #[cfg(feature = "rabbit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbit")))]
 pub use es_rabbit as rabbit;

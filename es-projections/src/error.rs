@@ -55,6 +55,7 @@ pub enum Error {
     },
     /// The read model's database failed (begin, checkpoint, commit).
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     #[error("projection {projection}: database error: {source}")]
     Database {
         /// The projection's name.
@@ -66,6 +67,7 @@ pub enum Error {
     /// An es-postgres operation (checkpoint store, leader lock, migration)
     /// failed.
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     #[error("projection {projection}: {source}")]
     Postgres {
         /// The projection's name.
@@ -76,6 +78,7 @@ pub enum Error {
     },
     /// Redis failed.
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     #[error("redis error: {source}")]
     Redis {
         /// The driver's error.

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(all(feature = "cli", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "cli", feature = "postgres"))))]
 pub mod cli;
 mod core;
 mod dead_letter;
@@ -12,6 +14,7 @@ mod handle;
 mod memory;
 mod options;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 #[cfg(feature = "redis")]
 mod redis_sink;
@@ -23,5 +26,6 @@ pub use handle::{ProjectionHandle, RunState};
 pub use memory::{spawn_in_memory, spawn_in_memory_with};
 pub use options::{OnError, RunnerOptions};
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_sink::{RedisSink, Versioned};
 pub use telemetry::Lag;
