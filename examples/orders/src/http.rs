@@ -194,3 +194,44 @@ pub fn parse_id(what: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
         )
     })
 }
+
+/// Serves `router` on `listen` until Ctrl-C or SIGTERM, after calling
+/// `ready` with the bound address.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve(
+    router: Router,
+    listen: std::net::SocketAddr,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> crate::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::internal(format!("cannot listen on {listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(Error::internal)?;
+    tracing::info!(%addr, "listening");
+    ready(addr);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(Error::internal)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        #[cfg(unix)]
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}

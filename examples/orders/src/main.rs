@@ -130,11 +130,8 @@ async fn serve(listen: SocketAddr, payment_timeout: Duration) -> orders::Result<
         ..Config::default()
     })
     .await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| orders::Error::internal(format!("cannot listen on {listen}: {e}")))?;
-    let addr = listener.local_addr().map_err(orders::Error::internal)?;
-    tracing::info!(
+    let banner = |addr| {
+        tracing::info!(
         %addr,
         payment_timeout = ?payment_timeout,
         "orders is serving; try:\n\
@@ -146,15 +143,9 @@ async fn serve(listen: SocketAddr, payment_timeout: Duration) -> orders::Result<
          curl -s 'http://{addr}/api/orders?customer_email=ada@example.com'   curl -s 'http://{addr}/api/orders/search?q=widget'   curl -s http://{addr}/api/stats\n\
          curl -s http://{addr}/openapi.json   curl -s http://{addr}/metrics   curl -s http://{addr}/health\n\
          card tokens: tok_ok, tok_decline, tok_timeout, tok_delay_<ms>"
-    );
-    let app = system.router();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
-        })
-        .await
-        .map_err(orders::Error::internal)?;
+        );
+    };
+    orders::http::serve(system.router(), listen, banner).await?;
     system.shutdown().await;
     Ok(())
 }

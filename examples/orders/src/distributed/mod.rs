@@ -224,40 +224,11 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
 /// When start-up fails or the address cannot be bound.
 pub async fn serve(args: ServeArgs, listen: SocketAddr, payment_timeout: Duration) -> Result<()> {
     let node = start(&args, payment_timeout).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| Error::internal(format!("cannot listen on {listen}: {e}")))?;
-    let addr = listener.local_addr().map_err(Error::internal)?;
-    tracing::info!(%addr, "listening");
-    // A line on stdout for scripts and tests that wait for start-up.
-    println!("orders listening on http://{addr}");
-    axum::serve(listener, node.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(Error::internal)?;
+    crate::http::serve(node.router(), listen, |addr| {
+        // A line on stdout for scripts and tests that wait for start-up.
+        println!("orders listening on http://{addr}");
+    })
+    .await?;
     node.shutdown().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutting down");
 }
