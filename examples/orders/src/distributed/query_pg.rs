@@ -24,10 +24,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use es_core::replica::{ReplicaHandler, Source};
-use es_core::{
-    EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent, StreamId,
-};
+use es_core::replica::ReplicaHandler;
+use es_core::{EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent};
 use es_postgres::sqlx::postgres::{PgListener, PgRow};
 use es_postgres::sqlx::{self, PgConnection, PgPool, Row};
 use es_postgres::PgEventStore;
@@ -38,8 +36,8 @@ use uuid::Uuid;
 
 use crate::order::{Order, OrderEvent, OrderStatus};
 use crate::query::{
-    HistoryEvent, ListFilter, OrderItemView, OrderPage, OrderQueries, OrderView, Stats,
-    StatusStats, MAX_WAIT,
+    history, is_order_event, source_of, HistoryEvent, ListFilter, OrderItemView, OrderPage,
+    OrderQueries, OrderView, Stats, StatusStats, MAX_WAIT,
 };
 use crate::{Error, Money, Result};
 
@@ -47,12 +45,6 @@ use crate::{Error, Money, Result};
 pub(super) const PROJECTION: &str = "orders_read_model";
 
 const COLUMNS: &str = "order_id, customer_email, items, total, status, created_at, completed_at, cancellation_reason, version";
-
-/// Where `event` stands in the order service's store: its own place for an
-/// event of the order store itself, its source's for a replicated one.
-fn source_of(event: &RecordedEvent) -> Source {
-    Source::of_event(event).unwrap_or_else(|| Source::of_recorded(event))
-}
 
 /// A position as the two `bigint` columns that store it.
 fn position_columns(position: Position) -> (i64, i64) {
@@ -241,14 +233,7 @@ impl Projection for PgOrderProjection {
     }
 
     fn accepts(&self, event_type: &str) -> bool {
-        matches!(
-            event_type,
-            "OrderCreated"
-                | "OrderInventoryConfirmed"
-                | "OrderPaymentConfirmed"
-                | "OrderCompleted"
-                | "OrderCancelled"
-        )
+        is_order_event(event_type)
     }
 
     async fn apply(
@@ -793,28 +778,7 @@ impl OrderQueries for PgQueryService {
     }
 
     async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
-        let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
-        let events = self.replica.read_stream(&stream, 1, 10_000).await?;
-        if events.is_empty() {
-            return Err(Error::NotFound {
-                what: format!("order {order_id}"),
-            });
-        }
-        Ok(events
-            .into_iter()
-            .map(|e| {
-                let source = source_of(&e);
-                HistoryEvent {
-                    version: e.stream_version,
-                    position: source.position.to_string(),
-                    event_type: e.event_type.to_string(),
-                    recorded_at: source.recorded_at,
-                    data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
-                    causation_id: e.metadata.causation_id,
-                    correlation_id: e.metadata.correlation_id,
-                }
-            })
-            .collect())
+        history(&self.replica, order_id).await
     }
 
     async fn position(&self) -> Result<Position> {

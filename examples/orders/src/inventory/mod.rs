@@ -240,7 +240,8 @@ impl InventoryService {
             ReservationState::Open => self.hold(order_id, lines, cause, metadata).await,
             ReservationState::Released(_) | ReservationState::Failed => {
                 // Settled without this delivery's stock: nothing may stay held.
-                self.give_back(order_id, lines, metadata).await
+                self.each_product(lines, ProductCommand::Release { order_id }, metadata)
+                    .await
             }
             ReservationState::Reserved(_) | ReservationState::Committed(_) => Ok(()),
         }
@@ -305,7 +306,8 @@ impl InventoryService {
             // Failed (now, or by another delivery) or released: give back
             // what this attempt holds.
             ReservationState::Failed | ReservationState::Released(_) => {
-                self.give_back(order_id, lines, metadata).await
+                self.each_product(lines, ProductCommand::Release { order_id }, metadata)
+                    .await
             }
             // Another delivery of the same command reserved: the lines this
             // one reserved are its steps, so they are that reservation.
@@ -313,20 +315,18 @@ impl InventoryService {
         }
     }
 
-    async fn give_back(
+    /// Executes `command` on the product of every line; a product that
+    /// refuses it (already done) is passed over.
+    async fn each_product(
         &self,
-        order_id: Uuid,
         lines: &[StockLine],
+        command: ProductCommand,
         metadata: &Metadata,
     ) -> Result<()> {
         for line in lines {
             match self
                 .products
-                .execute(
-                    line.product_id,
-                    ProductCommand::Release { order_id },
-                    metadata,
-                )
+                .execute(line.product_id, command.clone(), metadata)
                 .await
             {
                 Ok(_) | Err(RepositoryError::Rejected(_)) => {}
@@ -345,7 +345,8 @@ impl InventoryService {
             return Ok(());
         }
         if let ReservationState::Released(lines) = self.reservation(order_id).await?.state {
-            self.give_back(order_id, &lines, metadata).await?;
+            self.each_product(&lines, ProductCommand::Release { order_id }, metadata)
+                .await?;
         }
         Ok(())
     }
@@ -359,20 +360,8 @@ impl InventoryService {
             return Ok(());
         }
         if let ReservationState::Committed(lines) = self.reservation(order_id).await?.state {
-            for line in lines {
-                match self
-                    .products
-                    .execute(
-                        line.product_id,
-                        ProductCommand::Commit { order_id },
-                        metadata,
-                    )
-                    .await
-                {
-                    Ok(_) | Err(RepositoryError::Rejected(_)) => {}
-                    Err(e) => return Err(Error::from_repository(e)),
-                }
-            }
+            self.each_product(&lines, ProductCommand::Commit { order_id }, metadata)
+                .await?;
         }
         Ok(())
     }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use es_core::{EventStore, Position, StreamId};
+use es_core::replica::Source;
+use es_core::{EventStore, Position, RecordedEvent, StreamId};
 use es_projections::ProjectionHandle;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -41,6 +42,51 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<QueryBackend> {
     w.serve(Owner::Query, router(backend.queries()));
     w.reads(backend.queries());
     Ok(backend)
+}
+
+/// Whether the read models take events of this type (the order's own).
+pub(crate) fn is_order_event(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        "OrderCreated"
+            | "OrderInventoryConfirmed"
+            | "OrderPaymentConfirmed"
+            | "OrderCompleted"
+            | "OrderCancelled"
+    )
+}
+
+/// Where `event` stands in the order service's store: its own place for an
+/// event of the order store itself, its source's for a replicated one.
+pub(crate) fn source_of(event: &RecordedEvent) -> Source {
+    Source::of_event(event).unwrap_or_else(|| Source::of_recorded(event))
+}
+
+/// An order's events from `store` (the order store, or a replica of it),
+/// with their places and times in the order store.
+pub(crate) async fn history(store: &dyn EventStore, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
+    let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
+    let events = store.read_stream(&stream, 1, 10_000).await?;
+    if events.is_empty() {
+        return Err(Error::NotFound {
+            what: format!("order {order_id}"),
+        });
+    }
+    Ok(events
+        .into_iter()
+        .map(|e| {
+            let source = source_of(&e);
+            HistoryEvent {
+                version: e.stream_version,
+                position: source.position.to_string(),
+                event_type: e.event_type.to_string(),
+                recorded_at: source.recorded_at,
+                data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
+                causation_id: e.metadata.causation_id,
+                correlation_id: e.metadata.correlation_id,
+            }
+        })
+        .collect())
 }
 
 /// The longest a read waits for the read model to reach a position.
@@ -226,25 +272,7 @@ impl OrderQueries for QueryService {
     }
 
     async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
-        let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
-        let events = self.store.read_stream(&stream, 1, 10_000).await?;
-        if events.is_empty() {
-            return Err(Error::NotFound {
-                what: format!("order {order_id}"),
-            });
-        }
-        Ok(events
-            .into_iter()
-            .map(|e| HistoryEvent {
-                version: e.stream_version,
-                position: e.position.to_string(),
-                event_type: e.event_type.to_string(),
-                recorded_at: e.recorded_at,
-                data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
-                causation_id: e.metadata.causation_id,
-                correlation_id: e.metadata.correlation_id,
-            })
-            .collect())
+        history(self.store.as_ref(), order_id).await
     }
 }
 

@@ -357,14 +357,7 @@ impl Projection for OrderProjection {
     }
 
     fn accepts(&self, event_type: &str) -> bool {
-        matches!(
-            event_type,
-            "OrderCreated"
-                | "OrderInventoryConfirmed"
-                | "OrderPaymentConfirmed"
-                | "OrderCompleted"
-                | "OrderCancelled"
-        )
+        super::is_order_event(event_type)
     }
 
     async fn apply(&self, (): &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
