@@ -6,12 +6,12 @@
 
 #![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
 
-mod distributed_support;
+mod support;
 
 use std::process::Command;
 use std::time::Duration;
 
-use distributed_support::{place_many, Cluster, EVERY_SERVICE_APART};
+use support::distributed::{place_many, products, Cluster, EVERY_SERVICE_APART};
 
 fn rabbitmqctl(args: &[&str]) -> bool {
     Command::new("rabbitmqctl")
@@ -47,11 +47,10 @@ impl Drop for BrokerGuard {
 // whose unit tests replay both orderings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_restart_mid_flow() {
-    let c = Cluster::start("broker", &EVERY_SERVICE_APART, "5s").await;
-    let stock = c.products("Broker Widget", "2.00", 3, 100).await;
+    let c = Cluster::start("broker", &EVERY_SERVICE_APART, Duration::from_secs(5)).await;
+    let stock = products(&c.client(), "Broker Widget", "2.00", 3, 100).await;
     let load = tokio::spawn(place_many(
-        c.client.clone(),
-        c.gateway.clone(),
+        c.client(),
         stock.clone(),
         200,
         8,
