@@ -543,7 +543,7 @@ impl Deployment for Cluster {
     /// From the last event of the order's payment stream.
     async fn payment_state(&self, order_id: &str) -> String {
         let last: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT event_type FROM \"{}\".events WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
+            "SELECT event_type FROM \"{}\".events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1",
             self.schema("payment")
         ))
         .bind(format!("payment-{order_id}"))
@@ -576,8 +576,7 @@ impl Deployment for Cluster {
         counts.join(",")
     }
 
-    /// Waits (up to 30 s) until no service's store has grown for half a
-    /// second.
+    /// Waits (up to 30 s) until no service's store has grown for 300 ms.
     async fn settle(&self) {
         let mut last = self.written().await;
         let mut quiet = 0;
@@ -586,7 +585,7 @@ impl Deployment for Cluster {
             let now = self.written().await;
             if now == last {
                 quiet += 1;
-                if quiet >= 5 {
+                if quiet >= 3 {
                     return;
                 }
             } else {
@@ -598,6 +597,14 @@ impl Deployment for Cluster {
 
     fn payment_timeout(&self) -> Duration {
         self.payment_timeout
+    }
+
+    fn knows_the_head(&self) -> bool {
+        false
+    }
+
+    fn behind_gateway(&self) -> bool {
+        true
     }
 
     fn extra_metrics(&self) -> &'static [&'static str] {

@@ -229,6 +229,14 @@ impl Deployment for Embedded {
         self.system.config().payment_timeout
     }
 
+    fn knows_the_head(&self) -> bool {
+        true
+    }
+
+    fn behind_gateway(&self) -> bool {
+        false
+    }
+
     fn extra_metrics(&self) -> &'static [&'static str] {
         &[]
     }

@@ -44,6 +44,14 @@ pub trait Deployment: Send + Sync {
     async fn settle(&self);
     /// How long an order waits for its payment.
     fn payment_timeout(&self) -> Duration;
+    /// Whether the read model knows the store's head, and so refuses at once
+    /// a `min_position` no write answered. The distributed query service, a
+    /// replica, cannot tell such a position from one it has not reached yet:
+    /// it answers 503 `not_caught_up` after its longest wait.
+    fn knows_the_head(&self) -> bool;
+    /// Whether a gateway answers a path no service takes: 404 `not_found`
+    /// where a service answers 404 `no_route`.
+    fn behind_gateway(&self) -> bool;
     /// Metrics this deployment exports beyond every deployment's.
     fn extra_metrics(&self) -> &'static [&'static str];
 }

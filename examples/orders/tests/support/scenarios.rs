@@ -354,13 +354,15 @@ pub async fn bad_input(c: &Client) {
         .await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
     // A position no write answered is refused at once, not waited for.
-    let started = std::time::Instant::now();
-    let (code, answer) = c
-        .get(&format!("/api/orders/{unknown}?min_position=999999.0"))
-        .await;
-    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
-    assert_eq!(answer["field"], "min_position", "{answer}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    if c.0.knows_the_head() {
+        let started = std::time::Instant::now();
+        let (code, answer) = c
+            .get(&format!("/api/orders/{unknown}?min_position=999999.0"))
+            .await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        assert_eq!(answer["field"], "min_position", "{answer}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
     // Query parameters of the wrong type, an unknown path, a method a path
     // does not take: JSON errors too.
     for uri in [
@@ -373,10 +375,16 @@ pub async fn bad_input(c: &Client) {
         assert_eq!(code, StatusCode::BAD_REQUEST, "{uri} -> {answer}");
         assert_eq!(answer["code"], "invalid_query", "{uri} -> {answer}");
     }
+    // The gateway answers a path no service takes itself.
+    let no_route = if c.0.behind_gateway() {
+        "not_found"
+    } else {
+        "no_route"
+    };
     let (code, answer) = c.get("/api/nothing-here").await;
     assert_eq!(
         (code, answer["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("no_route"))
+        (StatusCode::NOT_FOUND, Some(no_route))
     );
     let (code, answer) = c.call("DELETE", "/api/orders", None, &[]).await;
     assert_eq!(
