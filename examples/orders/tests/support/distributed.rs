@@ -85,15 +85,6 @@ pub struct Cluster {
     payment_timeout: Duration,
 }
 
-/// Every service its own process.
-pub const EVERY_SERVICE: [(&str, &str); 5] = [
-    ("order", "order"),
-    ("inventory", "inventory"),
-    ("payment", "payment"),
-    ("notification", "notification"),
-    ("query", "query"),
-];
-
 /// Every service its own process, plus a separate relay process.
 pub const EVERY_SERVICE_APART: [(&str, &str); 6] = [
     ("order", "order"),
@@ -531,7 +522,7 @@ impl Deployment for Cluster {
     }
 
     /// From the subjects the SMTP server received (`Order <id>: <kind>`).
-    async fn emails(&self, order_id: &str) -> Vec<String> {
+    async fn sent(&self, order_id: &str) -> Vec<String> {
         let text = std::fs::read_to_string(&self.mail_log).unwrap();
         let prefix = format!("Order {order_id}: ");
         text.lines()

@@ -174,7 +174,7 @@ impl Deployment for Embedded {
         );
     }
 
-    async fn emails(&self, order_id: &str) -> Vec<String> {
+    async fn sent(&self, order_id: &str) -> Vec<String> {
         self.system
             .sent
             .for_order(order_id.parse().unwrap())

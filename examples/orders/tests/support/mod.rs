@@ -34,7 +34,7 @@ pub trait Deployment: Send + Sync {
     async fn await_product(&self, product_id: &str);
     /// The kinds (`OrderConfirmed`, `OrderCancelled`) of the notifications
     /// sent so far for the order.
-    async fn emails(&self, order_id: &str) -> Vec<String>;
+    async fn sent(&self, order_id: &str) -> Vec<String>;
     /// The order's payment: `None`, `Authorised`, `Declined` or `Refunded`.
     async fn payment_state(&self, order_id: &str) -> String;
     /// A fingerprint of everything stored: equal before and after requests
@@ -302,14 +302,14 @@ impl Client {
     pub async fn emails(&self, order_id: &str) -> Vec<String> {
         self.wait_emails(order_id).await;
         self.0.settle().await;
-        self.0.emails(order_id).await
+        self.0.sent(order_id).await
     }
 
     /// The kinds of the notifications the order got, once it got one (up to
     /// 30 s).
     pub async fn wait_emails(&self, order_id: &str) -> Vec<String> {
         for _ in 0..300 {
-            let sent = self.0.emails(order_id).await;
+            let sent = self.0.sent(order_id).await;
             if !sent.is_empty() {
                 return sent;
             }
@@ -351,24 +351,12 @@ impl Client {
         assert_eq!(code, StatusCode::OK, "{stats}");
         stats
     }
+}
 
-    pub async fn settle(&self) {
-        self.0.settle().await;
-    }
+impl std::ops::Deref for Client {
+    type Target = dyn Deployment;
 
-    pub async fn written(&self) -> String {
-        self.0.written().await
-    }
-
-    pub async fn payment_state(&self, order_id: &str) -> String {
-        self.0.payment_state(order_id).await
-    }
-
-    pub fn payment_timeout(&self) -> Duration {
-        self.0.payment_timeout()
-    }
-
-    pub fn extra_metrics(&self) -> &'static [&'static str] {
-        self.0.extra_metrics()
+    fn deref(&self) -> &Self::Target {
+        &*self.0
     }
 }
