@@ -55,7 +55,11 @@ async fn payment_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_on_one_system_over_a_real_socket() {
-    let app = Embedded::serve(Duration::from_secs(2)).await;
+    let config = Config {
+        payment_timeout: Duration::from_secs(2),
+        ..Config::default()
+    };
+    let app = Embedded::start(config, true).await;
     scenarios::all(&app.client()).await;
 }
 
@@ -175,12 +179,12 @@ async fn many_buyers_for_scarce_stock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_30s_payment_deadline_on_a_manual_clock() {
     let clock = ManualClock::at("2026-01-01T00:00:00Z".parse().unwrap());
-    let app = Embedded::start(Config {
+    let config = Config {
         clock: Arc::new(clock.clone()),
         deadline_tick: Duration::from_millis(10),
         ..Config::default()
-    })
-    .await;
+    };
+    let app = Embedded::start(config, false).await;
     let c = app.client();
     let widget = c.product("Widget", "3.00", 2).await;
     let id = c

@@ -19,48 +19,38 @@ use super::{decode, Client, Deployment, Http, StatusCode};
 pub struct Embedded {
     pub system: System,
     pub router: Router,
-    /// Set when the router is served on a socket: requests go through it.
     socket: Option<(Http, tokio::task::JoinHandle<()>)>,
 }
 
 impl Embedded {
-    pub async fn start(config: Config) -> Arc<Self> {
+    /// The system; with `socket`, its router served on a real socket, which
+    /// every request then goes through.
+    pub async fn start(config: Config, socket: bool) -> Arc<Self> {
         let system = System::embedded(config).await.expect("system starts");
         let router = system.router();
+        let socket = if socket {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let served = router.clone();
+            let server = tokio::spawn(async move { axum::serve(listener, served).await.unwrap() });
+            Some((Http::new(base), server))
+        } else {
+            None
+        };
         Arc::new(Self {
             system,
             router,
-            socket: None,
+            socket,
         })
     }
 
     /// The system with this payment window.
     pub async fn with_timeout(payment_timeout: Duration) -> Arc<Self> {
-        Self::start(Config {
+        let config = Config {
             payment_timeout,
             ..Config::default()
-        })
-        .await
-    }
-
-    /// The system with this payment window, its router served on a socket.
-    pub async fn serve(payment_timeout: Duration) -> Arc<Self> {
-        let system = System::embedded(Config {
-            payment_timeout,
-            ..Config::default()
-        })
-        .await
-        .expect("system starts");
-        let router = system.router();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let served = router.clone();
-        let server = tokio::spawn(async move { axum::serve(listener, served).await.unwrap() });
-        Arc::new(Self {
-            system,
-            router,
-            socket: Some((Http::new(base), server)),
-        })
+        };
+        Self::start(config, false).await
     }
 
     pub fn client(self: &Arc<Self>) -> Client {

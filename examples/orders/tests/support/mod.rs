@@ -116,6 +116,25 @@ pub fn tag() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
+/// Calls `probe` until `done` holds for its answer, at most `tries` times
+/// `every_ms` apart; its last answer.
+pub async fn until<T, F: std::future::Future<Output = T>>(
+    tries: usize,
+    every_ms: u64,
+    mut probe: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let mut answer = probe().await;
+    for _ in 1..tries {
+        if done(&answer) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        answer = probe().await;
+    }
+    answer
+}
+
 /// `"42.50"` in cents (0 when absent).
 pub fn cents(v: &Value) -> i64 {
     let s = v.as_str().unwrap_or("0");
@@ -242,6 +261,12 @@ impl Client {
         panic!("order {key} was never accepted");
     }
 
+    /// Asks to cancel the order (with `body` as its JSON body, if any).
+    pub async fn cancel(&self, id: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call("POST", &format!("/api/orders/{id}/cancel"), body, &[])
+            .await
+    }
+
     /// Waits until the order is Completed or Cancelled (up to a minute); its
     /// view.
     pub async fn finished(&self, id: &str) -> Value {
@@ -266,68 +291,52 @@ impl Client {
 
     /// Waits (up to 5 s) until the order's view shows `status`.
     pub async fn wait_status(&self, id: &str, status: &str) {
-        let mut seen = String::new();
-        for _ in 0..500 {
-            let (_, o) = self.get(&format!("/api/orders/{id}")).await;
-            seen = o["status"].as_str().unwrap_or_default().to_owned();
-            if seen == status {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(seen, status);
+        let uri = &format!("/api/orders/{id}");
+        let (_, seen) = until(
+            500,
+            10,
+            move || self.get(uri),
+            |(_, o)| o["status"] == status,
+        )
+        .await;
+        assert_eq!(seen["status"], status, "{seen}");
     }
 
     /// Once the deployment is quiet, the product shows `available` and
     /// `reserved` units (the distributed deployment may take a little longer
     /// to show the last release: polled for up to 10 s).
     pub async fn stock_is(&self, product: &str, available: u64, reserved: u64) {
-        self.0.settle().await;
-        let mut last = Value::Null;
-        for _ in 0..100 {
-            let (_, v) = self.get(&format!("/api/products/{product}")).await;
-            if (v["available"].as_u64(), v["reserved"].as_u64())
-                == (Some(available), Some(reserved))
-            {
-                return;
-            }
-            last = v;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("{product}: want {available} available and {reserved} reserved, have {last}");
+        self.settle().await;
+        let uri = &format!("/api/products/{product}");
+        let units = |v: &Value| (v["available"].as_u64(), v["reserved"].as_u64());
+        let want = (Some(available), Some(reserved));
+        let (_, v) = until(100, 100, move || self.get(uri), |(_, v)| units(v) == want).await;
+        assert_eq!(units(&v), want, "{product}: {v}");
     }
 
     /// The kinds of the notifications the order got, once it got one (up to
     /// 30 s) and the deployment is quiet.
     pub async fn emails(&self, order_id: &str) -> Vec<String> {
         self.wait_emails(order_id).await;
-        self.0.settle().await;
-        self.0.sent(order_id).await
+        self.settle().await;
+        self.sent(order_id).await
     }
 
     /// The kinds of the notifications the order got, once it got one (up to
     /// 30 s).
     pub async fn wait_emails(&self, order_id: &str) -> Vec<String> {
-        for _ in 0..300 {
-            let sent = self.0.sent(order_id).await;
-            if !sent.is_empty() {
-                return sent;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Vec::new()
+        until(300, 100, move || self.sent(order_id), |s| !s.is_empty()).await
     }
 
     /// Waits (up to 30 s) until the order's payment is in `state`.
     pub async fn payment_becomes(&self, order_id: &str, state: &str) {
-        let mut seen = String::new();
-        for _ in 0..300 {
-            seen = self.0.payment_state(order_id).await;
-            if seen == state {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let seen = until(
+            300,
+            100,
+            move || self.payment_state(order_id),
+            |s| s == state,
+        )
+        .await;
         assert_eq!(seen, state, "the payment of {order_id}");
     }
 

@@ -142,29 +142,18 @@ pub async fn cancellation(c: &Client) {
         .place("di@example.com", &[(&widget, 2)], "tok_timeout")
         .await;
     c.wait_status(&id, "InventoryConfirmed").await;
-    let (code, body) = c
-        .post(
-            &format!("/api/orders/{id}/cancel"),
-            json!({"reason": "changed my mind"}),
-        )
-        .await;
+    let mind = Some(json!({"reason": "changed my mind"}));
+    let (code, body) = c.cancel(&id, mind.clone()).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "Cancelled");
-    let (code, body) = c
-        .post(
-            &format!("/api/orders/{id}/cancel"),
-            json!({"reason": "again"}),
-        )
-        .await;
+    let (code, body) = c.cancel(&id, Some(json!({"reason": "again"}))).await;
     assert_eq!(code, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["code"], "illegal_transition");
     let order = c.finished(&id).await;
     assert_eq!(order["status"], "Cancelled");
     assert_eq!(order["cancellation_reason"], "changed my mind");
     c.stock_is(&widget, 4, 0).await;
-    let (code, body) = c
-        .call("POST", &format!("/api/orders/{id}/cancel"), None, &[])
-        .await;
+    let (code, body) = c.cancel(&id, None).await;
     assert_eq!(
         code,
         StatusCode::CONFLICT,
@@ -173,19 +162,14 @@ pub async fn cancellation(c: &Client) {
 
     let done = c.place("di@example.com", &[(&widget, 1)], "tok_ok").await;
     assert_eq!(c.finished(&done).await["status"], "Completed");
-    let (code, body) = c
-        .post(&format!("/api/orders/{done}/cancel"), json!({}))
-        .await;
+    let (code, body) = c.cancel(&done, Some(json!({}))).await;
     assert_eq!(
         code,
         StatusCode::CONFLICT,
         "a completed order cannot be cancelled: {body}"
     );
     let (code, _) = c
-        .post(
-            &format!("/api/orders/{}/cancel", uuid::Uuid::now_v7()),
-            json!({}),
-        )
+        .cancel(&uuid::Uuid::now_v7().to_string(), Some(json!({})))
         .await;
     assert_eq!(code, StatusCode::NOT_FOUND);
 
@@ -193,19 +177,12 @@ pub async fn cancellation(c: &Client) {
     let late = c
         .place("ivy@example.com", &[(&widget, 1)], "tok_delay_1500")
         .await;
-    let (code, body) = c
-        .post(
-            &format!("/api/orders/{late}/cancel"),
-            json!({"reason": "changed my mind"}),
-        )
-        .await;
+    let (code, body) = c.cancel(&late, mind).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let v = c.finished(&late).await;
     assert_eq!(v["status"], "Cancelled");
     assert_eq!(v["cancellation_reason"], "changed my mind");
-    let (code, _) = c
-        .post(&format!("/api/orders/{late}/cancel"), json!({}))
-        .await;
+    let (code, _) = c.cancel(&late, Some(json!({}))).await;
     assert_eq!(code, StatusCode::CONFLICT);
     c.stock_is(&widget, 3, 0).await;
 }
@@ -326,19 +303,6 @@ pub async fn bad_input(c: &Client) {
         )
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
-    let (code, answer) = c.get("/api/products/not-a-uuid").await;
-    assert_eq!(
-        (code, answer["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
-    );
-    let (code, _) = c.get("/api/orders/not-a-uuid").await;
-    assert_eq!(code, StatusCode::NOT_FOUND);
-    let (code, _) = c.get(&format!("/api/orders/{unknown}")).await;
-    assert_eq!(code, StatusCode::NOT_FOUND);
-    let (code, _) = c
-        .get(&format!("/api/orders/{unknown}?min_position=nonsense"))
-        .await;
-    assert_eq!(code, StatusCode::BAD_REQUEST);
     // A position no write answered is refused at once, not waited for.
     if c.knows_the_head() {
         let started = std::time::Instant::now();
@@ -349,29 +313,49 @@ pub async fn bad_input(c: &Client) {
         assert_eq!(answer["field"], "min_position", "{answer}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
-    // Query parameters of the wrong type, an unknown path, a method a path
-    // does not take: JSON errors too.
-    for uri in [
-        "/api/orders?limit=abc",
-        "/api/orders?limit=-1",
-        "/api/orders?status=Pending&limit=99999999999999999999999",
-        &format!("/api/orders/{unknown}?wait_terminal_ms=soon"),
-    ] {
-        let (code, answer) = c.get(uri).await;
-        assert_eq!(code, StatusCode::BAD_REQUEST, "{uri} -> {answer}");
-        assert_eq!(answer["code"], "invalid_query", "{uri} -> {answer}");
-    }
-    // The gateway answers a path no service takes itself.
+    // Unknown ids, query parameters of the wrong type, an unknown path (the
+    // gateway answers one no service takes itself), a method a path does not
+    // take: JSON errors too.
     let no_route = if c.behind_gateway() {
         "not_found"
     } else {
         "no_route"
     };
-    let (code, answer) = c.get("/api/nothing-here").await;
-    assert_eq!(
-        (code, answer["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some(no_route))
+    let (missing, bad, invalid) = (
+        StatusCode::NOT_FOUND,
+        StatusCode::BAD_REQUEST,
+        Some("invalid_query"),
     );
+    let huge_limit = "/api/orders?status=Pending&limit=99999999999999999999999";
+    for (uri, status, code) in [
+        (
+            "/api/products/not-a-uuid".into(),
+            missing,
+            Some("not_found"),
+        ),
+        ("/api/orders/not-a-uuid".into(), missing, None),
+        (format!("/api/orders/{unknown}"), missing, None),
+        (
+            format!("/api/orders/{unknown}?min_position=nonsense"),
+            bad,
+            None,
+        ),
+        ("/api/orders?limit=abc".into(), bad, invalid),
+        ("/api/orders?limit=-1".into(), bad, invalid),
+        (huge_limit.into(), bad, invalid),
+        (
+            format!("/api/orders/{unknown}?wait_terminal_ms=soon"),
+            bad,
+            invalid,
+        ),
+        ("/api/nothing-here".into(), missing, Some(no_route)),
+    ] {
+        let (got, answer) = c.get(&uri).await;
+        assert_eq!(got, status, "{uri} -> {answer}");
+        if let Some(code) = code {
+            assert_eq!(answer["code"], code, "{uri} -> {answer}");
+        }
+    }
     let (code, answer) = c.call("DELETE", "/api/orders", None, &[]).await;
     assert_eq!(
         (code, answer["code"].as_str()),
