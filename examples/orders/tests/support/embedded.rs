@@ -19,6 +19,7 @@ use super::{decode, Client, Deployment, Http, StatusCode};
 pub struct Embedded {
     pub system: System,
     pub router: Router,
+    payment_timeout: Duration,
     socket: Option<(Http, tokio::task::JoinHandle<()>)>,
 }
 
@@ -26,6 +27,7 @@ impl Embedded {
     /// The system; with `socket`, its router served on a real socket, which
     /// every request then goes through.
     pub async fn start(config: Config, socket: bool) -> Arc<Self> {
+        let payment_timeout = config.payment_timeout;
         let system = System::embedded(config).await.expect("system starts");
         let router = system.router();
         let socket = if socket {
@@ -40,6 +42,7 @@ impl Embedded {
         Arc::new(Self {
             system,
             router,
+            payment_timeout,
             socket,
         })
     }
@@ -169,7 +172,7 @@ impl Deployment for Embedded {
             .sent
             .for_order(order_id.parse().unwrap())
             .into_iter()
-            .map(|n| n.kind.as_str().to_owned())
+            .map(|n| format!("{:?}", n.kind))
             .collect()
     }
 
@@ -216,7 +219,7 @@ impl Deployment for Embedded {
     }
 
     fn payment_timeout(&self) -> Duration {
-        self.system.config().payment_timeout
+        self.payment_timeout
     }
 
     fn knows_the_head(&self) -> bool {
