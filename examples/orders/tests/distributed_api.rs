@@ -9,12 +9,16 @@ mod support;
 
 use std::time::Duration;
 
-use support::distributed::{amqp_url, database_url, delete_groups, Cluster, EVERY_SERVICE_APART};
+use support::distributed::{
+    amqp_url, database_url, delete_groups, serve_args, Cluster, EVERY_SERVICE_APART,
+};
 use support::scenarios;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_through_the_gateway() {
-    let c = Cluster::start("api", &EVERY_SERVICE_APART[..5], Duration::from_secs(2)).await;
+    // Every service its own process, the relay in the order process; a
+    // payment window short enough to wait for, long enough to cancel in.
+    let c = Cluster::start("api", &EVERY_SERVICE_APART[..5], Duration::from_secs(3)).await;
     let id = scenarios::all(&c.client()).await;
     // The history is the query service's replica of the order's stream, in
     // its own schema, carrying the order service's positions.
@@ -38,16 +42,12 @@ async fn every_scenario_through_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_declares_the_queues_of_services_it_does_not_run() {
     use es_core::{EventBus, Message, Metadata, Payload};
-    use orders::distributed::{Node, ServeArgs};
+    use orders::distributed::Node;
     use orders::system::groups;
 
-    let namespace = format!("ttopo_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let mut args = ServeArgs::defaults();
+    let mut args = serve_args("ttopo");
     args.services = Some(vec!["payment".into()]);
-    args.namespace = namespace.clone();
-    args.database_url = database_url();
-    args.amqp_url = amqp_url();
-    args.queue_expires_secs = Some(300);
+    let namespace = args.namespace.clone();
     let node = Node::start(&args, Duration::from_secs(30)).await.unwrap();
     let bus = es_rabbit::RabbitBus::connect(
         es_rabbit::RabbitConfig::new(amqp_url()).with_prefix(format!("{namespace}.")),
@@ -100,18 +100,11 @@ async fn a_process_declares_the_queues_of_services_it_does_not_run() {
 async fn replaying_orders_fills_a_replica_once() {
     use es_core::replica::{ReplicaHandler, Source};
     use es_core::{EventBus, EventStore, ExpectedVersion, Metadata, NewEvent, Payload, StreamId};
-    use orders::distributed::{replay_orders, subscription, ServeArgs};
+    use orders::distributed::{replay_orders, subscription};
     use orders::system::groups;
 
-    let namespace = format!(
-        "treplay_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut args = ServeArgs::defaults();
-    args.namespace = namespace.clone();
-    args.database_url = database_url();
-    args.amqp_url = amqp_url();
-    args.queue_expires_secs = Some(300);
+    let args = serve_args("treplay");
+    let namespace = args.namespace.clone();
     let pool = es_postgres::PgConfig::from_url(&database_url())
         .unwrap()
         .pool()

@@ -27,6 +27,20 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The `orders serve` arguments of a deployment of its own (namespace
+/// `<prefix>_<random>`) on the test backends, its queues expiring.
+pub fn serve_args(prefix: &str) -> orders::distributed::ServeArgs {
+    let mut args = orders::distributed::ServeArgs::defaults();
+    args.namespace = format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    args.database_url = database_url();
+    args.amqp_url = amqp_url();
+    args.queue_expires_secs = Some(300);
+    args
+}
+
 /// A port free now, below Linux's ephemeral range (32768 and up): a port the
 /// kernel handed out for `:0` may meanwhile become the source port of an
 /// outgoing connection (to PostgreSQL, say), and then the process restarted on
