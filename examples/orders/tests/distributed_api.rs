@@ -12,7 +12,7 @@ use std::time::Duration;
 use support::distributed::{
     amqp_url, database_url, delete_groups, serve_args, Cluster, EVERY_SERVICE_APART,
 };
-use support::scenarios;
+use support::{scenarios, until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_through_the_gateway() {
@@ -64,14 +64,8 @@ async fn a_process_declares_the_queues_of_services_it_does_not_run() {
         metadata: Metadata::new(),
     };
     bus.publish(&[created]).await.unwrap();
-    let mut depth = 0;
-    for _ in 0..50 {
-        depth = bus.queue_depth(groups::QUERY).await.unwrap();
-        if depth == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let query_depth = || async { bus.queue_depth(groups::QUERY).await.unwrap() };
+    let depth = until(50, 100, query_depth, |d| *d == 1).await;
     assert_eq!(
         depth, 1,
         "the order event was not kept for the query service"
@@ -150,14 +144,11 @@ async fn replaying_orders_fills_a_replica_once() {
         )
         .await
         .unwrap();
-    for _ in 0..100 {
-        if bus.queue_depth(groups::QUERY).await.unwrap() == 0
+    let drained = || async {
+        bus.queue_depth(groups::QUERY).await.unwrap() == 0
             && replica.read_stream(&order, 1, 10).await.unwrap().len() == 2
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    until(100, 100, drained, |done| *done).await;
     handle.stop().await;
     let copy = replica.read_stream(&order, 1, 10).await.unwrap();
     let source = orders_store.read_stream(&order, 1, 10).await.unwrap();

@@ -14,7 +14,7 @@ use es_postgres::sqlx::{self, PgPool};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-use super::{Client, Deployment, Http, StatusCode};
+use super::{until, Client, Deployment, Http, StatusCode};
 
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -515,24 +515,19 @@ impl Deployment for Cluster {
     /// Waits until the order service's catalog table holds the product.
     async fn await_product(&self, product_id: &str) {
         let uuid: uuid::Uuid = product_id.parse().unwrap();
-        let sql = format!(
+        let sql = &format!(
             "SELECT count(*) FROM \"{}\".catalog WHERE product_id = $1",
             self.schema("order")
         );
-        for _ in 0..200 {
-            let n: i64 = sqlx::query_scalar(&sql)
-                .bind(uuid)
-                .fetch_one(&self.pool)
-                .await
-                .unwrap_or(0);
-            if n == 1 {
-                // Every order instance follows the table within 50 ms.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the order service never learnt product {product_id}");
+        let pool = &self.pool;
+        let count = move || async move {
+            let n: Result<i64, _> = sqlx::query_scalar(sql).bind(uuid).fetch_one(pool).await;
+            n.unwrap_or(0)
+        };
+        let n = until(200, 50, count, |n| *n == 1).await;
+        assert_eq!(n, 1, "the order service never learnt product {product_id}");
+        // Every order instance follows the table within 50 ms.
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
 
     /// From the subjects the SMTP server received (`Order <id>: <kind>`).
