@@ -39,12 +39,10 @@ impl Drop for BrokerGuard {
     }
 }
 
-// This test twice showed a reservation (3 units) held after every order had
-// ended: a duplicate delivery of a reserve command (the relay publishes a
-// batch again when the broker went away before confirming it), running
-// beside the one that failed for want of stock, reserved a line after the
-// failure was recorded and never gave it back. Fixed in inventory::hold,
-// whose unit tests replay both orderings.
+// A restart makes the relay publish a batch again when the broker went away
+// before confirming it: a duplicate reserve command, running beside the one
+// that failed for want of stock, must not reserve a line after the failure
+// was recorded (inventory::hold's unit tests replay both orderings).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_restart_mid_flow() {
     let c = Cluster::start("broker", &EVERY_SERVICE_APART, Duration::from_secs(5)).await;

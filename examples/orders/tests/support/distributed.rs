@@ -86,7 +86,8 @@ struct Proc {
     child: Option<Child>,
 }
 
-/// The deployment: one process per entry of `layout`, plus a gateway.
+/// The deployment: one process per entry of the layout it started with,
+/// plus a gateway and the SMTP server.
 pub struct Cluster {
     pub namespace: String,
     pub pool: PgPool,
