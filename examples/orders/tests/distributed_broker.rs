@@ -6,12 +6,12 @@
 
 #![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
 
-mod distributed_support;
+mod support;
 
 use std::process::Command;
 use std::time::Duration;
 
-use distributed_support::{place_many, Cluster, EVERY_SERVICE_APART};
+use support::distributed::{place_many, products, Cluster, EVERY_SERVICE_APART};
 
 fn rabbitmqctl(args: &[&str]) -> bool {
     Command::new("rabbitmqctl")
@@ -39,19 +39,16 @@ impl Drop for BrokerGuard {
     }
 }
 
-// This test twice showed a reservation (3 units) held after every order had
-// ended: a duplicate delivery of a reserve command (the relay publishes a
-// batch again when the broker went away before confirming it), running
-// beside the one that failed for want of stock, reserved a line after the
-// failure was recorded and never gave it back. Fixed in inventory::hold,
-// whose unit tests replay both orderings.
+// A restart makes the relay publish a batch again when the broker went away
+// before confirming it: a duplicate reserve command, running beside the one
+// that failed for want of stock, must not reserve a line after the failure
+// was recorded (inventory::hold's unit tests replay both orderings).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_restart_mid_flow() {
-    let c = Cluster::start("broker", &EVERY_SERVICE_APART, "5s").await;
-    let stock = c.products("Broker Widget", "2.00", 3, 100).await;
+    let c = Cluster::start("broker", &EVERY_SERVICE_APART, Duration::from_secs(5)).await;
+    let stock = products(&c.client(), "Broker Widget", "2.00", 3, 100).await;
     let load = tokio::spawn(place_many(
-        c.client.clone(),
-        c.gateway.clone(),
+        c.client(),
         stock.clone(),
         200,
         8,

@@ -8,24 +8,17 @@
 
 #![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
 
-mod distributed_support;
+mod support;
 
 use std::time::Duration;
 
-use distributed_support::{place_many, Cluster, EVERY_SERVICE_APART};
+use support::distributed::{place_many, products, Cluster, EVERY_SERVICE_APART};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_each_service_in_turn_under_load() {
-    let mut c = Cluster::start("kill", &EVERY_SERVICE_APART, "5s").await;
-    let stock = c.products("Crash Widget", "3.00", 4, 100).await;
-    let load = tokio::spawn(place_many(
-        c.client.clone(),
-        c.gateway.clone(),
-        stock.clone(),
-        300,
-        8,
-        "kill".into(),
-    ));
+    let c = Cluster::start("kill", &EVERY_SERVICE_APART, Duration::from_secs(5)).await;
+    let stock = products(&c.client(), "Crash Widget", "3.00", 4, 100).await;
+    let load = tokio::spawn(place_many(c.client(), stock.clone(), 300, 8, "kill".into()));
     // The order store's relay runs, single-active, in both the order and the
     // relay processes: kill whichever holds it now, and see the other take
     // over.

@@ -6,20 +6,19 @@
 
 #![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
 
-mod distributed_support;
+mod support;
 
 use std::time::Duration;
 
-use distributed_support::{place_many, Cluster, EVERY_SERVICE_APART};
 use es_postgres::sqlx;
+use support::distributed::{place_many, products, Cluster, EVERY_SERVICE_APART};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_connections_cut_again_and_again() {
-    let c = Cluster::start("pgcut", &EVERY_SERVICE_APART, "5s").await;
-    let stock = c.products("Crash Widget", "3.00", 3, 100).await;
+    let c = Cluster::start("pgcut", &EVERY_SERVICE_APART, Duration::from_secs(5)).await;
+    let stock = products(&c.client(), "Crash Widget", "3.00", 3, 100).await;
     let load = tokio::spawn(place_many(
-        c.client.clone(),
-        c.gateway.clone(),
+        c.client(),
         stock.clone(),
         200,
         8,

@@ -1,17 +1,20 @@
-//! A deployment of the orders system as separate OS processes (the built
-//! `orders` binary) for the distributed tests, with a real SMTP server
-//! (Python's aiosmtpd) recording every email it receives.
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+//! The distributed deployment: the orders system as separate OS processes
+//! (the built `orders` binary) behind a gateway, over PostgreSQL, RabbitMQ
+//! and Redis, with a real SMTP server (Python's aiosmtpd) recording every
+//! email it receives.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use es_postgres::sqlx::{self, PgPool};
-use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::process::{Child, Command};
+
+use super::{until, Client, Deployment, Http, StatusCode};
 
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -24,12 +27,26 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The `orders serve` arguments of a deployment of its own (namespace
+/// `<prefix>_<random>`) on the test backends, its queues expiring.
+pub fn serve_args(prefix: &str) -> orders::distributed::ServeArgs {
+    let mut args = orders::distributed::ServeArgs::defaults();
+    args.namespace = format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    args.database_url = database_url();
+    args.amqp_url = amqp_url();
+    args.queue_expires_secs = Some(300);
+    args
+}
+
 /// A port free now, below Linux's ephemeral range (32768 and up): a port the
 /// kernel handed out for `:0` may meanwhile become the source port of an
 /// outgoing connection (to PostgreSQL, say), and then the process restarted on
 /// it cannot listen. Never the same port twice in one test binary.
 fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
     loop {
         let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_000) as u16;
@@ -62,24 +79,25 @@ while True:
     time.sleep(3600)
 "#;
 
-pub struct Proc {
-    pub service: String,
-    pub port: u16,
-    pub child: Child,
+/// The services a process runs, its port, and the process while it runs.
+struct Proc {
+    services: String,
+    port: u16,
+    child: Option<Child>,
 }
 
-/// The deployment: one process per entry of `layout`, plus a gateway.
+/// The deployment: one process per entry of the layout it started with,
+/// plus a gateway and the SMTP server.
 pub struct Cluster {
     pub namespace: String,
-    pub gateway: String,
-    pub client: reqwest::Client,
     pub pool: PgPool,
-    procs: BTreeMap<String, Proc>,
-    smtp: Child,
-    pub smtp_port: u16,
-    pub mail_log: PathBuf,
+    http: Http,
+    procs: Mutex<BTreeMap<String, Proc>>,
+    smtp: Mutex<Option<Child>>,
+    smtp_port: u16,
+    mail_log: PathBuf,
     logs: PathBuf,
-    payment_timeout: String,
+    payment_timeout: Duration,
 }
 
 /// Every service its own process, plus a separate relay process.
@@ -92,29 +110,24 @@ pub const EVERY_SERVICE_APART: [(&str, &str); 6] = [
     ("relay", "relay"),
 ];
 
-impl Cluster {
-    /// Creates `n` products named `<name> <i>` at `price` with `stock` units
-    /// each; returns (product id, initial stock) pairs.
-    pub async fn products(
-        &self,
-        name: &str,
-        price: &str,
-        n: usize,
-        stock: u64,
-    ) -> Vec<(String, u64)> {
-        let mut made = Vec::new();
-        for i in 0..n {
-            let id = self
-                .product(&format!("{name} {i}"), price, stock as i64)
-                .await;
-            made.push((id, stock));
-        }
-        made
-    }
+/// The schemas a deployment's services create.
+const SCHEMAS: [&str; 6] = [
+    "order",
+    "inventory",
+    "payment",
+    "notification",
+    "query",
+    "query_rm",
+];
 
+impl Cluster {
     /// Starts the SMTP server, `workers` (name -> service list) and a
     /// gateway, each its own process, and waits until all answer.
-    pub async fn start(test: &str, workers: &[(&str, &str)], payment_timeout: &str) -> Self {
+    pub async fn start(
+        test: &str,
+        workers: &[(&str, &str)],
+        payment_timeout: Duration,
+    ) -> Arc<Self> {
         let namespace = format!(
             "t{}_{}",
             test,
@@ -161,45 +174,45 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(up, "the SMTP server did not start on 127.0.0.1:{smtp_port}");
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        let mut cluster = Self {
+        let gateway_port = free_port();
+        let cluster = Self {
             namespace,
-            gateway: String::new(),
-            client,
             pool,
-            procs: BTreeMap::new(),
-            smtp,
+            http: Http::new(format!("http://127.0.0.1:{gateway_port}")),
+            procs: Mutex::new(BTreeMap::new()),
+            smtp: Mutex::new(Some(smtp)),
             smtp_port,
             mail_log,
             logs,
-            payment_timeout: payment_timeout.to_owned(),
+            payment_timeout,
         };
         for (name, services) in workers {
-            cluster.spawn(name, services, free_port()).await;
+            cluster.spawn(name, services, free_port());
         }
         for (name, _) in workers {
             cluster.wait_healthy(name).await;
         }
-        let gw_port = free_port();
-        cluster.spawn("gateway", "gateway", gw_port).await;
+        cluster.spawn("gateway", "gateway", gateway_port);
         cluster.wait_healthy("gateway").await;
-        cluster.gateway = format!("http://127.0.0.1:{gw_port}");
-        cluster
+        Arc::new(cluster)
+    }
+
+    pub fn client(self: &Arc<Self>) -> Client {
+        Client::new(self.clone())
     }
 
     fn urls(&self, service: &str) -> String {
         self.procs
+            .lock()
+            .unwrap()
             .values()
-            .filter(|p| p.service.split(',').any(|s| s == service))
+            .filter(|p| p.services.split(',').any(|s| s == service))
             .map(|p| format!("http://127.0.0.1:{}", p.port))
             .collect::<Vec<_>>()
             .join(",")
     }
 
-    async fn spawn(&mut self, name: &str, services: &str, port: u16) {
+    fn spawn(&self, name: &str, services: &str, port: u16) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -213,7 +226,10 @@ impl Cluster {
                 "--listen",
                 &format!("127.0.0.1:{port}"),
             ])
-            .args(["--payment-timeout", &self.payment_timeout])
+            .args([
+                "--payment-timeout",
+                &format!("{}ms", self.payment_timeout.as_millis()),
+            ])
             .env("DATABASE_URL", database_url())
             .env("AMQP_URL", amqp_url())
             .env("REDIS_URL", redis_url())
@@ -234,20 +250,25 @@ impl Cluster {
             .kill_on_drop(true)
             .spawn()
             .expect("the orders binary starts");
-        self.procs.insert(
+        self.procs.lock().unwrap().insert(
             name.to_owned(),
             Proc {
-                service: services.to_owned(),
+                services: services.to_owned(),
                 port,
-                child,
+                child: Some(child),
             },
         );
     }
 
-    pub async fn wait_healthy(&mut self, name: &str) {
-        let port = self.procs[name].port;
+    fn port(&self, name: &str) -> u16 {
+        self.procs.lock().unwrap()[name].port
+    }
+
+    pub async fn wait_healthy(&self, name: &str) {
+        let port = self.port(name);
         for _ in 0..600 {
             if let Ok(r) = self
+                .http
                 .client
                 .get(format!("http://127.0.0.1:{port}/health"))
                 .send()
@@ -257,7 +278,14 @@ impl Cluster {
                     return;
                 }
             }
-            if let Ok(Some(status)) = self.procs.get_mut(name).unwrap().child.try_wait() {
+            let exited = self
+                .procs
+                .lock()
+                .unwrap()
+                .get_mut(name)
+                .and_then(|p| p.child.as_mut())
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
                 panic!(
                     "{name} exited with {status}: see {}",
                     self.logs.join(format!("{name}.log")).display()
@@ -269,10 +297,29 @@ impl Cluster {
     }
 
     /// SIGKILLs a process.
-    pub async fn kill(&mut self, name: &str) {
-        let proc = self.procs.get_mut(name).unwrap();
-        proc.child.start_kill().unwrap();
-        let _ = proc.child.wait().await;
+    pub async fn kill(&self, name: &str) {
+        let child = self
+            .procs
+            .lock()
+            .unwrap()
+            .get_mut(name)
+            .unwrap()
+            .child
+            .take();
+        if let Some(mut child) = child {
+            child.start_kill().unwrap();
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Starts a killed process again on its port.
+    pub async fn restart(&self, name: &str) {
+        let (services, port) = {
+            let procs = self.procs.lock().unwrap();
+            (procs[name].services.clone(), procs[name].port)
+        };
+        self.spawn(name, &services, port);
+        self.wait_healthy(name).await;
     }
 
     /// The process whose relay of `store` is the active one, from each
@@ -280,9 +327,17 @@ impl Cluster {
     pub async fn active_relay(&self, store: &str) -> Option<String> {
         let label = format!("store=\"{store}\"");
         // The gateway's /metrics merges every process's: ask the processes.
-        for (name, p) in self.procs.iter().filter(|(n, _)| n.as_str() != "gateway") {
-            let url = format!("http://127.0.0.1:{}/metrics", p.port);
-            let Ok(response) = self.client.get(&url).send().await else {
+        let ports: Vec<(String, u16)> = self
+            .procs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| n.as_str() != "gateway")
+            .map(|(n, p)| (n.clone(), p.port))
+            .collect();
+        for (name, port) in ports {
+            let url = format!("http://127.0.0.1:{port}/metrics");
+            let Ok(response) = self.http.client.get(&url).send().await else {
                 continue;
             };
             let Ok(text) = response.text().await else {
@@ -292,7 +347,7 @@ impl Cluster {
                 l.starts_with("relay_active{") && l.contains(&label) && l.trim_end().ends_with(" 1")
             });
             if active {
-                return Some(name.clone());
+                return Some(name);
             }
         }
         None
@@ -315,140 +370,8 @@ impl Cluster {
         }
     }
 
-    /// Starts a killed process again on its port.
-    pub async fn restart(&mut self, name: &str) {
-        let (services, port) = {
-            let p = &self.procs[name];
-            (p.service.clone(), p.port)
-        };
-        self.spawn(name, &services, port).await;
-        self.wait_healthy(name).await;
-    }
-
     pub fn schema(&self, service: &str) -> String {
         format!("{}_{service}", self.namespace)
-    }
-
-    pub async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-        headers: &[(&str, &str)],
-    ) -> (StatusCode, Value) {
-        let mut req = self
-            .client
-            .request(method.parse().unwrap(), format!("{}{path}", self.gateway));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let res = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = res.status();
-        let text = res.text().await.unwrap();
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, value)
-    }
-
-    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.call("GET", path, None, &[]).await
-    }
-
-    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call("POST", path, Some(body), &[]).await
-    }
-
-    /// Creates a product and waits until the order service knows it.
-    pub async fn product(&self, name: &str, price: &str, stock: i64) -> String {
-        let (status, body) = self
-            .post(
-                "/api/products",
-                json!({"name": name, "price": price, "stock": stock}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        let id = body["product_id"].as_str().unwrap().to_owned();
-        let uuid: uuid::Uuid = id.parse().unwrap();
-        let sql = format!(
-            "SELECT count(*) FROM \"{}\".catalog WHERE product_id = $1",
-            self.schema("order")
-        );
-        for _ in 0..200 {
-            let n: i64 = sqlx::query_scalar(&sql)
-                .bind(uuid)
-                .fetch_one(&self.pool)
-                .await
-                .unwrap_or(0);
-            if n == 1 {
-                // Every order instance follows the table within 50 ms.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                return id;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the order service never learnt product {id}");
-    }
-
-    pub async fn order(
-        &self,
-        email: &str,
-        items: &[(&str, i64)],
-        token: &str,
-    ) -> (StatusCode, Value) {
-        let items: Vec<Value> = items
-            .iter()
-            .map(|(p, q)| json!({"product_id": p, "quantity": q}))
-            .collect();
-        self.post(
-            "/api/orders",
-            json!({"customer_email": email, "items": items, "payment": {"card_token": token}}),
-        )
-        .await
-    }
-
-    /// Places an order with an idempotency key, retrying (same key) until it
-    /// is accepted: the gateway answers 5xx while a service is down.
-    pub async fn order_retrying(
-        &self,
-        key: &str,
-        email: &str,
-        items: &[(&str, i64)],
-        token: &str,
-    ) -> String {
-        place_retrying(&self.client, &self.gateway, key, email, items, token).await
-    }
-
-    /// Waits until the order is Completed or Cancelled; its view.
-    pub async fn finished(&self, id: &str) -> Value {
-        for _ in 0..240 {
-            if let Ok(res) = self
-                .client
-                .get(format!(
-                    "{}/api/orders/{id}?wait_terminal_ms=1000",
-                    self.gateway
-                ))
-                .send()
-                .await
-            {
-                if res.status() == StatusCode::OK {
-                    let v: Value = res.json().await.unwrap();
-                    if matches!(v["status"].as_str(), Some("Completed" | "Cancelled")) {
-                        return v;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("order {id} never finished: see {}", self.logs.display());
     }
 
     /// The subjects the SMTP server received, counted.
@@ -461,15 +384,11 @@ impl Cluster {
         counts
     }
 
-    /// Waits until the SMTP server received `subject` (up to 30 s).
-    pub async fn wait_mail(&self, subject: &str) -> usize {
-        for _ in 0..300 {
-            if let Some(n) = self.mail().get(subject) {
-                return *n;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Checks that the SMTP server received each subject once.
+    pub fn one_email_each(&self) {
+        for (subject, n) in self.mail() {
+            assert_eq!(n, 1, "{subject} was sent {n} times");
         }
-        0
     }
 
     /// Payment authorisations per order (from the payment service's store).
@@ -487,15 +406,16 @@ impl Cluster {
     /// up per product, no payment taken twice, one email per order and kind.
     /// Returns (completed, cancelled).
     pub async fn check_invariants(
-        &self,
+        self: &Arc<Self>,
         products: &[(String, u64)],
         orders: &[(String, Vec<(usize, i64)>)],
     ) -> (usize, usize) {
+        let c = self.client();
         let mut sold = vec![0u64; products.len()];
         let (mut completed, mut cancelled) = (0, 0);
         let mut finals = Vec::new();
         for (id, lines) in orders {
-            let v = self.finished(id).await;
+            let v = c.finished(id).await;
             match v["status"].as_str() {
                 Some("Completed") => {
                     completed += 1;
@@ -507,62 +427,38 @@ impl Cluster {
             }
             finals.push((id.clone(), v["status"].as_str().unwrap().to_owned()));
         }
-        // Stock settles once every compensation ran: poll until it adds up.
+        // Stock settles once every compensation ran.
         for (i, (pid, initial)) in products.iter().enumerate() {
-            let mut last = Value::Null;
-            let mut ok = false;
-            for _ in 0..200 {
-                let (_, v) = self.get(&format!("/api/products/{pid}")).await;
-                let available = v["available"].as_u64().unwrap_or(0);
-                let reserved = v["reserved"].as_u64().unwrap_or(u64::MAX / 2);
-                if reserved == 0 && available + sold[i] == *initial {
-                    ok = true;
-                    break;
-                }
-                last = v;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            assert!(
-                ok,
-                "stock of {pid} does not add up: initial {initial}, sold {}, now {last}",
-                sold[i]
-            );
+            assert!(sold[i] <= *initial, "{pid}: {} sold of {initial}", sold[i]);
+            c.stock_is(pid, initial - sold[i], 0).await;
         }
         for (stream, n) in self.payments_per_order().await {
             assert_eq!(n, 1, "payment {stream} was taken {n} times");
         }
         // One email per order and kind.
+        c.settle().await;
         for (id, status) in &finals {
             let kind = if status == "Completed" {
                 "OrderConfirmed"
             } else {
                 "OrderCancelled"
             };
-            let subject = format!("Order {id}: {kind}");
-            let n = self.wait_mail(&subject).await;
-            assert_eq!(n, 1, "{subject} was sent {n} times");
+            assert_eq!(c.wait_emails(id).await, [kind], "the emails of {id}");
         }
-        for (subject, n) in self.mail() {
-            assert_eq!(n, 1, "{subject} was sent {n} times");
-        }
+        self.one_email_each();
         (completed, cancelled)
     }
 
     /// Stops every process and drops the test's schemas and queues.
-    pub async fn stop(mut self) {
-        for p in self.procs.values_mut() {
-            let _ = p.child.start_kill();
-            let _ = p.child.wait().await;
+    pub async fn stop(&self) {
+        let names: Vec<String> = self.procs.lock().unwrap().keys().cloned().collect();
+        for name in names {
+            self.kill(&name).await;
         }
-        let _ = self.smtp.start_kill();
-        for service in [
-            "order",
-            "inventory",
-            "payment",
-            "notification",
-            "query",
-            "query_rm",
-        ] {
+        if let Some(mut smtp) = self.smtp.lock().unwrap().take() {
+            let _ = smtp.start_kill();
+        }
+        for service in SCHEMAS {
             let _ = sqlx::query(&format!(
                 "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
                 self.schema(service)
@@ -575,12 +471,7 @@ impl Cluster {
         )
         .await
         {
-            for group in orders::system::groups::ALL {
-                // The retry queue is named after the deployment's retry delay.
-                let subscription = es_core::Subscription::new(group, Vec::<String>::new())
-                    .with_retry_delay(orders::distributed::RETRY_DELAY);
-                let _ = bus.delete_group(&subscription).await;
-            }
+            delete_groups(&bus).await;
             bus.close().await;
         }
         // The query service's cache keys live under `<namespace>:`.
@@ -600,6 +491,133 @@ impl Cluster {
     }
 }
 
+/// Deletes every group's queues (the retry queue is named after the
+/// deployment's retry delay).
+pub async fn delete_groups(bus: &es_rabbit::RabbitBus) {
+    for group in orders::system::groups::ALL {
+        let subscription = es_core::Subscription::new(group, Vec::<String>::new())
+            .with_retry_delay(orders::distributed::RETRY_DELAY);
+        let _ = bus.delete_group(&subscription).await;
+    }
+}
+
+#[async_trait]
+impl Deployment for Cluster {
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Value), String> {
+        self.http.send(method, uri, headers, body).await
+    }
+
+    /// Waits until the order service's catalog table holds the product.
+    async fn await_product(&self, product_id: &str) {
+        let uuid: uuid::Uuid = product_id.parse().unwrap();
+        let sql = &format!(
+            "SELECT count(*) FROM \"{}\".catalog WHERE product_id = $1",
+            self.schema("order")
+        );
+        let pool = &self.pool;
+        let count = move || async move {
+            let n: Result<i64, _> = sqlx::query_scalar(sql).bind(uuid).fetch_one(pool).await;
+            n.unwrap_or(0)
+        };
+        let n = until(200, 50, count, |n| *n == 1).await;
+        assert_eq!(n, 1, "the order service never learnt product {product_id}");
+        // Every order instance follows the table within 50 ms.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    /// From the subjects the SMTP server received (`Order <id>: <kind>`).
+    async fn sent(&self, order_id: &str) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.mail_log).unwrap();
+        let prefix = format!("Order {order_id}: ");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// From the last event of the order's payment stream.
+    async fn payment_state(&self, order_id: &str) -> String {
+        let last: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT event_type FROM \"{}\".events WHERE stream_id = $1 ORDER BY stream_version DESC LIMIT 1",
+            self.schema("payment")
+        ))
+        .bind(format!("payment-{order_id}"))
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap();
+        match last.as_deref() {
+            None => "None",
+            Some("PaymentSucceeded") => "Authorised",
+            Some("PaymentDeclined") => "Declined",
+            Some("PaymentRefunded") => "Refunded",
+            Some(other) => panic!("unknown payment event {other}"),
+        }
+        .to_owned()
+    }
+
+    /// The number of events in each service's store.
+    async fn written(&self) -> String {
+        let mut counts = Vec::new();
+        for service in SCHEMAS {
+            let n: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM \"{}\".events",
+                self.schema(service)
+            ))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1);
+            counts.push(format!("{service}={n}"));
+        }
+        counts.join(",")
+    }
+
+    /// Waits (up to 30 s) until no service's store has grown for 300 ms.
+    async fn settle(&self) {
+        let mut last = self.written().await;
+        let mut quiet = 0;
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self.written().await;
+            if now == last {
+                quiet += 1;
+                if quiet >= 3 {
+                    return;
+                }
+            } else {
+                quiet = 0;
+                last = now;
+            }
+        }
+    }
+
+    fn payment_timeout(&self) -> Duration {
+        self.payment_timeout
+    }
+
+    fn knows_the_head(&self) -> bool {
+        false
+    }
+
+    fn behind_gateway(&self) -> bool {
+        true
+    }
+
+    fn extra_metrics(&self) -> &'static [&'static str] {
+        &[
+            "bus_queue_depth",
+            "relay_lag_events",
+            "projection_lag_events",
+            "gateway_request_seconds",
+        ]
+    }
+}
+
 async fn redis_check() {
     let url = redis_url();
     let client =
@@ -614,50 +632,10 @@ async fn redis_check() {
         .unwrap_or_else(|e| panic!("Redis at {url}: {e}"));
 }
 
-/// Places an order with an idempotency key, retrying (same key) until it is
-/// accepted: the gateway answers 5xx while a service is down.
-pub async fn place_retrying(
-    client: &reqwest::Client,
-    gateway: &str,
-    key: &str,
-    email: &str,
-    items: &[(&str, i64)],
-    token: &str,
-) -> String {
-    let items: Vec<Value> = items
-        .iter()
-        .map(|(p, q)| json!({"product_id": p, "quantity": q}))
-        .collect();
-    let body = json!({"customer_email": email, "items": items, "payment": {"card_token": token}});
-    for _ in 0..1200 {
-        let res = client
-            .post(format!("{gateway}/api/orders"))
-            .header("Idempotency-Key", key)
-            .json(&body)
-            .send()
-            .await;
-        if let Ok(res) = res {
-            let status = res.status();
-            if status == StatusCode::ACCEPTED {
-                let v: Value = res.json().await.unwrap();
-                return v["order_id"].as_str().unwrap().to_owned();
-            }
-            assert!(
-                status.is_server_error(),
-                "placing {key} answered {status}: {:?}",
-                res.text().await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("order {key} was never accepted");
-}
-
 /// Places `n` orders over `products` from `concurrency` clients, each with a
 /// key, retrying until accepted. Returns (order id, lines by product index).
 pub async fn place_many(
-    client: reqwest::Client,
-    gateway: String,
+    client: Client,
     products: Vec<(String, u64)>,
     n: usize,
     concurrency: usize,
@@ -672,14 +650,34 @@ pub async fn place_many(
             let key = format!("{tag}-{i}");
             let email = format!("c{}@example.com", i % 7);
             let product = products[pid].0.clone();
-            let (client, gateway) = (client.clone(), gateway.clone());
+            let client = client.clone();
             async move {
-                let id =
-                    place_retrying(&client, &gateway, &key, &email, &[(&product, q)], token).await;
+                let id = client
+                    .place_retrying(&key, &email, &[(&product, q)], token)
+                    .await;
                 (id, vec![(pid, q)])
             }
         })
         .buffer_unordered(concurrency)
         .collect()
         .await
+}
+
+/// Creates `n` products named `<name> <i>` at `price` with `stock` units
+/// each; returns (product id, initial stock) pairs.
+pub async fn products(
+    client: &Client,
+    name: &str,
+    price: &str,
+    n: usize,
+    stock: u64,
+) -> Vec<(String, u64)> {
+    let mut made = Vec::new();
+    for i in 0..n {
+        let id = client
+            .product(&format!("{name} {i}"), price, stock as i64)
+            .await;
+        made.push((id, stock));
+    }
+    made
 }

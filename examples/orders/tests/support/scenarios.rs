@@ -1,0 +1,558 @@
+//! The black-box suite: each scenario drives a deployment through its HTTP
+//! API only. A scenario works on products, customers and keys of its own and
+//! measures global figures (stats, lists) as differences, so several may run
+//! one after another on one deployment.
+
+use serde_json::{json, Value};
+
+use super::{cents, tag, Client, StatusCode};
+
+/// Every scenario, one after another; the happy path's order id.
+pub async fn all(c: &Client) -> String {
+    bad_input(c).await;
+    let id = happy_path(c).await;
+    out_of_stock(c).await;
+    declined_payment(c).await;
+    cancellation(c).await;
+    payment_timeout(c).await;
+    idempotency_keys(c).await;
+    queries(c).await;
+    health_metrics_and_openapi(c).await;
+    id
+}
+
+/// An order completes, reads back at once, holds its stock and gets one
+/// email; its history is the order stream's. Returns its id.
+pub async fn happy_path(c: &Client) -> String {
+    let widget = c.product("Widget", "12.50", 10).await;
+    let gadget = c.product("Gadget", "0.99", 5).await;
+    let (status, placed) = c
+        .order("Ada@Example.com", &[(&widget, 2), (&gadget, 3)], "tok_ok")
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
+    assert_eq!(placed["status"], "Pending");
+    let id = placed["order_id"].as_str().unwrap().to_owned();
+    let position = placed["position"].as_str().unwrap();
+    let (status, read) = c
+        .get(&format!("/api/orders/{id}?min_position={position}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "read-your-writes: {read}");
+    assert_eq!(read["customer_email"], "ada@example.com");
+    assert_eq!(read["total"], "27.97");
+    let order = c.finished(&id).await;
+    assert_eq!(order["status"], "Completed", "{order}");
+    assert!(order["completed_at"].is_string());
+    assert_eq!(order["customer_email"], "ada@example.com");
+    assert_eq!(order["items"][0]["unit_price"], "12.50");
+    assert_eq!(order["items"][0]["product_name"], "Widget");
+    c.stock_is(&widget, 8, 0).await;
+    c.stock_is(&gadget, 2, 0).await;
+    assert_eq!(c.emails(&id).await, ["OrderConfirmed"]);
+    assert_eq!(c.payment_state(&id).await, "Authorised");
+    let (code, events) = c.get(&format!("/api/orders/{id}/events")).await;
+    assert_eq!(code, StatusCode::OK);
+    let types: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "OrderCreated",
+            "OrderInventoryConfirmed",
+            "OrderPaymentConfirmed",
+            "OrderCompleted"
+        ]
+    );
+    assert_eq!(events[0]["position"].as_str(), Some(position), "{events}");
+    for e in events.as_array().unwrap() {
+        assert_eq!(
+            e["correlation_id"].as_str(),
+            Some(id.as_str()),
+            "one correlation id across hops"
+        );
+    }
+    id
+}
+
+/// A line that cannot be reserved cancels the order with nothing held or
+/// charged; restocked, the same order goes through.
+pub async fn out_of_stock(c: &Client) {
+    let plenty = c.product("Plenty", "1.00", 100).await;
+    let scarce = c.product("Scarce", "2.00", 1).await;
+    // Two lines: the first could be reserved, the second cannot: none is held.
+    let id = c
+        .place("bo@example.com", &[(&plenty, 3), (&scarce, 2)], "tok_ok")
+        .await;
+    let order = c.finished(&id).await;
+    assert_eq!(order["status"], "Cancelled", "{order}");
+    assert!(
+        order["cancellation_reason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient stock of Scarce"),
+        "{order}"
+    );
+    c.stock_is(&plenty, 100, 0).await;
+    c.stock_is(&scarce, 1, 0).await;
+    assert_eq!(c.emails(&id).await, ["OrderCancelled"]);
+    assert_eq!(c.payment_state(&id).await, "None", "nothing was charged");
+    let (code, v) = c
+        .post(
+            &format!("/api/products/{scarce}/restock"),
+            json!({"quantity": 4}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    assert_eq!(v["available"], 5);
+    let id = c
+        .place("bo@example.com", &[(&plenty, 3), (&scarce, 2)], "tok_ok")
+        .await;
+    let order = c.finished(&id).await;
+    assert_eq!(order["status"], "Completed", "{order}");
+    assert_eq!(order["total"], "7.00");
+}
+
+/// A declined card cancels the order and releases its stock.
+pub async fn declined_payment(c: &Client) {
+    let widget = c.product("Widget", "5.00", 4).await;
+    let id = c
+        .place("cy@example.com", &[(&widget, 3)], "tok_decline")
+        .await;
+    let order = c.finished(&id).await;
+    assert_eq!(order["status"], "Cancelled");
+    assert_eq!(
+        order["cancellation_reason"],
+        "payment declined: card declined"
+    );
+    c.stock_is(&widget, 4, 0).await;
+    assert_eq!(c.emails(&id).await, ["OrderCancelled"]);
+    assert_eq!(c.payment_state(&id).await, "Declined");
+}
+
+/// The customer cancels an order waiting for its payment, or one whose
+/// payment is on its way; cancelling again, a completed order or an unknown
+/// one is refused.
+pub async fn cancellation(c: &Client) {
+    let widget = c.product("Widget", "5.00", 4).await;
+    // The gateway never answers: the order waits in InventoryConfirmed.
+    let id = c
+        .place("di@example.com", &[(&widget, 2)], "tok_timeout")
+        .await;
+    c.wait_status(&id, "InventoryConfirmed").await;
+    let mind = Some(json!({"reason": "changed my mind"}));
+    let (code, body) = c.cancel(&id, mind.clone()).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "Cancelled");
+    let (code, body) = c.cancel(&id, Some(json!({"reason": "again"}))).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "illegal_transition");
+    let order = c.finished(&id).await;
+    assert_eq!(order["status"], "Cancelled");
+    assert_eq!(order["cancellation_reason"], "changed my mind");
+    c.stock_is(&widget, 4, 0).await;
+    let (code, body) = c.cancel(&id, None).await;
+    assert_eq!(
+        code,
+        StatusCode::CONFLICT,
+        "no body is fine, still illegal: {body}"
+    );
+
+    let done = c.place("di@example.com", &[(&widget, 1)], "tok_ok").await;
+    assert_eq!(c.finished(&done).await["status"], "Completed");
+    let (code, body) = c.cancel(&done, Some(json!({}))).await;
+    assert_eq!(
+        code,
+        StatusCode::CONFLICT,
+        "a completed order cannot be cancelled: {body}"
+    );
+    let (code, _) = c
+        .cancel(&uuid::Uuid::now_v7().to_string(), Some(json!({})))
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+
+    // Cancelled while the gateway is still deciding.
+    let late = c
+        .place("ivy@example.com", &[(&widget, 1)], "tok_delay_1500")
+        .await;
+    let (code, body) = c.cancel(&late, mind).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let v = c.finished(&late).await;
+    assert_eq!(v["status"], "Cancelled");
+    assert_eq!(v["cancellation_reason"], "changed my mind");
+    let (code, _) = c.cancel(&late, Some(json!({}))).await;
+    assert_eq!(code, StatusCode::CONFLICT);
+    c.stock_is(&widget, 3, 0).await;
+}
+
+/// No payment answer within the deployment's payment window cancels the
+/// order; a payment that comes after it is refunded.
+pub async fn payment_timeout(c: &Client) {
+    let widget = c.product("Widget", "5.00", 5).await;
+    let silent = c
+        .place("ed@example.com", &[(&widget, 1)], "tok_timeout")
+        .await;
+    let late_token = format!("tok_delay_{}", c.payment_timeout().as_millis() + 500);
+    let late = c
+        .place("ed@example.com", &[(&widget, 1)], &late_token)
+        .await;
+    for id in [&silent, &late] {
+        let order = c.finished(id).await;
+        assert_eq!(order["status"], "Cancelled", "{order}");
+        assert_eq!(order["cancellation_reason"], "payment timed out");
+    }
+    c.payment_becomes(&late, "Refunded").await;
+    c.stock_is(&widget, 5, 0).await;
+}
+
+/// Bad input gets a 4xx with a JSON body that says what is wrong, and
+/// changes nothing.
+pub async fn bad_input(c: &Client) {
+    let widget = c.product("Widget", "12.50", 10).await;
+    // The largest price accepted: two of them are past the largest total.
+    let yacht = c.product("Yacht", "100000000000.00", 10).await;
+    c.settle().await;
+    let written = c.written().await;
+    let orders_before = c.stats().await["total_orders"].as_u64();
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let base = Client::order_body("a@b.co", &[(&widget, 1)], "tok_ok");
+    let with = |key: &str, value: Value| {
+        let mut body = base.clone();
+        match value {
+            Value::Null => drop(body.as_object_mut().unwrap().remove(key)),
+            value => body[key] = value,
+        }
+        body
+    };
+    let line =
+        |product: &str, quantity: i64| json!([{"product_id": product, "quantity": quantity}]);
+    let cases = [
+        (with("items", json!([])), "items"),
+        (with("items", line(&widget, 0)), "items[0].quantity"),
+        (with("items", line(&widget, -3)), "items[0].quantity"),
+        (
+            with("customer_email", json!("not-an-email")),
+            "customer_email",
+        ),
+        (with("items", line(&unknown, 1)), "unknown product"),
+        (
+            with("payment", json!({"card_token": ""})),
+            "payment.card_token",
+        ),
+        (with("payment", Value::Null), "payment"),
+        (with("total", json!("0.01")), "total"),
+        (with("items", line(&yacht, 2)), "total"),
+        (with("items", line("nope", 1)), "product_id"),
+    ];
+    for (body, mention) in cases {
+        let (code, answer) = c.post("/api/orders", body.clone()).await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(answer["code"].is_string(), "{answer}");
+        assert!(
+            message.contains(mention),
+            "{body}: {message:?} should mention {mention:?}"
+        );
+    }
+    let (_, answer) = c.order("not-an-email", &[(&widget, 1)], "tok_ok").await;
+    assert_eq!(answer["field"], "customer_email", "{answer}");
+    let (_, answer) = c.order("a@example.com", &[(&unknown, 1)], "tok_ok").await;
+    assert_eq!(answer["code"], "unknown_product", "{answer}");
+    // Malformed JSON, wrong content type, oversized bodies.
+    let json_type = [("content-type", "application/json")];
+    for body in [&b"{\"customer_email\": "[..], b"{not json"] {
+        let (code, answer) = c
+            .raw("POST", "/api/orders", &json_type, body.to_vec())
+            .await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(answer["code"], "malformed_json");
+    }
+    let text_type = [("content-type", "text/plain")];
+    let (code, answer) = c
+        .raw("POST", "/api/orders", &text_type, b"{}".to_vec())
+        .await;
+    assert_eq!(code, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{answer}");
+    let big = format!("{{\"customer_email\":\"{}\"}}", "a".repeat(100_000));
+    let (code, answer) = c
+        .raw("POST", "/api/orders", &json_type, big.into_bytes())
+        .await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["code"], "body_too_large");
+    let (code, answer) = c
+        .raw("POST", "/api/products", &json_type, vec![b' '; 100_000])
+        .await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    // Bad products.
+    for (body, field) in [
+        (json!({"name": "X", "price": "1.234", "stock": 1}), "price"),
+        (json!({"name": "X", "price": "-1", "stock": 1}), "price"),
+        (json!({"name": "X", "price": "0", "stock": 1}), "price"),
+        (json!({"name": "", "price": "1.00", "stock": 1}), "name"),
+        (json!({"name": "X", "price": "1.00", "stock": -1}), "stock"),
+    ] {
+        let (code, answer) = c.post("/api/products", body.clone()).await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {answer}");
+        assert_eq!(answer["field"], field, "{answer}");
+    }
+    let (code, _) = c
+        .post(
+            &format!("/api/products/{widget}/restock"),
+            json!({"quantity": 0}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
+    // A position no write answered is refused at once, not waited for.
+    if c.knows_the_head() {
+        let started = std::time::Instant::now();
+        let (code, answer) = c
+            .get(&format!("/api/orders/{unknown}?min_position=999999.0"))
+            .await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        assert_eq!(answer["field"], "min_position", "{answer}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    // Unknown ids, query parameters of the wrong type, an unknown path (the
+    // gateway answers one no service takes itself), a method a path does not
+    // take: JSON errors too.
+    let no_route = if c.behind_gateway() {
+        "not_found"
+    } else {
+        "no_route"
+    };
+    let (missing, bad, invalid) = (
+        StatusCode::NOT_FOUND,
+        StatusCode::BAD_REQUEST,
+        Some("invalid_query"),
+    );
+    let huge_limit = "/api/orders?status=Pending&limit=99999999999999999999999";
+    for (uri, status, code) in [
+        (
+            "/api/products/not-a-uuid".into(),
+            missing,
+            Some("not_found"),
+        ),
+        ("/api/orders/not-a-uuid".into(), missing, None),
+        (format!("/api/orders/{unknown}"), missing, None),
+        (
+            format!("/api/orders/{unknown}?min_position=nonsense"),
+            bad,
+            None,
+        ),
+        ("/api/orders?limit=abc".into(), bad, invalid),
+        ("/api/orders?limit=-1".into(), bad, invalid),
+        (huge_limit.into(), bad, invalid),
+        (
+            format!("/api/orders/{unknown}?wait_terminal_ms=soon"),
+            bad,
+            invalid,
+        ),
+        ("/api/nothing-here".into(), missing, Some(no_route)),
+    ] {
+        let (got, answer) = c.get(&uri).await;
+        assert_eq!(got, status, "{uri} -> {answer}");
+        if let Some(code) = code {
+            assert_eq!(answer["code"], code, "{uri} -> {answer}");
+        }
+    }
+    let (code, answer) = c.call("DELETE", "/api/orders", None, &[]).await;
+    assert_eq!(
+        (code, answer["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+    // Nothing was written by any of it.
+    c.settle().await;
+    assert_eq!(c.written().await, written);
+    assert_eq!(c.stats().await["total_orders"].as_u64(), orders_before);
+}
+
+/// A key answers its first answer again; another body under it is refused;
+/// concurrent retries with one key create one order.
+pub async fn idempotency_keys(c: &Client) {
+    let widget = c.product("Widget", "2.00", 100).await;
+    let orders_before = c.stats().await["total_orders"].as_u64().unwrap();
+    let body = Client::order_body("ivy@example.com", &[(&widget, 1)], "tok_ok");
+    let key = format!("order-{}", tag());
+    let key = [("idempotency-key", key.as_str())];
+    let (code, first) = c
+        .call("POST", "/api/orders", Some(body.clone()), &key)
+        .await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{first}");
+    let (code, again) = c
+        .call("POST", "/api/orders", Some(body.clone()), &key)
+        .await;
+    assert_eq!(code, StatusCode::ACCEPTED);
+    assert_eq!(
+        first, again,
+        "the same key and body answer the first answer"
+    );
+    let mut other = body.clone();
+    other["items"][0]["quantity"] = json!(2);
+    let (code, answer) = c.call("POST", "/api/orders", Some(other), &key).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["code"], "idempotency_key_reused");
+    // Concurrent retries with one key create one order.
+    let burst = format!("burst-{}", tag());
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (c, body, burst) = (c.clone(), body.clone(), burst.clone());
+        tasks.push(tokio::spawn(async move {
+            let (code, placed) = c
+                .call(
+                    "POST",
+                    "/api/orders",
+                    Some(body),
+                    &[("idempotency-key", &burst)],
+                )
+                .await;
+            assert_eq!(code, StatusCode::ACCEPTED, "{placed}");
+            placed["order_id"].as_str().unwrap().to_owned()
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 1, "one order for one key");
+    let order = c.finished(first["order_id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "Completed");
+    for id in &ids {
+        c.finished(id).await;
+    }
+    c.stock_is(&widget, 98, 0).await;
+    let stats = c.stats().await;
+    assert_eq!(
+        stats["total_orders"].as_u64(),
+        Some(orders_before + 2),
+        "{stats}"
+    );
+}
+
+/// A customer's orders page by page, newest first; the status filter,
+/// search and stats.
+pub async fn queries(c: &Client) {
+    let t = tag();
+    let widget = c.product(&format!("Blue Widget-{t}"), "10.00", 100).await;
+    let gizmo = c.product(&format!("Gizmo-{t}"), "1.25", 100).await;
+    let (fay, gus) = (
+        format!("fay-{t}@example.com"),
+        format!("gus-{t}@example.com"),
+    );
+    let before = c.stats().await;
+    let cancelled_before = c.count_orders("status=Cancelled").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let token = if i == 4 { "tok_decline" } else { "tok_ok" };
+        ids.push(c.place(&fay, &[(&widget, 1)], token).await);
+    }
+    ids.push(c.place(&gus, &[(&gizmo, 2)], "tok_ok").await);
+    for id in &ids {
+        c.finished(id).await;
+    }
+    // Paging through a customer's orders, newest first.
+    let (code, page) = c
+        .get(&format!(
+            "/api/orders?customer_email={}&limit=2",
+            fay.to_uppercase()
+        ))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{page}");
+    let mut listed: Vec<Value> = page["orders"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 2);
+    let mut cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    loop {
+        let (_, page) = c
+            .get(&format!(
+                "/api/orders?customer_email={fay}&limit=2&cursor={cursor}"
+            ))
+            .await;
+        listed.extend(page["orders"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    let listed: Vec<&str> = listed
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap())
+        .collect();
+    let newest_first: Vec<&str> = ids[..5].iter().rev().map(String::as_str).collect();
+    assert_eq!(listed, newest_first);
+    assert_eq!(
+        c.count_orders("status=Cancelled").await,
+        cancelled_before + 1
+    );
+    let (code, _) = c.get("/api/orders?status=Shipped").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let (_, found) = c.get(&format!("/api/orders/search?q=widget-{t}")).await;
+    assert_eq!(found["orders"].as_array().unwrap().len(), 5, "{found}");
+    let (_, found) = c.get(&format!("/api/orders/search?q=gus-{t}@")).await;
+    assert_eq!(found["orders"].as_array().unwrap().len(), 1, "{found}");
+    let (code, _) = c.get("/api/orders/search?q=").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let stats = c.stats().await;
+    let count = |s: &Value, status: &str| s["by_status"][status]["count"].as_u64().unwrap_or(0);
+    let revenue = |s: &Value| cents(&s["by_status"]["Completed"]["revenue"]);
+    assert_eq!(
+        stats["total_orders"].as_u64().unwrap(),
+        before["total_orders"].as_u64().unwrap() + 6,
+        "{stats}"
+    );
+    assert_eq!(count(&stats, "Completed"), count(&before, "Completed") + 5);
+    assert_eq!(revenue(&stats), revenue(&before) + 42_50, "{stats}");
+    assert_eq!(count(&stats, "Cancelled"), count(&before, "Cancelled") + 1);
+    assert_eq!(stats["by_status"]["Pending"]["count"], 0, "{stats}");
+}
+
+/// Health, the metrics of an order's path and the OpenAPI document of every
+/// operation.
+pub async fn health_metrics_and_openapi(c: &Client) {
+    let widget = c.product("Widget", "1.00", 10).await;
+    let id = c.place("hal@example.com", &[(&widget, 1)], "tok_ok").await;
+    c.finished(&id).await;
+    let (code, health) = c.get("/health").await;
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (StatusCode::OK, Some("ok")),
+        "{health}"
+    );
+    let (code, text) = c.get("/metrics").await;
+    assert_eq!(code, StatusCode::OK);
+    let text = text.as_str().unwrap();
+    let common = [
+        "orders_placed_total",
+        "orders_finished_total",
+        "saga_step_seconds",
+        "order_end_to_end_seconds",
+    ];
+    for metric in common.iter().chain(c.extra_metrics()) {
+        assert!(text.contains(metric), "{metric} missing from /metrics");
+    }
+    let (code, doc) = c.get("/openapi.json").await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for path in [
+        "/api/products",
+        "/api/products/{id}",
+        "/api/products/{id}/restock",
+        "/api/orders",
+        "/api/orders/{id}",
+        "/api/orders/search",
+        "/api/orders/{id}/events",
+        "/api/orders/{id}/cancel",
+        "/api/stats",
+        "/health",
+        "/metrics",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    assert!(
+        paths["/api/orders"]["get"].is_object() && paths["/api/orders"]["post"].is_object(),
+        "both services' /api/orders operations"
+    );
+}
