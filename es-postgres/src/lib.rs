@@ -1,22 +1,26 @@
 #![doc = include_str!("../README.md")]
 
+mod checkpoint;
 mod config;
 mod error;
-mod group;
+mod group_commit;
+mod inbox;
 pub mod lock;
 mod schema;
+mod snapshot;
 mod store;
-mod stores;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use checkpoint::PgCheckpointStore;
 pub use config::PgConfig;
 pub use error::{PgError, Result};
-pub use group::{DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT, MAX_GROUP_LIMIT};
+pub use group_commit::{DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT, MAX_GROUP_LIMIT};
+pub use inbox::PgInbox;
 pub use lock::{LeaderGuard, LeaderLock};
 pub use schema::{migrate, MAX_SCHEMA_LEN};
+pub use snapshot::PgSnapshotStore;
 pub use store::{Holdback, PgEventStore, DEFAULT_MAX_BATCH};
-pub use stores::{PgCheckpointStore, PgInbox, PgSnapshotStore};
 
 /// Re-exported so callers use the same sqlx as this crate.
 pub use sqlx;

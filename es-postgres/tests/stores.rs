@@ -13,9 +13,7 @@ use es_core::{
     CheckpointStore, EventStore, ExpectedVersion, Inbox, Metadata, Payload, Position, Repository,
     Snapshot, SnapshotStore,
 };
-use es_postgres::{
-    PgCheckpointStore, PgEventStore, PgInbox, PgSnapshotStore,
-};
+use es_postgres::{PgCheckpointStore, PgEventStore, PgInbox, PgSnapshotStore};
 use futures::StreamExt;
 use sqlx::Connection;
 use uuid::Uuid;
@@ -146,8 +144,7 @@ async fn inbox_records_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holdback_reports_the_open_writer() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let store =
-        PgEventStore::new(pool.clone(), schema).with_read_wait(Duration::from_millis(20));
+    let store = PgEventStore::new(pool.clone(), schema).with_read_wait(Duration::from_millis(20));
     let mut conn = pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -192,8 +189,8 @@ async fn holdback_reports_the_open_writer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_other_processes_and_survives_a_dropped_connection() {
     let (pool, schema) = es_postgres::testing::fresh_schema().await;
-    let reader = PgEventStore::new(pool.clone(), schema.clone())
-        .with_poll_interval(Duration::from_secs(60));
+    let reader =
+        PgEventStore::new(pool.clone(), schema.clone()).with_poll_interval(Duration::from_secs(60));
     let writer = PgEventStore::new(pool.clone(), schema);
     let mut sub = reader.subscribe_all(Position::START);
     // Let the listener connect.
