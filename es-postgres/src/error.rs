@@ -2,6 +2,8 @@
 
 use es_core::{Position, StoreError};
 
+use crate::sqlstate;
+
 /// Why an es-postgres operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -97,13 +99,16 @@ pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => {
-            // Class 08: connection exception; 57P01..57P03: admin/crash
-            // shutdown, cannot connect now; 53300: too many connections.
-            db.code().is_some_and(|code| {
-                code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-            })
-        }
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
+                || [
+                    sqlstate::ADMIN_SHUTDOWN,
+                    sqlstate::CRASH_SHUTDOWN,
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(&&*code)
+        }),
         _ => false,
     }
 }

@@ -8,6 +8,7 @@ mod inbox;
 pub mod lock;
 mod schema;
 mod snapshot;
+mod sqlstate;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

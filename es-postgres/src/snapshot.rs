@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::error::{PgError, Result};
 use crate::schema::quoted;
+use crate::sqlstate;
 
 /// Aggregate snapshots in `<schema>.snapshots`: the latest per stream. Saving
 /// an older snapshot than the stored one changes nothing.
@@ -66,15 +67,20 @@ impl PgSnapshotStore {
             .bind(snapshot.state.as_str())
             .execute(executor)
             .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db)
-                    if db.code().is_some_and(|c| c == "22P02" || c == "22P05") =>
-                {
+            .map_err(|e| {
+                if sqlstate::is_one_of(
+                    &e,
+                    &[
+                        sqlstate::INVALID_TEXT_REPRESENTATION,
+                        sqlstate::UNTRANSLATABLE_CHARACTER,
+                    ],
+                ) {
                     PgError::Store(StoreError::InvalidPayload {
                         event_id: Uuid::nil(),
                     })
+                } else {
+                    PgError::from(e)
                 }
-                _ => PgError::from(e),
             })?;
         Ok(())
     }

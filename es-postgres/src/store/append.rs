@@ -12,6 +12,7 @@ use super::read::{position_of, to_u64};
 use super::PgEventStore;
 use crate::error::{store_error, PgError};
 use crate::group_commit::{GroupCommit, Turn, Waiting};
+use crate::sqlstate::{self, is_unique_violation};
 
 fn expected_code(expected: ExpectedVersion) -> i64 {
     match expected {
@@ -264,21 +265,12 @@ fn no_row() -> StoreError {
 #[error("a concurrent append won the race; retrying")]
 struct RaceLost;
 
-fn is_unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "23505"))
-}
-
 fn is_race_lost(error: &StoreError) -> bool {
     matches!(error, StoreError::Backend { source } if source.is::<RaceLost>())
 }
 
 fn is_invalid_json(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| matches!(&*c, "22P02" | "22P05" | "22025" | "2202E")),
-        _ => false,
-    }
+    sqlstate::is_one_of(error, sqlstate::INVALID_JSON)
 }
 
 impl PgEventStore {
