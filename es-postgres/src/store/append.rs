@@ -102,17 +102,15 @@ impl<'a> Batch<'a> {
         Ok(batch)
     }
 
-    fn map_error(&self, error: sqlx::Error, guarded: bool) -> StoreError {
+    fn map_error(&self, error: sqlx::Error, guarded: bool) -> AppendError {
         if !guarded && is_unique_violation(&error) {
-            StoreError::Backend {
-                source: Box::new(RaceLost),
-            }
+            AppendError::RaceLost
         } else if is_invalid_json(&error) {
-            StoreError::InvalidPayload {
+            AppendError::Store(StoreError::InvalidPayload {
                 event_id: refused_payload(self.events),
-            }
+            })
         } else {
-            store_error(error)
+            AppendError::Store(store_error(error))
         }
     }
 }
@@ -259,14 +257,34 @@ fn no_row() -> StoreError {
     .into()
 }
 
-/// A concurrent append won a race on a stream version or an event id; the
-/// append is decided again.
-#[derive(Debug, thiserror::Error)]
-#[error("a concurrent append won the race; retrying")]
-struct RaceLost;
+/// How one append statement failed, inside the write path.
+#[derive(Debug)]
+enum AppendError {
+    /// The append's answer: a refusal or a failure for the caller.
+    Store(StoreError),
+    /// A concurrent append won a race on a stream version or an event id
+    /// (a unique violation of an append not guarded by the append
+    /// function): the append is decided again.
+    RaceLost,
+}
 
-fn is_race_lost(error: &StoreError) -> bool {
-    matches!(error, StoreError::Backend { source } if source.is::<RaceLost>())
+impl From<StoreError> for AppendError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+impl From<AppendError> for StoreError {
+    /// Guarded appends settle races inside the database and never lose one;
+    /// a lost race that reached a caller would be transient.
+    fn from(error: AppendError) -> Self {
+        match error {
+            AppendError::Store(error) => error,
+            AppendError::RaceLost => Self::Unavailable {
+                source: "a concurrent append won the race".into(),
+            },
+        }
+    }
 }
 
 fn is_invalid_json(error: &sqlx::Error) -> bool {
@@ -304,7 +322,7 @@ impl PgEventStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
         guarded: bool,
-    ) -> Result<AppendResult, StoreError>
+    ) -> Result<AppendResult, AppendError>
     where
         E: sqlx::PgExecutor<'c>,
     {
@@ -322,7 +340,7 @@ impl PgEventStore {
         stream: &StreamId,
         expected: ExpectedVersion,
         batch: &Batch<'_>,
-    ) -> Result<Option<AppendResult>, StoreError> {
+    ) -> Result<Option<AppendResult>, AppendError> {
         let row: (Option<i64>, Option<i64>, Option<i64>, i64, Option<bool>) =
             sqlx::query_as(&self.shared.sql.append_fast)
                 .bind("")
@@ -353,7 +371,8 @@ impl PgEventStore {
                 stream: stream.clone(),
                 expected,
                 actual: to_u64(actual),
-            }),
+            }
+            .into()),
             // Some ids are stored: the append function decides the replay.
             _ => Ok(None),
         }
@@ -366,7 +385,7 @@ impl PgEventStore {
         expected: ExpectedVersion,
         batch: &Batch<'_>,
         guarded: bool,
-    ) -> Result<AppendResult, StoreError>
+    ) -> Result<AppendResult, AppendError>
     where
         E: sqlx::PgExecutor<'c>,
     {
@@ -385,7 +404,7 @@ impl PgEventStore {
             .map_err(|e| batch.map_error(e, guarded))?
             .pop()
             .ok_or_else(no_row)?;
-        decide(stream, expected, row)
+        Ok(decide(stream, expected, row)?)
     }
 
     /// One append on its own: the one-statement fast path, the append
@@ -406,16 +425,17 @@ impl PgEventStore {
                 match self.append_fast(stream, expected, &batch).await {
                     Ok(Some(result)) => return Ok(result),
                     Ok(None) => {}
-                    Err(e) if is_race_lost(&e) => continue,
-                    Err(e) => return Err(e),
+                    Err(AppendError::RaceLost) => continue,
+                    Err(AppendError::Store(e)) => return Err(e),
                 }
             }
             match self
                 .call_append(&self.shared.pool, stream, expected, &batch, guarded)
                 .await
             {
-                Err(e) if is_race_lost(&e) => continue,
-                other => return other,
+                Ok(result) => return Ok(result),
+                Err(AppendError::RaceLost) => continue,
+                Err(AppendError::Store(e)) => return Err(e),
             }
         }
     }
