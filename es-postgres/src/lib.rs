@@ -18,7 +18,7 @@ pub use config::PgConfig;
 pub use error::{PgError, Result};
 pub use group_commit::{DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT, MAX_GROUP_LIMIT};
 pub use inbox::PgInbox;
-pub use lock::{LeaderGuard, LeaderLock};
+pub use lock::{PgLeaderLock, PgLeadership};
 pub use schema::{migrate, MAX_SCHEMA_LEN};
 pub use snapshot::PgSnapshotStore;
 pub use store::{Holdback, PgEventStore, DEFAULT_MAX_BATCH};

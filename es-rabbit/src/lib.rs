@@ -14,7 +14,5 @@ pub use config::{RabbitConfig, DEFAULT_AMQP_URL};
 pub use error::RabbitError;
 /// The W3C trace context, from es-core (where events carry it).
 pub use es_core::TraceParent;
-#[cfg(feature = "postgres")]
-pub use relay::postgres::PgLeaderLock;
-pub use relay::{LeaderLock, Leadership, LocalLeaderLock, RabbitRelay};
+pub use relay::RabbitRelay;
 pub use topology::Topology;

@@ -38,7 +38,9 @@ use es_core::{
 };
 use es_postgres::sqlx::postgres::PgConnectOptions;
 use es_postgres::sqlx::PgPool;
-use es_postgres::{PgConfig, PgEventStore, PgInbox, PgSnapshotStore};
+use es_postgres::{
+    PgCheckpointStore, PgConfig, PgEventStore, PgInbox, PgLeaderLock, PgSnapshotStore,
+};
 use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -616,10 +618,16 @@ impl Node {
                     ])
                 };
                 let relay = Arc::new(
-                    RabbitRelay::postgres(format!("{schema}_relay"), &store, &bus)
-                        .with_batch_size(512)
-                        .with_route(route)
-                        .with_mandatory_topics(topics::COMMANDS),
+                    RabbitRelay::new(
+                        format!("{schema}_relay"),
+                        Arc::new(store.clone()),
+                        &bus,
+                        Arc::new(PgCheckpointStore::new(store.pool().clone(), store.schema())),
+                        Arc::new(PgLeaderLock::new(store.pool().clone())),
+                    )
+                    .with_batch_size(512)
+                    .with_route(route)
+                    .with_mandatory_topics(topics::COMMANDS),
                 );
                 gauges.relays.push((name, store));
                 let s = stopped.clone();
