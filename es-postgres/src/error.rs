@@ -7,7 +7,7 @@ use crate::sqlstate;
 /// Why an es-postgres operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum PgError {
+pub enum Error {
     /// The database could not be reached: connection refused or dropped, pool
     /// timed out or closed, server shutting down. Retrying later may succeed.
     #[error("PostgreSQL unavailable: {source}")]
@@ -75,10 +75,10 @@ pub enum PgError {
     Store(#[from] StoreError),
 }
 
-/// A `Result` with [`PgError`].
-pub type Result<T, E = PgError> = std::result::Result<T, E>;
+/// A `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl PgError {
+impl Error {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -113,7 +113,7 @@ pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {
     }
 }
 
-impl From<sqlx::Error> for PgError {
+impl From<sqlx::Error> for Error {
     fn from(source: sqlx::Error) -> Self {
         if is_connection_error(&source) {
             Self::Unavailable { source }
@@ -123,11 +123,11 @@ impl From<sqlx::Error> for PgError {
     }
 }
 
-impl From<PgError> for StoreError {
-    fn from(error: PgError) -> Self {
+impl From<Error> for StoreError {
+    fn from(error: Error) -> Self {
         match error {
-            PgError::Store(e) => e,
-            PgError::Unavailable { source } => Self::Unavailable {
+            Error::Store(e) => e,
+            Error::Unavailable { source } => Self::Unavailable {
                 source: Box::new(source),
             },
             other => Self::Backend {
@@ -139,5 +139,5 @@ impl From<PgError> for StoreError {
 
 /// Maps a driver error straight to a [`StoreError`].
 pub(crate) fn store_error(error: sqlx::Error) -> StoreError {
-    PgError::from(error).into()
+    Error::from(error).into()
 }

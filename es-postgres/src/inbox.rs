@@ -5,7 +5,7 @@ use es_core::{Inbox, StoreError};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::error::{PgError, Result};
+use crate::error::{Error, Result};
 use crate::schema::quoted;
 
 /// Processed message ids per consumer in `<schema>.inbox`.
@@ -104,7 +104,7 @@ impl Inbox for PgInbox {
             .bind(message_id)
             .execute(&self.pool)
             .await
-            .map_err(PgError::from)?;
+            .map_err(Error::from)?;
         Ok(done.rows_affected() == 1)
     }
 }

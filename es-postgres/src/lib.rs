@@ -15,7 +15,7 @@ pub mod testing;
 
 pub use checkpoint::PgCheckpointStore;
 pub use config::PgConfig;
-pub use error::{PgError, Result};
+pub use error::{Error, Result};
 pub use group_commit::{DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT, MAX_GROUP_LIMIT};
 pub use inbox::PgInbox;
 pub use lock::{PgLeaderLock, PgLeadership};

@@ -5,7 +5,7 @@ use es_core::{Payload, Snapshot, SnapshotStore, StoreError, StreamId};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::error::{PgError, Result};
+use crate::error::{Error, Result};
 use crate::schema::quoted;
 use crate::sqlstate;
 
@@ -50,11 +50,11 @@ impl PgSnapshotStore {
         executor: E,
         snapshot: &Snapshot,
     ) -> Result<()> {
-        let version = i64::try_from(snapshot.version).map_err(|_| PgError::Corrupt {
+        let version = i64::try_from(snapshot.version).map_err(|_| Error::Corrupt {
             reason: format!("snapshot version {} is out of range", snapshot.version),
         })?;
         let schema_version =
-            i32::try_from(snapshot.schema_version).map_err(|_| PgError::Corrupt {
+            i32::try_from(snapshot.schema_version).map_err(|_| Error::Corrupt {
                 reason: format!(
                     "snapshot schema version {} is out of range",
                     snapshot.schema_version
@@ -75,11 +75,11 @@ impl PgSnapshotStore {
                         sqlstate::UNTRANSLATABLE_CHARACTER,
                     ],
                 ) {
-                    PgError::Store(StoreError::InvalidPayload {
+                    Error::Store(StoreError::InvalidPayload {
                         event_id: Uuid::nil(),
                     })
                 } else {
-                    PgError::from(e)
+                    Error::from(e)
                 }
             })?;
         Ok(())
@@ -97,7 +97,7 @@ impl SnapshotStore for PgSnapshotStore {
             .bind(stream.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(PgError::from)?;
+            .map_err(Error::from)?;
         Ok(row.map(|(version, schema_version, state)| Snapshot {
             stream_id: stream.clone(),
             version: u64::try_from(version).unwrap_or(0),

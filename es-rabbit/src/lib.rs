@@ -11,7 +11,7 @@ pub mod topology;
 
 pub use bus::{DeadLetter, RabbitBus};
 pub use config::{RabbitConfig, DEFAULT_AMQP_URL};
-pub use error::RabbitError;
+pub use error::{Error, Result};
 /// The W3C trace context, from es-core (where events carry it).
 pub use es_core::TraceParent;
 pub use relay::RabbitRelay;

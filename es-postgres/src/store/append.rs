@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::read::{position_of, to_u64};
 use super::PgEventStore;
-use crate::error::{store_error, PgError};
+use crate::error::{store_error, Error};
 use crate::group_commit::{GroupCommit, Turn, Waiting};
 use crate::sqlstate::{self, is_unique_violation};
 
@@ -161,7 +161,7 @@ fn decide(
         11 => Err(conflict("the event id is stored in another stream")),
         12 => Err(conflict("the batch is stored at other positions")),
         13 => Err(conflict("the stored event has another type or payload")),
-        other => Err(PgError::Corrupt {
+        other => Err(Error::Corrupt {
             reason: format!("append_events returned unknown outcome {other}"),
         }
         .into()),
@@ -251,7 +251,7 @@ impl Drop for Slot<'_> {
 }
 
 fn no_row() -> StoreError {
-    PgError::Corrupt {
+    Error::Corrupt {
         reason: "the append statement returned no row".to_owned(),
     }
     .into()
@@ -545,7 +545,7 @@ impl PgEventStore {
             .into_iter()
             .map(|a| {
                 a.unwrap_or_else(|| {
-                    Err(PgError::Corrupt {
+                    Err(Error::Corrupt {
                         reason: "append_group returned no row for an append".to_owned(),
                     }
                     .into())

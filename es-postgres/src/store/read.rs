@@ -8,7 +8,7 @@ use es_core::{Metadata, Payload, Position, RecordedEvent, StoreError, StreamId};
 use uuid::Uuid;
 
 use super::PgEventStore;
-use crate::error::{store_error, PgError, Result};
+use crate::error::{store_error, Error, Result};
 
 /// How far the oldest running transaction holds the readable log back.
 ///
@@ -71,7 +71,7 @@ pub(crate) fn position_parts(position: Position) -> Result<(i64, i64)> {
         i64::try_from(position.minor()),
     ) {
         (Ok(major), Ok(minor)) => Ok((major, minor)),
-        _ => Err(PgError::PositionOutOfRange { position }),
+        _ => Err(Error::PositionOutOfRange { position }),
     }
 }
 
@@ -90,14 +90,14 @@ pub(super) fn decode(row: EventRow, stream: Option<&StreamId>) -> Result<Recorde
     ) = row;
     let stream_id = match stream {
         Some(s) => s.clone(),
-        None => StreamId::new(&stream_id).map_err(|e| PgError::Corrupt {
+        None => StreamId::new(&stream_id).map_err(|e| Error::Corrupt {
             reason: e.to_string(),
         })?,
     };
     let metadata: Metadata = if metadata == "{}" {
         Metadata::default()
     } else {
-        serde_json::from_str(&metadata).map_err(|e| PgError::Corrupt {
+        serde_json::from_str(&metadata).map_err(|e| Error::Corrupt {
             reason: format!("metadata of event {event_id}: {e}"),
         })?
     };
@@ -209,7 +209,7 @@ impl PgEventStore {
     /// How far the oldest running transaction holds the readable log back
     /// right now. Export it as a metric (the `tracing` event
     /// `es_postgres::holdback` logs it when a subscription is held back).
-    pub async fn holdback(&self) -> Result<Holdback, PgError> {
+    pub async fn holdback(&self) -> Result<Holdback, Error> {
         let row: (i64, i64, i64, Option<i32>, Option<String>, Option<f64>) =
             sqlx::query_as(&self.shared.sql.holdback)
                 .fetch_one(&self.shared.pool)
