@@ -8,6 +8,7 @@ pub mod clock;
 pub mod doc_support;
 pub mod envelope;
 pub mod event;
+pub mod leader;
 pub mod memory;
 pub mod metadata;
 pub mod payload;
@@ -36,6 +37,7 @@ pub use bus::{
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent};
 pub use event::{CodecError, DomainEvent, EventCodec, Upcaster, Upcasters};
+pub use leader::{LeaderLock, LeaderRelay, Leadership, LocalLeaderLock};
 pub use memory::{
     InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore,
 };

@@ -7,14 +7,14 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use crate::error::{PgError, Result};
+use crate::error::{Error, Result};
 use crate::schema::validate_schema;
 use crate::PgEventStore;
 
 /// How to reach PostgreSQL and which schema to use.
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), es_postgres::PgError> {
+/// # async fn demo() -> Result<(), es_postgres::Error> {
 /// use std::time::Duration;
 /// let store = es_postgres::PgConfig::from_url("postgres://postgres@127.0.0.1:5432/postgres")?
 ///     .schema("orders")
@@ -51,11 +51,11 @@ impl PgConfig {
     /// the `PG*` variables.
     pub fn from_url(url: &str) -> Result<Self> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(PgError::InvalidConfig {
+            return Err(Error::InvalidConfig {
                 reason: "the URL must start with postgres:// or postgresql://".to_owned(),
             });
         }
-        let options = PgConnectOptions::from_str(url).map_err(|e| PgError::InvalidConfig {
+        let options = PgConnectOptions::from_str(url).map_err(|e| Error::InvalidConfig {
             reason: e.to_string(),
         })?;
         Ok(Self::with_options(options))

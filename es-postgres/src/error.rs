@@ -2,10 +2,12 @@
 
 use es_core::{Position, StoreError};
 
+use crate::sqlstate;
+
 /// Why an es-postgres operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum PgError {
+pub enum Error {
     /// The database could not be reached: connection refused or dropped, pool
     /// timed out or closed, server shutting down. Retrying later may succeed.
     #[error("PostgreSQL unavailable: {source}")]
@@ -73,10 +75,10 @@ pub enum PgError {
     Store(#[from] StoreError),
 }
 
-/// A `Result` with [`PgError`].
-pub type Result<T, E = PgError> = std::result::Result<T, E>;
+/// A `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl PgError {
+impl Error {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -97,18 +99,21 @@ pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => {
-            // Class 08: connection exception; 57P01..57P03: admin/crash
-            // shutdown, cannot connect now; 53300: too many connections.
-            db.code().is_some_and(|code| {
-                code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-            })
-        }
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with(sqlstate::CONNECTION_EXCEPTION_CLASS)
+                || [
+                    sqlstate::ADMIN_SHUTDOWN,
+                    sqlstate::CRASH_SHUTDOWN,
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(&&*code)
+        }),
         _ => false,
     }
 }
 
-impl From<sqlx::Error> for PgError {
+impl From<sqlx::Error> for Error {
     fn from(source: sqlx::Error) -> Self {
         if is_connection_error(&source) {
             Self::Unavailable { source }
@@ -118,11 +123,11 @@ impl From<sqlx::Error> for PgError {
     }
 }
 
-impl From<PgError> for StoreError {
-    fn from(error: PgError) -> Self {
+impl From<Error> for StoreError {
+    fn from(error: Error) -> Self {
         match error {
-            PgError::Store(e) => e,
-            PgError::Unavailable { source } => Self::Unavailable {
+            Error::Store(e) => e,
+            Error::Unavailable { source } => Self::Unavailable {
                 source: Box::new(source),
             },
             other => Self::Backend {
@@ -134,5 +139,5 @@ impl From<PgError> for StoreError {
 
 /// Maps a driver error straight to a [`StoreError`].
 pub(crate) fn store_error(error: sqlx::Error) -> StoreError {
-    PgError::from(error).into()
+    Error::from(error).into()
 }

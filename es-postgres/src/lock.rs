@@ -2,9 +2,11 @@
 //!
 //! The lock is a session-level advisory lock held on a dedicated connection
 //! (not one of the pool's). PostgreSQL releases it when that connection ends,
-//! so a crashed leader's lock frees itself. The guard checks its connection
-//! periodically; [`LeaderGuard::lost`] resolves when the connection is found
-//! dead, and the holder must stop acting as leader at once.
+//! so a crashed leader's lock frees itself. The held [`PgLeadership`] checks
+//! its connection periodically; [`PgLeadership::lost`] resolves when the
+//! connection is found dead, and the holder must stop acting as leader at
+//! once. [`PgLeaderLock`] implements es-core's [`LeaderLock`], so the
+//! leader-elected relay ([`es_core::LeaderRelay`]) runs on it.
 //!
 //! A network partition can leave the server believing the old session alive
 //! for a while (until its TCP keepalive gives up) while the old leader
@@ -23,42 +25,46 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use es_core::{LeaderLock, Leadership, StoreError};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
 
-/// How to take a leader lock: the lock's name and the polling intervals.
+/// Leader locks on `pool`'s database, one per name, with their polling
+/// intervals. Implements [`LeaderLock`].
 #[derive(Clone, Debug)]
-pub struct LeaderLock {
-    name: String,
+pub struct PgLeaderLock {
+    pool: PgPool,
     retry: Duration,
     check: Duration,
     check_timeout: Duration,
 }
 
-impl LeaderLock {
-    /// A lock called `name` (any string; it is hashed to the advisory key).
-    /// Defaults: retry every 500 ms while waiting, check the connection every
-    /// second with a 5 s timeout.
-    pub fn new(name: impl Into<String>) -> Self {
+impl PgLeaderLock {
+    /// Locks on `pool`'s database (each on a dedicated connection, not one
+    /// of the pool's). Defaults: retry every 500 ms while waiting, check the
+    /// connection every second with a 5 s timeout.
+    pub fn new(pool: PgPool) -> Self {
         Self {
-            name: name.into(),
+            pool,
             retry: Duration::from_millis(500),
             check: Duration::from_secs(1),
             check_timeout: Duration::from_secs(5),
         }
     }
 
-    /// How often [`LeaderLock::wait`] retries while another holder has it.
+    /// How often [`PgLeaderLock::wait`] retries while another holder has
+    /// the lock.
     #[must_use]
     pub fn retry_interval(mut self, retry: Duration) -> Self {
         self.retry = retry;
         self
     }
 
-    /// How often the guard checks its connection, and how long a check may
+    /// How often the holder checks its connection, and how long a check may
     /// take before the connection counts as dead.
     #[must_use]
     pub fn check_interval(mut self, every: Duration, timeout: Duration) -> Self {
@@ -67,26 +73,16 @@ impl LeaderLock {
         self
     }
 
-    /// Waits, retrying, until the lock `name` is acquired.
-    pub async fn acquire(pool: &PgPool, name: &str) -> Result<LeaderGuard> {
-        Self::new(name).wait(pool).await
-    }
-
-    /// Takes the lock `name` if it is free.
-    pub async fn try_acquire(pool: &PgPool, name: &str) -> Result<Option<LeaderGuard>> {
-        Self::new(name).try_take(pool).await
-    }
-
-    /// Waits, retrying, until this lock is acquired. A failing connection
-    /// attempt is retried too (logged), so a waiting standby survives a
-    /// database restart.
-    pub async fn wait(&self, pool: &PgPool) -> Result<LeaderGuard> {
+    /// Waits, retrying, until the lock `name` is acquired. A failing
+    /// connection attempt is retried too (logged), so a waiting standby
+    /// survives a database restart.
+    pub async fn wait(&self, name: &str) -> Result<PgLeadership> {
         loop {
-            match self.try_take(pool).await {
-                Ok(Some(guard)) => return Ok(guard),
+            match self.try_acquire(name).await {
+                Ok(Some(leadership)) => return Ok(leadership),
                 Ok(None) => {}
                 Err(error) if error.is_transient() => {
-                    tracing::warn!(%error, lock = %self.name, "leader lock: cannot reach the database; retrying");
+                    tracing::warn!(%error, lock = %name, "leader lock: cannot reach the database; retrying");
                 }
                 Err(error) => return Err(error),
             }
@@ -94,11 +90,12 @@ impl LeaderLock {
         }
     }
 
-    /// Takes this lock if it is free.
-    pub async fn try_take(&self, pool: &PgPool) -> Result<Option<LeaderGuard>> {
-        let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    /// Takes the lock `name` (any string; it is hashed to the advisory key)
+    /// if it is free.
+    pub async fn try_acquire(&self, name: &str) -> Result<Option<PgLeadership>> {
+        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
         let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
-            .bind(format!("es-leader:{}", self.name))
+            .bind(format!("es-leader:{name}"))
             .fetch_one(&mut conn)
             .await?;
         let (taken, pid): (bool, i32) =
@@ -110,24 +107,31 @@ impl LeaderLock {
             let _ = conn.close().await;
             return Ok(None);
         }
-        tracing::info!(lock = %self.name, pid, "leader lock acquired");
+        tracing::info!(lock = %name, pid, "leader lock acquired");
         let conn = Arc::new(Mutex::new(Some(conn)));
         let (lost_tx, lost_rx) = watch::channel(false);
         let task = tokio::spawn(watch_connection(
             conn.clone(),
             lost_tx,
-            self.name.clone(),
+            name.to_owned(),
             self.check,
             self.check_timeout,
         ));
-        Ok(Some(LeaderGuard {
-            name: self.name.clone(),
+        Ok(Some(PgLeadership {
+            name: name.to_owned(),
             key,
             backend_pid: pid,
             conn,
             lost: lost_rx,
             task,
         }))
+    }
+}
+
+#[async_trait]
+impl LeaderLock for PgLeaderLock {
+    async fn acquire(&self, name: &str) -> Result<Box<dyn Leadership>, StoreError> {
+        Ok(Box::new(self.wait(name).await?))
     }
 }
 
@@ -159,10 +163,11 @@ async fn watch_connection(
     }
 }
 
-/// Proof of holding a leader lock. Dropping it frees the lock (the dedicated
-/// connection closes); [`LeaderGuard::release`] frees it explicitly.
+/// Proof of holding a [`PgLeaderLock`]. Dropping it frees the lock (the
+/// dedicated connection closes); [`PgLeadership::release`] frees it
+/// explicitly.
 #[derive(Debug)]
-pub struct LeaderGuard {
+pub struct PgLeadership {
     name: String,
     key: i64,
     backend_pid: i32,
@@ -171,7 +176,7 @@ pub struct LeaderGuard {
     task: JoinHandle<()>,
 }
 
-impl LeaderGuard {
+impl PgLeadership {
     /// The lock's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -213,7 +218,14 @@ impl LeaderGuard {
     }
 }
 
-impl Drop for LeaderGuard {
+#[async_trait]
+impl Leadership for PgLeadership {
+    async fn lost(&mut self) {
+        Self::lost(self).await;
+    }
+}
+
+impl Drop for PgLeadership {
     fn drop(&mut self) {
         self.task.abort();
     }

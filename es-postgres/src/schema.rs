@@ -2,7 +2,7 @@
 
 use sqlx::PgPool;
 
-use crate::error::{PgError, Result};
+use crate::error::{Error, Result};
 
 /// The longest schema name accepted (PostgreSQL allows 63 bytes; the rest is
 /// kept for derived names such as notification channels).
@@ -45,7 +45,7 @@ pub(crate) fn validate_schema(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(PgError::InvalidSchemaName {
+        Err(Error::InvalidSchemaName {
             name: name.chars().take(64).collect(),
         })
     }
@@ -89,14 +89,14 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<()> {
     let current = current.unwrap_or(0);
     let known = MIGRATIONS.last().map_or(0, |m| m.version);
     if current > known {
-        return Err(PgError::SchemaTooNew {
+        return Err(Error::SchemaTooNew {
             schema: schema.to_owned(),
             found: current,
             known,
         });
     }
     for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
-        let fail = |source| PgError::Migration {
+        let fail = |source| Error::Migration {
             schema: schema.to_owned(),
             version: migration.version,
             name: migration.name,

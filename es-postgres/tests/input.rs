@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use es_core::testing::conformance::{event, events, unique_stream, whole_log};
 use es_core::{EventStore, ExpectedVersion, NewEvent, Payload, Position, StoreError, StreamId};
-use es_postgres::{PgConfig, PgError, PgEventStore};
+use es_postgres::{Error, PgConfig, PgEventStore};
 
 async fn store() -> PgEventStore {
     es_postgres::testing::fresh_store()
@@ -136,20 +136,20 @@ async fn unreachable_database_is_unavailable() {
         .event_store()
         .await
         .unwrap_err();
-    assert!(matches!(err, PgError::Unavailable { .. }), "{err}");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
 }
 
 #[tokio::test]
 async fn invalid_settings() {
     assert!(matches!(
         PgConfig::from_url("mysql://nope").unwrap_err(),
-        PgError::InvalidConfig { .. }
+        Error::InvalidConfig { .. }
     ));
     let pool = es_postgres::testing::fresh_schema().await.0;
     for bad in ["", "Upper", "semi;colon", "a\"b", "pg_catalog"] {
         assert!(matches!(
             es_postgres::migrate(&pool, bad).await.unwrap_err(),
-            PgError::InvalidSchemaName { .. }
+            Error::InvalidSchemaName { .. }
         ));
         assert!(PgEventStore::try_new(pool.clone(), bad).is_err());
     }

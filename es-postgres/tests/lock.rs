@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use es_postgres::lock::LeaderLock;
+use es_postgres::PgLeaderLock;
 
 async fn pool() -> sqlx::PgPool {
     es_postgres::testing::fresh_schema().await.0
@@ -19,28 +19,15 @@ fn name() -> String {
 async fn one_holder_at_a_time() {
     let pool = pool().await;
     let name = name();
-    let first = LeaderLock::try_acquire(&pool, &name)
-        .await
-        .unwrap()
-        .expect("free lock");
-    assert!(LeaderLock::try_acquire(&pool, &name)
-        .await
-        .unwrap()
-        .is_none());
-    assert!(LeaderLock::try_acquire(&pool, "another")
-        .await
-        .unwrap()
-        .is_some());
+    let lock = PgLeaderLock::new(pool.clone());
+    let first = lock.try_acquire(&name).await.unwrap().expect("free lock");
+    assert!(lock.try_acquire(&name).await.unwrap().is_none());
+    assert!(lock.try_acquire("another").await.unwrap().is_some());
 
     let waiter = {
-        let pool = pool.clone();
+        let lock = lock.clone().retry_interval(Duration::from_millis(20));
         let name = name.clone();
-        tokio::spawn(async move {
-            LeaderLock::new(name)
-                .retry_interval(Duration::from_millis(20))
-                .wait(&pool)
-                .await
-        })
+        tokio::spawn(async move { lock.wait(&name).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!waiter.is_finished(), "acquired while held");
@@ -52,13 +39,9 @@ async fn one_holder_at_a_time() {
         .unwrap();
     assert!(!second.is_lost());
     drop(second);
-    // Dropping the guard frees the lock too.
+    // Dropping the leadership frees the lock too.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while LeaderLock::try_acquire(&pool, &name)
-        .await
-        .unwrap()
-        .is_none()
-    {
+    while lock.try_acquire(&name).await.unwrap().is_none() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "drop did not free the lock"
@@ -71,16 +54,10 @@ async fn one_holder_at_a_time() {
 async fn lost_connection_is_reported_and_frees_the_lock() {
     let pool = pool().await;
     let name = name();
-    let guard = LeaderLock::new(&name)
-        .check_interval(Duration::from_millis(50), Duration::from_secs(2))
-        .try_take(&pool)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(LeaderLock::try_acquire(&pool, &name)
-        .await
-        .unwrap()
-        .is_none());
+    let lock = PgLeaderLock::new(pool.clone())
+        .check_interval(Duration::from_millis(50), Duration::from_secs(2));
+    let guard = lock.try_acquire(&name).await.unwrap().unwrap();
+    assert!(lock.try_acquire(&name).await.unwrap().is_none());
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(guard.backend_pid())
         .fetch_one(&pool)
@@ -91,10 +68,39 @@ async fn lost_connection_is_reported_and_frees_the_lock() {
         .await
         .expect("loss not reported");
     assert!(guard.is_lost());
-    let standby = tokio::time::timeout(Duration::from_secs(10), LeaderLock::acquire(&pool, &name))
+    let standby = tokio::time::timeout(Duration::from_secs(10), lock.wait(&name))
         .await
         .unwrap()
         .unwrap();
     assert!(!standby.is_lost());
     standby.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_an_es_core_leader_lock_a_terminated_session_is_a_lost_leadership() {
+    use es_core::LeaderLock;
+
+    let pool = pool().await;
+    let name = name();
+    let lock = PgLeaderLock::new(pool.clone())
+        .check_interval(Duration::from_millis(50), Duration::from_secs(2));
+    let mut leadership = lock.acquire(&name).await.unwrap();
+    let second = lock.try_acquire(&name).await.unwrap();
+    assert!(second.is_none(), "held through the trait");
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+           AND ((classid::int8 << 32) | objid::int8) = hashtextextended($1, 0)",
+    )
+    .bind(format!("es-leader:{name}"))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1);
+    tokio::time::timeout(Duration::from_secs(10), leadership.lost())
+        .await
+        .expect("loss reported through the trait");
+    drop(leadership);
+    let again = tokio::time::timeout(Duration::from_secs(10), lock.acquire(&name)).await;
+    assert!(again.unwrap().is_ok());
 }

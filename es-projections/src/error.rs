@@ -74,7 +74,7 @@ pub enum Error {
         projection: String,
         /// The backend's error.
         #[source]
-        source: es_postgres::PgError,
+        source: es_postgres::Error,
     },
     /// Redis failed.
     #[cfg(feature = "redis")]
@@ -180,7 +180,7 @@ impl Error {
     }
 
     #[cfg(feature = "postgres")]
-    pub(crate) fn pg(projection: &str, source: es_postgres::PgError) -> Self {
+    pub(crate) fn pg(projection: &str, source: es_postgres::Error) -> Self {
         Self::Postgres {
             projection: projection.to_owned(),
             source,

@@ -201,13 +201,11 @@ async fn a_first_rebuild_creates_the_model_and_a_second_concurrent_one_is_refuse
     let ledger = Ledger::new("ledger");
     let head = seed_pg(&*store, 30, 0).await;
     // Hold the rebuild lock as another process would.
-    let held = es_postgres::LeaderLock::try_acquire(
-        &pool,
-        &format!("es-projections rebuild {schema}.ledger"),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let held = es_postgres::PgLeaderLock::new(pool.clone())
+        .try_acquire(&format!("es-projections rebuild {schema}.ledger"))
+        .await
+        .unwrap()
+        .unwrap();
     let r = runner(&pool, &schema, &model, &store, &ledger);
     let refused = rebuild(
         &r,

@@ -26,7 +26,7 @@ use es_core::{
     CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, Message, Metadata, NewEvent,
     Outcome, Payload, StreamId, Subscription,
 };
-use es_postgres::PgCheckpointStore;
+use es_postgres::{PgCheckpointStore, PgLeaderLock};
 use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
 use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -356,7 +356,13 @@ fn relay(c: &mut Criterion) {
                 for _ in 0..iters {
                     // A new relay name starts from the beginning of the log.
                     let name = format!("bench-{}", Uuid::new_v4().simple());
-                    let relay = Arc::new(RabbitRelay::postgres(name.clone(), store, &s.bus));
+                    let relay = Arc::new(RabbitRelay::new(
+                        name.clone(),
+                        Arc::new(store.clone()),
+                        &s.bus,
+                        Arc::new(checkpoints.clone()),
+                        Arc::new(PgLeaderLock::new(store.pool().clone())),
+                    ));
                     let (stop, stopped) = watch::channel(false);
                     let start = Instant::now();
                     let running = tokio::spawn({

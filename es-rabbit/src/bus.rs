@@ -22,7 +22,7 @@ use crate::error::bounded;
 use crate::topology::{
     short, validate, Topology, ATTEMPT_HEADER, DEAD_LETTER_GROUP_HEADER, DEAD_LETTER_REASON_HEADER,
 };
-use crate::{RabbitConfig, RabbitError, TraceParent};
+use crate::{Error, RabbitConfig, TraceParent};
 
 /// es-core's [`EventBus`] on RabbitMQ: one connection (replaced with backoff
 /// when it breaks), confirmed and pipelined publishing, and consumer groups
@@ -60,7 +60,7 @@ pub struct DeadLetter {
 
 impl RabbitBus {
     /// Connects to the broker (failing fast when it cannot be reached).
-    pub async fn connect(config: RabbitConfig) -> Result<Self, RabbitError> {
+    pub async fn connect(config: RabbitConfig) -> Result<Self, Error> {
         let bus = Self::lazy(config);
         bus.inner.connector.live().await?;
         Ok(bus)
@@ -425,7 +425,7 @@ async fn settle(
 
 pub(crate) fn unavailable(source: lapin::Error) -> BusError {
     BusError::Unavailable {
-        source: Box::new(RabbitError::protocol(source)),
+        source: Box::new(Error::protocol(source)),
     }
 }
 

@@ -10,7 +10,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
 use crate::error::{bounded, redact};
-use crate::{RabbitConfig, RabbitError};
+use crate::{Error, RabbitConfig};
 
 /// A live connection with its publishing channel (in confirm mode).
 pub(crate) struct Live {
@@ -42,7 +42,7 @@ impl Live {
     }
 
     /// Opens a channel in confirm mode, within `limit`.
-    pub(crate) async fn confirm_channel(&self, limit: Duration) -> Result<Channel, RabbitError> {
+    pub(crate) async fn confirm_channel(&self, limit: Duration) -> Result<Channel, Error> {
         bounded(limit, "open channel", async {
             let channel = self.connection.create_channel().await?;
             channel
@@ -85,7 +85,7 @@ impl Connector {
     }
 
     /// The current connection if it is healthy, else a new one (one attempt).
-    pub(crate) async fn live(&self) -> Result<Arc<Live>, RabbitError> {
+    pub(crate) async fn live(&self) -> Result<Arc<Live>, Error> {
         let mut current = self.current.lock().await;
         if let Some(live) = current.as_ref() {
             if live.healthy() {
@@ -102,7 +102,7 @@ impl Connector {
         let live = match tokio::time::timeout(limit, self.connect()).await {
             Ok(live) => Arc::new(live?),
             Err(_) => {
-                return Err(RabbitError::Timeout {
+                return Err(Error::Timeout {
                     operation: "connect",
                 })
             }
@@ -148,8 +148,8 @@ impl Connector {
         }
     }
 
-    async fn connect(&self) -> Result<Live, RabbitError> {
-        let unavailable = |source| RabbitError::Unavailable {
+    async fn connect(&self) -> Result<Live, Error> {
+        let unavailable = |source| Error::Unavailable {
             url: redact(&self.config.url),
             source,
         };

@@ -24,7 +24,7 @@ use crate::codec;
 use crate::connection::Live;
 use crate::error::bounded;
 use crate::topology::short;
-use crate::{RabbitError, TraceParent};
+use crate::{Error, TraceParent};
 
 pub(crate) struct ConsumerTask {
     inner: Arc<Inner>,
@@ -98,11 +98,7 @@ impl ConsumerTask {
         self.inner.connector.config.operation_timeout
     }
 
-    async fn consume(
-        &self,
-        live: &Live,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<Flow, RabbitError> {
+    async fn consume(&self, live: &Live, stop: &mut watch::Receiver<bool>) -> Result<Flow, Error> {
         let limit = self.limit();
         let channel = live.confirm_channel(limit).await?;
         bounded(
@@ -322,7 +318,7 @@ impl ConsumerTask {
                     properties,
                 )
                 .await?;
-            Ok::<_, RabbitError>(confirm.await?)
+            Ok::<_, Error>(confirm.await?)
         })
         .await;
         match result {

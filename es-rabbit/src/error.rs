@@ -5,7 +5,7 @@ use es_core::BusError;
 /// Why a RabbitMQ operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum RabbitError {
+pub enum Error {
     /// The broker could not be reached or the connection broke.
     #[error("RabbitMQ at {url} unavailable: {source}")]
     Unavailable {
@@ -50,7 +50,10 @@ pub enum RabbitError {
     },
 }
 
-impl RabbitError {
+/// A `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
     pub(crate) fn protocol(source: lapin::Error) -> Self {
         Self::Protocol { source }
     }
@@ -70,21 +73,21 @@ impl RabbitError {
     }
 }
 
-impl From<RabbitError> for BusError {
-    fn from(error: RabbitError) -> Self {
+impl From<Error> for BusError {
+    fn from(error: Error) -> Self {
         match error {
-            RabbitError::Unavailable { .. } => Self::Unavailable {
+            Error::Unavailable { .. } => Self::Unavailable {
                 source: Box::new(error),
             },
-            RabbitError::InvalidName { ref name, .. } => Self::InvalidSubscription {
+            Error::InvalidName { ref name, .. } => Self::InvalidSubscription {
                 group: name.clone(),
                 reason: error.to_string(),
             },
-            RabbitError::TopologyConflict { ref name, .. } => Self::InvalidSubscription {
+            Error::TopologyConflict { ref name, .. } => Self::InvalidSubscription {
                 group: name.clone(),
                 reason: error.to_string(),
             },
-            RabbitError::Protocol { .. } | RabbitError::Timeout { .. } => Self::Unavailable {
+            Error::Protocol { .. } | Error::Timeout { .. } => Self::Unavailable {
                 source: Box::new(error),
             },
         }
@@ -96,17 +99,17 @@ pub(crate) async fn bounded<T, E>(
     limit: std::time::Duration,
     operation: &'static str,
     fut: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, RabbitError>
+) -> Result<T, Error>
 where
-    RabbitError: From<E>,
+    Error: From<E>,
 {
     match tokio::time::timeout(limit, fut).await {
-        Ok(result) => result.map_err(RabbitError::from),
-        Err(_) => Err(RabbitError::Timeout { operation }),
+        Ok(result) => result.map_err(Error::from),
+        Err(_) => Err(Error::Timeout { operation }),
     }
 }
 
-impl From<lapin::Error> for RabbitError {
+impl From<lapin::Error> for Error {
     fn from(source: lapin::Error) -> Self {
         Self::Protocol { source }
     }

@@ -12,10 +12,8 @@ pub mod topology;
 
 pub use bus::{DeadLetter, RabbitBus};
 pub use config::{RabbitConfig, DEFAULT_AMQP_URL};
-pub use error::RabbitError;
+pub use error::{Error, Result};
 /// The W3C trace context, from es-core (where events carry it).
 pub use es_core::TraceParent;
-#[cfg(feature = "postgres")]
-pub use relay::postgres::PgLeaderLock;
-pub use relay::{LeaderLock, Leadership, LocalLeaderLock, RabbitRelay};
+pub use relay::RabbitRelay;
 pub use topology::Topology;

@@ -18,7 +18,7 @@
 //!
 //! Every declaration is idempotent; redeclaring a queue with other arguments
 //! (another `max_attempts`) is refused by the broker and reported as
-//! [`RabbitError::TopologyConflict`].
+//! [`Error::TopologyConflict`].
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -26,7 +26,7 @@ use lapin::{Channel, ExchangeKind};
 
 use es_core::{BusError, Subscription};
 
-use crate::RabbitError;
+use crate::Error;
 
 /// The header naming the attempt a message copy starts at.
 pub const ATTEMPT_HEADER: &str = "x-es-attempt";
@@ -109,11 +109,7 @@ impl Topology {
     }
 
     /// Declares a topic exchange.
-    pub async fn declare_exchange(
-        &self,
-        channel: &Channel,
-        topic: &str,
-    ) -> Result<(), RabbitError> {
+    pub async fn declare_exchange(&self, channel: &Channel, topic: &str) -> Result<(), Error> {
         let name = self.exchange(topic);
         declare_exchange(channel, &name, ExchangeKind::Topic).await
     }
@@ -124,10 +120,10 @@ impl Topology {
         &self,
         channel: &Channel,
         subscription: &Subscription,
-    ) -> Result<(), RabbitError> {
+    ) -> Result<(), Error> {
         let bindings = self
             .bindings(subscription)
-            .map_err(|e| RabbitError::InvalidName {
+            .map_err(|e| Error::InvalidName {
                 name: subscription.group.clone(),
                 reason: match e {
                     BusError::InvalidSubscription { .. } => "the subscription is invalid",
@@ -207,8 +203,8 @@ pub(crate) fn validate(subscription: &Subscription) -> Result<(), BusError> {
     Ok(())
 }
 
-pub(crate) fn short(name: &str) -> Result<ShortString, RabbitError> {
-    ShortString::try_new(name).map_err(|_| RabbitError::InvalidName {
+pub(crate) fn short(name: &str) -> Result<ShortString, Error> {
+    ShortString::try_new(name).map_err(|_| Error::InvalidName {
         name: name.to_owned(),
         reason: "longer than 255 bytes",
     })
@@ -226,11 +222,7 @@ pub(crate) fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-async fn declare_exchange(
-    channel: &Channel,
-    name: &str,
-    kind: ExchangeKind,
-) -> Result<(), RabbitError> {
+async fn declare_exchange(channel: &Channel, name: &str, kind: ExchangeKind) -> Result<(), Error> {
     channel
         .exchange_declare(
             short(name)?,
@@ -245,7 +237,7 @@ async fn declare_exchange(
         .map_err(|source| conflict(name, source))
 }
 
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), RabbitError> {
+async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), Error> {
     channel
         .queue_declare(
             short(name)?,
@@ -260,12 +252,7 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Resul
         .map_err(|source| conflict(name, source))
 }
 
-async fn bind(
-    channel: &Channel,
-    queue: &str,
-    exchange: &str,
-    key: &str,
-) -> Result<(), RabbitError> {
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), Error> {
     channel
         .queue_bind(
             short(queue)?,
@@ -275,17 +262,17 @@ async fn bind(
             FieldTable::default(),
         )
         .await
-        .map_err(RabbitError::protocol)
+        .map_err(Error::protocol)
 }
 
-fn conflict(name: &str, source: lapin::Error) -> RabbitError {
-    if RabbitError::is_precondition_failed(&source) {
-        RabbitError::TopologyConflict {
+fn conflict(name: &str, source: lapin::Error) -> Error {
+    if Error::is_precondition_failed(&source) {
+        Error::TopologyConflict {
             name: name.to_owned(),
             source,
         }
     } else {
-        RabbitError::protocol(source)
+        Error::protocol(source)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::handle::Shared;
 use crate::telemetry::{self, measure_lag};
 use crate::{DeadLetter, Error, OnError, RunnerOptions};
 use es_core::CheckpointStore as _;
-use es_postgres::LeaderLock;
+use es_postgres::PgLeaderLock;
 
 /// How a rebuild runs.
 #[derive(Clone, Debug)]
@@ -114,12 +114,10 @@ pub async fn rebuild<P: PgProjection>(
     let started = Instant::now();
     let name = runner.projection.name().to_owned();
     migrate(&runner.pool, &runner.schema).await?;
-    let Some(guard) = LeaderLock::try_acquire(
-        &runner.pool,
-        &format!("es-projections rebuild {}.{name}", runner.schema),
-    )
-    .await
-    .map_err(|e| Error::pg(&name, e))?
+    let Some(guard) = PgLeaderLock::new(runner.pool.clone())
+        .try_acquire(&format!("es-projections rebuild {}.{name}", runner.schema))
+        .await
+        .map_err(|e| Error::pg(&name, e))?
     else {
         return Err(Error::Config {
             reason: format!("a rebuild of projection {name} is already running"),

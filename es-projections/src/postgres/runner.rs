@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 
 use es_core::CheckpointStore as _;
-use es_postgres::{LeaderLock, PgCheckpointStore};
+use es_postgres::{PgCheckpointStore, PgLeaderLock};
 
 use super::{ident, migrate, to_i64, NOTIFY_CHANNEL};
 use crate::core::{Backend, Runner};
@@ -188,7 +188,8 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         let name = self.projection.name().to_owned();
         migrate(&self.pool, &self.schema).await?;
         // Leadership is per runner schema and projection name.
-        let lock = LeaderLock::new(format!("es-projections:{}.{name}", self.schema))
+        let lock_name = format!("es-projections:{}.{name}", self.schema);
+        let lock = PgLeaderLock::new(self.pool.clone())
             .retry_interval(self.leader_check)
             .check_interval(self.leader_check, Duration::from_secs(5));
         loop {
@@ -206,7 +207,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             }
             let guard = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return Ok(()),
-                guard = lock.wait(&self.pool) => guard,
+                guard = lock.wait(&lock_name) => guard,
             };
             let guard = match guard {
                 Ok(lock) => lock,

@@ -20,7 +20,7 @@ use es_core::{
 };
 use es_postgres::sqlx::postgres::PgConnectOptions;
 use es_postgres::sqlx::PgPool;
-use es_postgres::{PgConfig, PgEventStore, PgInbox, PgSnapshotStore};
+use es_postgres::{PgConfig, PgEventStore, PgInbox, PgLeaderLock, PgSnapshotStore};
 use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
 use tokio::sync::watch;
 
@@ -392,10 +392,16 @@ impl Backends {
                 let checkpoints: Arc<dyn CheckpointStore> = Arc::new(
                     es_postgres::PgCheckpointStore::new(pg.pool.clone(), store.schema()),
                 );
-                let relay = RabbitRelay::postgres(name.clone(), &store, &pg.bus)
-                    .with_batch_size(512)
-                    .with_route(topology::relay_route(service == Service::Order))
-                    .with_mandatory_topics(crate::messages::topics::COMMANDS);
+                let relay = RabbitRelay::new(
+                    name.clone(),
+                    Arc::new(store.clone()),
+                    &pg.bus,
+                    Arc::clone(&checkpoints),
+                    Arc::new(PgLeaderLock::new(pg.pool.clone())),
+                )
+                .with_batch_size(512)
+                .with_route(topology::relay_route(service == Service::Order))
+                .with_mandatory_topics(crate::messages::topics::COMMANDS);
                 Ok(RelayParts {
                     relay: StoreRelay::Rabbit(relay),
                     store: Arc::new(store.clone()),

@@ -1,0 +1,615 @@
+//! The write side: batch encoding and checks, the append statements, group
+//! commit and how each outcome is decided.
+
+use std::collections::BTreeSet;
+
+use es_core::{AppendResult, ExpectedVersion, NewEvent, Payload, Position, StoreError, StreamId};
+use sqlx::PgConnection;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::read::{position_of, to_u64};
+use super::PgEventStore;
+use crate::error::{store_error, Error};
+use crate::group_commit::{GroupCommit, Turn, Waiting};
+use crate::sqlstate::{self, is_unique_violation};
+
+fn expected_code(expected: ExpectedVersion) -> i64 {
+    match expected {
+        ExpectedVersion::Any => -1,
+        ExpectedVersion::NoStream => -2,
+        ExpectedVersion::StreamExists => -3,
+        ExpectedVersion::Exact(v) => i64::try_from(v).unwrap_or(i64::MAX),
+    }
+}
+
+/// Checks a batch before it goes to the database: nothing is written when this
+/// fails.
+fn validate(events: &[NewEvent], max_batch: usize) -> Result<(), StoreError> {
+    if events.len() > max_batch {
+        return Err(StoreError::BatchTooLarge {
+            len: events.len(),
+            max: max_batch,
+        });
+    }
+    es_core::store::validate_batch(events)?;
+    match events
+        .iter()
+        .find(|e| i32::try_from(e.schema_version).is_err())
+    {
+        Some(event) => Err(StoreError::InvalidEvent {
+            event_id: event.event_id,
+            reason: "the schema version is larger than 2^31 - 1".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The event whose payload PostgreSQL refused: the first one that is not
+/// JSON, else the first holding a `\u0000` (valid JSON PostgreSQL cannot
+/// store), else the first of the batch.
+fn refused_payload(events: &[NewEvent]) -> Uuid {
+    events
+        .iter()
+        .find(|e| Payload::from_json(e.payload.as_str()).is_err())
+        .or_else(|| {
+            events
+                .iter()
+                .find(|e| e.payload.as_str().contains("\\u0000"))
+        })
+        .or_else(|| events.first())
+        .map_or_else(Uuid::nil, |e| e.event_id)
+}
+
+/// A batch encoded as the arrays the append statements take.
+struct Batch<'a> {
+    events: &'a [NewEvent],
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    versions: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<String>,
+}
+
+impl<'a> Batch<'a> {
+    fn encode(events: &'a [NewEvent], max_batch: usize) -> Result<Self, StoreError> {
+        validate(events, max_batch)?;
+        let n = events.len();
+        let mut batch = Batch {
+            events,
+            ids: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+        };
+        for event in events {
+            batch.ids.push(event.event_id);
+            batch.types.push(&*event.event_type);
+            batch
+                .versions
+                .push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
+            batch.payloads.push(event.payload.as_str());
+            batch.metadata.push(if event.metadata.is_empty() {
+                "{}".to_owned()
+            } else {
+                serde_json::to_string(&event.metadata).map_err(|e| StoreError::InvalidEvent {
+                    event_id: event.event_id,
+                    reason: format!("metadata cannot be serialized: {e}"),
+                })?
+            });
+        }
+        Ok(batch)
+    }
+
+    fn map_error(&self, error: sqlx::Error, guarded: bool) -> AppendError {
+        if !guarded && is_unique_violation(&error) {
+            AppendError::RaceLost
+        } else if is_invalid_json(&error) {
+            AppendError::Store(StoreError::InvalidPayload {
+                event_id: refused_payload(self.events),
+            })
+        } else {
+            AppendError::Store(store_error(error))
+        }
+    }
+}
+
+type OutcomeRow = (i32, Option<i64>, Option<i64>, Option<i64>, Option<Uuid>);
+
+/// An `append_group` row: the append's 1-based index, then its outcome row.
+type GroupRow = (
+    i32,
+    i32,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<Uuid>,
+);
+
+/// A row of the one-statement group: index, last version, transaction and
+/// position of what it wrote (none when nothing was written).
+type FastGroupRow = (i32, Option<i64>, Option<i64>, Option<i64>);
+
+/// What an `append_events` outcome row means for the caller.
+fn decide(
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    row: OutcomeRow,
+) -> Result<AppendResult, StoreError> {
+    let (outcome, version, tx, position, event) = row;
+    let conflict = |reason| StoreError::IdempotencyConflict {
+        stream: stream.clone(),
+        event_id: event.unwrap_or_default(),
+        reason,
+    };
+    match outcome {
+        0 | 1 => Ok(AppendResult {
+            stream_version: to_u64(version.unwrap_or(0)),
+            position: match (tx, position) {
+                (Some(tx), Some(p)) => position_of(tx, p),
+                _ => Position::START,
+            },
+            written: outcome == 0,
+        }),
+        2 => Err(StoreError::WrongExpectedVersion {
+            stream: stream.clone(),
+            expected,
+            actual: to_u64(version.unwrap_or(0)),
+        }),
+        10 => Err(conflict("only part of the batch is already stored")),
+        11 => Err(conflict("the event id is stored in another stream")),
+        12 => Err(conflict("the batch is stored at other positions")),
+        13 => Err(conflict("the stored event has another type or payload")),
+        other => Err(Error::Corrupt {
+            reason: format!("append_events returned unknown outcome {other}"),
+        }
+        .into()),
+    }
+}
+
+/// The arrays both group statements take: one entry per append (stream,
+/// expected version, event count), then the appends' events one after the
+/// other.
+struct GroupArrays<'a> {
+    streams: Vec<&'a str>,
+    expected: Vec<i64>,
+    counts: Vec<i32>,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    versions: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<&'a str>,
+}
+
+impl<'a> GroupArrays<'a> {
+    /// The appends `included` (indexes into `group`) with their encoded
+    /// batches.
+    fn new(group: &'a [Waiting], included: &[usize], batches: &'a [Batch<'a>]) -> Self {
+        let total: usize = batches.iter().map(|b| b.ids.len()).sum();
+        let mut arrays = Self {
+            streams: Vec::with_capacity(included.len()),
+            expected: Vec::with_capacity(included.len()),
+            counts: Vec::with_capacity(included.len()),
+            ids: Vec::with_capacity(total),
+            types: Vec::with_capacity(total),
+            versions: Vec::with_capacity(total),
+            payloads: Vec::with_capacity(total),
+            metadata: Vec::with_capacity(total),
+        };
+        for (&i, batch) in included.iter().zip(batches) {
+            arrays.streams.push(group[i].stream.as_str());
+            arrays.expected.push(expected_code(group[i].expected));
+            arrays
+                .counts
+                .push(i32::try_from(batch.ids.len()).unwrap_or(i32::MAX));
+            arrays.ids.extend_from_slice(&batch.ids);
+            arrays.types.extend_from_slice(&batch.types);
+            arrays.versions.extend_from_slice(&batch.versions);
+            arrays.payloads.extend_from_slice(&batch.payloads);
+            arrays
+                .metadata
+                .extend(batch.metadata.iter().map(String::as_str));
+        }
+        arrays
+    }
+
+    /// `sql` (`$1`..`$8`) with the arrays bound.
+    fn query<'q, O>(
+        &'q self,
+        sql: &'q str,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+    where
+        O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        sqlx::query_as(sql)
+            .bind(&self.streams)
+            .bind(&self.expected)
+            .bind(&self.counts)
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.versions)
+            .bind(&self.payloads)
+            .bind(&self.metadata)
+    }
+}
+
+fn no_runtime() -> StoreError {
+    StoreError::Unavailable {
+        source: "no tokio runtime is left to write the queued appends".into(),
+    }
+}
+
+/// An append slot, given back (or handed over to the queue) when dropped,
+/// also when the append's future is dropped half-way.
+struct Slot<'a>(&'a PgEventStore);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.release_slot();
+    }
+}
+
+fn no_row() -> StoreError {
+    Error::Corrupt {
+        reason: "the append statement returned no row".to_owned(),
+    }
+    .into()
+}
+
+/// How one append statement failed, inside the write path.
+#[derive(Debug)]
+enum AppendError {
+    /// The append's answer: a refusal or a failure for the caller.
+    Store(StoreError),
+    /// A concurrent append won a race on a stream version or an event id
+    /// (a unique violation of an append not guarded by the append
+    /// function): the append is decided again.
+    RaceLost,
+}
+
+impl From<StoreError> for AppendError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+impl From<AppendError> for StoreError {
+    /// Guarded appends settle races inside the database and never lose one;
+    /// a lost race that reached a caller would be transient.
+    fn from(error: AppendError) -> Self {
+        match error {
+            AppendError::Store(error) => error,
+            AppendError::RaceLost => Self::Unavailable {
+                source: "a concurrent append won the race".into(),
+            },
+        }
+    }
+}
+
+fn is_invalid_json(error: &sqlx::Error) -> bool {
+    sqlstate::is_one_of(error, sqlstate::INVALID_JSON)
+}
+
+impl PgEventStore {
+    /// Appends inside the caller's transaction (or on any connection), so the
+    /// events commit together with the caller's other writes. Subscribers are
+    /// woken when the transaction commits (a `NOTIFY` is queued in it).
+    pub async fn append_in_tx(
+        &self,
+        conn: &mut PgConnection,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let result = self
+            .append_on(&mut *conn, stream, expected, &events, true)
+            .await?;
+        if result.written && self.shared.settings.notify {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(&self.shared.channel)
+                .execute(&mut *conn)
+                .await
+                .map_err(store_error)?;
+        }
+        Ok(result)
+    }
+
+    async fn append_on<'c, E>(
+        &self,
+        executor: E,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        guarded: bool,
+    ) -> Result<AppendResult, AppendError>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        let batch = Batch::encode(events, self.shared.settings.max_batch)?;
+        self.call_append(executor, stream, expected, &batch, guarded)
+            .await
+    }
+
+    /// The common case in one plain statement: read the version, check the
+    /// expectation and insert the batch, or report the conflict. `None` when
+    /// the expectation failed and ids of the batch are already stored (the
+    /// append function then decides the replay).
+    async fn append_fast(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        batch: &Batch<'_>,
+    ) -> Result<Option<AppendResult>, AppendError> {
+        let row: (Option<i64>, Option<i64>, Option<i64>, i64, Option<bool>) =
+            sqlx::query_as(&self.shared.sql.append_fast)
+                .bind("")
+                .bind(stream.as_str())
+                .bind(expected_code(expected))
+                .bind(&batch.ids)
+                .bind(&batch.types)
+                .bind(&batch.versions)
+                .bind(&batch.payloads)
+                .bind(&batch.metadata)
+                // fetch_all, not fetch_one: it returns only after the server
+                // reports the statement (and so its autocommit) complete;
+                // fetch_one returns at the first row, before the commit.
+                .fetch_all(&self.shared.pool)
+                .await
+                .map_err(|e| batch.map_error(e, false))?
+                .pop()
+                .ok_or_else(no_row)?;
+        match row {
+            (Some(version), Some(tx), Some(position), _, _) => Ok(Some(AppendResult {
+                stream_version: to_u64(version),
+                position: position_of(tx, position),
+                written: true,
+            })),
+            // The expectation failed and no event of the batch is stored: a
+            // plain conflict, decided in this one round trip.
+            (_, _, _, actual, Some(false)) => Err(StoreError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual: to_u64(actual),
+            }
+            .into()),
+            // Some ids are stored: the append function decides the replay.
+            _ => Ok(None),
+        }
+    }
+
+    async fn call_append<'c, E>(
+        &self,
+        executor: E,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        batch: &Batch<'_>,
+        guarded: bool,
+    ) -> Result<AppendResult, AppendError>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        let row: OutcomeRow = sqlx::query_as(&self.shared.sql.append)
+            .bind("")
+            .bind(stream.as_str())
+            .bind(expected_code(expected))
+            .bind(&batch.ids)
+            .bind(&batch.types)
+            .bind(&batch.versions)
+            .bind(&batch.payloads)
+            .bind(&batch.metadata)
+            .bind(guarded)
+            .fetch_all(executor)
+            .await
+            .map_err(|e| batch.map_error(e, guarded))?
+            .pop()
+            .ok_or_else(no_row)?;
+        Ok(decide(stream, expected, row)?)
+    }
+
+    /// One append on its own: the one-statement fast path, the append
+    /// function when ids may be replayed, and a few retries of a lost race.
+    async fn append_now(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<AppendResult, StoreError> {
+        let batch = Batch::encode(events, self.shared.settings.max_batch)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // After a few lost races, let the function settle them inside.
+            let guarded = attempt > 3;
+            if !events.is_empty() && !guarded {
+                match self.append_fast(stream, expected, &batch).await {
+                    Ok(Some(result)) => return Ok(result),
+                    Ok(None) => {}
+                    Err(AppendError::RaceLost) => continue,
+                    Err(AppendError::Store(e)) => return Err(e),
+                }
+            }
+            match self
+                .call_append(&self.shared.pool, stream, expected, &batch, guarded)
+                .await
+            {
+                Ok(result) => return Ok(result),
+                Err(AppendError::RaceLost) => continue,
+                Err(AppendError::Store(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes queued appends as one group, answering each.
+    async fn commit_group(&self, mut group: Vec<Waiting>) {
+        if let [only] = group.as_slice() {
+            let result = self
+                .append_now(&only.stream, only.expected, &only.events)
+                .await;
+            if let Some(only) = group.pop() {
+                let _ = only.reply.send(result);
+            }
+            return;
+        }
+        // One lock order for every group: no two groups deadlock.
+        group.sort_by(|a, b| a.stream.as_str().cmp(b.stream.as_str()));
+        let span = tracing::debug_span!("es_postgres.append_group", appends = group.len());
+        let answers = self.write_group(&group).instrument(span).await;
+
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(error) => {
+                // Nothing of the group was written: each append on its own,
+                // so each caller gets its own answer.
+                tracing::debug!(%error, appends = group.len(), "group append failed; appending one by one");
+                let mut answers = Vec::with_capacity(group.len());
+                for w in &group {
+                    answers.push(self.append_now(&w.stream, w.expected, &w.events).await);
+                }
+                answers
+            }
+        };
+        for (w, answer) in group.into_iter().zip(answers) {
+            let _ = w.reply.send(answer);
+        }
+    }
+
+    /// One call of `append_group` for the appends that pass the client-side
+    /// checks; an answer per append, in order.
+    async fn write_group(
+        &self,
+        group: &[Waiting],
+    ) -> Result<Vec<Result<AppendResult, StoreError>>, StoreError> {
+        let mut answers: Vec<Option<Result<AppendResult, StoreError>>> =
+            Vec::with_capacity(group.len());
+        let mut batches = Vec::with_capacity(group.len());
+        let mut included = Vec::with_capacity(group.len());
+        for (i, w) in group.iter().enumerate() {
+            match Batch::encode(&w.events, self.shared.settings.max_batch) {
+                Ok(batch) => {
+                    answers.push(None);
+                    included.push(i);
+                    batches.push(batch);
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        let arrays = GroupArrays::new(group, &included, &batches);
+        let distinct: BTreeSet<&str> = arrays.streams.iter().copied().collect();
+        let mut rows: Vec<GroupRow> = Vec::new();
+        if distinct.len() == arrays.streams.len() {
+            let fast: Result<Vec<FastGroupRow>, sqlx::Error> = arrays
+                .query(&self.shared.sql.append_group_fast)
+                .fetch_all(&self.shared.pool)
+                .await;
+            match fast {
+                // Every append written (an append the statement did not write
+                // shows no version: then none was, and the function decides).
+                Ok(fast)
+                    if fast.len() == arrays.streams.len() && fast.iter().all(|r| r.1.is_some()) =>
+                {
+                    rows = fast
+                        .into_iter()
+                        .map(|(item, version, tx, position)| (item, 0, version, tx, position, None))
+                        .collect();
+                }
+                Ok(_) => {}
+                // A race with a concurrent append, or a replayed id: the
+                // function settles it.
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        if rows.is_empty() {
+            rows = arrays
+                .query(&self.shared.sql.append_group)
+                .fetch_all(&self.shared.pool)
+                .await
+                .map_err(store_error)?;
+        }
+        for (item, outcome, version, tx, position, event) in rows {
+            let slot = usize::try_from(item)
+                .ok()
+                .and_then(|k| k.checked_sub(1))
+                .and_then(|k| included.get(k).copied());
+            if let Some(i) = slot {
+                let w = &group[i];
+                answers[i] = Some(decide(
+                    &w.stream,
+                    w.expected,
+                    (outcome, version, tx, position, event),
+                ));
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(Error::Corrupt {
+                        reason: "append_group returned no row for an append".to_owned(),
+                    }
+                    .into())
+                })
+            })
+            .collect())
+    }
+
+    /// Gives the append slot back, or hands the queue to a task that writes
+    /// it group by group.
+    fn release_slot(&self) {
+        let Some(group) = &self.shared.group else {
+            return;
+        };
+        let Some(first) = group.next_group() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let store = self.clone();
+                handle.spawn(async move {
+                    let mut next = Some(first);
+                    while let Some(waiting) = next {
+                        store.commit_group(waiting).await;
+                        next = store
+                            .shared
+                            .group
+                            .as_ref()
+                            .and_then(GroupCommit::next_group);
+                    }
+                });
+            }
+            Err(_) => {
+                for w in first {
+                    let _ = w.reply.send(Err(no_runtime()));
+                }
+                group.abandon(no_runtime);
+            }
+        }
+    }
+
+    /// One append through group commit: run now while a slot is free, else
+    /// queued and written with others.
+    pub(super) async fn append_grouped(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        match &self.shared.group {
+            Some(group) if !events.is_empty() => {
+                match group.enter(stream.clone(), expected, events) {
+                    Turn::Run(stream, expected, events) => {
+                        let _slot = Slot(self);
+                        self.append_now(&stream, expected, &events).await
+                    }
+                    Turn::Wait(answer) => answer.await.unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable {
+                            source: "the append's group was abandoned".into(),
+                        })
+                    }),
+                }
+            }
+            _ => self.append_now(stream, expected, &events).await,
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The read side: row decoding, stream and log reads, and the read horizon
+//! ([`Holdback`]).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use es_core::{Metadata, Payload, Position, RecordedEvent, StoreError, StreamId};
+use uuid::Uuid;
+
+use super::PgEventStore;
+use crate::error::{store_error, Error, Result};
+
+/// How far the oldest running transaction holds the readable log back.
+///
+/// Readers of the global log only see transactions older than the oldest one
+/// still running anywhere in the cluster (the snapshot's xmin). A transaction
+/// that has written something (and so has a transaction id) and stays open —
+/// a stuck migration, an idle-in-transaction session, a forgotten prepared
+/// transaction — stalls every subscriber until it ends, while appends carry on.
+/// Watch [`Holdback::events_held_back`] and [`Holdback::oldest_writer_age`];
+/// read-only transactions never hold the log back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Holdback {
+    /// The snapshot's xmin: the oldest transaction id still running.
+    pub xmin: u64,
+    /// The snapshot's xmax: the next transaction id to be assigned.
+    pub xmax: u64,
+    /// Committed events not readable yet because an older transaction is
+    /// still running.
+    pub events_held_back: u64,
+    /// The backend process of the oldest running transaction with an id, when
+    /// visible.
+    pub oldest_writer_pid: Option<i32>,
+    /// The database that transaction runs in.
+    pub oldest_writer_database: Option<String>,
+    /// How long that transaction has been open.
+    pub oldest_writer_age: Option<Duration>,
+}
+
+impl Holdback {
+    /// How many transaction ids are in flight between xmin and xmax.
+    pub fn xids_in_flight(&self) -> u64 {
+        self.xmax.saturating_sub(self.xmin)
+    }
+}
+
+pub(super) type EventRow = (
+    i64,
+    i64,
+    String,
+    i64,
+    Uuid,
+    String,
+    i32,
+    String,
+    String,
+    DateTime<Utc>,
+);
+
+pub(super) fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+pub(super) fn position_of(tx: i64, position: i64) -> Position {
+    Position::new(to_u64(tx), to_u64(position))
+}
+
+pub(crate) fn position_parts(position: Position) -> Result<(i64, i64)> {
+    match (
+        i64::try_from(position.major()),
+        i64::try_from(position.minor()),
+    ) {
+        (Ok(major), Ok(minor)) => Ok((major, minor)),
+        _ => Err(Error::PositionOutOfRange { position }),
+    }
+}
+
+pub(super) fn decode(row: EventRow, stream: Option<&StreamId>) -> Result<RecordedEvent> {
+    let (
+        global,
+        tx,
+        stream_id,
+        version,
+        event_id,
+        event_type,
+        schema_version,
+        payload,
+        metadata,
+        recorded_at,
+    ) = row;
+    let stream_id = match stream {
+        Some(s) => s.clone(),
+        None => StreamId::new(&stream_id).map_err(|e| Error::Corrupt {
+            reason: e.to_string(),
+        })?,
+    };
+    let metadata: Metadata = if metadata == "{}" {
+        Metadata::default()
+    } else {
+        serde_json::from_str(&metadata).map_err(|e| Error::Corrupt {
+            reason: format!("metadata of event {event_id}: {e}"),
+        })?
+    };
+    Ok(RecordedEvent {
+        event_id,
+        stream_id,
+        stream_version: to_u64(version),
+        position: position_of(tx, global),
+        event_type: event_type.into(),
+        schema_version: u32::try_from(schema_version).unwrap_or(0),
+        payload: Payload::from_trusted_json(payload),
+        metadata,
+        recorded_at,
+    })
+}
+
+impl PgEventStore {
+    /// readable horizon. Usable on any connection.
+    pub async fn read_all_on<'c, E>(
+        &self,
+        executor: E,
+        after: Position,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        let (major, minor) = position_parts(after)?;
+        let rows: Vec<EventRow> = sqlx::query_as(&self.shared.sql.read_all)
+            .bind(major)
+            .bind(minor)
+            .bind(i64::try_from(max).unwrap_or(i64::MAX))
+            .fetch_all(executor)
+            .await
+            .map_err(store_error)?;
+        rows.into_iter()
+            .map(|row| decode(row, None).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// The oldest transaction with committed events after `after`: called
+    /// after a short page, so they were not readable when the page was read
+    /// (an older transaction was still running), though they may be now.
+    async fn first_pending(&self, after: Position) -> Result<Option<i64>, StoreError> {
+        let (major, minor) = position_parts(after)?;
+        sqlx::query_scalar(&self.shared.sql.pending)
+            .bind(major)
+            .bind(minor)
+            .fetch_one(&self.shared.pool)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Waits (bounded by the read wait) until every transaction older than
+    /// `tx` has finished, so rows of `tx` are readable. Returns whether it got
+    /// there in time.
+    async fn wait_horizon(&self, tx: i64) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.shared.settings.read_wait;
+        let mut delay = Duration::from_millis(1);
+        loop {
+            let xmin: i64 = sqlx::query_scalar(&self.shared.sql.xmin)
+                .fetch_one(&self.shared.pool)
+                .await
+                .map_err(store_error)?;
+            if xmin > tx {
+                return Ok(true);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// `read_all` on the pool: when the page is short and committed events
+    /// after it are held back by older transactions still running (usually
+    /// appends about to commit), waits for them a moment (the read wait) so a
+    /// reader sees what was committed before it asked.
+    pub(super) async fn read_all_waiting(
+        &self,
+        after: Position,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut page = self.read_all_on(&self.shared.pool, after, max).await?;
+        if page.len() >= max {
+            return Ok(page);
+        }
+        let from = page.last().map_or(after, |e| e.position);
+        let Some(pending) = self.first_pending(from).await? else {
+            return Ok(page);
+        };
+        if !self.wait_horizon(pending).await? {
+            tracing::debug!(
+                target: "es_postgres::holdback",
+                pending_tx = pending,
+                "read held back by an older running transaction"
+            );
+            return Ok(page);
+        }
+        let more = self
+            .read_all_on(&self.shared.pool, from, max - page.len())
+            .await?;
+        page.extend(more);
+        Ok(page)
+    }
+
+    /// How far the oldest running transaction holds the readable log back
+    /// right now. Export it as a metric (the `tracing` event
+    /// `es_postgres::holdback` logs it when a subscription is held back).
+    pub async fn holdback(&self) -> Result<Holdback, Error> {
+        let row: (i64, i64, i64, Option<i32>, Option<String>, Option<f64>) =
+            sqlx::query_as(&self.shared.sql.holdback)
+                .fetch_one(&self.shared.pool)
+                .await?;
+        Ok(Holdback {
+            xmin: to_u64(row.0),
+            xmax: to_u64(row.1),
+            events_held_back: to_u64(row.2),
+            oldest_writer_pid: row.3,
+            oldest_writer_database: row.4,
+            oldest_writer_age: row
+                .5
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64),
+        })
+    }
+
+    /// Up to `max_count` events of `stream` from `from_version` on.
+    pub(super) async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(&self.shared.sql.read_stream)
+            .bind(stream.as_str())
+            .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
+            .bind(i64::try_from(max_count).unwrap_or(i64::MAX))
+            .fetch_all(&self.shared.pool)
+            .await
+            .map_err(store_error)?;
+        rows.into_iter()
+            .map(|row| decode(row, Some(stream)).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// The version of `stream` (0 when it has no events).
+    pub(super) async fn version_of(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        let version: i64 = sqlx::query_scalar(&self.shared.sql.version)
+            .bind(stream.as_str())
+            .fetch_one(&self.shared.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(to_u64(version))
+    }
+
+    /// The position of the last readable event, after waiting (bounded by
+    /// the read wait) for transactions that hold committed events back.
+    pub(super) async fn readable_head(&self) -> Result<Position, StoreError> {
+        let pending: Option<i64> = sqlx::query_scalar(&self.shared.sql.last_pending)
+            .fetch_one(&self.shared.pool)
+            .await
+            .map_err(store_error)?;
+        if let Some(tx) = pending {
+            self.wait_horizon(tx).await?;
+        }
+        let row: Option<(i64, i64)> = sqlx::query_as(&self.shared.sql.head)
+            .fetch_optional(&self.shared.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(row.map_or(Position::START, |(tx, p)| position_of(tx, p)))
+    }
+}

@@ -1,0 +1,120 @@
+//! The SQL text of the event store, rendered once per schema.
+
+use crate::schema::quoted;
+
+/// The statements of one store, with its schema spliced in (quoted).
+#[derive(Debug)]
+pub(super) struct Sql {
+    pub(super) append_fast: String,
+    pub(super) append: String,
+    pub(super) append_group: String,
+    pub(super) append_group_fast: String,
+    pub(super) read_stream: String,
+    pub(super) read_all: String,
+    pub(super) pending: String,
+    pub(super) last_pending: String,
+    pub(super) xmin: String,
+    pub(super) head: String,
+    pub(super) version: String,
+    pub(super) holdback: String,
+}
+
+const COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, event_id, \
+                       event_type, schema_version, payload::text, metadata::text, recorded_at";
+
+/// The columns of `read_stream`: the stream id is known, so not sent back.
+const STREAM_COLUMNS: &str = "global_position, transaction_id, '', stream_version, event_id, \
+                              event_type, schema_version, payload::text, metadata::text, recorded_at";
+
+/// The log's readable horizon: rows of transactions below it are final.
+const XMIN: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+impl Sql {
+    pub(super) fn new(schema: &str) -> Self {
+        let s = quoted(schema);
+        Self {
+            append_fast: format!(
+                "WITH cur AS (SELECT coalesce((SELECT stream_version FROM {s}.events \
+                                WHERE tenant = $1 AND stream_id = $2 \
+                                ORDER BY stream_version DESC LIMIT 1), 0) AS v), \
+                 ok AS (SELECT v FROM cur WHERE $3 = -1 OR ($3 = -2 AND v = 0) OR ($3 = -3 AND v > 0) OR $3 = v), \
+                 ins AS (INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                                event_id, event_type, schema_version, payload, metadata) \
+                         SELECT pg_current_xact_id()::text::bigint, $1, $2, ok.v + u.i, u.id, u.ty, u.sv, \
+                                u.pl::json, u.md::json \
+                           FROM ok, unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
+                                WITH ORDINALITY AS u(id, ty, sv, pl, md, i) \
+                          ORDER BY u.i \
+                         RETURNING transaction_id, global_position, stream_version) \
+                 SELECT (SELECT max(stream_version) FROM ins), (SELECT max(transaction_id) FROM ins), \
+                        (SELECT max(global_position) FROM ins), (SELECT v FROM cur), \
+                        CASE WHEN NOT EXISTS (SELECT 1 FROM ok) \
+                             THEN EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY ($4::uuid[])) END"
+            ),
+            append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+            append_group: format!("SELECT item, outcome, out_version, out_tx, out_position, out_event FROM {s}.append_group($1, $2, $3, $4, $5, $6, $7, $8)"),
+            // A group of appends to distinct streams in one plain statement:
+            // every expected version checked, then every event inserted; if
+            // any expectation fails nothing is inserted (the rows say which)
+            // and the append_group function decides the appends one by one.
+            append_group_fast: format!(
+                "WITH req AS (SELECT r.stream, r.expected, r.cnt, r.k, \
+                                     (sum(r.cnt) OVER (ORDER BY r.k) - r.cnt)::int8 AS off \
+                                FROM unnest($1::text[], $2::int8[], $3::int4[]) WITH ORDINALITY AS r(stream, expected, cnt, k)), \
+                 cur AS (SELECT req.*, coalesce((SELECT e.stream_version FROM {s}.events e \
+                                 WHERE e.tenant = '' AND e.stream_id = req.stream \
+                                 ORDER BY e.stream_version DESC LIMIT 1), 0) AS v FROM req), \
+                 bad AS (SELECT k FROM cur WHERE NOT (expected = -1 OR (expected = -2 AND v = 0) \
+                                 OR (expected = -3 AND v > 0) OR expected = v)), \
+                 ins AS (INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                                event_id, event_type, schema_version, payload, metadata) \
+                         SELECT pg_current_xact_id()::text::bigint, '', cur.stream, cur.v + (u.i - cur.off), \
+                                u.id, u.ty, u.sv, u.pl::json, u.md::json \
+                           FROM unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::text[]) \
+                                WITH ORDINALITY AS u(id, ty, sv, pl, md, i) \
+                           JOIN cur ON u.i > cur.off AND u.i <= cur.off + cur.cnt \
+                          WHERE NOT EXISTS (SELECT 1 FROM bad) \
+                          ORDER BY u.i \
+                         RETURNING stream_id, transaction_id, global_position, stream_version) \
+                 SELECT cur.k::int4, max(ins.stream_version), max(ins.transaction_id), max(ins.global_position) \
+                   FROM cur LEFT JOIN ins ON ins.stream_id = cur.stream \
+                  GROUP BY cur.k ORDER BY cur.k"
+            ),
+            read_stream: format!(
+                "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
+                 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
+            ),
+            read_all: format!(
+                "SELECT {COLUMNS} FROM {s}.events WHERE (transaction_id, global_position) > ($1, $2) \
+                 AND transaction_id < {XMIN} ORDER BY transaction_id, global_position LIMIT $3"
+            ),
+            // Not filtered by the horizon: a row that became readable after
+            // the page was read (its older transaction ended in between)
+            // must be found too, or the page would come back without it.
+            pending: format!(
+                "SELECT min(transaction_id) FROM {s}.events \
+                 WHERE (transaction_id, global_position) > ($1, $2)"
+            ),
+            last_pending: format!("SELECT max(transaction_id) FROM {s}.events WHERE transaction_id >= {XMIN}"),
+            xmin: format!("SELECT {XMIN}"),
+            head: format!(
+                "SELECT transaction_id, global_position FROM {s}.events WHERE transaction_id < {XMIN} \
+                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1"
+            ),
+            version: format!(
+                "SELECT coalesce(max(stream_version), 0) FROM {s}.events WHERE tenant = '' AND stream_id = $1"
+            ),
+            holdback: format!(
+                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, \
+                                      pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax), \
+                      oldest AS (SELECT pid, datname, extract(epoch FROM now() - xact_start)::float8 AS age \
+                                   FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+                                  ORDER BY age(backend_xid) DESC LIMIT 1) \
+                 SELECT snap.xmin, snap.xmax, \
+                        (SELECT count(*) FROM {s}.events WHERE transaction_id >= snap.xmin), \
+                        oldest.pid, oldest.datname::text, oldest.age \
+                   FROM snap LEFT JOIN oldest ON true"
+            ),
+        }
+    }
+}
