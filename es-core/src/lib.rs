@@ -2,11 +2,13 @@
 
 pub mod aggregate;
 pub mod bus;
+pub mod checkpoint;
 pub mod clock;
 #[doc(hidden)]
 pub mod doc_support;
 pub mod envelope;
 pub mod event;
+pub mod inbox;
 pub mod memory;
 pub mod metadata;
 pub mod payload;
@@ -31,9 +33,11 @@ pub use bus::{
     BusError, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
     SubscriptionHandle,
 };
+pub use checkpoint::CheckpointStore;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent};
 pub use event::{CodecError, DomainEvent, EventCodec, Upcaster, Upcasters};
+pub use inbox::Inbox;
 pub use memory::{
     InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore,
 };
@@ -47,7 +51,7 @@ pub use saga::{
     DeadlineScheduler, Reaction, Saga, SagaError, SagaHandler, SagaManager, SagaOutcome,
 };
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
-pub use store::{BoxError, CheckpointStore, EventStore, Inbox, StoreError};
+pub use store::{BoxError, EventStore, StoreError};
 pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
 pub use trace::{InvalidTraceParent, TraceParent};
 
