@@ -103,8 +103,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let schema = format!("bench_es_{}", &id[..8]);
     let mut schemas = vec![schema.clone()];
     postgres::migrate(&pool, &schema).await?;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
 
     println!(
         "## es-projections bench ({} cores)",

@@ -79,8 +79,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .connect(&args.database_url)
         .await?;
     postgres::migrate(&pool, &args.schema).await?;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::new(pool.clone(), args.schema.clone()));
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), args.schema.clone()));
     let runner = PgProjectionRunner::new(
         pool.clone(),
         &args.schema,

@@ -68,8 +68,7 @@ fn runner(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_based_and_per_event_runs_build_the_same_model() {
     let (pool, schema, m) = fresh().await;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     bulk_seed(&pool, &schema, 5_000, 37).await.unwrap();
     append(
         &*store,
@@ -116,8 +115,7 @@ async fn set_based_and_per_event_runs_build_the_same_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_set_based_batch_falls_back_to_find_the_event() {
     let (pool, schema, m) = fresh().await;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     bulk_seed(&pool, &schema, 500, 7).await.unwrap();
     let bad = append(
         &*store,
@@ -195,8 +193,7 @@ async fn a_failing_set_based_batch_falls_back_to_find_the_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_based_runner_aborted_at_random_moments_loses_and_doubles_nothing() {
     let (pool, schema, m) = fresh().await;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     bulk_seed(&pool, &schema, 30_000, 101).await.unwrap();
     let head = store.head().await.unwrap();
     let mut rng = fastrand::Rng::with_seed(7);

@@ -102,8 +102,7 @@ async fn seed_pg(store: &dyn EventStore, rounds: u64, offset: u64) -> Position {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_equals_the_incremental_model_and_swaps_under_live_writes_and_reads() {
     let (pool, schema, model) = fresh().await;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     let ledger = Ledger::new("ledger");
     let first = seed_pg(&*store, 150, 0).await;
     let live = runner(&pool, &schema, &model, &store, &ledger).spawn();
@@ -198,8 +197,7 @@ async fn a_rebuild_equals_the_incremental_model_and_swaps_under_live_writes_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_rebuild_creates_the_model_and_a_second_concurrent_one_is_refused() {
     let (pool, schema, model) = fresh().await;
-    let store: Arc<dyn EventStore> =
-        Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
     let ledger = Ledger::new("ledger");
     let head = seed_pg(&*store, 30, 0).await;
     // Hold the rebuild lock as another process would.

@@ -133,8 +133,7 @@ fn a_set_based_batch_gets_a_span_and_one_span_per_event_with_its_ids() {
     let recorded = rt.block_on(async {
         let (pool, schema) = es_postgres::testing::fresh_schema_with(4).await;
         let model = format!("{schema}_m");
-        let store: Arc<dyn EventStore> =
-            Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+        let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
         let events = (1..=3)
             .map(|amount| {
                 let metadata = Metadata::new()
