@@ -2,6 +2,7 @@
 
 pub mod aggregate;
 pub mod bus;
+pub mod catch_up;
 pub mod checkpoint;
 pub mod clock;
 #[doc(hidden)]
@@ -23,7 +24,6 @@ mod state_cache;
 pub mod stop;
 pub mod store;
 pub mod stream;
-pub mod subscription;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod trace;
@@ -54,6 +54,11 @@ pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{BoxError, EventStore, StoreError};
 pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
 pub use trace::{InvalidTraceParent, TraceParent};
+
+/// [`catch_up`] under a second name, for dependents that import it as
+/// `es_core::subscription`.
+#[doc(hidden)]
+pub use catch_up as subscription;
 
 /// Everything an application usually needs, in one `use`.
 pub mod prelude {
