@@ -2,7 +2,7 @@
 
 #[cfg(all(feature = "cli", feature = "postgres"))]
 pub mod cli;
-mod core;
+mod runner;
 mod dead_letter;
 #[cfg(feature = "postgres")]
 #[doc(hidden)]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use es_core::{EventStore, Position, Projection};
 
-use crate::core::{self, Backend, Runner};
+use crate::runner::{self, Backend, Runner};
 use crate::handle::Shared;
 use crate::{DeadLetter, Error, ProjectionHandle, RunnerOptions};
 
@@ -76,7 +76,7 @@ where
         options,
         shared: Arc::clone(&shared),
     };
-    let task = core::spawn(runner);
+    let task = runner::spawn(runner);
     ProjectionHandle::new(shared, store, task)
 }
 

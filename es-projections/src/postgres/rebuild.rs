@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use super::runner::{PgBackend, PgProjection, PgProjectionRunner};
 use super::{ident, migrate};
-use crate::core::{event_span, Runner};
+use crate::runner::{event_span, Runner};
 use crate::handle::Shared;
 use crate::telemetry::{self, measure_lag};
 use crate::{DeadLetter, Error, OnError, RunnerOptions};

@@ -16,7 +16,7 @@ use es_core::CheckpointStore as _;
 use es_postgres::{LeaderLock, PgCheckpointStore};
 
 use super::{ident, migrate, to_i64, NOTIFY_CHANNEL};
-use crate::core::{Backend, Runner};
+use crate::runner::{Backend, Runner};
 use crate::handle::{RunState, Shared};
 use crate::{DeadLetter, Error, ProjectionHandle, RunnerOptions};
 
@@ -160,7 +160,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 }
                 Err(panic) => RunState::Failed(Arc::new(Error::Panicked {
                     projection: task_shared.name.clone(),
-                    message: crate::core::panic_message(&*panic),
+                    message: crate::runner::panic_message(&*panic),
                 })),
             });
         });
