@@ -30,7 +30,7 @@ pub mod trace;
 
 pub use aggregate::Aggregate;
 pub use bus::{
-    BusError, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
+    BusError, DeadLetter, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
     SubscriptionHandle,
 };
 pub use checkpoint::CheckpointStore;

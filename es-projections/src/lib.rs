@@ -2,8 +2,6 @@
 
 #[cfg(all(feature = "cli", feature = "postgres"))]
 pub mod cli;
-mod runner;
-mod dead_letter;
 #[cfg(feature = "postgres")]
 #[doc(hidden)]
 pub mod doc_support;
@@ -11,17 +9,19 @@ mod error;
 mod handle;
 mod memory;
 mod options;
+mod parked;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]
 mod redis_sink;
+mod runner;
 pub mod telemetry;
 
-pub use dead_letter::DeadLetter;
 pub use error::{Error, Result};
 pub use handle::{ProjectionHandle, RunState};
 pub use memory::{spawn_in_memory, spawn_in_memory_with};
 pub use options::{OnError, RunnerOptions};
+pub use parked::ParkedEvent;
 #[cfg(feature = "redis")]
 pub use redis_sink::{RedisSink, Versioned};
 pub use telemetry::Lag;
