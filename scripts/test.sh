@@ -37,6 +37,10 @@ if [ -z "${SKIP_LINT:-}" ]; then
   # `es` without its re-exports of the backends: lint those too.
   step "cargo clippy -p es --all-features (warnings are errors)"
   cargo clippy -p es --all-features -- -D warnings
+  # es-projections has no default features and the workspace asks only for
+  # postgres and redis: lint its cli feature and the example that needs it.
+  step "cargo clippy -p es-projections --all-features --all-targets (warnings are errors)"
+  cargo clippy -p es-projections --all-features --all-targets -- -D warnings
   step "cargo doc (warnings are errors)"
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 fi
