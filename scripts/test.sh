@@ -50,6 +50,10 @@ if [ -z "${SKIP_LINT:-}" ]; then
   # declares a `rust-version` newer than the workspace's (see scripts/msrv-deps.py).
   step "MSRV: no locked dependency needs a newer Rust than rust-version"
   cargo metadata --format-version 1 --locked --all-features | python3 scripts/msrv-deps.py
+  # es-projections has no default features and the workspace asks only for
+  # postgres and redis: lint its cli feature and the example that needs it.
+  step "cargo clippy -p es-projections --all-features --all-targets (warnings are errors)"
+  cargo clippy -p es-projections --all-features --all-targets -- -D warnings
   step "cargo doc (warnings are errors)"
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 fi

@@ -145,6 +145,48 @@ impl Outcome {
     }
 }
 
+/// A message a consumer group gave up on: its handler answered
+/// [`Outcome::DeadLetter`], its attempts ran out, or (on a broker) it could
+/// not be decoded. Both buses give dead letters back in this form: the
+/// in-memory bus from
+/// [`InMemoryBus::dead_letters`](crate::InMemoryBus::dead_letters), es-rabbit's
+/// from its dead-letter queues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The message, when it could be decoded.
+    pub message: Option<Message>,
+    /// The message's payload as the bus carried it: all there is of a message
+    /// that could not be decoded.
+    pub body: Vec<u8>,
+    /// Why it was given up on: the handler's reason, or the bus's.
+    pub reason: String,
+    /// Deliveries made before it was given up on (0 when the bus does not
+    /// know).
+    pub attempts: u32,
+}
+
+impl DeadLetter {
+    /// A message given up on after `attempts` deliveries.
+    pub fn new(message: Message, attempts: u32, reason: impl Into<String>) -> Self {
+        Self {
+            body: message.payload.as_str().as_bytes().to_vec(),
+            message: Some(message),
+            reason: reason.into(),
+            attempts,
+        }
+    }
+
+    /// A body that could not be decoded as a message.
+    pub fn undecodable(body: Vec<u8>, attempts: u32, reason: impl Into<String>) -> Self {
+        Self {
+            message: None,
+            body,
+            reason: reason.into(),
+            attempts,
+        }
+    }
+}
+
 /// What a subscriber does with each message. Object-safe.
 #[async_trait]
 pub trait MessageHandler: Send + Sync + 'static {

@@ -3,11 +3,14 @@
 
 pub mod aggregate;
 pub mod bus;
+pub mod catch_up;
+pub mod checkpoint;
 pub mod clock;
 #[doc(hidden)]
 pub mod doc_support;
 pub mod envelope;
 pub mod event;
+pub mod inbox;
 pub mod leader;
 pub mod memory;
 pub mod metadata;
@@ -23,7 +26,6 @@ mod state_cache;
 pub mod stop;
 pub mod store;
 pub mod stream;
-pub mod subscription;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
@@ -31,12 +33,14 @@ pub mod trace;
 
 pub use aggregate::Aggregate;
 pub use bus::{
-    BusError, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
+    BusError, DeadLetter, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
     SubscriptionHandle,
 };
+pub use checkpoint::CheckpointStore;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent};
 pub use event::{CodecError, DomainEvent, EventCodec, Upcaster, Upcasters};
+pub use inbox::Inbox;
 pub use leader::{LeaderLock, LeaderRelay, Leadership, LocalLeaderLock};
 pub use memory::{
     InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore,
@@ -51,7 +55,7 @@ pub use saga::{
     DeadlineScheduler, Reaction, Saga, SagaError, SagaHandler, SagaManager, SagaOutcome,
 };
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
-pub use store::{BoxError, CheckpointStore, EventStore, Inbox, StoreError};
+pub use store::{BoxError, EventStore, StoreError};
 pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
 pub use trace::{InvalidTraceParent, TraceParent};
 

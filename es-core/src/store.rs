@@ -187,32 +187,6 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Named positions in the global log, kept by the runners that follow it
-/// (projections, relays).
-#[async_trait]
-pub trait CheckpointStore: Send + Sync + 'static {
-    /// The stored position of `name`, if any.
-    async fn load(&self, name: &str) -> Result<Option<Position>, StoreError>;
-    /// Stores the position of `name`.
-    async fn save(&self, name: &str, position: Position) -> Result<(), StoreError>;
-}
-
-/// The ids of messages a consumer has already processed, for exactly-once
-/// effects under at-least-once delivery.
-#[async_trait]
-pub trait Inbox: Send + Sync + 'static {
-    /// Records that `consumer` processed `message_id`. Returns `true` the first
-    /// time and `false` when it was already recorded.
-    async fn record(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError>;
-    /// Whether `consumer` has processed `message_id`.
-    async fn contains(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError>;
-    /// Removes the record of `message_id`, so that it counts as not
-    /// processed again: for a consumer that claims a message before an
-    /// effect outside the store (sending an email) and then learns the
-    /// effect certainly did not happen. Returns whether it was recorded.
-    async fn forget(&self, consumer: &str, message_id: Uuid) -> Result<bool, StoreError>;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

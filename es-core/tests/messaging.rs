@@ -129,7 +129,7 @@ async fn retries_then_dead_letters_after_exactly_max_attempts() {
     let dead = bus.dead_letters("g");
     let by_type = |t: &str| {
         dead.iter()
-            .find(|d| &*d.message.message_type == t)
+            .find(|d| d.message.as_ref().is_some_and(|m| &*m.message_type == t))
             .map(|d| (d.attempts, d.reason.clone()))
     };
     assert_eq!(by_type("Flaky"), None);

@@ -9,7 +9,7 @@ use es_core::{EventStore, Position};
 use tokio::sync::watch;
 
 use crate::telemetry::{measure_lag, Lag};
-use crate::{DeadLetter, Error};
+use crate::{Error, ParkedEvent};
 
 /// Where a runner is in its life.
 #[derive(Clone, Debug)]
@@ -62,7 +62,7 @@ pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) progress: watch::Sender<Progress>,
     pub(crate) stop: watch::Sender<bool>,
-    pub(crate) dead_letters: Mutex<Vec<DeadLetter>>,
+    pub(crate) dead_letters: Mutex<Vec<ParkedEvent>>,
 }
 
 impl Shared {
@@ -90,7 +90,7 @@ impl Shared {
         });
     }
 
-    pub(crate) fn push_dead_letters(&self, letters: &[DeadLetter]) {
+    pub(crate) fn push_dead_letters(&self, letters: &[ParkedEvent]) {
         self.dead_letters
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -221,7 +221,7 @@ impl ProjectionHandle {
     }
 
     /// The events this runner has set aside as dead letters since it started.
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+    pub fn dead_letters(&self) -> Vec<ParkedEvent> {
         self.shared
             .dead_letters
             .lock()

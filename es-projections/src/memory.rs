@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use es_core::{EventStore, Position, Projection};
 
-use crate::core::{self, Backend, Runner};
 use crate::handle::Shared;
-use crate::{DeadLetter, Error, ProjectionHandle, RunnerOptions};
+use crate::runner::{self, Backend, Runner};
+use crate::{Error, ParkedEvent, ProjectionHandle, RunnerOptions};
 
 /// Runs `projection` in a background task, from the start of `store`'s log,
 /// with the default [`RunnerOptions`] (stop on the first failing event).
@@ -76,7 +76,7 @@ where
         options,
         shared: Arc::clone(&shared),
     };
-    let task = core::spawn(runner);
+    let task = runner::spawn(runner);
     ProjectionHandle::new(shared, store, task)
 }
 
@@ -101,7 +101,7 @@ impl<P: Projection<Tx = ()>> Backend<P> for MemoryBackend {
         unit
     }
 
-    async fn commit(&self, (): (), _: Position, _: &[DeadLetter]) -> Result<(), Error> {
+    async fn commit(&self, (): (), _: Position, _: &[ParkedEvent]) -> Result<(), Error> {
         // The runner publishes the position once the batch is accounted for.
         Ok(())
     }

@@ -13,7 +13,9 @@ use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::watch;
 use tracing::{field, Instrument};
 
-use es_core::{BusError, EventBus, Message, MessageHandler, Subscription, SubscriptionHandle};
+use es_core::{
+    BusError, DeadLetter, EventBus, Message, MessageHandler, Subscription, SubscriptionHandle,
+};
 
 use crate::codec::{self, header_int, header_str};
 use crate::connection::{Connector, Live};
@@ -42,20 +44,6 @@ pub struct RabbitBus {
 pub(crate) struct Inner {
     pub(crate) connector: Connector,
     pub(crate) topology: Topology,
-}
-
-/// A message read back from a group's dead-letter queue.
-#[derive(Clone, Debug)]
-pub struct DeadLetter {
-    /// The message, when it could be decoded.
-    pub message: Option<Message>,
-    /// The raw body.
-    pub body: Vec<u8>,
-    /// Why it was dead-lettered (the `x-es-dead-letter-reason` header, or
-    /// the broker's `x-death` reason when the broker dead-lettered it).
-    pub reason: String,
-    /// Deliveries made before it was given up on.
-    pub attempts: u32,
 }
 
 impl RabbitBus {
@@ -190,6 +178,8 @@ impl RabbitBus {
             let delivery = got.delivery;
             let empty = FieldTable::default();
             let headers = delivery.properties.headers().as_ref().unwrap_or(&empty);
+            // The consumer writes its reason in a header; a message the
+            // broker dead-lettered itself has none.
             let reason = header_str(headers, DEAD_LETTER_REASON_HEADER)
                 .unwrap_or_else(|| "dead-lettered by the broker".to_owned());
             let attempts = header_int(headers, ATTEMPT_HEADER)

@@ -10,7 +10,7 @@ mod error;
 pub mod relay;
 pub mod topology;
 
-pub use bus::{DeadLetter, RabbitBus};
+pub use bus::RabbitBus;
 pub use config::{RabbitConfig, DEFAULT_AMQP_URL};
 pub use error::{Error, Result};
 /// The W3C trace context, from es-core (where events carry it).

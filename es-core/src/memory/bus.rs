@@ -8,20 +8,9 @@ use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 
 use crate::bus::{
-    topic_matches, BusError, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
-    SubscriptionHandle,
+    topic_matches, BusError, DeadLetter, Delivery, EventBus, Message, MessageHandler, Outcome,
+    Subscription, SubscriptionHandle,
 };
-
-/// A message that was given up on, with the reason.
-#[derive(Clone, Debug)]
-pub struct DeadLetter {
-    /// The message.
-    pub message: Message,
-    /// Deliveries made.
-    pub attempts: u32,
-    /// Why it was dead-lettered.
-    pub reason: String,
-}
 
 /// A message bus inside the process, with RabbitMQ's semantics: topic
 /// bindings, one queue per consumer group shared by competing consumers,
@@ -312,11 +301,7 @@ async fn consume(
                     .dead
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .push(DeadLetter {
-                        attempts: delivery.attempt,
-                        message: delivery.message,
-                        reason,
-                    });
+                    .push(DeadLetter::new(delivery.message, delivery.attempt, reason));
             }
         }
         group

@@ -10,7 +10,7 @@ mod log;
 mod sharded;
 mod store;
 
-pub use bus::{DeadLetter, InMemoryBus};
+pub use bus::InMemoryBus;
 pub use store::{
     InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore,
 };

@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use super::log::Log;
 use super::sharded::ShardedMap;
+use crate::catch_up::catch_up_then_live;
 use crate::store::validate_batch;
-use crate::subscription::catch_up_then_live;
 use crate::{
     AppendResult, CheckpointStore, EventStore, ExpectedVersion, Inbox, NewEvent, Position,
     RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId,

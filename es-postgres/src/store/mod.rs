@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use es_core::subscription::catch_up_then_live;
+use es_core::catch_up::catch_up_then_live;
 use es_core::{
     AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
     StreamId,

@@ -11,10 +11,10 @@ use tracing::Instrument;
 
 use super::runner::{PgBackend, PgProjection, PgProjectionRunner};
 use super::{ident, migrate};
-use crate::core::{event_span, Runner};
 use crate::handle::Shared;
+use crate::runner::{event_span, Runner};
 use crate::telemetry::{self, measure_lag};
-use crate::{DeadLetter, Error, OnError, RunnerOptions};
+use crate::{Error, OnError, ParkedEvent, RunnerOptions};
 use es_core::CheckpointStore as _;
 use es_postgres::PgLeaderLock;
 
@@ -308,7 +308,7 @@ async fn catch_up<P: PgProjection>(
     tx: &mut PgConnection,
     from: Position,
     to: Position,
-    letters: &mut Vec<DeadLetter>,
+    letters: &mut Vec<ParkedEvent>,
 ) -> Result<u64, Error> {
     let name = runner.projection.name();
     let db = |e| Error::db(name, e);
@@ -358,7 +358,7 @@ async fn catch_up<P: PgProjection>(
                         .execute(&mut *tx)
                         .await
                         .map_err(db)?;
-                    letters.push(DeadLetter::new(name, event, &source));
+                    letters.push(ParkedEvent::new(name, event, &source));
                 }
             }
         }

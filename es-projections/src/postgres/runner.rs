@@ -16,9 +16,9 @@ use es_core::CheckpointStore as _;
 use es_postgres::{PgCheckpointStore, PgLeaderLock};
 
 use super::{ident, migrate, to_i64, NOTIFY_CHANNEL};
-use crate::core::{Backend, Runner};
 use crate::handle::{RunState, Shared};
-use crate::{DeadLetter, Error, ProjectionHandle, RunnerOptions};
+use crate::runner::{Backend, Runner};
+use crate::{Error, ParkedEvent, ProjectionHandle, RunnerOptions};
 
 /// A projection whose read model is a set of PostgreSQL tables.
 ///
@@ -160,7 +160,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 }
                 Err(panic) => RunState::Failed(Arc::new(Error::Panicked {
                     projection: task_shared.name.clone(),
-                    message: crate::core::panic_message(&*panic),
+                    message: crate::runner::panic_message(&*panic),
                 })),
             });
         });
@@ -378,7 +378,7 @@ impl PgBackend {
         &'a self,
         tx: &'a mut PgConnection,
         position: Position,
-        dead_letters: &'a [DeadLetter],
+        dead_letters: &'a [ParkedEvent],
     ) -> BoxFuture<'a, Result<(), Error>> {
         async move {
             self.checkpoints
@@ -480,7 +480,7 @@ impl<P: PgProjection> Backend<P> for PgBackend {
         &self,
         mut unit: Self::Unit,
         position: Position,
-        dead_letters: &[DeadLetter],
+        dead_letters: &[ParkedEvent],
     ) -> Result<(), Error> {
         self.write_checkpoint(&mut unit, position, dead_letters)
             .await?;

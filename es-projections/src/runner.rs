@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::handle::{RunState, Shared};
 use crate::telemetry::{self, measure_lag, LAG_SCAN_LIMIT};
-use crate::{DeadLetter, Error, OnError, RunnerOptions};
+use crate::{Error, OnError, ParkedEvent, RunnerOptions};
 
 /// Where a runner keeps its checkpoint and how it opens and commits a unit of
 /// work.
@@ -41,7 +41,7 @@ pub(crate) trait Backend<P: Projection>: Send + Sync + 'static {
         &self,
         unit: Self::Unit,
         position: Position,
-        dead_letters: &[DeadLetter],
+        dead_letters: &[ParkedEvent],
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Applies a batch's accepted events in one go, when the projection has a
@@ -347,7 +347,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                             }
                             dead[i] = true;
                             stats.dead += 1;
-                            letters.push(DeadLetter::new(self.name(), event, &error));
+                            letters.push(ParkedEvent::new(self.name(), event, &error));
                             if B::TRANSACTIONAL {
                                 // The unit may be unusable (an aborted SQL
                                 // transaction): roll it back and replay the

@@ -6,9 +6,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// An event the projection failed on, recorded instead of applied under
-/// [`OnError::DeadLetter`](crate::OnError::DeadLetter).
+/// [`OnError::DeadLetter`](crate::OnError::DeadLetter): the projection's dead
+/// letters.
+///
+/// Unlike a bus's [`es_core::DeadLetter`], a message a consumer group gave up
+/// on, a parked event stays in the log: this records which one it is and why
+/// the projection failed on it, so it can be read again from its position.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeadLetter {
+pub struct ParkedEvent {
     /// The projection's name.
     pub projection: String,
     /// The event's id.
@@ -25,7 +30,7 @@ pub struct DeadLetter {
     pub failed_at: DateTime<Utc>,
 }
 
-impl DeadLetter {
+impl ParkedEvent {
     pub(crate) fn new(projection: &str, event: &RecordedEvent, error: &ProjectionError) -> Self {
         Self {
             projection: projection.to_owned(),

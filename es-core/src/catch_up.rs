@@ -1,5 +1,6 @@
-//! A catch-up-then-live subscription built from `read_all` and a wake-up
-//! signal, for backends to reuse.
+//! Catching up with the global log, then following it live: the stream
+//! `subscribe_all` returns, built from `read_all` and a wake-up signal, for
+//! backends to reuse.
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,103 @@
+//! Domain events, and the codec that turns them into payloads and back through
+//! one registry of upcasters.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+mod codec;
+mod upcast;
+
+pub use codec::EventCodec;
+pub use upcast::{Upcaster, Upcasters};
+
+/// A domain event type: an enum whose variants are the events.
+///
+/// Events are plain serde enums in serde's default (externally tagged)
+/// representation. The variant's serde name is the event's stable type name,
+/// stored beside the payload; the payload is the variant's content alone. Rename
+/// variants with `#[serde(rename = "...")]` to keep stored names stable when the
+/// Rust name changes. [`DomainEvent::event_type`] must return the same name.
+///
+/// The same trait describes any typed message with stable names: the commands a
+/// saga sends and the inputs it reacts to are `DomainEvent`s too.
+///
+/// ```
+/// use es_core::{DomainEvent, EventCodec, Metadata};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// enum CounterEvent {
+///     Incremented { by: u32 },
+///     Reset,
+/// }
+///
+/// impl DomainEvent for CounterEvent {
+///     fn event_type(&self) -> &'static str {
+///         match self {
+///             Self::Incremented { .. } => "Incremented",
+///             Self::Reset => "Reset",
+///         }
+///     }
+/// }
+///
+/// let codec = EventCodec::<CounterEvent>::new();
+/// let new = codec.encode(&CounterEvent::Incremented { by: 2 }, Metadata::new()).unwrap();
+/// assert_eq!(&*new.event_type, "Incremented");
+/// assert_eq!(new.payload.as_str(), r#"{"by":2}"#);
+/// let back = codec.decode_parts("Incremented", 1, &new.payload).unwrap();
+/// assert_eq!(back, CounterEvent::Incremented { by: 2 });
+/// ```
+pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The stable name of this event's type: its serde variant name.
+    fn event_type(&self) -> &'static str;
+
+    /// The version of this event's payload schema. Bump it when the payload's
+    /// shape changes, and register an [`Upcaster`] from the old version.
+    fn schema_version(&self) -> u32 {
+        1
+    }
+}
+
+/// An event could not be encoded, upcast, or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// Serializing the event failed.
+    #[error("cannot encode event {event_type}: {source}")]
+    Encode {
+        /// The event's type name.
+        event_type: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The event did not serialize as an externally tagged enum variant named
+    /// like its `event_type()`.
+    #[error("event type {event_type} serialized as {found}: events must be externally tagged enum variants named like their event_type()")]
+    TagMismatch {
+        /// What `event_type()` returned.
+        event_type: String,
+        /// What serde produced instead.
+        found: String,
+    },
+    /// The stored payload did not match the current schema of its type.
+    #[error("cannot decode event {event_type} (schema version {schema_version}): {source}")]
+    Decode {
+        /// The stored type name (after upcasting).
+        event_type: String,
+        /// The stored schema version (after upcasting).
+        schema_version: u32,
+        /// The deserializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An upcaster refused a payload.
+    #[error("upcasting {event_type} from schema version {from_version} failed: {reason}")]
+    Upcast {
+        /// The type name the upcaster was registered for.
+        event_type: String,
+        /// The version it upcasts from.
+        from_version: u32,
+        /// What the upcaster said.
+        reason: String,
+    },
+}

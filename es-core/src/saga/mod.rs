@@ -1,0 +1,137 @@
+//! Sagas (process managers): long-running conversations that react to
+//! messages by changing their own event-sourced state, sending commands, and
+//! setting deadlines, all in one atomic append.
+//!
+//! A [`Saga`] decides [`Reaction`]s; the [`SagaManager`] stores them in the
+//! saga's stream as its own events and [`CommandRecord`]s / [`DeadlineRecord`]s;
+//! the [`SagaHandler`] feeds it from the bus and the [`DeadlineScheduler`]
+//! fires its deadlines.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{CodecError, DomainEvent, Metadata, Position, StoreError, StreamId};
+
+mod deadline;
+mod handler;
+mod manager;
+mod reaction;
+mod record;
+
+pub use deadline::DeadlineScheduler;
+pub use handler::SagaHandler;
+pub use manager::{SagaInstance, SagaManager};
+pub use reaction::{Outgoing, Reaction};
+pub use record::{CommandRecord, DeadlineRecord};
+
+/// The stored type of a command a saga sent.
+pub const COMMAND_RECORD: &str = "$command";
+/// The stored type of a deadline a saga set.
+pub const DEADLINE_SET: &str = "$deadline";
+/// The stored type of a deadline a saga cancelled.
+pub const DEADLINE_CANCELLED: &str = "$deadline-cancelled";
+/// The stored type of a deadline that fired.
+pub const DEADLINE_FIRED: &str = "$deadline-fired";
+
+/// A process manager keyed by a correlation id.
+///
+/// Like an aggregate, a saga is pure: `apply` folds its own events into its
+/// state, and `react` / `on_deadline` decide, from the state, an input and the
+/// time, a [`Reaction`]: new state events, commands to send, deadlines to set
+/// or cancel. The [`SagaManager`] stores a reaction as one atomic append to the
+/// saga's own stream (`<TYPE>-<saga id>`); the relay sends the commands from
+/// there, and the [`DeadlineScheduler`] fires deadlines when they are due.
+///
+/// Inputs are deduplicated by message id, so a redelivered message changes
+/// nothing; `react` must still cope with inputs arriving out of order.
+pub trait Saga: Default + Send + Sync + 'static {
+    /// The saga's own state changes.
+    type Event: DomainEvent;
+    /// The messages it reacts to.
+    type Input: DomainEvent;
+    /// The commands it sends.
+    type Command: DomainEvent;
+
+    /// The stream category of this saga type.
+    const TYPE: &'static str;
+
+    /// Which saga instance an input belongs to; `None` ignores the input. By
+    /// default, the message's correlation id.
+    fn saga_id(input: &Self::Input, metadata: &Metadata) -> Option<Uuid> {
+        let _ = input;
+        metadata.correlation_id
+    }
+
+    /// Evolves the state by one of its events.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Decides the reaction to an input.
+    fn react(
+        &self,
+        input: &Self::Input,
+        now: DateTime<Utc>,
+    ) -> Reaction<Self::Event, Self::Command>;
+
+    /// Decides the reaction to a deadline it set, now due.
+    fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<Self::Event, Self::Command>;
+}
+
+/// Why a saga could not handle an input or a deadline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SagaError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An input, event or record could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// A stored saga record is malformed.
+    #[error("malformed saga record {event_id} in {stream}: {reason}")]
+    Record {
+        /// The stream.
+        stream: StreamId,
+        /// The record.
+        event_id: Uuid,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Every attempt lost the race for the saga's stream.
+    #[error("gave up after {attempts} attempts: saga stream {stream} kept changing")]
+    Contention {
+        /// The stream.
+        stream: StreamId,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+impl SagaError {
+    /// Whether handling the same input again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient(),
+            Self::Contention { .. } => true,
+            Self::Codec(_) | Self::Record { .. } => false,
+        }
+    }
+}
+
+/// What handling an input or deadline did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SagaOutcome {
+    /// The reaction was appended at this stream version and position.
+    Reacted {
+        /// The saga's stream version after it.
+        version: u64,
+        /// Its position in the log.
+        position: Position,
+    },
+    /// The reaction was empty: nothing written.
+    NoChange,
+    /// The message was already handled: nothing written.
+    Duplicate,
+    /// The input belongs to no saga instance, or the deadline is not pending
+    /// or not due yet.
+    Ignored,
+}
