@@ -1,13 +1,19 @@
-//! HTTP plumbing shared by the services' routers: the JSON extractor and the
-//! error body.
+//! HTTP plumbing shared by the services' routers: the JSON extractor, the
+//! error body, and the server with its limits.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
 use crate::Error;
@@ -195,30 +201,142 @@ pub fn parse_id(what: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
     })
 }
 
-/// Serves `router` on `listen` until Ctrl-C or SIGTERM, after calling
-/// `ready` with the bound address.
+/// What a listener allows each client, so that no client holds a worker, a
+/// connection or memory without bound.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct Limits {
+    /// Seconds a client has to send a request's headers; a connection idle
+    /// between requests for as long is closed too.
+    #[arg(long, env = "ORDERS_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Seconds a request may take, reading its body included (then 503).
+    #[arg(long, env = "ORDERS_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+    /// Connections open at once; more are closed as soon as accepted.
+    #[arg(long, env = "ORDERS_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Requests handled at once; more are answered 503 with `Retry-After`.
+    #[arg(long, env = "ORDERS_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 10,
+            request_timeout_secs: 30,
+            max_connections: 4096,
+            max_in_flight: 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// `router` behind the request timeout and the in-flight cap (one cap
+    /// shared by every route): a request over either is answered 503 with
+    /// `Retry-After: 1`.
+    pub fn apply(&self, router: Router) -> Router {
+        router.layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    self.max_in_flight.max(1),
+                ))
+                .timeout(Duration::from_secs(self.request_timeout_secs.max(1))),
+        )
+    }
+}
+
+/// The answer to a request that was shed or ran out of time.
+async fn overloaded(error: tower::BoxError) -> Response {
+    let (code, message) = if error.is::<tower::timeout::error::Elapsed>() {
+        ("timeout", "the request took too long")
+    } else {
+        ("overloaded", "too many requests at once; retry shortly")
+    };
+    let mut response =
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// Serves `router` on `listen` until Ctrl-C or SIGTERM, within `limits`,
+/// after calling `ready` with the bound address.
 ///
 /// # Errors
 /// When the address cannot be bound.
 pub async fn serve(
     router: Router,
-    listen: std::net::SocketAddr,
-    ready: impl FnOnce(std::net::SocketAddr),
+    listen: SocketAddr,
+    limits: Limits,
+    ready: impl FnOnce(SocketAddr),
 ) -> crate::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| Error::internal(format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr().map_err(Error::internal)?;
-    tracing::info!(%addr, "listening");
+    tracing::info!(%addr, ?limits, "listening");
     ready(addr);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+    serve_on(listener, router, limits, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown` resolves,
+/// then lets the open requests finish (at most 10 s).
+pub async fn serve_on(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(limits.apply(router));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_timeout_secs.max(1)));
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            metrics::counter!("http_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let connection = graceful
+            .watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
         .await
-        .map_err(Error::internal)
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10 s; closing them");
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let term = async {
         #[cfg(unix)]
         if let Ok(mut term) =

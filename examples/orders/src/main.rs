@@ -47,6 +47,8 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, env = "ORDERS_LOG_JSON", global = true)]
     log_json: bool,
+    #[command(flatten)]
+    limits: orders::http::Limits,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -91,12 +93,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _log = orders::telemetry::init_tracing(cli.log_json, "info");
     let result = match cli.command {
-        None => serve(cli.listen, cli.payment_timeout).await,
+        None => serve(cli.listen, cli.limits, cli.payment_timeout).await,
         Some(Command::Serve(args)) if args.services.is_none() => {
-            serve(cli.listen, cli.payment_timeout).await
+            serve(cli.listen, cli.limits, cli.payment_timeout).await
         }
         Some(Command::Serve(args)) => {
-            orders::distributed::serve(*args, cli.listen, cli.payment_timeout).await
+            orders::distributed::serve(*args, cli.listen, cli.limits, cli.payment_timeout).await
         }
         Some(Command::Demo) => demo(cli.payment_timeout).await,
         Some(Command::ReplayOrders(args)) => orders::distributed::replay_orders(&args)
@@ -124,7 +126,11 @@ async fn demo(payment_timeout: Duration) -> orders::Result<()> {
     Ok(())
 }
 
-async fn serve(listen: SocketAddr, payment_timeout: Duration) -> orders::Result<()> {
+async fn serve(
+    listen: SocketAddr,
+    limits: orders::http::Limits,
+    payment_timeout: Duration,
+) -> orders::Result<()> {
     let system = System::embedded(Config {
         payment_timeout,
         ..Config::default()
@@ -145,7 +151,7 @@ async fn serve(listen: SocketAddr, payment_timeout: Duration) -> orders::Result<
          card tokens: tok_ok, tok_decline, tok_timeout, tok_delay_<ms>"
         );
     };
-    orders::http::serve(system.router(), listen, banner).await?;
+    orders::http::serve(system.router(), listen, limits, banner).await?;
     system.shutdown().await;
     Ok(())
 }

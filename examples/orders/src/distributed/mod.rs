@@ -222,9 +222,14 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
 ///
 /// # Errors
 /// When start-up fails or the address cannot be bound.
-pub async fn serve(args: ServeArgs, listen: SocketAddr, payment_timeout: Duration) -> Result<()> {
+pub async fn serve(
+    args: ServeArgs,
+    listen: SocketAddr,
+    limits: crate::http::Limits,
+    payment_timeout: Duration,
+) -> Result<()> {
     let node = start(&args, payment_timeout).await?;
-    crate::http::serve(node.router(), listen, |addr| {
+    crate::http::serve(node.router(), listen, limits, |addr| {
         // A line on stdout for scripts and tests that wait for start-up.
         println!("orders listening on http://{addr}");
     })
