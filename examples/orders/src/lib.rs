@@ -17,6 +17,7 @@ pub mod saga;
 pub mod system;
 pub mod telemetry;
 pub mod topology;
+pub mod validate;
 
 pub use backends::Backends;
 pub use error::{Error, Result};

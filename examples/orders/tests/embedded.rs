@@ -30,6 +30,7 @@ macro_rules! on_embedded {
 
 on_embedded!(
     bad_input,
+    hostile_input,
     out_of_stock,
     declined_payment,
     cancellation,

@@ -101,13 +101,8 @@ impl InventoryService {
 
     /// Adds a product to the catalog.
     pub async fn create_product(&self, name: &str, price: &str, stock: i64) -> Result<Uuid> {
-        let name = name.trim();
-        if name.is_empty() || name.chars().count() > 200 {
-            return Err(Error::validation(
-                "name",
-                "a name of 1 to 200 characters is required",
-            ));
-        }
+        let name = crate::validate::required_text("name", name, 200)?;
+        let name = name.as_str();
         let price: Money = price.parse().map_err(|e: crate::money::ParseMoneyError| {
             Error::validation("price", e.to_string())
         })?;

@@ -208,13 +208,9 @@ impl OrderService {
                 format!("an order has at most {MAX_ITEMS} items"),
             ));
         }
-        let token = request.payment.card_token.trim();
-        if token.is_empty() || token.len() > 100 {
-            return Err(Error::validation(
-                "payment.card_token",
-                "a card token of 1 to 100 characters is required",
-            ));
-        }
+        let token =
+            crate::validate::required_text("payment.card_token", &request.payment.card_token, 100)?;
+        crate::payment::check_card_token(&token)?;
         let mut lines: Vec<OrderLine> = Vec::with_capacity(request.items.len());
         for (i, item) in request.items.iter().enumerate() {
             if item.quantity <= 0 || item.quantity > MAX_QUANTITY {
@@ -228,7 +224,17 @@ impl OrderService {
             }
             let quantity = u32::try_from(item.quantity).unwrap_or(u32::MAX);
             if let Some(line) = lines.iter_mut().find(|l| l.product_id == item.product_id) {
+                // Lines of one product are one line: the limit is on their sum.
                 line.quantity = line.quantity.saturating_add(quantity);
+                if i64::from(line.quantity) > MAX_QUANTITY {
+                    return Err(Error::validation(
+                        format!("items[{i}].quantity"),
+                        format!(
+                            "the lines of product {} add up to more than {MAX_QUANTITY}",
+                            item.product_id
+                        ),
+                    ));
+                }
                 continue;
             }
             let entry = self
@@ -332,14 +338,11 @@ impl OrderService {
     /// Cancels an order on the customer's request. Illegal when it is
     /// completed or already cancelled ([`Error::Conflict`]).
     pub async fn cancel_order(&self, order_id: Uuid, reason: String) -> Result<Position> {
-        let reason = reason.trim();
-        if reason.len() > 500 {
-            return Err(Error::validation("reason", "at most 500 characters"));
-        }
+        let reason = crate::validate::text("reason", &reason, 500)?;
         let reason = if reason.is_empty() {
             "cancelled by the customer".to_owned()
         } else {
-            reason.to_owned()
+            reason
         };
         let metadata = Metadata::new()
             .with_correlation_id(order_id)
@@ -409,34 +412,11 @@ fn request_hash(request: &PlaceOrderRequest) -> Result<Uuid> {
 }
 
 /// Checks an email address's shape and normalises it (trimmed, lower case).
+///
+/// # Errors
+/// [`Error::Validation`] naming `customer_email`.
 pub fn validate_email(raw: &str) -> Result<String> {
-    let email = raw.trim().to_lowercase();
-    let invalid = |why: &str| {
-        Err(Error::validation(
-            "customer_email",
-            format!("{raw:?} is not a valid email address: {why}"),
-        ))
-    };
-    if email.is_empty() || email.len() > 254 {
-        return invalid("it must be 1 to 254 characters");
-    }
-    let Some((local, domain)) = email.split_once('@') else {
-        return invalid("it has no @");
-    };
-    if local.is_empty() || domain.contains('@') {
-        return invalid("it needs exactly one @ with a name before it");
-    }
-    if !domain.contains('.')
-        || domain.starts_with('.')
-        || domain.ends_with('.')
-        || domain.contains("..")
-    {
-        return invalid("the domain needs a dot between labels");
-    }
-    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return invalid("it contains spaces");
-    }
-    Ok(email)
+    crate::validate::email("customer_email", raw)
 }
 
 #[cfg(test)]

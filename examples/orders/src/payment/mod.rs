@@ -60,7 +60,9 @@ pub fn gateway(card_token: &str, charge_id: Uuid) -> GatewayBehaviour {
             .strip_prefix("tok_delay_")
             .and_then(|ms| ms.parse::<u64>().ok())
         {
-            Some(ms) => GatewayBehaviour::ApproveAfter(Duration::from_millis(ms.min(600_000))),
+            Some(ms) => {
+                GatewayBehaviour::ApproveAfter(Duration::from_millis(ms.min(MAX_GATEWAY_DELAY_MS)))
+            }
             None => GatewayBehaviour::Answer(GatewayAnswer::Declined {
                 reason: format!("unknown card token {other:?}"),
             }),
@@ -79,6 +81,34 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<PaymentService>> {
     .await?;
     w.relay(Service::Payment, &store);
     Ok(service)
+}
+
+/// The longest `tok_delay_<ms>` the simulated gateway takes.
+pub const MAX_GATEWAY_DELAY_MS: u64 = 5_000;
+
+/// How long the service waits for the gateway before it gives up on the
+/// call and lets the saga's payment deadline decide: well under the payment
+/// window, so that a slow gateway never holds a handler for long.
+pub const GATEWAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refuses a card token the simulated gateway would hold a handler too long
+/// for (`tok_delay_<ms>` over [`MAX_GATEWAY_DELAY_MS`]).
+///
+/// # Errors
+/// [`Error::Validation`](crate::Error::Validation) naming `payment.card_token`.
+pub fn check_card_token(token: &str) -> Result<()> {
+    if let Some(ms) = token.strip_prefix("tok_delay_") {
+        match ms.parse::<u64>() {
+            Ok(ms) if ms <= MAX_GATEWAY_DELAY_MS => {}
+            _ => {
+                return Err(crate::Error::validation(
+                    "payment.card_token",
+                    format!("tok_delay_<ms> takes 0 to {MAX_GATEWAY_DELAY_MS} ms"),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The payment service.
@@ -122,7 +152,11 @@ impl CommandService for PaymentService {
                         return Outcome::Ack;
                     }
                     GatewayBehaviour::ApproveAfter(delay) => {
-                        tokio::time::sleep(delay).await;
+                        let call = tokio::time::sleep(delay);
+                        if tokio::time::timeout(GATEWAY_TIMEOUT, call).await.is_err() {
+                            tracing::warn!(order_id = %c.order_id, "the gateway timed out");
+                            return Outcome::Ack;
+                        }
                         GatewayAnswer::Approved {
                             transaction_id: format!("txn_{}", message.message_id.simple()),
                         }

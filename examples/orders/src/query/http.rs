@@ -203,11 +203,9 @@ async fn search_orders(
     State(service): State<Arc<dyn OrderQueries>>,
     ApiQuery(params): ApiQuery<SearchParams>,
 ) -> Result<Json<SearchResult>, ApiError> {
-    let q = params.q.unwrap_or_default();
-    let q = q.trim();
-    if q.is_empty() || q.chars().count() > 100 {
-        return Err(bad("q", "q must be 1 to 100 characters"));
-    }
+    let q = crate::validate::required_text("q", params.q.as_deref().unwrap_or_default(), 100)
+        .map_err(|e| bad("q", e.to_string()))?;
+    let q = q.as_str();
     Ok(Json(SearchResult {
         orders: service.search(q, 100).await?,
     }))

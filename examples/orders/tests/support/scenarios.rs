@@ -10,6 +10,7 @@ use super::{cents, tag, Client, StatusCode};
 /// Every scenario, one after another; the happy path's order id.
 pub async fn all(c: &Client) -> String {
     bad_input(c).await;
+    hostile_input(c).await;
     let id = happy_path(c).await;
     out_of_stock(c).await;
     declined_payment(c).await;
@@ -365,6 +366,255 @@ pub async fn bad_input(c: &Client) {
     c.settle().await;
     assert_eq!(c.written().await, written);
     assert_eq!(c.stats().await["total_orders"].as_u64(), orders_before);
+}
+
+/// Text and values a hostile client would send: control characters (NUL,
+/// CR/LF, ESC, DEL, backspace), bidirectional overrides, zero-width and
+/// byte-order marks in every free-text field, malformed emails, card tokens
+/// that would hold a payment handler, duplicate lines past the quantity
+/// limit, wrong JSON types and hostile paths and query strings. Every one is
+/// a 4xx with a JSON body naming the field where there is one, no 5xx,
+/// nothing is written, and afterwards an order completes as usual.
+pub async fn hostile_input(c: &Client) {
+    let lamp = c.product("Hostile Lamp", "3.00", 100).await;
+    c.settle().await;
+    let written = c.written().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let hostile = [
+        "\u{0}",
+        "\r\n",
+        "\n",
+        "\u{1b}[31m",
+        "\u{7f}",
+        "\u{8}",
+        "\u{202E}",
+        "\u{200B}",
+        "\u{FEFF}",
+        "\u{2066}",
+    ];
+    let order = |email: &str, token: &str| Client::order_body(email, &[(&lamp, 1)], token);
+    // (method, uri, body, the field the refusal must name, if any)
+    let mut cases: Vec<(&str, String, Option<Value>, Option<&str>)> = Vec::new();
+    for h in hostile {
+        cases.push((
+            "POST",
+            "/api/orders".into(),
+            Some(order(&format!("a{h}b@c.co"), "tok_ok")),
+            Some("customer_email"),
+        ));
+        cases.push((
+            "POST",
+            "/api/orders".into(),
+            Some(order("a@b.co", &format!("tok{h}ok"))),
+            Some("payment.card_token"),
+        ));
+        cases.push((
+            "POST",
+            "/api/products".into(),
+            Some(json!({"name": format!("Lamp{h}x"), "price": "1.00", "stock": 1})),
+            Some("name"),
+        ));
+        cases.push((
+            "POST",
+            format!("/api/orders/{unknown}/cancel"),
+            Some(json!({"reason": format!("late{h}again")})),
+            Some("reason"),
+        ));
+        cases.push((
+            "GET",
+            format!("/api/orders/search?q=lamp{}x", urlencode(h)),
+            None,
+            Some("q"),
+        ));
+        cases.push((
+            "GET",
+            format!("/api/orders?customer_email=a{}b@c.co", urlencode(h)),
+            None,
+            Some("customer_email"),
+        ));
+    }
+    for email in [
+        ".a@b.co",
+        "a.@b.co",
+        "a..b@c.co",
+        "a@b",
+        "a@-b.co",
+        "a@b_c.co",
+        "a@b..co",
+        "a\"b@c.co",
+        "<a@b.co>",
+        "a@b.co>",
+        "a@@b.co",
+        "@b.co",
+        "a@.b.co",
+        "a@b.co.",
+    ] {
+        cases.push((
+            "POST",
+            "/api/orders".into(),
+            Some(order(email, "tok_ok")),
+            Some("customer_email"),
+        ));
+    }
+    for token in [
+        "tok_delay_5001",
+        "tok_delay_600000",
+        "tok_delay_99999999999999999999",
+        "tok_delay_-1",
+        "tok_delay_1e3",
+        "tok_delay_",
+    ] {
+        cases.push((
+            "POST",
+            "/api/orders".into(),
+            Some(order("a@b.co", token)),
+            Some("payment.card_token"),
+        ));
+    }
+    for (n, quantity) in [(2, 6_000), (3, 5_000), (100, 10_000), (2, 10_000)] {
+        let items: Vec<(&str, i64)> = (0..n).map(|_| (lamp.as_str(), quantity)).collect();
+        cases.push((
+            "POST",
+            "/api/orders".into(),
+            Some(Client::order_body("a@b.co", &items, "tok_ok")),
+            Some("quantity"),
+        ));
+    }
+    for (field, body) in [
+        (
+            "name",
+            json!({"name": "x".repeat(201), "price": "1.00", "stock": 1}),
+        ),
+        ("price", json!({"name": "X", "price": "1e9", "stock": 1})),
+        ("price", json!({"name": "X", "price": "NaN", "stock": 1})),
+        ("price", json!({"name": "X", "price": "0x10", "stock": 1})),
+        (
+            "price",
+            json!({"name": "X", "price": "\u{FF11}.00", "stock": 1}),
+        ),
+        (
+            "price",
+            json!({"name": "X", "price": "1.00\u{0}", "stock": 1}),
+        ),
+        (
+            "stock",
+            json!({"name": "X", "price": "1.00", "stock": 1_000_000_001}),
+        ),
+    ] {
+        cases.push(("POST", "/api/products".into(), Some(body), Some(field)));
+    }
+    cases.push((
+        "POST",
+        format!("/api/orders/{unknown}/cancel"),
+        Some(json!({"reason": "r".repeat(501)})),
+        Some("reason"),
+    ));
+    cases.push((
+        "POST",
+        "/api/orders".into(),
+        Some(order(&format!("{}@b.co", "a".repeat(65)), "tok_ok")),
+        Some("customer_email"),
+    ));
+    cases.push((
+        "POST",
+        "/api/orders".into(),
+        Some(order("a@b.co", &"t".repeat(101))),
+        Some("payment.card_token"),
+    ));
+    for quantity in [
+        json!(0),
+        json!(-5),
+        json!(1_000_000_001_i64),
+        json!("5"),
+        json!(1.5),
+        json!(null),
+    ] {
+        cases.push((
+            "POST",
+            format!("/api/products/{lamp}/restock"),
+            Some(json!({"quantity": quantity})),
+            None,
+        ));
+    }
+    // Wrong JSON shapes: each a 4xx, none a 5xx.
+    for body in [
+        json!({"customer_email": "a@b.co", "items": [{"product_id": lamp, "quantity": "1"}], "payment": {"card_token": "tok_ok"}}),
+        json!({"customer_email": "a@b.co", "items": [{"product_id": lamp, "quantity": 1e300}], "payment": {"card_token": "tok_ok"}}),
+        json!({"customer_email": "a@b.co", "items": {"product_id": lamp}, "payment": {"card_token": "tok_ok"}}),
+        json!({"customer_email": "a@b.co", "items": [null], "payment": {"card_token": "tok_ok"}}),
+        json!({"customer_email": ["a@b.co"], "items": [], "payment": {"card_token": "tok_ok"}}),
+        json!({"customer_email": "a@b.co", "items": [{"product_id": lamp, "quantity": 1}], "payment": "tok_ok"}),
+        json!([1, 2, 3]),
+        json!("just a string"),
+        json!(null),
+        json!({}),
+    ] {
+        cases.push(("POST", "/api/orders".into(), Some(body), None));
+    }
+    let deep = format!("{}1{}", "[".repeat(500), "]".repeat(500));
+    for uri in [
+        "/api/orders/../../etc/passwd".to_owned(),
+        "/api/products/%00".to_owned(),
+        format!("/api/orders/{unknown}%0d%0aSet-Cookie:x"),
+        "/api/orders?limit=0".to_owned(),
+        "/api/orders?status=%00".to_owned(),
+        "/api/orders?cursor=%1b%5b31m".to_owned(),
+        format!("/api/orders/search?q={}", "q".repeat(101)),
+        "/api/orders/search?q=%20%20".to_owned(),
+        format!("/api/orders/{unknown}?min_position=1.2.3"),
+        format!("/api/orders/{unknown}?wait_terminal_ms=-1"),
+    ] {
+        cases.push(("GET", uri, None, None));
+    }
+    assert!(cases.len() >= 100, "only {} hostile inputs", cases.len());
+    for (method, uri, body, field) in &cases {
+        let (code, answer) = c.call(method, uri, body.clone(), &[]).await;
+        assert!(
+            code.is_client_error(),
+            "{method} {uri} {body:?} -> {code} {answer}"
+        );
+        assert!(
+            answer["code"].is_string(),
+            "{method} {uri} {body:?} -> {answer}"
+        );
+        if let Some(field) = field {
+            let named = answer["field"].as_str().unwrap_or_default();
+            assert!(
+                named.contains(field),
+                "{method} {uri} {body:?} -> {answer}: should name {field}"
+            );
+        }
+    }
+    // The deepest JSON is refused too, as malformed, not by a crash.
+    let (code, answer) = c
+        .raw(
+            "POST",
+            "/api/orders",
+            &[("content-type", "application/json")],
+            deep.into_bytes(),
+        )
+        .await;
+    assert!(code.is_client_error(), "{code} {answer}");
+    c.settle().await;
+    assert_eq!(
+        c.written().await,
+        written,
+        "a refused request wrote something"
+    );
+    // And the system still serves: an order completes.
+    let id = c
+        .place(
+            &format!("after-hostile-{}@example.com", tag()),
+            &[(&lamp, 1)],
+            "tok_ok",
+        )
+        .await;
+    assert_eq!(c.finished(&id).await["status"], "Completed");
+}
+
+/// `s` percent-encoded for a query string.
+fn urlencode(s: &str) -> String {
+    s.bytes().map(|b| format!("%{b:02X}")).collect()
 }
 
 /// A key answers its first answer again; another body under it is refused;
