@@ -216,10 +216,14 @@ impl QueryService {
     /// Waits up to `timeout` for an order to reach a terminal status, and
     /// says which.
     pub async fn terminal_status(&self, order_id: Uuid, timeout: Duration) -> Option<OrderStatus> {
-        tokio::time::timeout(timeout, self.model.terminal(order_id))
+        let status = tokio::time::timeout(timeout, self.model.terminal(order_id))
             .await
             .ok()
-            .and_then(Result::ok)
+            .and_then(Result::ok);
+        if status.is_none() {
+            self.model.forget_abandoned(order_id);
+        }
+        status
     }
 }
 
@@ -366,5 +370,22 @@ mod tests {
         let answer = crate::http::ApiError::from(error);
         assert_eq!(answer.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(answer.body.code, "not_caught_up");
+    }
+
+    /// Waiting for orders that never end (unknown ones) leaves nothing
+    /// behind once the waits time out, however many there were.
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_waits_for_an_end_hold_no_memory() {
+        let service = QueryService::start(Arc::new(InMemoryEventStore::new()));
+        let waits = (0..100)
+            .map(|_| service.terminal_status(Uuid::now_v7(), std::time::Duration::from_secs(1)));
+        let ended = futures::future::join_all(waits).await;
+        assert!(ended.iter().all(Option::is_none));
+        assert_eq!(service.model().waiting(), 0);
+
+        // A wait that is answered leaves nothing either.
+        let again = service.terminal_status(Uuid::now_v7(), std::time::Duration::from_millis(10));
+        assert_eq!(again.await, None);
+        assert_eq!(service.model().waiting(), 0);
     }
 }

@@ -140,6 +140,28 @@ impl OrderReadModel {
         rx
     }
 
+    /// Drops the waiters for `order_id` whose readers have gone (timed out),
+    /// so that waiting on an order that never ends holds no memory after.
+    pub fn forget_abandoned(&self, order_id: Uuid) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = waiters.get_mut(&order_id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                waiters.remove(&order_id);
+            }
+        }
+    }
+
+    /// How many readers wait for an order to end.
+    pub fn waiting(&self) -> usize {
+        self.waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
     /// Orders newest first, optionally of one customer and one status, from
     /// a cursor.
     pub fn list(
