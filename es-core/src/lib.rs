@@ -17,6 +17,7 @@ pub mod metadata;
 pub mod payload;
 pub mod position;
 pub mod projection;
+mod redact;
 pub mod relay;
 pub mod replica;
 pub mod repository;
@@ -49,6 +50,7 @@ pub use metadata::Metadata;
 pub use payload::{InvalidPayload, Payload};
 pub use position::{ParsePositionError, Position};
 pub use projection::{Checkpoint, Projection, ProjectionError};
+pub use redact::redact_url;
 pub use relay::{Relay, RelayError};
 pub use repository::{Committed, Loaded, Repository, RepositoryError, RetryPolicy};
 pub use saga::{

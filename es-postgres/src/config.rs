@@ -24,7 +24,7 @@ use crate::PgEventStore;
 ///     .await?;
 /// # drop(store); Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgConfig {
     options: PgConnectOptions,
     schema: String,
@@ -165,5 +165,38 @@ impl PgConfig {
             .min_connections(self.min_connections)
             .acquire_timeout(self.acquire_timeout)
             .idle_timeout(self.idle_timeout)
+    }
+}
+
+/// Shows where it connects, never the password.
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("host", &self.options.get_host())
+            .field("port", &self.options.get_port())
+            .field("database", &self.options.get_database())
+            .field("username", &self.options.get_username())
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_shows_no_password() {
+        let config = super::PgConfig::from_url("postgres://app:s3cr3t@db:5432/orders").unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("\"db\"") && shown.contains("\"app\""),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 }

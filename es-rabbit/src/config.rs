@@ -6,8 +6,8 @@ use std::time::Duration;
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// How a [`RabbitBus`](crate::RabbitBus) connects, names its topology and
-/// publishes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// publishes. Its `Debug` shows the URL without its password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RabbitConfig {
     /// The broker's AMQP URL.
     pub url: String,
@@ -114,5 +114,34 @@ impl RabbitConfig {
 impl Default for RabbitConfig {
     fn default() -> Self {
         Self::from_env()
+    }
+}
+
+impl std::fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("url", &es_core::redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("mandatory", &self.mandatory)
+            .field("confirm_window", &self.confirm_window)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("connection_name", &self.connection_name)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("queue_expires", &self.queue_expires)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_shows_no_password() {
+        let shown = format!(
+            "{:?}",
+            super::RabbitConfig::new("amqp://app:s3cr3t@broker:5672/%2f")
+        );
+        assert!(shown.contains("amqp://app:***@broker:5672/%2f"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 }

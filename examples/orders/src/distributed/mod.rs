@@ -40,29 +40,40 @@ use crate::{Config, Error, Result};
 
 /// The distributed deployment's settings (flags and environment variables
 /// of `orders serve`).
-#[derive(Clone, Debug, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct ServeArgs {
     /// Run these services in this process over PostgreSQL, RabbitMQ and Redis
     /// (comma-separated: gateway, order, inventory, payment, notification,
     /// query, relay, or all). Without it, everything runs embedded in memory.
     #[arg(long, env = "ORDERS_SERVICES", value_delimiter = ',')]
     pub services: Option<Vec<String>>,
-    /// PostgreSQL.
+    /// PostgreSQL [default: postgres://postgres@127.0.0.1:5432/postgres].
+    /// URLs are never shown with their passwords, in help, logs or errors.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub database_url: String,
-    /// RabbitMQ.
+    /// RabbitMQ [default: amqp://guest:***@127.0.0.1:5672/%2f].
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true,
+        hide_env_values = true
     )]
     pub amqp_url: String,
-    /// Redis (the query service's hot cache).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    /// Redis, the query service's hot cache [default: redis://127.0.0.1:6379].
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// The SMTP server the notification service sends through (host:port).
     #[arg(long, env = "ORDERS_SMTP", default_value = "127.0.0.1:2525")]
@@ -111,6 +122,18 @@ pub struct ServeArgs {
     /// deployments such as test runs.
     #[arg(long, env = "ORDERS_QUEUE_EXPIRES_SECS")]
     pub queue_expires_secs: Option<u64>,
+}
+
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("services", &self.services)
+            .field("database_url", &es_core::redact_url(&self.database_url))
+            .field("amqp_url", &es_core::redact_url(&self.amqp_url))
+            .field("redis_url", &es_core::redact_url(&self.redis_url))
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServeArgs {

@@ -111,9 +111,11 @@ async fn keep_cache(
             match RedisSink::connect(&redis_url, &prefix).await {
                 Ok(sink) => {
                     let _ = cache.sink.set(sink.with_ttl(CACHE_TTL));
-                    tracing::info!(redis_url, "Redis connected");
+                    tracing::info!(redis_url = %es_core::redact_url(&redis_url), "Redis connected");
                 }
-                Err(error) => tracing::debug!(%error, redis_url, "Redis still unavailable"),
+                Err(error) => {
+                    tracing::debug!(%error, redis_url = %es_core::redact_url(&redis_url), "Redis still unavailable")
+                }
             }
         }
         let missed = cache.missed.load(Ordering::SeqCst);
@@ -441,7 +443,7 @@ impl PgQueryService {
                 let _ = cache.sink.set(sink.with_ttl(CACHE_TTL));
             }
             Err(error) => {
-                tracing::warn!(%error, redis_url, "Redis unavailable: order details are served from PostgreSQL until it answers");
+                tracing::warn!(%error, redis_url = %es_core::redact_url(redis_url), "Redis unavailable: order details are served from PostgreSQL until it answers");
             }
         }
         tokio::spawn(keep_cache(
