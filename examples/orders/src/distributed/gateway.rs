@@ -230,14 +230,12 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
                 }
             }
         }
+        // The addresses and the cause are for the operator, not the client.
         tracing::warn!(error = %last_error, "upstream unavailable");
         error(
             StatusCode::BAD_GATEWAY,
             "upstream_unavailable",
-            format!(
-                "the {} service did not answer: {last_error}",
-                owner.as_str()
-            ),
+            format!("the {} service did not answer", owner.as_str()),
         )
     }
     .instrument(span)
@@ -255,14 +253,15 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
             upstreams.insert(owner.as_str().into(), "in process".into());
             continue;
         }
-        for base in &pool.urls {
+        for (i, base) in pool.urls.iter().enumerate() {
             let up = matches!(
                 gw.client.get(format!("{base}/health")).timeout(Duration::from_secs(2)).send().await,
                 Ok(r) if r.status().is_success()
             );
             ok &= up;
+            // Instances by number: their addresses are internal.
             upstreams.insert(
-                format!("{}@{base}", owner.as_str()),
+                format!("{}#{}", owner.as_str(), i + 1),
                 if up { "ok" } else { "unavailable" }.into(),
             );
         }

@@ -174,10 +174,12 @@ pub async fn cancellation(c: &Client) {
         .await;
     assert_eq!(code, StatusCode::NOT_FOUND);
 
-    // Cancelled while the gateway is still deciding.
+    // Cancelled while the gateway is still deciding: the payment it then
+    // approves is refunded.
     let late = c
         .place("ivy@example.com", &[(&widget, 1)], "tok_delay_1500")
         .await;
+    c.wait_status(&late, "InventoryConfirmed").await;
     let (code, body) = c.cancel(&late, mind).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let v = c.finished(&late).await;
@@ -185,6 +187,7 @@ pub async fn cancellation(c: &Client) {
     assert_eq!(v["cancellation_reason"], "changed my mind");
     let (code, _) = c.cancel(&late, Some(json!({}))).await;
     assert_eq!(code, StatusCode::CONFLICT);
+    c.payment_becomes(&late, "Refunded").await;
     c.stock_is(&widget, 3, 0).await;
 }
 
