@@ -164,8 +164,26 @@ async fn holdback_reports_the_open_writer() {
     assert_eq!(held.events_held_back, 3, "{held:?}");
     assert!(held.xids_in_flight() >= 1);
     assert!(held.oldest_writer_age.is_some(), "{held:?}");
-    // The oldest writer is ours unless another test's transaction is older.
-    let _ = pid;
+    // The oldest writer is ours, unless another session's transaction
+    // (another test's) is older than ours: then it must be that one.
+    let oldest = held.oldest_writer_pid.expect("the oldest writer's pid");
+    if oldest != pid {
+        let (ours, theirs): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT backend_xid::text::bigint FROM pg_stat_activity WHERE pid = $1),
+                    (SELECT backend_xid::text::bigint FROM pg_stat_activity WHERE pid = $2)",
+        )
+        .bind(pid)
+        .bind(oldest)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let ours = ours.expect("our transaction has an id");
+        // A writer that has ended meanwhile can no longer be compared.
+        assert!(
+            theirs.is_none_or(|theirs| theirs <= ours),
+            "{oldest} (xid {theirs:?}) reported as older than ours, {pid} (xid {ours})"
+        );
+    }
     assert!(store
         .read_all(Position::START, 10)
         .await

@@ -215,17 +215,20 @@ async fn a_stuck_handler_does_not_hold_up_reconnecting() {
 #[tokio::test]
 async fn retry_waits_and_counts_attempts() {
     let bus = bus(config("retry")).await;
-    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let delay = Duration::from_millis(200);
+    let attempts: Arc<Mutex<Vec<(u32, std::time::Instant)>>> = Arc::default();
     let seen = Arc::clone(&attempts);
     let handle = bus
         .subscribe(
             Subscription::new("g", ["order.*"])
                 .with_max_attempts(5)
-                .with_retry_delay(Duration::from_millis(200)),
+                .with_retry_delay(delay),
             Arc::new(move |d: Delivery| {
                 let seen = Arc::clone(&seen);
                 async move {
-                    seen.lock().unwrap().push(d.attempt);
+                    seen.lock()
+                        .unwrap()
+                        .push((d.attempt, std::time::Instant::now()));
                     if d.attempt < 3 {
                         Outcome::retry("not yet")
                     } else {
@@ -243,7 +246,18 @@ async fn retry_waits_and_counts_attempts() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     handle.stop().await;
-    assert_eq!(*attempts.lock().unwrap(), vec![1, 2, 3]);
+    let attempts = attempts.lock().unwrap().clone();
+    let numbers: Vec<u32> = attempts.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    // Each retry waited its delay in the retry queue before coming back.
+    for pair in attempts.windows(2) {
+        let waited = pair[1].1 - pair[0].1;
+        assert!(
+            waited >= delay,
+            "attempt {} came {waited:?} after the one before",
+            pair[1].0
+        );
+    }
     assert_eq!(bus.dead_letter_depth("g").await.unwrap(), 0);
     common::cleanup(&bus).await;
 }

@@ -136,6 +136,8 @@ impl Gauges {
             if let Some(store) = &relay.pg {
                 if let Ok(holdback) = store.holdback().await {
                     metrics::gauge!("store_xmin_holdback_events", "store" => relay.label)
+                        .set(holdback.events_held_back as f64);
+                    metrics::gauge!("store_xids_in_flight", "store" => relay.label)
                         .set(holdback.xids_in_flight() as f64);
                 }
             }
