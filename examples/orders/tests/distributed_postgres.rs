@@ -1,20 +1,29 @@
-//! PostgreSQL unreachable for the services for a while (every connection of
-//! the deployment terminated again and again; the shared server itself keeps
-//! running) under load. Nothing may be acknowledged without its effect
+//! PostgreSQL unreachable for the services for a while, under load: every
+//! connection of the deployment terminated again and again, then the server
+//! itself stopped for 20 s. Nothing may be acknowledged without its effect
 //! committed: afterwards every accepted order is Completed or Cancelled,
 //! stock adds up, no payment was taken twice, one email per order.
+//!
+//! The two tests stop the shared server in turn, never at once; the second
+//! always starts the server again and waits until it answers, even when it
+//! fails.
 
 #![allow(clippy::unwrap_used)] // Helpers outside #[test] fns unwrap too: a panic is the report.
 
 mod support;
 
+use std::process::Command;
 use std::time::Duration;
 
 use es_postgres::sqlx;
 use support::distributed::{place_many, products, Cluster, EVERY_SERVICE_APART};
 
+/// One test of this file at a time: they take PostgreSQL away.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_connections_cut_again_and_again() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let c = Cluster::start("pgcut", &EVERY_SERVICE_APART, Duration::from_secs(5)).await;
     let stock = products(&c.client(), "Crash Widget", "3.00", 3, 100).await;
     let load = tokio::spawn(place_many(
@@ -48,4 +57,91 @@ async fn postgres_connections_cut_again_and_again() {
     eprintln!("postgres cut: {cut} connections terminated; {} orders, {completed} completed, {cancelled} cancelled", orders.len());
     assert_eq!(completed + cancelled, 200);
     c.stop().await;
+}
+
+/// The local PostgreSQL cluster, as `pg_ctlcluster` names it (`15 main`).
+fn local_cluster() -> Option<String> {
+    let versions = std::fs::read_dir("/etc/postgresql").ok()?;
+    let mut versions: Vec<String> = versions
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    versions.sort_by_key(|v| v.parse::<u32>().unwrap_or(0));
+    versions.pop()
+}
+
+fn pg_ctlcluster(version: &str, action: &str) -> bool {
+    Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", version, "main", action])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Starts the server again when dropped (the test ended, or failed) and waits
+/// until it answers.
+struct BringBack(String);
+
+impl Drop for BringBack {
+    fn drop(&mut self) {
+        for _ in 0..120 {
+            pg_ctlcluster(&self.0, "start");
+            let ready = Command::new("pg_isready")
+                .args(["-h", "127.0.0.1", "-p", "5432"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!("PostgreSQL did not come back within a minute");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_server_stopped_for_20_s_under_load() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(version) = local_cluster().filter(|_| which("pg_ctlcluster")) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs the local PostgreSQL cluster and pg_ctlcluster to stop and start it"
+        );
+        eprintln!("skipped: no local PostgreSQL cluster to stop (pg_ctlcluster)");
+        return;
+    };
+    let c = Cluster::start("pgstop", &EVERY_SERVICE_APART, Duration::from_secs(5)).await;
+    let stock = products(&c.client(), "Outage Widget", "3.00", 3, 100).await;
+    let load = tokio::spawn(place_many(
+        c.client(),
+        stock.clone(),
+        120,
+        8,
+        "pgstop".into(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    {
+        let _back = BringBack(version.clone());
+        assert!(
+            pg_ctlcluster(&version, "stop"),
+            "pg_ctlcluster {version} main stop failed"
+        );
+        let answers = Command::new("pg_isready")
+            .args(["-h", "127.0.0.1", "-p", "5432"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(!answers, "PostgreSQL still answers after stop");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+    let orders = load.await.unwrap();
+    let (completed, cancelled) = c.check_invariants(&stock, &orders).await;
+    eprintln!(
+        "postgres stopped 20 s: {} orders, {completed} completed, {cancelled} cancelled",
+        orders.len()
+    );
+    assert_eq!(completed + cancelled, 120);
+    c.stop().await;
+}
+
+fn which(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(command).is_file()))
 }
