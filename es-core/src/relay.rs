@@ -132,6 +132,28 @@ impl Relay {
     /// Runs until `stop` is cancelled. Bus failures are retried with backoff
     /// (the batch is published again); a failing store subscription is
     /// reopened from the checkpoint.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use es_core::{CancellationToken, InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore, Relay};
+    ///
+    /// let relay = Relay::new(
+    ///     "orders-relay",
+    ///     Arc::new(InMemoryEventStore::new()),
+    ///     Arc::new(InMemoryBus::new()),
+    ///     Arc::new(InMemoryCheckpointStore::new()),
+    /// );
+    /// let stop = CancellationToken::new();
+    /// let running = tokio::spawn({
+    ///     let stop = stop.clone();
+    ///     async move { relay.run(stop).await }
+    /// });
+    /// // At shutdown:
+    /// stop.cancel();
+    /// running.await.unwrap().unwrap();
+    /// # });
+    /// ```
     pub async fn run(&self, stop: CancellationToken) -> Result<(), RelayError> {
         let mut position = self
             .checkpoints
