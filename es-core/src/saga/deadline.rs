@@ -147,8 +147,7 @@ mod tests {
     use crate::doc_support::reminder::Reminder;
     use crate::{EventStore, InMemoryEventStore, ManualClock};
 
-    /// A scheduler stops once its token is cancelled, rather than waking at
-    /// once forever.
+    /// A scheduler runs until its token is cancelled, then returns.
     #[tokio::test]
     async fn a_scheduler_stops_when_its_token_is_cancelled() {
         let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
