@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::{BoxError, CodecError, DomainEvent, Metadata, Payload, RecordedEvent};
+use crate::{
+    BoxError, CancellationToken, CodecError, DomainEvent, Metadata, Payload, RecordedEvent,
+};
 
 /// A message on the bus: an event copied from the store, or a command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,25 +332,25 @@ pub trait EventBus: Send + Sync + 'static {
 #[must_use = "the subscription stops when its handle is dropped"]
 #[derive(Debug)]
 pub struct SubscriptionHandle {
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl SubscriptionHandle {
-    /// A handle over consumer tasks that watch `stop` (a `watch` channel whose
-    /// value turns `true` when they must stop).
-    pub fn new(stop: watch::Sender<bool>, tasks: Vec<JoinHandle<()>>) -> Self {
+    /// A handle over consumer tasks that stop once `stop` is cancelled.
+    pub fn new(stop: CancellationToken, tasks: Vec<JoinHandle<()>>) -> Self {
         Self { stop, tasks }
     }
 
-    /// A receiver that turns `true` when the subscription must stop.
-    pub fn stop_signal(&self) -> watch::Receiver<bool> {
-        self.stop.subscribe()
+    /// A token cancelled when the subscription must stop (a child of the
+    /// subscription's own: cancelling it stops nothing else).
+    pub fn stop_signal(&self) -> CancellationToken {
+        self.stop.child_token()
     }
 
     /// Stops consuming and waits for the consumer tasks to finish.
     pub async fn stop(mut self) {
-        self.stop.send_replace(true);
+        self.stop.cancel();
         for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
@@ -363,7 +364,7 @@ impl SubscriptionHandle {
 
 impl Drop for SubscriptionHandle {
     fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.stop.cancel();
     }
 }
 

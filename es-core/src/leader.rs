@@ -23,7 +23,10 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::relay::Route;
-use crate::{CheckpointStore, EventBus, EventStore, Position, Relay, RelayError, StoreError};
+use crate::{
+    CancellationToken, CheckpointStore, EventBus, EventStore, Position, Relay, RelayError,
+    StoreError,
+};
 
 /// Mutual exclusion between instances of one task (in other processes too,
 /// for a database-backed implementation).
@@ -180,17 +183,17 @@ impl LeaderRelay {
     }
 
     /// Waits for the lock, relays while holding it, and waits again when it is
-    /// lost; returns when `stop` turns true (or the store's log ends). A
+    /// lost; returns when `stop` is cancelled (or the store's log ends). A
     /// failure to take the lock or read the checkpoint is logged and retried
     /// with backoff, not returned. The future is `Send`: spawn it.
-    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+    pub async fn run(&self, stop: CancellationToken) -> Result<(), RelayError> {
         let mut delay = Duration::from_millis(100);
         loop {
-            if crate::stop::is_requested(&stop) {
+            if stop.is_cancelled() {
                 return Ok(());
             }
             let acquired = tokio::select! {
-                () = crate::stop::requested(&mut stop) => continue,
+                () = stop.cancelled() => continue,
                 acquired = self.lock.acquire(&self.lock_name) => acquired,
             };
             let mut leadership = match acquired {
@@ -198,7 +201,7 @@ impl LeaderRelay {
                 Err(error) => {
                     tracing::warn!(relay = %self.name, %error, "cannot take the relay lock; retrying");
                     tokio::select! {
-                        () = crate::stop::requested(&mut stop) => {}
+                        () = stop.cancelled() => {}
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -207,7 +210,7 @@ impl LeaderRelay {
             };
             tracing::info!(relay = %self.name, "relay active");
             self.active.send_replace(true);
-            let outcome = self.lead(leadership.as_mut(), &mut stop).await;
+            let outcome = self.lead(leadership.as_mut(), &stop).await;
             drop(leadership);
             self.active.send_replace(false);
             match outcome {
@@ -217,7 +220,7 @@ impl LeaderRelay {
                     // The checkpoint could not be read: stand down, retry later.
                     tracing::warn!(relay = %self.name, %error, retry_in = ?delay, "relay failed; retrying");
                     tokio::select! {
-                        () = crate::stop::requested(&mut stop) => {}
+                        () = stop.cancelled() => {}
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -227,12 +230,8 @@ impl LeaderRelay {
     }
 
     /// One term as the active relay: runs a [`Relay`] until it ends, `stop`
-    /// turns true or `leadership` is lost.
-    async fn lead(
-        &self,
-        leadership: &mut dyn Leadership,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Term {
+    /// is cancelled or `leadership` is lost.
+    async fn lead(&self, leadership: &mut dyn Leadership, stop: &CancellationToken) -> Term {
         let mut relay = Relay::new(
             self.name.clone(),
             Arc::clone(&self.store),
@@ -243,7 +242,8 @@ impl LeaderRelay {
         if let Some(route) = &self.route {
             relay = relay.with_route(Arc::clone(route));
         }
-        let (halt, halted) = watch::channel(false);
+        // A child of `stop`: cancelled with it, or alone when the lock is lost.
+        let halt = stop.child_token();
         let mut published = relay.progress();
         let forward = async {
             while published.changed().await.is_ok() {
@@ -251,20 +251,19 @@ impl LeaderRelay {
             }
             std::future::pending::<()>().await;
         };
-        let running = relay.run(halted);
+        let running = relay.run(halt.clone());
         tokio::pin!(running, forward);
         tokio::select! {
             result = &mut running => Term::Ended(result),
             // Never completes: forwards the relay's progress meanwhile.
             () = &mut forward => Term::Stopped,
-            () = crate::stop::requested(stop) => {
-                halt.send_replace(true);
+            () = stop.cancelled() => {
                 let _ = (&mut running).await;
                 Term::Stopped
             }
             () = leadership.lost() => {
                 tracing::warn!(relay = %self.name, "relay lock lost; standing by");
-                halt.send_replace(true);
+                halt.cancel();
                 let _ = (&mut running).await;
                 Term::Lost
             }
@@ -391,17 +390,17 @@ mod tests {
             )
         };
         let (first, second) = (make(), make());
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut first_active = first.active();
         let mut second_active = second.active();
         let first_task = tokio::spawn({
-            let (relay, stopped) = (Arc::clone(&first), stopped.clone());
-            async move { relay.run(stopped).await }
+            let (relay, stop) = (Arc::clone(&first), stop.clone());
+            async move { relay.run(stop).await }
         });
         first_active.wait_for(|a| *a).await.unwrap();
         let second_task = tokio::spawn({
-            let (relay, stopped) = (Arc::clone(&second), stopped.clone());
-            async move { relay.run(stopped).await }
+            let (relay, stop) = (Arc::clone(&second), stop.clone());
+            async move { relay.run(stop).await }
         });
 
         let mut ids = append(store.as_ref(), 100, 0).await;
@@ -417,7 +416,7 @@ mod tests {
             .unwrap();
         ids.extend(append(store.as_ref(), 100, 100).await);
         eventually("200 relayed", || seen.lock().unwrap().len() == 200).await;
-        stop.send_replace(true);
+        stop.cancel();
         second_task.await.unwrap().unwrap();
         assert!(!*second_active.borrow());
         assert_eq!(*seen.lock().unwrap(), ids.into_iter().collect());
@@ -494,10 +493,10 @@ mod tests {
             Arc::new(lock.clone()),
         ));
         let mut active = relay.active();
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let running = tokio::spawn({
-            let relay = Arc::clone(&relay);
-            async move { relay.run(stopped).await }
+            let (relay, stop) = (Arc::clone(&relay), stop.clone());
+            async move { relay.run(stop).await }
         });
         let mut ids = append(store.as_ref(), 20, 0).await;
         eventually("relayed despite two failed checkpoint loads", || {
@@ -517,7 +516,7 @@ mod tests {
             seen.lock().unwrap().len() == 40
         })
         .await;
-        stop.send_replace(true);
+        stop.cancel();
         running.await.unwrap().unwrap();
         assert_eq!(*seen.lock().unwrap(), ids.into_iter().collect());
         assert!(
@@ -529,7 +528,7 @@ mod tests {
     #[test]
     fn run_is_send() {
         fn is_send<T: Send>(_: &T) {}
-        fn check(relay: &LeaderRelay, stop: watch::Receiver<bool>) {
+        fn check(relay: &LeaderRelay, stop: CancellationToken) {
             is_send(&relay.run(stop));
         }
         let _ = check;

@@ -24,7 +24,6 @@ pub mod repository;
 pub mod saga;
 pub mod snapshot;
 mod state_cache;
-pub mod stop;
 pub mod store;
 pub mod stream;
 #[cfg(any(test, feature = "testing"))]
@@ -59,6 +58,10 @@ pub use saga::{
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{BoxError, EventStore, StoreError};
 pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
+/// The stop signal every long-running task of these crates (relays,
+/// consumers, the deadline scheduler, projection runners) takes: it stops once
+/// the token is cancelled. Re-exported so that no second dependency is needed.
+pub use tokio_util::sync::CancellationToken;
 pub use trace::{InvalidTraceParent, TraceParent};
 
 /// Everything an application usually needs, in one `use`.

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::bus::{BusError, EventBus, Message};
 use crate::saga::{CommandRecord, COMMAND_RECORD};
-use crate::{CheckpointStore, EventStore, Position, RecordedEvent, StoreError};
+use crate::{CancellationToken, CheckpointStore, EventStore, Position, RecordedEvent, StoreError};
 
 /// Maps a recorded event to the message the relay publishes, if any.
 pub type Route = Arc<dyn Fn(&RecordedEvent) -> Option<Message> + Send + Sync>;
@@ -129,10 +129,32 @@ impl Relay {
         self.progress.subscribe()
     }
 
-    /// Runs until `stop` turns true. Bus failures are retried with backoff
+    /// Runs until `stop` is cancelled. Bus failures are retried with backoff
     /// (the batch is published again); a failing store subscription is
     /// reopened from the checkpoint.
-    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use es_core::{CancellationToken, InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore, Relay};
+    ///
+    /// let relay = Relay::new(
+    ///     "orders-relay",
+    ///     Arc::new(InMemoryEventStore::new()),
+    ///     Arc::new(InMemoryBus::new()),
+    ///     Arc::new(InMemoryCheckpointStore::new()),
+    /// );
+    /// let stop = CancellationToken::new();
+    /// let running = tokio::spawn({
+    ///     let stop = stop.clone();
+    ///     async move { relay.run(stop).await }
+    /// });
+    /// // At shutdown:
+    /// stop.cancel();
+    /// running.await.unwrap().unwrap();
+    /// # });
+    /// ```
+    pub async fn run(&self, stop: CancellationToken) -> Result<(), RelayError> {
         let mut position = self
             .checkpoints
             .load(&self.name)
@@ -146,10 +168,10 @@ impl Relay {
                 .ready_chunks(self.batch_size);
             loop {
                 let batch = tokio::select! {
-                    () = crate::stop::requested(&mut stop) => return Ok(()),
+                    () = stop.cancelled() => return Ok(()),
                     batch = log.next() => batch,
                 };
-                if crate::stop::is_requested(&stop) {
+                if stop.is_cancelled() {
                     return Ok(());
                 }
                 let Some(batch) = batch else { return Ok(()) };
@@ -165,8 +187,8 @@ impl Relay {
                     let last = last.position;
                     let messages: Vec<Message> =
                         events.iter().filter_map(|e| (self.route)(e)).collect();
-                    self.publish(&messages, &mut stop).await;
-                    if crate::stop::is_requested(&stop) {
+                    self.publish(&messages, &stop).await;
+                    if stop.is_cancelled() {
                         return Ok(());
                     }
                     position = last;
@@ -181,7 +203,7 @@ impl Relay {
         }
     }
 
-    async fn publish(&self, messages: &[Message], stop: &mut watch::Receiver<bool>) {
+    async fn publish(&self, messages: &[Message], stop: &CancellationToken) {
         if messages.is_empty() {
             return;
         }
@@ -194,7 +216,7 @@ impl Relay {
                 Err(error) => {
                     log_publish_failure(&self.name, &error);
                     tokio::select! {
-                        () = crate::stop::requested(stop) => return,
+                        () = stop.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -11,11 +11,10 @@ use es_core::bus::{Delivery, Message, Outcome, Subscription};
 use es_core::doc_support::reminder::{Reminder, ReminderInput};
 use es_core::saga::{COMMAND_RECORD, DEADLINE_SET};
 use es_core::{
-    DeadlineScheduler, EventBus, EventStore, InMemoryBus, InMemoryCheckpointStore,
-    InMemoryEventStore, ManualClock, Metadata, Position, Relay, SagaHandler, SagaManager,
-    SagaOutcome, StreamId,
+    CancellationToken, DeadlineScheduler, EventBus, EventStore, InMemoryBus,
+    InMemoryCheckpointStore, InMemoryEventStore, ManualClock, Metadata, Position, Relay,
+    SagaHandler, SagaManager, SagaOutcome, StreamId,
 };
-use tokio::sync::watch;
 use uuid::Uuid;
 
 fn msg(topic: &str, ty: &str, n: u32) -> Message {
@@ -211,7 +210,7 @@ async fn the_relay_publishes_the_log_in_order_and_resumes_from_its_checkpoint() 
         .append(&stream, es_core::ExpectedVersion::Any, written)
         .await
         .unwrap();
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let relay = Arc::new(
         Relay::new(
             "relay",
@@ -222,11 +221,11 @@ async fn the_relay_publishes_the_log_in_order_and_resumes_from_its_checkpoint() 
         .with_batch_size(7),
     );
     let running = tokio::spawn({
-        let relay = Arc::clone(&relay);
-        async move { relay.run(stopped).await }
+        let (relay, stop) = (Arc::clone(&relay), stop.clone());
+        async move { relay.run(stop).await }
     });
     eventually("50 messages", || received.lock().unwrap().len() == 50).await;
-    stop.send_replace(true);
+    stop.cancel();
     running.await.unwrap().unwrap();
     let got: Vec<Uuid> = received
         .lock()
@@ -257,17 +256,20 @@ async fn the_relay_publishes_the_log_in_order_and_resumes_from_its_checkpoint() 
         )
         .await
         .unwrap();
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let relay = Relay::new(
         "relay",
         store.clone(),
         Arc::new(bus.clone()),
         checkpoints.clone(),
     );
-    let running = tokio::spawn(async move { relay.run(stopped).await });
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
     eventually("53 messages", || received.lock().unwrap().len() == 53).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    stop.send_replace(true);
+    stop.cancel();
     running.await.unwrap().unwrap();
     assert_eq!(
         received.lock().unwrap().len(),
@@ -336,9 +338,9 @@ async fn a_saga_reacts_once_per_message_and_its_deadline_fires_on_the_virtual_cl
         SagaOutcome::Ignored
     );
 
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let scheduler = DeadlineScheduler::new(Arc::clone(&manager), Duration::from_millis(10));
-    let running = tokio::spawn(scheduler.run(stopped));
+    let running = tokio::spawn(scheduler.run(stop.clone()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         store.stream_version(&stream).await.unwrap(),
@@ -355,7 +357,7 @@ async fn a_saga_reacts_once_per_message_and_its_deadline_fires_on_the_virtual_cl
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(fired, "the deadline did not fire");
-    stop.send_replace(true);
+    stop.cancel();
     running.await.unwrap().unwrap();
 
     let records = store.read_stream(&stream, 1, 10).await.unwrap();
@@ -405,16 +407,19 @@ async fn a_saga_reacts_once_per_message_and_its_deadline_fires_on_the_virtual_cl
         )
         .await
         .unwrap();
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let relay = Relay::new(
         "r",
         Arc::clone(&store),
         Arc::new(bus),
         Arc::new(InMemoryCheckpointStore::new()),
     );
-    let running = tokio::spawn(async move { relay.run(stopped).await });
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
     eventually("the nudge", || got.lock().unwrap().len() == 1).await;
-    stop.send_replace(true);
+    stop.cancel();
     running.await.unwrap().unwrap();
     let nudge = got.lock().unwrap()[0].clone();
     assert_eq!(&*nudge.message_type, "Nudge");

@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use es_core::{LeaderLock, Leadership, StoreError};
+use es_core::{CancellationToken, LeaderLock, Leadership, StoreError};
 use sqlx::{Connection, PgConnection, PgPool};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::error::Result;
@@ -109,10 +109,10 @@ impl PgLeaderLock {
         }
         tracing::info!(lock = %name, pid, "leader lock acquired");
         let conn = Arc::new(Mutex::new(Some(conn)));
-        let (lost_tx, lost_rx) = watch::channel(false);
+        let lost = CancellationToken::new();
         let task = tokio::spawn(watch_connection(
             conn.clone(),
-            lost_tx,
+            lost.clone(),
             name.to_owned(),
             self.check,
             self.check_timeout,
@@ -122,7 +122,7 @@ impl PgLeaderLock {
             key,
             backend_pid: pid,
             conn,
-            lost: lost_rx,
+            lost,
             task,
         }))
     }
@@ -137,11 +137,14 @@ impl LeaderLock for PgLeaderLock {
 
 async fn watch_connection(
     conn: Arc<Mutex<Option<PgConnection>>>,
-    lost: watch::Sender<bool>,
+    lost: CancellationToken,
     name: String,
     every: Duration,
     timeout: Duration,
 ) {
+    // However this task ends (a dead connection, a panic, an abort), nobody
+    // checks the lock any more: it counts as lost.
+    let _lost_when_ended = lost.clone().drop_guard();
     loop {
         tokio::time::sleep(every).await;
         let mut slot = conn.lock().await;
@@ -157,7 +160,7 @@ async fn watch_connection(
             // socket ends the session and frees the lock.
             *slot = None;
             tracing::warn!(lock = %name, "leader lock lost: its connection is dead");
-            lost.send_replace(true);
+            lost.cancel();
             return;
         }
     }
@@ -172,7 +175,7 @@ pub struct PgLeadership {
     key: i64,
     backend_pid: i32,
     conn: Arc<Mutex<Option<PgConnection>>>,
-    lost: watch::Receiver<bool>,
+    lost: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -190,16 +193,13 @@ impl PgLeadership {
 
     /// Whether the lock's connection has been found dead.
     pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        self.lost.is_cancelled()
     }
 
     /// Resolves when the lock's connection is found dead: the lock may now
     /// be held by another process, so stop acting as leader.
     pub async fn lost(&self) {
-        let mut lost = self.lost.clone();
-        // An error means the watcher ended without reporting a loss, which
-        // only happens after release; treat it as lost all the same.
-        let _ = lost.wait_for(|lost| *lost).await;
+        self.lost.cancelled().await;
     }
 
     /// Frees the lock and closes its connection.

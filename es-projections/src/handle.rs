@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use es_core::{EventStore, Position};
+use es_core::{CancellationToken, EventStore, Position};
 use tokio::sync::watch;
 
 use crate::telemetry::{measure_lag, Lag};
@@ -61,7 +61,7 @@ impl Progress {
 pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) progress: watch::Sender<Progress>,
-    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) stop: CancellationToken,
     pub(crate) dead_letters: Mutex<Vec<ParkedEvent>>,
 }
 
@@ -74,7 +74,7 @@ impl Shared {
                 state: RunState::Starting,
                 ran: false,
             }),
-            stop: watch::Sender::new(false),
+            stop: CancellationToken::new(),
             dead_letters: Mutex::new(Vec::new()),
         })
     }
@@ -104,7 +104,7 @@ struct StopOnDrop(Arc<Shared>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        self.0.stop.send_replace(true);
+        self.0.stop.cancel();
     }
 }
 
@@ -236,7 +236,7 @@ impl ProjectionHandle {
     /// # Errors
     /// [`Error::Failed`] when the runner had stopped on an error.
     pub async fn stop(&self) -> Result<(), Error> {
-        self.shared.stop.send_replace(true);
+        self.shared.stop.cancel();
         if let Some(task) = self.task.lock().await.take() {
             // The task catches the projection's panics itself; a join error
             // here can only be a cancelled runtime.

@@ -7,9 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use es_core::{EventStore, Position, Projection, RecordedEvent};
+use es_core::{CancellationToken, EventStore, Position, Projection, RecordedEvent};
 use futures::{FutureExt, StreamExt};
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::handle::{RunState, Shared};
@@ -97,13 +96,13 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
         &self.shared.name
     }
 
-    /// Runs until `stop` turns true (`Ok`) or a fatal error.
+    /// Runs until `stop` is cancelled (`Ok`) or a fatal error.
     ///
     /// The lag gauges are measured after a committed batch and, while no
     /// batch commits (an idle, stuck or retrying runner), on a timer; and once
     /// more when the runner ends on an error, so they never keep reporting
     /// the lag of the last good batch.
-    pub(crate) async fn run(&self, stop: &mut watch::Receiver<bool>) -> Result<(), Error> {
+    pub(crate) async fn run(&self, stop: &CancellationToken) -> Result<(), Error> {
         let clock = LagClock::default();
         let outcome = tokio::select! {
             outcome = self.run_loop(stop, &clock) => outcome,
@@ -143,14 +142,10 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
         }
     }
 
-    async fn run_loop(
-        &self,
-        stop: &mut watch::Receiver<bool>,
-        clock: &LagClock,
-    ) -> Result<(), Error> {
+    async fn run_loop(&self, stop: &CancellationToken, clock: &LagClock) -> Result<(), Error> {
         let mut failures = 0u32;
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return Ok(());
             }
             match self.follow(stop, &mut failures, clock).await {
@@ -161,7 +156,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                     // a second writer): not a failure, just start over from it.
                     tracing::info!(projection = self.name(), %error, "projection reloading its checkpoint");
                     tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        () = stop.cancelled() => return Ok(()),
                         () = tokio::time::sleep(self.options.backoff) => {}
                     }
                 }
@@ -176,7 +171,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                     let delay = self.options.delay(failures - 1);
                     tracing::warn!(projection = self.name(), %error, ?delay, "projection runner retrying from its checkpoint");
                     tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        () = stop.cancelled() => return Ok(()),
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -188,7 +183,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
     /// stopped (`Ok`) or an error.
     async fn follow(
         &self,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
         failures: &mut u32,
         clock: &LagClock,
     ) -> Result<(), Error> {
@@ -203,7 +198,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
         loop {
             let items = tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+                () = stop.cancelled() => return Ok(()),
                 items = log.next() => items,
             };
             let Some(items) = items else {
@@ -441,9 +436,9 @@ pub(crate) fn spawn<P: Projection, B: Backend<P>>(
     runner: Runner<P, B>,
 ) -> tokio::task::JoinHandle<()> {
     let shared = Arc::clone(&runner.shared);
-    let mut stop = shared.stop.subscribe();
+    let stop = shared.stop.clone();
     tokio::spawn(async move {
-        let outcome = AssertUnwindSafe(runner.run(&mut stop)).catch_unwind().await;
+        let outcome = AssertUnwindSafe(runner.run(&stop)).catch_unwind().await;
         let state = match outcome {
             Ok(Ok(())) => RunState::Stopped,
             Ok(Err(error)) => {

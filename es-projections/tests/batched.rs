@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{append, cleanup, fresh};
-use es_core::{EventStore, Metadata, NewEvent, Payload, Position};
+use es_core::{CancellationToken, EventStore, Metadata, NewEvent, Payload, Position};
 use es_postgres::PgEventStore;
 use es_projections::doc_support::{bulk_seed, Balances};
 use es_projections::postgres::{load_checkpoint, PgProjectionRunner};
 use es_projections::{Error, OnError, RunnerOptions};
-use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -216,8 +215,7 @@ async fn a_set_based_runner_aborted_at_random_moments_loses_and_doubles_nothing(
             true,
             RunnerOptions::default().batch_size(250),
         );
-        let (_stop, stop) = watch::channel(false);
-        let task = tokio::spawn(async move { r.run(stop).await });
+        let task = tokio::spawn(async move { r.run(CancellationToken::new()).await });
         tokio::time::sleep(Duration::from_millis(rng.u64(5..ceiling))).await;
         task.abort();
         let _ = task.await;

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use es_core::{EventStore, InMemoryEventStore, Position};
+use es_core::{CancellationToken, EventStore, InMemoryEventStore, Position};
 use es_projections::doc_support::Balances;
 use es_projections::postgres::{
     load_checkpoint, projection_lag, wait_for_checkpoint, CheckpointWatcher, PgProjectionRunner,
 };
 use es_projections::{Error, OnError, RunState, RunnerOptions};
-use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -123,8 +122,7 @@ async fn a_runner_killed_mid_batch_loses_nothing_and_doubles_nothing() {
             &ledger,
             RunnerOptions::default().batch_size(100),
         );
-        let (_stop_tx, stop) = watch::channel(false);
-        let task = tokio::spawn(async move { r.run(stop).await });
+        let task = tokio::spawn(async move { r.run(CancellationToken::new()).await });
         tokio::time::timeout(WAIT, ledger.reached.notified())
             .await
             .expect("the runner reached the crash point");
@@ -571,8 +569,7 @@ async fn a_standby_takes_over_from_a_leader_that_died_mid_batch() {
     let ledger_a = Ledger::new("ledger");
     ledger_a.hang_at.store(105, Ordering::SeqCst);
     let a = runner(&pool_a, &schema, &model, &store, &ledger_a, options.clone());
-    let (_stop_a, stop) = watch::channel(false);
-    let task_a = tokio::spawn(async move { a.run(stop).await });
+    let task_a = tokio::spawn(async move { a.run(CancellationToken::new()).await });
     wait_for_checkpoint(&pool, &schema, "ledger", first, WAIT)
         .await
         .unwrap();

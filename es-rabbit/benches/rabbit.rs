@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
 use es_core::{
-    CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, Message, Metadata, NewEvent,
-    Outcome, Payload, StreamId, Subscription,
+    CancellationToken, CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, Message,
+    Metadata, NewEvent, Outcome, Payload, StreamId, Subscription,
 };
 use es_postgres::{PgCheckpointStore, PgLeaderLock};
 use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
@@ -363,17 +363,17 @@ fn relay(c: &mut Criterion) {
                         Arc::new(checkpoints.clone()),
                         Arc::new(PgLeaderLock::new(store.pool().clone())),
                     ));
-                    let (stop, stopped) = watch::channel(false);
+                    let stop = CancellationToken::new();
                     let start = Instant::now();
                     let running = tokio::spawn({
-                        let relay = Arc::clone(&relay);
-                        async move { relay.run(stopped).await }
+                        let (relay, stop) = (Arc::clone(&relay), stop.clone());
+                        async move { relay.run(stop).await }
                     });
                     while checkpoints.load(&name).await.unwrap() != Some(head) {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     total += start.elapsed();
-                    stop.send_replace(true);
+                    stop.cancel();
                     running.await.unwrap().unwrap();
                     purge(s).await;
                 }

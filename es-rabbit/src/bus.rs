@@ -10,11 +10,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Confirmation, PublisherConfirm};
-use tokio::sync::watch;
 use tracing::{field, Instrument};
 
 use es_core::{
-    BusError, DeadLetter, EventBus, Message, MessageHandler, Subscription, SubscriptionHandle,
+    BusError, CancellationToken, DeadLetter, EventBus, Message, MessageHandler, Subscription,
+    SubscriptionHandle,
 };
 
 use crate::codec::{self, header_int, header_str};
@@ -454,9 +454,9 @@ impl EventBus for RabbitBus {
         handler: Arc<dyn MessageHandler>,
     ) -> Result<SubscriptionHandle, BusError> {
         self.declare(&subscription).await?;
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let task = ConsumerTask::new(Arc::clone(&self.inner), subscription, handler);
-        let join = tokio::spawn(task.run(stopped));
+        let join = tokio::spawn(task.run(stop.clone()));
         Ok(SubscriptionHandle::new(stop, vec![join]))
     }
 }

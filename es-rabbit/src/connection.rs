@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use es_core::CancellationToken;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
-use tokio::sync::watch;
 
 use crate::error::{bounded, redact};
 use crate::{Error, RabbitConfig};
@@ -112,14 +112,11 @@ impl Connector {
     }
 
     /// Like [`Connector::live`], retrying with exponential backoff (and
-    /// jitter) until it succeeds; `None` when `stop` turns true first.
-    pub(crate) async fn live_with_backoff(
-        &self,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<Arc<Live>> {
+    /// jitter) until it succeeds; `None` when `stop` is cancelled first.
+    pub(crate) async fn live_with_backoff(&self, stop: &CancellationToken) -> Option<Arc<Live>> {
         let mut delay = self.config.reconnect_min;
         loop {
-            if es_core::stop::is_requested(stop) {
+            if stop.is_cancelled() {
                 return None;
             }
             match self.live().await {
@@ -130,7 +127,7 @@ impl Connector {
             }
             let jitter = Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 4 + 1));
             tokio::select! {
-                () = es_core::stop::requested(stop) => {}
+                () = stop.cancelled() => {}
                 () = tokio::time::sleep(delay + jitter) => {}
             }
             delay = (delay * 2).min(self.config.reconnect_max);

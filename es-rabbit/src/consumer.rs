@@ -14,10 +14,10 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tracing::{field, Instrument};
 
-use es_core::{Delivery, MessageHandler, Outcome, Subscription};
+use es_core::{CancellationToken, Delivery, MessageHandler, Outcome, Subscription};
 
 use crate::bus::{copy_headers, Inner};
 use crate::codec;
@@ -65,18 +65,18 @@ impl ConsumerTask {
         }
     }
 
-    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub(crate) async fn run(self, stop: CancellationToken) {
         let min = self.inner.connector.config.reconnect_min;
         let max = self.inner.connector.config.reconnect_max;
         let mut delay = min;
         loop {
-            if es_core::stop::is_requested(&stop) {
+            if stop.is_cancelled() {
                 return;
             }
-            let Some(live) = self.inner.connector.live_with_backoff(&mut stop).await else {
+            let Some(live) = self.inner.connector.live_with_backoff(&stop).await else {
                 return;
             };
-            match self.consume(&live, &mut stop).await {
+            match self.consume(&live, &stop).await {
                 Ok(Flow::Stopped) => return,
                 Ok(Flow::Consumed) => delay = min,
                 Ok(Flow::Idle) => {}
@@ -87,7 +87,7 @@ impl ConsumerTask {
             drop(live);
             let jitter = Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 4 + 1));
             tokio::select! {
-                () = es_core::stop::requested(&mut stop) => {}
+                () = stop.cancelled() => {}
                 () = tokio::time::sleep(delay + jitter) => {}
             }
             delay = (delay * 2).min(max);
@@ -98,7 +98,7 @@ impl ConsumerTask {
         self.inner.connector.config.operation_timeout
     }
 
-    async fn consume(&self, live: &Live, stop: &mut watch::Receiver<bool>) -> Result<Flow, Error> {
+    async fn consume(&self, live: &Live, stop: &CancellationToken) -> Result<Flow, Error> {
         let limit = self.limit();
         let channel = live.confirm_channel(limit).await?;
         bounded(
@@ -132,10 +132,7 @@ impl ConsumerTask {
         // Signalled when the deliveries end: the channel is gone, or a stop
         // was asked for.
         let ended_deliveries = Notify::new();
-        let mut stopping = stop.clone();
-        let stopped = async move {
-            let _ = stopping.wait_for(|s| *s).await;
-        };
+        let stopped = stop.cancelled();
         // A watchdog: should the client not end the delivery stream when the
         // connection dies, end it here.
         let dead = async {
@@ -173,10 +170,9 @@ impl ConsumerTask {
         // would hold up the whole subscription. They get the operation
         // limit to finish, then are dropped where they stand, as a crash
         // would leave them; a graceful stop still waits for every one.
-        let halted = stop.clone();
         let abandoned = async {
             ended_deliveries.notified().await;
-            if es_core::stop::is_requested(&halted) {
+            if stop.is_cancelled() {
                 return std::future::pending().await;
             }
             tokio::time::sleep(limit).await;
@@ -188,7 +184,7 @@ impl ConsumerTask {
             }
         }
         current.store(false, Ordering::SeqCst);
-        if es_core::stop::is_requested(stop) {
+        if stop.is_cancelled() {
             let _ = bounded(
                 limit,
                 "close",

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use es_core::relay::Route;
-use es_core::{CheckpointStore, EventStore, LeaderLock, LeaderRelay, Position, RelayError};
+use es_core::{
+    CancellationToken, CheckpointStore, EventStore, LeaderLock, LeaderRelay, Position, RelayError,
+};
 
 use crate::RabbitBus;
 
@@ -89,16 +91,16 @@ impl RabbitRelay {
     }
 
     /// Waits for the lock, relays while holding it, and waits again when it is
-    /// lost; returns when `stop` turns true (or the store's log ends). See
+    /// lost; returns when `stop` is cancelled (or the store's log ends). See
     /// [`LeaderRelay::run`]. The future is `Send`: spawn it.
-    pub async fn run(&self, stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+    pub async fn run(&self, stop: CancellationToken) -> Result<(), RelayError> {
         self.relay.run(stop).await
     }
 }
 
 #[cfg(test)]
 mod tests {
-    fn _run_is_send(relay: &super::RabbitRelay, stop: tokio::sync::watch::Receiver<bool>) {
+    fn _run_is_send(relay: &super::RabbitRelay, stop: es_core::CancellationToken) {
         fn is_send<T: Send>(_: &T) {}
         is_send(&relay.run(stop));
     }

@@ -11,13 +11,12 @@ use std::time::Duration;
 
 use common::{bus, cleanup, config, eventually, Counter};
 use es_core::{
-    CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, InMemoryCheckpointStore,
-    InMemoryEventStore, LeaderLock, LocalLeaderLock, Metadata, NewEvent, Outcome, Payload,
-    Position, StreamId, Subscription,
+    CancellationToken, CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion,
+    InMemoryCheckpointStore, InMemoryEventStore, LeaderLock, LocalLeaderLock, Metadata, NewEvent,
+    Outcome, Payload, Position, StreamId, Subscription,
 };
 use es_postgres::{PgCheckpointStore, PgEventStore, PgLeaderLock};
 use es_rabbit::{RabbitBus, RabbitRelay};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -76,15 +75,15 @@ async fn the_relay_publishes_the_log_in_order_and_checkpoints_in_postgres() {
         .unwrap();
     let ids = append(&store, 300, 0).await;
     let relay = Arc::new(pg_relay("orders-relay", &store, &bus).with_batch_size(64));
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let running = tokio::spawn({
-        let relay = Arc::clone(&relay);
-        async move { relay.run(stopped).await }
+        let (relay, stop) = (Arc::clone(&relay), stop.clone());
+        async move { relay.run(stop).await }
     });
     eventually("300 relayed", LIMIT, || seen.lock().unwrap().len() >= 300).await;
     let more = append(&store, 100, 300).await;
     eventually("400 relayed", LIMIT, || seen.lock().unwrap().len() >= 400).await;
-    stop.send_replace(true);
+    stop.cancel();
     running.await.unwrap().unwrap();
     handle.stop().await;
     assert_eq!(*relay.progress().borrow(), store.head().await.unwrap());
@@ -132,17 +131,17 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies() {
         ))
     };
     let (first, second) = (make(), make());
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let mut first_active = first.active();
     let mut second_active = second.active();
     let first_task = tokio::spawn({
-        let (relay, stopped) = (Arc::clone(&first), stopped.clone());
-        async move { relay.run(stopped).await }
+        let (relay, stop) = (Arc::clone(&first), stop.clone());
+        async move { relay.run(stop).await }
     });
     first_active.wait_for(|a| *a).await.unwrap();
     let second_task = tokio::spawn({
-        let (relay, stopped) = (Arc::clone(&second), stopped.clone());
-        async move { relay.run(stopped).await }
+        let (relay, stop) = (Arc::clone(&second), stop.clone());
+        async move { relay.run(stop).await }
     });
 
     let mut ids = append(&store, 200, 0).await;
@@ -158,7 +157,7 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies() {
         .unwrap();
     ids.extend(append(&store, 200, 200).await);
     eventually("400 relayed", LIMIT, || counter.applied_count() == 400).await;
-    stop.send_replace(true);
+    stop.cancel();
     second_task.await.unwrap().unwrap();
     handle.stop().await;
 
@@ -185,11 +184,11 @@ async fn the_relay_runs_on_the_in_memory_store_with_a_local_lock() {
         checkpoints.clone(),
         Arc::new(LocalLeaderLock::new()),
     );
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let relay = Arc::new(relay);
     let running = tokio::spawn({
-        let relay = Arc::clone(&relay);
-        async move { relay.run(stopped).await }
+        let (relay, stop) = (Arc::clone(&relay), stop.clone());
+        async move { relay.run(stop).await }
     });
     let head = store.head().await.unwrap();
     for _ in 0..3000 {
@@ -198,7 +197,7 @@ async fn the_relay_runs_on_the_in_memory_store_with_a_local_lock() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.send_replace(true);
+    stop.cancel();
     running.await.unwrap().unwrap();
     assert_ne!(head, Position::START);
     assert_eq!(checkpoints.load("mem").await.unwrap(), Some(head));
@@ -243,10 +242,10 @@ async fn a_command_no_queue_receives_holds_the_relay_until_one_is_bound() {
         .with_batch_size(1)
         .with_mandatory_topics(["billing_commands"]),
     );
-    let (stop, stopped) = watch::channel(false);
+    let stop = CancellationToken::new();
     let running = tokio::spawn({
-        let relay = Arc::clone(&relay);
-        async move { relay.run(stopped).await }
+        let (relay, stop) = (Arc::clone(&relay), stop.clone());
+        async move { relay.run(stop).await }
     });
     let progress = relay.progress();
     eventually("the event passed over", LIMIT, || {
@@ -265,7 +264,7 @@ async fn a_command_no_queue_receives_holds_the_relay_until_one_is_bound() {
     })
     .await;
     assert_eq!(bus.queue_depth("billing").await.unwrap(), 1);
-    stop.send_replace(true);
+    stop.cancel();
     running.await.unwrap().unwrap();
     cleanup(&bus).await;
 }

@@ -4,13 +4,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use futures::FutureExt;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::bus::{
     topic_matches, BusError, DeadLetter, Delivery, EventBus, Message, MessageHandler, Outcome,
     Subscription, SubscriptionHandle,
 };
+use crate::CancellationToken;
 
 /// A message bus inside the process, with RabbitMQ's semantics: topic
 /// bindings, one queue per consumer group shared by competing consumers,
@@ -206,7 +207,7 @@ impl EventBus for InMemoryBus {
     ) -> Result<SubscriptionHandle, BusError> {
         validate(&subscription)?;
         let group = self.group(&subscription);
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let subscription = Arc::new(subscription);
         let tasks = (0..subscription.prefetch)
             .map(|_| {
@@ -214,7 +215,7 @@ impl EventBus for InMemoryBus {
                     Arc::clone(&group),
                     Arc::clone(&subscription),
                     Arc::clone(&handler),
-                    stopped.clone(),
+                    stop.clone(),
                 ))
             })
             .collect();
@@ -240,16 +241,16 @@ async fn consume(
     group: Arc<Group>,
     subscription: Arc<Subscription>,
     handler: Arc<dyn MessageHandler>,
-    mut stopped: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     loop {
-        if crate::stop::is_requested(&stopped) {
+        if stop.is_cancelled() {
             return;
         }
         let Some(delivery) = group.pop() else {
             tokio::select! {
                 () = group.ready.notified() => {}
-                () = crate::stop::requested(&mut stopped) => {}
+                () = stop.cancelled() => {}
             }
             continue;
         };

@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::{
     DeadlineRecord, Saga, SagaError, SagaManager, DEADLINE_CANCELLED, DEADLINE_FIRED, DEADLINE_SET,
 };
-use crate::{Position, RecordedEvent};
+use crate::{CancellationToken, Position, RecordedEvent};
 
 /// Fires saga deadlines when they are due.
 ///
@@ -43,8 +42,8 @@ impl<S: Saga> DeadlineScheduler<S> {
         Self { manager, tick }
     }
 
-    /// Runs until `stop` turns true or the store's subscription fails.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), SagaError> {
+    /// Runs until `stop` is cancelled or the store's subscription fails.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), SagaError> {
         let mut deadlines = Deadlines::default();
         let mut log = self.manager.store().subscribe_all(Position::START);
         // One timer for the whole run: a fresh sleep per log event would cost
@@ -52,12 +51,12 @@ impl<S: Saga> DeadlineScheduler<S> {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if crate::stop::is_requested(&stop) {
+            if stop.is_cancelled() {
                 return Ok(());
             }
             self.fire_due(&mut deadlines).await;
             tokio::select! {
-                () = crate::stop::requested(&mut stop) => {}
+                () = stop.cancelled() => {}
                 _ = tick.tick() => {}
                 next = log.next() => {
                     let mut next = next;
@@ -148,19 +147,21 @@ mod tests {
     use crate::doc_support::reminder::Reminder;
     use crate::{EventStore, InMemoryEventStore, ManualClock};
 
-    /// A scheduler whose stop signal lost its sender stops, rather than
-    /// waking at once forever.
+    /// A scheduler runs until its token is cancelled, then returns.
     #[tokio::test]
-    async fn a_scheduler_stops_when_its_stop_sender_is_gone() {
+    async fn a_scheduler_stops_when_its_token_is_cancelled() {
         let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
         let manager = Arc::new(SagaManager::<Reminder>::new(
             store,
             Arc::new(ManualClock::default()),
         ));
-        let (tx, rx) = watch::channel(false);
-        let running =
-            tokio::spawn(DeadlineScheduler::new(manager, Duration::from_millis(10)).run(rx));
-        drop(tx);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(
+            DeadlineScheduler::new(manager, Duration::from_millis(10)).run(stop.clone()),
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!running.is_finished(), "it runs until cancelled");
+        stop.cancel();
         let ended = tokio::time::timeout(Duration::from_secs(2), running).await;
         assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
     }

@@ -8,9 +8,10 @@ use futures::FutureExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_core::{EventStore, Position, Projection, ProjectionError, RecordedEvent};
+use es_core::{
+    CancellationToken, EventStore, Position, Projection, ProjectionError, RecordedEvent,
+};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
-use tokio::sync::watch;
 
 use es_core::CheckpointStore as _;
 use es_postgres::{PgCheckpointStore, PgLeaderLock};
@@ -148,8 +149,8 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         let store = Arc::clone(&self.store);
         let task_shared = Arc::clone(&shared);
         let task = tokio::spawn(async move {
-            let mut stop = task_shared.stop.subscribe();
-            let outcome = std::panic::AssertUnwindSafe(self.run_shared(&task_shared, &mut stop))
+            let stop = task_shared.stop.clone();
+            let outcome = std::panic::AssertUnwindSafe(self.run_shared(&task_shared, &stop))
                 .catch_unwind()
                 .await;
             task_shared.set_state(match outcome {
@@ -167,7 +168,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         ProjectionHandle::new(shared, store, task)
     }
 
-    /// Runs in the current task until `stop` turns true (`Ok`) or a fatal
+    /// Runs in the current task until `stop` is cancelled (`Ok`) or a fatal
     /// error: waits for the projection's leadership, then follows the log;
     /// goes back to waiting if the leadership is lost.
     ///
@@ -175,15 +176,15 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     /// [`Error::Apply`] when the projection fails on an event under
     /// [`OnError::Stop`](crate::OnError::Stop); infrastructure errors once the
     /// retries are used up.
-    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
+    pub async fn run(&self, stop: CancellationToken) -> Result<(), Error> {
         let shared = Shared::new(self.projection.name());
-        self.run_shared(&shared, &mut stop).await
+        self.run_shared(&shared, &stop).await
     }
 
     async fn run_shared(
         &self,
         shared: &Arc<Shared>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> Result<(), Error> {
         let name = self.projection.name().to_owned();
         migrate(&self.pool, &self.schema).await?;
@@ -206,7 +207,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 return runner.run(stop).await;
             }
             let guard = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+                () = stop.cancelled() => return Ok(()),
                 guard = lock.wait(&lock_name) => guard,
             };
             let guard = match guard {
@@ -214,7 +215,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 Err(error) => {
                     tracing::warn!(projection = %name, %error, "cannot take the projection's leadership; retrying");
                     tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        () = stop.cancelled() => return Ok(()),
                         () = tokio::time::sleep(self.leader_check) => continue,
                     }
                 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use es_core::{
-    CheckpointStore, EventBus, EventStore, InMemoryBus, InMemoryCheckpointStore,
+    CancellationToken, CheckpointStore, EventBus, EventStore, InMemoryBus, InMemoryCheckpointStore,
     InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore, Inbox, MessageHandler, Relay,
     RelayError, SnapshotPolicy, SnapshotStore,
 };
@@ -105,9 +105,9 @@ pub(crate) enum StoreRelay {
 }
 
 impl StoreRelay {
-    /// Relays until `stop` turns true; an error ends one run (the caller
+    /// Relays until `stop` is cancelled; an error ends one run (the caller
     /// supervises it).
-    pub(crate) async fn run(&self, stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+    pub(crate) async fn run(&self, stop: CancellationToken) -> Result<(), RelayError> {
         match self {
             Self::Memory(relay) => relay.run(stop).await,
             Self::Rabbit(relay) => relay.run(stop).await,
@@ -320,7 +320,7 @@ impl Backends {
     /// PostgreSQL, followed by every instance until `stop`).
     pub(crate) async fn catalog(
         &self,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Result<(Arc<Catalog>, Arc<dyn MessageHandler>)> {
         match &self.kind {
             Kind::Memory(_) => {
@@ -342,7 +342,7 @@ impl Backends {
     /// on PostgreSQL, a replica of the order events fed by the bus (the
     /// returned handler, for the `QUERY` group), projected into its schema
     /// with Redis in front.
-    pub(crate) async fn query(&self, stop: watch::Receiver<bool>) -> Result<QueryBackend> {
+    pub(crate) async fn query(&self, stop: CancellationToken) -> Result<QueryBackend> {
         match &self.kind {
             Kind::Memory(m) => Ok(QueryBackend::Memory(Arc::new(QueryService::start(
                 Arc::clone(&m.store),

@@ -17,10 +17,10 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use es_core::{EventStore, MessageHandler, SubscriptionHandle};
+use es_core::{CancellationToken, EventStore, MessageHandler, SubscriptionHandle};
 use serde::Serialize;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::DropGuard;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::backends::{Backends, RelayParts};
@@ -130,7 +130,7 @@ pub fn parse_services(list: &[String]) -> std::result::Result<BTreeSet<Service>,
 pub(crate) struct Wiring {
     pub(crate) backends: Backends,
     pub(crate) config: Config,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     subscriptions: Vec<SubscriptionHandle>,
     tasks: Vec<JoinHandle<()>>,
     routes: Router,
@@ -142,9 +142,10 @@ pub(crate) struct Wiring {
 }
 
 impl Wiring {
-    /// The process's stop signal.
-    pub(crate) fn stop(&self) -> watch::Receiver<bool> {
-        self.stop.clone()
+    /// A child of the process's stop token: cancelled when the process
+    /// stops.
+    pub(crate) fn stop(&self) -> CancellationToken {
+        self.stop.child_token()
     }
 
     /// Consumes `group` (bound as the topology says) with `handler`.
@@ -165,11 +166,11 @@ impl Wiring {
     /// from its checkpoint).
     pub(crate) fn supervise<F, Fut, E>(&mut self, name: &'static str, mut task: F)
     where
-        F: FnMut(watch::Receiver<bool>) -> Fut + Send + 'static,
+        F: FnMut(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<(), E>> + Send,
         E: std::fmt::Display,
     {
-        let mut stop = self.stop();
+        let stop = self.stop();
         self.tasks.push(tokio::spawn(async move {
             loop {
                 match task(stop.clone()).await {
@@ -177,7 +178,7 @@ impl Wiring {
                     Err(error) => tracing::warn!(task = name, %error, "failed; restarting"),
                 }
                 tokio::select! {
-                    () = es_core::stop::requested(&mut stop) => return,
+                    () = stop.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
@@ -259,7 +260,9 @@ pub struct Node {
     services: BTreeSet<Service>,
     router: Router,
     subscriptions: Vec<SubscriptionHandle>,
-    stop: watch::Sender<bool>,
+    /// The process's stop token, cancelled by [`Node::shutdown`] or when the
+    /// node is dropped.
+    stop: DropGuard,
     tasks: Vec<JoinHandle<()>>,
     backends: Backends,
 }
@@ -302,13 +305,14 @@ impl Node {
         config: Config,
     ) -> Result<(Self, Started)> {
         telemetry::prometheus();
-        let (stop, stopped) = watch::channel(false);
+        // Cancelled on drop too: a start-up that fails stops what it started.
+        let stop = CancellationToken::new().drop_guard();
         backends.declare_topology().await?;
         let mut w = Wiring {
             gauges: Gauges::new(&backends),
             backends,
             config,
-            stop: stopped,
+            stop: stop.token().clone(),
             subscriptions: Vec::new(),
             tasks: Vec::new(),
             routes: Router::new(),
@@ -377,7 +381,7 @@ impl Node {
 
     /// Stops consumers, relays and background tasks.
     pub async fn shutdown(self) {
-        self.stop.send_replace(true);
+        self.stop.token().cancel();
         for s in self.subscriptions {
             // A consumer stuck on a dead connection must not hold the exit.
             let _ = tokio::time::timeout(Duration::from_secs(5), s.stop()).await;

@@ -3,12 +3,11 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use es_core::{CheckpointStore, EventStore, InMemoryBus, Position};
+use es_core::{CancellationToken, CheckpointStore, EventStore, InMemoryBus, Position};
 use es_postgres::sqlx::PgPool;
 use es_postgres::PgEventStore;
 use es_rabbit::RabbitBus;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::sync::watch;
 
 use crate::backends::Backends;
 use crate::query::OrderQueries;
@@ -92,11 +91,11 @@ impl Gauges {
         }
     }
 
-    /// Updates the gauges every second until `stop` turns true.
-    pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Updates the gauges every second until `stop` is cancelled.
+    pub(crate) async fn run(self, stop: CancellationToken) {
         loop {
             tokio::select! {
-                () = es_core::stop::requested(&mut stop) => return,
+                () = stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             self.measure().await;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use es_core::CancellationToken;
 use es_postgres::sqlx::{self, PgPool};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::order::{Catalog, CatalogEntry, CatalogTable};
@@ -23,15 +23,11 @@ pub struct PgCatalog {
 
 impl PgCatalog {
     /// Creates the table in `schema` (idempotent), loads it, and follows it
-    /// every 50 ms until `stop`.
+    /// every 50 ms until `stop` is cancelled.
     ///
     /// # Errors
     /// When PostgreSQL fails.
-    pub async fn start(
-        pool: PgPool,
-        schema: &str,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<Self> {
+    pub async fn start(pool: PgPool, schema: &str, stop: CancellationToken) -> Result<Self> {
         let table = format!("\"{schema}\".catalog");
         let mut tx = pool.begin().await.map_err(Error::internal)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('orders:catalog-table', 0))")
@@ -55,7 +51,7 @@ impl PgCatalog {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    () = stop.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
                 if let Err(error) = follower.refresh().await {

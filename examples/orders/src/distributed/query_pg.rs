@@ -25,13 +25,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use es_core::replica::ReplicaHandler;
-use es_core::{EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent};
+use es_core::{
+    CancellationToken, EventCodec, EventStore, Position, Projection, ProjectionError, RecordedEvent,
+};
 use es_postgres::sqlx::postgres::{PgListener, PgRow};
 use es_postgres::sqlx::{self, PgConnection, PgPool, Row};
 use es_postgres::PgEventStore;
 use es_projections::postgres::{CheckpointWatcher, PgProjection, PgProjectionRunner};
 use es_projections::{RedisSink, RunnerOptions};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::order::{Order, OrderEvent, OrderStatus};
@@ -99,12 +101,12 @@ impl OrderCache {
 }
 
 /// Connects the cache when it is not, and clears it after missed writes,
-/// every 2 s until `stop`.
+/// every 2 s until `stop` is cancelled.
 async fn keep_cache(
     cache: Arc<OrderCache>,
     redis_url: String,
     prefix: String,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     loop {
         if cache.sink.get().is_none() {
@@ -139,7 +141,7 @@ async fn keep_cache(
             }
         }
         tokio::select! {
-            () = es_core::stop::requested(&mut stop) => return,
+            () = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
@@ -419,7 +421,7 @@ impl PgQueryService {
     /// starts the runner over `replica`, a store on `schema` (it waits as a
     /// standby while another process holds the projection), connects the
     /// Redis cache (keys prefixed `prefix`) and follows terminal-order
-    /// notifications. Feed the replica with [`PgQueryService::replica_handler`].
+    /// notifications, until `stop` is cancelled. Feed the replica with [`PgQueryService::replica_handler`].
     ///
     /// # Errors
     /// When PostgreSQL cannot be reached or the schema names are invalid.
@@ -429,7 +431,7 @@ impl PgQueryService {
         schema: &str,
         redis_url: &str,
         prefix: &str,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Result<Arc<Self>> {
         es_projections::postgres::migrate(&pool, schema)
             .await
@@ -479,7 +481,7 @@ impl PgQueryService {
                             tracing::warn!(%error, "projection runner failed; restarting")
                         }
                     }
-                    if *stop.borrow() {
+                    if stop.is_cancelled() {
                         return;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -508,7 +510,7 @@ impl PgQueryService {
                     }
                     loop {
                         tokio::select! {
-                            _ = stop.changed() => return,
+                            () = stop.cancelled() => return,
                             note = listener.try_recv() => match note {
                                 Ok(Some(note)) => {
                                     if let Ok(id) = note.payload().parse::<Uuid>() {
@@ -849,12 +851,12 @@ mod tests {
         cache.put(&view, 2).await;
         assert!(cache.usable().is_none());
 
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let keeper = tokio::spawn(keep_cache(
             Arc::clone(&cache),
             url.clone(),
             prefix.clone(),
-            stopped,
+            stop.clone(),
         ));
         let started = std::time::Instant::now();
         while cache.usable().is_none() {
@@ -872,7 +874,7 @@ mod tests {
             (cached.version, cached.value.status),
             (2, OrderStatus::Cancelled)
         );
-        stop.send_replace(true);
+        stop.cancel();
         keeper.await.unwrap();
         other.clear().await.unwrap();
     }
