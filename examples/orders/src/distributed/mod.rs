@@ -47,7 +47,7 @@ pub struct ServeArgs {
     /// query, relay, or all). Without it, everything runs embedded in memory.
     #[arg(long, env = "ORDERS_SERVICES", value_delimiter = ',')]
     pub services: Option<Vec<String>>,
-    /// PostgreSQL [default: postgres://postgres@127.0.0.1:5432/postgres].
+    /// PostgreSQL (default postgres://postgres@127.0.0.1:5432/postgres).
     /// URLs are never shown with their passwords, in help, logs or errors.
     #[arg(
         long,
@@ -57,7 +57,7 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub database_url: String,
-    /// RabbitMQ [default: amqp://guest:***@127.0.0.1:5672/%2f].
+    /// RabbitMQ (default amqp://guest:***@127.0.0.1:5672/%2f).
     #[arg(
         long,
         env = "AMQP_URL",
@@ -66,7 +66,7 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub amqp_url: String,
-    /// Redis, the query service's hot cache [default: redis://127.0.0.1:6379].
+    /// Redis, the query service's hot cache (default redis://127.0.0.1:6379).
     #[arg(
         long,
         env = "REDIS_URL",
