@@ -35,6 +35,20 @@ pub enum Error {
         #[source]
         source: Box<ProjectionError>,
     },
+    /// The read model's storage failed while an event was applied
+    /// ([`ProjectionError::Storage`]): a failure of the infrastructure, not of
+    /// the event. The batch is rolled back and retried from the checkpoint
+    /// with backoff; the event is never set aside for it.
+    #[error("projection {projection}: storage failed on the event at {position}: {source}")]
+    ReadModel {
+        /// The projection's name.
+        projection: String,
+        /// Where the event stands.
+        position: Position,
+        /// What the projection said.
+        #[source]
+        source: Box<ProjectionError>,
+    },
     /// The projection could not create its read model's tables.
     #[error("projection {projection} could not set up its read model: {source}")]
     Setup {

@@ -2,19 +2,24 @@
 
 use std::time::Duration;
 
-/// What a runner does when the projection returns an error for an event.
+/// What a runner does when the projection refuses an event
+/// ([`ProjectionError::InvalidEvent`](es_core::ProjectionError::InvalidEvent):
+/// a decode error, data the read model cannot hold, a panic). A failure of
+/// the read model's storage ([`ProjectionError::Storage`](es_core::ProjectionError::Storage))
+/// is never the event's fault: the runner rolls the batch back and retries
+/// it with backoff, whatever this says.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum OnError {
     /// Stop the runner with [`Error::Apply`](crate::Error::Apply), naming the
     /// event and its position. The checkpoint stays before the event, so a
     /// fixed projection restarted later applies it.
-    #[default]
     Stop,
-    /// Record the event as a dead letter (in memory for the in-memory runner,
-    /// in the dead-letter table, in the same transaction as the batch, for the
-    /// PostgreSQL runner), leave the read model as if the event had not been
-    /// there, and go on.
+    /// Park the event (in memory for the in-memory runner, in the dead-letter
+    /// table, in the same transaction as the batch, for the PostgreSQL
+    /// runner), leave the read model as if the event had not been there, and
+    /// go on: one bad event never stops a reader. The default.
+    #[default]
     DeadLetter,
 }
 
@@ -42,7 +47,7 @@ impl Default for RunnerOptions {
     fn default() -> Self {
         Self {
             batch_size: 500,
-            on_error: OnError::Stop,
+            on_error: OnError::DeadLetter,
             max_consecutive_failures: 20,
             backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),

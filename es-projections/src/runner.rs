@@ -320,6 +320,16 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                     }
                     match self.apply(B::tx(&mut unit), event).await {
                         Ok(()) => stats.applied += 1,
+                        // The storage failed, not the event: roll back and
+                        // let the runner retry the batch with backoff.
+                        Err(error @ es_core::ProjectionError::Storage { .. }) => {
+                            drop(unit);
+                            return Err(Error::ReadModel {
+                                projection: self.name().to_owned(),
+                                position: event.position,
+                                source: Box::new(error),
+                            });
+                        }
                         Err(error) => {
                             tracing::warn!(%error, event_id = %event.event_id, position = %event.position, "projection failed on an event");
                             if self.options.on_error == OnError::Stop {

@@ -157,7 +157,9 @@ async fn a_failing_set_based_batch_falls_back_to_find_the_event() {
         &m2,
         &store,
         true,
-        RunnerOptions::default().batch_size(200),
+        RunnerOptions::default()
+            .batch_size(200)
+            .on_error(OnError::Stop),
     )
     .spawn();
     let err = h.wait_for(head, WAIT).await.unwrap_err();

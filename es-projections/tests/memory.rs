@@ -135,7 +135,11 @@ async fn a_failing_event_stops_the_runner_naming_event_and_position() {
     let bad = append(&store, "a", vec![event("Added", -1)]).await;
     let after = append(&store, "a", vec![event("Added", 10)]).await;
     let totals = Arc::new(Totals::default());
-    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&totals));
+    let handle = spawn_in_memory_with(
+        Arc::new(store.clone()),
+        Arc::clone(&totals),
+        RunnerOptions::default().on_error(OnError::Stop),
+    );
     let err = handle.wait_for(after, WAIT).await.unwrap_err();
     let Error::Failed { source, .. } = &err else {
         panic!("expected Failed, got {err}")
@@ -258,7 +262,7 @@ async fn stop_ends_the_runner_and_waits_report_it() {
 }
 
 #[tokio::test]
-async fn a_panicking_projection_fails_the_runner_instead_of_hanging_waiters() {
+async fn a_panicking_projection_stops_the_runner_under_stop_and_is_parked_by_default() {
     struct Panics;
     impl Projection for Panics {
         type Tx = ();
@@ -271,13 +275,20 @@ async fn a_panicking_projection_fails_the_runner_instead_of_hanging_waiters() {
     }
     let store = InMemoryEventStore::new();
     let at = append(&store, "a", vec![event("Added", 1)]).await;
-    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::new(Panics));
+    let stop = RunnerOptions::default().on_error(OnError::Stop);
+    let handle = spawn_in_memory_with(Arc::new(store.clone()), Arc::new(Panics), stop);
     let err = handle.wait_for(at, WAIT).await.unwrap_err();
     assert!(err.to_string().contains("panicked"), "{err}");
     assert!(
         format!("{:?}", std::error::Error::source(&err)).contains("boom"),
         "{err:?}"
     );
+    // By default the event it panicked on is parked, and the runner goes on.
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::new(Panics));
+    handle.wait_for(at, WAIT).await.unwrap();
+    let parked = handle.dead_letters();
+    assert_eq!(parked.len(), 1);
+    assert!(parked[0].error.contains("boom"), "{parked:?}");
 }
 
 #[tokio::test]
@@ -298,4 +309,67 @@ async fn several_projections_run_independently() {
     assert!(matches!(h1.state(), RunState::Stopped));
     assert!(matches!(h2.state(), RunState::Running));
     h2.stop().await.unwrap();
+}
+
+/// Fails with a storage error the first `failures` times it sees an event
+/// of type `Flaky`, then applies it as `Totals` does.
+struct FlakyStorage {
+    totals: Totals,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl Projection for FlakyStorage {
+    type Tx = ();
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    fn accepts(&self, event_type: &str) -> bool {
+        self.totals.accepts(event_type)
+    }
+    async fn apply(&self, tx: &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if &*event.event_type == "Flaky" && failing {
+            return Err(ProjectionError::Storage {
+                projection: "flaky".into(),
+                source: "the read model's connection dropped".into(),
+            });
+        }
+        self.totals.apply(tx, event).await
+    }
+}
+
+/// With the default options a refused event is parked and the runner goes
+/// on, while a storage failure is retried until the event applies: it is
+/// never parked for the storage's fault.
+#[tokio::test]
+async fn an_invalid_event_is_parked_and_a_storage_failure_retried_by_default() {
+    let store = InMemoryEventStore::new();
+    append(&store, "a", vec![event("Added", 1)]).await;
+    let bad = append(&store, "a", vec![event("Added", -1)]).await;
+    append(&store, "a", vec![event("Flaky", 10)]).await;
+    let after = append(&store, "a", vec![event("Added", 100)]).await;
+    let projection = Arc::new(FlakyStorage {
+        totals: Totals::named("flaky"),
+        failures: std::sync::atomic::AtomicU32::new(2),
+    });
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&projection));
+    handle.wait_for(after, WAIT).await.unwrap();
+    let parked = handle.dead_letters();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].position, bad);
+    assert!(parked[0].error.contains("negative amount"), "{parked:?}");
+    assert_eq!(
+        projection.totals.model.lock().unwrap().get("a").copied(),
+        Some(111)
+    );
+    assert_eq!(
+        projection
+            .failures
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }

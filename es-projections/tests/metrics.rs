@@ -257,12 +257,13 @@ async fn a_failed_runner_reports_the_lag_it_leaves_behind() {
     let store = InMemoryEventStore::new();
     let name = "metrics-failed";
     append_kinds(&store, &["A", "A", "Bad", "A"]).await;
-    let handle = es_projections::spawn_in_memory(
+    let handle = es_projections::spawn_in_memory_with(
         Arc::new(store.clone()),
         Arc::new(Gated {
             name,
             gate: tokio::sync::Semaphore::new(100),
         }),
+        es_projections::RunnerOptions::default().on_error(es_projections::OnError::Stop),
     );
     assert!(matches!(
         handle.finished().await,

@@ -180,7 +180,9 @@ async fn a_failing_event_stops_the_runner_with_its_position_and_rolls_its_batch_
         &model,
         &store,
         &ledger,
-        RunnerOptions::default().batch_size(100),
+        RunnerOptions::default()
+            .batch_size(100)
+            .on_error(OnError::Stop),
     )
     .spawn();
     let err = handle.wait_for(after, WAIT).await.unwrap_err();
@@ -210,7 +212,9 @@ async fn a_failing_event_stops_the_runner_with_its_position_and_rolls_its_batch_
         &model,
         &store,
         &ledger,
-        RunnerOptions::default().batch_size(1),
+        RunnerOptions::default()
+            .batch_size(1)
+            .on_error(OnError::Stop),
     )
     .spawn();
     assert!(handle.wait_for(after, WAIT).await.is_err());

@@ -105,3 +105,20 @@ pub(crate) fn to_i64(projection: &str, value: u64) -> Result<i64, Error> {
         reason: format!("projection {projection}: position part {value} does not fit a bigint"),
     })
 }
+
+/// How many events `projection` has parked in `schema` (its dead-letter
+/// table), for health checks and alerts.
+///
+/// # Errors
+/// [`Error::Database`] when the query fails.
+pub async fn parked_count(pool: &PgPool, schema: &str, projection: &str) -> Result<u64, Error> {
+    let q = ident(schema)?;
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {q}.projection_dead_letters WHERE projection = $1"
+    ))
+    .bind(projection)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| Error::db(projection, e))?;
+    Ok(u64::try_from(n).unwrap_or_default())
+}

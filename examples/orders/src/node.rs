@@ -404,7 +404,7 @@ struct HealthState {
 /// A process's health.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`.
+    /// `ok`, or `degraded` while the read model holds parked events.
     pub status: &'static str,
     /// The services this process runs.
     pub services: String,
@@ -414,6 +414,10 @@ pub struct Health {
     /// The read model's position, when the query service runs here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub read_model_position: Option<String>,
+    /// Events the read model refused and parked, when the query service
+    /// runs here; any makes the status `degraded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parked_events: Option<u64>,
 }
 
 /// Health: 200 when every store this process relays answers, 503 otherwise.
@@ -435,15 +439,20 @@ async fn health_check(State(state): State<Arc<HealthState>>) -> axum::response::
             }
         }
     }
-    let read_model_position = match &state.query {
-        Some(query) => query.position().await.ok().map(|p| p.to_string()),
-        None => None,
+    let (read_model_position, parked_events) = match &state.query {
+        Some(query) => (
+            query.position().await.ok().map(|p| p.to_string()),
+            query.parked().await.ok(),
+        ),
+        None => (None, None),
     };
+    let degraded = parked_events.is_some_and(|n| n > 0);
     Json(Health {
-        status: "ok",
+        status: if degraded { "degraded" } else { "ok" },
         services: state.services.clone(),
         store_head: heads.into_iter().next(),
         read_model_position,
+        parked_events,
     })
     .into_response()
 }

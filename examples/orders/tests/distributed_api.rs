@@ -33,7 +33,60 @@ async fn every_scenario_through_the_gateway() {
     assert_eq!(copied, 4);
     // Exactly one email per order and kind.
     c.one_email_each();
+    poison_is_parked(&c, &id).await;
     c.stop().await;
+}
+
+/// A NUL smuggled past the edge, straight into the order store, is refused by
+/// PostgreSQL in the query service's read model: the event is parked, the
+/// orders after it are served, and the parked event shows in the query
+/// service's `/metrics` and `/health`.
+async fn poison_is_parked(c: &std::sync::Arc<Cluster>, template: &str) {
+    use es_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Payload, StreamId};
+    let client = c.client();
+    let (_, history) = client.get(&format!("/api/orders/{template}/events")).await;
+    let mut created = history[0]["data"].clone();
+    assert_eq!(history[0]["event_type"], "OrderCreated", "{history}");
+    let poisoned = uuid::Uuid::now_v7();
+    created["order_id"] = serde_json::json!(poisoned);
+    created["customer_email"] = serde_json::json!("nul\u{0}byte@example.com");
+    let store = es_postgres::PgEventStore::new(c.pool.clone(), c.schema("order"));
+    store
+        .append(
+            &StreamId::for_aggregate("order", poisoned).unwrap(),
+            ExpectedVersion::NoStream,
+            vec![NewEvent::new(
+                "OrderCreated",
+                1,
+                Payload::from_value(&created).unwrap(),
+                Metadata::new().with_correlation_id(poisoned),
+            )],
+        )
+        .await
+        .unwrap();
+    // The read model goes on: an order placed after it is served.
+    let widget = client.product("After Poison", "2.00", 5).await;
+    let next = client
+        .place("after-poison@example.com", &[(&widget, 1)], "tok_ok")
+        .await;
+    assert_eq!(client.finished(&next).await["status"], "Completed");
+    let health = until(
+        100,
+        100,
+        || c.process_get("query", "/health"),
+        |(_, body)| body.contains("\"parked_events\":1"),
+    )
+    .await;
+    assert!(health.1.contains("\"status\":\"degraded\""), "{health:?}");
+    let (_, metrics) = c.process_get("query", "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("es_projections_dead_letters_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let (code, _) = client.get(&format!("/api/orders/{poisoned}")).await;
+    assert_eq!(code, reqwest::StatusCode::NOT_FOUND);
 }
 
 /// Every process declares every group's queues at start-up: an order event

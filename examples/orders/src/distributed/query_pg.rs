@@ -32,7 +32,7 @@ use es_postgres::sqlx::postgres::{PgListener, PgRow};
 use es_postgres::sqlx::{self, PgConnection, PgPool, Row};
 use es_postgres::PgEventStore;
 use es_projections::postgres::{CheckpointWatcher, PgProjection, PgProjectionRunner};
-use es_projections::{RedisSink, RunnerOptions};
+use es_projections::{OnError, RedisSink, RunnerOptions};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -179,6 +179,24 @@ fn storage(e: sqlx::Error) -> ProjectionError {
     }
 }
 
+/// SQLSTATE class 22, data exceptions: the value itself is refused (a NUL in
+/// text, a number out of range), so the same event would fail again.
+const DATA_EXCEPTION_CLASS: &str = "22";
+
+/// A failure to write `event`: the event's own when PostgreSQL refused its
+/// data (the runner parks it and goes on), the runner's to retry otherwise.
+fn failed(event: &RecordedEvent, e: sqlx::Error) -> ProjectionError {
+    let refused = e
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code.starts_with(DATA_EXCEPTION_CLASS));
+    if refused {
+        invalid(event, e)
+    } else {
+        storage(e)
+    }
+}
+
 /// The words PostgreSQL text search indexes for an order: the email, its
 /// parts, and the product names.
 fn search_text(email: &str, names: &[&str]) -> String {
@@ -283,7 +301,7 @@ impl Projection for PgOrderProjection {
                 .bind(source_minor)
                 .fetch_optional(&mut *tx)
                 .await
-                .map_err(storage)?
+                .map_err(|e| failed(event, e))?
             }
             other => {
                 let (order_id, status, completed_at, reason): (
@@ -328,14 +346,14 @@ impl Projection for PgOrderProjection {
                 .bind(source_minor)
                 .fetch_optional(&mut *tx)
                 .await
-                .map_err(storage)?;
+                .map_err(|e| failed(event, e))?;
                 if status.is_terminal() && row.is_some() {
                     sqlx::query("SELECT pg_notify($1, $2)")
                         .bind(&self.channel)
                         .bind(order_id.to_string())
                         .execute(&mut *tx)
                         .await
-                        .map_err(storage)?;
+                        .map_err(|e| failed(event, e))?;
                 }
                 row
             }
@@ -466,6 +484,7 @@ impl PgQueryService {
             .with_options(
                 RunnerOptions::default()
                     .batch_size(500)
+                    .on_error(OnError::DeadLetter)
                     .max_consecutive_failures(u32::MAX),
             );
         {
@@ -783,6 +802,12 @@ impl OrderQueries for PgQueryService {
 
     async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
         history(&self.replica, order_id).await
+    }
+
+    async fn parked(&self) -> Result<u64> {
+        es_projections::postgres::parked_count(&self.pool, &self.schema, PROJECTION)
+            .await
+            .map_err(Error::internal)
     }
 
     async fn position(&self) -> Result<Position> {

@@ -139,6 +139,8 @@ pub trait OrderQueries: Send + Sync + 'static {
     async fn lag(&self) -> Result<es_projections::Lag>;
     /// The source position the read model has applied up to.
     async fn position(&self) -> Result<Position>;
+    /// How many events the read model has parked (refused and set aside).
+    async fn parked(&self) -> Result<u64>;
 }
 
 /// The query service.
@@ -273,6 +275,10 @@ impl OrderQueries for QueryService {
 
     async fn position(&self) -> Result<Position> {
         Ok(self.projection.position())
+    }
+
+    async fn parked(&self) -> Result<u64> {
+        Ok(self.projection.dead_letters().len() as u64)
     }
 
     async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {

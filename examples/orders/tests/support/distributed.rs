@@ -264,6 +264,20 @@ impl Cluster {
         self.procs.lock().unwrap()[name].port
     }
 
+    /// GETs `path` from the process `name` itself (not through the gateway).
+    pub async fn process_get(&self, name: &str, path: &str) -> (StatusCode, String) {
+        let port = self.port(name);
+        let response = self
+            .http
+            .client
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.text().await.unwrap())
+    }
+
     pub async fn wait_healthy(&self, name: &str) {
         let port = self.port(name);
         for _ in 0..600 {
