@@ -207,31 +207,34 @@ pub fn parse_id(what: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
 pub struct Limits {
     /// Seconds a client has to send a request's headers; a connection idle
     /// between requests for as long is closed too.
-    #[arg(long, env = "ORDERS_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "ORDERS_HEADER_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.header_timeout_secs)]
     pub header_timeout_secs: u64,
     /// Seconds a request may take, reading its body included (then 503).
-    #[arg(long, env = "ORDERS_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "ORDERS_REQUEST_TIMEOUT_SECS", default_value_t = Limits::DEFAULT.request_timeout_secs)]
     pub request_timeout_secs: u64,
     /// Connections open at once; more are closed as soon as accepted.
-    #[arg(long, env = "ORDERS_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "ORDERS_MAX_CONNECTIONS", default_value_t = Limits::DEFAULT.max_connections)]
     pub max_connections: usize,
     /// Requests handled at once; more are answered 503 with `Retry-After`.
-    #[arg(long, env = "ORDERS_MAX_IN_FLIGHT", default_value_t = 1024)]
+    #[arg(long, env = "ORDERS_MAX_IN_FLIGHT", default_value_t = Limits::DEFAULT.max_in_flight)]
     pub max_in_flight: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            header_timeout_secs: 10,
-            request_timeout_secs: 30,
-            max_connections: 4096,
-            max_in_flight: 1024,
-        }
+        Self::DEFAULT
     }
 }
 
 impl Limits {
+    /// The defaults of the flags.
+    pub const DEFAULT: Self = Self {
+        header_timeout_secs: 10,
+        request_timeout_secs: 30,
+        max_connections: 4096,
+        max_in_flight: 1024,
+    };
+
     /// `router` behind the request timeout and the in-flight cap (one cap
     /// shared by every route): a request over either is answered 503 with
     /// `Retry-After: 1`.

@@ -22,7 +22,7 @@ use orders::{Config, System};
 /// second. Built without transparent huge pages (`no_thp`): with them, each
 /// purge of freed memory gave back parts of 2 MiB pages that the next
 /// allocations faulted in and zeroed again, a third of all CPU time.
-/// Measured in docs/benchmarks-archive.md, "Session of 2026-12-06 21:28".
+/// docs/src/operations.md ("Memory allocator") gives the figures.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

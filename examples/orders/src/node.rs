@@ -195,7 +195,10 @@ impl Wiring {
     /// in `/health`.
     pub(crate) fn relay(&mut self, service: Service, store: &Arc<dyn EventStore>) {
         self.relayed.insert(service);
-        self.stores.push(Arc::clone(store));
+        // In memory the services share one store: check it once.
+        if !self.stores.iter().any(|s| Arc::ptr_eq(s, store)) {
+            self.stores.push(Arc::clone(store));
+        }
     }
 
     /// The read model behind `/health`'s position and the projection gauges.
