@@ -56,7 +56,7 @@ pub use saga::{
     DeadlineScheduler, Reaction, Saga, SagaError, SagaHandler, SagaManager, SagaOutcome,
 };
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
-pub use store::{BoxError, EventStore, StoreError};
+pub use store::{BoxError, EventStore, StoreError, StreamAppend};
 pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
 /// The stop signal every long-running task of these crates (relays,
 /// consumers, the deadline scheduler, projection runners) takes: it stops once

@@ -67,6 +67,12 @@ pub enum StoreError {
         /// The backend's limit.
         max: usize,
     },
+    /// A multi-stream write named one stream twice. Nothing was written.
+    #[error("stream {stream} appears twice in one write")]
+    DuplicateStream {
+        /// The stream named twice.
+        stream: StreamId,
+    },
     /// The backend could not be reached (connection refused, pool timed out).
     /// The operation may be retried; for an append, retry with the same event
     /// ids so an append that did commit is recognised.
@@ -92,6 +98,28 @@ impl StoreError {
     }
 }
 
+/// One stream's part of an [`EventStore::append_streams`] write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamAppend {
+    /// The stream appended to.
+    pub stream: StreamId,
+    /// What its version must be.
+    pub expected: ExpectedVersion,
+    /// Its new events.
+    pub events: Vec<NewEvent>,
+}
+
+impl StreamAppend {
+    /// A part appending `events` to `stream`, expecting `expected`.
+    pub fn new(stream: StreamId, expected: ExpectedVersion, events: Vec<NewEvent>) -> Self {
+        Self {
+            stream,
+            expected,
+            events,
+        }
+    }
+}
+
 /// An append-only store of event streams with a global, totally ordered log.
 ///
 /// The guarantees every implementation gives (and the conformance suite in
@@ -105,6 +133,8 @@ impl StoreError {
 ///   (`written: false`); a partial overlap or a changed payload is
 ///   [`StoreError::IdempotencyConflict`] and writes nothing. Event ids are unique
 ///   across the store.
+/// - `append_streams` is atomic across its parts: every part is written, or
+///   none; each part is decided as `append` decides one.
 /// - Stream versions are contiguous from 1.
 /// - Global positions strictly increase in log order; `read_all` and
 ///   `subscribe_all` return committed events in that order and never skip one,
@@ -120,6 +150,20 @@ pub trait EventStore: Send + Sync + 'static {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError>;
+
+    /// Appends to several distinct streams in one atomic write: every part is
+    /// written, or none is. Each part is decided as [`EventStore::append`]
+    /// decides one (its expected version, the idempotent re-append of its
+    /// ids); the first part that fails fails the whole write with its error.
+    /// Answers one result per part, in order. The events of the write are
+    /// contiguous in the log, each part's in order (the parts' order among
+    /// themselves is the store's choice).
+    ///
+    /// A stream named twice is [`StoreError::DuplicateStream`].
+    async fn append_streams(
+        &self,
+        parts: Vec<StreamAppend>,
+    ) -> Result<Vec<AppendResult>, StoreError>;
 
     /// Reads up to `max_count` events of a stream, starting at version
     /// `from_version` (inclusive; 1 is the first event). A missing stream reads
@@ -156,6 +200,34 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         after: Position,
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>>;
+}
+
+/// The checks every store makes on a multi-stream write before writing
+/// anything: [`validate_batch`] over all its events together (an event id
+/// may appear once in the whole write), and no stream named twice.
+pub fn validate_parts(parts: &[StreamAppend]) -> Result<(), StoreError> {
+    for (i, part) in parts.iter().enumerate() {
+        if parts[..i].iter().any(|p| p.stream == part.stream) {
+            return Err(StoreError::DuplicateStream {
+                stream: part.stream.clone(),
+            });
+        }
+    }
+    for part in parts {
+        validate_batch(&part.events)?;
+    }
+    if parts.len() > 1 {
+        let mut seen = std::collections::HashSet::new();
+        for event in parts.iter().flat_map(|p| &p.events) {
+            if !seen.insert(event.event_id) {
+                return Err(StoreError::InvalidEvent {
+                    event_id: event.event_id,
+                    reason: "the event id appears twice in the write".into(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The checks every store makes on a batch before writing anything: no event

@@ -35,6 +35,7 @@ checks!(
     subscribe_catches_up_then_goes_live,
     concurrent_appenders_race_on_one_stream,
     subscriber_sees_concurrent_writers_in_order,
+    multi_stream_writes_are_atomic,
 );
 
 /// The whole suite through `run_all`, all checks sharing one schema.

@@ -1,4 +1,3 @@
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
@@ -12,10 +11,10 @@ use uuid::Uuid;
 use super::log::Log;
 use super::sharded::ShardedMap;
 use crate::catch_up::catch_up_then_live;
-use crate::store::validate_batch;
+use crate::store::{validate_batch, validate_parts};
 use crate::{
     AppendResult, CheckpointStore, EventStore, ExpectedVersion, Inbox, NewEvent, Position,
-    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId,
+    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamAppend, StreamId,
 };
 
 /// An event store in process memory.
@@ -82,6 +81,87 @@ impl InMemoryEventStore {
             .state
             .write()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Decides every part, then writes them all under one lock, or none.
+    fn write(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>, StoreError> {
+        let mut state = self.write_state();
+        let mut results: Vec<Option<AppendResult>> = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let found = part
+                .events
+                .iter()
+                .filter(|e| state.ids.contains_key(&e.event_id))
+                .count();
+            if found > 0 {
+                results.push(Some(state.replayed(
+                    &part.stream,
+                    part.expected,
+                    &part.events,
+                    found,
+                )?));
+                continue;
+            }
+            let actual = state.version(&part.stream);
+            if !part.expected.is_satisfied_by(actual) {
+                return Err(StoreError::WrongExpectedVersion {
+                    stream: part.stream.clone(),
+                    expected: part.expected,
+                    actual,
+                });
+            }
+            results.push(part.events.is_empty().then_some(AppendResult {
+                stream_version: actual,
+                position: Position::START,
+                written: false,
+            }));
+        }
+        let recorded_at = Utc::now();
+        let State { log, streams, ids } = &mut *state;
+        let mut answers = Vec::with_capacity(parts.len());
+        for (part, decided) in parts.into_iter().zip(results) {
+            if let Some(decided) = decided {
+                answers.push(decided);
+                continue;
+            }
+            let indexes = streams.entry(part.stream.clone()).or_default();
+            let mut version = indexes.len() as u64;
+            for event in part.events {
+                let index = log.len();
+                version += 1;
+                ids.insert(event.event_id, index);
+                indexes.push(index);
+                log.push(RecordedEvent {
+                    event_id: event.event_id,
+                    stream_id: part.stream.clone(),
+                    stream_version: version,
+                    position: position_of(index),
+                    event_type: event.event_type,
+                    schema_version: event.schema_version,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    recorded_at,
+                });
+            }
+            answers.push(AppendResult {
+                stream_version: version,
+                position: position_of(log.len() - 1),
+                written: true,
+            });
+        }
+        let head = log.len() as u64;
+        // Subscribers are woken after the lock is released, so none of them
+        // waits on it (nor this write on waking them). Two writes may get
+        // here in either order: the head only moves forward.
+        drop(state);
+        self.shared.head.send_if_modified(|seen| {
+            let newer = head > *seen;
+            if newer {
+                *seen = head;
+            }
+            newer
+        });
+        Ok(answers)
     }
 
     fn read_all_now(&self, after: Position, max_count: usize) -> Vec<RecordedEvent> {
@@ -183,72 +263,18 @@ impl EventStore for InMemoryEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         validate_batch(&events)?;
-        let mut state = self.write_state();
-        let found = events
-            .iter()
-            .filter(|e| state.ids.contains_key(&e.event_id))
-            .count();
-        if found > 0 {
-            return state.replayed(stream, expected, &events, found);
-        }
-        // One lookup of the stream, for its version and then its events.
-        let State { log, streams, ids } = &mut *state;
-        let entry = streams.entry(stream.clone());
-        let actual = match &entry {
-            Entry::Occupied(indexes) => indexes.get().len() as u64,
-            Entry::Vacant(_) => 0,
-        };
-        if !expected.is_satisfied_by(actual) {
-            return Err(StoreError::WrongExpectedVersion {
-                stream: stream.clone(),
-                expected,
-                actual,
-            });
-        }
-        if events.is_empty() {
-            return Ok(AppendResult {
-                stream_version: actual,
-                position: Position::START,
-                written: false,
-            });
-        }
-        let recorded_at = Utc::now();
-        let indexes = entry.or_default();
-        let mut version = actual;
-        for event in events {
-            let index = log.len();
-            version += 1;
-            ids.insert(event.event_id, index);
-            indexes.push(index);
-            log.push(RecordedEvent {
-                event_id: event.event_id,
-                stream_id: stream.clone(),
-                stream_version: version,
-                position: position_of(index),
-                event_type: event.event_type,
-                schema_version: event.schema_version,
-                payload: event.payload,
-                metadata: event.metadata,
-                recorded_at,
-            });
-        }
-        let head = log.len() as u64;
-        // Subscribers are woken after the lock is released, so none of them
-        // waits on it (nor this append on waking them). Two appends may get
-        // here in either order: the head only moves forward.
-        drop(state);
-        self.shared.head.send_if_modified(|seen| {
-            let newer = head > *seen;
-            if newer {
-                *seen = head;
-            }
-            newer
-        });
-        Ok(AppendResult {
-            stream_version: version,
-            position: position_of(head as usize - 1),
-            written: true,
+        let mut results = self.write(vec![StreamAppend::new(stream.clone(), expected, events)])?;
+        results.pop().ok_or_else(|| StoreError::Backend {
+            source: "an append answered nothing".into(),
         })
+    }
+
+    async fn append_streams(
+        &self,
+        parts: Vec<StreamAppend>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        validate_parts(&parts)?;
+        self.write(parts)
     }
 
     async fn read_stream(

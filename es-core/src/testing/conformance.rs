@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     EventStore, ExpectedVersion, Metadata, NewEvent, Payload, Position, RecordedEvent, StoreError,
-    StreamId,
+    StreamAppend, StreamId,
 };
 
 /// Runs every check, each on a store from `new_store`.
@@ -49,6 +49,7 @@ where
     subscribe_catches_up_then_goes_live(new_store().await).await;
     concurrent_appenders_race_on_one_stream(new_store().await).await;
     subscriber_sees_concurrent_writers_in_order(new_store().await).await;
+    multi_stream_writes_are_atomic(new_store().await).await;
 }
 
 /// A unique stream id in `category`.
@@ -234,6 +235,109 @@ pub async fn conflict_writes_nothing(store: Arc<dyn EventStore>) {
         log.iter().all(|e| !ids.contains(&e.event_id)),
         "a rejected event reached the log"
     );
+}
+
+/// `append_streams` writes every part or none: a part with a wrong expected
+/// version, an id repeated across parts or a stream named twice fails the
+/// whole write; a successful one is contiguous in the log, and a replay of
+/// it writes nothing.
+pub async fn multi_stream_writes_are_atomic(store: Arc<dyn EventStore>) {
+    let (a, b, c) = (
+        unique_stream("conf"),
+        unique_stream("conf"),
+        unique_stream("conf"),
+    );
+    let first = store
+        .append(&a, ExpectedVersion::NoStream, events(1, 2))
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    let (a_events, b_events, c_events) = (events(10, 2), events(20, 1), events(30, 3));
+    let parts = |a_expected| {
+        vec![
+            StreamAppend::new(a.clone(), a_expected, a_events.clone()),
+            StreamAppend::new(b.clone(), ExpectedVersion::NoStream, b_events.clone()),
+            StreamAppend::new(c.clone(), ExpectedVersion::Any, c_events.clone()),
+        ]
+    };
+    match store.append_streams(parts(ExpectedVersion::Exact(1))).await {
+        Err(StoreError::WrongExpectedVersion { stream, actual, .. }) => {
+            assert_eq!((stream, actual), (a.clone(), 2));
+        }
+        other => panic!("a stale part must fail the write, got {other:?}"),
+    }
+    for s in [&b, &c] {
+        assert!(
+            whole_stream(&*store, s).await.is_empty(),
+            "a failed multi-stream write wrote {s}"
+        );
+    }
+    let results = store
+        .append_streams(parts(ExpectedVersion::Exact(2)))
+        .await
+        .unwrap_or_else(|e| panic!("multi-stream write failed: {e}"));
+    let versions: Vec<(u64, bool)> = results
+        .iter()
+        .map(|r| (r.stream_version, r.written))
+        .collect();
+    assert_eq!(versions, [(4, true), (1, true), (3, true)]);
+    let log = whole_log(&*store, first.position).await;
+    let mut order: Vec<(&str, u64)> = log
+        .iter()
+        .map(|e| (e.stream_id.as_str(), e.stream_version))
+        .collect();
+    assert_eq!(order.len(), 6, "{order:?}");
+    assert!(
+        log.windows(2)
+            .filter(|w| w[0].stream_id == w[1].stream_id)
+            .all(|w| w[1].stream_version == w[0].stream_version + 1),
+        "each part's events are in order: {order:?}"
+    );
+    order.sort_unstable();
+    let mut expected = vec![
+        (a.as_str(), 3),
+        (a.as_str(), 4),
+        (b.as_str(), 1),
+        (c.as_str(), 1),
+        (c.as_str(), 2),
+        (c.as_str(), 3),
+    ];
+    expected.sort_unstable();
+    assert_eq!(
+        order, expected,
+        "a multi-stream write is contiguous in the log"
+    );
+    let last_of_c = log
+        .iter()
+        .filter(|e| e.stream_id == c)
+        .map(|e| e.position)
+        .max();
+    assert_eq!(Some(results[2].position), last_of_c);
+    let replayed = store
+        .append_streams(parts(ExpectedVersion::Exact(2)))
+        .await
+        .unwrap_or_else(|e| panic!("replaying a multi-stream write failed: {e}"));
+    assert!(replayed.iter().all(|r| !r.written), "{replayed:?}");
+    assert_eq!(whole_log(&*store, first.position).await.len(), 6);
+
+    let d = unique_stream("conf");
+    let twice = vec![
+        StreamAppend::new(d.clone(), ExpectedVersion::Any, events(40, 1)),
+        StreamAppend::new(d.clone(), ExpectedVersion::Any, events(41, 1)),
+    ];
+    match store.append_streams(twice).await {
+        Err(StoreError::DuplicateStream { stream }) => assert_eq!(stream, d),
+        other => panic!("a stream named twice must be DuplicateStream, got {other:?}"),
+    }
+    let one = events(50, 1);
+    let shared_id = vec![
+        StreamAppend::new(d.clone(), ExpectedVersion::Any, one.clone()),
+        StreamAppend::new(unique_stream("conf"), ExpectedVersion::Any, one),
+    ];
+    match store.append_streams(shared_id).await {
+        Err(StoreError::InvalidEvent { .. }) => {}
+        other => panic!("an id in two parts must be InvalidEvent, got {other:?}"),
+    }
+    assert!(whole_stream(&*store, &d).await.is_empty());
 }
 
 /// A batch with a malformed event (an id twice, an empty type) is refused as a

@@ -63,6 +63,15 @@ impl EventStore for Interloper {
         }
         self.inner.append(stream, expected, events).await
     }
+    async fn append_streams(
+        &self,
+        parts: Vec<es_core::StreamAppend>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        if let Some(pause) = self.pause {
+            tokio::time::sleep(pause).await;
+        }
+        self.inner.append_streams(parts).await
+    }
     async fn read_stream(
         &self,
         s: &StreamId,

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeSet;
 
-use es_core::{AppendResult, ExpectedVersion, NewEvent, Payload, Position, StoreError, StreamId};
+use es_core::{
+    AppendResult, ExpectedVersion, NewEvent, Payload, Position, StoreError, StreamAppend, StreamId,
+};
 use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -183,23 +185,23 @@ struct GroupArrays<'a> {
 }
 
 impl<'a> GroupArrays<'a> {
-    /// The appends `included` (indexes into `group`) with their encoded
-    /// batches.
-    fn new(group: &'a [Waiting], included: &[usize], batches: &'a [Batch<'a>]) -> Self {
+    /// The appends `heads` (stream and expected version) with their encoded
+    /// batches, in the same order.
+    fn new(heads: &[(&'a StreamId, ExpectedVersion)], batches: &'a [Batch<'a>]) -> Self {
         let total: usize = batches.iter().map(|b| b.ids.len()).sum();
         let mut arrays = Self {
-            streams: Vec::with_capacity(included.len()),
-            expected: Vec::with_capacity(included.len()),
-            counts: Vec::with_capacity(included.len()),
+            streams: Vec::with_capacity(heads.len()),
+            expected: Vec::with_capacity(heads.len()),
+            counts: Vec::with_capacity(heads.len()),
             ids: Vec::with_capacity(total),
             types: Vec::with_capacity(total),
             versions: Vec::with_capacity(total),
             payloads: Vec::with_capacity(total),
             metadata: Vec::with_capacity(total),
         };
-        for (&i, batch) in included.iter().zip(batches) {
-            arrays.streams.push(group[i].stream.as_str());
-            arrays.expected.push(expected_code(group[i].expected));
+        for (&(stream, expected), batch) in heads.iter().zip(batches) {
+            arrays.streams.push(stream.as_str());
+            arrays.expected.push(expected_code(expected));
             arrays
                 .counts
                 .push(i32::try_from(batch.ids.len()).unwrap_or(i32::MAX));
@@ -494,7 +496,11 @@ impl PgEventStore {
                 Err(e) => answers.push(Some(Err(e))),
             }
         }
-        let arrays = GroupArrays::new(group, &included, &batches);
+        let heads: Vec<(&StreamId, ExpectedVersion)> = included
+            .iter()
+            .map(|&i| (&group[i].stream, group[i].expected))
+            .collect();
+        let arrays = GroupArrays::new(&heads, &batches);
         let distinct: BTreeSet<&str> = arrays.streams.iter().copied().collect();
         let mut rows: Vec<GroupRow> = Vec::new();
         if distinct.len() == arrays.streams.len() {
@@ -552,6 +558,94 @@ impl PgEventStore {
                 })
             })
             .collect())
+    }
+
+    /// An atomic multi-stream write: one statement when every expectation
+    /// holds, else the append function inside one transaction that is rolled
+    /// back at the first refused part.
+    pub(super) async fn write_parts(
+        &self,
+        mut parts: Vec<StreamAppend>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        es_core::store::validate_parts(&parts)?;
+        if parts.len() == 1 {
+            if let Some(part) = parts.pop() {
+                let result = self
+                    .append_grouped(&part.stream, part.expected, part.events)
+                    .await?;
+                return Ok(vec![result]);
+            }
+        }
+        // One lock order for every write: no two writes deadlock.
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        order.sort_by(|&a, &b| parts[a].stream.as_str().cmp(parts[b].stream.as_str()));
+        let batches = order
+            .iter()
+            .map(|&i| Batch::encode(&parts[i].events, self.shared.settings.max_batch))
+            .collect::<Result<Vec<_>, _>>()?;
+        let heads: Vec<(&StreamId, ExpectedVersion)> = order
+            .iter()
+            .map(|&i| (&parts[i].stream, parts[i].expected))
+            .collect();
+        let arrays = GroupArrays::new(&heads, &batches);
+        let mut answers: Vec<Option<AppendResult>> = vec![None; parts.len()];
+        let fast: Result<Vec<FastGroupRow>, sqlx::Error> = arrays
+            .query(&self.shared.sql.append_group_fast)
+            .fetch_all(&self.shared.pool)
+            .await;
+        match fast {
+            Ok(rows) if rows.len() == parts.len() && rows.iter().all(|r| r.1.is_some()) => {
+                for (item, version, tx, position) in rows {
+                    let k = slot_of(item, &order)?;
+                    answers[k] = Some(decide(
+                        &parts[k].stream,
+                        parts[k].expected,
+                        (0, version, tx, position, None),
+                    )?);
+                }
+            }
+            // A refused expectation, a replayed id or a lost race: decided
+            // part by part below.
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {}
+            Err(e) if is_invalid_json(&e) => {
+                let all: Vec<NewEvent> = parts.iter().flat_map(|p| p.events.clone()).collect();
+                return Err(StoreError::InvalidPayload {
+                    event_id: refused_payload(&all),
+                });
+            }
+            Err(e) => return Err(store_error(e)),
+        }
+        if answers.iter().any(Option::is_none) {
+            let mut tx = self.shared.pool.begin().await.map_err(store_error)?;
+            let rows: Vec<GroupRow> = arrays
+                .query(&self.shared.sql.append_group)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(store_error)?;
+            for (item, outcome, version, txid, position, event) in rows {
+                let k = slot_of(item, &order)?;
+                // The first refused part ends the write; dropping the
+                // transaction rolls back what the others wrote.
+                answers[k] = Some(decide(
+                    &parts[k].stream,
+                    parts[k].expected,
+                    (outcome, version, txid, position, event),
+                )?);
+            }
+            tx.commit().await.map_err(store_error)?;
+        }
+        answers
+            .into_iter()
+            .map(|a| {
+                a.ok_or_else(|| {
+                    Error::Corrupt {
+                        reason: "the multi-stream append returned no row for a part".to_owned(),
+                    }
+                    .into()
+                })
+            })
+            .collect()
     }
 
     /// Gives the append slot back, or hands the queue to a task that writes
@@ -612,4 +706,19 @@ impl PgEventStore {
             _ => self.append_now(stream, expected, &events).await,
         }
     }
+}
+
+/// The index into the caller's parts of the append statement's 1-based
+/// `item`, given the order the parts were sent in.
+fn slot_of(item: i32, order: &[usize]) -> Result<usize, StoreError> {
+    usize::try_from(item)
+        .ok()
+        .and_then(|k| k.checked_sub(1))
+        .and_then(|k| order.get(k).copied())
+        .ok_or_else(|| {
+            Error::Corrupt {
+                reason: format!("the append statement answered for an unknown part {item}"),
+            }
+            .into()
+        })
 }

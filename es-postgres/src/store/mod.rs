@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use es_core::catch_up::catch_up_then_live;
 use es_core::{
     AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId,
+    StreamAppend, StreamId,
 };
 use futures::stream::BoxStream;
 use sqlx::PgPool;
@@ -244,6 +244,32 @@ impl EventStore for PgEventStore {
             self.announce();
         }
         Ok(result)
+    }
+
+    async fn append_streams(
+        &self,
+        parts: Vec<StreamAppend>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        let first = parts
+            .first()
+            .and_then(|p| p.events.first())
+            .map(|e| &e.metadata);
+        let span = tracing::debug_span!(
+            "es_postgres.append_streams",
+            streams = parts.len(),
+            events = parts.iter().map(|p| p.events.len()).sum::<usize>(),
+            correlation_id = first
+                .and_then(|m| m.correlation_id)
+                .map(tracing::field::display),
+            causation_id = first
+                .and_then(|m| m.causation_id)
+                .map(tracing::field::display),
+        );
+        let results = self.write_parts(parts).instrument(span).await?;
+        if results.iter().any(|r| r.written) {
+            self.announce();
+        }
+        Ok(results)
     }
 
     async fn read_stream(

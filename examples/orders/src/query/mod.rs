@@ -311,6 +311,13 @@ mod tests {
             self.0.append(stream, expected, events).await
         }
 
+        async fn append_streams(
+            &self,
+            parts: Vec<es_core::StreamAppend>,
+        ) -> Result<Vec<AppendResult>, StoreError> {
+            self.0.append_streams(parts).await
+        }
+
         async fn read_stream(
             &self,
             stream: &StreamId,
