@@ -53,10 +53,11 @@ pub use redact::redact_url;
 pub use relay::{Relay, RelayError};
 pub use repository::{Committed, Loaded, Repository, RepositoryError, RetryPolicy};
 pub use saga::{
-    DeadlineScheduler, Reaction, Saga, SagaError, SagaHandler, SagaManager, SagaOutcome,
+    DeadlineScheduler, LocalAggregate, Reaction, Saga, SagaError, SagaHandler, SagaManager,
+    SagaOutcome,
 };
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
-pub use store::{BoxError, EventStore, StoreError, StreamAppend};
+pub use store::{AppendWriter, BoxError, EventStore, StoreError, StreamAppend};
 pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
 /// The stop signal every long-running task of these crates (relays,
 /// consumers, the deadline scheduler, projection runners) takes: it stops once

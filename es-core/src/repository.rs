@@ -10,8 +10,9 @@ use uuid::Uuid;
 
 use crate::state_cache::{Entry, StateCache};
 use crate::{
-    derived_id, Aggregate, CodecError, EventCodec, EventStore, ExpectedVersion, Metadata, Payload,
-    Position, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamId,
+    derived_id, Aggregate, AppendWriter, CodecError, EventCodec, EventStore, ExpectedVersion,
+    Metadata, Payload, Position, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamAppend,
+    StreamId,
 };
 
 /// How many events `load` reads per call to the store.
@@ -132,6 +133,7 @@ struct Snapshots<A> {
 /// decided on the cached state and appended expecting the cached version.
 pub struct Repository<A: Aggregate> {
     store: Arc<dyn EventStore>,
+    writer: Option<Arc<dyn AppendWriter>>,
     codec: EventCodec<A::Event>,
     snapshots: Option<Snapshots<A>>,
     cache: Option<Arc<StateCache<A>>>,
@@ -153,6 +155,7 @@ impl<A: Aggregate> Clone for Repository<A> {
     fn clone(&self) -> Self {
         Self {
             store: Arc::clone(&self.store),
+            writer: self.writer.clone(),
             codec: self.codec.clone(),
             snapshots: self.snapshots.as_ref().map(|s| Snapshots {
                 store: Arc::clone(&s.store),
@@ -220,6 +223,7 @@ impl<A: Aggregate> Repository<A> {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self {
             store,
+            writer: None,
             codec: EventCodec::new(),
             snapshots: None,
             cache: None,
@@ -252,6 +256,18 @@ impl<A: Aggregate> Repository<A> {
     #[must_use]
     pub fn with_codec(mut self, codec: EventCodec<A::Event>) -> Self {
         self.codec = codec;
+        self
+    }
+
+    /// Writes every append through `writer` instead of the store's
+    /// [`EventStore::append`]: for example a [`SagaManager`](crate::SagaManager)
+    /// whose saga reacts to this aggregate's events in the same atomic write
+    /// ([`SagaManager::with_local`](crate::SagaManager::with_local)). The
+    /// writer answers as `append` would; the repository's retries, caching
+    /// and idempotency are unchanged.
+    #[must_use]
+    pub fn with_writer(mut self, writer: Arc<dyn AppendWriter>) -> Self {
+        self.writer = Some(writer);
         self
     }
 
@@ -566,7 +582,15 @@ impl<A: Aggregate> Repository<A> {
                     });
                 }
                 let expected = ExpectedVersion::from_loaded(loaded.version);
-                match self.store.append(&stream, expected, batch).await {
+                let appended = match &self.writer {
+                    Some(writer) => {
+                        writer
+                            .write(StreamAppend::new(stream.clone(), expected, batch))
+                            .await
+                    }
+                    None => self.store.append(&stream, expected, batch).await,
+                };
+                match appended {
                     Ok(result) => {
                         tracing::Span::current().record("attempts", attempt);
                         self.committed(&stream, loaded, &events, result.stream_version)
@@ -629,6 +653,29 @@ impl<A: Aggregate> Repository<A> {
         }
         .instrument(span)
         .await
+    }
+
+    /// The state to decide a command on inside another write: the cached
+    /// one (taken out of the cache), else the stream as read.
+    pub(crate) async fn state_for_write(
+        &self,
+        stream: &StreamId,
+    ) -> Result<Loaded<A>, RepositoryError<A::Error>> {
+        self.load_stream(stream, None, true)
+            .await
+            .map(|(loaded, _)| loaded)
+    }
+
+    /// After another write appended `events` to `stream` right after
+    /// `loaded`: the new state to the cache (and a snapshot, by the policy).
+    pub(crate) async fn written_by_other(
+        &self,
+        stream: &StreamId,
+        loaded: Loaded<A>,
+        events: &[A::Event],
+        version: u64,
+    ) {
+        self.committed(stream, loaded, events, version).await;
     }
 
     /// The state a command's first attempt decides on unread, if any: the

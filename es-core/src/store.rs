@@ -120,6 +120,17 @@ impl StreamAppend {
     }
 }
 
+/// Writes a [`Repository`](crate::Repository)'s appends in place of
+/// [`EventStore::append`] (see
+/// [`Repository::with_writer`](crate::Repository::with_writer)), possibly
+/// together with other streams in one atomic write.
+#[async_trait]
+pub trait AppendWriter: Send + Sync + 'static {
+    /// Appends `part` with the guarantees and answers of
+    /// [`EventStore::append`] for that stream.
+    async fn write(&self, part: StreamAppend) -> Result<AppendResult, StoreError>;
+}
+
 /// An append-only store of event streams with a global, totally ordered log.
 ///
 /// The guarantees every implementation gives (and the conformance suite in

@@ -1,7 +1,7 @@
 //! The saga manager: loads instances, deduplicates inputs and appends each
 //! reaction atomically.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +10,40 @@ use chrono::{DateTime, Utc};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::local::{LocalTarget, LocalWork};
 use super::{
-    CommandRecord, DeadlineRecord, Reaction, Saga, SagaError, SagaOutcome, COMMAND_RECORD,
-    DEADLINE_CANCELLED, DEADLINE_FIRED, DEADLINE_SET,
+    CommandRecord, DeadlineRecord, LocalAggregate, Reaction, Saga, SagaError, SagaOutcome,
+    COMMAND_EXECUTED, COMMAND_RECORD, DEADLINE_CANCELLED, DEADLINE_FIRED, DEADLINE_SET,
 };
 use crate::bus::Message;
 use crate::state_cache::{Entry, StateCache};
 use crate::{
-    derived_id, Clock, EventCodec, EventStore, ExpectedVersion, Metadata, NewEvent, Payload,
-    RecordedEvent, StoreError, StreamId,
+    derived_id, Aggregate, AppendResult, AppendWriter, Clock, EventCodec, EventStore,
+    ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent, StoreError, StreamAppend,
+    StreamId,
 };
+
+/// The most reactions one write holds: a saga and its local aggregate that
+/// keep answering each other are a bug, not a workload.
+const MAX_LOCAL_REACTIONS: usize = 64;
+
+/// One reaction waiting to be recorded in a write.
+struct Pending<S: Saga> {
+    reaction: Reaction<S::Event, S::Command>,
+    fired: Option<String>,
+    cause: Uuid,
+    metadata: Metadata,
+}
+
+/// How a write with local commands ended.
+enum LocalWrite {
+    /// Written: the saga's outcome and every part's result, in the order
+    /// of the parts (the saga's first, when it wrote any).
+    Written(SagaOutcome, Vec<AppendResult>),
+    /// A part's expectation failed (or its ids are stored otherwise):
+    /// nothing was written.
+    Refused(StoreError),
+}
 
 /// A saga instance as loaded from its stream.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +88,7 @@ pub struct SagaManager<S: Saga> {
     commands: EventCodec<S::Command>,
     max_attempts: u32,
     cache: Option<Arc<StateCache<SagaInstance<S>>>>,
+    local: Option<Arc<dyn LocalTarget<S>>>,
 }
 
 impl<S: Saga> fmt::Debug for SagaManager<S> {
@@ -86,7 +111,29 @@ impl<S: Saga> SagaManager<S> {
             commands: EventCodec::new(),
             max_attempts: 16,
             cache: None,
+            local: None,
         }
+    }
+
+    /// Executes the saga's commands to `aggregate`'s aggregates in the
+    /// saga's own write, and feeds their events back to the saga in that
+    /// same write, until nothing local is left to do: one atomic
+    /// [`EventStore::append_streams`] holds the saga's records and the
+    /// aggregates' events, and no message crosses the bus between them.
+    /// The executed commands are recorded as
+    /// [`COMMAND_EXECUTED`](super::COMMAND_EXECUTED) records, which relays
+    /// leave out.
+    ///
+    /// Commands the aggregate's own service executes reach the saga the
+    /// same way when its repository writes through this manager
+    /// ([`Repository::with_writer`](crate::Repository::with_writer)).
+    #[must_use]
+    pub fn with_local<A: Aggregate>(mut self, aggregate: LocalAggregate<S, A>) -> Self
+    where
+        A::Command: Send + Sync,
+    {
+        self.local = Some(Arc::new(aggregate));
+        self
     }
 
     /// Keeps up to about `capacity` recently used instances in memory, as
@@ -179,7 +226,7 @@ impl<S: Saga> SagaManager<S> {
             instance.handled.insert(cause);
         }
         match &*recorded.event_type {
-            COMMAND_RECORD => {
+            COMMAND_RECORD | COMMAND_EXECUTED => {
                 let record: CommandRecord = recorded
                     .payload
                     .decode()
@@ -339,6 +386,28 @@ impl<S: Saga> SagaManager<S> {
                     }
                 }
             };
+            if let Some(local) = self.local_for(&reaction) {
+                let first = Pending {
+                    reaction,
+                    fired,
+                    cause,
+                    metadata: metadata.clone(),
+                };
+                let pending = VecDeque::from([first]);
+                match self
+                    .write_local(local, &stream, instance, saga_id, pending, None)
+                    .await?
+                {
+                    LocalWrite::Written(outcome, _) => return Ok(outcome),
+                    // Lost a race on the saga or on an aggregate, or the
+                    // input was handled elsewhere: read on and decide again.
+                    LocalWrite::Refused(_) => {
+                        let backoff = Duration::from_micros(200 * u64::from(attempt.min(20)));
+                        tokio::time::sleep(backoff.mul_f64(fastrand::f64())).await;
+                        continue;
+                    }
+                }
+            }
             let (records, effects) =
                 self.records(&stream, cause, metadata, &reaction, fired.as_deref())?;
             let expected = ExpectedVersion::from_loaded(instance.version);
@@ -383,6 +452,192 @@ impl<S: Saga> SagaManager<S> {
             stream,
             attempts: self.max_attempts,
         })
+    }
+
+    /// The local target, when `reaction` sends it a command.
+    fn local_for(&self, reaction: &Reaction<S::Event, S::Command>) -> Option<&dyn LocalTarget<S>> {
+        self.local.as_deref().filter(|local| {
+            reaction
+                .commands
+                .iter()
+                .any(|c| local.accepts(&c.topic, &c.command))
+        })
+    }
+
+    /// The saga inputs among an aggregate's new events, for instance
+    /// `saga_id`.
+    fn local_inputs(
+        &self,
+        local: &dyn LocalTarget<S>,
+        saga_id: Uuid,
+        events: &[NewEvent],
+    ) -> Result<Vec<(S::Input, Uuid, Metadata)>, SagaError> {
+        let mut inputs = Vec::new();
+        for event in events {
+            if !local.is_input(&event.event_type) {
+                continue;
+            }
+            let input = self.inputs.decode_parts(
+                &event.event_type,
+                event.schema_version,
+                &event.payload,
+            )?;
+            if S::saga_id(&input, &event.metadata) == Some(saga_id) {
+                inputs.push((
+                    input,
+                    event.event_id,
+                    event.metadata.caused_by(event.event_id),
+                ));
+            }
+        }
+        Ok(inputs)
+    }
+
+    /// One write of the saga's reactions and its local aggregates' events:
+    /// records `pending` (and `seed`, an aggregate's own command, whose
+    /// events the saga reacts to), executes the local commands each
+    /// reaction sends, lets the saga react to their events, and so on until
+    /// nothing is pending; then appends it all atomically.
+    async fn write_local(
+        &self,
+        local: &dyn LocalTarget<S>,
+        stream: &StreamId,
+        mut instance: SagaInstance<S>,
+        saga_id: Uuid,
+        mut pending: VecDeque<Pending<S>>,
+        seed: Option<StreamAppend>,
+    ) -> Result<LocalWrite, SagaError> {
+        let mut work: Box<dyn LocalWork<S>> = local.begin();
+        let mut fed = Vec::new();
+        if let Some(seed) = seed {
+            fed = self.local_inputs(local, saga_id, &seed.events)?;
+            work.seed(seed);
+        }
+        let loaded_version = instance.version;
+        let mut records = Vec::new();
+        let mut reactions = 0;
+        loop {
+            for (input, event_id, metadata) in fed.drain(..) {
+                if instance.has_handled(event_id) {
+                    continue;
+                }
+                let reaction = instance.state.react(&input, self.clock.now());
+                if !reaction.is_empty() {
+                    pending.push_back(Pending {
+                        reaction,
+                        fired: None,
+                        cause: event_id,
+                        metadata,
+                    });
+                }
+            }
+            let Some(next) = pending.pop_front() else {
+                break;
+            };
+            reactions += 1;
+            if reactions > MAX_LOCAL_REACTIONS {
+                return Err(SagaError::Record {
+                    stream: stream.clone(),
+                    event_id: next.cause,
+                    reason: format!(
+                        "the saga and its local aggregate answered each other more than {MAX_LOCAL_REACTIONS} times in one write"
+                    ),
+                });
+            }
+            let (made, mut effects) = self.records(
+                stream,
+                next.cause,
+                &next.metadata,
+                &next.reaction,
+                next.fired.as_deref(),
+            )?;
+            for (index, record_id) in std::mem::take(&mut effects.executed) {
+                let Some(outgoing) = next.reaction.commands.get(index) else {
+                    continue;
+                };
+                let metadata = next.metadata.caused_by(record_id);
+                let events = work
+                    .execute(&outgoing.topic, &outgoing.command, record_id, &metadata)
+                    .await?;
+                fed.extend(self.local_inputs(local, saga_id, &events)?);
+            }
+            let count = made.len() as u64;
+            effects.advance(
+                &mut instance,
+                &next.reaction,
+                next.metadata.causation_id,
+                count,
+            );
+            records.extend(made);
+        }
+        let saga_part = !records.is_empty();
+        let mut parts = Vec::new();
+        if saga_part {
+            parts.push(StreamAppend::new(
+                stream.clone(),
+                ExpectedVersion::from_loaded(loaded_version),
+                records,
+            ));
+        }
+        parts.extend(work.parts());
+        if parts.is_empty() {
+            work.finish(None).await;
+            self.keep(stream, instance);
+            return Ok(LocalWrite::Written(SagaOutcome::NoChange, Vec::new()));
+        }
+        match self.store.append_streams(parts).await {
+            Ok(results) => {
+                let (outcome, aggregates) = match results.split_first() {
+                    Some((saga, rest)) if saga_part => {
+                        let outcome = if saga.written {
+                            if instance.version == saga.stream_version {
+                                self.keep(stream, instance);
+                            }
+                            SagaOutcome::Reacted {
+                                version: saga.stream_version,
+                                position: saga.position,
+                            }
+                        } else {
+                            SagaOutcome::Duplicate
+                        };
+                        (outcome, rest)
+                    }
+                    _ => {
+                        self.keep(stream, instance);
+                        (SagaOutcome::NoChange, results.as_slice())
+                    }
+                };
+                work.finish(Some(aggregates)).await;
+                Ok(LocalWrite::Written(outcome, results))
+            }
+            Err(
+                error @ (StoreError::WrongExpectedVersion { .. }
+                | StoreError::IdempotencyConflict { .. }),
+            ) => {
+                work.finish(None).await;
+                Ok(LocalWrite::Refused(error))
+            }
+            Err(error) => {
+                work.finish(None).await;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// The instance to decide on: the cached one on a first attempt, else
+    /// the stream read on from whatever the cache had.
+    async fn instance_for(
+        &self,
+        stream: &StreamId,
+        first: bool,
+    ) -> Result<SagaInstance<S>, SagaError> {
+        match self.cache.as_ref().and_then(|cache| cache.take(stream)) {
+            Some(entry) if first => Ok(entry.state),
+            cached => {
+                let from = cached.map(|entry| entry.state).unwrap_or_default();
+                self.load_after(stream, from).await
+            }
+        }
     }
 
     /// Puts an instance (right up to its version) in the cache, if any.
@@ -443,7 +698,7 @@ impl<S: Saga> SagaManager<S> {
             let id = next_id(&records);
             records.push(self.events.encode_with_id(event, metadata.clone(), id)?);
         }
-        for outgoing in &reaction.commands {
+        for (index, outgoing) in reaction.commands.iter().enumerate() {
             let (command_type, schema_version, command) =
                 self.commands.encode_parts(&outgoing.command)?;
             let body = CommandRecord {
@@ -452,7 +707,16 @@ impl<S: Saga> SagaManager<S> {
                 schema_version,
                 payload: command,
             };
-            record(&mut records, COMMAND_RECORD, body.to_payload()?);
+            let local = self
+                .local
+                .as_ref()
+                .is_some_and(|l| l.accepts(&outgoing.topic, &outgoing.command));
+            if local {
+                effects.executed.push((index, next_id(&records)));
+                record(&mut records, COMMAND_EXECUTED, body.to_payload()?);
+            } else {
+                record(&mut records, COMMAND_RECORD, body.to_payload()?);
+            }
             effects.sent.push(body);
         }
         for (name, due) in &reaction.deadlines {
@@ -468,6 +732,94 @@ impl<S: Saga> SagaManager<S> {
     }
 }
 
+/// A repository that writes through the manager appends its aggregate's
+/// events together with the saga's reaction to them (and whatever local
+/// commands that reaction executes), in one atomic write. Events of no
+/// saga instance are appended as they are.
+#[async_trait::async_trait]
+impl<S: Saga> AppendWriter for SagaManager<S> {
+    async fn write(&self, part: StreamAppend) -> Result<AppendResult, StoreError> {
+        let backend = |e: SagaError| match e {
+            SagaError::Store(e) => e,
+            other => StoreError::Backend {
+                source: Box::new(other),
+            },
+        };
+        let saga_id = match self.local.as_deref() {
+            Some(local) => part.events.iter().find_map(|event| {
+                if !local.is_input(&event.event_type) {
+                    return None;
+                }
+                let input = self
+                    .inputs
+                    .decode_parts(&event.event_type, event.schema_version, &event.payload)
+                    .ok()?;
+                S::saga_id(&input, &event.metadata)
+            }),
+            None => None,
+        };
+        let (Some(local), Some(saga_id)) = (self.local.as_deref(), saga_id) else {
+            return self
+                .store
+                .append(&part.stream, part.expected, part.events)
+                .await;
+        };
+        let stream = Self::stream_id(saga_id);
+        let span = tracing::debug_span!("es.saga.react_local", saga = S::TYPE, %saga_id, aggregate = %part.stream);
+        async {
+            for attempt in 1..=self.max_attempts {
+                let instance = self
+                    .instance_for(&stream, attempt == 1)
+                    .await
+                    .map_err(backend)?;
+                let written = self
+                    .write_local(
+                        local,
+                        &stream,
+                        instance,
+                        saga_id,
+                        VecDeque::new(),
+                        Some(part.clone()),
+                    )
+                    .await
+                    .map_err(backend)?;
+                match written {
+                    LocalWrite::Written(outcome, results) => {
+                        let offset = usize::from(matches!(
+                            outcome,
+                            SagaOutcome::Reacted { .. } | SagaOutcome::Duplicate
+                        ));
+                        return results
+                            .get(offset)
+                            .copied()
+                            .ok_or_else(|| StoreError::Backend {
+                                source: "the write answered nothing for the aggregate".into(),
+                            });
+                    }
+                    // The saga's stream moved on: read on and react again.
+                    LocalWrite::Refused(
+                        StoreError::WrongExpectedVersion { stream: moved, .. }
+                        | StoreError::IdempotencyConflict { stream: moved, .. },
+                    ) if moved == stream => {
+                        let backoff = Duration::from_micros(200 * u64::from(attempt.min(20)));
+                        tokio::time::sleep(backoff.mul_f64(fastrand::f64())).await;
+                    }
+                    // The aggregate's: the repository decides again.
+                    LocalWrite::Refused(error) => return Err(error),
+                }
+            }
+            Err(StoreError::Backend {
+                source: Box::new(SagaError::Contention {
+                    stream: stream.clone(),
+                    attempts: self.max_attempts,
+                }),
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
 /// What a reaction's records do to its instance, noted as they are made:
 /// after the append, a cached instance is brought up to the new version
 /// with them, exactly as folding the records would, without decoding the
@@ -478,6 +830,9 @@ struct Effects {
     ended: Vec<String>,
     /// Commands sent.
     sent: Vec<CommandRecord>,
+    /// The local commands among them: their index in the reaction and the
+    /// id of their record (the id they are executed as).
+    executed: Vec<(usize, Uuid)>,
     /// Deadlines set: name, due time, the id of the record that sets it.
     set: Vec<(String, DateTime<Utc>, Uuid)>,
 }

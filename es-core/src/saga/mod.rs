@@ -5,7 +5,9 @@
 //! A [`Saga`] decides [`Reaction`]s; the [`SagaManager`] stores them in the
 //! saga's stream as its own events and [`CommandRecord`]s / [`DeadlineRecord`]s;
 //! the [`SagaHandler`] feeds it from the bus and the [`DeadlineScheduler`]
-//! fires its deadlines.
+//! fires its deadlines. With a [`LocalAggregate`], the commands it sends to
+//! an aggregate of its own process are executed in its own write, and that
+//! aggregate's events reach it in the write that appends them.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -14,18 +16,23 @@ use crate::{CodecError, DomainEvent, Metadata, Position, StoreError, StreamId};
 
 mod deadline;
 mod handler;
+mod local;
 mod manager;
 mod reaction;
 mod record;
 
 pub use deadline::DeadlineScheduler;
 pub use handler::SagaHandler;
+pub use local::{LocalAggregate, LocalRoute};
 pub use manager::{SagaInstance, SagaManager};
 pub use reaction::{Outgoing, Reaction};
 pub use record::{CommandRecord, DeadlineRecord};
 
 /// The stored type of a command a saga sent.
 pub const COMMAND_RECORD: &str = "$command";
+/// The stored type of a command a saga executed in its own write (a
+/// [`LocalAggregate`]'s): a [`CommandRecord`] that is not relayed.
+pub const COMMAND_EXECUTED: &str = "$command-executed";
 /// The stored type of a deadline a saga set.
 pub const DEADLINE_SET: &str = "$deadline";
 /// The stored type of a deadline a saga cancelled.

@@ -17,7 +17,8 @@ use crate::saga::OrderSaga;
 pub mod groups {
     /// The saga's inputs.
     pub const SAGA: &str = "order_saga";
-    /// The order service's commands.
+    /// The order service's commands from the bus (the saga's own are
+    /// executed in its write; this takes any other sender's).
     pub const ORDER: &str = "order_service";
     /// The order service's catalog read model.
     pub const CATALOG: &str = "order_catalog";
@@ -42,14 +43,20 @@ pub mod groups {
     ];
 }
 
-/// The saga's inputs, as `<topic>.<message type>` (the names of
+/// The saga's inputs among the order's events (the names of [`OrderSaga`]'s
+/// input variants). The saga lives with the orders and takes these in the
+/// write that appends them, not from the bus.
+pub const SAGA_ORDER_INPUTS: [&str; 5] = [
+    "OrderCreated",
+    "OrderInventoryConfirmed",
+    "OrderPaymentConfirmed",
+    "OrderCompleted",
+    "OrderCancelled",
+];
+
+/// The saga's inputs from the bus, as `<topic>.<message type>` (the names of
 /// [`OrderSaga`]'s input variants).
-const SAGA_INPUTS: [(&str, &str); 9] = [
-    (topics::ORDER, "OrderCreated"),
-    (topics::ORDER, "OrderInventoryConfirmed"),
-    (topics::ORDER, "OrderPaymentConfirmed"),
-    (topics::ORDER, "OrderCompleted"),
-    (topics::ORDER, "OrderCancelled"),
+const SAGA_INPUTS: [(&str, &str); 4] = [
     (topics::INVENTORY, "InventoryReserved"),
     (topics::INVENTORY, "InventoryReservationFailed"),
     (topics::PAYMENT, "PaymentSucceeded"),

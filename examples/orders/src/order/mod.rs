@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use es_core::{
-    Clock, DeadlineScheduler, Message, Metadata, Outcome, Position, Repository, RepositoryError,
-    SagaHandler, SagaManager, TraceParent,
+    AppendWriter, Clock, DeadlineScheduler, LocalAggregate, Message, Metadata, Outcome, Position,
+    Repository, RepositoryError, SagaHandler, SagaManager, TraceParent,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -22,10 +23,10 @@ pub use domain::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus, Place
 pub use http::{router, CancelRequest, Cancelled, OrderApi};
 
 use crate::distributed::Owner;
-use crate::messages::{message_enum, OrderLine};
+use crate::messages::{message_enum, topics, OrderLine};
 use crate::node::{Service, Wiring};
-use crate::saga::{OrderSaga, TimedSaga};
-use crate::topology::groups;
+use crate::saga::{OrderSaga, SagaCommand, TimedSaga};
+use crate::topology::{self, groups};
 use crate::{CommandService, Error, Result};
 
 /// The most lines an order may have.
@@ -112,16 +113,26 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
     let store = w.backends.store(Service::Order).await?;
     let (catalog, feed) = w.backends.catalog(w.stop()).await?;
     let clock = Arc::clone(&w.config.clock);
+    // The saga lives with the orders: its commands to them are executed in
+    // its own write, and their events reach it in the write that appends
+    // them; the service's own commands write through the saga for the same.
+    let orders = crate::repository::<Order>(Arc::clone(&store));
+    let local = LocalAggregate::new(
+        orders.clone(),
+        &topology::SAGA_ORDER_INPUTS,
+        local_route(Arc::clone(&clock)),
+    );
+    let saga = Arc::new(
+        SagaManager::<OrderSaga>::new(Arc::clone(&store), Arc::clone(&clock))
+            .with_instance_cache(crate::CACHED_STATES)
+            .with_local(local),
+    );
     let service = Arc::new(OrderService::new(
-        crate::repository(Arc::clone(&store)),
+        orders.with_writer(Arc::clone(&saga) as Arc<dyn AppendWriter>),
         catalog,
-        Arc::clone(&clock),
+        clock,
         w.config.payment_timeout,
     ));
-    let saga = Arc::new(
-        SagaManager::<OrderSaga>::new(Arc::clone(&store), clock)
-            .with_instance_cache(crate::CACHED_STATES),
-    );
     w.consume(
         groups::SAGA,
         Arc::new(TimedSaga(SagaHandler(Arc::clone(&saga)))),
@@ -375,34 +386,61 @@ impl CommandService for OrderService {
         message: &Message,
         metadata: &Metadata,
     ) -> Outcome {
-        let now = self.clock.now();
-        let (order_id, command) = match command {
-            OrderCommandMessage::ConfirmOrderInventory(c) => {
-                (c.order_id, OrderCommand::ConfirmInventory)
-            }
-            OrderCommandMessage::ConfirmOrderPayment(c) => (
-                c.order_id,
-                OrderCommand::ConfirmPayment {
-                    transaction_id: c.transaction_id,
-                },
-            ),
-            OrderCommandMessage::CompleteOrder(c) => {
-                (c.order_id, OrderCommand::Complete { at: now })
-            }
-            OrderCommandMessage::CancelOrder(c) => (
-                c.order_id,
-                OrderCommand::Cancel {
-                    reason: c.reason,
-                    by_customer: false,
-                    at: now,
-                },
-            ),
-        };
+        let (order_id, command) = order_command(command, self.clock.now());
         let result = self
             .orders
             .execute_once(order_id, message.message_id, command, metadata)
             .await;
         crate::outcome_of(result, "order")
+    }
+}
+
+/// The order and the domain command a command message means.
+fn order_command(command: OrderCommandMessage, now: DateTime<Utc>) -> (Uuid, OrderCommand) {
+    match command {
+        OrderCommandMessage::ConfirmOrderInventory(c) => {
+            (c.order_id, OrderCommand::ConfirmInventory)
+        }
+        OrderCommandMessage::ConfirmOrderPayment(c) => (
+            c.order_id,
+            OrderCommand::ConfirmPayment {
+                transaction_id: c.transaction_id,
+            },
+        ),
+        OrderCommandMessage::CompleteOrder(c) => (c.order_id, OrderCommand::Complete { at: now }),
+        OrderCommandMessage::CancelOrder(c) => (
+            c.order_id,
+            OrderCommand::Cancel {
+                reason: c.reason,
+                by_customer: false,
+                at: now,
+            },
+        ),
+    }
+}
+
+/// The saga's commands to the order service, executed in the saga's own
+/// write: the order and the domain command each means.
+fn local_route(
+    clock: Arc<dyn Clock>,
+) -> impl Fn(&str, &SagaCommand) -> Option<(String, OrderCommand)> + Send + Sync + 'static {
+    move |topic, command| {
+        if topic != topics::ORDER_COMMANDS {
+            return None;
+        }
+        let message = match command {
+            SagaCommand::ConfirmOrderInventory(c) => {
+                OrderCommandMessage::ConfirmOrderInventory(c.clone())
+            }
+            SagaCommand::ConfirmOrderPayment(c) => {
+                OrderCommandMessage::ConfirmOrderPayment(c.clone())
+            }
+            SagaCommand::CompleteOrder(c) => OrderCommandMessage::CompleteOrder(c.clone()),
+            SagaCommand::CancelOrder(c) => OrderCommandMessage::CancelOrder(c.clone()),
+            _ => return None,
+        };
+        let (order_id, command) = order_command(message, clock.now());
+        Some((order_id.to_string(), command))
     }
 }
 
