@@ -311,3 +311,210 @@ fn decode_new<A: Aggregate>(
         .codec()
         .decode_parts(&event.event_type, event.schema_version, &event.payload)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::saga::COMMAND_RECORD;
+    use crate::doc_support::counter::{Counter, CounterCommand, CounterEvent};
+    use crate::{
+        DomainEvent, EventStore, InMemoryEventStore, ManualClock, Message, Reaction, SagaManager,
+        SagaOutcome,
+    };
+
+    /// Climbs a counter by 3 until it reaches 10, then reports once.
+    #[derive(Debug, Default)]
+    struct Ladder {
+        total: u64,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    enum LadderEvent {
+        Climbed { total: u64 },
+    }
+
+    impl DomainEvent for LadderEvent {
+        fn event_type(&self) -> &'static str {
+            "Climbed"
+        }
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    enum LadderCommand {
+        Increment { by: u32 },
+        Reached { total: u64 },
+    }
+
+    impl DomainEvent for LadderCommand {
+        fn event_type(&self) -> &'static str {
+            match self {
+                Self::Increment { .. } => "Increment",
+                Self::Reached { .. } => "Reached",
+            }
+        }
+    }
+
+    impl Saga for Ladder {
+        type Event = LadderEvent;
+        type Input = CounterEvent;
+        type Command = LadderCommand;
+        const TYPE: &'static str = "ladder";
+
+        fn apply(&mut self, event: &LadderEvent) {
+            let LadderEvent::Climbed { total } = event;
+            self.total = *total;
+        }
+
+        fn react(
+            &self,
+            input: &CounterEvent,
+            _now: DateTime<Utc>,
+        ) -> Reaction<LadderEvent, LadderCommand> {
+            let CounterEvent::Incremented { by } = input;
+            let total = self.total + u64::from(*by);
+            let climbed = Reaction::none().event(LadderEvent::Climbed { total });
+            if total < 10 {
+                climbed.send("counters", LadderCommand::Increment { by: 3 })
+            } else {
+                climbed.send("reports", LadderCommand::Reached { total })
+            }
+        }
+
+        fn on_deadline(&self, _: &str, _: DateTime<Utc>) -> Reaction<LadderEvent, LadderCommand> {
+            Reaction::none()
+        }
+    }
+
+    fn setup() -> (Arc<InMemoryEventStore>, Arc<SagaManager<Ladder>>, Repository<Counter>) {
+        let store = Arc::new(InMemoryEventStore::new());
+        let counters = Repository::<Counter>::new(store.clone()).with_state_cache(16);
+        let local = LocalAggregate::new(counters.clone(), &["Incremented"], |topic, command| {
+            match (topic, command) {
+                ("counters", LadderCommand::Increment { by }) => {
+                    Some(("c".to_owned(), CounterCommand::Increment { by: *by }))
+                }
+                _ => None,
+            }
+        });
+        let manager = Arc::new(
+            SagaManager::<Ladder>::new(store.clone(), Arc::new(ManualClock::default()))
+                .with_instance_cache(16)
+                .with_local(local),
+        );
+        let writing = counters.with_writer(manager.clone());
+        (store, manager, writing)
+    }
+
+    fn saga_id() -> Uuid {
+        Uuid::from_u128(7)
+    }
+
+    /// The types written, in log order.
+    async fn log(store: &InMemoryEventStore) -> Vec<(String, String)> {
+        store
+            .read_all(crate::Position::START, 1_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.stream_id.category().to_owned(), e.event_type.to_string()))
+            .collect()
+    }
+
+    /// A command of the aggregate's own service, written through the
+    /// manager: the saga reacts, its commands to the counter run in the same
+    /// write, and so on until it reports; one write holds it all, and only
+    /// the report is a relayed command record.
+    #[tokio::test]
+    async fn the_aggregate_and_its_saga_answer_each_other_in_one_write() {
+        let (store, manager, counters) = setup();
+        let metadata = Metadata::new().with_correlation_id(saga_id());
+        let command_id = Uuid::now_v7();
+        let committed = counters
+            .execute_once("c", command_id, CounterCommand::Increment { by: 1 }, &metadata)
+            .await
+            .unwrap();
+        assert_eq!(committed.events.len(), 1);
+        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        assert_eq!((counter.state.value, counter.version), (10, 4));
+        let instance = manager.load(saga_id()).await.unwrap();
+        assert_eq!(instance.state.total, 10);
+        assert_eq!(instance.sent.len(), 4);
+        let written = log(&store).await;
+        let relayed: Vec<_> = written.iter().filter(|(_, t)| t == COMMAND_RECORD).collect();
+        assert_eq!(relayed.len(), 1, "{written:?}");
+        assert_eq!(
+            written.iter().filter(|(c, _)| c == "counter").count(),
+            4,
+            "{written:?}"
+        );
+        // The same command again is a duplicate: nothing more is written.
+        let again = counters
+            .execute_once("c", command_id, CounterCommand::Increment { by: 1 }, &metadata)
+            .await
+            .unwrap();
+        assert!(again.duplicate);
+        assert_eq!(log(&store).await.len(), written.len());
+    }
+
+    /// An input from the bus: the saga's local commands and its reactions
+    /// to their events are one write; the same message again changes
+    /// nothing.
+    #[tokio::test]
+    async fn a_bus_input_runs_the_local_commands_in_the_reactions_write() {
+        let (store, manager, _) = setup();
+        let message = Message::encode(
+            "counters",
+            &CounterEvent::Incremented { by: 4 },
+            Metadata::new().with_correlation_id(saga_id()),
+        )
+        .unwrap();
+        let outcome = manager.handle(&message).await.unwrap();
+        assert!(matches!(outcome, SagaOutcome::Reacted { .. }), "{outcome:?}");
+        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        assert_eq!(counter.state.value, 6, "two local increments of 3");
+        assert_eq!(manager.load(saga_id()).await.unwrap().state.total, 10);
+        let before = log(&store).await.len();
+        let again = manager.handle(&message).await.unwrap();
+        assert!(matches!(again, SagaOutcome::Duplicate), "{again:?}");
+        assert_eq!(log(&store).await.len(), before);
+    }
+
+    /// A write whose aggregate moved on under it is decided again on the
+    /// aggregate as it is: nothing is lost and nothing is written twice.
+    #[tokio::test]
+    async fn a_local_aggregate_that_moved_on_is_read_again() {
+        let (store, manager, _) = setup();
+        let start = |by| {
+            Message::encode(
+                "counters",
+                &CounterEvent::Incremented { by },
+                Metadata::new().with_correlation_id(saga_id()),
+            )
+            .unwrap()
+        };
+        manager.handle(&start(1)).await.unwrap();
+        // Another writer moves the counter on behind the cached state.
+        Repository::<Counter>::new(store.clone())
+            .execute("c", CounterCommand::Increment { by: 100 }, &Metadata::new())
+            .await
+            .unwrap();
+        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        assert_eq!(counter.state.value, 109);
+        // The saga is at 10 and reports; a new input below 10 would climb:
+        // reset by a fresh saga instance that climbs the same counter.
+        let other = Uuid::from_u128(8);
+        let message = Message::encode(
+            "counters",
+            &CounterEvent::Incremented { by: 5 },
+            Metadata::new().with_correlation_id(other),
+        )
+        .unwrap();
+        manager.handle(&message).await.unwrap();
+        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        assert_eq!(counter.state.value, 109 + 3 + 3);
+        assert_eq!(manager.load(other).await.unwrap().state.total, 5 + 3 + 3);
+    }
+}

@@ -117,7 +117,15 @@ async fn a_process_declares_the_queues_of_services_it_does_not_run() {
         payload: Payload::from_json("{}").unwrap(),
         metadata: Metadata::new(),
     };
-    bus.publish(&[created]).await.unwrap();
+    // The saga takes order events in the order service's writes, and
+    // inventory and payment events from its queue.
+    let reserved = Message {
+        message_id: uuid::Uuid::now_v7(),
+        topic: orders::messages::topics::INVENTORY.into(),
+        message_type: "InventoryReserved".into(),
+        ..created.clone()
+    };
+    bus.publish(&[created, reserved]).await.unwrap();
     let query_depth = || async { bus.queue_depth(groups::QUERY).await.unwrap() };
     let depth = until(50, 100, query_depth, |d| *d == 1).await;
     assert_eq!(
