@@ -30,6 +30,7 @@ pub mod stream;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod trace;
+mod unit_of_work;
 
 pub use aggregate::Aggregate;
 pub use bus::{
@@ -64,6 +65,7 @@ pub use stream::{ExpectedVersion, InvalidStreamId, StreamId};
 /// the token is cancelled. Re-exported so that no second dependency is needed.
 pub use tokio_util::sync::CancellationToken;
 pub use trace::{InvalidTraceParent, TraceParent};
+pub use unit_of_work::UnitOfWork;
 
 /// Everything an application usually needs, in one `use`.
 pub mod prelude {

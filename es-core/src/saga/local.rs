@@ -318,8 +318,8 @@ mod tests {
     use serde::{Deserialize, Serialize};
 
     use super::*;
-    use crate::saga::COMMAND_RECORD;
     use crate::doc_support::counter::{Counter, CounterCommand, CounterEvent};
+    use crate::saga::COMMAND_RECORD;
     use crate::{
         DomainEvent, EventStore, InMemoryEventStore, ManualClock, Message, Reaction, SagaManager,
         SagaOutcome,
@@ -388,17 +388,22 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<InMemoryEventStore>, Arc<SagaManager<Ladder>>, Repository<Counter>) {
+    fn setup() -> (
+        Arc<InMemoryEventStore>,
+        Arc<SagaManager<Ladder>>,
+        Repository<Counter>,
+    ) {
         let store = Arc::new(InMemoryEventStore::new());
         let counters = Repository::<Counter>::new(store.clone()).with_state_cache(16);
-        let local = LocalAggregate::new(counters.clone(), &["Incremented"], |topic, command| {
-            match (topic, command) {
+        let local =
+            LocalAggregate::new(counters.clone(), &["Incremented"], |topic, command| match (
+                topic, command,
+            ) {
                 ("counters", LadderCommand::Increment { by }) => {
                     Some(("c".to_owned(), CounterCommand::Increment { by: *by }))
                 }
                 _ => None,
-            }
-        });
+            });
         let manager = Arc::new(
             SagaManager::<Ladder>::new(store.clone(), Arc::new(ManualClock::default()))
                 .with_instance_cache(16)
@@ -433,17 +438,28 @@ mod tests {
         let metadata = Metadata::new().with_correlation_id(saga_id());
         let command_id = Uuid::now_v7();
         let committed = counters
-            .execute_once("c", command_id, CounterCommand::Increment { by: 1 }, &metadata)
+            .execute_once(
+                "c",
+                command_id,
+                CounterCommand::Increment { by: 1 },
+                &metadata,
+            )
             .await
             .unwrap();
         assert_eq!(committed.events.len(), 1);
-        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        let counter = Repository::<Counter>::new(store.clone())
+            .load("c")
+            .await
+            .unwrap();
         assert_eq!((counter.state.value, counter.version), (10, 4));
         let instance = manager.load(saga_id()).await.unwrap();
         assert_eq!(instance.state.total, 10);
         assert_eq!(instance.sent.len(), 4);
         let written = log(&store).await;
-        let relayed: Vec<_> = written.iter().filter(|(_, t)| t == COMMAND_RECORD).collect();
+        let relayed: Vec<_> = written
+            .iter()
+            .filter(|(_, t)| t == COMMAND_RECORD)
+            .collect();
         assert_eq!(relayed.len(), 1, "{written:?}");
         assert_eq!(
             written.iter().filter(|(c, _)| c == "counter").count(),
@@ -452,7 +468,12 @@ mod tests {
         );
         // The same command again is a duplicate: nothing more is written.
         let again = counters
-            .execute_once("c", command_id, CounterCommand::Increment { by: 1 }, &metadata)
+            .execute_once(
+                "c",
+                command_id,
+                CounterCommand::Increment { by: 1 },
+                &metadata,
+            )
             .await
             .unwrap();
         assert!(again.duplicate);
@@ -472,8 +493,14 @@ mod tests {
         )
         .unwrap();
         let outcome = manager.handle(&message).await.unwrap();
-        assert!(matches!(outcome, SagaOutcome::Reacted { .. }), "{outcome:?}");
-        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        assert!(
+            matches!(outcome, SagaOutcome::Reacted { .. }),
+            "{outcome:?}"
+        );
+        let counter = Repository::<Counter>::new(store.clone())
+            .load("c")
+            .await
+            .unwrap();
         assert_eq!(counter.state.value, 6, "two local increments of 3");
         assert_eq!(manager.load(saga_id()).await.unwrap().state.total, 10);
         let before = log(&store).await.len();
@@ -501,7 +528,10 @@ mod tests {
             .execute("c", CounterCommand::Increment { by: 100 }, &Metadata::new())
             .await
             .unwrap();
-        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        let counter = Repository::<Counter>::new(store.clone())
+            .load("c")
+            .await
+            .unwrap();
         assert_eq!(counter.state.value, 109);
         // The saga is at 10 and reports; a new input below 10 would climb:
         // reset by a fresh saga instance that climbs the same counter.
@@ -513,7 +543,10 @@ mod tests {
         )
         .unwrap();
         manager.handle(&message).await.unwrap();
-        let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+        let counter = Repository::<Counter>::new(store.clone())
+            .load("c")
+            .await
+            .unwrap();
         assert_eq!(counter.state.value, 109 + 3 + 3);
         assert_eq!(manager.load(other).await.unwrap().state.total, 5 + 3 + 3);
     }

@@ -7,7 +7,12 @@ mod http;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use es_core::{derived_id, Message, Metadata, Outcome, Repository, RepositoryError};
+use std::time::Duration;
+
+use es_core::{
+    Aggregate, Loaded, Message, Metadata, Outcome, Repository, RepositoryError, RetryPolicy,
+    StoreError, UnitOfWork,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -174,6 +179,7 @@ impl InventoryService {
         Ok(ProductView::of(&loaded.state))
     }
 
+    #[cfg(test)]
     async fn reservation(&self, order_id: Uuid) -> Result<Reservation> {
         let loaded = self
             .reservations
@@ -183,47 +189,39 @@ impl InventoryService {
         Ok(domain::reservation_for(order_id, loaded.state))
     }
 
-    /// Records an outcome on the order's reservation. `Ok(Ok(true))` when
-    /// this call wrote it; `Ok(Ok(false))` when nothing was written: the
-    /// reservation already stood so, or `cause` had recorded an outcome
-    /// before (another delivery of the same command, perhaps with another
-    /// decision).
-    async fn record(
-        &self,
-        order_id: Uuid,
-        cause: Uuid,
-        command: ReservationCommand,
-        metadata: &Metadata,
-    ) -> Result<std::result::Result<bool, ReservationError>> {
-        let result = self
-            .reservations
-            .execute_with(order_id, metadata, Some(cause), |state: &Reservation| {
-                es_core::Aggregate::handle(
-                    &domain::reservation_for(order_id, state.clone()),
-                    command.clone(),
-                )
-            })
-            .await;
-        match result {
-            Ok(committed) => Ok(Ok(!committed.events.is_empty())),
-            Err(RepositoryError::Rejected(e)) => Ok(Err(e)),
-            Err(e) => Err(Error::from_repository(e)),
+    /// A fresh unit and the order's reservation loaded in it.
+    async fn unit_for(&self, order_id: Uuid) -> Result<(UnitOfWork, Loaded<Reservation>)> {
+        let mut unit = UnitOfWork::new(Arc::clone(self.reservations.store()));
+        let mut loaded = unit
+            .load(&self.reservations, order_id)
+            .await
+            .map_err(Error::from_repository)?;
+        loaded.state = domain::reservation_for(order_id, loaded.state);
+        Ok((unit, loaded))
+    }
+
+    /// Commits `unit`: `Ok(true)` when written (or nothing to write),
+    /// `Ok(false)` after a wait when a concurrent writer moved one of its
+    /// aggregates on (decide again), an error when the store failed or the
+    /// retries ran out.
+    async fn settle(unit: UnitOfWork, attempt: u32) -> Result<bool> {
+        match unit.commit().await {
+            Ok(_) => Ok(true),
+            Err(
+                StoreError::WrongExpectedVersion { .. } | StoreError::IdempotencyConflict { .. },
+            ) if attempt < UNIT_RETRY.max_attempts => {
+                tokio::time::sleep(UNIT_RETRY.backoff(attempt)).await;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
-    /// Reserves every line or none, then records the outcome on the order's
-    /// reservation. Safe under redelivery, concurrent duplicates and a
-    /// release that overtakes it:
-    ///
-    /// - each product step runs at most once per delivery of the command
-    ///   (`execute_once` with an id derived from the message), so a late
-    ///   duplicate never re-reserves stock a commit or release already
-    ///   settled;
-    /// - the outcome is recorded before a failed attempt gives its stock
-    ///   back, so a retry after a crash finds the stock it holds still held;
-    /// - whenever the reservation is (or turns out to be) released or failed,
-    ///   the stock of every line is given back: this covers a crash after
-    ///   reserving and before recording, followed by a release.
+    /// Reserves every line or none, in one atomic write of the order's
+    /// reservation and its products: stock is never held without the
+    /// reservation that holds it. A reservation already decided (by an
+    /// earlier delivery, or released before the reserve arrived) is left as
+    /// it is, so redeliveries and late duplicates change nothing.
     async fn reserve(
         &self,
         order_id: Uuid,
@@ -231,135 +229,174 @@ impl InventoryService {
         cause: Uuid,
         metadata: &Metadata,
     ) -> Result<()> {
-        match self.reservation(order_id).await?.state {
-            ReservationState::Open => self.hold(order_id, lines, cause, metadata).await,
-            ReservationState::Released(_) | ReservationState::Failed => {
-                // Settled without this delivery's stock: nothing may stay held.
-                self.each_product(lines, ProductCommand::Release { order_id }, metadata)
-                    .await
+        let lines = merged(lines);
+        for attempt in 1.. {
+            let (mut unit, reservation) = self.unit_for(order_id).await?;
+            if reservation.state.state != ReservationState::Open {
+                unit.keep(&self.reservations, order_id, reservation)
+                    .map_err(Error::from_repository)?;
+            } else {
+                let mut products = Vec::with_capacity(lines.len());
+                let mut failure = None;
+                for line in &lines {
+                    let product = unit
+                        .load(&self.products, line.product_id)
+                        .await
+                        .map_err(Error::from_repository)?;
+                    let check = product.state.handle(ProductCommand::Reserve {
+                        order_id,
+                        quantity: line.quantity,
+                    });
+                    if let (Err(e), None) = (check, &failure) {
+                        failure = Some(match e {
+                            ProductError::NotFound(_) => {
+                                format!("product {} not found", line.product_id)
+                            }
+                            e => e.to_string(),
+                        });
+                    }
+                    products.push(product);
+                }
+                let outcome = match &failure {
+                    Some(reason) => {
+                        tracing::info!(%order_id, %reason, "reservation failed");
+                        ReservationCommand::RecordFailed(reason.clone())
+                    }
+                    None => ReservationCommand::RecordReserved(lines.clone()),
+                };
+                for (line, product) in lines.iter().zip(products) {
+                    if failure.is_some() {
+                        unit.keep(&self.products, line.product_id, product)
+                            .map_err(Error::from_repository)?;
+                        continue;
+                    }
+                    let command = ProductCommand::Reserve {
+                        order_id,
+                        quantity: line.quantity,
+                    };
+                    unit.decide(
+                        &self.products,
+                        line.product_id,
+                        product,
+                        command,
+                        cause,
+                        metadata,
+                    )
+                    .map_err(Error::from_repository)?
+                    .map_err(|e| Error::internal(format!("a checked reserve was refused: {e}")))?;
+                }
+                let recorded = unit
+                    .decide(
+                        &self.reservations,
+                        order_id,
+                        reservation,
+                        outcome,
+                        cause,
+                        metadata,
+                    )
+                    .map_err(Error::from_repository)?;
+                if let Err(e) = recorded {
+                    tracing::info!(%order_id, error = %e, "reservation outcome not recorded");
+                }
             }
-            ReservationState::Reserved(_) | ReservationState::Committed(_) => Ok(()),
+            if Self::settle(unit, attempt).await? {
+                return Ok(());
+            }
         }
+        Ok(())
     }
 
-    /// The part of [`Self::reserve`] after it found the reservation open:
-    /// holds the stock of every line, or of none, and records the outcome.
-    ///
-    /// Another delivery of the same command may be running beside this one
-    /// and may decide otherwise (it failed for want of stock that this one
-    /// finds freed). The first outcome recorded stands; the later one is
-    /// taken as a duplicate of its command id and not written. So unless
-    /// this delivery wrote "reserved" itself, it reads the reservation as it
-    /// now stands and gives its stock back when that is failed or released.
-    async fn hold(
+    /// Releases the reservation and gives its stock back, in one write.
+    async fn release(&self, order_id: Uuid, cause: Uuid, metadata: &Metadata) -> Result<()> {
+        self.settle_lines(order_id, cause, metadata, ReservationCommand::Release)
+            .await
+    }
+
+    /// Commits the reservation and its stock, in one write.
+    async fn commit(&self, order_id: Uuid, cause: Uuid, metadata: &Metadata) -> Result<()> {
+        self.settle_lines(order_id, cause, metadata, ReservationCommand::Commit)
+            .await
+    }
+
+    /// Releases or commits: the reservation's event and, when it held
+    /// stock, the same step on each of its products, as one write.
+    async fn settle_lines(
         &self,
         order_id: Uuid,
-        lines: &[StockLine],
         cause: Uuid,
         metadata: &Metadata,
+        command: ReservationCommand,
     ) -> Result<()> {
-        let mut failure = None;
-        for (i, line) in lines.iter().enumerate() {
-            let command = ProductCommand::Reserve {
-                order_id,
-                quantity: line.quantity,
+        for attempt in 1.. {
+            let (mut unit, reservation) = self.unit_for(order_id).await?;
+            let held = match &reservation.state.state {
+                ReservationState::Reserved(lines) => lines.clone(),
+                _ => Vec::new(),
             };
-            let step = derived_id(cause, "reserve", u32::try_from(i).unwrap_or(u32::MAX));
-            match self
-                .products
-                .execute_once(line.product_id, step, command, metadata)
-                .await
-            {
+            let decided = unit
+                .decide(
+                    &self.reservations,
+                    order_id,
+                    reservation,
+                    command.clone(),
+                    cause,
+                    metadata,
+                )
+                .map_err(Error::from_repository)?;
+            match decided {
+                Ok(events) if !events.is_empty() => {
+                    for line in &held {
+                        let product = unit
+                            .load(&self.products, line.product_id)
+                            .await
+                            .map_err(Error::from_repository)?;
+                        let step = match command {
+                            ReservationCommand::Commit => ProductCommand::Commit { order_id },
+                            _ => ProductCommand::Release { order_id },
+                        };
+                        // A product that refuses (nothing held for the
+                        // order) is passed over.
+                        let _ = unit
+                            .decide(
+                                &self.products,
+                                line.product_id,
+                                product,
+                                step,
+                                cause,
+                                metadata,
+                            )
+                            .map_err(Error::from_repository)?;
+                    }
+                }
                 Ok(_) => {}
-                Err(RepositoryError::Rejected(ProductError::NotFound(_))) => {
-                    failure = Some(format!("product {} not found", line.product_id));
-                    break;
-                }
-                Err(RepositoryError::Rejected(e)) => {
-                    failure = Some(e.to_string());
-                    break;
-                }
-                Err(e) => return Err(Error::from_repository(e)),
+                Err(e) => tracing::warn!(%order_id, error = %e, ?command, "refused"),
             }
-        }
-        let reserving = failure.is_none();
-        let outcome = match failure {
-            Some(reason) => {
-                tracing::info!(%order_id, %reason, "reservation failed");
-                ReservationCommand::RecordFailed(reason)
-            }
-            None => ReservationCommand::RecordReserved(lines.to_vec()),
-        };
-        match self.record(order_id, cause, outcome, metadata).await? {
-            // This delivery's own "reserved": the stock it holds is the
-            // reservation's.
-            Ok(true) if reserving => return Ok(()),
-            Ok(_) => {}
-            Err(e) => tracing::info!(%order_id, error = %e, "reservation outcome not recorded"),
-        }
-        match self.reservation(order_id).await?.state {
-            // Failed (now, or by another delivery) or released: give back
-            // what this attempt holds.
-            ReservationState::Failed | ReservationState::Released(_) => {
-                self.each_product(lines, ProductCommand::Release { order_id }, metadata)
-                    .await
-            }
-            // Another delivery of the same command reserved: the lines this
-            // one reserved are its steps, so they are that reservation.
-            _ => Ok(()),
-        }
-    }
-
-    /// Executes `command` on the product of every line; a product that
-    /// refuses it (already done) is passed over.
-    async fn each_product(
-        &self,
-        lines: &[StockLine],
-        command: ProductCommand,
-        metadata: &Metadata,
-    ) -> Result<()> {
-        for line in lines {
-            match self
-                .products
-                .execute(line.product_id, command.clone(), metadata)
-                .await
-            {
-                Ok(_) | Err(RepositoryError::Rejected(_)) => {}
-                Err(e) => return Err(Error::from_repository(e)),
+            if Self::settle(unit, attempt).await? {
+                return Ok(());
             }
         }
         Ok(())
     }
+}
 
-    async fn release(&self, order_id: Uuid, cause: Uuid, metadata: &Metadata) -> Result<()> {
-        if let Err(e) = self
-            .record(order_id, cause, ReservationCommand::Release, metadata)
-            .await?
-        {
-            tracing::warn!(%order_id, error = %e, "release refused");
-            return Ok(());
-        }
-        if let ReservationState::Released(lines) = self.reservation(order_id).await?.state {
-            self.each_product(&lines, ProductCommand::Release { order_id }, metadata)
-                .await?;
-        }
-        Ok(())
-    }
+/// The retries of a unit whose aggregates moved on: many quick, short ones,
+/// as for a popular product raced for by many orders at once.
+const UNIT_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 64,
+    base_delay: Duration::from_micros(200),
+    max_delay: Duration::from_millis(20),
+};
 
-    async fn commit(&self, order_id: Uuid, cause: Uuid, metadata: &Metadata) -> Result<()> {
-        if let Err(e) = self
-            .record(order_id, cause, ReservationCommand::Commit, metadata)
-            .await?
-        {
-            tracing::warn!(%order_id, error = %e, "commit refused");
-            return Ok(());
+/// One line per product: the quantities of a product's lines added up.
+fn merged(lines: &[StockLine]) -> Vec<StockLine> {
+    let mut merged: Vec<StockLine> = Vec::with_capacity(lines.len());
+    for line in lines {
+        match merged.iter_mut().find(|l| l.product_id == line.product_id) {
+            Some(l) => l.quantity = l.quantity.saturating_add(line.quantity),
+            None => merged.push(line.clone()),
         }
-        if let ReservationState::Committed(lines) = self.reservation(order_id).await?.state {
-            self.each_product(&lines, ProductCommand::Commit { order_id }, metadata)
-                .await?;
-        }
-        Ok(())
     }
+    merged
 }
 
 #[async_trait]
@@ -402,45 +439,26 @@ mod tests {
         InventoryService::new(Repository::new(Arc::clone(&store)), Repository::new(store))
     }
 
-    /// The first delivery of a reserve command held the stock and died before
-    /// recording it; the order was cancelled (released) meanwhile; the
-    /// redelivered command must give the stock back.
+    /// A release that overtakes its reserve settles the reservation: the
+    /// reserve that arrives after it holds nothing.
     #[tokio::test]
-    async fn a_redelivered_reserve_after_a_release_gives_the_stock_back() {
+    async fn a_reserve_that_arrives_after_its_release_holds_nothing() {
         let inventory = service();
         let product_id = inventory.create_product("Widget", "2.50", 5).await.unwrap();
         let order_id = Uuid::now_v7();
-        let cause = Uuid::now_v7();
         let metadata = Metadata::new().with_correlation_id(order_id);
         let lines = [StockLine {
             product_id,
             quantity: 3,
         }];
-        // The first attempt's product step, and nothing after it.
-        inventory
-            .products
-            .execute_once(
-                product_id,
-                derived_id(cause, "reserve", 0),
-                ProductCommand::Reserve {
-                    order_id,
-                    quantity: 3,
-                },
-                &metadata,
-            )
-            .await
-            .unwrap();
-        assert_eq!(inventory.product(product_id).await.unwrap().reserved, 3);
-
         inventory
             .release(order_id, Uuid::now_v7(), &metadata)
             .await
             .unwrap();
         inventory
-            .reserve(order_id, &lines, cause, &metadata)
+            .reserve(order_id, &lines, Uuid::now_v7(), &metadata)
             .await
             .unwrap();
-
         let product = inventory.product(product_id).await.unwrap();
         assert_eq!((product.reserved, product.available), (0, 5));
         assert!(matches!(
@@ -449,60 +467,101 @@ mod tests {
         ));
     }
 
-    /// Two deliveries of one reserve command run side by side and both find
-    /// the reservation open. The first fails for want of stock and records
-    /// the failure; stock is freed; the second then holds the line and its
-    /// "reserved" is a duplicate of the recorded outcome. It must give the
-    /// stock back: the order's saga saw the failure and will never release
-    /// it. (Found as 3 units left reserved after a RabbitMQ restart, when the
-    /// relay published a batch twice.)
+    /// A reserve fails for want of stock; stock is freed; the same command
+    /// delivered again finds the reservation failed and holds nothing (the
+    /// order's saga saw the failure and will never release it).
     #[tokio::test]
-    async fn a_concurrent_duplicate_that_finds_stock_after_the_failure_gives_it_back() {
+    async fn a_redelivered_reserve_after_its_failure_holds_nothing() {
         let inventory = service();
         let product_id = inventory.create_product("Widget", "1.00", 3).await.unwrap();
         let (order_id, other, cause) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
         let metadata = Metadata::new().with_correlation_id(order_id);
-        let lines = [StockLine {
-            product_id,
-            quantity: 3,
-        }];
-        let hold_one = ProductCommand::Reserve {
-            order_id: other,
-            quantity: 1,
+        let lines = |quantity| {
+            [StockLine {
+                product_id,
+                quantity,
+            }]
         };
         inventory
-            .products
-            .execute(product_id, hold_one, &metadata)
+            .reserve(other, &lines(1), Uuid::now_v7(), &metadata)
             .await
             .unwrap();
-
-        // The first delivery, whole: fails and records it.
         inventory
-            .reserve(order_id, &lines, cause, &metadata)
+            .reserve(order_id, &lines(3), cause, &metadata)
             .await
             .unwrap();
         assert_eq!(
             inventory.reservation(order_id).await.unwrap().state,
             ReservationState::Failed
         );
-        let release_other = ProductCommand::Release { order_id: other };
         inventory
-            .products
-            .execute(product_id, release_other, &metadata)
+            .release(other, Uuid::now_v7(), &metadata)
             .await
             .unwrap();
-        // The second, past its check of an open reservation.
         inventory
-            .hold(order_id, &lines, cause, &metadata)
+            .reserve(order_id, &lines(3), cause, &metadata)
             .await
             .unwrap();
-
         let product = inventory.product(product_id).await.unwrap();
         assert_eq!((product.reserved, product.available), (0, 3));
         assert_eq!(
             inventory.reservation(order_id).await.unwrap().state,
             ReservationState::Failed
         );
+    }
+
+    /// Many orders race for scarce stock, each command delivered twice at
+    /// once: no unit is oversold, every reservation is decided once, and the
+    /// stock held is exactly what the reserved reservations hold; committing
+    /// them all ships exactly that.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_reservations_never_oversell_and_hold_what_they_record() {
+        let inventory = Arc::new(service());
+        let product_id = inventory
+            .create_product("Scarce", "1.00", 10)
+            .await
+            .unwrap();
+        let orders: Vec<(Uuid, Uuid)> = (0..12).map(|_| (Uuid::now_v7(), Uuid::now_v7())).collect();
+        let mut tasks = Vec::new();
+        for &(order_id, cause) in &orders {
+            for _ in 0..2 {
+                let inventory = Arc::clone(&inventory);
+                tasks.push(tokio::spawn(async move {
+                    let lines = [StockLine {
+                        product_id,
+                        quantity: 2,
+                    }];
+                    let metadata = Metadata::new().with_correlation_id(order_id);
+                    inventory
+                        .reserve(order_id, &lines, cause, &metadata)
+                        .await
+                        .unwrap();
+                }));
+            }
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let mut reserved = 0;
+        for &(order_id, _) in &orders {
+            match inventory.reservation(order_id).await.unwrap().state {
+                ReservationState::Reserved(lines) => reserved += lines[0].quantity,
+                ReservationState::Failed => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        let product = inventory.product(product_id).await.unwrap();
+        assert_eq!(reserved, 10, "the stock is taken by whole reservations");
+        assert_eq!(product.reserved, u64::from(reserved));
+        for &(order_id, _) in &orders {
+            let metadata = Metadata::new().with_correlation_id(order_id);
+            inventory
+                .commit(order_id, Uuid::now_v7(), &metadata)
+                .await
+                .unwrap();
+        }
+        let product = inventory.product(product_id).await.unwrap();
+        assert_eq!((product.reserved, product.available), (0, 0));
     }
 
     /// A reservation that fails on its second line records the failure and
