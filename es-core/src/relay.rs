@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::bus::{BusError, EventBus, Message};
@@ -65,11 +66,17 @@ pub enum RelayError {
     Store(#[from] StoreError),
 }
 
+/// How often a relay saves its checkpoint by default (see
+/// [`Relay::with_checkpoint_every`]).
+pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
 /// Publishes the store's log to a bus, from a stored checkpoint.
 ///
 /// Each batch is published with confirms, then the checkpoint advances past
-/// it. A crash between the two republishes the batch: delivery is at least
-/// once, and consumers deduplicate by message id (the event id).
+/// it (saved at most every [`DEFAULT_CHECKPOINT_EVERY`], and when the relay
+/// stops or falls idle). A crash republishes what was published since the
+/// last save: delivery is at least once, and consumers deduplicate by
+/// message id (the event id).
 pub struct Relay {
     store: Arc<dyn EventStore>,
     bus: Arc<dyn EventBus>,
@@ -77,6 +84,7 @@ pub struct Relay {
     name: String,
     batch_size: usize,
     route: Route,
+    checkpoint_every: Duration,
     progress: watch::Sender<Position>,
 }
 
@@ -106,6 +114,7 @@ impl Relay {
             name: name.into(),
             batch_size: 256,
             route: Arc::new(default_route),
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             progress: watch::Sender::new(Position::START),
         }
     }
@@ -114,6 +123,18 @@ impl Relay {
     #[must_use]
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// Saves the checkpoint at most once per `interval` (and when the relay
+    /// stops or falls idle) instead of after every batch: under load the
+    /// checkpoint costs one write per interval, not one per batch. A crash
+    /// republishes at most the batches of the last interval, which
+    /// consumers deduplicate as any redelivery. Zero saves after every
+    /// batch.
+    #[must_use]
+    pub fn with_checkpoint_every(mut self, interval: Duration) -> Self {
+        self.checkpoint_every = interval;
         self
     }
 
@@ -161,20 +182,38 @@ impl Relay {
             .await?
             .unwrap_or(Position::START);
         self.progress.send_replace(position);
+        // The position published but not yet saved, and when the last save
+        // was.
+        let mut unsaved: Option<Position> = None;
+        let mut saved_at = Instant::now();
         'subscribe: loop {
             let mut log = self
                 .store
                 .subscribe_all(position)
                 .ready_chunks(self.batch_size);
             loop {
+                let due = saved_at + self.checkpoint_every;
                 let batch = tokio::select! {
-                    () = stop.cancelled() => return Ok(()),
+                    () = stop.cancelled() => {
+                        self.flush(&mut unsaved).await;
+                        return Ok(());
+                    }
+                    // Idle with a position not saved: save it now.
+                    () = tokio::time::sleep_until(due), if unsaved.is_some() => {
+                        self.flush(&mut unsaved).await;
+                        saved_at = Instant::now();
+                        continue;
+                    }
                     batch = log.next() => batch,
                 };
                 if stop.is_cancelled() {
+                    self.flush(&mut unsaved).await;
                     return Ok(());
                 }
-                let Some(batch) = batch else { return Ok(()) };
+                let Some(batch) = batch else {
+                    self.flush(&mut unsaved).await;
+                    return Ok(());
+                };
                 let mut events = Vec::with_capacity(batch.len());
                 let mut failed = None;
                 for item in batch {
@@ -187,12 +226,18 @@ impl Relay {
                     let last = last.position;
                     let messages: Vec<Message> =
                         events.iter().filter_map(|e| (self.route)(e)).collect();
-                    self.publish(&messages, &stop).await;
+                    self.publish(&messages, &stop, &mut unsaved).await;
                     if stop.is_cancelled() {
+                        self.flush(&mut unsaved).await;
                         return Ok(());
                     }
                     position = last;
-                    self.save_checkpoint(position).await;
+                    self.progress.send_replace(position);
+                    unsaved = Some(position);
+                    if saved_at.elapsed() >= self.checkpoint_every {
+                        self.flush(&mut unsaved).await;
+                        saved_at = Instant::now();
+                    }
                 }
                 if let Some(error) = failed {
                     tracing::warn!(relay = %self.name, %error, "store subscription failed; resubscribing");
@@ -203,7 +248,14 @@ impl Relay {
         }
     }
 
-    async fn publish(&self, messages: &[Message], stop: &CancellationToken) {
+    /// Publishes `messages`, again and again while the bus refuses them;
+    /// the position published before them is saved while it waits.
+    async fn publish(
+        &self,
+        messages: &[Message],
+        stop: &CancellationToken,
+        unsaved: &mut Option<Position>,
+    ) {
         if messages.is_empty() {
             return;
         }
@@ -214,6 +266,7 @@ impl Relay {
             match self.bus.publish(messages).instrument(span.clone()).await {
                 Ok(()) => return,
                 Err(error) => {
+                    self.flush(unsaved).await;
                     log_publish_failure(&self.name, &error);
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -225,12 +278,15 @@ impl Relay {
         }
     }
 
-    async fn save_checkpoint(&self, position: Position) {
+    /// Saves the position published but not yet saved, if any.
+    async fn flush(&self, unsaved: &mut Option<Position>) {
+        let Some(position) = unsaved.take() else {
+            return;
+        };
         // A checkpoint that fails to save only means republishing later.
         if let Err(error) = self.checkpoints.save(&self.name, position).await {
             tracing::warn!(relay = %self.name, %error, "checkpoint not saved");
         }
-        self.progress.send_replace(position);
     }
 }
 
@@ -262,6 +318,67 @@ mod tests {
             metadata: Metadata::new(),
             recorded_at: chrono::Utc::now(),
         }
+    }
+
+    /// Counts the saves of a checkpoint store.
+    #[derive(Default)]
+    struct CountingCheckpoints {
+        inner: crate::InMemoryCheckpointStore,
+        saves: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl CheckpointStore for CountingCheckpoints {
+        async fn load(&self, name: &str) -> Result<Option<Position>, StoreError> {
+            self.inner.load(name).await
+        }
+        async fn save(&self, name: &str, position: Position) -> Result<(), StoreError> {
+            self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.save(name, position).await
+        }
+    }
+
+    /// Many batches within one interval cost one checkpoint write, and the
+    /// relay that falls idle, or stops, has saved the last position.
+    #[tokio::test(start_paused = true)]
+    async fn the_checkpoint_is_saved_once_per_interval_and_when_idle() {
+        use crate::{EventStore, ExpectedVersion, InMemoryBus, InMemoryEventStore, NewEvent};
+        let store = Arc::new(InMemoryEventStore::new());
+        let checkpoints = Arc::new(CountingCheckpoints::default());
+        let relay = Relay::new(
+            "r",
+            store.clone(),
+            Arc::new(InMemoryBus::new()),
+            checkpoints.clone(),
+        )
+        .with_batch_size(1)
+        .with_checkpoint_every(Duration::from_secs(1));
+        let stop = CancellationToken::new();
+        let mut progress = relay.progress();
+        let running = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop).await }
+        });
+        let stream = StreamId::new("s-1").unwrap();
+        for _ in 0..20 {
+            let event = NewEvent::new("E", 1, Payload::from_json("{}").unwrap(), Metadata::new());
+            store
+                .append(&stream, ExpectedVersion::Any, vec![event])
+                .await
+                .unwrap();
+        }
+        let head = store.head().await.unwrap();
+        progress.wait_for(|p| *p == head).await.unwrap();
+        let saves = checkpoints.saves.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            saves <= 1,
+            "{saves} saves for 20 batches within one interval"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(checkpoints.inner.load("r").await.unwrap(), Some(head));
+        stop.cancel();
+        running.await.unwrap().unwrap();
+        assert_eq!(checkpoints.inner.load("r").await.unwrap(), Some(head));
     }
 
     #[test]
