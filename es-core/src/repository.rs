@@ -656,12 +656,24 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// The state to decide a command on inside another write: the cached
-    /// one (taken out of the cache), else the stream as read.
+    /// one, taken out of the cache and not read on (the write's expected
+    /// version checks it), else, with `assume_new`, the empty state of a
+    /// stream assumed not to exist (checked the same way), else the stream
+    /// as read.
     pub(crate) async fn state_for_write(
         &self,
         stream: &StreamId,
+        assume_new: bool,
     ) -> Result<Loaded<A>, RepositoryError<A::Error>> {
-        self.load_stream(stream, None, true)
+        let start = if assume_new {
+            Start::AssumeNew
+        } else {
+            Start::Load
+        };
+        if let Some((_, loaded)) = self.first_guess(stream, start) {
+            return Ok(loaded);
+        }
+        self.load_stream(stream, None, false)
             .await
             .map(|(loaded, _)| loaded)
     }

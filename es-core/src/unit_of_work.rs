@@ -54,8 +54,6 @@ pub struct UnitOfWork {
     parts: Vec<StreamAppend>,
     /// For each part, what to do with its aggregate after the write.
     written: Vec<Settle>,
-    /// Aggregates loaded and left unchanged: back to their caches.
-    unchanged: Vec<Settle>,
 }
 
 impl fmt::Debug for UnitOfWork {
@@ -77,19 +75,32 @@ impl UnitOfWork {
             store,
             parts: Vec::new(),
             written: Vec::new(),
-            unchanged: Vec::new(),
         }
     }
 
-    /// The aggregate `id` as it stands: the repository's cached state, else
-    /// its snapshot and stream as read.
+    /// The aggregate `id`: the repository's cached state, read no further
+    /// (the write checks its version), else its snapshot and stream as read.
     pub async fn load<A: Aggregate>(
         &mut self,
         repository: &Repository<A>,
         id: impl fmt::Display,
     ) -> Result<Loaded<A>, RepositoryError<A::Error>> {
         let stream = repository.stream_id(id)?;
-        repository.state_for_write(&stream).await
+        repository.state_for_write(&stream, false).await
+    }
+
+    /// [`UnitOfWork::load`] for an aggregate that almost never exists yet
+    /// (a fresh id): when it is not cached, its empty state, without a read.
+    /// The write expects the stream not to exist, so a wrong guess fails
+    /// the commit with [`StoreError::WrongExpectedVersion`] and writes
+    /// nothing.
+    pub async fn load_or_new<A: Aggregate>(
+        &mut self,
+        repository: &Repository<A>,
+        id: impl fmt::Display,
+    ) -> Result<Loaded<A>, RepositoryError<A::Error>> {
+        let stream = repository.stream_id(id)?;
+        repository.state_for_write(&stream, true).await
     }
 
     /// Decides `command` on `loaded` (from [`UnitOfWork::load`]): the events
@@ -117,8 +128,7 @@ impl UnitOfWork {
         let events = match loaded.state.handle(command) {
             Ok(events) if !events.is_empty() => events,
             decided => {
-                self.unchanged
-                    .push(settle(repository.clone(), stream, loaded, Vec::new()));
+                self.check(repository, stream, loaded);
                 return Ok(decided);
             }
         };
@@ -141,7 +151,8 @@ impl UnitOfWork {
         Ok(Ok(events))
     }
 
-    /// Leaves `loaded` unchanged in this unit: it goes back to the
+    /// Leaves `loaded` unchanged in this unit: the write checks that its
+    /// version is still the one loaded, and it goes back to the
     /// repository's cache when the unit is committed.
     ///
     /// # Errors
@@ -153,18 +164,35 @@ impl UnitOfWork {
         loaded: Loaded<A>,
     ) -> Result<(), RepositoryError<A::Error>> {
         let stream = repository.stream_id(id)?;
-        self.unchanged
-            .push(settle(repository.clone(), stream, loaded, Vec::new()));
+        self.check(repository, stream, loaded);
         Ok(())
+    }
+
+    /// An aggregate the unit's decisions read and leave unchanged: the write
+    /// checks that its version is still the one read (a part without
+    /// events), so nothing is decided on a state that moved on.
+    fn check<A: Aggregate>(
+        &mut self,
+        repository: &Repository<A>,
+        stream: StreamId,
+        loaded: Loaded<A>,
+    ) {
+        self.parts.push(StreamAppend::new(
+            stream.clone(),
+            ExpectedVersion::from_loaded(loaded.version),
+            Vec::new(),
+        ));
+        self.written
+            .push(settle(repository.clone(), stream, loaded, Vec::new()));
     }
 
     /// Whether nothing was decided that writes.
     pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
+        self.parts.iter().all(|p| p.events.is_empty())
     }
 
     /// Appends every decision in one atomic write: one result per aggregate
-    /// that had events, in the order decided. The aggregates' new states go
+    /// decided or kept, in that order (a kept one's is not `written`). The aggregates' new states go
     /// to their repositories' caches.
     ///
     /// # Errors
@@ -174,11 +202,7 @@ impl UnitOfWork {
             store,
             parts,
             written,
-            unchanged,
         } = self;
-        for keep in unchanged {
-            keep(None).await;
-        }
         if parts.is_empty() {
             return Ok(Vec::new());
         }
@@ -206,11 +230,13 @@ fn settle<A: Aggregate>(
     Box::new(move |result: Option<AppendResult>| {
         Box::pin(async move {
             match result {
-                None if events.is_empty() => {
-                    let version = loaded.version;
-                    repository
-                        .written_by_other(&stream, loaded, &[], version)
-                        .await;
+                Some(result) if events.is_empty() => {
+                    let version = result.stream_version;
+                    if version == loaded.version {
+                        repository
+                            .written_by_other(&stream, loaded, &[], version)
+                            .await;
+                    }
                 }
                 Some(result) if result.written => {
                     repository

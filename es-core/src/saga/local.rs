@@ -206,7 +206,7 @@ where
         if touched.loaded.is_none() {
             let loaded = self
                 .repository
-                .state_for_write(&stream)
+                .state_for_write(&stream, false)
                 .await
                 .map_err(refused)?;
             let mut state = Loaded {
@@ -253,13 +253,18 @@ where
     }
 
     fn parts(&mut self) -> Vec<StreamAppend> {
+        // Every aggregate the write read: one whose command was refused or
+        // decided nothing is a part without events, which checks that the
+        // state it was decided on is still the stream's.
         self.order
             .iter()
             .filter_map(|stream| {
                 let touched = self.streams.get(stream)?;
-                (!touched.appended.is_empty()).then(|| {
-                    StreamAppend::new(stream.clone(), touched.expected, touched.appended.clone())
-                })
+                Some(StreamAppend::new(
+                    stream.clone(),
+                    touched.expected,
+                    touched.appended.clone(),
+                ))
             })
             .collect()
     }
@@ -274,11 +279,7 @@ where
             order,
             ..
         } = *self;
-        let written: Vec<&StreamId> = order
-            .iter()
-            .filter(|s| streams.get(*s).is_some_and(|t| !t.appended.is_empty()))
-            .collect();
-        for (stream, result) in written.into_iter().zip(results) {
+        for (stream, result) in order.iter().zip(results) {
             let Some(touched) = streams.remove(stream) else {
                 continue;
             };
@@ -286,8 +287,10 @@ where
             // what it was decided on: right after the version read.
             if let Some(loaded) = touched.loaded {
                 let count = u64::try_from(touched.appended.len()).unwrap_or(u64::MAX);
-                if result.written
-                    && loaded.version.checked_add(count) == Some(result.stream_version)
+                let unchanged = count == 0 && loaded.version == result.stream_version;
+                if unchanged
+                    || (result.written
+                        && loaded.version.checked_add(count) == Some(result.stream_version))
                 {
                     let after = Loaded {
                         state: loaded.state,

@@ -37,8 +37,8 @@ struct Pending<S: Saga> {
 
 /// How a write with local commands ended.
 enum LocalWrite {
-    /// Written: the saga's outcome and every part's result, in the order
-    /// of the parts (the saga's first, when it wrote any).
+    /// Written: the saga's outcome and the results of the aggregates'
+    /// parts (a seeded aggregate's first).
     Written(SagaOutcome, Vec<AppendResult>),
     /// A part's expectation failed (or its ids are stored otherwise):
     /// nothing was written.
@@ -509,6 +509,7 @@ impl<S: Saga> SagaManager<S> {
     ) -> Result<LocalWrite, SagaError> {
         let mut work: Box<dyn LocalWork<S>> = local.begin();
         let mut fed = Vec::new();
+        let seeded = seed.is_some();
         if let Some(seed) = seed {
             fed = self.local_inputs(local, saga_id, &seed.events)?;
             work.seed(seed);
@@ -570,7 +571,9 @@ impl<S: Saga> SagaManager<S> {
             );
             records.extend(made);
         }
-        let saga_part = !records.is_empty();
+        // A seeded write checks the saga's version even when the saga wrote
+        // nothing: the instance it decided on may have been a guess.
+        let saga_part = !records.is_empty() || seeded;
         let mut parts = Vec::new();
         if saga_part {
             parts.push(StreamAppend::new(
@@ -589,7 +592,7 @@ impl<S: Saga> SagaManager<S> {
             Ok(results) => {
                 let (outcome, aggregates) = match results.split_first() {
                     Some((saga, rest)) if saga_part => {
-                        let outcome = if saga.written {
+                        let outcome = if saga.written && saga.stream_version > loaded_version {
                             if instance.version == saga.stream_version {
                                 self.keep(stream, instance);
                             }
@@ -597,6 +600,11 @@ impl<S: Saga> SagaManager<S> {
                                 version: saga.stream_version,
                                 position: saga.position,
                             }
+                        } else if saga.stream_version == loaded_version
+                            && instance.version == loaded_version
+                        {
+                            self.keep(stream, instance);
+                            SagaOutcome::NoChange
                         } else {
                             SagaOutcome::Duplicate
                         };
@@ -607,8 +615,9 @@ impl<S: Saga> SagaManager<S> {
                         (SagaOutcome::NoChange, results.as_slice())
                     }
                 };
-                work.finish(Some(aggregates)).await;
-                Ok(LocalWrite::Written(outcome, results))
+                let aggregates = aggregates.to_vec();
+                work.finish(Some(&aggregates)).await;
+                Ok(LocalWrite::Written(outcome, aggregates))
             }
             Err(
                 error @ (StoreError::WrongExpectedVersion { .. }
@@ -624,8 +633,9 @@ impl<S: Saga> SagaManager<S> {
         }
     }
 
-    /// The instance to decide on: the cached one on a first attempt, else
-    /// the stream read on from whatever the cache had.
+    /// The instance to decide on: the cached one on a first attempt (or a
+    /// new one when none is cached), else the stream read on from whatever
+    /// the cache had.
     async fn instance_for(
         &self,
         stream: &StreamId,
@@ -633,6 +643,10 @@ impl<S: Saga> SagaManager<S> {
     ) -> Result<SagaInstance<S>, SagaError> {
         match self.cache.as_ref().and_then(|cache| cache.take(stream)) {
             Some(entry) if first => Ok(entry.state),
+            // Not cached: a first attempt assumes a new instance (the write
+            // expects the saga's stream not to exist, so a wrong guess only
+            // costs the retry that reads it).
+            None if first => Ok(SagaInstance::default()),
             cached => {
                 let from = cached.map(|entry| entry.state).unwrap_or_default();
                 self.load_after(stream, from).await
@@ -784,13 +798,9 @@ impl<S: Saga> AppendWriter for SagaManager<S> {
                     .await
                     .map_err(backend)?;
                 match written {
-                    LocalWrite::Written(outcome, results) => {
-                        let offset = usize::from(matches!(
-                            outcome,
-                            SagaOutcome::Reacted { .. } | SagaOutcome::Duplicate
-                        ));
-                        return results
-                            .get(offset)
+                    LocalWrite::Written(_, aggregates) => {
+                        return aggregates
+                            .first()
                             .copied()
                             .ok_or_else(|| StoreError::Backend {
                                 source: "the write answered nothing for the aggregate".into(),

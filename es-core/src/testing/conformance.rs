@@ -319,6 +319,36 @@ pub async fn multi_stream_writes_are_atomic(store: Arc<dyn EventStore>) {
     assert!(replayed.iter().all(|r| !r.written), "{replayed:?}");
     assert_eq!(whole_log(&*store, first.position).await.len(), 6);
 
+    // A part without events only checks its stream's version.
+    let x = unique_stream("conf");
+    let checked = |expected| {
+        vec![
+            StreamAppend::new(a.clone(), expected, Vec::new()),
+            StreamAppend::new(x.clone(), ExpectedVersion::Any, events(60, 1)),
+        ]
+    };
+    match store
+        .append_streams(checked(ExpectedVersion::Exact(3)))
+        .await
+    {
+        Err(StoreError::WrongExpectedVersion { stream, actual, .. }) => {
+            assert_eq!((stream, actual), (a.clone(), 4));
+        }
+        other => panic!("a stale check must fail the write, got {other:?}"),
+    }
+    assert!(whole_stream(&*store, &x).await.is_empty());
+    let checked = store
+        .append_streams(checked(ExpectedVersion::Exact(4)))
+        .await
+        .unwrap_or_else(|e| panic!("a write with a version check failed: {e}"));
+    assert_eq!(
+        checked
+            .iter()
+            .map(|r| (r.stream_version, r.written))
+            .collect::<Vec<_>>(),
+        [(4, false), (1, true)]
+    );
+
     let d = unique_stream("conf");
     let twice = vec![
         StreamAppend::new(d.clone(), ExpectedVersion::Any, events(40, 1)),

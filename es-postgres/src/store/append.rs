@@ -130,8 +130,9 @@ type GroupRow = (
 );
 
 /// A row of the one-statement group: index, last version, transaction and
-/// position of what it wrote (none when nothing was written).
-type FastGroupRow = (i32, Option<i64>, Option<i64>, Option<i64>);
+/// position of what it wrote (none when nothing was written), the stream's
+/// version before, and whether every expectation of the group held.
+type FastGroupRow = (i32, Option<i64>, Option<i64>, Option<i64>, i64, bool);
 
 /// What an `append_events` outcome row means for the caller.
 fn decide(
@@ -516,7 +517,9 @@ impl PgEventStore {
                 {
                     rows = fast
                         .into_iter()
-                        .map(|(item, version, tx, position)| (item, 0, version, tx, position, None))
+                        .map(|(item, version, tx, position, _, _)| {
+                            (item, 0, version, tx, position, None)
+                        })
                         .collect();
                 }
                 Ok(_) => {}
@@ -594,14 +597,24 @@ impl PgEventStore {
             .fetch_all(&self.shared.pool)
             .await;
         match fast {
-            Ok(rows) if rows.len() == parts.len() && rows.iter().all(|r| r.1.is_some()) => {
-                for (item, version, tx, position) in rows {
+            // Every expectation held: each part with events is written; a
+            // part without events only checked its version.
+            Ok(rows) if rows.len() == parts.len() && rows.iter().all(|r| r.5) => {
+                for (item, version, tx, position, before, _) in rows {
                     let k = slot_of(item, &order)?;
-                    answers[k] = Some(decide(
-                        &parts[k].stream,
-                        parts[k].expected,
-                        (0, version, tx, position, None),
-                    )?);
+                    answers[k] = Some(if parts[k].events.is_empty() {
+                        AppendResult {
+                            stream_version: to_u64(before),
+                            position: Position::START,
+                            written: false,
+                        }
+                    } else {
+                        decide(
+                            &parts[k].stream,
+                            parts[k].expected,
+                            (0, version, tx, position, None),
+                        )?
+                    });
                 }
             }
             // A refused expectation, a replayed id or a lost race: decided

@@ -57,6 +57,9 @@ impl Sql {
             // every expected version checked, then every event inserted; if
             // any expectation fails nothing is inserted (the rows say which)
             // and the append_group function decides the appends one by one.
+            // Each row also gives the stream's version before the statement
+            // and whether every expectation held (an append of no events,
+            // which only checks a version, inserts nothing either way).
             append_group_fast: format!(
                 "WITH req AS (SELECT r.stream, r.expected, r.cnt, r.k, \
                                      (sum(r.cnt) OVER (ORDER BY r.k) - r.cnt)::int8 AS off \
@@ -76,9 +79,10 @@ impl Sql {
                           WHERE NOT EXISTS (SELECT 1 FROM bad) \
                           ORDER BY u.i \
                          RETURNING stream_id, transaction_id, global_position, stream_version) \
-                 SELECT cur.k::int4, max(ins.stream_version), max(ins.transaction_id), max(ins.global_position) \
+                 SELECT cur.k::int4, max(ins.stream_version), max(ins.transaction_id), max(ins.global_position), \
+                        cur.v, NOT EXISTS (SELECT 1 FROM bad) \
                    FROM cur LEFT JOIN ins ON ins.stream_id = cur.stream \
-                  GROUP BY cur.k ORDER BY cur.k"
+                  GROUP BY cur.k, cur.v ORDER BY cur.k"
             ),
             read_stream: format!(
                 "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \

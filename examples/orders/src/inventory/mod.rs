@@ -189,13 +189,20 @@ impl InventoryService {
         Ok(domain::reservation_for(order_id, loaded.state))
     }
 
-    /// A fresh unit and the order's reservation loaded in it.
-    async fn unit_for(&self, order_id: Uuid) -> Result<(UnitOfWork, Loaded<Reservation>)> {
+    /// A fresh unit and the order's reservation loaded in it (`fresh`: as a
+    /// new one when it is not cached, unread; the write checks that guess).
+    async fn unit_for(
+        &self,
+        order_id: Uuid,
+        fresh: bool,
+    ) -> Result<(UnitOfWork, Loaded<Reservation>)> {
         let mut unit = UnitOfWork::new(Arc::clone(self.reservations.store()));
-        let mut loaded = unit
-            .load(&self.reservations, order_id)
-            .await
-            .map_err(Error::from_repository)?;
+        let loaded = if fresh {
+            unit.load_or_new(&self.reservations, order_id).await
+        } else {
+            unit.load(&self.reservations, order_id).await
+        };
+        let mut loaded = loaded.map_err(Error::from_repository)?;
         loaded.state = domain::reservation_for(order_id, loaded.state);
         Ok((unit, loaded))
     }
@@ -231,7 +238,7 @@ impl InventoryService {
     ) -> Result<()> {
         let lines = merged(lines);
         for attempt in 1.. {
-            let (mut unit, reservation) = self.unit_for(order_id).await?;
+            let (mut unit, reservation) = self.unit_for(order_id, attempt == 1).await?;
             if reservation.state.state != ReservationState::Open {
                 unit.keep(&self.reservations, order_id, reservation)
                     .map_err(Error::from_repository)?;
@@ -328,7 +335,7 @@ impl InventoryService {
         command: ReservationCommand,
     ) -> Result<()> {
         for attempt in 1.. {
-            let (mut unit, reservation) = self.unit_for(order_id).await?;
+            let (mut unit, reservation) = self.unit_for(order_id, false).await?;
             let held = match &reservation.state.state {
                 ReservationState::Reserved(lines) => lines.clone(),
                 _ => Vec::new(),
