@@ -143,7 +143,7 @@ def psql(sql):
 
 XACTS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
 STATEMENTS = """
-SELECT queryid, sum(calls)::bigint, min(regexp_replace(left(query, 160), '\\s+', ' ', 'g'))
+SELECT queryid, sum(calls)::bigint, min(regexp_replace(left(query, 400), '\\s+', ' ', 'g'))
   FROM pg_stat_statements
  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
  GROUP BY queryid
@@ -287,6 +287,16 @@ def parse_load_report(path):
     return report
 
 
+def short_sql(text, width=150):
+    """A statement on one line, a long select list cut to "..." so that the
+    table it reads shows."""
+    upper = text.upper()
+    cut = upper.find(" FROM ")
+    if upper.startswith("SELECT ") and cut > 50:
+        text = "SELECT ..." + text[cut:]
+    return text[:width]
+
+
 def fmt(x, digits=1):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -367,7 +377,7 @@ def phase(args):
                 top = sorted(d["statements"].values(), key=lambda e: -e[0])[:10]
                 print("    top statements by calls per order:")
                 for calls, text in top:
-                    print(f"      {calls * per:7.2f}  {text[:110]}")
+                    print(f"      {calls * per:7.2f}  {short_sql(text)}")
             if rabbit is not None:
                 print(f"    broker: {rabbit['published']:.2f} publishes, "
                       f"{rabbit['delivered']:.2f} deliveries (acked {rabbit['acked']:.2f}, "
