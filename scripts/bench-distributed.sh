@@ -86,6 +86,19 @@ die() { echo "error: $*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 is missing: $2"; }
 port_open() { (exec 3<>"/dev/tcp/$1/$2") >/dev/null 2>&1; }
 
+# Fails when a port the deployment listens on is taken: the health check and
+# the metrics would reach another deployment.
+ports_free() {
+  local base=${ORDERS_BASE_PORT:-8100} replicas=${ORDERS_REPLICAS:-1} p
+  port_open "${GATEWAY%:*}" "${GATEWAY#*:}" &&
+    die "something already listens on $GATEWAY (another deployment?): stop it or set ORDERS_GATEWAY"
+  for p in $(seq "$base" $((base + 5 * replicas))) $((base + 99)); do
+    port_open 127.0.0.1 "$p" &&
+      die "something already listens on 127.0.0.1:$p (another deployment?): stop it or set ORDERS_BASE_PORT"
+  done
+  return 0
+}
+
 # ---------------------------------------------------------------- checks
 need python3 "install python3"
 need psql "install the PostgreSQL client (Debian: postgresql-client)"
@@ -102,7 +115,6 @@ if [[ -z "${ORDERS_SMTP:-}" ]]; then
   python3 -c 'import aiosmtpd' 2>/dev/null ||
     die "aiosmtpd is not installed (pip install aiosmtpd): without the SMTP server every email fails and the figures are wrong"
 fi
-port_open "${GATEWAY%:*}" "${GATEWAY#*:}" && die "something already listens on $GATEWAY (another deployment?): stop it or set ORDERS_GATEWAY"
 if [[ ! -x "$LOAD_BIN" ]]; then
   [[ -n "${ORDERS_LOAD_BIN:-}" ]] && die "ORDERS_LOAD_BIN=$LOAD_BIN is not an executable"
   cargo build --release -p orders-load --bin orders-load
@@ -113,6 +125,7 @@ if [[ ! -x "$BIN" ]]; then
 fi
 [[ -z "$BASE_BIN" || -x "$BASE_BIN" ]] || die "ORDERS_BIN_BASE=$BASE_BIN is not an executable"
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive number"
+ports_free
 
 # pg_stat_statements counts statements only when the server preloads it and
 # the database has the extension; neither is changed here.
@@ -187,6 +200,7 @@ load() {
 
 run_one() { # label binary round
   local label=$1 bin=$2 round=$3
+  ports_free
   NS="${PREFIX}_${round}_${label}"
   local logs="$LOGS_DIR/$NS"
   export BENCH_LABEL=$label BENCH_ROUND=$round
