@@ -10,6 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Confirmation, PublisherConfirm};
+use metrics::SharedString;
 use tracing::{field, Instrument};
 
 use es_core::{
@@ -21,6 +22,7 @@ use crate::codec::{self, header_int, header_str};
 use crate::connection::{Connector, Live};
 use crate::consumer::ConsumerTask;
 use crate::error::bounded;
+use crate::telemetry;
 use crate::topology::{
     short, validate, Topology, ATTEMPT_HEADER, DEAD_LETTER_GROUP_HEADER, DEAD_LETTER_REASON_HEADER,
 };
@@ -320,10 +322,11 @@ impl RabbitBus {
         let topology = &self.inner.topology;
         // Exchange names per topic, declared once per connection (none when
         // publishing to a queue: the default exchange routes by its name).
-        let mut exchanges: Vec<(&str, lapin::types::ShortString)> = Vec::new();
+        // With each, the `exchange` label of the published counter.
+        let mut exchanges: Vec<(&str, lapin::types::ShortString, SharedString)> = Vec::new();
         let by_topic = if queue.is_none() { messages } else { &[] };
         for message in by_topic {
-            if exchanges.iter().any(|(t, _)| *t == &*message.topic) {
+            if exchanges.iter().any(|(t, _, _)| *t == &*message.topic) {
                 continue;
             }
             let exchange = topology.exchange(&message.topic);
@@ -333,11 +336,18 @@ impl RabbitBus {
                     .await?;
                 live.mark_exchange(exchange.clone());
             }
-            exchanges.push((&message.topic, short(&exchange)?));
+            let name = short(&exchange)?;
+            exchanges.push((
+                &message.topic,
+                name,
+                SharedString::from_shared(exchange.into()),
+            ));
         }
+        let default_exchange = SharedString::const_str(telemetry::DEFAULT_EXCHANGE);
         let window = self.inner.connector.config.confirm_window;
         let limit = self.inner.connector.config.operation_timeout;
-        let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::with_capacity(window);
+        let mut pending: VecDeque<(usize, PublisherConfirm, SharedString)> =
+            VecDeque::with_capacity(window);
         for (index, message) in messages.iter().enumerate() {
             let parent = message.metadata.traceparent;
             let trace = TraceParent::child_of(parent);
@@ -356,11 +366,13 @@ impl RabbitBus {
                 codec::properties(message, &trace.to_string()).map_err(|e| BusError::Backend {
                     source: Box::new(e),
                 })?;
-            let exchange = exchanges
+            let (exchange, label) = exchanges
                 .iter()
-                .find(|(t, _)| *t == &*message.topic)
-                .map(|(_, e)| e.clone())
-                .unwrap_or_default();
+                .find(|(t, _, _)| *t == &*message.topic)
+                .map_or_else(
+                    || (Default::default(), default_exchange.clone()),
+                    |(_, e, label)| (e.clone(), label.clone()),
+                );
             let routing_key = match queue {
                 Some(queue) => short(queue)?,
                 None => short(&message.routing_key())?,
@@ -379,27 +391,33 @@ impl RabbitBus {
             let confirm = bounded(limit, "basic.publish", publishing)
                 .instrument(span)
                 .await?;
-            pending.push_back((index, confirm));
+            pending.push_back((index, confirm, label));
             if pending.len() >= window {
-                if let Some((index, confirm)) = pending.pop_front() {
-                    settle(limit, &messages[index], confirm).await?;
+                if let Some((index, confirm, label)) = pending.pop_front() {
+                    settle(limit, &messages[index], confirm, label).await?;
                 }
             }
         }
-        while let Some((index, confirm)) = pending.pop_front() {
-            settle(limit, &messages[index], confirm).await?;
+        while let Some((index, confirm, label)) = pending.pop_front() {
+            settle(limit, &messages[index], confirm, label).await?;
         }
         Ok(())
     }
 }
 
+/// Waits for a message's confirm; counts it as published, under the
+/// exchange `label`, when the broker acked it.
 async fn settle(
     limit: std::time::Duration,
     message: &Message,
     confirm: PublisherConfirm,
+    label: SharedString,
 ) -> Result<(), BusError> {
     match bounded(limit, "publisher confirm", confirm).await? {
-        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(None) => {
+            metrics::counter!(telemetry::PUBLISHED, "exchange" => label).increment(1);
+            Ok(())
+        }
         Confirmation::Ack(Some(_returned)) => Err(BusError::Unroutable {
             message_id: message.message_id,
             routing_key: message.routing_key(),

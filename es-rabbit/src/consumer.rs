@@ -14,6 +14,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation};
+use metrics::SharedString;
 use tokio::sync::Notify;
 use tracing::{field, Instrument};
 
@@ -23,6 +24,7 @@ use crate::bus::{copy_headers, Inner};
 use crate::codec;
 use crate::connection::Live;
 use crate::error::bounded;
+use crate::telemetry;
 use crate::topology::short;
 use crate::{Error, TraceParent};
 
@@ -33,10 +35,14 @@ pub(crate) struct ConsumerTask {
     queue: String,
     retry_queue: String,
     dead_letter_exchange: String,
+    /// The `group` label of the counters.
+    label: SharedString,
 }
 
 /// How a delivery is settled.
 enum Settle {
+    /// Acknowledge it: handled, or its copy for a retry or a dead letter
+    /// confirmed.
     Ack,
     /// Return it to the queue (a republish failed) with `basic.reject`,
     /// which the broker counts towards the delivery limit (since RabbitMQ
@@ -55,6 +61,7 @@ impl ConsumerTask {
         let queue = topology.queue(&subscription.group);
         let retry_queue = topology.retry_queue(&subscription);
         let dead_letter_exchange = topology.dead_letter_exchange();
+        let label = SharedString::from_shared(Arc::from(subscription.group.as_str()));
         Self {
             inner,
             subscription,
@@ -62,6 +69,7 @@ impl ConsumerTask {
             queue,
             retry_queue,
             dead_letter_exchange,
+            label,
         }
     }
 
@@ -216,7 +224,7 @@ impl ConsumerTask {
                 let reason = format!("undecodable message: {error}");
                 tracing::warn!(%group, %reason, "dead-lettering");
                 let settle = self.dead_letter(channel, &delivery, attempt, &reason).await;
-                return settle_delivery(self.limit(), current, &delivery, settle).await;
+                return self.settle(current, &delivery, settle).await;
             }
         };
         if attempt > max {
@@ -225,7 +233,7 @@ impl ConsumerTask {
             let settle = self
                 .dead_letter(channel, &delivery, attempt - 1, &reason)
                 .await;
-            return settle_delivery(self.limit(), current, &delivery, settle).await;
+            return self.settle(current, &delivery, settle).await;
         }
         let parent = message.metadata.traceparent;
         let trace = TraceParent::child_of(parent);
@@ -243,6 +251,7 @@ impl ConsumerTask {
         );
         let message_id = message.message_id;
         let es_delivery = Delivery { message, attempt };
+        metrics::counter!(telemetry::DELIVERED, "group" => self.label.clone()).increment(1);
         let outcome = AssertUnwindSafe(self.handler.handle(&es_delivery).instrument(span.clone()))
             .catch_unwind()
             .await
@@ -258,15 +267,27 @@ impl ConsumerTask {
                 self.dead_letter(channel, &delivery, attempt, &reason).await
             }
         };
-        settle_delivery(self.limit(), current, &delivery, settle).await;
+        self.settle(current, &delivery, settle).await;
+    }
+
+    /// Settles a delivery ([`settle_delivery`]), counting it when acked.
+    async fn settle(&self, current: &AtomicBool, delivery: &AmqpDelivery, settle: Settle) {
+        if settle_delivery(self.limit(), current, delivery, settle).await {
+            metrics::counter!(telemetry::ACKED, "group" => self.label.clone()).increment(1);
+        }
     }
 
     /// Publishes a copy that starts at `attempt` to the retry queue, from
     /// which it returns to the work queue after the retry delay.
     async fn retry(&self, channel: &Channel, delivery: &AmqpDelivery, attempt: u32) -> Settle {
         let headers = copy_headers(delivery.properties.headers().as_ref(), attempt, None);
-        self.republish(channel, delivery, "", &self.retry_queue, headers)
-            .await
+        let settle = self
+            .republish(channel, delivery, "", &self.retry_queue, headers)
+            .await;
+        if matches!(settle, Settle::Ack) {
+            metrics::counter!(telemetry::RETRIED, "group" => self.label.clone()).increment(1);
+        }
+        settle
     }
 
     /// Publishes a copy, with the reason, to the dead-letter queue.
@@ -282,14 +303,19 @@ impl ConsumerTask {
             attempts,
             Some((&self.subscription.group, reason)),
         );
-        self.republish(
-            channel,
-            delivery,
-            &self.dead_letter_exchange,
-            &self.queue,
-            headers,
-        )
-        .await
+        let settle = self
+            .republish(
+                channel,
+                delivery,
+                &self.dead_letter_exchange,
+                &self.queue,
+                headers,
+            )
+            .await;
+        if matches!(settle, Settle::Ack) {
+            metrics::counter!(telemetry::DEAD_LETTERED, "group" => self.label.clone()).increment(1);
+        }
+        settle
     }
 
     async fn republish(
@@ -339,19 +365,21 @@ enum Flow {
 
 /// Acks (or requeues) a delivery, unless its channel has been replaced or
 /// closed since: a tag is only ever used on the channel that delivered it.
+/// True when it was acked.
 async fn settle_delivery(
     limit: Duration,
     current: &AtomicBool,
     delivery: &AmqpDelivery,
     settle: Settle,
-) {
+) -> bool {
     if !current.load(Ordering::SeqCst) || !delivery.acker.usable() {
         tracing::debug!(
             delivery_tag = delivery.delivery_tag,
             "channel gone; leaving the delivery to be redelivered"
         );
-        return;
+        return false;
     }
+    let ack = matches!(settle, Settle::Ack);
     let result = match settle {
         Settle::Ack => {
             bounded(
@@ -370,7 +398,12 @@ async fn settle_delivery(
             .await
         }
     };
-    if let Err(error) = result {
-        tracing::debug!(%error, delivery_tag = delivery.delivery_tag, "settling failed; it will be redelivered");
+    match result {
+        // `false`: the acker was used already; nothing was settled now.
+        Ok(settled) => ack && settled,
+        Err(error) => {
+            tracing::debug!(%error, delivery_tag = delivery.delivery_tag, "settling failed; it will be redelivered");
+            false
+        }
     }
 }

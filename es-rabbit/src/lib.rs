@@ -8,6 +8,7 @@ mod connection;
 mod consumer;
 mod error;
 pub mod relay;
+pub mod telemetry;
 pub mod topology;
 
 pub use bus::RabbitBus;

@@ -630,6 +630,12 @@ impl Deployment for Cluster {
             "gateway_request_seconds",
         ]
     }
+
+    fn counted_metrics(&self) -> &'static [&'static str] {
+        // es-rabbit's counters, from the processes behind the gateway: the
+        // order process publishes (its relay) and consumes (the saga).
+        &["es_rabbit_published_total", "es_rabbit_delivered_total"]
+    }
 }
 
 async fn redis_check() {

@@ -233,4 +233,8 @@ impl Deployment for Embedded {
     fn extra_metrics(&self) -> &'static [&'static str] {
         &[]
     }
+
+    fn counted_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
 }

@@ -54,6 +54,9 @@ pub trait Deployment: Send + Sync {
     fn behind_gateway(&self) -> bool;
     /// Metrics this deployment exports beyond every deployment's.
     fn extra_metrics(&self) -> &'static [&'static str];
+    /// Counters of this deployment that a completed order moves: `/metrics`
+    /// shows each with a sample above zero.
+    fn counted_metrics(&self) -> &'static [&'static str];
 }
 
 /// A deployment's HTTP client with the domain helpers.

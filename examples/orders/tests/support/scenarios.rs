@@ -782,6 +782,20 @@ pub async fn health_metrics_and_openapi(c: &Client) {
     for metric in common.iter().chain(c.extra_metrics()) {
         assert!(text.contains(metric), "{metric} missing from /metrics");
     }
+    for metric in c.counted_metrics() {
+        let counted = text.lines().any(|line| {
+            line.starts_with(&format!("{metric}{{"))
+                && line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+        });
+        assert!(
+            counted,
+            "no sample of {metric} above zero in /metrics:\n{text}"
+        );
+    }
     let (code, doc) = c.get("/openapi.json").await;
     assert_eq!(code, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
