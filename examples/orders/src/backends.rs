@@ -262,11 +262,12 @@ impl Backends {
     async fn pg_store(&self, pg: &Postgres, service: Service) -> Result<PgEventStore> {
         let schema = self.schema(pg, service).await?;
         // Subscribers (relay, projection, deadlines) of a store written by
-        // another process are woken by NOTIFY; the poll is the fallback when
-        // a wake-up finds rows still held back by the xmin horizon.
+        // another process are woken by NOTIFY, and a read held back by the
+        // xmin horizon waits for it (the store's read wait); the poll is the
+        // fallback for a wake-up lost or given up on.
         Ok(PgEventStore::try_new(pg.pool.clone(), schema)
             .map_err(|e| Error::internal(format!("event store: {e}")))?
-            .with_poll_interval(Duration::from_millis(50))
+            .with_poll_interval(Duration::from_millis(500))
             .with_group_commit(pg.args.append_slots, es_postgres::DEFAULT_MAX_GROUP))
     }
 

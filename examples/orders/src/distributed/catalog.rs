@@ -13,6 +13,9 @@ use uuid::Uuid;
 use crate::order::{Catalog, CatalogEntry, CatalogTable};
 use crate::{Error, Money, Result};
 
+/// How often the table is read when no lookup misses.
+const REFRESH: Duration = Duration::from_secs(5);
+
 /// The catalog table and the in-memory catalog that follows it.
 #[derive(Debug, Clone)]
 pub struct PgCatalog {
@@ -22,8 +25,9 @@ pub struct PgCatalog {
 }
 
 impl PgCatalog {
-    /// Creates the table in `schema` (idempotent), loads it, and follows it
-    /// every 50 ms until `stop` is cancelled.
+    /// Creates the table in `schema` (idempotent), loads it, and reads it
+    /// again whenever a product is looked for and not known (and every 5 s
+    /// in case) until `stop` is cancelled.
     ///
     /// # Errors
     /// When PostgreSQL fails.
@@ -52,7 +56,8 @@ impl PgCatalog {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = follower.catalog.missed() => {}
+                    () = tokio::time::sleep(REFRESH) => {}
                 }
                 if let Err(error) = follower.refresh().await {
                     tracing::debug!(%error, "catalog refresh failed");

@@ -27,6 +27,9 @@ pub struct CatalogEntry {
 pub struct Catalog {
     products: RwLock<HashMap<Uuid, CatalogEntry>>,
     changed: Notify,
+    /// Signalled when a product is looked for and not known: a durable
+    /// catalog reads its table then (another instance may have recorded it).
+    missed: Notify,
 }
 
 impl Catalog {
@@ -53,10 +56,17 @@ impl Catalog {
             if let Some(entry) = self.get(product_id) {
                 return Some(entry);
             }
+            self.missed.notify_one();
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return self.get(product_id);
             }
         }
+    }
+
+    /// Resolves when a product was looked for and not known (see
+    /// [`Catalog::get_or_wait`]).
+    pub async fn missed(&self) {
+        self.missed.notified().await;
     }
 
     /// How many products are known.
