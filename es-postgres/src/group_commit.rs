@@ -1,6 +1,6 @@
-//! Group commit: appends that arrive while the store's appends are all busy
-//! wait in a queue and are written together, in one statement, one
-//! transaction and one commit.
+//! Group commit: appends (and atomic multi-stream writes) that arrive while
+//! the store's writes are all busy wait in a queue and are written together,
+//! in one statement, one transaction and one commit.
 //!
 //! A single-event append costs a commit (a WAL flush) and a round trip, and at
 //! a few dozen concurrent writers those dominate. The store lets up to
@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use es_core::{AppendResult, ExpectedVersion, NewEvent, StoreError, StreamId};
+use es_core::{AppendResult, StoreError, StreamAppend};
 use tokio::sync::oneshot;
 
 /// The default number of appends (single, or groups) in flight at once.
@@ -38,22 +38,24 @@ pub const DEFAULT_MAX_GROUP: usize = 32;
 /// cluster.
 pub const MAX_GROUP_LIMIT: usize = 60;
 
-/// One append waiting for a group.
+/// The answer to one write: a result per part.
+pub(crate) type Answer = Result<Vec<AppendResult>, StoreError>;
+
+/// One write waiting for a group: an append (one part) or an atomic
+/// multi-stream write.
 #[derive(Debug)]
 pub(crate) struct Waiting {
-    pub(crate) stream: StreamId,
-    pub(crate) expected: ExpectedVersion,
-    pub(crate) events: Vec<NewEvent>,
-    pub(crate) reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+    pub(crate) parts: Vec<StreamAppend>,
+    pub(crate) reply: oneshot::Sender<Answer>,
 }
 
-/// Whether an append runs now or waits for a group.
+/// Whether a write runs now or waits for a group.
 pub(crate) enum Turn {
     /// Run it now; when done, call [`GroupCommit::next_group`] (or hand the
-    /// queue over) so queued appends are not stranded.
-    Run(StreamId, ExpectedVersion, Vec<NewEvent>),
+    /// queue over) so queued writes are not stranded.
+    Run(Vec<StreamAppend>),
     /// It is queued: the answer comes through here.
-    Wait(oneshot::Receiver<Result<AppendResult, StoreError>>),
+    Wait(oneshot::Receiver<Answer>),
 }
 
 #[derive(Debug, Default)]
@@ -87,25 +89,15 @@ impl GroupCommit {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Takes a slot if one is free, else queues the append.
-    pub(crate) fn enter(
-        &self,
-        stream: StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Turn {
+    /// Takes a slot if one is free, else queues the write.
+    pub(crate) fn enter(&self, parts: Vec<StreamAppend>) -> Turn {
         let mut state = self.lock();
         if state.in_flight < self.max_in_flight {
             state.in_flight += 1;
-            Turn::Run(stream, expected, events)
+            Turn::Run(parts)
         } else {
             let (reply, answer) = oneshot::channel();
-            state.queue.push_back(Waiting {
-                stream,
-                expected,
-                events,
-                reply,
-            });
+            state.queue.push_back(Waiting { parts, reply });
             Turn::Wait(answer)
         }
     }
@@ -140,58 +132,48 @@ impl GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use es_core::{ExpectedVersion, StreamId};
 
-    fn stream(n: u32) -> StreamId {
-        StreamId::new(format!("s-{n}")).unwrap()
+    fn stream(n: u32) -> Vec<StreamAppend> {
+        let id = StreamId::new(format!("s-{n}")).unwrap();
+        vec![StreamAppend::new(id, ExpectedVersion::Any, vec![])]
     }
 
     #[test]
     fn appends_run_while_slots_are_free_then_queue_and_group() {
         let g = GroupCommit::new(2, 3);
         for n in 0..2 {
-            assert!(matches!(
-                g.enter(stream(n), ExpectedVersion::Any, vec![]),
-                Turn::Run(..)
-            ));
+            assert!(matches!(g.enter(stream(n)), Turn::Run(..)));
         }
         let mut answers = Vec::new();
         for n in 2..7 {
-            match g.enter(stream(n), ExpectedVersion::Any, vec![]) {
+            match g.enter(stream(n)) {
                 Turn::Wait(answer) => answers.push(answer),
                 Turn::Run(..) => panic!("a third append ran with two slots"),
             }
         }
         // The first slot to finish takes a group of at most 3, in arrival order.
         let group = g.next_group().unwrap();
-        let names: Vec<_> = group.iter().map(|w| w.stream.as_str().to_owned()).collect();
+        let names: Vec<_> = group
+            .iter()
+            .map(|w| w.parts[0].stream.as_str().to_owned())
+            .collect();
         assert_eq!(names, ["s-2", "s-3", "s-4"]);
         let rest = g.next_group().unwrap();
         assert_eq!(rest.len(), 2);
         // Nothing waits: both slots are given back and a new append runs.
         assert!(g.next_group().is_none());
         assert!(g.next_group().is_none());
-        assert!(matches!(
-            g.enter(stream(9), ExpectedVersion::Any, vec![]),
-            Turn::Run(..)
-        ));
-        assert!(matches!(
-            g.enter(stream(10), ExpectedVersion::Any, vec![]),
-            Turn::Run(..)
-        ));
-        assert!(matches!(
-            g.enter(stream(11), ExpectedVersion::Any, vec![]),
-            Turn::Wait(_)
-        ));
+        assert!(matches!(g.enter(stream(9)), Turn::Run(..)));
+        assert!(matches!(g.enter(stream(10)), Turn::Run(..)));
+        assert!(matches!(g.enter(stream(11)), Turn::Wait(_)));
     }
 
     #[test]
     fn abandoning_fails_every_waiting_append() {
         let g = GroupCommit::new(1, 8);
-        assert!(matches!(
-            g.enter(stream(0), ExpectedVersion::Any, vec![]),
-            Turn::Run(..)
-        ));
-        let Turn::Wait(mut answer) = g.enter(stream(1), ExpectedVersion::Any, vec![]) else {
+        assert!(matches!(g.enter(stream(0)), Turn::Run(..)));
+        let Turn::Wait(mut answer) = g.enter(stream(1)) else {
             panic!("queued expected");
         };
         g.abandon(|| StoreError::Unavailable {
@@ -201,9 +183,6 @@ mod tests {
             answer.try_recv(),
             Ok(Err(StoreError::Unavailable { .. }))
         ));
-        assert!(matches!(
-            g.enter(stream(2), ExpectedVersion::Any, vec![]),
-            Turn::Run(..)
-        ));
+        assert!(matches!(g.enter(stream(2)), Turn::Run(..)));
     }
 }

@@ -223,3 +223,83 @@ async fn group_commit_can_be_turned_off() {
     let transactions: BTreeSet<u64> = results.iter().map(|r| r.position.major()).collect();
     assert_eq!(transactions.len(), 20);
 }
+
+/// Multi-stream writes queued behind a busy store are written together with
+/// the appends queued beside them; each is still all-or-nothing, and one
+/// whose expectation fails writes nothing and gets its own error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_multi_stream_writes_stay_atomic_each() {
+    use es_core::StreamAppend;
+    let store = store().await;
+    let taken = unique_stream("taken");
+    store
+        .append(&taken, ExpectedVersion::NoStream, events(0, 1))
+        .await
+        .unwrap();
+    let mut writes = Vec::new();
+    for i in 0..40u64 {
+        let (a, b) = (unique_stream("unit"), unique_stream("unit"));
+        let mut parts = vec![
+            StreamAppend::new(a, ExpectedVersion::NoStream, events(100 + i * 10, 2)),
+            StreamAppend::new(b, ExpectedVersion::NoStream, events(105 + i * 10, 1)),
+        ];
+        // Every fourth write also checks a version that has moved on.
+        let stale = i % 4 == 3;
+        if stale {
+            parts.push(StreamAppend::new(
+                taken.clone(),
+                ExpectedVersion::NoStream,
+                Vec::new(),
+            ));
+        }
+        writes.push((parts, stale));
+    }
+    let singles: Vec<_> = (0..20u64)
+        .map(|i| (unique_stream("single"), events(5000 + i, 1)))
+        .collect();
+    let (answers, single_answers) = tokio::join!(
+        join_all(
+            writes
+                .iter()
+                .map(|(parts, _)| store.append_streams(parts.clone()))
+        ),
+        join_all(singles.iter().map(|(s, e)| store.append(
+            s,
+            ExpectedVersion::NoStream,
+            e.clone()
+        )))
+    );
+    let mut transactions = BTreeSet::new();
+    let mut ok = 0;
+    for ((parts, stale), answer) in writes.iter().zip(answers) {
+        let written: usize = {
+            let mut n = 0;
+            for part in &parts[..2] {
+                n += store.read_stream(&part.stream, 1, 10).await.unwrap().len();
+            }
+            n
+        };
+        if *stale {
+            assert!(
+                matches!(answer, Err(StoreError::WrongExpectedVersion { .. })),
+                "{answer:?}"
+            );
+            assert_eq!(written, 0, "a failed write wrote part of itself");
+        } else {
+            let results = answer.unwrap();
+            assert_eq!(results.len(), 2);
+            transactions.insert(results[0].position.major());
+            ok += 1;
+            assert!(results.iter().all(|r| r.written));
+            assert_eq!(written, 3);
+        }
+    }
+    for answer in single_answers {
+        assert!(answer.unwrap().written);
+    }
+    assert!(
+        transactions.len() < ok,
+        "{ok} writes in {} transactions: none was grouped",
+        transactions.len()
+    );
+}

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::read::{position_of, to_u64};
 use super::PgEventStore;
 use crate::error::{store_error, Error};
-use crate::group_commit::{GroupCommit, Turn, Waiting};
+use crate::group_commit::{Answer, GroupCommit, Turn, Waiting};
 use crate::sqlstate::{self, is_unique_violation};
 
 fn expected_code(expected: ExpectedVersion) -> i64 {
@@ -443,19 +443,31 @@ impl PgEventStore {
         }
     }
 
-    /// Writes queued appends as one group, answering each.
+    /// One write on its own: an append, or an atomic multi-stream write.
+    async fn write_now(&self, parts: &[StreamAppend]) -> Answer {
+        match parts {
+            [only] => Ok(vec![
+                self.append_now(&only.stream, only.expected, &only.events)
+                    .await?,
+            ]),
+            parts => self.write_parts_now(parts).await,
+        }
+    }
+
+    /// Writes queued writes as one group, answering each.
     async fn commit_group(&self, mut group: Vec<Waiting>) {
         if let [only] = group.as_slice() {
-            let result = self
-                .append_now(&only.stream, only.expected, &only.events)
-                .await;
+            let result = self.write_now(&only.parts).await;
             if let Some(only) = group.pop() {
                 let _ = only.reply.send(result);
             }
             return;
         }
+        if group.iter().any(|w| w.parts.len() != 1) {
+            return self.commit_units(group).await;
+        }
         // One lock order for every group: no two groups deadlock.
-        group.sort_by(|a, b| a.stream.as_str().cmp(b.stream.as_str()));
+        group.sort_by(|a, b| a.parts[0].stream.as_str().cmp(b.parts[0].stream.as_str()));
         let span = tracing::debug_span!("es_postgres.append_group", appends = group.len());
         let answers = self.write_group(&group).instrument(span).await;
 
@@ -467,12 +479,107 @@ impl PgEventStore {
                 tracing::debug!(%error, appends = group.len(), "group append failed; appending one by one");
                 let mut answers = Vec::with_capacity(group.len());
                 for w in &group {
-                    answers.push(self.append_now(&w.stream, w.expected, &w.events).await);
+                    let part = &w.parts[0];
+                    answers.push(
+                        self.append_now(&part.stream, part.expected, &part.events)
+                            .await,
+                    );
                 }
                 answers
             }
         };
         for (w, answer) in group.into_iter().zip(answers) {
+            let _ = w.reply.send(answer.map(|result| vec![result]));
+        }
+    }
+
+    /// A group holding multi-stream writes: all of them in one statement
+    /// when their streams are distinct and every expectation holds (the
+    /// usual case under load). When some writes' expectations fail, the
+    /// others are written together once more, and the refused ones each on
+    /// its own (so each gets its own answer).
+    async fn commit_units(&self, group: Vec<Waiting>) {
+        let mut pending = group;
+        while !pending.is_empty() {
+            // The writes that touch no stream an earlier one touches go
+            // together; the others wait for the next statement, in order.
+            let mut streams = BTreeSet::new();
+            let (now, later): (Vec<Waiting>, Vec<Waiting>) = pending.into_iter().partition(|w| {
+                let free = w.parts.iter().all(|p| !streams.contains(p.stream.as_str()));
+                if free {
+                    streams.extend(w.parts.iter().map(|p| p.stream.as_str().to_owned()));
+                }
+                free
+            });
+            if now.len() == 1 {
+                self.units_one_by_one(now).await;
+            } else {
+                self.commit_distinct(now).await;
+            }
+            pending = later;
+        }
+    }
+
+    /// [`Self::commit_units`] for writes that touch distinct streams.
+    async fn commit_distinct(&self, group: Vec<Waiting>) {
+        let parts: Vec<&StreamAppend> = group.iter().flat_map(|w| &w.parts).collect();
+        let span = tracing::debug_span!(
+            "es_postgres.append_group",
+            writes = group.len(),
+            streams = parts.len()
+        );
+        let first = self.fast_write(&parts).instrument(span.clone()).await;
+        let (together, alone) = match first {
+            Ok(Fast::Written(results)) => return Self::answer_units(group, results),
+            Ok(Fast::Refused(failed)) if !failed.is_empty() => {
+                // The writes holding a failed part, by their first part's
+                // index among all the parts.
+                let mut start = 0;
+                let mut refused = Vec::new();
+                for (w, waiting) in group.iter().enumerate() {
+                    let end = start + waiting.parts.len();
+                    if failed.iter().any(|&k| (start..end).contains(&k)) {
+                        refused.push(w);
+                    }
+                    start = end;
+                }
+                let (alone, together): (Vec<_>, Vec<_>) = group
+                    .into_iter()
+                    .enumerate()
+                    .partition(|(w, _)| refused.contains(w));
+                (
+                    together.into_iter().map(|(_, w)| w).collect::<Vec<_>>(),
+                    alone.into_iter().map(|(_, w)| w).collect::<Vec<_>>(),
+                )
+            }
+            // A replayed id, a lost race or a failure: each on its own.
+            Ok(Fast::Refused(_)) | Err(_) => return self.units_one_by_one(group).await,
+        };
+        if together.len() > 1 {
+            let parts: Vec<&StreamAppend> = together.iter().flat_map(|w| &w.parts).collect();
+            match self.fast_write(&parts).instrument(span).await {
+                Ok(Fast::Written(results)) => Self::answer_units(together, results),
+                _ => self.units_one_by_one(together).await,
+            }
+        } else {
+            self.units_one_by_one(together).await;
+        }
+        self.units_one_by_one(alone).await;
+    }
+
+    /// Answers each write of a group written together.
+    fn answer_units(group: Vec<Waiting>, results: Vec<AppendResult>) {
+        let mut results = results.into_iter();
+        for w in group {
+            let answer: Vec<AppendResult> = results.by_ref().take(w.parts.len()).collect();
+            let _ = w.reply.send(Ok(answer));
+        }
+    }
+
+    /// Each write of a group on its own.
+    async fn units_one_by_one(&self, group: Vec<Waiting>) {
+        for w in group {
+            let answer = self.write_now(&w.parts).await;
             let _ = w.reply.send(answer);
         }
     }
@@ -488,7 +595,7 @@ impl PgEventStore {
         let mut batches = Vec::with_capacity(group.len());
         let mut included = Vec::with_capacity(group.len());
         for (i, w) in group.iter().enumerate() {
-            match Batch::encode(&w.events, self.shared.settings.max_batch) {
+            match Batch::encode(&w.parts[0].events, self.shared.settings.max_batch) {
                 Ok(batch) => {
                     answers.push(None);
                     included.push(i);
@@ -499,7 +606,7 @@ impl PgEventStore {
         }
         let heads: Vec<(&StreamId, ExpectedVersion)> = included
             .iter()
-            .map(|&i| (&group[i].stream, group[i].expected))
+            .map(|&i| (&group[i].parts[0].stream, group[i].parts[0].expected))
             .collect();
         let arrays = GroupArrays::new(&heads, &batches);
         let distinct: BTreeSet<&str> = arrays.streams.iter().copied().collect();
@@ -542,7 +649,7 @@ impl PgEventStore {
                 .and_then(|k| k.checked_sub(1))
                 .and_then(|k| included.get(k).copied());
             if let Some(i) = slot {
-                let w = &group[i];
+                let w = &group[i].parts[0];
                 answers[i] = Some(decide(
                     &w.stream,
                     w.expected,
@@ -563,9 +670,8 @@ impl PgEventStore {
             .collect())
     }
 
-    /// An atomic multi-stream write: one statement when every expectation
-    /// holds, else the append function inside one transaction that is rolled
-    /// back at the first refused part.
+    /// An atomic multi-stream write, through group commit: run now while a
+    /// slot is free, else queued and written with others.
     pub(super) async fn write_parts(
         &self,
         mut parts: Vec<StreamAppend>,
@@ -579,6 +685,24 @@ impl PgEventStore {
                 return Ok(vec![result]);
             }
         }
+        match &self.shared.group {
+            Some(group) => match group.enter(parts) {
+                Turn::Run(parts) => {
+                    let _slot = Slot(self);
+                    self.write_parts_now(&parts).await
+                }
+                Turn::Wait(answer) => answer.await.unwrap_or_else(|_| Err(abandoned())),
+            },
+            None => self.write_parts_now(&parts).await,
+        }
+    }
+
+    /// Appends `parts` (distinct streams) in one plain statement when every
+    /// expectation holds: their results, in the order given. Otherwise
+    /// nothing was written, and the answer says which parts' expectations
+    /// failed (none, when an id is stored already or a concurrent append
+    /// won a race).
+    async fn fast_write(&self, parts: &[&StreamAppend]) -> Result<Fast, StoreError> {
         // One lock order for every write: no two writes deadlock.
         let mut order: Vec<usize> = (0..parts.len()).collect();
         order.sort_by(|&a, &b| parts[a].stream.as_str().cmp(parts[b].stream.as_str()));
@@ -591,36 +715,13 @@ impl PgEventStore {
             .map(|&i| (&parts[i].stream, parts[i].expected))
             .collect();
         let arrays = GroupArrays::new(&heads, &batches);
-        let mut answers: Vec<Option<AppendResult>> = vec![None; parts.len()];
-        let fast: Result<Vec<FastGroupRow>, sqlx::Error> = arrays
+        let rows: Vec<FastGroupRow> = match arrays
             .query(&self.shared.sql.append_group_fast)
             .fetch_all(&self.shared.pool)
-            .await;
-        match fast {
-            // Every expectation held: each part with events is written; a
-            // part without events only checked its version.
-            Ok(rows) if rows.len() == parts.len() && rows.iter().all(|r| r.5) => {
-                for (item, version, tx, position, before, _) in rows {
-                    let k = slot_of(item, &order)?;
-                    answers[k] = Some(if parts[k].events.is_empty() {
-                        AppendResult {
-                            stream_version: to_u64(before),
-                            position: Position::START,
-                            written: false,
-                        }
-                    } else {
-                        decide(
-                            &parts[k].stream,
-                            parts[k].expected,
-                            (0, version, tx, position, None),
-                        )?
-                    });
-                }
-            }
-            // A refused expectation, a replayed id or a lost race: decided
-            // part by part below.
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {}
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) if is_unique_violation(&e) => return Ok(Fast::Refused(Vec::new())),
             Err(e) if is_invalid_json(&e) => {
                 let all: Vec<NewEvent> = parts.iter().flat_map(|p| p.events.clone()).collect();
                 return Err(StoreError::InvalidPayload {
@@ -628,36 +729,89 @@ impl PgEventStore {
                 });
             }
             Err(e) => return Err(store_error(e)),
+        };
+        if rows.len() != parts.len() {
+            return Ok(Fast::Refused(Vec::new()));
         }
-        if answers.iter().any(Option::is_none) {
-            let mut tx = self.shared.pool.begin().await.map_err(store_error)?;
-            let rows: Vec<GroupRow> = arrays
-                .query(&self.shared.sql.append_group)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(store_error)?;
-            for (item, outcome, version, txid, position, event) in rows {
+        if !rows.iter().all(|r| r.5) {
+            let mut failed = Vec::new();
+            for &(item, _, _, _, before, _) in &rows {
                 let k = slot_of(item, &order)?;
-                // The first refused part ends the write; dropping the
-                // transaction rolls back what the others wrote.
-                answers[k] = Some(decide(
+                if !parts[k].expected.is_satisfied_by(to_u64(before)) {
+                    failed.push(k);
+                }
+            }
+            return Ok(Fast::Refused(failed));
+        }
+        let mut answers: Vec<Option<AppendResult>> = vec![None; parts.len()];
+        // Every expectation held: each part with events is written; a part
+        // without events only checked its version.
+        for (item, version, tx, position, before, _) in rows {
+            let k = slot_of(item, &order)?;
+            answers[k] = Some(if parts[k].events.is_empty() {
+                AppendResult {
+                    stream_version: to_u64(before),
+                    position: Position::START,
+                    written: false,
+                }
+            } else {
+                decide(
                     &parts[k].stream,
                     parts[k].expected,
-                    (outcome, version, txid, position, event),
-                )?);
-            }
-            tx.commit().await.map_err(store_error)?;
+                    (0, version, tx, position, None),
+                )?
+            });
         }
         answers
             .into_iter()
-            .map(|a| {
-                a.ok_or_else(|| {
-                    Error::Corrupt {
-                        reason: "the multi-stream append returned no row for a part".to_owned(),
-                    }
-                    .into()
-                })
-            })
+            .map(|a| a.ok_or_else(no_part_row))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Fast::Written)
+    }
+
+    /// An atomic multi-stream write on its own: one statement when every
+    /// expectation holds, else the append function inside one transaction
+    /// that is rolled back at the first refused part.
+    async fn write_parts_now(
+        &self,
+        parts: &[StreamAppend],
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        let refs: Vec<&StreamAppend> = parts.iter().collect();
+        if let Fast::Written(results) = self.fast_write(&refs).await? {
+            return Ok(results);
+        }
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        order.sort_by(|&a, &b| parts[a].stream.as_str().cmp(parts[b].stream.as_str()));
+        let batches = order
+            .iter()
+            .map(|&i| Batch::encode(&parts[i].events, self.shared.settings.max_batch))
+            .collect::<Result<Vec<_>, _>>()?;
+        let heads: Vec<(&StreamId, ExpectedVersion)> = order
+            .iter()
+            .map(|&i| (&parts[i].stream, parts[i].expected))
+            .collect();
+        let arrays = GroupArrays::new(&heads, &batches);
+        let mut answers: Vec<Option<AppendResult>> = vec![None; parts.len()];
+        let mut tx = self.shared.pool.begin().await.map_err(store_error)?;
+        let rows: Vec<GroupRow> = arrays
+            .query(&self.shared.sql.append_group)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        for (item, outcome, version, txid, position, event) in rows {
+            let k = slot_of(item, &order)?;
+            // The first refused part ends the write; dropping the
+            // transaction rolls back what the others wrote.
+            answers[k] = Some(decide(
+                &parts[k].stream,
+                parts[k].expected,
+                (outcome, version, txid, position, event),
+            )?);
+        }
+        tx.commit().await.map_err(store_error)?;
+        answers
+            .into_iter()
+            .map(|a| a.ok_or_else(no_part_row))
             .collect()
     }
 
@@ -704,21 +858,45 @@ impl PgEventStore {
     ) -> Result<AppendResult, StoreError> {
         match &self.shared.group {
             Some(group) if !events.is_empty() => {
-                match group.enter(stream.clone(), expected, events) {
-                    Turn::Run(stream, expected, events) => {
+                let part = StreamAppend::new(stream.clone(), expected, events);
+                match group.enter(vec![part]) {
+                    Turn::Run(parts) => {
                         let _slot = Slot(self);
-                        self.append_now(&stream, expected, &events).await
+                        self.write_now(&parts).await?.pop().ok_or_else(no_part_row)
                     }
-                    Turn::Wait(answer) => answer.await.unwrap_or_else(|_| {
-                        Err(StoreError::Unavailable {
-                            source: "the append's group was abandoned".into(),
-                        })
-                    }),
+                    Turn::Wait(answer) => answer
+                        .await
+                        .unwrap_or_else(|_| Err(abandoned()))?
+                        .pop()
+                        .ok_or_else(no_part_row),
                 }
             }
             _ => self.append_now(stream, expected, &events).await,
         }
     }
+}
+
+/// How a one-statement write ended.
+enum Fast {
+    /// Written: a result per part, in the order given.
+    Written(Vec<AppendResult>),
+    /// Nothing written: the indexes of the parts whose expectations failed
+    /// (none when an id is stored already or a concurrent append won a
+    /// race).
+    Refused(Vec<usize>),
+}
+
+fn abandoned() -> StoreError {
+    StoreError::Unavailable {
+        source: "the write's group was abandoned".into(),
+    }
+}
+
+fn no_part_row() -> StoreError {
+    Error::Corrupt {
+        reason: "the append statement answered nothing for a part".to_owned(),
+    }
+    .into()
 }
 
 /// The index into the caller's parts of the append statement's 1-based
