@@ -16,7 +16,8 @@ use crate::{Position, RecordedEvent, StoreError};
 /// never skipping one that may still commit below the last it returns (that is
 /// the backend's gap-safety). `wake` changes whenever new events may be
 /// readable; the subscription also polls every `poll` in case a wake-up is
-/// lost. It reads pages of `page_size` until caught up, then waits.
+/// lost. It reads pages of `page_size` until caught up (a page shorter than
+/// `page_size`: `read` returned all it could), then waits.
 pub fn catch_up_then_live<R, Fut>(
     after: Position,
     page_size: usize,
@@ -33,12 +34,16 @@ where
         wake: watch::Receiver<u64>,
         read: R,
         failed: bool,
+        /// The last page was short: everything readable then was read, so
+        /// the next read waits for a wake-up (or the poll) first.
+        caught_up: bool,
     }
     let state = State {
         position: after,
         wake,
         read,
         failed: false,
+        caught_up: false,
     };
     // A future per page, not per event: the events of a page are handed out
     // by its iterator, as they are (not copied).
@@ -47,6 +52,14 @@ where
             return None;
         }
         loop {
+            if std::mem::take(&mut state.caught_up) {
+                // A wake-up that arrived since the last read (marked seen
+                // before that read) ends this wait at once.
+                let woke = tokio::time::timeout(poll, state.wake.changed()).await;
+                if let Ok(Err(_)) = woke {
+                    tokio::time::sleep(poll).await;
+                }
+            }
             // Mark the current wake-up as seen before reading, so a commit that
             // lands after the read still wakes the wait below.
             state.wake.borrow_and_update();
@@ -55,6 +68,7 @@ where
                     if let Some(last) = page.last() {
                         state.position = last.position;
                     }
+                    state.caught_up = page.len() < page_size;
                     return Some((Ok(page), state));
                 }
                 Ok(_) => {
