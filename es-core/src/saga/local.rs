@@ -119,7 +119,7 @@ where
     }
 
     fn is_input(&self, event_type: &str) -> bool {
-        self.inputs.iter().any(|t| *t == event_type)
+        self.inputs.contains(&event_type)
     }
 
     fn begin(&self) -> Box<dyn LocalWork<S>> {

@@ -400,7 +400,7 @@ fn merged(lines: &[StockLine]) -> Vec<StockLine> {
     for line in lines {
         match merged.iter_mut().find(|l| l.product_id == line.product_id) {
             Some(l) => l.quantity = l.quantity.saturating_add(line.quantity),
-            None => merged.push(line.clone()),
+            None => merged.push(*line),
         }
     }
     merged
