@@ -759,19 +759,22 @@ impl<S: Saga> AppendWriter for SagaManager<S> {
                 source: Box::new(other),
             },
         };
-        let saga_id = match self.local.as_deref() {
-            Some(local) => part.events.iter().find_map(|event| {
-                if !local.is_input(&event.event_type) {
-                    return None;
-                }
+        // The saga instance the first of the events that are inputs belongs
+        // to; an input that does not decode is an error (the saga would
+        // miss it), not an event to append without the saga.
+        let mut saga_id = None;
+        if let Some(local) = self.local.as_deref() {
+            for event in part.events.iter().filter(|e| local.is_input(&e.event_type)) {
                 let input = self
                     .inputs
                     .decode_parts(&event.event_type, event.schema_version, &event.payload)
-                    .ok()?;
-                S::saga_id(&input, &event.metadata)
-            }),
-            None => None,
-        };
+                    .map_err(|e| backend(e.into()))?;
+                saga_id = S::saga_id(&input, &event.metadata);
+                if saga_id.is_some() {
+                    break;
+                }
+            }
+        }
         let (Some(local), Some(saga_id)) = (self.local.as_deref(), saga_id) else {
             return self
                 .store
