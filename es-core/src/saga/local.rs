@@ -328,14 +328,14 @@ mod tests {
         SagaOutcome,
     };
 
-    /// Climbs a counter by 3 until it reaches 10, then reports once.
+    /// Climbs a counter by 3 until it reaches 10, then reports each input.
     #[derive(Debug, Default)]
-    struct Ladder {
-        total: u64,
+    pub(super) struct Ladder {
+        pub(super) total: u64,
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    enum LadderEvent {
+    pub(super) enum LadderEvent {
         Climbed { total: u64 },
     }
 
@@ -346,7 +346,7 @@ mod tests {
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    enum LadderCommand {
+    pub(super) enum LadderCommand {
         Increment { by: u32 },
         Reached { total: u64 },
     }
@@ -391,7 +391,7 @@ mod tests {
         }
     }
 
-    fn setup() -> (
+    pub(super) fn setup() -> (
         Arc<InMemoryEventStore>,
         Arc<SagaManager<Ladder>>,
         Repository<Counter>,
@@ -552,5 +552,93 @@ mod tests {
             .unwrap();
         assert_eq!(counter.state.value, 109 + 3 + 3);
         assert_eq!(manager.load(other).await.unwrap().state.total, 5 + 3 + 3);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use std::collections::HashMap;
+
+    use futures::future::join_all;
+    use proptest::prelude::*;
+
+    use super::tests::{setup as ladder, Ladder};
+    use super::*;
+    use crate::doc_support::counter::{Counter, CounterEvent};
+    use crate::saga::{COMMAND_EXECUTED, COMMAND_RECORD};
+    use crate::{EventStore, Message, Position};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Inputs to a few sagas, some delivered twice, handled concurrently
+        /// (every saga climbs the same counter, so their writes race): each
+        /// saga's total is its distinct inputs plus its own climbs, the
+        /// counter holds exactly the climbs executed, each executed once, and
+        /// each saga reports at most once, exactly when it reached 10.
+        #[test]
+        fn concurrent_and_redelivered_inputs_execute_each_local_command_once(
+            inputs in proptest::collection::vec((0u128..3, 1u32..6, any::<bool>()), 1..12),
+        ) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (store, manager, _) = ladder();
+                let mut messages = Vec::new();
+                for (saga, by, twice) in &inputs {
+                    let message = Message::encode(
+                        "counters",
+                        &CounterEvent::Incremented { by: *by },
+                        Metadata::new().with_correlation_id(Uuid::from_u128(100 + saga)),
+                    )
+                    .unwrap();
+                    if *twice {
+                        messages.push(message.clone());
+                    }
+                    messages.push(message);
+                }
+                for chunk in messages.chunks(4) {
+                    let handled = join_all(chunk.iter().map(|m| manager.handle(m))).await;
+                    for outcome in handled {
+                        outcome.unwrap();
+                    }
+                }
+                let log = store.read_all(Position::START, 10_000).await.unwrap();
+                let climbs = log.iter().filter(|e| e.stream_id.category() == "counter").count();
+                let executed = log.iter().filter(|e| &*e.event_type == COMMAND_EXECUTED).count();
+                prop_assert_eq!(climbs, executed, "a local command executed twice or not at all");
+                let counter = Repository::<Counter>::new(store.clone()).load("c").await.unwrap();
+                prop_assert_eq!(counter.state.value, 3 * climbs as u64);
+                let mut per_saga: HashMap<u128, (u64, usize)> = HashMap::new();
+                for (saga, by, _) in &inputs {
+                    per_saga.entry(*saga).or_default().0 += u64::from(*by);
+                }
+                let mut all_reports = 0;
+                for (saga, (sum, _)) in &per_saga {
+                    let instance = manager.load(Uuid::from_u128(100 + saga)).await.unwrap();
+                    let state: &Ladder = &instance.state;
+                    let climbed = instance
+                        .sent
+                        .iter()
+                        .filter(|c| c.command_type == "Increment")
+                        .count() as u64;
+                    prop_assert_eq!(state.total, sum + 3 * climbed);
+                    let reports = instance
+                        .sent
+                        .iter()
+                        .filter(|c| c.command_type == "Reached")
+                        .count();
+                    prop_assert_eq!(reports >= 1, state.total >= 10);
+                    all_reports += reports;
+                }
+                // The reports, and nothing else, left through the relay.
+                let relayed = log.iter().filter(|e| &*e.event_type == COMMAND_RECORD).count();
+                prop_assert_eq!(relayed, all_reports);
+                Ok(())
+            })?;
+        }
     }
 }
