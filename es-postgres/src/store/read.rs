@@ -57,23 +57,6 @@ pub(super) type EventRow = (
     DateTime<Utc>,
 );
 
-/// A row of the read that also reports what is held back: an event's
-/// columns (all null on the row of an empty page), then the oldest
-/// transaction with rows after the position that are not readable yet.
-type PendingRow = (
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    Option<Uuid>,
-    Option<String>,
-    Option<i32>,
-    Option<String>,
-    Option<String>,
-    Option<DateTime<Utc>>,
-    Option<i64>,
-);
-
 pub(super) fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
@@ -155,6 +138,19 @@ impl PgEventStore {
             .collect()
     }
 
+    /// The oldest transaction with committed events after `after`: called
+    /// after a short page, so they were not readable when the page was read
+    /// (an older transaction was still running), though they may be now.
+    async fn first_pending(&self, after: Position) -> Result<Option<i64>, StoreError> {
+        let (major, minor) = position_parts(after)?;
+        sqlx::query_scalar(&self.shared.sql.pending)
+            .bind(major)
+            .bind(minor)
+            .fetch_one(&self.shared.pool)
+            .await
+            .map_err(store_error)
+    }
+
     /// Waits (bounded by the read wait) until every transaction older than
     /// `tx` has finished, so rows of `tx` are readable. Returns whether it got
     /// there in time.
@@ -187,11 +183,12 @@ impl PgEventStore {
         after: Position,
         max: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let (mut page, pending) = self.read_all_and_pending(after, max).await?;
+        let mut page = self.read_all_on(&self.shared.pool, after, max).await?;
         if page.len() >= max {
             return Ok(page);
         }
-        let Some(pending) = pending else {
+        let from = page.last().map_or(after, |e| e.position);
+        let Some(pending) = self.first_pending(from).await? else {
             return Ok(page);
         };
         if !self.wait_horizon(pending).await? {
@@ -202,69 +199,11 @@ impl PgEventStore {
             );
             return Ok(page);
         }
-        let from = page.last().map_or(after, |e| e.position);
         let more = self
             .read_all_on(&self.shared.pool, from, max - page.len())
             .await?;
         page.extend(more);
         Ok(page)
-    }
-
-    /// A page of `read_all`, and the oldest transaction whose rows after
-    /// `after` are not readable yet, in one statement.
-    async fn read_all_and_pending(
-        &self,
-        after: Position,
-        max: usize,
-    ) -> Result<(Vec<RecordedEvent>, Option<i64>), StoreError> {
-        let (major, minor) = position_parts(after)?;
-        let rows: Vec<PendingRow> = sqlx::query_as(&self.shared.sql.read_all_pending)
-            .bind(major)
-            .bind(minor)
-            .bind(i64::try_from(max).unwrap_or(i64::MAX))
-            .fetch_all(&self.shared.pool)
-            .await
-            .map_err(store_error)?;
-        let mut pending = None;
-        let mut page = Vec::with_capacity(rows.len());
-        for row in rows {
-            pending = row.10;
-            let event = match row {
-                (None, ..) => continue,
-                (
-                    Some(global),
-                    Some(tx),
-                    Some(stream),
-                    Some(version),
-                    Some(id),
-                    Some(event_type),
-                    Some(schema_version),
-                    Some(payload),
-                    Some(metadata),
-                    Some(recorded_at),
-                    _,
-                ) => (
-                    global,
-                    tx,
-                    stream,
-                    version,
-                    id,
-                    event_type,
-                    schema_version,
-                    payload,
-                    metadata,
-                    recorded_at,
-                ),
-                _ => {
-                    return Err(Error::Corrupt {
-                        reason: "an event row with a null column".to_owned(),
-                    }
-                    .into())
-                }
-            };
-            page.push(decode(event, None)?);
-        }
-        Ok((page, pending))
     }
 
     /// How far the oldest running transaction holds the readable log back

@@ -11,7 +11,7 @@ pub(super) struct Sql {
     pub(super) append_group_fast: String,
     pub(super) read_stream: String,
     pub(super) read_all: String,
-    pub(super) read_all_pending: String,
+    pub(super) pending: String,
     pub(super) last_pending: String,
     pub(super) xmin: String,
     pub(super) head: String,
@@ -92,17 +92,12 @@ impl Sql {
                 "SELECT {COLUMNS} FROM {s}.events WHERE (transaction_id, global_position) > ($1, $2) \
                  AND transaction_id < {XMIN} ORDER BY transaction_id, global_position LIMIT $3"
             ),
-            // `read_all` and, in the same statement and snapshot, the oldest
-            // transaction whose rows after the position are not readable yet
-            // (the last column; a page with no event is one row of nulls
-            // carrying it).
-            read_all_pending: format!(
-                "WITH h AS (SELECT {XMIN} AS x), \
-                 p AS (SELECT {COLUMNS} FROM {s}.events, h WHERE (transaction_id, global_position) > ($1, $2) \
-                       AND transaction_id < h.x ORDER BY transaction_id, global_position LIMIT $3) \
-                 SELECT p.*, (SELECT min(e.transaction_id) FROM {s}.events e WHERE \
-                              (e.transaction_id, e.global_position) > ($1, $2) AND e.transaction_id >= h.x) \
-                   FROM h LEFT JOIN p ON true ORDER BY p.transaction_id, p.global_position"
+            // Not filtered by the horizon: a row that became readable after
+            // the page was read (its older transaction ended in between)
+            // must be found too, or the page would come back without it.
+            pending: format!(
+                "SELECT min(transaction_id) FROM {s}.events \
+                 WHERE (transaction_id, global_position) > ($1, $2)"
             ),
             last_pending: format!("SELECT max(transaction_id) FROM {s}.events WHERE transaction_id >= {XMIN}"),
             xmin: format!("SELECT {XMIN}"),
