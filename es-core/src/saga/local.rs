@@ -189,20 +189,15 @@ where
             return Ok(Vec::new());
         };
         let stream = self.repository.stream_id(&id)?;
-        if !self.streams.contains_key(&stream) {
-            self.order.push(stream.clone());
-            self.streams.insert(
-                stream.clone(),
-                Touched {
-                    loaded: None,
-                    expected: ExpectedVersion::Any,
-                    appended: Vec::new(),
-                },
-            );
-        }
-        let Some(touched) = self.streams.get_mut(&stream) else {
-            return Ok(Vec::new());
-        };
+        let order = &mut self.order;
+        let touched = self.streams.entry(stream.clone()).or_insert_with(|| {
+            order.push(stream.clone());
+            Touched {
+                loaded: None,
+                expected: ExpectedVersion::Any,
+                appended: Vec::new(),
+            }
+        });
         if touched.loaded.is_none() {
             let loaded = self
                 .repository

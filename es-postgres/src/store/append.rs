@@ -703,17 +703,7 @@ impl PgEventStore {
     /// failed (none, when an id is stored already or a concurrent append
     /// won a race).
     async fn fast_write(&self, parts: &[&StreamAppend]) -> Result<Fast, StoreError> {
-        // One lock order for every write: no two writes deadlock.
-        let mut order: Vec<usize> = (0..parts.len()).collect();
-        order.sort_by(|&a, &b| parts[a].stream.as_str().cmp(parts[b].stream.as_str()));
-        let batches = order
-            .iter()
-            .map(|&i| Batch::encode(&parts[i].events, self.shared.settings.max_batch))
-            .collect::<Result<Vec<_>, _>>()?;
-        let heads: Vec<(&StreamId, ExpectedVersion)> = order
-            .iter()
-            .map(|&i| (&parts[i].stream, parts[i].expected))
-            .collect();
+        let (order, heads, batches) = lock_order(parts, self.shared.settings.max_batch)?;
         let arrays = GroupArrays::new(&heads, &batches);
         let rows: Vec<FastGroupRow> = match arrays
             .query(&self.shared.sql.append_group_fast)
@@ -780,16 +770,7 @@ impl PgEventStore {
         if let Fast::Written(results) = self.fast_write(&refs).await? {
             return Ok(results);
         }
-        let mut order: Vec<usize> = (0..parts.len()).collect();
-        order.sort_by(|&a, &b| parts[a].stream.as_str().cmp(parts[b].stream.as_str()));
-        let batches = order
-            .iter()
-            .map(|&i| Batch::encode(&parts[i].events, self.shared.settings.max_batch))
-            .collect::<Result<Vec<_>, _>>()?;
-        let heads: Vec<(&StreamId, ExpectedVersion)> = order
-            .iter()
-            .map(|&i| (&parts[i].stream, parts[i].expected))
-            .collect();
+        let (order, heads, batches) = lock_order(&refs, self.shared.settings.max_batch)?;
         let arrays = GroupArrays::new(&heads, &batches);
         let mut answers: Vec<Option<AppendResult>> = vec![None; parts.len()];
         let mut tx = self.shared.pool.begin().await.map_err(store_error)?;
@@ -897,6 +878,34 @@ fn no_part_row() -> StoreError {
         reason: "the append statement answered nothing for a part".to_owned(),
     }
     .into()
+}
+
+/// The heads and encoded batches of `parts` sorted by stream (one lock order
+/// for every write, so no two writes deadlock), with each one's index in
+/// `parts`.
+#[allow(clippy::type_complexity)]
+fn lock_order<'a>(
+    parts: &[&'a StreamAppend],
+    max_batch: usize,
+) -> Result<
+    (
+        Vec<usize>,
+        Vec<(&'a StreamId, ExpectedVersion)>,
+        Vec<Batch<'a>>,
+    ),
+    StoreError,
+> {
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| parts[a].stream.as_str().cmp(parts[b].stream.as_str()));
+    let batches = order
+        .iter()
+        .map(|&i| Batch::encode(&parts[i].events, max_batch))
+        .collect::<Result<Vec<_>, _>>()?;
+    let heads = order
+        .iter()
+        .map(|&i| (&parts[i].stream, parts[i].expected))
+        .collect();
+    Ok((order, heads, batches))
 }
 
 /// The index into the caller's parts of the append statement's 1-based
