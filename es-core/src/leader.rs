@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::relay::Route;
+use crate::relay::{Blocked, Route};
 use crate::{
     CancellationToken, CheckpointStore, EventBus, EventStore, Position, Relay, RelayError,
     StoreError,
@@ -98,6 +98,7 @@ pub struct LeaderRelay {
     route: Option<Route>,
     active: watch::Sender<bool>,
     progress: watch::Sender<Position>,
+    blocked: watch::Sender<Option<Blocked>>,
 }
 
 impl fmt::Debug for LeaderRelay {
@@ -134,6 +135,7 @@ impl LeaderRelay {
             route: None,
             active: watch::Sender::new(false),
             progress: watch::Sender::new(Position::START),
+            blocked: watch::Sender::new(None),
         }
     }
 
@@ -182,6 +184,12 @@ impl LeaderRelay {
         self.active.subscribe()
     }
 
+    /// Whether this instance, while active, is held up by a batch the bus
+    /// keeps refusing (see [`Relay::blocked`]).
+    pub fn blocked(&self) -> watch::Receiver<Option<Blocked>> {
+        self.blocked.subscribe()
+    }
+
     /// Waits for the lock, relays while holding it, and waits again when it is
     /// lost; returns when `stop` is cancelled (or the store's log ends). A
     /// failure to take the lock or read the checkpoint is logged and retried
@@ -213,6 +221,7 @@ impl LeaderRelay {
             let outcome = self.lead(leadership.as_mut(), &stop).await;
             drop(leadership);
             self.active.send_replace(false);
+            self.blocked.send_replace(None);
             match outcome {
                 Term::Stopped | Term::Ended(Ok(())) => return Ok(()),
                 Term::Lost => {}
@@ -245,9 +254,23 @@ impl LeaderRelay {
         // A child of `stop`: cancelled with it, or alone when the lock is lost.
         let halt = stop.child_token();
         let mut published = relay.progress();
+        let mut blocked = relay.blocked();
         let forward = async {
-            while published.changed().await.is_ok() {
-                self.progress.send_replace(*published.borrow_and_update());
+            loop {
+                tokio::select! {
+                    changed = published.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        self.progress.send_replace(*published.borrow_and_update());
+                    }
+                    changed = blocked.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        self.blocked.send_replace(blocked.borrow_and_update().clone());
+                    }
+                }
             }
             std::future::pending::<()>().await;
         };

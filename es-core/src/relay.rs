@@ -86,6 +86,36 @@ pub struct Relay {
     route: Route,
     checkpoint_every: Duration,
     progress: watch::Sender<Position>,
+    blocked: watch::Sender<Option<Blocked>>,
+}
+
+/// Why a relay is not moving: the batch it keeps publishing again was
+/// refused. Read it from [`Relay::blocked`]; `None` there while batches are
+/// confirmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Blocked {
+    /// The routing key of a message that must be delivered but reached no
+    /// queue, when that is the cause: it heals only once someone binds a
+    /// queue to it.
+    pub unroutable: Option<String>,
+    /// The last refusal.
+    pub error: String,
+    /// Attempts refused so far.
+    pub attempts: u32,
+}
+
+impl Blocked {
+    fn of(error: &BusError, attempts: u32) -> Self {
+        Self {
+            unroutable: match error {
+                BusError::Unroutable { routing_key, .. } => Some(routing_key.clone()),
+                _ => None,
+            },
+            error: error.to_string(),
+            attempts,
+        }
+    }
 }
 
 impl fmt::Debug for Relay {
@@ -116,6 +146,7 @@ impl Relay {
             route: Arc::new(default_route),
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             progress: watch::Sender::new(Position::START),
+            blocked: watch::Sender::new(None),
         }
     }
 
@@ -148,6 +179,15 @@ impl Relay {
     /// The position the relay has published up to, as it changes.
     pub fn progress(&self) -> watch::Receiver<Position> {
         self.progress.subscribe()
+    }
+
+    /// Whether the relay is held up by a batch the bus keeps refusing, and
+    /// why, as it changes. A message that must be delivered but that no
+    /// queue receives ([`BusError::Unroutable`]) holds the relay until a
+    /// queue is bound: the relay logs it once as an error, with the routing
+    /// key, and reports it here for health checks and gauges.
+    pub fn blocked(&self) -> watch::Receiver<Option<Blocked>> {
+        self.blocked.subscribe()
     }
 
     /// Runs until `stop` is cancelled. Bus failures are retried with backoff
@@ -262,12 +302,31 @@ impl Relay {
         let span =
             tracing::info_span!("es.relay.publish", relay = %self.name, messages = messages.len());
         let mut delay = Duration::from_millis(50);
+        let mut refused = 0u32;
         loop {
             match self.bus.publish(messages).instrument(span.clone()).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    if refused > 0 {
+                        tracing::info!(relay = %self.name, attempts = refused, "the bus takes the relay's messages again");
+                        self.blocked.send_replace(None);
+                    }
+                    return;
+                }
                 Err(error) => {
+                    refused += 1;
                     self.flush(unsaved).await;
-                    log_publish_failure(&self.name, &error);
+                    let blocked = Blocked::of(&error, refused);
+                    let changed = self
+                        .blocked
+                        .borrow()
+                        .as_ref()
+                        .is_none_or(|b| b.unroutable != blocked.unroutable);
+                    if changed {
+                        log_publish_failure(&self.name, &error);
+                    } else {
+                        tracing::debug!(relay = %self.name, %error, attempts = refused, "publish refused again; retrying");
+                    }
+                    self.blocked.send_replace(Some(blocked));
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
@@ -290,12 +349,22 @@ impl Relay {
     }
 }
 
+/// Logs the first refusal of a blocking episode (and a change of its
+/// cause); the retries that follow are logged at debug level.
 fn log_publish_failure(relay: &str, error: &BusError) {
     match error {
         // No queue takes a message that must be delivered: that does not heal
         // by waiting, someone has to bind a queue.
-        BusError::Unroutable { .. } => {
-            tracing::error!(relay, %error, "a message no queue receives holds the relay; retrying");
+        BusError::Unroutable { routing_key, .. } => {
+            tracing::error!(
+                relay,
+                routing_key = %routing_key,
+                %error,
+                "the relay is blocked: no queue is bound to this routing key, and the message \
+                 must be delivered. Declare the consumer group that takes it (subscribe it, or \
+                 declare the topology before starting the relay), or publish this topic without \
+                 `mandatory`; the relay retries until then"
+            );
         }
         _ => tracing::warn!(relay, %error, "publish failed; retrying"),
     }
@@ -379,6 +448,96 @@ mod tests {
         stop.cancel();
         running.await.unwrap().unwrap();
         assert_eq!(checkpoints.inner.load("r").await.unwrap(), Some(head));
+    }
+
+    /// A bus on which no queue receives messages until `bound` is set.
+    struct UnboundBus {
+        inner: crate::InMemoryBus,
+        bound: std::sync::atomic::AtomicBool,
+        refused: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl EventBus for UnboundBus {
+        async fn publish(&self, messages: &[Message]) -> Result<(), BusError> {
+            if !self.bound.load(std::sync::atomic::Ordering::SeqCst) {
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Err(BusError::Unroutable {
+                    message_id: messages[0].message_id,
+                    routing_key: messages[0].routing_key(),
+                });
+            }
+            self.inner.publish(messages).await
+        }
+        async fn declare(&self, subscription: &crate::bus::Subscription) -> Result<(), BusError> {
+            self.inner.declare(subscription).await
+        }
+        async fn subscribe(
+            &self,
+            subscription: crate::bus::Subscription,
+            handler: Arc<dyn crate::bus::MessageHandler>,
+        ) -> Result<crate::bus::SubscriptionHandle, BusError> {
+            self.inner.subscribe(subscription, handler).await
+        }
+    }
+
+    /// A message no queue receives holds the relay and says so, with its
+    /// routing key, until a queue is bound; then the relay moves on and
+    /// reports that it does.
+    #[tokio::test(start_paused = true)]
+    async fn an_unroutable_message_blocks_the_relay_visibly_until_a_queue_is_bound() {
+        use crate::{EventStore, ExpectedVersion, InMemoryEventStore, NewEvent};
+        let store = Arc::new(InMemoryEventStore::new());
+        let bus = Arc::new(UnboundBus {
+            inner: crate::InMemoryBus::new(),
+            bound: false.into(),
+            refused: 0.into(),
+        });
+        let relay = Relay::new(
+            "r",
+            store.clone(),
+            bus.clone(),
+            Arc::new(crate::InMemoryCheckpointStore::new()),
+        );
+        let mut blocked = relay.blocked();
+        let mut progress = relay.progress();
+        assert_eq!(*blocked.borrow(), None);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop).await }
+        });
+        let event = NewEvent::new(
+            "Opened",
+            1,
+            Payload::from_json("{}").unwrap(),
+            Metadata::new(),
+        );
+        store
+            .append(
+                &StreamId::new("account-1").unwrap(),
+                ExpectedVersion::Any,
+                vec![event],
+            )
+            .await
+            .unwrap();
+        blocked.wait_for(Option::is_some).await.unwrap();
+        let first = blocked.borrow_and_update().clone().unwrap();
+        assert_eq!(first.unroutable.as_deref(), Some("account.Opened"));
+        // It keeps retrying, with backoff, while nothing is bound.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let refused = bus.refused.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((4..=12).contains(&refused), "{refused} attempts in 10 s");
+        assert!(blocked.borrow().as_ref().unwrap().attempts >= 4);
+        assert_eq!(*progress.borrow_and_update(), Position::START);
+        // A queue is bound: the relay publishes and is no longer blocked.
+        bus.bound.store(true, std::sync::atomic::Ordering::SeqCst);
+        blocked.wait_for(Option::is_none).await.unwrap();
+        let head = store.head().await.unwrap();
+        progress.wait_for(|p| *p == head).await.unwrap();
+        stop.cancel();
+        running.await.unwrap().unwrap();
     }
 
     #[test]

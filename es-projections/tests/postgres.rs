@@ -264,6 +264,72 @@ async fn dead_letter_policy_records_the_event_in_the_batch_transaction_and_goes_
     cleanup(&pool, &[&schema, &model]).await;
 }
 
+/// Parked events replayed after a fix are applied once, in the replay's
+/// transaction, beside a running runner; before the fix they stay parked and
+/// the model is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_events_replayed_after_a_fix_are_applied_once() {
+    let (pool, schema, model) = fresh().await;
+    let store = InMemoryEventStore::new();
+    seed(&store, 20, 3).await;
+    let first = append(&store, "acct-9", vec![deposit(-5)]).await;
+    seed(&store, 20, 3).await;
+    let second = append(&store, "acct-8", vec![deposit(-7)]).await;
+    let after = seed(&store, 20, 3).await;
+    let ledger = Ledger::new("ledger");
+    let replayer = || {
+        runner(
+            &pool,
+            &schema,
+            &model,
+            &store,
+            &ledger,
+            RunnerOptions::default(),
+        )
+    };
+    let handle = replayer().spawn();
+    handle.wait_for(after, WAIT).await.unwrap();
+    let parked = es_projections::postgres::parked_events(&pool, &schema, "ledger", 10)
+        .await
+        .unwrap();
+    let positions: Vec<Position> = parked.iter().map(|p| p.position).collect();
+    assert_eq!(positions, vec![first, second]);
+    assert!(parked[0].error.contains("negative deposit"), "{parked:?}");
+    let before = balances(&pool, &model).await;
+    assert_eq!(ledger_counts(&pool, &model).await, (60, 60));
+
+    // Not fixed yet: both stay parked, and the ledger row each apply wrote
+    // before refusing is rolled back with its savepoint.
+    let report = replayer().replay_parked().await.unwrap();
+    assert_eq!((report.applied, report.still_parked), (0, 2), "{report:?}");
+    assert_eq!(ledger_counts(&pool, &model).await, (60, 60));
+    assert_eq!(balances(&pool, &model).await, before);
+
+    // Fixed: both are applied, once, and leave the dead letters.
+    ledger.accept_negative.store(true, Ordering::SeqCst);
+    let report = replayer().replay_parked().await.unwrap();
+    assert_eq!((report.applied, report.still_parked), (2, 0), "{report:?}");
+    assert_eq!(
+        es_projections::postgres::parked_count(&pool, &schema, "ledger")
+            .await
+            .unwrap(),
+        0
+    );
+    let again = replayer().replay_parked().await.unwrap();
+    assert_eq!(again.applied, 0, "{again:?}");
+    assert_eq!(ledger_counts(&pool, &model).await, (62, 62));
+    let fixed = balances(&pool, &model).await;
+    let total = |rows: &[(String, i64, i64)]| rows.iter().map(|r| r.1).sum::<i64>();
+    assert_eq!(total(&fixed), total(&before) - 12);
+
+    // The running runner goes on past the replay.
+    let later = seed(&store, 10, 3).await;
+    handle.wait_for(later, WAIT).await.unwrap();
+    assert_eq!(ledger_counts(&pool, &model).await, (72, 72));
+    handle.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_per_projection_and_a_standby_takes_over() {
     let _ = tracing_subscriber::fmt()

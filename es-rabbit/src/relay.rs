@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use es_core::relay::Route;
+use es_core::relay::{Blocked, Route};
 use es_core::{
     CancellationToken, CheckpointStore, EventStore, LeaderLock, LeaderRelay, Position, RelayError,
 };
@@ -88,6 +88,14 @@ impl RabbitRelay {
     /// Whether this instance is the active one, as it changes.
     pub fn active(&self) -> watch::Receiver<bool> {
         self.relay.active()
+    }
+
+    /// Whether this instance is held up by a batch the broker keeps
+    /// refusing, as it changes: a message of a mandatory topic that no queue
+    /// receives holds it until a queue is bound (see
+    /// [`Relay::blocked`](es_core::Relay::blocked)).
+    pub fn blocked(&self) -> watch::Receiver<Option<Blocked>> {
+        self.relay.blocked()
     }
 
     /// Waits for the lock, relays while holding it, and waits again when it is

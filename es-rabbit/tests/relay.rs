@@ -252,9 +252,21 @@ async fn a_command_no_queue_receives_holds_the_relay_until_one_is_bound() {
         *progress.borrow() >= event_at
     })
     .await;
-    // The command is not confirmed and passed over: the relay retries it.
+    // The command is not confirmed and passed over: the relay retries it,
+    // and says what holds it.
+    let blocked = relay.blocked();
+    eventually("the relay reports that it is blocked", LIMIT, || {
+        blocked.borrow().is_some()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(checkpoints.load("mandatory").await.unwrap(), Some(event_at));
+    let holding = blocked.borrow().clone().unwrap();
+    assert_eq!(
+        holding.unroutable.as_deref(),
+        Some("billing_commands.Happened")
+    );
+    assert!(holding.attempts >= 2, "{holding:?}");
 
     bus.declare(&Subscription::new("billing", ["billing_commands.*"]))
         .await
@@ -264,6 +276,7 @@ async fn a_command_no_queue_receives_holds_the_relay_until_one_is_bound() {
     })
     .await;
     assert_eq!(bus.queue_depth("billing").await.unwrap(), 1);
+    assert_eq!(*blocked.borrow(), None, "no longer blocked");
     stop.cancel();
     running.await.unwrap().unwrap();
     cleanup(&bus).await;

@@ -1,18 +1,23 @@
 //! The deadline scheduler: fires saga deadlines when they are due.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
     DeadlineRecord, Saga, SagaError, SagaManager, DEADLINE_CANCELLED, DEADLINE_FIRED, DEADLINE_SET,
 };
-use crate::{CancellationToken, Position, RecordedEvent};
+use crate::{CancellationToken, CheckpointStore, Position, RecordedEvent};
+
+/// How often a scheduler with a checkpoint saves it by default (see
+/// [`DeadlineScheduler::with_checkpoint`]).
+pub const DEFAULT_DEADLINE_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Fires saga deadlines when they are due.
 ///
@@ -20,9 +25,17 @@ use crate::{CancellationToken, Position, RecordedEvent};
 /// the pending ones in memory, and asks the [`SagaManager`] to fire each when
 /// the manager's clock passes its due time. Firing is idempotent, so several
 /// schedulers (or a restart) never fire a deadline twice.
+///
+/// Without a checkpoint it reads the whole log at every start. With one
+/// ([`with_checkpoint`](Self::with_checkpoint)) it saves the position before
+/// the oldest deadline still pending (or the last position read, when none
+/// is) and starts from there: a restart reads what the pending deadlines
+/// span, not the log's history.
 pub struct DeadlineScheduler<S: Saga> {
     manager: Arc<SagaManager<S>>,
     tick: Duration,
+    checkpoint: Option<(Arc<dyn CheckpointStore>, String)>,
+    checkpoint_every: Duration,
 }
 
 impl<S: Saga> fmt::Debug for DeadlineScheduler<S> {
@@ -30,6 +43,10 @@ impl<S: Saga> fmt::Debug for DeadlineScheduler<S> {
         f.debug_struct("DeadlineScheduler")
             .field("saga", &S::TYPE)
             .field("tick", &self.tick)
+            .field(
+                "checkpoint",
+                &self.checkpoint.as_ref().map(|(_, name)| name),
+            )
             .finish()
     }
 }
@@ -39,22 +56,58 @@ impl<S: Saga> DeadlineScheduler<S> {
     /// every `tick` (the clock may be virtual, so it cannot just sleep until
     /// the due time).
     pub fn new(manager: Arc<SagaManager<S>>, tick: Duration) -> Self {
-        Self { manager, tick }
+        Self {
+            manager,
+            tick,
+            checkpoint: None,
+            checkpoint_every: DEFAULT_DEADLINE_CHECKPOINT_EVERY,
+        }
+    }
+
+    /// Keeps a checkpoint named `name` in `checkpoints`, saved at most every
+    /// [`DEFAULT_DEADLINE_CHECKPOINT_EVERY`] and when the scheduler stops,
+    /// and starts from it. The position saved is never past a pending
+    /// deadline's record, so no deadline is lost to a restart.
+    #[must_use]
+    pub fn with_checkpoint(
+        mut self,
+        checkpoints: Arc<dyn CheckpointStore>,
+        name: impl Into<String>,
+    ) -> Self {
+        self.checkpoint = Some((checkpoints, name.into()));
+        self
+    }
+
+    /// Saves the checkpoint at most once per `interval` instead.
+    #[must_use]
+    pub fn with_checkpoint_every(mut self, interval: Duration) -> Self {
+        self.checkpoint_every = interval;
+        self
     }
 
     /// Runs until `stop` is cancelled or the store's subscription fails.
     pub async fn run(self, stop: CancellationToken) -> Result<(), SagaError> {
-        let mut deadlines = Deadlines::default();
-        let mut log = self.manager.store().subscribe_all(Position::START);
+        let start = match &self.checkpoint {
+            Some((checkpoints, name)) => checkpoints.load(name).await?.unwrap_or(Position::START),
+            None => Position::START,
+        };
+        let mut deadlines = Deadlines::new(start);
+        let mut saved = start;
+        let mut log = self.manager.store().subscribe_all(start);
         // One timer for the whole run: a fresh sleep per log event would cost
         // a timer registration for every event of every stream.
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let mut saved_at = Instant::now();
+        let result = loop {
             if stop.is_cancelled() {
-                return Ok(());
+                break Ok(());
             }
             self.fire_due(&mut deadlines).await;
+            if saved_at.elapsed() >= self.checkpoint_every {
+                self.save(&deadlines, &mut saved).await;
+                saved_at = Instant::now();
+            }
             tokio::select! {
                 () = stop.cancelled() => {}
                 _ = tick.tick() => {}
@@ -62,18 +115,41 @@ impl<S: Saga> DeadlineScheduler<S> {
                     let mut next = next;
                     // Everything the log has ready is noted before the due
                     // deadlines are looked at again.
-                    loop {
+                    let ended = loop {
                         match next {
-                            None => return Ok(()),
-                            Some(Err(error)) => return Err(error.into()),
+                            None => break Some(Ok(())),
+                            Some(Err(error)) => break Some(Err(error.into())),
                             Some(Ok(recorded)) => deadlines.note::<S>(&recorded),
                         }
                         match log.next().now_or_never() {
                             Some(ready) => next = ready,
-                            None => break,
+                            None => break None,
                         }
+                    };
+                    if let Some(ended) = ended {
+                        break ended;
                     }
                 }
+            }
+        };
+        self.save(&deadlines, &mut saved).await;
+        result
+    }
+
+    /// Saves where a restart must read from, when it moved.
+    async fn save(&self, deadlines: &Deadlines, saved: &mut Position) {
+        let Some((checkpoints, name)) = &self.checkpoint else {
+            return;
+        };
+        let resume = deadlines.resume_from();
+        if resume == *saved {
+            return;
+        }
+        // A checkpoint not saved only means reading more at the next start.
+        match checkpoints.save(name, resume).await {
+            Ok(()) => *saved = resume,
+            Err(error) => {
+                tracing::warn!(saga = S::TYPE, checkpoint = %name, %error, "deadline checkpoint not saved");
             }
         }
     }
@@ -91,16 +167,28 @@ impl<S: Saga> DeadlineScheduler<S> {
 }
 
 /// The pending deadlines of one saga type, as the log's records set them.
-#[derive(Default)]
 struct Deadlines {
     pending: BTreeMap<(DateTime<Utc>, Uuid, String), ()>,
-    by_name: std::collections::HashMap<(Uuid, String), DateTime<Utc>, foldhash::fast::RandomState>,
+    /// Each pending deadline's due time, and the log position just before
+    /// the record that set it.
+    by_name: HashMap<(Uuid, String), (DateTime<Utc>, Position), foldhash::fast::RandomState>,
+    /// The last position noted.
+    last: Position,
 }
 
 impl Deadlines {
+    fn new(start: Position) -> Self {
+        Self {
+            pending: BTreeMap::new(),
+            by_name: HashMap::default(),
+            last: start,
+        }
+    }
+
     /// Takes note of a log event: a deadline record of saga type `S` sets or
     /// clears its deadline; anything else is ignored.
     fn note<S: Saga>(&mut self, recorded: &RecordedEvent) {
+        let before = std::mem::replace(&mut self.last, recorded.position);
         let is_deadline = matches!(
             &*recorded.event_type,
             DEADLINE_SET | DEADLINE_CANCELLED | DEADLINE_FIRED
@@ -115,13 +203,13 @@ impl Deadlines {
             return;
         };
         let key = (saga_id, record.name.clone());
-        if let Some(old) = self.by_name.remove(&key) {
+        if let Some((old, _)) = self.by_name.remove(&key) {
             self.pending.remove(&(old, saga_id, record.name.clone()));
         }
         if &*recorded.event_type == DEADLINE_SET {
             if let Some(due) = record.due {
                 self.pending.insert((due, saga_id, record.name), ());
-                self.by_name.insert(key, due);
+                self.by_name.insert(key, (due, before));
             }
         }
     }
@@ -139,13 +227,230 @@ impl Deadlines {
         self.pending.remove(&(due_at, saga_id, name.clone()));
         self.by_name.remove(&(saga_id, name));
     }
+
+    /// Where a restart must read from to see every pending deadline again:
+    /// just before the oldest record still pending, or the last position
+    /// noted when none is.
+    fn resume_from(&self) -> Position {
+        self.by_name
+            .values()
+            .map(|&(_, before)| before)
+            .min()
+            .unwrap_or(self.last)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doc_support::reminder::Reminder;
-    use crate::{EventStore, InMemoryEventStore, ManualClock};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::doc_support::reminder::{Reminder, ReminderInput};
+    use crate::{
+        AppendResult, EventStore, ExpectedVersion, InMemoryCheckpointStore, InMemoryEventStore,
+        ManualClock, Metadata, NewEvent, Payload, StoreError, StreamAppend, StreamId,
+    };
+
+    /// An event store that counts the events its subscriptions deliver.
+    struct CountingStore {
+        inner: InMemoryEventStore,
+        delivered: Arc<AtomicUsize>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventStore for CountingStore {
+        async fn append(
+            &self,
+            stream: &StreamId,
+            expected: ExpectedVersion,
+            events: Vec<NewEvent>,
+        ) -> Result<AppendResult, StoreError> {
+            self.inner.append(stream, expected, events).await
+        }
+        async fn append_streams(
+            &self,
+            parts: Vec<StreamAppend>,
+        ) -> Result<Vec<AppendResult>, StoreError> {
+            self.inner.append_streams(parts).await
+        }
+        async fn read_stream(
+            &self,
+            stream: &StreamId,
+            from_version: u64,
+            max_count: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            self.inner
+                .read_stream(stream, from_version, max_count)
+                .await
+        }
+        async fn read_all(
+            &self,
+            after: Position,
+            max_count: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            self.inner.read_all(after, max_count).await
+        }
+        async fn stream_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+            self.inner.stream_version(stream).await
+        }
+        async fn head(&self) -> Result<Position, StoreError> {
+            self.inner.head().await
+        }
+        fn subscribe_all(
+            &self,
+            after: Position,
+        ) -> futures::stream::BoxStream<'static, Result<RecordedEvent, StoreError>> {
+            let delivered = Arc::clone(&self.delivered);
+            self.inner
+                .subscribe_all(after)
+                .inspect(move |_| {
+                    delivered.fetch_add(1, Ordering::SeqCst);
+                })
+                .boxed()
+        }
+    }
+
+    /// Waits until the scheduler's subscription has delivered `count` events.
+    async fn wait_delivered(delivered: &AtomicUsize, count: usize) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while delivered.load(Ordering::SeqCst) < count {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} of {count} events delivered",
+                delivered.load(Ordering::SeqCst)
+            )
+        });
+    }
+
+    async fn fired(store: &dyn EventStore, saga: Uuid) -> bool {
+        let stream = StreamId::for_aggregate(Reminder::TYPE, saga).unwrap();
+        let events = store.read_stream(&stream, 1, 100).await.unwrap();
+        events.iter().any(|e| &*e.event_type == DEADLINE_FIRED)
+    }
+
+    /// A restarted scheduler reads from the record of the oldest pending
+    /// deadline, not from the start of the log, and still fires it.
+    #[tokio::test]
+    async fn a_restart_reads_from_the_oldest_pending_deadline_and_fires_it() {
+        let delivered = Arc::new(AtomicUsize::new(0));
+        let store = Arc::new(CountingStore {
+            inner: InMemoryEventStore::new(),
+            delivered: Arc::clone(&delivered),
+        });
+        let clock = Arc::new(ManualClock::default());
+        let manager = Arc::new(SagaManager::<Reminder>::new(
+            Arc::clone(&store) as Arc<dyn EventStore>,
+            clock.clone(),
+        ));
+        let checkpoints = Arc::new(InMemoryCheckpointStore::new());
+        let (early, late) = (Uuid::now_v7(), Uuid::now_v7());
+        let filler = StreamId::new("filler-1").unwrap();
+        let fill = |n: usize| {
+            let store = Arc::clone(&store);
+            let filler = filler.clone();
+            async move {
+                for _ in 0..n / 100 {
+                    let batch = (0..100)
+                        .map(|_| {
+                            NewEvent::new(
+                                "Filled",
+                                1,
+                                Payload::from_json("{}").unwrap(),
+                                Metadata::new(),
+                            )
+                        })
+                        .collect();
+                    store
+                        .append(&filler, ExpectedVersion::Any, batch)
+                        .await
+                        .unwrap();
+                }
+            }
+        };
+        // The early deadline is due at 30 s, the late one at 50 s; 2,000
+        // events lie between their records.
+        manager
+            .handle(&ReminderInput::Started.to(early))
+            .await
+            .unwrap();
+        fill(2_000).await;
+        clock.advance(Duration::from_secs(20));
+        manager
+            .handle(&ReminderInput::Started.to(late))
+            .await
+            .unwrap();
+        fill(100).await;
+
+        let scheduler = || {
+            DeadlineScheduler::new(Arc::clone(&manager), Duration::from_millis(5))
+                .with_checkpoint(checkpoints.clone(), "reminder-deadlines")
+                .with_checkpoint_every(Duration::ZERO)
+        };
+        let stop = CancellationToken::new();
+        let first = tokio::spawn(scheduler().run(stop.clone()));
+        let logged = store
+            .inner
+            .read_all(Position::START, 10_000)
+            .await
+            .unwrap()
+            .len();
+        wait_delivered(&delivered, logged).await;
+        clock.advance(Duration::from_secs(15));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !fired(&*store, early).await {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the early deadline fires");
+        // The scheduler reads its own fired record, then stops.
+        let logged = store
+            .inner
+            .read_all(Position::START, 10_000)
+            .await
+            .unwrap()
+            .len();
+        wait_delivered(&delivered, logged).await;
+        stop.cancel();
+        first.await.unwrap().unwrap();
+        assert!(
+            !fired(&*store, late).await,
+            "the late deadline is not due yet"
+        );
+
+        // The second run reads only what follows the late deadline's record.
+        delivered.store(0, Ordering::SeqCst);
+        let stop = CancellationToken::new();
+        let second = tokio::spawn(scheduler().run(stop.clone()));
+        clock.advance(Duration::from_secs(20));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !fired(&*store, late).await {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the late deadline fires after the restart");
+        stop.cancel();
+        second.await.unwrap().unwrap();
+        let read = delivered.load(Ordering::SeqCst);
+        assert!(
+            read < 150,
+            "the restart read {read} events of a log of {logged}"
+        );
+        assert!(logged > 2_100, "{logged}");
+        // And the early deadline fired once.
+        let stream = StreamId::for_aggregate(Reminder::TYPE, early).unwrap();
+        let events = store.read_stream(&stream, 1, 100).await.unwrap();
+        let fired_records = events
+            .iter()
+            .filter(|e| &*e.event_type == DEADLINE_FIRED)
+            .count();
+        assert_eq!(fired_records, 1);
+    }
 
     /// A scheduler runs until its token is cancelled, then returns.
     #[tokio::test]

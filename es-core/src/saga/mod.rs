@@ -21,7 +21,7 @@ mod manager;
 mod reaction;
 mod record;
 
-pub use deadline::DeadlineScheduler;
+pub use deadline::{DeadlineScheduler, DEFAULT_DEADLINE_CHECKPOINT_EVERY};
 pub use handler::SagaHandler;
 pub use local::{LocalAggregate, LocalRoute};
 pub use manager::{SagaInstance, SagaManager};

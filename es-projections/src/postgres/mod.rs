@@ -27,11 +27,13 @@
 
 mod checkpoints;
 mod rebuild;
+mod replay;
 mod runner;
 pub mod sink;
 
 pub use checkpoints::{load_checkpoint, projection_lag, wait_for_checkpoint, CheckpointWatcher};
 pub use rebuild::{rebuild, NoProgress, RebuildOptions, RebuildProgress, RebuildReport};
+pub use replay::ReplayReport;
 pub use runner::{PgProjection, PgProjectionRunner};
 
 use sqlx::PgPool;
@@ -121,4 +123,60 @@ pub async fn parked_count(pool: &PgPool, schema: &str, projection: &str) -> Resu
     .await
     .map_err(|e| Error::db(projection, e))?;
     Ok(u64::try_from(n).unwrap_or_default())
+}
+
+/// The events `projection` has parked in `schema`, oldest first (at most
+/// `limit`): what an operator reads before fixing the projection and
+/// replaying them with
+/// [`PgProjectionRunner::replay_parked`](PgProjectionRunner::replay_parked).
+///
+/// # Errors
+/// [`Error::Database`] when the query fails.
+pub async fn parked_events(
+    pool: &PgPool,
+    schema: &str,
+    projection: &str,
+    limit: u32,
+) -> Result<Vec<crate::ParkedEvent>, Error> {
+    let q = ident(schema)?;
+    type Row = (
+        uuid::Uuid,
+        String,
+        String,
+        i64,
+        i64,
+        String,
+        chrono::DateTime<chrono::Utc>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT event_id, event_type, stream_id, major, minor, error, failed_at \
+         FROM {q}.projection_dead_letters WHERE projection = $1 \
+         ORDER BY major, minor LIMIT $2"
+    ))
+    .bind(projection)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await
+    .map_err(|e| Error::db(projection, e))?;
+    rows.into_iter()
+        .map(
+            |(event_id, event_type, stream_id, major, minor, error, failed_at)| {
+                let stream_id = es_core::StreamId::new(stream_id).map_err(|e| Error::Config {
+                    reason: format!("parked event {event_id}: {e}"),
+                })?;
+                Ok(crate::ParkedEvent {
+                    projection: projection.to_owned(),
+                    event_id,
+                    event_type,
+                    stream_id,
+                    position: es_core::Position::new(
+                        u64::try_from(major).unwrap_or_default(),
+                        u64::try_from(minor).unwrap_or_default(),
+                    ),
+                    error,
+                    failed_at,
+                })
+            },
+        )
+        .collect()
 }

@@ -1,7 +1,7 @@
 //! Fixtures shared by the PostgreSQL and Redis tests.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use es_core::{
@@ -96,6 +96,9 @@ pub struct Ledger {
     /// the test then kills) and `reached` is notified.
     pub hang_at: AtomicU64,
     pub reached: Notify,
+    /// Accepts negative deposits (refused otherwise): the fix applied before
+    /// parked events are replayed.
+    pub accept_negative: AtomicBool,
 }
 
 impl Ledger {
@@ -140,7 +143,7 @@ impl Projection for Ledger {
             self.reached.notify_one();
             std::future::pending::<()>().await;
         }
-        if amount < 0 {
+        if amount < 0 && !self.accept_negative.load(Ordering::SeqCst) {
             return Err(ProjectionError::InvalidEvent {
                 projection: self.name.clone(),
                 event_id: event.event_id,

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use es_core::relay::Blocked;
 use es_core::{
     CancellationToken, CheckpointStore, EventBus, EventStore, InMemoryBus, InMemoryCheckpointStore,
     InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore, Inbox, MessageHandler, Relay,
@@ -120,6 +121,14 @@ impl StoreRelay {
         match self {
             Self::Memory(_) => None,
             Self::Rabbit(relay) => Some(relay.active()),
+        }
+    }
+
+    /// Whether the relay is held up by a batch the bus keeps refusing.
+    pub(crate) fn blocked(&self) -> watch::Receiver<Option<Blocked>> {
+        match self {
+            Self::Memory(relay) => relay.blocked(),
+            Self::Rabbit(relay) => relay.blocked(),
         }
     }
 }
@@ -293,6 +302,21 @@ impl Backends {
                     Arc::new(PgSnapshotStore::new(pg.pool.clone(), &schema)),
                     SnapshotPolicy::Every(64),
                 ))
+            }
+        }
+    }
+
+    /// Where the runners that follow `service`'s store (its deadline
+    /// scheduler) keep their checkpoints: beside the store.
+    pub(crate) async fn checkpoints(&self, service: Service) -> Result<Arc<dyn CheckpointStore>> {
+        match &self.kind {
+            Kind::Memory(m) => Ok(Arc::clone(&m.checkpoints)),
+            Kind::Postgres(pg) => {
+                let schema = self.schema(pg, service).await?;
+                Ok(Arc::new(es_postgres::PgCheckpointStore::new(
+                    pg.pool.clone(),
+                    &schema,
+                )))
             }
         }
     }

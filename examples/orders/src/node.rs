@@ -17,8 +17,10 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use es_core::relay::Blocked;
 use es_core::{CancellationToken, EventStore, MessageHandler, SubscriptionHandle};
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::DropGuard;
 use utoipa::{OpenApi, ToSchema};
@@ -139,6 +141,8 @@ pub(crate) struct Wiring {
     gauges: Gauges,
     stores: Vec<Arc<dyn EventStore>>,
     query: Option<Arc<dyn OrderQueries>>,
+    /// Each relay's blocked state, by store label, for `/health`.
+    blocked: Vec<(&'static str, watch::Receiver<Option<Blocked>>)>,
 }
 
 impl Wiring {
@@ -241,12 +245,15 @@ impl Wiring {
                     }
                 }));
             }
+            let blocked = relay.blocked();
+            self.blocked.push((label, blocked.clone()));
             self.gauges.relays.push(telemetry::RelayGauge {
                 store,
                 checkpoints,
                 name,
                 label,
                 pg,
+                blocked,
             });
             let relay = Arc::new(relay);
             self.supervise("relay", move |stop| {
@@ -323,6 +330,7 @@ impl Node {
             relayed: BTreeSet::new(),
             stores: Vec::new(),
             query: None,
+            blocked: Vec::new(),
         };
         // Consumers first, relays last: nothing is published before the
         // consumers of this process are in place.
@@ -350,6 +358,7 @@ impl Node {
             services: names.join(","),
             stores: w.stores,
             query: w.query,
+            blocked: w.blocked,
         });
         let local = with_operations(w.routes, health);
         let router = match w.backends.upstreams() {
@@ -402,12 +411,14 @@ struct HealthState {
     services: String,
     stores: Vec<Arc<dyn EventStore>>,
     query: Option<Arc<dyn OrderQueries>>,
+    blocked: Vec<(&'static str, watch::Receiver<Option<Blocked>>)>,
 }
 
 /// A process's health.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok`, or `degraded` while the read model holds parked events.
+    /// `ok`, or `degraded` while the read model holds parked events or a
+    /// relay of this process is blocked.
     pub status: &'static str,
     /// The services this process runs.
     pub services: String,
@@ -421,6 +432,24 @@ pub struct Health {
     /// runs here; any makes the status `degraded`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parked_events: Option<u64>,
+    /// The stores whose relay (in this process) is held up by messages the
+    /// bus keeps refusing, with the routing key no queue receives when that
+    /// is the cause; any makes the status `degraded`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub relays_blocked: Vec<RelayBlocked>,
+}
+
+/// A relay held up by messages the bus keeps refusing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RelayBlocked {
+    /// The store it relays.
+    pub store: &'static str,
+    /// The routing key of a message that must be delivered and that no
+    /// queue receives, when that is the cause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unroutable: Option<String>,
+    /// Publish attempts refused so far.
+    pub attempts: u32,
 }
 
 /// Health: 200 when every store this process relays answers, 503 otherwise.
@@ -449,13 +478,27 @@ async fn health_check(State(state): State<Arc<HealthState>>) -> axum::response::
         ),
         None => (None, None),
     };
-    let degraded = parked_events.is_some_and(|n| n > 0);
+    // What a refusal says can name internal addresses: only the routing key
+    // and the count are shown.
+    let relays_blocked: Vec<RelayBlocked> = state
+        .blocked
+        .iter()
+        .filter_map(|(store, blocked)| {
+            blocked.borrow().as_ref().map(|b| RelayBlocked {
+                store,
+                unroutable: b.unroutable.clone(),
+                attempts: b.attempts,
+            })
+        })
+        .collect();
+    let degraded = parked_events.is_some_and(|n| n > 0) || !relays_blocked.is_empty();
     Json(Health {
         status: if degraded { "degraded" } else { "ok" },
         services: state.services.clone(),
         store_head: heads.into_iter().next(),
         read_model_position,
         parked_events,
+        relays_blocked,
     })
     .into_response()
 }
@@ -490,7 +533,7 @@ fn with_operations(routes: Router, health: Arc<HealthState>) -> Router {
 #[openapi(
     info(title = "orders", description = "The event-driven order-processing system"),
     paths(health_check, metrics_text),
-    components(schemas(Health)),
+    components(schemas(Health, RelayBlocked)),
     tags((name = "operations", description = "Health and metrics"))
 )]
 struct OperationsApi;

@@ -3,11 +3,13 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use es_core::relay::Blocked;
 use es_core::{CancellationToken, CheckpointStore, EventStore, InMemoryBus, Position};
 use es_postgres::sqlx::PgPool;
 use es_postgres::PgEventStore;
 use es_rabbit::RabbitBus;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
 
 use crate::backends::Backends;
 use crate::query::OrderQueries;
@@ -65,6 +67,7 @@ pub(crate) struct RelayGauge {
     pub(crate) name: String,
     pub(crate) label: &'static str,
     pub(crate) pg: Option<PgEventStore>,
+    pub(crate) blocked: watch::Receiver<Option<Blocked>>,
 }
 
 /// The process's gauges, updated every second: queue depths of the groups
@@ -119,6 +122,12 @@ impl Gauges {
             }
         }
         for relay in &self.relays {
+            let blocked = relay.blocked.borrow().is_some();
+            metrics::gauge!("relay_blocked", "store" => relay.label).set(if blocked {
+                1.0
+            } else {
+                0.0
+            });
             let relayed = relay
                 .checkpoints
                 .load(&relay.name)

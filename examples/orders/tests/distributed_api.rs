@@ -78,6 +78,12 @@ async fn poison_is_parked(c: &std::sync::Arc<Cluster>, template: &str) {
     )
     .await;
     assert!(health.1.contains("\"status\":\"degraded\""), "{health:?}");
+    // The gateway's health says which upstream is degraded, and still
+    // answers 200: it serves.
+    let (code, gateway) = client.get("/health").await;
+    assert_eq!(code, reqwest::StatusCode::OK, "{gateway}");
+    assert_eq!(gateway["status"], "degraded", "{gateway}");
+    assert_eq!(gateway["upstreams"]["query#1"], "degraded", "{gateway}");
     let (_, metrics) = c.process_get("query", "/metrics").await;
     assert!(
         metrics

@@ -245,30 +245,45 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     response
 }
 
+/// The gateway's health: 503 when an upstream does not answer, `degraded`
+/// (200) when one says it is (parked events, a blocked relay).
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let mut upstreams = serde_json::Map::new();
-    let mut ok = true;
+    let (mut up_all, mut ok_all) = (true, true);
     for (owner, pool) in &gw.pools {
         if gw.owners.contains(owner) {
             upstreams.insert(owner.as_str().into(), "in process".into());
             continue;
         }
         for (i, base) in pool.urls.iter().enumerate() {
-            let up = matches!(
-                gw.client.get(format!("{base}/health")).timeout(Duration::from_secs(2)).send().await,
-                Ok(r) if r.status().is_success()
-            );
-            ok &= up;
+            let answer = gw
+                .client
+                .get(format!("{base}/health"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            let status = match answer {
+                Ok(r) if r.status().is_success() => {
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    if body["status"] == "ok" {
+                        "ok"
+                    } else {
+                        "degraded"
+                    }
+                }
+                _ => "unavailable",
+            };
+            up_all &= status != "unavailable";
+            ok_all &= status == "ok";
             // Instances by number: their addresses are internal.
-            upstreams.insert(
-                format!("{}#{}", owner.as_str(), i + 1),
-                if up { "ok" } else { "unavailable" }.into(),
-            );
+            upstreams.insert(format!("{}#{}", owner.as_str(), i + 1), status.into());
         }
     }
-    let body =
-        serde_json::json!({"status": if ok { "ok" } else { "degraded" }, "upstreams": upstreams});
-    let status = if ok {
+    let body = serde_json::json!({
+        "status": if ok_all { "ok" } else { "degraded" },
+        "upstreams": upstreams,
+    });
+    let status = if up_all {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -98,6 +98,9 @@ message_enum! {
 
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2c4f_7a10_8e3b_4f5d_9c21_6b0e_3a7d_1f48);
 
+/// The checkpoint of the order saga's deadline scheduler.
+pub const DEADLINES_CHECKPOINT: &str = "order_saga_deadlines";
+
 /// The order service and its saga, as a process runs them.
 #[derive(Clone, Debug)]
 pub struct Wired {
@@ -145,8 +148,14 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
     .await?;
     w.consume(groups::CATALOG, feed).await?;
     let (deadlines, tick) = (Arc::clone(&saga), w.config.deadline_tick);
+    // The scheduler resumes from its checkpoint (just before the oldest
+    // pending deadline) after a store failure or a restart, not from the
+    // start of the log.
+    let checkpoints = w.backends.checkpoints(Service::Order).await?;
     w.supervise("deadline scheduler", move |stop| {
-        DeadlineScheduler::new(Arc::clone(&deadlines), tick).run(stop)
+        DeadlineScheduler::new(Arc::clone(&deadlines), tick)
+            .with_checkpoint(Arc::clone(&checkpoints), DEADLINES_CHECKPOINT)
+            .run(stop)
     });
     w.serve(Owner::Order, router(Arc::clone(&service)));
     w.relay(Service::Order, &store);
