@@ -389,6 +389,22 @@ impl Backends {
         }
     }
 
+    /// Applies the parked events of the query service's read model again,
+    /// without running the service (PostgreSQL only: the embedded read
+    /// model is rebuilt at every start).
+    pub(crate) async fn replay_parked(&self) -> Result<es_projections::postgres::ReplayReport> {
+        match &self.kind {
+            Kind::Memory(_) => Err(Error::internal(
+                "the embedded read model is rebuilt from the log at every start",
+            )),
+            Kind::Postgres(pg) => {
+                let replica = self.pg_store(pg, Service::Query).await?;
+                let schema = pg.args.schema(Service::Query.as_str());
+                crate::distributed::replay_parked(&pg.pool, &replica, &schema).await
+            }
+        }
+    }
+
     /// The relay of `service`'s store.
     pub(crate) async fn relay(&self, service: Service) -> Result<RelayParts> {
         match &self.kind {

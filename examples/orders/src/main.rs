@@ -65,6 +65,11 @@ enum Command {
     /// service's queue only: fills the replica of a query service that joined
     /// a deployment with older orders. Safe to run at any time.
     ReplayOrders(Box<orders::distributed::ServeArgs>),
+    /// Apply the events the query service's read model parked (refused and
+    /// set aside) again, after a fix, and print what became of them: applied
+    /// once, or still parked with the new error. Safe while the query
+    /// service runs.
+    ReplayParked(Box<orders::distributed::ServeArgs>),
 }
 
 /// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
@@ -104,6 +109,14 @@ async fn main() -> ExitCode {
         Some(Command::ReplayOrders(args)) => orders::distributed::replay_orders(&args)
             .await
             .map(|published| println!("{published} order events published to the query service")),
+        Some(Command::ReplayParked(args)) => orders::distributed::replay_parked_events(&args)
+            .await
+            .map(|r| {
+                println!(
+                    "parked events: {} applied, {} skipped, {} still parked, {} missing",
+                    r.applied, r.skipped, r.still_parked, r.missing
+                );
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -93,6 +93,32 @@ async fn poison_is_parked(c: &std::sync::Arc<Cluster>, template: &str) {
     );
     let (code, _) = client.get(&format!("/api/orders/{poisoned}")).await;
     assert_eq!(code, reqwest::StatusCode::NOT_FOUND);
+
+    // The operator reads the parked event, and a replay before any fix
+    // leaves it parked with the model untouched: a NUL cannot be stored.
+    let (code, parked) = client.get("/api/admin/read-model/parked").await;
+    assert_eq!(code, reqwest::StatusCode::OK, "{parked}");
+    assert_eq!(parked.as_array().map(Vec::len), Some(1), "{parked}");
+    assert_eq!(parked[0]["stream_id"], format!("order-{poisoned}"));
+    assert!(
+        parked[0]["error"].as_str().unwrap().contains("0x00"),
+        "{parked}"
+    );
+    let (code, report) = client
+        .post("/api/admin/read-model/parked/replay", serde_json::json!({}))
+        .await;
+    assert_eq!(code, reqwest::StatusCode::OK, "{report}");
+    assert_eq!(report["applied"], 0, "{report}");
+    assert_eq!(report["still_parked"], 1, "{report}");
+    // The command-line replay (`orders replay-parked`) does the same.
+    let mut args = support::distributed::serve_args("unused");
+    args.namespace = c.namespace.clone();
+    let report = orders::distributed::replay_parked_events(&args)
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.still_parked), (0, 1), "{report:?}");
+    let (code, _) = client.get(&format!("/api/orders/{poisoned}")).await;
+    assert_eq!(code, reqwest::StatusCode::NOT_FOUND);
 }
 
 /// Every process declares every group's queues at start-up: an order event

@@ -204,3 +204,22 @@ async fn the_default_30s_payment_deadline_on_a_manual_clock() {
     assert_eq!(order["cancellation_reason"], "payment timed out");
     c.stock_is(&widget, 2, 0).await;
 }
+
+/// The embedded read model lists no parked events and refuses a replay with
+/// a JSON 409 that says why: it is rebuilt from the log at every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_events_are_listed_and_a_replay_is_refused_in_memory() {
+    let app = app().await;
+    let client = app.client();
+    let (code, parked) = client.get("/api/admin/read-model/parked").await;
+    assert_eq!(code, StatusCode::OK, "{parked}");
+    assert_eq!(parked, serde_json::json!([]));
+    let (code, body) = client
+        .post("/api/admin/read-model/parked/replay", serde_json::json!({}))
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("every start"),
+        "{body}"
+    );
+}

@@ -49,7 +49,9 @@ impl Owner {
             ["", "api", "products", ..] => Some(Self::Inventory),
             ["", "api", "orders"] if method == Method::POST => Some(Self::Order),
             ["", "api", "orders", _, "cancel"] => Some(Self::Order),
-            ["", "api", "orders", ..] | ["", "api", "stats"] => Some(Self::Query),
+            ["", "api", "orders", ..]
+            | ["", "api", "stats"]
+            | ["", "api", "admin", "read-model", ..] => Some(Self::Query),
             _ => None,
         }
     }
@@ -403,6 +405,10 @@ mod tests {
             Some(Owner::Inventory)
         );
         assert_eq!(Owner::of(&Method::GET, "/api/stats"), Some(Owner::Query));
+        assert_eq!(
+            Owner::of(&Method::POST, "/api/admin/read-model/parked/replay"),
+            Some(Owner::Query)
+        );
         assert_eq!(Owner::of(&Method::GET, "/nope"), None);
     }
 

@@ -29,7 +29,7 @@ use es_core::Subscription;
 
 pub use catalog::PgCatalog;
 pub use gateway::{gateway_router, Owner, Upstreams};
-pub use query_pg::{PgOrderProjection, PgQueryService};
+pub use query_pg::{replay_parked, PgOrderProjection, PgQueryService};
 pub use smtp::SmtpSink;
 
 use crate::backends::Backends;
@@ -239,6 +239,25 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
     bus.close().await;
     tracing::info!(published, "order events replayed to the query service");
     Ok(published)
+}
+
+/// `orders replay-parked`: applies the events the query service's read
+/// model parked again, after a fix, and says what became of them. Safe to
+/// run while the query service runs (each replayed event leaves the parked
+/// list in the transaction that applies it).
+///
+/// # Errors
+/// When the database cannot be reached or fails.
+pub async fn replay_parked_events(
+    args: &ServeArgs,
+) -> Result<es_projections::postgres::ReplayReport> {
+    let backends =
+        Backends::connect(args, &format!("{}:replay-parked", args.namespace), false).await?;
+    let report = backends.replay_parked().await;
+    if let Some((_, _, bus)) = backends.distributed() {
+        bus.close().await;
+    }
+    report
 }
 
 /// Runs `orders serve --services ...` until Ctrl-C or SIGTERM.

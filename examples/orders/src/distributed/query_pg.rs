@@ -147,6 +147,59 @@ async fn keep_cache(
     }
 }
 
+/// The runner of the orders read model in `schema` (its model in
+/// `<schema>_rm`), projecting `replica`.
+fn order_runner(
+    pool: &PgPool,
+    replica: &PgEventStore,
+    schema: &str,
+    cache: Arc<OrderCache>,
+    channel: &str,
+) -> Result<PgProjectionRunner<PgOrderProjection>> {
+    let projection = Arc::new(PgOrderProjection {
+        codec: EventCodec::new(),
+        cache,
+        channel: channel.to_owned(),
+    });
+    let store: Arc<dyn EventStore> = Arc::new(replica.clone());
+    Ok(PgProjectionRunner::new(
+        pool.clone(),
+        schema,
+        &format!("{schema}_rm"),
+        store,
+        projection,
+    )
+    .map_err(Error::internal)?
+    .with_leader_check(Duration::from_millis(500))
+    .with_options(
+        RunnerOptions::default()
+            .batch_size(500)
+            .on_error(OnError::DeadLetter)
+            .max_consecutive_failures(u32::MAX),
+    ))
+}
+
+/// Applies the parked events of the orders read model in `schema` again,
+/// without running the query service: what `orders replay-parked` does. The
+/// Redis cache is not written; its entries expire.
+///
+/// # Errors
+/// The database or the replica failing: nothing is applied.
+pub async fn replay_parked(
+    pool: &PgPool,
+    replica: &PgEventStore,
+    schema: &str,
+) -> Result<es_projections::postgres::ReplayReport> {
+    let runner = order_runner(
+        pool,
+        replica,
+        schema,
+        Arc::new(OrderCache::default()),
+        &format!("{schema}_terminal"),
+    )?;
+    runner.replay_parked().await.map_err(Error::internal)
+}
+
 /// The projection writing the `orders` table (and the Redis cache).
 pub struct PgOrderProjection {
     codec: EventCodec<OrderEvent>,
@@ -423,6 +476,7 @@ pub struct PgQueryService {
     cache: Arc<OrderCache>,
     watcher: CheckpointWatcher,
     waiters: Waiters,
+    runner: Arc<PgProjectionRunner<PgOrderProjection>>,
 }
 
 impl std::fmt::Debug for PgQueryService {
@@ -472,22 +526,15 @@ impl PgQueryService {
             cache_prefix,
             stop.clone(),
         ));
-        let projection = Arc::new(PgOrderProjection {
-            codec: EventCodec::new(),
-            cache: Arc::clone(&cache),
-            channel: channel.clone(),
-        });
-        let store: Arc<dyn EventStore> = Arc::new(replica.clone());
-        let runner = PgProjectionRunner::new(pool.clone(), schema, &model, store, projection)
-            .map_err(Error::internal)?
-            .with_leader_check(Duration::from_millis(500))
-            .with_options(
-                RunnerOptions::default()
-                    .batch_size(500)
-                    .on_error(OnError::DeadLetter)
-                    .max_consecutive_failures(u32::MAX),
-            );
+        let runner = Arc::new(order_runner(
+            &pool,
+            &replica,
+            schema,
+            Arc::clone(&cache),
+            &channel,
+        )?);
         {
+            let runner = Arc::clone(&runner);
             // The runner stops when the database fails mid-batch: start it
             // again from its checkpoint (it waits as a standby while another
             // process holds the projection).
@@ -559,6 +606,7 @@ impl PgQueryService {
             cache,
             watcher,
             waiters,
+            runner,
         }))
     }
 
@@ -808,6 +856,16 @@ impl OrderQueries for PgQueryService {
         es_projections::postgres::parked_count(&self.pool, &self.schema, PROJECTION)
             .await
             .map_err(Error::internal)
+    }
+
+    async fn parked_events(&self, limit: u32) -> Result<Vec<es_projections::ParkedEvent>> {
+        es_projections::postgres::parked_events(&self.pool, &self.schema, PROJECTION, limit)
+            .await
+            .map_err(Error::internal)
+    }
+
+    async fn replay_parked(&self) -> Result<es_projections::postgres::ReplayReport> {
+        self.runner.replay_parked().await.map_err(Error::internal)
     }
 
     async fn position(&self) -> Result<Position> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use es_core::Position;
 use serde::{Deserialize, Serialize};
@@ -21,15 +21,16 @@ use crate::order::{validate_email, OrderStatus};
 /// The query service's OpenAPI document.
 #[derive(Debug, OpenApi)]
 #[openapi(
-    paths(get_order, list_orders, search_orders, order_events, stats),
-    components(schemas(OrderView, OrderItemView, OrderPage, SearchResult, HistoryEvent, Stats, StatusStats, ErrorBody)),
+    paths(get_order, list_orders, search_orders, order_events, stats, parked_events, replay_parked),
+    components(schemas(OrderView, OrderItemView, OrderPage, SearchResult, HistoryEvent, Stats, StatusStats, ErrorBody, ParkedView, ReplayView)),
     tags((name = "queries", description = "Read models of orders"))
 )]
 pub struct QueryApi;
 
 /// The query routes over either read model: `GET /api/orders`,
 /// `/api/orders/search`, `/api/orders/{id}`, `/api/orders/{id}/events`,
-/// `/api/stats`.
+/// `/api/stats`, and the read model's parked events: `GET
+/// /api/admin/read-model/parked`, `POST /api/admin/read-model/parked/replay`.
 pub fn router(service: Arc<dyn OrderQueries>) -> Router {
     Router::new()
         .route("/api/orders", get(list_orders))
@@ -37,6 +38,8 @@ pub fn router(service: Arc<dyn OrderQueries>) -> Router {
         .route("/api/orders/{id}", get(get_order))
         .route("/api/orders/{id}/events", get(order_events))
         .route("/api/stats", get(stats))
+        .route("/api/admin/read-model/parked", get(parked_events))
+        .route("/api/admin/read-model/parked/replay", post(replay_parked))
         .with_state(service)
 }
 
@@ -235,4 +238,80 @@ async fn order_events(
 )]
 async fn stats(State(service): State<Arc<dyn OrderQueries>>) -> Result<Json<Stats>, ApiError> {
     Ok(Json(service.stats().await?))
+}
+
+/// An event the read model refused and set aside.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ParkedView {
+    /// The event's id.
+    pub event_id: uuid::Uuid,
+    /// Its type.
+    pub event_type: String,
+    /// Its stream.
+    pub stream_id: String,
+    /// Its position in the read model's source log.
+    pub position: String,
+    /// What the read model said.
+    pub error: String,
+    /// When it was set aside.
+    pub failed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The events the read model parked, oldest first (at most 1,000).
+#[utoipa::path(
+    get, path = "/api/admin/read-model/parked", tag = "queries",
+    responses((status = 200, description = "Parked events", body = Vec<ParkedView>))
+)]
+async fn parked_events(
+    State(service): State<Arc<dyn OrderQueries>>,
+) -> Result<Json<Vec<ParkedView>>, ApiError> {
+    let parked = service.parked_events(1_000).await?;
+    Ok(Json(
+        parked
+            .into_iter()
+            .map(|p| ParkedView {
+                event_id: p.event_id,
+                event_type: p.event_type,
+                stream_id: p.stream_id.to_string(),
+                position: p.position.to_string(),
+                error: p.error,
+                failed_at: p.failed_at,
+            })
+            .collect(),
+    ))
+}
+
+/// What a replay of parked events did.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ReplayView {
+    /// Applied to the read model, and no longer parked.
+    pub applied: u64,
+    /// No longer wanted by the read model: no longer parked.
+    pub skipped: u64,
+    /// Refused again: still parked, with the new error.
+    pub still_parked: u64,
+    /// Not found in their stream: still parked.
+    pub missing: u64,
+}
+
+/// Applies the parked events again, after a fix to the read model: each one
+/// applied leaves the parked list in the same transaction, so it is applied
+/// once however often this is called.
+#[utoipa::path(
+    post, path = "/api/admin/read-model/parked/replay", tag = "queries",
+    responses(
+        (status = 200, description = "What the replay did", body = ReplayView),
+        (status = 409, description = "The embedded read model replays at start-up", body = ErrorBody)
+    )
+)]
+async fn replay_parked(
+    State(service): State<Arc<dyn OrderQueries>>,
+) -> Result<Json<ReplayView>, ApiError> {
+    let report = service.replay_parked().await?;
+    Ok(Json(ReplayView {
+        applied: report.applied,
+        skipped: report.skipped,
+        still_parked: report.still_parked,
+        missing: report.missing,
+    }))
 }

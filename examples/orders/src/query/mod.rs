@@ -141,6 +141,12 @@ pub trait OrderQueries: Send + Sync + 'static {
     async fn position(&self) -> Result<Position>;
     /// How many events the read model has parked (refused and set aside).
     async fn parked(&self) -> Result<u64>;
+    /// The parked events, oldest first (at most `limit`).
+    async fn parked_events(&self, limit: u32) -> Result<Vec<es_projections::ParkedEvent>>;
+    /// Applies the parked events again, after a fix: each one applied
+    /// leaves the dead letters in the same transaction (applied once); one
+    /// refused again stays parked.
+    async fn replay_parked(&self) -> Result<es_projections::postgres::ReplayReport>;
 }
 
 /// The query service.
@@ -279,6 +285,20 @@ impl OrderQueries for QueryService {
 
     async fn parked(&self) -> Result<u64> {
         Ok(self.projection.dead_letters().len() as u64)
+    }
+
+    async fn parked_events(&self, limit: u32) -> Result<Vec<es_projections::ParkedEvent>> {
+        let mut parked = self.projection.dead_letters();
+        parked.truncate(limit as usize);
+        Ok(parked)
+    }
+
+    async fn replay_parked(&self) -> Result<es_projections::postgres::ReplayReport> {
+        Err(Error::Conflict {
+            message: "the embedded read model is rebuilt from the log at every start: \
+                      restart the fixed build to apply parked events"
+                .to_owned(),
+        })
     }
 
     async fn history(&self, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
