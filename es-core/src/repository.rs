@@ -41,6 +41,21 @@ pub enum RepositoryError<E: std::error::Error + 'static> {
     },
 }
 
+impl<E: std::error::Error + 'static> RepositoryError<E> {
+    /// Whether executing the same command again later may succeed: a lost
+    /// race ([`RepositoryError::Contention`]) or a store failure that is not
+    /// [deterministic](StoreError::is_deterministic). A refusal by the
+    /// aggregate, an event that cannot be encoded or decoded, and a write the
+    /// store refuses as such fail the same way every time.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Contention { .. } => true,
+            Self::Store(e) => !e.is_deterministic(),
+            Self::Rejected(_) | Self::Codec(_) => false,
+        }
+    }
+}
+
 /// How often and how patiently to retry a command that lost a concurrency race.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {

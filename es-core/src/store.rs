@@ -96,6 +96,36 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { .. })
     }
+
+    /// Whether the same operation fails this way every time: the request
+    /// itself is refused (a malformed stream id, event or payload, a batch
+    /// too large, a stream named twice, ids already stored differently). A
+    /// message handler gives such a failure to the dead letters at once
+    /// instead of retrying it until its attempts run out. A lost race
+    /// ([`StoreError::WrongExpectedVersion`]) and a backend failure are not.
+    ///
+    /// ```
+    /// use es_core::{StoreError, StreamId, ExpectedVersion};
+    /// let refused = StoreError::InvalidPayload { event_id: uuid::Uuid::nil() };
+    /// assert!(refused.is_deterministic());
+    /// let race = StoreError::WrongExpectedVersion {
+    ///     stream: StreamId::new("order-1").unwrap(),
+    ///     expected: ExpectedVersion::NoStream,
+    ///     actual: 1,
+    /// };
+    /// assert!(!race.is_deterministic());
+    /// ```
+    pub fn is_deterministic(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidStreamId(_)
+                | Self::InvalidEvent { .. }
+                | Self::InvalidPayload { .. }
+                | Self::BatchTooLarge { .. }
+                | Self::DuplicateStream { .. }
+                | Self::IdempotencyConflict { .. }
+        )
+    }
 }
 
 /// One stream's part of an [`EventStore::append_streams`] write.

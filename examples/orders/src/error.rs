@@ -1,6 +1,6 @@
 //! The crate's error type.
 
-use es_core::{BusError, RepositoryError, StoreError};
+use es_core::{BusError, CodecError, RepositoryError, StoreError};
 use uuid::Uuid;
 
 /// Why a service refused or failed a request.
@@ -52,6 +52,10 @@ pub enum Error {
     /// The bus failed.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// An event could not be encoded, or a stored one decoded: the same
+    /// request fails the same way every time.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     /// Anything else that went wrong inside.
     #[error("internal error: {message}")]
     Internal {
@@ -80,10 +84,84 @@ impl Error {
     pub fn from_repository<E: std::error::Error + 'static>(error: RepositoryError<E>) -> Self {
         match error {
             RepositoryError::Store(e) => Self::Store(e),
+            RepositoryError::Codec(e) => Self::Codec(e),
             other => Self::internal(other),
+        }
+    }
+
+    /// Whether a command that failed so may succeed when its message is
+    /// delivered again: a store or bus failure that is not
+    /// [deterministic](StoreError::is_deterministic), or an internal one.
+    /// What is wrong with the request itself (its fields, its products, its
+    /// events' encoding) fails the same way every time.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store(e) => !e.is_deterministic(),
+            Self::Bus(_) | Self::Internal { .. } | Self::NotCaughtUp { .. } => true,
+            Self::Validation { .. }
+            | Self::UnknownProduct { .. }
+            | Self::NotFound { .. }
+            | Self::Conflict { .. }
+            | Self::IdempotencyKeyReused { .. }
+            | Self::Codec(_) => false,
+        }
+    }
+
+    /// The bus outcome of a command handled with this error: retried when
+    /// it [may pass](Self::is_retryable), dead-lettered at once otherwise.
+    pub fn outcome(&self) -> es_core::Outcome {
+        if self.is_retryable() {
+            es_core::Outcome::retry(self)
+        } else {
+            es_core::Outcome::dead_letter(self)
         }
     }
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use es_core::{ExpectedVersion, Outcome, StreamId};
+
+    use super::*;
+
+    /// A command handler retries what may pass and dead-letters at once what
+    /// fails the same way every time.
+    #[test]
+    fn a_command_failure_is_retried_only_when_it_may_pass() {
+        let stream = StreamId::new("product-1").unwrap();
+        let retried = [
+            Error::Store(StoreError::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected: ExpectedVersion::Exact(1),
+                actual: 2,
+            }),
+            Error::Store(StoreError::Unavailable {
+                source: "connection refused".into(),
+            }),
+            Error::internal("contention"),
+        ];
+        for error in retried {
+            assert!(matches!(error.outcome(), Outcome::Retry { .. }), "{error}");
+        }
+        let dead = [
+            Error::Store(StoreError::InvalidPayload {
+                event_id: Uuid::nil(),
+            }),
+            Error::Store(StoreError::DuplicateStream { stream }),
+            Error::validation("name", "PostgreSQL refuses the product"),
+            Error::Codec(CodecError::TagMismatch {
+                event_type: "Nope".into(),
+                found: "Other".into(),
+            }),
+        ];
+        for error in dead {
+            assert!(
+                matches!(error.outcome(), Outcome::DeadLetter { .. }),
+                "{error}"
+            );
+        }
+    }
+}

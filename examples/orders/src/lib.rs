@@ -96,8 +96,9 @@ impl<S: CommandService> MessageHandler for Commands<S> {
 
 /// The bus outcome of a command executed on an aggregate: done or refused by
 /// the domain is an ack (a refusal is logged: the saga learns the state from
-/// the events); contention and store failures are retried; a payload that
-/// cannot be decoded is dead-lettered.
+/// the events); contention and store failures that may pass are retried;
+/// what fails the same way every time (an event that cannot be encoded, a
+/// write the store refuses as such) is dead-lettered at once.
 pub(crate) fn outcome_of<T, E: std::error::Error + 'static>(
     result: std::result::Result<T, RepositoryError<E>>,
     service: &'static str,
@@ -108,7 +109,7 @@ pub(crate) fn outcome_of<T, E: std::error::Error + 'static>(
             tracing::info!(service, %reason, "command refused by the domain");
             Outcome::Ack
         }
-        Err(e @ RepositoryError::Codec(_)) => Outcome::dead_letter(e),
-        Err(e) => Outcome::retry(e),
+        Err(e) if e.is_retryable() => Outcome::retry(e),
+        Err(e) => Outcome::dead_letter(e),
     }
 }

@@ -110,7 +110,13 @@ impl CatalogTable for PgCatalog {
         .bind(entry.price.to_string())
         .execute(&self.pool)
         .await
-        .map_err(Error::internal)?;
+        .map_err(|e| {
+            if super::is_data_exception(&e) {
+                Error::validation("name", format!("PostgreSQL refuses the product: {e}"))
+            } else {
+                Error::internal(e)
+            }
+        })?;
         Ok(())
     }
 }

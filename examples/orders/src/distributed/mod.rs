@@ -241,6 +241,19 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
     Ok(published)
 }
 
+/// SQLSTATE class 22, data exceptions: PostgreSQL refused the value itself
+/// (a NUL in text, a number out of range), so writing it again fails again.
+const DATA_EXCEPTION_CLASS: &str = "22";
+
+/// Whether PostgreSQL refused the data of a write (SQLSTATE class 22), not
+/// the write's circumstances: the same write fails the same way every time.
+pub(crate) fn is_data_exception(error: &es_postgres::sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code.starts_with(DATA_EXCEPTION_CLASS))
+}
+
 /// `orders replay-parked`: applies the events the query service's read
 /// model parked again, after a fix, and says what became of them. Safe to
 /// run while the query service runs (each replayed event leaves the parked

@@ -232,18 +232,10 @@ fn storage(e: sqlx::Error) -> ProjectionError {
     }
 }
 
-/// SQLSTATE class 22, data exceptions: the value itself is refused (a NUL in
-/// text, a number out of range), so the same event would fail again.
-const DATA_EXCEPTION_CLASS: &str = "22";
-
 /// A failure to write `event`: the event's own when PostgreSQL refused its
 /// data (the runner parks it and goes on), the runner's to retry otherwise.
 fn failed(event: &RecordedEvent, e: sqlx::Error) -> ProjectionError {
-    let refused = e
-        .as_database_error()
-        .and_then(|db| db.code())
-        .is_some_and(|code| code.starts_with(DATA_EXCEPTION_CLASS));
-    if refused {
+    if super::is_data_exception(&e) {
         invalid(event, e)
     } else {
         storage(e)

@@ -430,7 +430,7 @@ impl CommandService for InventoryService {
         };
         match result {
             Ok(()) => Outcome::Ack,
-            Err(e) => Outcome::retry(e),
+            Err(e) => e.outcome(),
         }
     }
 }

@@ -132,7 +132,9 @@ impl MessageHandler for CatalogHandler {
                 };
                 if let Some(table) = &self.table {
                     if let Err(error) = table.insert(p.product_id, &entry).await {
-                        return Outcome::retry(error);
+                        // A product the table refuses as such is
+                        // dead-lettered at once; a database failure retried.
+                        return error.outcome();
                     }
                 }
                 self.catalog.upsert(p.product_id, entry);
