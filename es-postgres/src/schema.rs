@@ -51,9 +51,12 @@ pub(crate) fn validate_schema(name: &str) -> Result<()> {
     }
 }
 
-/// The schema name quoted for SQL (validated names only).
+/// The schema name quoted for SQL as an identifier: any `"` in it doubled,
+/// so that no name, checked or not, can end the identifier and add SQL of
+/// its own (a name [`migrate`] would reject only names a schema that does
+/// not exist).
 pub(crate) fn quoted(schema: &str) -> String {
-    format!("\"{schema}\"")
+    format!("\"{}\"", schema.replace('"', "\"\""))
 }
 
 /// SQL text with `{schema}` replaced by the quoted schema name.
@@ -152,5 +155,20 @@ mod tests {
             assert_eq!(m.version, i as i32 + 1);
             assert!(m.sql.contains("{schema}"));
         }
+    }
+
+    /// A quote in a name stays inside the identifier: unchecked names reach
+    /// SQL only as one quoted identifier.
+    #[test]
+    fn a_quote_in_a_schema_name_cannot_end_the_identifier() {
+        assert_eq!(quoted("es"), "\"es\"");
+        assert_eq!(
+            quoted("x\".events; DROP TABLE t; --"),
+            "\"x\"\".events; DROP TABLE t; --\""
+        );
+        assert_eq!(
+            render("SELECT 1 FROM {schema}.events", "a\"b"),
+            "SELECT 1 FROM \"a\"\"b\".events"
+        );
     }
 }

@@ -68,7 +68,13 @@ impl PgEventStore {
 /// The `NOTIFY` channel of a schema.
 pub(super) fn notify_channel(schema: &str) -> String {
     let mut channel = format!("es_events_{schema}");
-    channel.truncate(63);
+    // At most 63 bytes (PostgreSQL's identifier length), cut on a character
+    // boundary: a name not checked by `validate_schema` may hold any text.
+    let mut end = channel.len().min(63);
+    while !channel.is_char_boundary(end) {
+        end -= 1;
+    }
+    channel.truncate(end);
     channel
 }
 
@@ -160,5 +166,22 @@ async fn listener(shared: Weak<Shared>, pool: PgPool, channel: String, retry: Du
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::notify_channel;
+
+    /// The channel is cut to PostgreSQL's 63 bytes on a character boundary,
+    /// whatever the (unchecked) schema name holds.
+    #[test]
+    fn a_long_or_multibyte_schema_name_gives_a_channel_of_at_most_63_bytes() {
+        assert_eq!(notify_channel("orders"), "es_events_orders");
+        let long = notify_channel(&"a".repeat(100));
+        assert_eq!(long.len(), 63);
+        let wide = notify_channel(&"é".repeat(40));
+        assert!(wide.len() <= 63 && wide.len() >= 61, "{}", wide.len());
+        assert!(wide.starts_with("es_events_é"));
     }
 }
