@@ -264,3 +264,77 @@ async fn replaying_orders_fills_a_replica_once() {
         .await
         .unwrap();
 }
+
+/// The relay's process reports the events its store holds back behind an
+/// open writer (`store_xmin_holdback_events`) and the transaction ids in
+/// flight, and the gauge falls back to 0 once the writer commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holdback_gauge_counts_events_behind_an_open_writer() {
+    use es_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Payload, StreamId};
+    use sqlx::Acquire;
+
+    let mut args = serve_args("thold");
+    args.services = Some(vec!["relay".into()]);
+    let namespace = args.namespace.clone();
+    let node = orders::distributed::start(&args, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let pool = es_postgres::PgConfig::from_url(&database_url())
+        .unwrap()
+        .pool()
+        .await
+        .unwrap();
+    let store = es_postgres::PgEventStore::new(pool.clone(), args.schema("order"));
+    // A writer that has taken its transaction id and not committed.
+    let mut conn = pool.acquire().await.unwrap();
+    let mut open = conn.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let events = (0..3)
+        .map(|_| {
+            NewEvent::new(
+                "Audited",
+                1,
+                Payload::from_json("{}").unwrap(),
+                Metadata::new(),
+            )
+        })
+        .collect();
+    store
+        .append(
+            &StreamId::new("audit-1").unwrap(),
+            ExpectedVersion::NoStream,
+            events,
+        )
+        .await
+        .unwrap();
+    let gauge = |value: &'static str| {
+        move |text: &String| {
+            text.lines()
+                .any(|l| l == format!("store_xmin_holdback_events{{store=\"order\"}} {value}"))
+        }
+    };
+    let metrics = || async { orders::telemetry::prometheus().render() };
+    let held = until(100, 100, metrics, gauge("3")).await;
+    assert!(gauge("3")(&held), "{held}");
+    assert!(
+        held.lines()
+            .any(|l| l.starts_with("store_xids_in_flight{store=\"order\"}") && !l.ends_with(" 0")),
+        "{held}"
+    );
+    open.commit().await.unwrap();
+    // Another test's older writer may hold the horizon a while longer.
+    let released = until(600, 100, metrics, gauge("0")).await;
+    assert!(gauge("0")(&released), "{released}");
+    node.shutdown().await;
+    for service in ["order", "inventory", "payment", "notification", "query"] {
+        sqlx::query(&format!(
+            "DROP SCHEMA IF EXISTS \"{namespace}_{service}\" CASCADE"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+}
