@@ -71,19 +71,126 @@ pub struct Stats {
 
 type Key = (DateTime<Utc>, Uuid);
 
+/// What a search word names: a customer (by email) or a product name, each
+/// with the orders that carry it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Named {
+    Customer(String),
+    Product(String),
+}
+
 #[derive(Debug, Default)]
 struct Model {
     orders: HashMap<Uuid, OrderView>,
     by_created: BTreeSet<Key>,
     by_customer: HashMap<String, BTreeSet<Key>>,
+    by_status: HashMap<OrderStatus, BTreeSet<Key>>,
+    /// The orders with a line of each product name.
+    by_product: HashMap<String, BTreeSet<Key>>,
+    /// Each lower-case word of the customers' emails and of the product
+    /// names, and the customers and names it is a word of. A word is indexed
+    /// when its customer or name is first seen, not once per order.
+    words: BTreeMap<String, std::collections::HashSet<Named>>,
     stats: BTreeMap<OrderStatus, StatusStats>,
 }
 
+/// The words search matches an order by: the email whole, its alphanumeric
+/// parts, and each product name's words, lower-case; as the PostgreSQL
+/// read model's text search indexes them.
+fn words_of(text: &str, whole: bool) -> impl Iterator<Item = String> + '_ {
+    let lower = whole.then(|| text.to_lowercase());
+    lower.into_iter().chain(
+        text.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase),
+    )
+}
+
+/// The words of a search query, lower-case: each must be the start of one
+/// of an order's words.
+fn query_words(q: &str) -> Vec<String> {
+    q.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Whether every query word starts a word of `view`.
+fn matches(view: &OrderView, query: &[String]) -> bool {
+    let words: Vec<String> = words_of(&view.customer_email, true)
+        .chain(
+            view.items
+                .iter()
+                .flat_map(|i| words_of(&i.product_name, false)),
+        )
+        .collect();
+    query
+        .iter()
+        .all(|q| words.iter().any(|w| w.starts_with(q.as_str())))
+}
+
+/// The created-at key of an order, to the microsecond as cursors carry it
+/// (and as PostgreSQL keeps it): a finer key would sort orders of one
+/// microsecond apart from what a cursor can name.
+fn key_of(created_at: DateTime<Utc>, order_id: Uuid) -> Key {
+    (created_at.trunc_subsecs(6), order_id)
+}
+
 impl Model {
+    fn index_words(&mut self, text: &str, whole: bool, named: &Named) {
+        for word in words_of(text, whole) {
+            self.words.entry(word).or_default().insert(named.clone());
+        }
+    }
+
+    /// Keys of orders newest first whose words include one starting with
+    /// `prefix`: the union of the matching customers' and products' orders,
+    /// merged without collecting them.
+    fn newest_with_prefix<'a>(&'a self, prefix: &str) -> impl Iterator<Item = Key> + 'a {
+        let mut sets: Vec<&'a BTreeSet<Key>> = Vec::new();
+        let named: std::collections::HashSet<&Named> = self
+            .words
+            .range(prefix.to_owned()..)
+            .take_while(|(word, _)| word.starts_with(prefix))
+            .flat_map(|(_, named)| named.iter())
+            .collect();
+        for n in named {
+            let set = match n {
+                Named::Customer(email) => self.by_customer.get(email),
+                Named::Product(name) => self.by_product.get(name),
+            };
+            sets.extend(set);
+        }
+        let mut heads: std::collections::BinaryHeap<(Key, usize)> =
+            std::collections::BinaryHeap::new();
+        let mut iters: Vec<_> = sets.iter().map(|s| s.iter().rev()).collect();
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some(k) = it.next() {
+                heads.push((*k, i));
+            }
+        }
+        let mut last = None;
+        std::iter::from_fn(move || loop {
+            let (key, i) = heads.pop()?;
+            if let Some(k) = iters[i].next() {
+                heads.push((*k, i));
+            }
+            if last != Some(key) {
+                last = Some(key);
+                return Some(key);
+            }
+        })
+    }
+
     fn set_status(&mut self, order_id: Uuid, status: OrderStatus) -> Option<(OrderStatus, Money)> {
         let view = self.orders.get_mut(&order_id)?;
         let (old, total) = (view.status, view.total);
         view.status = status;
+        let key = key_of(view.created_at, order_id);
+        if let Some(set) = self.by_status.get_mut(&old) {
+            set.remove(&key);
+        }
+        self.by_status.entry(status).or_default().insert(key);
         let old_stats = self.stats.entry(old).or_default();
         old_stats.count = old_stats.count.saturating_sub(1);
         old_stats.revenue = old_stats.revenue.saturating_sub(total);
@@ -173,9 +280,12 @@ impl OrderReadModel {
     ) -> OrderPage {
         let model = self.read();
         let empty = BTreeSet::new();
-        let index = match customer_email {
-            Some(email) => model.by_customer.get(email).unwrap_or(&empty),
-            None => &model.by_created,
+        // The narrowest index: a customer's orders (filtered by status
+        // below), the orders of one status, or all of them.
+        let index = match (customer_email, status) {
+            (Some(email), _) => model.by_customer.get(email).unwrap_or(&empty),
+            (None, Some(status)) => model.by_status.get(&status).unwrap_or(&empty),
+            (None, None) => &model.by_created,
         };
         let range = match cursor {
             Some(c) => index.range(..c),
@@ -204,22 +314,23 @@ impl OrderReadModel {
         }
     }
 
-    /// Orders whose customer email or a product name contains `q` (case
-    /// insensitive), newest first.
+    /// Orders newest first whose words (the customer's email, whole and
+    /// its parts, and the product names' words) start with every word of
+    /// `q`, case insensitive: as the PostgreSQL read model's text search.
+    /// Candidates come from the word index, newest first, so the work is
+    /// what the first word matches up to `limit`, not every order.
     pub fn search(&self, q: &str, limit: usize) -> Vec<OrderView> {
-        let q = q.to_lowercase();
+        let mut query = query_words(q);
+        // The longest word is likely the rarest: it picks the candidates.
+        query.sort_by_key(|w| std::cmp::Reverse(w.len()));
+        let Some(first) = query.first() else {
+            return Vec::new();
+        };
         let model = self.read();
         model
-            .by_created
-            .iter()
-            .rev()
-            .filter_map(|(_, id)| model.orders.get(id))
-            .filter(|o| {
-                o.customer_email.contains(&q)
-                    || o.items
-                        .iter()
-                        .any(|i| i.product_name.to_lowercase().contains(&q))
-            })
+            .newest_with_prefix(first)
+            .filter_map(|(_, id)| model.orders.get(&id))
+            .filter(|view| matches(view, &query))
             .take(limit)
             .cloned()
             .collect()
@@ -261,16 +372,39 @@ impl OrderReadModel {
                 if model.orders.contains_key(&e.order_id) {
                     return;
                 }
-                // To the microsecond, as the cursor carries it (and as
-                // PostgreSQL keeps it): a finer key would sort orders of one
-                // microsecond apart from what a cursor can name.
-                let key = (e.created_at.trunc_subsecs(6), e.order_id);
+                let key = key_of(e.created_at, e.order_id);
                 model.by_created.insert(key);
                 model
-                    .by_customer
-                    .entry(e.customer_email.clone())
+                    .by_status
+                    .entry(OrderStatus::Pending)
                     .or_default()
                     .insert(key);
+                match model.by_customer.get_mut(&e.customer_email) {
+                    Some(orders) => {
+                        orders.insert(key);
+                    }
+                    None => {
+                        model
+                            .by_customer
+                            .insert(e.customer_email.clone(), BTreeSet::from([key]));
+                        let named = Named::Customer(e.customer_email.clone());
+                        model.index_words(&e.customer_email, true, &named);
+                    }
+                }
+                for line in &e.items {
+                    match model.by_product.get_mut(&line.product_name) {
+                        Some(orders) => {
+                            orders.insert(key);
+                        }
+                        None => {
+                            model
+                                .by_product
+                                .insert(line.product_name.clone(), BTreeSet::from([key]));
+                            let named = Named::Product(line.product_name.clone());
+                            model.index_words(&line.product_name, false, &named);
+                        }
+                    }
+                }
                 let stats = model.stats.entry(OrderStatus::Pending).or_default();
                 stats.count += 1;
                 stats.revenue = stats.revenue.saturating_add(e.total);
@@ -438,5 +572,73 @@ mod tests {
             }
         }
         assert_eq!(listed, placed);
+    }
+
+    fn place(model: &OrderReadModel, email: &str, products: &[&str]) -> Uuid {
+        let order_id = Uuid::now_v7();
+        let created = OrderCreated {
+            order_id,
+            customer_email: email.into(),
+            items: products
+                .iter()
+                .map(|name| crate::messages::OrderLine {
+                    product_id: Uuid::now_v7(),
+                    product_name: (*name).into(),
+                    unit_price: Money::ZERO,
+                    quantity: 1,
+                })
+                .collect(),
+            total: Money::ZERO,
+            card_token: "tok_ok".into(),
+            payment_timeout_ms: 1_000,
+            created_at: Utc::now(),
+        };
+        model.apply(&OrderEvent::OrderCreated(created), Utc::now());
+        order_id
+    }
+
+    /// Search matches the start of the email's and the product names'
+    /// words, every query word, newest first, and never an order that does
+    /// not match; the status index lists exactly the orders of a status as
+    /// they move.
+    #[test]
+    fn search_and_status_lists_read_their_indexes() {
+        let model = OrderReadModel::new();
+        let gus = place(&model, "gus.grey@example.com", &["Brass Lamp"]);
+        let ann = place(&model, "ann@shop.io", &["Lamp Shade", "Bulb"]);
+        let gus_again = place(&model, "gus.grey@example.com", &["Bulb"]);
+        let ids = |views: Vec<OrderView>| views.iter().map(|v| v.order_id).collect::<Vec<_>>();
+        assert_eq!(ids(model.search("lamp", 10)), vec![ann, gus]);
+        assert_eq!(ids(model.search("LAM", 10)), vec![ann, gus]);
+        assert_eq!(ids(model.search("gus", 10)), vec![gus_again, gus]);
+        assert_eq!(ids(model.search("gus lamp", 10)), vec![gus]);
+        assert_eq!(ids(model.search("grey@example", 10)), vec![gus_again, gus]);
+        assert_eq!(
+            ids(model.search("gus.grey@example.com", 10)),
+            vec![gus_again, gus]
+        );
+        assert_eq!(ids(model.search("bulb", 1)), vec![gus_again]);
+        // Inside a word is not the start of one.
+        assert!(model.search("amp", 10).is_empty());
+        assert!(model.search("zebra", 10).is_empty());
+        assert!(model.search(" -- ", 10).is_empty());
+
+        let completed = OrderEvent::OrderCompleted(crate::messages::OrderCompleted {
+            order_id: ann,
+            customer_email: "ann@shop.io".into(),
+            completed_at: Utc::now(),
+        });
+        model.apply(&completed, Utc::now());
+        let listed = |status| ids(model.list(None, Some(status), 10, None).orders);
+        assert_eq!(listed(OrderStatus::Pending), vec![gus_again, gus]);
+        assert_eq!(listed(OrderStatus::Completed), vec![ann]);
+        assert!(listed(OrderStatus::Cancelled).is_empty());
+        let gus_pending = model.list(
+            Some("gus.grey@example.com"),
+            Some(OrderStatus::Pending),
+            10,
+            None,
+        );
+        assert_eq!(ids(gus_pending.orders), vec![gus_again, gus]);
     }
 }
