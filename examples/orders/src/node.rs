@@ -358,6 +358,8 @@ impl Node {
             }
             _ => local,
         };
+        // The process's edge: the gateway's router, or the services'.
+        let router = crate::auth::protect(router, w.config.auth.clone());
         tracing::info!(services = %names.join(","), backends = ?w.backends, "services started");
         Ok((
             Self {
