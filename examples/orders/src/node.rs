@@ -503,5 +503,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(crate::order::OrderApi::openapi());
     doc.merge(crate::inventory::InventoryApi::openapi());
     doc.merge(crate::query::QueryApi::openapi());
+    crate::auth::document(&mut doc);
     doc
 }

@@ -824,6 +824,12 @@ pub async fn health_metrics_and_openapi(c: &Client) {
         paths["/api/orders"]["get"].is_object() && paths["/api/orders"]["post"].is_object(),
         "both services' /api/orders operations"
     );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer",
+        "{doc}"
+    );
+    assert!(paths["/api/stats"]["get"]["security"].is_array());
+    assert!(paths["/health"]["get"].get("security").is_none());
 }
 
 /// A request with `authorization` set to `auth`.
