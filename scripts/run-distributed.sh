@@ -10,6 +10,11 @@
 #   ORDERS_RELEASE=0 scripts/run-distributed.sh   # debug build
 #   ORDERS_BUILD=0 scripts/run-distributed.sh     # use the binary already built
 #   ORDERS_BUILD=0 ORDERS_BIN=/path/to/orders scripts/run-distributed.sh  # or that one
+#   ORDERS_JWT_SECRET=... scripts/run-distributed.sh  # tokens signed with this secret
+#
+# The API requires bearer tokens: every process gets ORDERS_JWT_SECRET (a random
+# one unless set), and the script prints how to mint an admin's and a
+# customer's token with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +26,9 @@ export RUST_LOG="${RUST_LOG:-info}"
 # No transparent huge pages for mimalloc, even where the host enables them for
 # every process (docs/src/operations.md, "Memory allocator").
 export MIMALLOC_ALLOW_THP="${MIMALLOC_ALLOW_THP:-0}"
+# The secret that signs the bearer tokens (docs/src/operations.md,
+# "Authentication"); random per run unless given.
+export ORDERS_JWT_SECRET="${ORDERS_JWT_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 GATEWAY="${ORDERS_GATEWAY:-127.0.0.1:8080}"
 BASE_PORT="${ORDERS_BASE_PORT:-8100}"
 REPLICAS="${ORDERS_REPLICAS:-1}"
@@ -82,7 +90,12 @@ for _ in $(seq 1 120); do
 done
 echo
 echo "gateway: http://$GATEWAY   (health: curl http://$GATEWAY/health; metrics of every process: curl http://$GATEWAY/metrics)"
-echo "try:  $BIN load --target http://$GATEWAY --orders 5000 --concurrency 64"
+echo "bearer tokens are required on /api; mint one with this run's secret:"
+echo "  export ORDERS_JWT_SECRET=$ORDERS_JWT_SECRET"
+echo "  ADMIN=\$($BIN token --role admin)"
+echo "  ADA=\$($BIN token --role customer --email ada@example.com --ttl 8h)"
+echo "  curl -H \"authorization: Bearer \$ADMIN\" http://$GATEWAY/api/stats"
+echo "load: cargo run --release -p orders-load -- --target http://$GATEWAY --token \"\$ADMIN\" --orders 5000 --concurrency 64"
 echo "Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
 echo "a process exited; see $LOGS" >&2

@@ -43,6 +43,9 @@ pub(crate) struct LoadOptions {
     pub products: usize,
     /// A running system's base URL; `None` runs one in process.
     pub target: Option<String>,
+    /// The bearer token sent with every request to the target (an admin's:
+    /// the run creates products).
+    pub token: Option<String>,
     /// Consumers per subscription (embedded only).
     pub consumers: u16,
     /// Show a progress bar.
@@ -114,6 +117,8 @@ struct Target {
     authority: HeaderValue,
     /// The URL's path, before every API path (empty for `http://host:port`).
     prefix: String,
+    /// The `Authorization` header, when a token is given.
+    authorization: Option<HeaderValue>,
 }
 
 impl Target {
@@ -137,6 +142,7 @@ impl Target {
             ),
             authority: HeaderValue::from_str(authority.as_str()).map_err(http_err)?,
             prefix: uri.path().trim_end_matches('/').to_owned(),
+            authorization: None,
         })
     }
 }
@@ -205,6 +211,9 @@ impl Session {
             .method(method)
             .uri(format!("{}{path}", target.prefix))
             .header(header::HOST, target.authority.clone());
+        if let Some(authorization) = &target.authorization {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
         if body.is_some() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
@@ -331,7 +340,15 @@ pub(crate) async fn run(options: LoadOptions) -> Result<LoadReport> {
     let (mut session, embedded, target) = match &options.target {
         Some(url) => (
             Session::Http {
-                target: Arc::new(Target::parse(url)?),
+                target: Arc::new(Target {
+                    authorization: options
+                        .token
+                        .as_deref()
+                        .map(|t| HeaderValue::from_str(&format!("Bearer {}", t.trim())))
+                        .transpose()
+                        .map_err(|_| http_err("the token is not a valid header value"))?,
+                    ..Target::parse(url)?
+                }),
                 sender: None,
             },
             None,
@@ -514,6 +531,7 @@ mod tests {
             concurrency: 8,
             products: 4,
             target: None,
+            token: None,
             consumers: 1,
             progress: false,
             rate,
@@ -542,6 +560,7 @@ mod tests {
         )));
         let report = run(LoadOptions {
             target: Some(url.clone()),
+            token: None,
             ..options(40, None)
         })
         .await
@@ -558,6 +577,7 @@ mod tests {
 
         let error = run(LoadOptions {
             target: Some("https://127.0.0.1:1".into()),
+            token: None,
             ..options(1, None)
         })
         .await

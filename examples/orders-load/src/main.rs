@@ -44,6 +44,10 @@ struct Cli {
     /// the system runs in process.
     #[arg(long, env = "ORDERS_LOAD_TARGET")]
     target: Option<String>,
+    /// A bearer token for the target, when it requires one: an admin's
+    /// (`orders token --role admin`), since the run creates products.
+    #[arg(long, env = "ORDERS_LOAD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Consumers per subscription (embedded only).
     #[arg(long, env = "ORDERS_CONSUMERS", default_value_t = 16)]
     consumers: u16,
@@ -63,6 +67,7 @@ async fn main() -> ExitCode {
         concurrency: cli.concurrency,
         products: cli.products,
         target: cli.target,
+        token: cli.token,
         consumers: cli.consumers,
         progress: true,
         rate: cli.rate,

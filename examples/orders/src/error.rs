@@ -33,6 +33,12 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// The caller may not do this (another customer's order).
+    #[error("forbidden: {message}")]
+    Forbidden {
+        /// Why.
+        message: String,
+    },
     /// An idempotency key was reused with a different request.
     #[error("idempotency key {key:?} was already used with a different request")]
     IdempotencyKeyReused {
@@ -103,6 +109,7 @@ impl Error {
             | Self::NotFound { .. }
             | Self::Conflict { .. }
             | Self::IdempotencyKeyReused { .. }
+            | Self::Forbidden { .. }
             | Self::Codec(_) => false,
         }
     }

@@ -84,6 +84,7 @@ impl From<Error> for ApiError {
             Error::Conflict { message } => {
                 Self::new(StatusCode::CONFLICT, "illegal_transition", message)
             }
+            Error::Forbidden { message } => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
             e @ Error::IdempotencyKeyReused { .. } => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod auth;
 pub mod backends;
 pub mod demo;
 pub mod distributed;

@@ -4,6 +4,8 @@
 //! cargo run -p orders                       # serve on 127.0.0.1:8080
 //! cargo run -p orders -- --payment-timeout 2s --listen 127.0.0.1:9000
 //! cargo run -p orders -- demo               # a table of outcomes
+//! ORDERS_JWT_SECRET=s3cret cargo run -p orders                     # tokens required
+//! ORDERS_JWT_SECRET=s3cret cargo run -p orders -- token --role admin
 //! ```
 //!
 //! The load generator is its own binary, `orders-load` (package
@@ -49,6 +51,8 @@ struct Cli {
     log_json: bool,
     #[command(flatten)]
     limits: orders::http::Limits,
+    #[command(flatten)]
+    auth: orders::auth::AuthArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -70,6 +74,22 @@ enum Command {
     /// once, or still parked with the new error. Safe while the query
     /// service runs.
     ReplayParked(Box<orders::distributed::ServeArgs>),
+    /// Mint a bearer token signed with the HS256 secret
+    /// (`--jwt-hs256-secret` / `ORDERS_JWT_SECRET`) and print it.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// `admin` may do anything; `customer` only with their own orders.
+    #[arg(long, value_parser = [orders::auth::ADMIN, orders::auth::CUSTOMER])]
+    role: String,
+    /// The customer's email (required for `customer`).
+    #[arg(long)]
+    email: Option<String>,
+    /// How long the token is valid (e.g. 15m, 1h, 7d).
+    #[arg(long, default_value = "1h", value_parser = orders::auth::parse_ttl)]
+    ttl: Duration,
 }
 
 /// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
@@ -98,13 +118,15 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let _log = orders::telemetry::init_tracing(cli.log_json, "info");
     let result = match cli.command {
-        None => serve(cli.listen, cli.limits, cli.payment_timeout).await,
+        None => serve(cli.listen, cli.limits, cli.payment_timeout, &cli.auth).await,
         Some(Command::Serve(args)) if args.services.is_none() => {
-            serve(cli.listen, cli.limits, cli.payment_timeout).await
+            serve(cli.listen, cli.limits, cli.payment_timeout, &cli.auth).await
         }
-        Some(Command::Serve(args)) => {
+        Some(Command::Serve(mut args)) => {
+            args.auth = cli.auth;
             orders::distributed::serve(*args, cli.listen, cli.limits, cli.payment_timeout).await
         }
+        Some(Command::Token(args)) => token(&args, &cli.auth).map(|token| println!("{token}")),
         Some(Command::Demo) => demo(cli.payment_timeout).await,
         Some(Command::ReplayOrders(args)) => orders::distributed::replay_orders(&args)
             .await
@@ -139,17 +161,57 @@ async fn demo(payment_timeout: Duration) -> orders::Result<()> {
     Ok(())
 }
 
+/// A token for `args.role`, signed with the configured HS256 secret.
+fn token(args: &TokenArgs, auth: &orders::auth::AuthArgs) -> orders::Result<String> {
+    let secret = auth.jwt_hs256_secret.as_deref().ok_or_else(|| {
+        orders::Error::internal(
+            "no secret to sign with: set --jwt-hs256-secret or ORDERS_JWT_SECRET",
+        )
+    })?;
+    let email = match (args.role.as_str(), args.email.as_deref()) {
+        (orders::auth::CUSTOMER, None) => {
+            return Err(orders::Error::validation(
+                "email",
+                "a customer's token needs --email",
+            ))
+        }
+        (_, Some(raw)) => Some(orders::order::validate_email(raw)?),
+        (_, None) => None,
+    };
+    let mut claims = orders::auth::Claims::new(&args.role, email.as_deref(), args.ttl);
+    claims.iss.clone_from(&auth.jwt_issuer);
+    claims.aud.clone_from(&auth.jwt_audience);
+    orders::auth::mint(secret, &claims)
+}
+
 async fn serve(
     listen: SocketAddr,
     limits: orders::http::Limits,
     payment_timeout: Duration,
+    auth: &orders::auth::AuthArgs,
 ) -> orders::Result<()> {
+    let authenticator = auth.authenticator()?;
+    let open = authenticator.is_none();
     let system = System::embedded(Config {
         payment_timeout,
+        auth: authenticator,
         ..Config::default()
     })
     .await?;
     let banner = |addr| {
+        if open {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF: anyone who reaches http://{addr} may do anything \
+                 (fine for a local demo); set --jwt-hs256-secret (ORDERS_JWT_SECRET) or \
+                 --jwt-rs256-public-key-file to require bearer tokens"
+            );
+        } else {
+            tracing::info!(
+                "bearer tokens required on /api; mint one with: orders token --role admin \
+                 (or --role customer --email ada@example.com), then add \
+                 -H 'authorization: Bearer <token>' to the requests below"
+            );
+        }
         tracing::info!(
         %addr,
         payment_timeout = ?payment_timeout,

@@ -367,6 +367,8 @@ impl Node {
             }
             _ => local,
         };
+        // The process's edge: the gateway's router, or the services'.
+        let router = crate::auth::protect(router, w.config.auth.clone());
         tracing::info!(services = %names.join(","), backends = ?w.backends, "services started");
         Ok((
             Self {
@@ -544,5 +546,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(crate::order::OrderApi::openapi());
     doc.merge(crate::inventory::InventoryApi::openapi());
     doc.merge(crate::query::QueryApi::openapi());
+    crate::auth::document(&mut doc);
     doc
 }

@@ -31,6 +31,9 @@ pub struct Config {
     pub deadline_tick: Duration,
     /// Concurrent consumers per subscription (embedded).
     pub consumers: u16,
+    /// Checks the bearer tokens of the HTTP API; `None` leaves it open
+    /// (see [`crate::auth`]).
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             clock: Arc::new(SystemClock),
             deadline_tick: Duration::from_millis(50),
             consumers: Delivery::EMBEDDED.prefetch,
+            auth: None,
         }
     }
 }

@@ -48,6 +48,23 @@ async fn happy_path() {
     app.one_trace(&id, &id.replace('-', "")).await;
 }
 
+/// With a secret configured, the API requires bearer tokens (over a real
+/// socket, as a client sees it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication() {
+    let secret = "a secret for the embedded test";
+    let auth = orders::auth::AuthArgs {
+        jwt_hs256_secret: Some(secret.into()),
+        ..Default::default()
+    };
+    let config = Config {
+        auth: auth.authenticator().unwrap(),
+        ..Config::default()
+    };
+    let app = Embedded::start(config, true).await;
+    scenarios::authentication(&app.client(), secret).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payment_timeout() {
     let app = Embedded::with_timeout(Duration::from_millis(300)).await;

@@ -144,9 +144,13 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
     ApiError::new(status, code, message).into_response()
 }
 
-const FORWARDED: [HeaderName; 4] = [
+const FORWARDED: [HeaderName; 6] = [
     header::CONTENT_TYPE,
     header::ACCEPT,
+    // The services check the token again when they have a key, and trust the
+    // caller the gateway established when they have none.
+    header::AUTHORIZATION,
+    HeaderName::from_static(crate::auth::CALLER_HEADER),
     HeaderName::from_static("idempotency-key"),
     HeaderName::from_static("traceparent"),
 ];
@@ -210,6 +214,7 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
                 Ok(res) => {
                     let status = res.status();
                     let content_type = res.headers().get(header::CONTENT_TYPE).cloned();
+                    let challenge = res.headers().get(header::WWW_AUTHENTICATE).cloned();
                     let body = match res.bytes().await {
                         Ok(b) => b,
                         Err(e) => {
@@ -221,6 +226,11 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
                     *response.status_mut() = status;
                     if let Some(ct) = content_type {
                         response.headers_mut().insert(header::CONTENT_TYPE, ct);
+                    }
+                    if let Some(challenge) = challenge {
+                        response
+                            .headers_mut()
+                            .insert(header::WWW_AUTHENTICATE, challenge);
                     }
                     return response;
                 }

@@ -122,6 +122,10 @@ pub struct ServeArgs {
     /// deployments such as test runs.
     #[arg(long, env = "ORDERS_QUEUE_EXPIRES_SECS")]
     pub queue_expires_secs: Option<u64>,
+    /// The bearer-token settings (the global `--jwt-*` flags, set by the
+    /// caller).
+    #[arg(skip)]
+    pub auth: crate::auth::AuthArgs,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -154,6 +158,7 @@ impl ServeArgs {
             pg_pool: 8,
             append_slots: 1,
             queue_expires_secs: None,
+            auth: crate::auth::AuthArgs::default(),
         }
     }
 
@@ -193,8 +198,16 @@ pub async fn start(args: &ServeArgs, payment_timeout: Duration) -> Result<Node> 
     let application = format!("{}:{}", args.namespace, names.join("+"));
     let gateway_only = services.iter().all(|s| *s == Service::Gateway);
     let backends = Backends::connect(args, &application, gateway_only).await?;
+    let auth = args.auth.authenticator()?;
+    if auth.is_none() && services.contains(&Service::Gateway) {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF: anyone who reaches the gateway may do anything; \
+             set --jwt-hs256-secret (ORDERS_JWT_SECRET) or --jwt-rs256-public-key-file"
+        );
+    }
     let config = Config {
         payment_timeout,
+        auth,
         ..Config::default()
     };
     Ok(Node::start(backends, services, config).await?.0)

@@ -62,13 +62,15 @@ pub struct Restock {
     pub quantity: i64,
 }
 
-/// Adds a product to the catalog.
+/// Adds a product to the catalog (admin only).
 #[utoipa::path(
     post, path = "/api/products", tag = "products",
     request_body = CreateProduct,
     responses(
         (status = 201, description = "Created", body = ProductCreatedBody),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
         (status = 422, description = "Invalid product", body = ErrorBody),
     )
 )]
@@ -82,13 +84,15 @@ async fn create_product(
     Ok((StatusCode::CREATED, Json(ProductCreatedBody { product_id })))
 }
 
-/// Adds units to a product's stock.
+/// Adds units to a product's stock (admin only).
 #[utoipa::path(
     post, path = "/api/products/{id}/restock", tag = "products",
     params(("id" = Uuid, Path, description = "The product")),
     request_body = Restock,
     responses(
         (status = 200, description = "Restocked", body = ProductView),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
         (status = 404, description = "No such product", body = ErrorBody),
         (status = 422, description = "Invalid quantity", body = ErrorBody),
     )

@@ -163,6 +163,9 @@ pub enum OrderError {
     /// The total overflowed.
     #[error("the order total is too large")]
     TotalTooLarge,
+    /// The order is another customer's.
+    #[error("the order is another customer's")]
+    OtherCustomer,
     /// The command is not allowed in the order's status.
     #[error("cannot {action} an order that is {status}")]
     IllegalTransition {

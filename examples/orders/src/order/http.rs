@@ -11,6 +11,7 @@ use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
 use super::{OrderItemRequest, OrderService, PaymentRequest, PlaceOrderRequest, PlacedOrder};
+use crate::auth::Caller;
 use crate::http::{parse_id, ApiError, ApiJson, ErrorBody};
 
 /// The order service's OpenAPI document.
@@ -32,7 +33,8 @@ pub fn router(service: Arc<OrderService>) -> Router {
 
 /// Places an order. Prices come from the catalog; the saga takes it from
 /// there. With `Idempotency-Key`, the same key and body answer the first
-/// answer again; the same key with another body is 422.
+/// answer again; the same key with another body is 422. A customer places
+/// orders in their own email only (403 otherwise).
 #[utoipa::path(
     post, path = "/api/orders", tag = "orders",
     request_body = PlaceOrderRequest,
@@ -40,15 +42,22 @@ pub fn router(service: Arc<OrderService>) -> Router {
     responses(
         (status = 202, description = "Accepted: the order is Pending", body = PlacedOrder),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Another customer's email", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Invalid order, unknown product, or idempotency key reused", body = ErrorBody),
     )
 )]
 async fn place_order(
     State(service): State<Arc<OrderService>>,
+    caller: Caller,
     headers: HeaderMap,
     ApiJson(request): ApiJson<PlaceOrderRequest>,
 ) -> Result<(StatusCode, Json<PlacedOrder>), ApiError> {
+    // An invalid email is the service's 422; a valid one must be the caller's.
+    if let Ok(email) = super::validate_email(&request.customer_email) {
+        caller.may_act_for(&email)?;
+    }
     let key = match headers.get("idempotency-key") {
         Some(v) => Some(v.to_str().map_err(|_| {
             ApiError::new(
@@ -87,19 +96,23 @@ pub struct Cancelled {
 }
 
 /// Cancels an order before it completes; stock is released and any payment
-/// refunded asynchronously. 409 when it is completed or already cancelled.
+/// refunded asynchronously. 409 when it is completed or already cancelled;
+/// 403 when a customer asks for another customer's order.
 #[utoipa::path(
     post, path = "/api/orders/{id}/cancel", tag = "orders",
     params(("id" = Uuid, Path, description = "The order")),
     request_body = CancelRequest,
     responses(
         (status = 200, description = "Cancelled", body = Cancelled),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Another customer's order", body = ErrorBody),
         (status = 404, description = "No such order", body = ErrorBody),
         (status = 409, description = "Completed or already cancelled", body = ErrorBody),
     )
 )]
 async fn cancel_order(
     State(service): State<Arc<OrderService>>,
+    caller: Caller,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Cancelled>, ApiError> {
@@ -117,7 +130,9 @@ async fn cancel_order(
             ApiError::new(status, "invalid_body", e.to_string())
         })?
     };
-    let position = service.cancel_order(order_id, request.reason).await?;
+    let position = service
+        .cancel_order_for(order_id, request.reason, caller.customer())
+        .await?;
     Ok(Json(Cancelled {
         order_id,
         status: "Cancelled".into(),

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use es_core::{
-    AppendWriter, Clock, DeadlineScheduler, LocalAggregate, Message, Metadata, Outcome, Position,
-    Repository, RepositoryError, SagaHandler, SagaManager, TraceParent,
+    Aggregate as _, AppendWriter, Clock, DeadlineScheduler, LocalAggregate, Message, Metadata,
+    Outcome, Position, Repository, RepositoryError, SagaHandler, SagaManager, TraceParent,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -358,6 +358,21 @@ impl OrderService {
     /// Cancels an order on the customer's request. Illegal when it is
     /// completed or already cancelled ([`Error::Conflict`]).
     pub async fn cancel_order(&self, order_id: Uuid, reason: String) -> Result<Position> {
+        self.cancel_order_for(order_id, reason, None).await
+    }
+
+    /// Cancels the order as [`cancel_order`](Self::cancel_order) does, when
+    /// it is `customer`'s (any order's when `None`): another customer's order
+    /// is [`Error::Forbidden`] and nothing changes.
+    ///
+    /// # Errors
+    /// As [`cancel_order`](Self::cancel_order), and [`Error::Forbidden`].
+    pub async fn cancel_order_for(
+        &self,
+        order_id: Uuid,
+        reason: String,
+        customer: Option<&str>,
+    ) -> Result<Position> {
         let reason = crate::validate::text("reason", &reason, 500)?;
         let reason = if reason.is_empty() {
             "cancelled by the customer".to_owned()
@@ -372,10 +387,24 @@ impl OrderService {
             by_customer: true,
             at: self.clock.now(),
         };
-        match self.orders.execute(order_id, command, &metadata).await {
+        // The customer is checked on the state the decision is taken on.
+        let decide = |order: &Order| match customer {
+            Some(email) if order.status.is_some() && order.customer_email != email => {
+                Err(OrderError::OtherCustomer)
+            }
+            _ => order.handle(command.clone()),
+        };
+        match self
+            .orders
+            .execute_with(order_id, &metadata, None, decide)
+            .await
+        {
             Ok(c) => Ok(c.position),
             Err(RepositoryError::Rejected(OrderError::NotFound)) => Err(Error::NotFound {
                 what: format!("order {order_id}"),
+            }),
+            Err(RepositoryError::Rejected(OrderError::OtherCustomer)) => Err(Error::Forbidden {
+                message: "the order is another customer's".into(),
             }),
             Err(RepositoryError::Rejected(e)) => Err(Error::Conflict {
                 message: e.to_string(),

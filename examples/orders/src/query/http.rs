@@ -15,6 +15,7 @@ use super::{
     decode_cursor, HistoryEvent, OrderItemView, OrderPage, OrderQueries, OrderView, Stats,
     StatusStats,
 };
+use crate::auth::Caller;
 use crate::http::{parse_id, ApiError, ApiQuery, ErrorBody};
 use crate::order::{validate_email, OrderStatus};
 
@@ -66,13 +67,15 @@ pub struct GetOrderParams {
     pub wait_terminal_ms: Option<u64>,
 }
 
-/// One order.
+/// One order. A customer reads only their own (403 otherwise).
 #[utoipa::path(
     get, path = "/api/orders/{id}", tag = "queries",
     params(("id" = uuid::Uuid, Path, description = "The order"), GetOrderParams),
     responses(
         (status = 200, description = "The order", body = OrderView),
         (status = 400, description = "Invalid min_position", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Another customer's order", body = ErrorBody),
         (status = 404, description = "No such order", body = ErrorBody),
         (status = 422, description = "min_position past every write", body = ErrorBody),
         (status = 503, description = "The read model did not reach min_position within 10 s", body = ErrorBody),
@@ -80,10 +83,21 @@ pub struct GetOrderParams {
 )]
 async fn get_order(
     State(service): State<Arc<dyn OrderQueries>>,
+    caller: Caller,
     Path(id): Path<String>,
     ApiQuery(params): ApiQuery<GetOrderParams>,
 ) -> Result<Json<OrderView>, ApiError> {
-    let order_id = parse_id("order", &id)?;
+    let view = get_order_view(service.as_ref(), &id, params).await?;
+    caller.may_act_for(&view.customer_email)?;
+    Ok(Json(view))
+}
+
+async fn get_order_view(
+    service: &dyn OrderQueries,
+    id: &str,
+    params: GetOrderParams,
+) -> Result<OrderView, ApiError> {
+    let order_id = parse_id("order", id)?;
     let min_position = params
         .min_position
         .as_deref()
@@ -97,9 +111,9 @@ async fn get_order(
         service
             .wait_terminal(order_id, Duration::from_millis(ms.min(10_000)))
             .await;
-        return Ok(Json(service.fresh(order_id).await?));
+        return Ok(service.fresh(order_id).await?);
     }
-    Ok(Json(service.order(order_id, min_position).await?))
+    Ok(service.order(order_id, min_position).await?)
 }
 
 /// Filters and paging of the order list.
@@ -163,20 +177,31 @@ impl ListParams {
     }
 }
 
-/// Orders, newest first.
+/// Orders, newest first. A customer lists only their own: without
+/// `customer_email`, theirs; with another customer's, 403.
 #[utoipa::path(
     get, path = "/api/orders", tag = "queries",
     params(ListParams),
     responses(
         (status = 200, description = "A page of orders", body = OrderPage),
         (status = 400, description = "Invalid filter", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Another customer's orders", body = ErrorBody),
     )
 )]
 async fn list_orders(
     State(service): State<Arc<dyn OrderQueries>>,
+    caller: Caller,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<OrderPage>, ApiError> {
-    Ok(Json(service.list(params.check()?).await?))
+    let mut filter = params.check()?;
+    if let Some(own) = caller.customer() {
+        match &filter.customer_email {
+            Some(email) => caller.may_act_for(email)?,
+            None => filter.customer_email = Some(own.to_owned()),
+        }
+    }
+    Ok(Json(service.list(filter).await?))
 }
 
 /// The search query.
@@ -193,13 +218,15 @@ pub struct SearchResult {
     pub orders: Vec<OrderView>,
 }
 
-/// Orders by product name or customer email.
+/// Orders by product name or customer email (admin only).
 #[utoipa::path(
     get, path = "/api/orders/search", tag = "queries",
     params(SearchParams),
     responses(
         (status = 200, description = "Matching orders", body = SearchResult),
         (status = 400, description = "Missing or too long q", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
     )
 )]
 async fn search_orders(
@@ -214,27 +241,44 @@ async fn search_orders(
     }))
 }
 
-/// An order's events, from the store.
+/// An order's events, from the store, card tokens masked. A customer reads
+/// only their own order's (403 otherwise).
 #[utoipa::path(
     get, path = "/api/orders/{id}/events", tag = "queries",
     params(("id" = uuid::Uuid, Path, description = "The order")),
     responses(
         (status = 200, description = "Its history", body = [HistoryEvent]),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Another customer's order", body = ErrorBody),
         (status = 404, description = "No such order", body = ErrorBody),
     )
 )]
 async fn order_events(
     State(service): State<Arc<dyn OrderQueries>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
     let order_id = parse_id("order", &id)?;
-    Ok(Json(service.history(order_id).await?))
+    let history = service.history(order_id).await?;
+    if caller.customer().is_some() {
+        // The order's first event names its customer.
+        let owner = history
+            .iter()
+            .find_map(|e| e.data.get("customer_email").and_then(|v| v.as_str()))
+            .unwrap_or_default();
+        caller.may_act_for(owner)?;
+    }
+    Ok(Json(history))
 }
 
-/// Counts and revenue by status.
+/// Counts and revenue by status (admin only).
 #[utoipa::path(
     get, path = "/api/stats", tag = "queries",
-    responses((status = 200, description = "Counts and revenue", body = Stats))
+    responses(
+        (status = 200, description = "Counts and revenue", body = Stats),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+    )
 )]
 async fn stats(State(service): State<Arc<dyn OrderQueries>>) -> Result<Json<Stats>, ApiError> {
     Ok(Json(service.stats().await?))

@@ -76,12 +76,15 @@ pub(crate) async fn history(store: &dyn EventStore, order_id: Uuid) -> Result<Ve
         .into_iter()
         .map(|e| {
             let source = source_of(&e);
+            let mut data = e.payload.to_value().unwrap_or(serde_json::Value::Null);
+            // Card tokens are never shown, whoever asks.
+            crate::auth::mask_card_tokens(&mut data);
             HistoryEvent {
                 version: e.stream_version,
                 position: source.position.to_string(),
                 event_type: e.event_type.to_string(),
                 recorded_at: source.recorded_at,
-                data: e.payload.to_value().unwrap_or(serde_json::Value::Null),
+                data,
                 causation_id: e.metadata.causation_id,
                 correlation_id: e.metadata.correlation_id,
             }

@@ -98,6 +98,8 @@ pub struct Cluster {
     mail_log: PathBuf,
     logs: PathBuf,
     payment_timeout: Duration,
+    /// Environment variables every process gets besides the deployment's.
+    env: Vec<(String, String)>,
 }
 
 /// Every service its own process, plus a separate relay process.
@@ -127,6 +129,16 @@ impl Cluster {
         test: &str,
         workers: &[(&str, &str)],
         payment_timeout: Duration,
+    ) -> Arc<Self> {
+        Self::start_with_env(test, workers, payment_timeout, &[]).await
+    }
+
+    /// As [`Cluster::start`], every process with `env` set too.
+    pub async fn start_with_env(
+        test: &str,
+        workers: &[(&str, &str)],
+        payment_timeout: Duration,
+        env: &[(&str, &str)],
     ) -> Arc<Self> {
         let namespace = format!(
             "t{}_{}",
@@ -185,6 +197,10 @@ impl Cluster {
             mail_log,
             logs,
             payment_timeout,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         for (name, services) in workers {
             cluster.spawn(name, services, free_port());
@@ -245,6 +261,7 @@ impl Cluster {
                 "RUST_LOG",
                 "warn,orders=info,es_rabbit=info,es_postgres=info",
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)

@@ -68,6 +68,8 @@ pub async fn happy_path(c: &Client) -> String {
         ]
     );
     assert_eq!(events[0]["position"].as_str(), Some(position), "{events}");
+    // Card tokens are masked, authentication or not.
+    assert_eq!(events[0]["data"]["card_token"], "***", "{events}");
     for e in events.as_array().unwrap() {
         assert_eq!(
             e["correlation_id"].as_str(),
@@ -822,4 +824,234 @@ pub async fn health_metrics_and_openapi(c: &Client) {
         paths["/api/orders"]["get"].is_object() && paths["/api/orders"]["post"].is_object(),
         "both services' /api/orders operations"
     );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer",
+        "{doc}"
+    );
+    assert!(paths["/api/stats"]["get"]["security"].is_array());
+    assert!(paths["/health"]["get"].get("security").is_none());
+}
+
+/// A request with `authorization` set to `auth`.
+async fn authorised(
+    c: &Client,
+    auth: &str,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    c.call(method, uri, body, &[("authorization", auth)]).await
+}
+
+/// `Bearer <token>` for `claims`, signed with `secret`.
+pub fn bearer(secret: &str, claims: &orders::auth::Claims) -> String {
+    format!("Bearer {}", orders::auth::mint(secret, claims).unwrap())
+}
+
+/// On a deployment that requires bearer tokens signed with `secret`: 401
+/// without a valid token (none, forged, expired), 403 for a customer on an
+/// admin route or on another customer's order, and what each role may do.
+pub async fn authentication(c: &Client, secret: &str) {
+    use orders::auth::{Claims, ADMIN, CUSTOMER};
+    let ten_minutes = std::time::Duration::from_secs(600);
+    let t = tag();
+    let (ada_email, bob_email) = (
+        format!("ada-{t}@example.com"),
+        format!("bob-{t}@example.com"),
+    );
+    let admin = bearer(secret, &Claims::new(ADMIN, None, ten_minutes));
+    let ada = bearer(
+        secret,
+        &Claims::new(CUSTOMER, Some(&ada_email), ten_minutes),
+    );
+    let bob = bearer(
+        secret,
+        &Claims::new(CUSTOMER, Some(&bob_email), ten_minutes),
+    );
+
+    // Health, metrics and the OpenAPI document stay open.
+    for open in ["/health", "/metrics", "/openapi.json"] {
+        let (code, body) = c.get(open).await;
+        assert_eq!(code, StatusCode::OK, "{open}: {body}");
+    }
+    // No token, a forged one, an expired one, not a JWT: 401.
+    let forged = bearer(
+        &format!("{secret}-forged"),
+        &Claims::new(ADMIN, None, ten_minutes),
+    );
+    let mut expired = Claims::new(ADMIN, None, ten_minutes);
+    expired.exp -= 7200;
+    let expired = bearer(secret, &expired);
+    let (code, body) = c.get("/api/orders").await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["code"], "missing_token");
+    let (code, body) = c
+        .post(
+            "/api/products",
+            json!({"name": "Free", "price": "1.00", "stock": 1}),
+        )
+        .await;
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("missing_token"))
+    );
+    for (auth, want) in [
+        (forged.as_str(), "invalid_token"),
+        ("Bearer not-a-token", "invalid_token"),
+        (expired.as_str(), "token_expired"),
+    ] {
+        let (code, body) = authorised(c, auth, "GET", "/api/stats", None).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{want}: {body}");
+        assert_eq!(body["code"], want, "{body}");
+    }
+
+    // Product and stock changes, search and stats: the admin's.
+    let new_product = json!({"name": format!("Guarded {t}"), "price": "4.00", "stock": 5});
+    let (code, body) = authorised(
+        c,
+        &admin,
+        "POST",
+        "/api/products",
+        Some(new_product.clone()),
+    )
+    .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    let widget = body["product_id"].as_str().unwrap().to_owned();
+    c.await_product(&widget).await;
+    let restock = format!("/api/products/{widget}/restock");
+    let (code, body) = authorised(c, &admin, "POST", &restock, Some(json!({"quantity": 1}))).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (code, body) = authorised(c, &ada, "GET", &format!("/api/products/{widget}"), None).await;
+    assert_eq!(
+        (code, body["available"].as_u64()),
+        (StatusCode::OK, Some(6)),
+        "{body}"
+    );
+    c.settle().await;
+    let before = c.written().await;
+    for (method, uri, body) in [
+        ("POST", "/api/products", Some(new_product)),
+        ("POST", restock.as_str(), Some(json!({"quantity": 1}))),
+        ("GET", "/api/stats", None),
+        ("GET", "/api/orders/search?q=guarded", None),
+    ] {
+        let (code, answer) = authorised(c, &ada, method, uri, body).await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{method} {uri}: {answer}");
+        assert_eq!(answer["code"], "forbidden");
+    }
+    // A customer orders in their own email only.
+    let as_bob = Client::order_body(&bob_email, &[(&widget, 1)], "tok_ok");
+    let (code, body) = authorised(c, &ada, "POST", "/api/orders", Some(as_bob)).await;
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden")),
+        "{body}"
+    );
+    assert_eq!(
+        c.written().await,
+        before,
+        "a refused request writes nothing"
+    );
+    for (method, uri) in [
+        ("GET", "/api/stats"),
+        ("GET", "/api/orders/search?q=guarded"),
+    ] {
+        let (code, body) = authorised(c, &admin, method, uri, None).await;
+        assert_eq!(code, StatusCode::OK, "{uri}: {body}");
+    }
+
+    // Ada's order (its payment never answers: it stays open to cancel).
+    let mine = Client::order_body(&ada_email.to_uppercase(), &[(&widget, 2)], "tok_timeout");
+    let (code, placed) = authorised(c, &ada, "POST", "/api/orders", Some(mine)).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{placed}");
+    let id = placed["order_id"].as_str().unwrap().to_owned();
+    let position = placed["position"].as_str().unwrap();
+    let (code, view) = authorised(
+        c,
+        &ada,
+        "GET",
+        &format!("/api/orders/{id}?min_position={position}"),
+        None,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{view}");
+    assert_eq!(view["customer_email"], ada_email.as_str());
+    let (code, view) = authorised(c, &admin, "GET", &format!("/api/orders/{id}"), None).await;
+    assert_eq!(code, StatusCode::OK, "{view}");
+    let events = format!("/api/orders/{id}/events");
+    let (code, history) = authorised(c, &ada, "GET", &events, None).await;
+    assert_eq!(code, StatusCode::OK, "{history}");
+    assert_eq!(history[0]["data"]["card_token"], "***", "{history}");
+    assert!(!history.to_string().contains("tok_timeout"), "{history}");
+    // Bob sees, lists and cancels none of it.
+    for uri in [format!("/api/orders/{id}"), events.clone()] {
+        let (code, body) = authorised(c, &bob, "GET", &uri, None).await;
+        assert_eq!(
+            (code, body["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("forbidden")),
+            "{uri}: {body}"
+        );
+    }
+    let (code, body) = authorised(
+        c,
+        &bob,
+        "GET",
+        &format!("/api/orders?customer_email={ada_email}"),
+        None,
+    )
+    .await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+    let (code, page) = authorised(c, &bob, "GET", "/api/orders", None).await;
+    assert_eq!(code, StatusCode::OK, "{page}");
+    assert_eq!(page["orders"].as_array().unwrap().len(), 0, "{page}");
+    let cancel = format!("/api/orders/{id}/cancel");
+    let (code, body) = authorised(
+        c,
+        &bob,
+        "POST",
+        &cancel,
+        Some(json!({"reason": "mine now"})),
+    )
+    .await;
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden")),
+        "{body}"
+    );
+    // Ada's list is hers; the admin lists anyone's.
+    let (code, page) = authorised(c, &ada, "GET", "/api/orders", None).await;
+    assert_eq!(code, StatusCode::OK, "{page}");
+    let listed: Vec<&str> = page["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [id.as_str()], "{page}");
+    let (code, page) = authorised(
+        c,
+        &admin,
+        "GET",
+        &format!("/api/orders?customer_email={ada_email}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (code, page["orders"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(1)),
+        "{page}"
+    );
+    // Ada cancels her own.
+    let (code, body) = authorised(
+        c,
+        &ada,
+        "POST",
+        &cancel,
+        Some(json!({"reason": "changed my mind"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "Cancelled");
+    let (code, body) = authorised(c, &admin, "POST", &cancel, None).await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
 }
