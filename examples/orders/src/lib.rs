@@ -107,10 +107,62 @@ pub(crate) fn outcome_of<T, E: std::error::Error + 'static>(
     match result {
         Ok(_) => Outcome::Ack,
         Err(RepositoryError::Rejected(reason)) => {
-            tracing::info!(service, %reason, "command refused by the domain");
+            // Escaped (Debug), never spliced raw: the reason may carry
+            // text a client or a stored event chose.
+            tracing::info!(service, reason = ?reason.to_string(), "command refused by the domain");
             Outcome::Ack
         }
         Err(e) if e.is_retryable() => Outcome::retry(e),
         Err(e) => Outcome::dead_letter(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use es_core::{Outcome, RepositoryError};
+
+    /// A writer into a shared buffer, for a test's log lines.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Refusal(String);
+
+    /// A refusal whose reason carries a line break and a terminal escape is
+    /// logged as one line, the reason escaped: no forged line, no colour.
+    #[test]
+    fn a_refusal_reason_cannot_forge_a_log_line() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let hostile = "gone\n2026-01-01T00:00:00Z  INFO orders: payment approved \u{1b}[31m";
+        let outcome = tracing::subscriber::with_default(subscriber, || {
+            super::outcome_of::<(), _>(
+                Err(RepositoryError::Rejected(Refusal(hostile.to_owned()))),
+                "order",
+            )
+        });
+        assert_eq!(outcome, Outcome::Ack);
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains(r"gone\n2026"), "{text}");
     }
 }

@@ -190,10 +190,10 @@ impl CommandService for NotificationService {
             Ok(()) => {}
             Err(SendError::NotSent { reason, retry }) => {
                 if let Err(e) = self.inbox.forget(CONSUMER, key).await {
-                    tracing::error!(order_id = %c.order_id, %reason, error = %e, "notification not sent, and its claim could not be given back");
+                    tracing::error!(order_id = %c.order_id, ?reason, error = %e, "notification not sent, and its claim could not be given back");
                     return Outcome::dead_letter(format!("{reason}; the claim stays: {e}"));
                 }
-                tracing::warn!(order_id = %c.order_id, %reason, retry, "notification not sent");
+                tracing::warn!(order_id = %c.order_id, ?reason, retry, "notification not sent");
                 return if retry {
                     Outcome::retry(reason)
                 } else {

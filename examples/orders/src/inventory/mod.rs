@@ -266,7 +266,7 @@ impl InventoryService {
                 }
                 let outcome = match &failure {
                     Some(reason) => {
-                        tracing::info!(%order_id, %reason, "reservation failed");
+                        tracing::info!(%order_id, reason = ?reason.to_string(), "reservation failed");
                         ReservationCommand::RecordFailed(reason.clone())
                     }
                     None => ReservationCommand::RecordReserved(lines.clone()),
