@@ -137,6 +137,69 @@ async fn poison_is_parked(c: &std::sync::Arc<Cluster>, template: &str) {
     assert_eq!((report.applied, report.still_parked), (0, 1), "{report:?}");
     let (code, _) = client.get(&format!("/api/orders/{poisoned}")).await;
     assert_eq!(code, reqwest::StatusCode::NOT_FOUND);
+
+    // A fault the operator can fix: a migration added a trigger that
+    // refuses cancellation reasons of declined payments as invalid data
+    // (SQLSTATE 22023). A declined order's cancellation is parked; the order
+    // stays open in the read model.
+    let model = format!("{}_rm", c.schema("query"));
+    for sql in [
+        format!(
+            "CREATE FUNCTION \"{model}\".refuse_declined() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.cancellation_reason LIKE 'payment declined%' THEN \
+             RAISE EXCEPTION 'refused by a bad migration' USING ERRCODE = '22023'; END IF; \
+             RETURN NEW; END $$"
+        ),
+        format!(
+            "CREATE TRIGGER refuse_declined BEFORE UPDATE ON \"{model}\".orders \
+             FOR EACH ROW EXECUTE FUNCTION \"{model}\".refuse_declined()"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&c.pool).await.unwrap();
+    }
+    let declined = client
+        .place("narrow@example.com", &[(&widget, 1)], "tok_decline")
+        .await;
+    let parked_now = || async { client.get("/api/admin/read-model/parked").await.1 };
+    let parked = until(300, 100, parked_now, |p| {
+        p.as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    assert_eq!(parked.as_array().map(Vec::len), Some(2), "{parked}");
+    assert_eq!(parked[1]["event_type"], "OrderCancelled", "{parked}");
+    let (_, open) = client.get(&format!("/api/orders/{declined}")).await;
+    assert_ne!(open["status"], "Cancelled", "{open}");
+    // Fixed, then replayed: the cancellation is applied once, the NUL stays.
+    sqlx::query(&format!(
+        "DROP TRIGGER refuse_declined ON \"{model}\".orders"
+    ))
+    .execute(&c.pool)
+    .await
+    .unwrap();
+    let (code, report) = client
+        .post("/api/admin/read-model/parked/replay", serde_json::json!({}))
+        .await;
+    assert_eq!(code, reqwest::StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["applied"].as_u64(), report["still_parked"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    let (_, again) = client
+        .post("/api/admin/read-model/parked/replay", serde_json::json!({}))
+        .await;
+    assert_eq!(again["applied"], 0, "{again}");
+    let (_, fixed) = client.get(&format!("/api/orders/{declined}")).await;
+    assert_eq!(fixed["status"], "Cancelled", "{fixed}");
+    assert!(
+        fixed["cancellation_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("payment declined"),
+        "{fixed}"
+    );
+    let (_, parked) = client.get("/api/admin/read-model/parked").await;
+    assert_eq!(parked.as_array().map(Vec::len), Some(1), "{parked}");
 }
 
 /// Every process declares every group's queues at start-up: an order event
