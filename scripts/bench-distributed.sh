@@ -193,8 +193,10 @@ settle() {
 load() {
   local name=$1 orders=$2 clients=$3 rate=()
   [[ -n "${4:-}" ]] && rate=(--rate "$4")
+  local token=()
+  [[ -n "${TOKEN:-}" ]] && token=(--token "$TOKEN")
   python3 "$HELPER" run "$WORK/$name.rusage" "$LOAD_BIN" --target "http://$GATEWAY" \
-    --orders "$orders" --concurrency "$clients" --products "$PRODUCTS" "${rate[@]}" \
+    --orders "$orders" --concurrency "$clients" --products "$PRODUCTS" "${rate[@]}" "${token[@]}" \
     >"$WORK/$name.out" || die "orders-load failed ($name); logs in $LOGS_DIR/$NS*"
 }
 
@@ -204,6 +206,10 @@ run_one() { # label binary round
   NS="${PREFIX}_${round}_${label}"
   local logs="$LOGS_DIR/$NS"
   export BENCH_LABEL=$label BENCH_ROUND=$round
+  # The API wants a bearer token from a binary that checks them: an admin
+  # token signed with this run's secret (none for a binary without tokens).
+  export ORDERS_JWT_SECRET="${ORDERS_JWT_SECRET:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
+  TOKEN=$("$bin" token --role admin --ttl 24h 2>/dev/null || true)
   echo
   echo "=== round $round: $label ($bin), namespace $NS"
   ORDERS_NAMESPACE="$NS" ORDERS_BUILD=0 ORDERS_BIN="$bin" ORDERS_LOGS="$logs" \
