@@ -380,25 +380,6 @@ impl Pipeline {
         *projection = Some(self.backend.spawn_projection().await);
     }
 
-    /// Waits until the log holds `n` events more than now: for a fault to
-    /// strike while work is flowing.
-    pub async fn wait_for_more_events(&self, n: usize) {
-        let head = self
-            .store
-            .head()
-            .await
-            .unwrap_or_else(|e| panic!("head: {e}"));
-        let store = &self.store;
-        eventually(&format!("{n} more events"), PATIENCE, || async move {
-            store
-                .read_all(head, n)
-                .await
-                .map(|events| events.len() >= n)
-                .unwrap_or(false)
-        })
-        .await;
-    }
-
     /// Opens the workload's accounts.
     pub async fn open(&self, workload: &Workload) {
         for account in &workload.accounts {
@@ -431,13 +412,6 @@ impl Pipeline {
             .execute_once(from, transfer.id, command, &metadata)
             .await
             .unwrap_or_else(|e| panic!("requesting transfer {}: {e}", transfer.id));
-    }
-
-    /// Asks for every transfer of the workload, up to 32 at once.
-    pub async fn request_all(&self, workload: &Workload) {
-        futures::stream::iter(&workload.transfers)
-            .for_each_concurrent(32, |t| self.request(workload, t))
-            .await;
     }
 
     /// Waits until every transfer of `workload` has finished, the queues are
@@ -642,19 +616,32 @@ impl Pipeline {
     }
 }
 
-/// Runs `workload` on `backend` with `disrupt` running beside the requests,
-/// settles, and checks every invariant: the one test body every backend
-/// and every fault goes through.
-pub async fn exercise<F, Fut>(backend: Arc<dyn Backend>, workload: &Workload, disrupt: F) -> Summary
+/// Runs `workload` on `backend` and checks every invariant: the one test
+/// body every backend and every fault goes through. The transfers are asked
+/// for in four waves; `disrupt` runs after each of the first three, while
+/// the sagas of the wave before are under way. Then the run settles and is
+/// checked.
+pub async fn exercise<F, Fut>(
+    backend: Arc<dyn Backend>,
+    workload: &Workload,
+    mut disrupt: F,
+) -> Summary
 where
-    F: FnOnce(Arc<Pipeline>) -> Fut,
+    F: FnMut(Arc<Pipeline>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let pipeline = Arc::new(Pipeline::start(backend).await);
     pipeline.open(workload).await;
-    let requests = pipeline.request_all(workload);
-    let disruption = disrupt(Arc::clone(&pipeline));
-    tokio::join!(requests, disruption);
+    let wave = workload.transfers.len().div_ceil(4).max(1);
+    let waves: Vec<_> = workload.transfers.chunks(wave).collect();
+    for (i, transfers) in waves.iter().enumerate() {
+        futures::stream::iter(transfers.iter())
+            .for_each_concurrent(32, |t| pipeline.request(workload, t))
+            .await;
+        if i + 1 < waves.len() {
+            disrupt(Arc::clone(&pipeline)).await;
+        }
+    }
     pipeline.settle(workload).await;
     let summary = pipeline.check(workload).await;
     let pipeline = Arc::into_inner(pipeline).expect("the disruption let go of the pipeline");

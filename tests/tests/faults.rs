@@ -1,0 +1,87 @@
+//! Faults across the crates, struck while transfers flow, each followed by
+//! the same end checks as the undisturbed pipeline: the relay and the
+//! consumers killed mid-batch and restarted, the broker connections dropped,
+//! the projection's database connections cut.
+
+use std::sync::Arc;
+
+use es_tests::embedded::Embedded;
+use es_tests::pipeline::{exercise, Pipeline, Summary, Workload};
+use es_tests::production::Production;
+
+fn workload() -> Workload {
+    let seed = fastrand::u64(..);
+    eprintln!("workload seed {seed}");
+    Workload::random(seed, 20, 3, 200)
+}
+
+fn all_finished(summary: Summary) {
+    assert_eq!(
+        summary.completed + summary.compensated + summary.refused,
+        200,
+        "{summary:?}"
+    );
+}
+
+/// While a wave of transfers is under way: the relay's task aborted where
+/// it stands and started again from its checkpoint; then the consumers
+/// killed between their commits and their acks, and started again.
+async fn kill_relay_and_consumers(pipeline: Arc<Pipeline>) {
+    pipeline.kill_relay().await;
+    pipeline.start_relay();
+    let crashed = pipeline.kill_consumers(3).await;
+    assert!(crashed > 0, "no handler died before its ack");
+    pipeline.start_consumers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_relay_and_consumers_killed_mid_batch() {
+    let summary = exercise(Embedded::new(), &workload(), kill_relay_and_consumers).await;
+    all_finished(summary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_relay_and_consumers_killed_mid_batch() {
+    let backend = Production::start("kill").await;
+    let summary = exercise(backend, &workload(), kill_relay_and_consumers).await;
+    all_finished(summary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_broker_connections_dropped_under_load() {
+    let backend = Production::start("drop").await;
+    let bus = backend.bus().clone();
+    let summary = exercise(backend, &workload(), |pipeline| async move {
+        pipeline.backend().drop_publisher_connection().await;
+        pipeline.backend().drop_consumer_connection().await;
+    })
+    .await;
+    all_finished(summary);
+    assert!(
+        bus.connections_opened() >= 2,
+        "the relay never reconnected: {} connections",
+        bus.connections_opened()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_projection_connections_cut() {
+    let backend = Production::start("cut").await;
+    let summary = exercise(backend, &workload(), |pipeline| async move {
+        let cut = pipeline.backend().cut_projection_connections().await;
+        assert!(cut > 0, "no connection of the projection was cut");
+    })
+    .await;
+    all_finished(summary);
+}
+
+/// The in-memory projection's runner stopped and started again mid-run: it
+/// rebuilds its model from the log and ends equal to the fold of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_projection_restarted() {
+    let summary = exercise(Embedded::new(), &workload(), |pipeline| async move {
+        pipeline.restart_projection().await;
+    })
+    .await;
+    all_finished(summary);
+}
