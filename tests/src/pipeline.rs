@@ -333,12 +333,12 @@ impl Pipeline {
     }
 
     /// Kills the consumers: handlers that commit from now on die before
-    /// their ack; once `crashes` of them did (or a second passed), the
+    /// their ack; once `crashes` of them did (or `within` passed), the
     /// consumers are dropped and their connection cut. Returns how many died.
-    pub async fn kill_consumers(&self, crashes: u64) -> u64 {
+    pub async fn kill_consumers(&self, crashes: u64, within: Duration) -> u64 {
         let before = self.faults.crashed.load(Ordering::SeqCst);
         self.faults.crashing.store(true, Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let deadline = tokio::time::Instant::now() + within;
         while self.faults.crashed.load(Ordering::SeqCst) - before < crashes
             && tokio::time::Instant::now() < deadline
         {

@@ -3,7 +3,9 @@
 //! consumers killed mid-batch and restarted, the broker connections dropped,
 //! the projection's database connections cut.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use es_tests::embedded::Embedded;
 use es_tests::pipeline::{exercise, Pipeline, Summary, Workload};
@@ -29,7 +31,7 @@ fn all_finished(summary: Summary) {
 async fn kill_relay_and_consumers(pipeline: Arc<Pipeline>) {
     pipeline.kill_relay().await;
     pipeline.start_relay();
-    let crashed = pipeline.kill_consumers(3).await;
+    let crashed = pipeline.kill_consumers(3, Duration::from_secs(1)).await;
     assert!(crashed > 0, "no handler died before its ack");
     pipeline.start_consumers().await;
 }
@@ -84,4 +86,35 @@ async fn embedded_projection_restarted() {
     })
     .await;
     all_finished(summary);
+}
+
+/// Every delivery handled twice in a row from the first wave on (the
+/// redelivery of a message whose ack was lost): nothing happens twice.
+async fn every_delivery_twice(backend: Arc<dyn es_tests::pipeline::Backend>) {
+    let rounds = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let summary = exercise(backend, &workload(), |pipeline| {
+        let rounds = Arc::clone(&rounds);
+        async move {
+            let faults = &pipeline.faults;
+            faults.duplicate_percent.store(100, Ordering::SeqCst);
+            if rounds.fetch_add(1, Ordering::SeqCst) == 2 {
+                assert!(
+                    faults.duplicated.load(Ordering::SeqCst) > 0,
+                    "nothing was handled twice"
+                );
+            }
+        }
+    })
+    .await;
+    all_finished(summary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_every_delivery_handled_twice() {
+    every_delivery_twice(Embedded::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_every_delivery_handled_twice() {
+    every_delivery_twice(Production::start("twice").await).await;
 }
