@@ -85,11 +85,12 @@ pub trait Backend: Send + Sync + 'static {
 pub struct Faults {
     /// Percentage (by message id) of deliveries handled twice in a row.
     pub duplicate_percent: AtomicU32,
-    /// While on, handlers that committed die before their ack.
+    /// While on, consumers die: before their handler commits, or after it
+    /// committed and before the ack.
     pub crashing: AtomicBool,
     /// Deliveries handled a second time.
     pub duplicated: AtomicU64,
-    /// Handlers that died before their ack.
+    /// Deliveries whose consumer died before the ack.
     pub crashed: AtomicU64,
 }
 
@@ -107,20 +108,34 @@ struct Faulty {
     crash: Crash,
 }
 
+impl Faulty {
+    /// The consumer dies here: nothing more is done, nothing is acked.
+    async fn die(&self) -> Outcome {
+        self.faults.crashed.fetch_add(1, Ordering::SeqCst);
+        match self.crash {
+            Crash::Hang => std::future::pending().await,
+            Crash::Redeliver => Outcome::retry("the consumer died before its ack"),
+        }
+    }
+}
+
 #[async_trait]
 impl MessageHandler for Faulty {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
+        let id = delivery.message.message_id;
+        // While crashing, half the deliveries (by id) die before the
+        // handler commits, half after it committed and before the ack.
+        let crashing = self.faults.crashing.load(Ordering::SeqCst);
+        if crashing && id.as_bytes()[14] % 2 == 0 {
+            return self.die().await;
+        }
         let mut outcome = self.inner.handle(delivery).await;
-        if outcome == Outcome::Ack && self.faults.duplicates(delivery.message.message_id) {
+        if outcome == Outcome::Ack && self.faults.duplicates(id) {
             self.faults.duplicated.fetch_add(1, Ordering::SeqCst);
             outcome = self.inner.handle(delivery).await;
         }
         if outcome == Outcome::Ack && self.faults.crashing.load(Ordering::SeqCst) {
-            self.faults.crashed.fetch_add(1, Ordering::SeqCst);
-            match self.crash {
-                Crash::Hang => std::future::pending::<()>().await,
-                Crash::Redeliver => return Outcome::retry("the consumer died before its ack"),
-            }
+            return self.die().await;
         }
         outcome
     }
@@ -332,8 +347,8 @@ impl Pipeline {
         }
     }
 
-    /// Kills the consumers: handlers that commit from now on die before
-    /// their ack; once `crashes` of them did (or `within` passed), the
+    /// Kills the consumers: deliveries from now on die before or after
+    /// their handler's commit, never acked; once `crashes` of them did (or `within` passed), the
     /// consumers are dropped and their connection cut. Returns how many died.
     pub async fn kill_consumers(&self, crashes: u64, within: Duration) -> u64 {
         let before = self.faults.crashed.load(Ordering::SeqCst);
