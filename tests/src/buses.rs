@@ -1,13 +1,14 @@
-//! The bus conformance suite's fixtures: the in-memory bus and RabbitMQ.
+//! The fixtures es-core's bus conformance suite runs on: the in-memory bus
+//! and RabbitMQ.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use es_core::testing::bus_conformance::BusFixture;
 use es_core::{DeadLetter, EventBus, InMemoryBus, Subscription};
 use es_rabbit::RabbitBus;
 
-use crate::bus_conformance::BusFixture;
 use crate::production::{rabbit, rabbit_config};
 
 /// es-core's in-memory bus.

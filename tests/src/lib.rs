@@ -5,8 +5,8 @@
 //! bus, saga, command consumer, projection) on two sets of backends behind
 //! one [`pipeline::Backend`] trait: [`embedded`] (in memory) and
 //! [`production`] (PostgreSQL and RabbitMQ). The same test body drives both
-//! and checks the same invariants. [`bus_conformance`] holds the checks
-//! every [`EventBus`](es_core::EventBus) implementation passes.
+//! and checks the same invariants. [`buses`] holds the fixtures on which
+//! es-core's bus conformance suite runs against both buses.
 //!
 //! The tests are in `tests/tests/`; run them with `cargo test -p es-tests`.
 //! Those on the production backends need PostgreSQL at `DATABASE_URL` and
@@ -15,7 +15,6 @@
 
 pub mod balances;
 pub mod bank;
-pub mod bus_conformance;
 pub mod buses;
 pub mod embedded;
 pub mod pipeline;

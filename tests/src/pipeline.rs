@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use es_core::{
-    CancellationToken, Delivery, EventBus, EventCodec, EventStore, Message, MessageHandler,
-    Metadata, Outcome, Repository, RepositoryError, RetryPolicy, SagaHandler, SagaManager,
-    Subscription, SubscriptionHandle, SystemClock,
+    CancellationToken, Delivery, EventBus, EventCodec, EventStore, MessageHandler, Metadata,
+    Outcome, Repository, RepositoryError, RetryPolicy, SagaHandler, SagaManager, Subscription,
+    SubscriptionHandle, SystemClock,
 };
 use es_projections::ProjectionHandle;
 use futures::StreamExt;
@@ -126,7 +126,7 @@ impl MessageHandler for Faulty {
         // While crashing, half the deliveries (by id) die before the
         // handler commits, half after it committed and before the ack.
         let crashing = self.faults.crashing.load(Ordering::SeqCst);
-        if crashing && id.as_bytes()[14] % 2 == 0 {
+        if crashing && id.as_bytes()[14].is_multiple_of(2) {
             return self.die().await;
         }
         let mut outcome = self.inner.handle(delivery).await;
@@ -437,7 +437,7 @@ impl Pipeline {
         let mut rounds = 0u32;
         while !pending.is_empty() {
             rounds += 1;
-            if rounds % 20 == 0 {
+            if rounds.is_multiple_of(20) {
                 // A dead letter never finishes its transfer: say so now.
                 self.assert_no_dead_letters().await;
             }
@@ -662,16 +662,4 @@ where
     let pipeline = Arc::into_inner(pipeline).expect("the disruption let go of the pipeline");
     pipeline.shutdown().await;
     summary
-}
-
-/// A message on `topic` with a fresh id (for the bus checks).
-pub fn message(topic: &str, message_type: &str, n: u64) -> Message {
-    Message {
-        message_id: Uuid::now_v7(),
-        topic: topic.into(),
-        message_type: message_type.into(),
-        schema_version: 1,
-        payload: es_core::Payload::from_trusted_json(format!(r#"{{"n":{n}}}"#)),
-        metadata: Metadata::new(),
-    }
 }

@@ -1,7 +1,7 @@
-//! The bus conformance suite on both buses: the same checks, run against
-//! es-core's in-memory bus and es-rabbit's RabbitMQ bus.
+//! es-core's bus conformance suite on both buses: the same checks, run
+//! against es-core's in-memory bus and es-rabbit's RabbitMQ bus.
 
-use es_tests::bus_conformance::run_all;
+use es_core::testing::bus_conformance::run_all;
 use es_tests::buses::{MemoryBusFixture, RabbitBusFixture};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,30 @@
 //! The bus conformance suite: the guarantees of [`EventBus`], as checks any
-//! bus runs through a [`BusFixture`]. The in-memory bus and RabbitMQ run the
-//! same checks.
+//! bus runs through a [`BusFixture`]. The in-memory bus and es-rabbit's
+//! RabbitMQ bus run the same checks (in the workspace's `es-tests`).
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use async_trait::async_trait;
+//! use es_core::testing::bus_conformance::{run_all, BusFixture};
+//! use es_core::{DeadLetter, EventBus, InMemoryBus, Subscription};
+//!
+//! struct Memory(InMemoryBus);
+//!
+//! #[async_trait]
+//! impl BusFixture for Memory {
+//!     fn bus(&self) -> Arc<dyn EventBus> {
+//!         Arc::new(self.0.clone())
+//!     }
+//!     async fn dead_letters(&self, group: &str) -> Vec<DeadLetter> {
+//!         self.0.dead_letters(group)
+//!     }
+//!     async fn cleanup(&self, _: &[Subscription], _: &[String]) {}
+//! }
+//!
+//! run_all(&Memory(InMemoryBus::new())).await;
+//! # });
+//! ```
 //!
 //! What both buses promise, and so what is checked: delivery at least once
 //! (a consumer that stops leaves what it did not handle to the next);
@@ -15,15 +39,17 @@
 //! all. Bindings start with their topic, as RabbitMQ requires.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use es_core::{CancellationToken, DeadLetter, Delivery, EventBus, Outcome, Subscription};
 use uuid::Uuid;
 
-use crate::eventually;
-use crate::pipeline::message;
+use crate::{
+    CancellationToken, DeadLetter, Delivery, EventBus, Message, MessageHandler, Metadata, Outcome,
+    Payload, Subscription, SubscriptionHandle,
+};
 
 /// A bus under test, with what the trait does not offer.
 #[async_trait]
@@ -49,6 +75,32 @@ pub async fn run_all(fixture: &dyn BusFixture) {
     a_dead_letter_answer_is_final(fixture).await;
     competing_consumers_share_the_work(fixture).await;
     each_group_gets_its_copy(fixture).await;
+}
+
+/// A test message `{"n": n}` with a fresh id.
+fn message(topic: &str, message_type: &str, n: u64) -> Message {
+    Message {
+        message_id: Uuid::now_v7(),
+        topic: topic.into(),
+        message_type: message_type.into(),
+        schema_version: 1,
+        payload: Payload::from_trusted_json(format!(r#"{{"n":{n}}}"#)),
+        metadata: Metadata::new(),
+    }
+}
+
+/// Waits, polling, until `check` answers true; panics naming `what` after
+/// [`PATIENCE`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A topic and a group name no other check uses.
@@ -102,7 +154,7 @@ impl Seen {
 fn recorder(
     seen: &Seen,
     answer: impl Fn(&Delivery) -> Outcome + Send + Sync + 'static,
-) -> Arc<dyn es_core::MessageHandler> {
+) -> Arc<dyn MessageHandler> {
     let seen = seen.clone();
     let answer = Arc::new(answer);
     Arc::new(move |delivery: Delivery| {
@@ -127,8 +179,8 @@ async fn publish(fixture: &dyn BusFixture, topic: &str, kind: &str, numbers: std
 async fn subscribe(
     fixture: &dyn BusFixture,
     subscription: &Subscription,
-    handler: Arc<dyn es_core::MessageHandler>,
-) -> es_core::SubscriptionHandle {
+    handler: Arc<dyn MessageHandler>,
+) -> SubscriptionHandle {
     fixture
         .bus()
         .subscribe(subscription.clone(), handler)
@@ -144,7 +196,7 @@ pub async fn every_message_is_delivered(fixture: &dyn BusFixture) {
     publish(fixture, &topic, "Noted", 0..200).await;
     let seen = Seen::default();
     let handle = subscribe(fixture, &group, recorder(&seen, |_| Outcome::Ack)).await;
-    eventually("200 messages delivered", PATIENCE, || async {
+    eventually("200 messages delivered", || async {
         seen.distinct() == 200
     })
     .await;
@@ -182,7 +234,7 @@ pub async fn a_stopped_consumer_leaves_the_rest_to_the_next(fixture: &dyn BusFix
         })
     };
     let handle = subscribe(fixture, &group, handler).await;
-    eventually("a first consumer handled some", PATIENCE, || async {
+    eventually("a first consumer handled some", || async {
         first.len() > 10
     })
     .await;
@@ -195,17 +247,13 @@ pub async fn a_stopped_consumer_leaves_the_rest_to_the_next(fixture: &dyn BusFix
     );
     let second = Seen::default();
     let handle = subscribe(fixture, &group, recorder(&second, |_| Outcome::Ack)).await;
-    eventually(
-        "the rest delivered to the next consumer",
-        PATIENCE,
-        || async {
-            let mut all = first.numbers();
-            all.extend(second.numbers());
-            all.sort_unstable();
-            all.dedup();
-            all.len() == 100
-        },
-    )
+    eventually("the rest delivered to the next consumer", || async {
+        let mut all = first.numbers();
+        all.extend(second.numbers());
+        all.sort_unstable();
+        all.dedup();
+        all.len() == 100
+    })
     .await;
     handle.stop().await;
     fixture.cleanup(&[group], &[topic]).await;
@@ -226,10 +274,7 @@ pub async fn one_consumer_receives_in_publish_order(fixture: &dyn BusFixture) {
     }
     let seen = Seen::default();
     let handle = subscribe(fixture, &group, recorder(&seen, |_| Outcome::Ack)).await;
-    eventually("100 messages delivered", PATIENCE, || async {
-        seen.len() >= 100
-    })
-    .await;
+    eventually("100 messages delivered", || async { seen.len() >= 100 }).await;
     handle.stop().await;
     assert_eq!(seen.numbers(), (0..100).collect::<Vec<_>>());
     fixture.cleanup(&[group], &[topic]).await;
@@ -253,7 +298,7 @@ pub async fn retries_count_attempts_then_dead_letter(fixture: &dyn BusFixture) {
     )
     .await;
     publish(fixture, &topic, "Failing", 0..5).await;
-    eventually("5 dead letters", PATIENCE, || async {
+    eventually("5 dead letters", || async {
         fixture.dead_letters(&group.group).await.len() >= 5
     })
     .await;
@@ -300,11 +345,9 @@ pub async fn a_retried_message_that_succeeds_is_not_dead_lettered(fixture: &dyn 
     )
     .await;
     publish(fixture, &topic, "Flaky", 0..3).await;
-    eventually(
-        "3 messages handled at their third attempt",
-        PATIENCE,
-        || async { seen.all().iter().filter(|&&(_, a)| a == 3).count() == 3 },
-    )
+    eventually("3 messages handled at their third attempt", || async {
+        seen.all().iter().filter(|&&(_, a)| a == 3).count() == 3
+    })
     .await;
     handle.stop().await;
     assert_eq!(seen.len(), 9, "{:?}", seen.all());
@@ -337,12 +380,12 @@ pub async fn a_dead_letter_answer_is_final(fixture: &dyn BusFixture) {
     // The poison, then, once it is dead-lettered, a sentinel: with one
     // consumer and prefetch 1, a redelivered poison would come before it.
     publish(fixture, &topic, "Poison", 0..1).await;
-    eventually("the poison dead-lettered", PATIENCE, || async {
+    eventually("the poison dead-lettered", || async {
         !fixture.dead_letters(&group.group).await.is_empty()
     })
     .await;
     publish(fixture, &topic, "Sentinel", 1..2).await;
-    eventually("the sentinel handled", PATIENCE, || async {
+    eventually("the sentinel handled", || async {
         seen.numbers().contains(&1)
     })
     .await;
@@ -372,12 +415,12 @@ pub async fn competing_consumers_share_the_work(fixture: &dyn BusFixture) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 Outcome::Ack
             }
-        }) as Arc<dyn es_core::MessageHandler>
+        }) as Arc<dyn MessageHandler>
     };
     let first = subscribe(fixture, &group, slow(&a)).await;
     let second = subscribe(fixture, &group, slow(&b)).await;
     publish(fixture, &topic, "Work", 0..100).await;
-    eventually("100 messages handled", PATIENCE, || async {
+    eventually("100 messages handled", || async {
         a.len() + b.len() >= 100
     })
     .await;
@@ -416,7 +459,7 @@ pub async fn each_group_gets_its_copy(fixture: &dyn BusFixture) {
     let (seen_all, seen_only) = (Seen::default(), Seen::default());
     let h1 = subscribe(fixture, &all, recorder(&seen_all, |_| Outcome::Ack)).await;
     let h2 = subscribe(fixture, &only, recorder(&seen_only, |_| Outcome::Ack)).await;
-    eventually("both groups handled theirs", PATIENCE, || async {
+    eventually("both groups handled theirs", || async {
         seen_all.len() >= 20 && seen_only.len() >= 15
     })
     .await;
