@@ -26,7 +26,7 @@ use crate::bank::{
 };
 use crate::eventually;
 
-/// How a consumer that dies between its commit and its ack looks to the bus.
+/// How a consumer that dies before its ack looks to the bus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Crash {
     /// The handler never returns: the broker gets the message back when the
@@ -41,13 +41,13 @@ pub enum Crash {
 /// projection's runner, with the means to break each of them.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
-    /// For messages.
+    /// What the backends are, for failure messages.
     fn name(&self) -> &'static str;
     /// The event store.
     fn store(&self) -> Arc<dyn EventStore>;
     /// The bus the consumers subscribe on.
     fn consumer_bus(&self) -> Arc<dyn EventBus>;
-    /// What a handler that dies before its ack does on this bus.
+    /// What a consumer that dies before its ack does on this bus.
     fn crash(&self) -> Crash;
     /// The consumer groups' settings.
     fn subscription(&self, group: &str, bindings: &[&str]) -> Subscription {
@@ -348,8 +348,9 @@ impl Pipeline {
     }
 
     /// Kills the consumers: deliveries from now on die before or after
-    /// their handler's commit, never acked; once `crashes` of them did (or `within` passed), the
-    /// consumers are dropped and their connection cut. Returns how many died.
+    /// their handler's commit, never acked; once `crashes` of them did (or
+    /// `within` passed), the consumers are dropped and their connection cut.
+    /// Returns how many died.
     pub async fn kill_consumers(&self, crashes: u64, within: Duration) -> u64 {
         let before = self.faults.crashed.load(Ordering::SeqCst);
         self.faults.crashing.store(true, Ordering::SeqCst);

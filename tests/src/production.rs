@@ -58,7 +58,7 @@ pub fn rabbit_config(test: &str) -> RabbitConfig {
 /// # Panics
 /// When the broker cannot be reached.
 pub async fn rabbit(config: RabbitConfig) -> RabbitBus {
-    let url = config.url.clone();
+    let url = es_core::redact_url(&config.url);
     match RabbitBus::connect(config).await {
         Ok(bus) => bus,
         Err(error) => panic!("RabbitMQ is required at {url} (set AMQP_URL): {error}"),
@@ -87,14 +87,19 @@ impl Production {
         let application = format!("es-tests-{}", &id[..12]);
         let url = es_postgres::testing::database_url();
         let options = PgConnectOptions::from_str(&url)
-            .unwrap_or_else(|e| panic!("DATABASE_URL {url}: {e}"))
+            .unwrap_or_else(|e| panic!("DATABASE_URL {}: {e}", es_core::redact_url(&url)))
             .application_name(&application);
         let projection_pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {url}: {e}"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is not reachable at {}: {e}",
+                    es_core::redact_url(&url)
+                )
+            });
         Arc::new(Self {
             pool,
             model_schema: format!("m_{}", &id[..16]),
@@ -115,6 +120,11 @@ impl Production {
     /// The relay's bus.
     pub fn bus(&self) -> &RabbitBus {
         &self.bus
+    }
+
+    /// The consumers' bus.
+    pub fn consumers(&self) -> &RabbitBus {
+        &self.consumers
     }
 }
 

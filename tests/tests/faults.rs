@@ -67,18 +67,20 @@ async fn production_consumers_killed_mid_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_broker_connections_dropped_under_load() {
     let backend = Production::start("drop").await;
-    let bus = backend.bus().clone();
+    let (relay, consumers) = (backend.bus().clone(), backend.consumers().clone());
     let summary = exercise(backend, &workload(), |pipeline| async move {
         pipeline.backend().drop_publisher_connection().await;
         pipeline.backend().drop_consumer_connection().await;
     })
     .await;
     all_finished(summary);
-    assert!(
-        bus.connections_opened() >= 2,
-        "the relay never reconnected: {} connections",
-        bus.connections_opened()
-    );
+    for (who, bus) in [("the relay", relay), ("the consumers", consumers)] {
+        assert!(
+            bus.connections_opened() >= 2,
+            "{who} never reconnected: {} connections",
+            bus.connections_opened()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
