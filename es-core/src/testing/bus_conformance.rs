@@ -30,7 +30,8 @@
 //! (a consumer that stops leaves what it did not handle to the next);
 //! attempts counted from 1, a retried message delivered again until its
 //! attempts run out, then dead-lettered with the handler's reason; a
-//! dead-letter answer ends deliveries at once; one copy per group, shared
+//! dead-letter answer ends deliveries at once; a handler that panics gets
+//! the message again; one copy per group, shared
 //! by the group's competing consumers; and, for one consumer with prefetch
 //! 1, a group's messages in publish order (neither bus orders deliveries
 //! handled concurrently, across consumers or within a prefetch window).
@@ -73,6 +74,7 @@ pub async fn run_all(fixture: &dyn BusFixture) {
     retries_count_attempts_then_dead_letter(fixture).await;
     a_retried_message_that_succeeds_is_not_dead_lettered(fixture).await;
     a_dead_letter_answer_is_final(fixture).await;
+    a_panicking_handler_gets_the_message_again(fixture).await;
     competing_consumers_share_the_work(fixture).await;
     each_group_gets_its_copy(fixture).await;
 }
@@ -395,6 +397,41 @@ pub async fn a_dead_letter_answer_is_final(fixture: &dyn BusFixture) {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, "poison");
     assert_eq!(dead[0].attempts, 1);
+    fixture.cleanup(&[group], &[topic]).await;
+}
+
+/// A handler that panics has not handled the message: it is delivered
+/// again, as the next attempt, and the consumer goes on.
+pub async fn a_panicking_handler_gets_the_message_again(fixture: &dyn BusFixture) {
+    let topic = unique("c");
+    let group = Subscription::new(unique("g"), [format!("{topic}.*")])
+        .with_prefetch(1)
+        .with_max_attempts(5)
+        .with_retry_delay(Duration::from_millis(20));
+    fixture.bus().declare(&group).await.expect("declare");
+    let seen = Seen::default();
+    let handle = subscribe(
+        fixture,
+        &group,
+        recorder(&seen, |d| {
+            if d.attempt == 1 {
+                // A panic, without the panic hook's report.
+                std::panic::resume_unwind(Box::new("the handler fails on a first attempt"));
+            }
+            Outcome::Ack
+        }),
+    )
+    .await;
+    publish(fixture, &topic, "Crashing", 0..3).await;
+    eventually("3 messages handled at their second attempt", || async {
+        seen.all().iter().filter(|&&(_, a)| a == 2).count() == 3
+    })
+    .await;
+    handle.stop().await;
+    let mut all = seen.all();
+    all.sort_unstable();
+    assert_eq!(all, vec![(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]);
+    assert!(fixture.dead_letters(&group.group).await.is_empty());
     fixture.cleanup(&[group], &[topic]).await;
 }
 
