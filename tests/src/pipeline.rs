@@ -381,9 +381,16 @@ impl Pipeline {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some((_, task)) = running {
-            task.abort();
-            let _ = task.await;
+        let (_, task) = running.expect("the relay runs");
+        assert!(
+            !task.is_finished(),
+            "the relay stopped before it was killed"
+        );
+        task.abort();
+        match task.await {
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Ok(()) => panic!("the relay stopped by itself"),
         }
     }
 
@@ -620,7 +627,9 @@ impl Pipeline {
             .take();
         if let Some((stop, task)) = running {
             stop.cancel();
-            let _ = task.await;
+            if let Err(e) = task.await {
+                std::panic::resume_unwind(e.into_panic());
+            }
         }
         for handle in std::mem::take(&mut *self.consumers.lock().await) {
             handle.stop().await;
