@@ -1,5 +1,5 @@
 //! The backend conformance suite: every guarantee of
-//! [`EventStore`](crate::EventStore), as functions any implementation calls
+//! [`EventStore`], as functions any implementation calls
 //! from its own tests.
 //!
 //! ```

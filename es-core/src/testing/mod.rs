@@ -1,8 +1,10 @@
 //! The test kit (feature `testing`): given/when/then fixtures for aggregates,
-//! sagas and projections, and the backend conformance suite every
-//! [`EventStore`](crate::EventStore) implementation runs.
+//! sagas and projections, the backend conformance suite every
+//! [`EventStore`](crate::EventStore) implementation runs, and the one every
+//! [`EventBus`](crate::EventBus) implementation runs.
 
 mod aggregate;
+pub mod bus_conformance;
 pub mod conformance;
 mod projection;
 mod saga;
