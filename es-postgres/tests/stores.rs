@@ -391,3 +391,53 @@ async fn a_replica_on_postgres_copies_a_stream_whatever_the_delivery_order() {
         assert_eq!(Source::of_event(got), Some(Source::of_recorded(want)));
     }
 }
+
+/// Two subscribers of one store, each in its own task, woken by the same
+/// appends: every event reaches both, and a read of the log answers both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_woken_together_share_their_reads() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    // No polling in the test's time: only the appends wake them.
+    let store = PgEventStore::new(pool, schema).with_poll_interval(Duration::from_secs(60));
+    let follow = |store: &PgEventStore| {
+        let mut log = store.subscribe_all(Position::START);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = log.next().await {
+                if tx.send(event.unwrap().event_id).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    };
+    let (mut a, mut b) = (follow(&store), follow(&store));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = store.log_reads();
+    const APPENDS: u64 = 40;
+    for _ in 0..APPENDS {
+        let appended = events(0, 1);
+        let id = appended[0].event_id;
+        store
+            .append(
+                &unique_stream("shared"),
+                ExpectedVersion::NoStream,
+                appended,
+            )
+            .await
+            .unwrap();
+        for rx in [&mut a, &mut b] {
+            let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap();
+            assert_eq!(got, Some(id));
+        }
+    }
+    let reads = store.log_reads() - before;
+    // Unshared, each subscriber reads at least once per append (76 reads
+    // were measured for the two before reads were shared).
+    assert!(
+        reads <= APPENDS + APPENDS / 4,
+        "{reads} reads for {APPENDS} appends followed by two subscribers"
+    );
+}

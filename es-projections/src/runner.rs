@@ -43,6 +43,12 @@ pub(crate) trait Backend<P: Projection>: Send + Sync + 'static {
         dead_letters: &[ParkedEvent],
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
+    /// Takes note of a failure before the runner retries from its
+    /// checkpoint (a backend that can mend its connections does so here).
+    fn failed(&self, error: &Error) {
+        let _ = error;
+    }
+
     /// Applies a batch's accepted events in one go, when the projection has a
     /// set-based form. `None`: it has not; the runner applies them one by one.
     fn apply_batch<'a>(
@@ -162,6 +168,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
                 }
                 Err(error) => {
                     failures += 1;
+                    self.backend.failed(&error);
                     metrics::counter!(telemetry::RETRIES, "projection" => self.name().to_owned())
                         .increment(1);
                     if failures > self.options.max_consecutive_failures {

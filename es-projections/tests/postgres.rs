@@ -330,6 +330,96 @@ async fn parked_events_replayed_after_a_fix_are_applied_once() {
     cleanup(&pool, &[&schema, &model]).await;
 }
 
+/// Notes the amount of each deposit and reads the row back (`RETURNING *`):
+/// its prepared statement's result type is the table's row type.
+struct Notes;
+
+impl es_core::Projection for Notes {
+    type Tx = sqlx::PgConnection;
+    fn name(&self) -> &str {
+        "notes"
+    }
+    fn accepts(&self, event_type: &str) -> bool {
+        event_type == "Deposited"
+    }
+    async fn apply(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &es_core::RecordedEvent,
+    ) -> Result<(), es_core::ProjectionError> {
+        let amount = event.payload.to_value().unwrap()["amount"]
+            .as_i64()
+            .unwrap();
+        sqlx::query("INSERT INTO notes (event_id, amount) VALUES ($1, $2) RETURNING *")
+            .bind(event.event_id)
+            .bind(amount)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| es_core::ProjectionError::Storage {
+                projection: "notes".into(),
+                source: Box::new(e),
+            })?;
+        Ok(())
+    }
+}
+
+impl es_projections::postgres::PgProjection for Notes {
+    async fn setup(&self, tx: &mut sqlx::PgConnection) -> Result<(), es_core::ProjectionError> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS notes (event_id uuid PRIMARY KEY, amount bigint NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| es_core::ProjectionError::Storage {
+            projection: "notes".into(),
+            source: Box::new(e),
+        })?;
+        Ok(())
+    }
+}
+
+/// A column added to the read model while the runner runs changes the
+/// result type of its prepared statements: PostgreSQL refuses the cached
+/// plans, and the runner prepares them again and goes on instead of retrying
+/// the same refusal for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_altered_under_a_running_runner_is_followed_after_it() {
+    let (pool, schema, model) = fresh().await;
+    let store = InMemoryEventStore::new();
+    let first = seed(&store, 20, 3).await;
+    let runner = PgProjectionRunner::new(
+        pool.clone(),
+        &schema,
+        &model,
+        Arc::new(store.clone()),
+        Arc::new(Notes),
+    )
+    .unwrap()
+    .with_options(
+        RunnerOptions::default()
+            .batch_size(1)
+            .backoff(Duration::from_millis(10), Duration::from_millis(100)),
+    )
+    .with_leader_check(Duration::from_millis(100));
+    let handle = runner.spawn();
+    handle.wait_for(first, WAIT).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER TABLE \"{model}\".notes ADD COLUMN note text"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let after = seed(&store, 20, 3).await;
+    handle.wait_for(after, WAIT).await.unwrap();
+    let notes: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{model}\".notes"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(notes, 40);
+    handle.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &model]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_per_projection_and_a_standby_takes_over() {
     let _ = tracing_subscriber::fmt()

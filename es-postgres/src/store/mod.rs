@@ -9,7 +9,7 @@ mod notify;
 mod read;
 mod sql;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,9 +70,17 @@ struct Shared {
     settings: Settings,
     wake: watch::Sender<u64>,
     notify_signal: Arc<Notify>,
+    /// The payload of this instance's `NOTIFY`s, which its own listener
+    /// passes over.
+    notify_payload: String,
     notifier_started: AtomicBool,
     listener_started: AtomicBool,
     group: Option<GroupCommit>,
+    /// Log reads of subscriptions in flight, shared by subscribers that ask
+    /// for the same page after the same wake-up.
+    reads: read::SharedReads,
+    /// Pages of the log read from the database for subscriptions.
+    log_reads: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -122,8 +130,11 @@ impl PgEventStore {
                 settings,
                 wake: watch::Sender::new(0),
                 notify_signal: Arc::new(Notify::new()),
+                notify_payload: uuid::Uuid::new_v4().simple().to_string(),
                 notifier_started: AtomicBool::new(false),
                 listener_started: AtomicBool::new(false),
+                reads: read::SharedReads::default(),
+                log_reads: AtomicU64::new(0),
             }),
         }
     }
@@ -310,7 +321,7 @@ impl EventStore for PgEventStore {
             self.shared.wake.subscribe(),
             move |after, max| {
                 let store = store.clone();
-                async move { store.read_all_waiting(after, max).await }
+                async move { store.read_all_shared(after, max).await }
             },
         )
     }

@@ -33,6 +33,7 @@ impl PgEventStore {
                     self.shared.notify_signal.clone(),
                     self.shared.pool.clone(),
                     self.shared.channel.clone(),
+                    self.shared.notify_payload.clone(),
                 ));
             } else {
                 self.shared.notifier_started.store(false, Ordering::Release);
@@ -57,6 +58,7 @@ impl PgEventStore {
                     Arc::downgrade(&self.shared),
                     pool,
                     self.shared.channel.clone(),
+                    self.shared.notify_payload.clone(),
                     self.shared.settings.poll,
                 ));
             }
@@ -80,8 +82,16 @@ pub(super) fn notify_channel(schema: &str) -> String {
 
 /// Sends one `NOTIFY` per burst of appends, outside the appends' own
 /// transactions (a `NOTIFY` inside them would serialize every commit on the
-/// server's notification lock).
-async fn notifier(shared: Weak<Shared>, signal: Arc<Notify>, pool: PgPool, channel: String) {
+/// server's notification lock). Its payload names this store instance, whose
+/// own subscribers were woken in process already: its listener passes over
+/// it.
+async fn notifier(
+    shared: Weak<Shared>,
+    signal: Arc<Notify>,
+    pool: PgPool,
+    channel: String,
+    payload: String,
+) {
     loop {
         tokio::select! {
             () = signal.notified() => {}
@@ -90,8 +100,9 @@ async fn notifier(shared: Weak<Shared>, signal: Arc<Notify>, pool: PgPool, chann
                 continue;
             }
         }
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+        if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(&channel)
+            .bind(&payload)
             .execute(&pool)
             .await
         {
@@ -113,10 +124,18 @@ fn bump(shared: &Weak<Shared>) -> bool {
     }
 }
 
-/// Listens on the schema's channel and bumps the wake-up signal; reconnects
-/// after a lost connection (and bumps, since a notification may have been
-/// missed meanwhile).
-async fn listener(shared: Weak<Shared>, pool: PgPool, channel: String, retry: Duration) {
+/// Listens on the schema's channel and bumps the wake-up signal for
+/// notifications of other processes (and of `append_in_tx`), not for this
+/// instance's own, whose subscribers were woken when it appended;
+/// reconnects after a lost connection (and bumps, since a notification may
+/// have been missed meanwhile).
+async fn listener(
+    shared: Weak<Shared>,
+    pool: PgPool,
+    channel: String,
+    own: String,
+    retry: Duration,
+) {
     loop {
         if shared.strong_count() == 0 {
             return;
@@ -144,9 +163,12 @@ async fn listener(shared: Weak<Shared>, pool: PgPool, channel: String, retry: Du
                         return;
                     }
                 }
-                Ok(Ok(Some(_))) => {
-                    while listener.next_buffered().is_some() {}
-                    if !bump(&shared) {
+                Ok(Ok(Some(first))) => {
+                    let mut foreign = first.payload() != own;
+                    while let Some(next) = listener.next_buffered() {
+                        foreign |= next.payload() != own;
+                    }
+                    if foreign && !bump(&shared) {
                         return;
                     }
                 }

@@ -1,10 +1,14 @@
 //! The read side: row decoding, stream and log reads, and the read horizon
 //! ([`Holdback`]).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use es_core::{Metadata, Payload, Position, RecordedEvent, StoreError, StreamId};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use uuid::Uuid;
 
 use super::PgEventStore;
@@ -206,6 +210,74 @@ impl PgEventStore {
         Ok(page)
     }
 
+    /// [`read_all_waiting`](Self::read_all_waiting) for a subscription,
+    /// shared: subscribers of this store (a relay and a deadline scheduler
+    /// of one process, say) woken by the same wake-up ask for the same page,
+    /// and one query answers them all. A read is shared only among callers
+    /// that saw the same wake-up count when they asked, so it started after
+    /// every append that any of them was woken for had committed.
+    pub(super) async fn read_all_shared(
+        &self,
+        after: Position,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let key = (after, max, *self.shared.wake.borrow());
+        let read = {
+            let mut reads = self.shared.reads.lock();
+            match reads.get(&key) {
+                Some(entry) if entry.done.is_none_or(|at| at.elapsed() < SHARE_WINDOW) => {
+                    entry.read.clone()
+                }
+                _ => {
+                    // Reads of earlier wake-ups are no longer joined.
+                    reads.retain(|k, _| k.2 == key.2);
+                    let store = self.clone();
+                    let read = async move {
+                        store.shared.log_reads.fetch_add(1, Ordering::Relaxed);
+                        store
+                            .read_all_waiting(after, max)
+                            .await
+                            .map(Arc::new)
+                            .map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
+                    reads.insert(
+                        key,
+                        ReadEntry {
+                            read: read.clone(),
+                            done: None,
+                        },
+                    );
+                    read
+                }
+            }
+        };
+        let result = read.clone().await;
+        if let Some(entry) = self.shared.reads.lock().get_mut(&key) {
+            if entry.read.ptr_eq(&read) && entry.done.is_none() {
+                entry.done = Some(Instant::now());
+            }
+        }
+        match result {
+            Ok(page) => Ok(Arc::unwrap_or_clone(page)),
+            Err(error) => Err(Arc::try_unwrap(error).unwrap_or_else(|shared| {
+                let source: es_core::BoxError = shared.to_string().into();
+                if shared.is_transient() {
+                    StoreError::Unavailable { source }
+                } else {
+                    StoreError::Backend { source }
+                }
+            })),
+        }
+    }
+
+    /// Pages of the log this store has read from the database for its
+    /// subscriptions (a page shared by several subscribers counts once).
+    pub fn log_reads(&self) -> u64 {
+        self.shared.log_reads.load(Ordering::Relaxed)
+    }
+
     /// How far the oldest running transaction holds the readable log back
     /// right now. Export it as a metric (the `tracing` event
     /// `es_postgres::holdback` logs it when a subscription is held back).
@@ -271,5 +343,38 @@ impl PgEventStore {
             .await
             .map_err(store_error)?;
         Ok(row.map_or(Position::START, |(tx, p)| position_of(tx, p)))
+    }
+}
+
+/// A subscription's read of the log, shared by every caller that joins it.
+type SharedRead = Shared<BoxFuture<'static, Result<Arc<Vec<RecordedEvent>>, Arc<StoreError>>>>;
+
+/// How long a finished read still answers callers that saw the same wake-up:
+/// the subscribers woken by one append do not all ask at the same instant,
+/// and far less than the poll interval, so a subscriber that polls again
+/// without a wake-up reads afresh.
+const SHARE_WINDOW: Duration = Duration::from_millis(20);
+
+struct ReadEntry {
+    read: SharedRead,
+    /// When the read finished.
+    done: Option<Instant>,
+}
+
+/// The shared reads, by (after, page size, wake-up count).
+#[derive(Default)]
+pub(super) struct SharedReads(Mutex<HashMap<(Position, usize, u64), ReadEntry>>);
+
+impl SharedReads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Position, usize, u64), ReadEntry>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for SharedReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedReads")
+            .field("entries", &self.lock().len())
+            .finish()
     }
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use es_core::{
     CancellationToken, EventStore, Position, Projection, ProjectionError, RecordedEvent,
 };
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Transaction};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use es_core::CheckpointStore as _;
 use es_postgres::{PgCheckpointStore, PgLeaderLock};
@@ -262,7 +263,34 @@ pub(crate) struct PgBackend {
     fence_key: String,
     dead_sql: String,
     notify_key: String,
+    /// A batch failed on a prepared statement whose result type changed
+    /// under it (the read model's tables were altered): the statements each
+    /// connection keeps are dropped at the start of every batch until one
+    /// commits.
+    stale_plans: AtomicBool,
 }
+
+/// Whether `error` is PostgreSQL refusing a cached plan whose result type
+/// changed (SQLSTATE 0A000, "cached plan must not change result type"): the
+/// connection's prepared statements predate an `ALTER TABLE`, and only
+/// preparing them again heals it.
+fn is_stale_plan(error: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(sqlx::Error::Database(db)) = e.downcast_ref::<sqlx::Error>() {
+            if db.code().as_deref() == Some(FEATURE_NOT_SUPPORTED)
+                && db.message().contains("cached plan")
+            {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// SQLSTATE 0A000.
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
 
 impl PgBackend {
     /// A backend for projection `name` writing to `model_schema`, with its
@@ -291,6 +319,7 @@ impl PgBackend {
                  ON CONFLICT (projection, event_id) DO NOTHING"
             ),
             notify_key: format!("{}.{checkpoint_name}", runner.schema),
+            stale_plans: AtomicBool::new(false),
         })
     }
 
@@ -451,8 +480,20 @@ impl<P: PgProjection> Backend<P> for PgBackend {
             .unwrap_or(Position::START))
     }
 
+    fn failed(&self, error: &Error) {
+        if is_stale_plan(error) {
+            tracing::info!(projection = %self.name, "the read model's tables changed; preparing statements again");
+            self.stale_plans.store(true, Ordering::Relaxed);
+        }
+    }
+
     async fn begin(&self, expected: Position) -> Result<Self::Unit, Error> {
         let mut tx = self.open().await?;
+        if self.stale_plans.load(Ordering::Relaxed) {
+            tx.clear_cached_statements()
+                .await
+                .map_err(|e| Error::db(&self.name, e))?;
+        }
         let found = self.locked_checkpoint(&mut tx).await?;
         if found.unwrap_or(Position::START) != expected {
             return Err(Error::Fenced {
@@ -485,6 +526,8 @@ impl<P: PgProjection> Backend<P> for PgBackend {
     ) -> Result<(), Error> {
         self.write_checkpoint(&mut unit, position, dead_letters)
             .await?;
-        unit.commit().await.map_err(|e| Error::db(&self.name, e))
+        unit.commit().await.map_err(|e| Error::db(&self.name, e))?;
+        self.stale_plans.store(false, Ordering::Relaxed);
+        Ok(())
     }
 }

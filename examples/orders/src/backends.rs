@@ -64,6 +64,10 @@ struct Postgres {
     pool: PgPool,
     bus: RabbitBus,
     migrated: Mutex<BTreeSet<String>>,
+    /// One store per schema in a process: every component that reads or
+    /// writes a schema (the service, its relay, the deadline scheduler)
+    /// shares its wake-ups, its `LISTEN` connection and its notifier.
+    stores: Mutex<std::collections::BTreeMap<String, PgEventStore>>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -195,6 +199,7 @@ impl Backends {
                 pool,
                 bus,
                 migrated: Mutex::new(BTreeSet::new()),
+                stores: Mutex::new(std::collections::BTreeMap::new()),
             })),
         })
     }
@@ -268,16 +273,25 @@ impl Backends {
         Ok(schema)
     }
 
+    /// The store of `service`'s schema: one per schema and process, so an
+    /// append wakes the process's own subscribers of it (its relay, its
+    /// deadline scheduler) at once, and they share one `LISTEN` connection.
     async fn pg_store(&self, pg: &Postgres, service: Service) -> Result<PgEventStore> {
         let schema = self.schema(pg, service).await?;
-        // Subscribers (relay, projection, deadlines) of a store written by
-        // another process are woken by NOTIFY, and a read held back by the
-        // xmin horizon waits for it (the store's read wait); the poll is the
-        // fallback for a wake-up lost or given up on.
-        Ok(PgEventStore::try_new(pg.pool.clone(), schema)
+        let mut stores = pg.stores.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(store) = stores.get(&schema) {
+            return Ok(store.clone());
+        }
+        // Subscribers of a store written by another process are woken by
+        // NOTIFY, and a read held back by the xmin horizon waits for it (the
+        // store's read wait); the poll is the fallback for a wake-up lost or
+        // given up on.
+        let store = PgEventStore::try_new(pg.pool.clone(), schema.clone())
             .map_err(|e| Error::internal(format!("event store: {e}")))?
             .with_poll_interval(Duration::from_millis(500))
-            .with_group_commit(pg.args.append_slots, es_postgres::DEFAULT_MAX_GROUP))
+            .with_group_commit(pg.args.append_slots, es_postgres::DEFAULT_MAX_GROUP);
+        stores.insert(schema, store.clone());
+        Ok(store)
     }
 
     /// The event store `service` writes: the shared one in memory, its own
