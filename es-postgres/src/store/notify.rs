@@ -6,9 +6,10 @@
 //! store whose appends are sparse sends no transaction of its own for them.
 //! Writes that commit without carrying one (the interval's `NOTIFY` was
 //! taken, or a path that does not carry one) are counted as unannounced and
-//! signal the notifier task, which waits for the interval to end and sends a
-//! `NOTIFY` of its own only if no append carried one that covers them
-//! meanwhile. Either way a store starts at most one `NOTIFY` per interval: a
+//! signal the notifier task, which waits for the interval to end (and a
+//! grace longer while append statements keep starting, so that one of them
+//! carries it) and sends a `NOTIFY` of its own only if no append carried one
+//! that covers them meanwhile. Either way a store starts at most one `NOTIFY` per interval: a
 //! `NOTIFY` in every append transaction would serialize every commit on the
 //! server's notification lock.
 
@@ -25,6 +26,11 @@ use super::{PgEventStore, Shared};
 
 /// The shortest time between the starts of two `NOTIFY`s of one store.
 const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How much longer than the interval the notifier task waits while append
+/// statements keep starting (one started within the last interval): one
+/// that starts meanwhile carries the `NOTIFY` instead.
+const NOTIFY_GRACE: Duration = Duration::from_micros(2_500);
 
 /// How many `NOTIFY`s a store has sent, by how: see
 /// [`PgEventStore::notify_stats`].
@@ -50,6 +56,9 @@ pub(super) struct Notices {
     /// When the last `NOTIFY` was started: nanoseconds since `base`, plus
     /// one; 0 when none was.
     last_started: AtomicU64,
+    /// When the last append statement that could carry a `NOTIFY` started,
+    /// in the same unit.
+    last_write: AtomicU64,
     /// Writes committed without carrying a `NOTIFY`, since the store began.
     unannounced: AtomicU64,
     /// The value of `unannounced` that the committed `NOTIFY`s cover: every
@@ -66,6 +75,7 @@ impl Notices {
             notifier_started: AtomicBool::new(false),
             base: Instant::now(),
             last_started: AtomicU64::new(0),
+            last_write: AtomicU64::new(0),
             unannounced: AtomicU64::new(0),
             covered: AtomicU64::new(0),
             carried: AtomicU64::new(0),
@@ -88,6 +98,24 @@ impl Notices {
         }
         let since = Duration::from_nanos(self.stamp(now).saturating_sub(last));
         NOTIFY_INTERVAL.checked_sub(since).filter(|d| !d.is_zero())
+    }
+
+    /// How long the notifier task waits before sending a `NOTIFY` of its
+    /// own: until the interval is over, and a grace longer while append
+    /// statements keep starting; `None` when it need not wait.
+    fn notifier_wait(&self, now: Instant) -> Option<Duration> {
+        let left = self.interval_left(now);
+        let last_write = self.last_write.load(Ordering::Acquire);
+        let busy = last_write != 0
+            && Duration::from_nanos(self.stamp(now).saturating_sub(last_write)) < NOTIFY_INTERVAL;
+        if !busy {
+            return left;
+        }
+        let last = self.last_started.load(Ordering::Acquire);
+        let since = Duration::from_nanos(self.stamp(now).saturating_sub(last));
+        (NOTIFY_INTERVAL + NOTIFY_GRACE)
+            .checked_sub(since)
+            .filter(|d| !d.is_zero())
     }
 
     /// Takes the current interval's `NOTIFY`: true (and the start recorded)
@@ -162,10 +190,14 @@ impl PgEventStore {
             return None;
         }
         let notices = &self.shared.notices;
+        let now = Instant::now();
+        notices
+            .last_write
+            .fetch_max(notices.stamp(now), Ordering::AcqRel);
         // Read before the claim, and so before the statement starts: the
         // writes counted committed before it.
         let covers = notices.unannounced.load(Ordering::Acquire);
-        notices.claim(Instant::now()).then_some(Carry { covers })
+        notices.claim(now).then_some(Carry { covers })
     }
 
     /// The channel parameter of an append statement: the channel when it
@@ -255,8 +287,8 @@ async fn notifier(shared: Weak<Shared>, notices: Arc<Notices>, pool: PgPool, cha
             }
         }
         while let Some(target) = notices.uncovered() {
-            if let Some(left) = notices.interval_left(Instant::now()) {
-                tokio::time::sleep(left).await;
+            if let Some(wait) = notices.notifier_wait(Instant::now()) {
+                tokio::time::sleep(wait).await;
                 continue;
             }
             if !notices.claim(Instant::now()) {
@@ -351,7 +383,7 @@ async fn listener(shared: Weak<Shared>, pool: PgPool, channel: String, retry: Du
 
 #[cfg(test)]
 mod tests {
-    use super::{notify_channel, Notices, NOTIFY_INTERVAL};
+    use super::{notify_channel, Notices, NOTIFY_GRACE, NOTIFY_INTERVAL};
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
@@ -376,6 +408,35 @@ mod tests {
         // A stamp older than the last claim (taken before it, checked after)
         // is refused too.
         assert!(!notices.claim(t1));
+    }
+
+    /// The notifier task waits for the interval to end, and a grace longer
+    /// while append statements keep starting.
+    #[tokio::test]
+    async fn the_notifier_gives_starting_appends_a_grace() {
+        let notices = Notices::new();
+        let t0 = notices.base + Duration::from_millis(1);
+        assert_eq!(notices.notifier_wait(t0), None);
+        assert!(notices.claim(t0));
+        assert_eq!(
+            notices.notifier_wait(t0 + Duration::from_millis(1)),
+            Some(NOTIFY_INTERVAL - Duration::from_millis(1))
+        );
+        assert_eq!(notices.notifier_wait(t0 + NOTIFY_INTERVAL), None);
+        let write = t0 + Duration::from_millis(3);
+        notices
+            .last_write
+            .store(notices.stamp(write), Ordering::Release);
+        assert_eq!(
+            notices.notifier_wait(t0 + NOTIFY_INTERVAL),
+            Some(NOTIFY_GRACE)
+        );
+        assert_eq!(
+            notices.notifier_wait(t0 + NOTIFY_INTERVAL + NOTIFY_GRACE),
+            None
+        );
+        // Once no statement started for an interval, no grace.
+        assert_eq!(notices.notifier_wait(write + NOTIFY_INTERVAL), None);
     }
 
     /// Writes are covered by a `NOTIFY` that started after they committed;
