@@ -23,7 +23,7 @@ pub use inbox::PgInbox;
 pub use lock::{PgLeaderLock, PgLeadership};
 pub use schema::{migrate, MAX_SCHEMA_LEN};
 pub use snapshot::PgSnapshotStore;
-pub use store::{Holdback, PgEventStore, DEFAULT_MAX_BATCH};
+pub use store::{Holdback, NotifyStats, PgEventStore, DEFAULT_MAX_BATCH};
 
 /// Re-exported so callers use the same sqlx as this crate.
 pub use sqlx;

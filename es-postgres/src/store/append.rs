@@ -134,6 +134,12 @@ type GroupRow = (
 /// version before, and whether every expectation of the group held.
 type FastGroupRow = (i32, Option<i64>, Option<i64>, Option<i64>, i64, bool);
 
+/// The row of the one-append statement: last version, transaction and
+/// position of what it wrote (none when nothing was written), the stream's
+/// version before, and, when the expectation failed, whether an id of the
+/// batch is stored already.
+type FastRow = (Option<i64>, Option<i64>, Option<i64>, i64, Option<bool>);
+
 /// What an `append_events` outcome row means for the caller.
 fn decide(
     stream: &StreamId,
@@ -344,24 +350,26 @@ impl PgEventStore {
         expected: ExpectedVersion,
         batch: &Batch<'_>,
     ) -> Result<Option<AppendResult>, AppendError> {
-        let row: (Option<i64>, Option<i64>, Option<i64>, i64, Option<bool>) =
-            sqlx::query_as(&self.shared.sql.append_fast)
-                .bind("")
-                .bind(stream.as_str())
-                .bind(expected_code(expected))
-                .bind(&batch.ids)
-                .bind(&batch.types)
-                .bind(&batch.versions)
-                .bind(&batch.payloads)
-                .bind(&batch.metadata)
-                // fetch_all, not fetch_one: it returns only after the server
-                // reports the statement (and so its autocommit) complete;
-                // fetch_one returns at the first row, before the commit.
-                .fetch_all(&self.shared.pool)
-                .await
-                .map_err(|e| batch.map_error(e, false))?
-                .pop()
-                .ok_or_else(no_row)?;
+        let carry = self.carry();
+        let rows: Vec<FastRow> = sqlx::query_as(&self.shared.sql.append_fast)
+            .bind("")
+            .bind(stream.as_str())
+            .bind(expected_code(expected))
+            .bind(&batch.ids)
+            .bind(&batch.types)
+            .bind(&batch.versions)
+            .bind(&batch.payloads)
+            .bind(&batch.metadata)
+            .bind(self.carry_channel(carry.as_ref()))
+            .bind(&self.shared.notify_payload)
+            // fetch_all, not fetch_one: it returns only after the server
+            // reports the statement (and so its autocommit) complete;
+            // fetch_one returns at the first row, before the commit.
+            .fetch_all(&self.shared.pool)
+            .await
+            .map_err(|e| batch.map_error(e, false))?;
+        self.committed(carry, rows.iter().any(|r| r.0.is_some()));
+        let row = rows.into_iter().next().ok_or_else(no_row)?;
         match row {
             (Some(version), Some(tx), Some(position), _, _) => Ok(Some(AppendResult {
                 stream_version: to_u64(version),
@@ -436,7 +444,10 @@ impl PgEventStore {
                 .call_append(&self.shared.pool, stream, expected, &batch, guarded)
                 .await
             {
-                Ok(result) => return Ok(result),
+                Ok(result) => {
+                    self.committed(None, result.written);
+                    return Ok(result);
+                }
                 Err(AppendError::RaceLost) => continue,
                 Err(AppendError::Store(e)) => return Err(e),
             }
@@ -612,10 +623,16 @@ impl PgEventStore {
         let distinct: BTreeSet<&str> = arrays.streams.iter().copied().collect();
         let mut rows: Vec<GroupRow> = Vec::new();
         if distinct.len() == arrays.streams.len() {
+            let carry = self.carry();
             let fast: Result<Vec<FastGroupRow>, sqlx::Error> = arrays
                 .query(&self.shared.sql.append_group_fast)
+                .bind(self.carry_channel(carry.as_ref()))
+            .bind(&self.shared.notify_payload)
                 .fetch_all(&self.shared.pool)
                 .await;
+            if let Ok(fast) = &fast {
+                self.committed(carry, fast.iter().any(|r| r.1.is_some()));
+            }
             match fast {
                 // Every append written (an append the statement did not write
                 // shows no version: then none was, and the function decides).
@@ -642,6 +659,7 @@ impl PgEventStore {
                 .fetch_all(&self.shared.pool)
                 .await
                 .map_err(store_error)?;
+            self.committed(None, rows.iter().any(|r| r.1 == 0));
         }
         for (item, outcome, version, tx, position, event) in rows {
             let slot = usize::try_from(item)
@@ -705,12 +723,18 @@ impl PgEventStore {
     async fn fast_write(&self, parts: &[&StreamAppend]) -> Result<Fast, StoreError> {
         let (order, heads, batches) = lock_order(parts, self.shared.settings.max_batch)?;
         let arrays = GroupArrays::new(&heads, &batches);
+        let carry = self.carry();
         let rows: Vec<FastGroupRow> = match arrays
             .query(&self.shared.sql.append_group_fast)
+            .bind(self.carry_channel(carry.as_ref()))
+            .bind(&self.shared.notify_payload)
             .fetch_all(&self.shared.pool)
             .await
         {
-            Ok(rows) => rows,
+            Ok(rows) => {
+                self.committed(carry, rows.iter().any(|r: &FastGroupRow| r.1.is_some()));
+                rows
+            }
             Err(e) if is_unique_violation(&e) => return Ok(Fast::Refused(Vec::new())),
             Err(e) if is_invalid_json(&e) => {
                 let all: Vec<NewEvent> = parts.iter().flat_map(|p| p.events.clone()).collect();
@@ -790,6 +814,7 @@ impl PgEventStore {
             )?);
         }
         tx.commit().await.map_err(store_error)?;
+        self.committed(None, answers.iter().flatten().any(|a| a.written));
         answers
             .into_iter()
             .map(|a| a.ok_or_else(no_part_row))

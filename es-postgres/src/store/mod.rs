@@ -21,13 +21,14 @@ use es_core::{
 };
 use futures::stream::BoxStream;
 use sqlx::PgPool;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::error::Result;
 use crate::group_commit::{GroupCommit, DEFAULT_MAX_GROUP, DEFAULT_MAX_IN_FLIGHT};
 use crate::schema::validate_schema;
-use notify::notify_channel;
+pub use notify::NotifyStats;
+use notify::{notify_channel, Notices};
 pub(crate) use read::position_parts;
 pub use read::Holdback;
 use sql::Sql;
@@ -49,7 +50,10 @@ pub const DEFAULT_MAX_BATCH: usize = 10_000;
 ///   has finished. See [`PgEventStore::holdback`] for what that costs when
 ///   a transaction stays open.
 /// - `subscribe_all` is woken by appends of this process at once, by other
-///   processes through `LISTEN`/`NOTIFY`, and polls as a fallback.
+///   processes through `LISTEN`/`NOTIFY`, and polls as a fallback. A store
+///   starts at most one `NOTIFY` per 5 ms, usually carried by an append
+///   statement rather than sent in a transaction of its own (see
+///   [`PgEventStore::notify_stats`]).
 /// - Concurrent appends are group-committed: at most
 ///   [`DEFAULT_MAX_IN_FLIGHT`](crate::DEFAULT_MAX_IN_FLIGHT) run at once, and
 ///   appends arriving meanwhile are written together, in one transaction,
@@ -69,11 +73,10 @@ struct Shared {
     sql: Sql,
     settings: Settings,
     wake: watch::Sender<u64>,
-    notify_signal: Arc<Notify>,
+    notices: Arc<Notices>,
     /// The payload of this instance's `NOTIFY`s, which its own listener
     /// passes over.
     notify_payload: String,
-    notifier_started: AtomicBool,
     listener_started: AtomicBool,
     group: Option<GroupCommit>,
     /// Log reads of subscriptions in flight, shared by subscribers that ask
@@ -129,9 +132,8 @@ impl PgEventStore {
                     .then(|| GroupCommit::new(settings.max_in_flight, settings.max_group)),
                 settings,
                 wake: watch::Sender::new(0),
-                notify_signal: Arc::new(Notify::new()),
+                notices: Arc::new(Notices::new()),
                 notify_payload: uuid::Uuid::new_v4().simple().to_string(),
-                notifier_started: AtomicBool::new(false),
                 listener_started: AtomicBool::new(false),
                 reads: read::SharedReads::default(),
                 log_reads: AtomicU64::new(0),
@@ -252,7 +254,7 @@ impl EventStore for PgEventStore {
             .instrument(span)
             .await?;
         if result.written {
-            self.announce();
+            self.wake_subscribers();
         }
         Ok(result)
     }
@@ -278,7 +280,7 @@ impl EventStore for PgEventStore {
         );
         let results = self.write_parts(parts).instrument(span).await?;
         if results.iter().any(|r| r.written) {
-            self.announce();
+            self.wake_subscribers();
         }
         Ok(results)
     }

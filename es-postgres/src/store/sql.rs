@@ -26,6 +26,17 @@ const COLUMNS: &str = "global_position, transaction_id, stream_id, stream_versio
 const STREAM_COLUMNS: &str = "global_position, transaction_id, '', stream_version, event_id, \
                               event_type, schema_version, payload::text, metadata::text, recorded_at";
 
+/// The `NOTIFY` an append statement carries: `pg_notify` on the channel `$9`
+/// with the store instance's payload `$10` when the channel is not NULL,
+/// evaluated once (a CTE with a volatile function is materialized, and so
+/// run once). Queued in the statement's transaction, it is delivered when
+/// that commits.
+const NOTE: &str =
+    "note AS MATERIALIZED (SELECT pg_notify($9, $10::text) WHERE $9::text IS NOT NULL)";
+
+/// The one row that makes a statement run [`NOTE`].
+const NOTED: &str = "(SELECT count(*) FROM note) AS noted";
+
 /// The log's readable horizon: rows of transactions below it are final.
 const XMIN: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
@@ -33,8 +44,11 @@ impl Sql {
     pub(super) fn new(schema: &str) -> Self {
         let s = quoted(schema);
         Self {
+            // One append in one plain statement; `$9`: the channel of the
+            // NOTIFY it carries, or NULL.
             append_fast: format!(
-                "WITH cur AS (SELECT coalesce((SELECT stream_version FROM {s}.events \
+                "WITH {NOTE}, \
+                 cur AS (SELECT coalesce((SELECT stream_version FROM {s}.events \
                                 WHERE tenant = $1 AND stream_id = $2 \
                                 ORDER BY stream_version DESC LIMIT 1), 0) AS v), \
                  ok AS (SELECT v FROM cur WHERE $3 = -1 OR ($3 = -2 AND v = 0) OR ($3 = -3 AND v > 0) OR $3 = v), \
@@ -49,7 +63,8 @@ impl Sql {
                  SELECT (SELECT max(stream_version) FROM ins), (SELECT max(transaction_id) FROM ins), \
                         (SELECT max(global_position) FROM ins), (SELECT v FROM cur), \
                         CASE WHEN NOT EXISTS (SELECT 1 FROM ok) \
-                             THEN EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY ($4::uuid[])) END"
+                             THEN EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY ($4::uuid[])) END \
+                   FROM {NOTED}"
             ),
             append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             append_group: format!("SELECT item, outcome, out_version, out_tx, out_position, out_event FROM {s}.append_group($1, $2, $3, $4, $5, $6, $7, $8)"),
@@ -60,8 +75,10 @@ impl Sql {
             // Each row also gives the stream's version before the statement
             // and whether every expectation held (an append of no events,
             // which only checks a version, inserts nothing either way).
+            // `$9`: the channel of the NOTIFY it carries, or NULL.
             append_group_fast: format!(
-                "WITH req AS (SELECT r.stream, r.expected, r.cnt, r.k, \
+                "WITH {NOTE}, \
+                 req AS (SELECT r.stream, r.expected, r.cnt, r.k, \
                                      (sum(r.cnt) OVER (ORDER BY r.k) - r.cnt)::int8 AS off \
                                 FROM unnest($1::text[], $2::int8[], $3::int4[]) WITH ORDINALITY AS r(stream, expected, cnt, k)), \
                  cur AS (SELECT req.*, coalesce((SELECT e.stream_version FROM {s}.events e \
@@ -81,7 +98,7 @@ impl Sql {
                          RETURNING stream_id, transaction_id, global_position, stream_version) \
                  SELECT cur.k::int4, max(ins.stream_version), max(ins.transaction_id), max(ins.global_position), \
                         cur.v, NOT EXISTS (SELECT 1 FROM bad) \
-                   FROM cur LEFT JOIN ins ON ins.stream_id = cur.stream \
+                   FROM {NOTED} CROSS JOIN cur LEFT JOIN ins ON ins.stream_id = cur.stream \
                   GROUP BY cur.k, cur.v ORDER BY cur.k"
             ),
             read_stream: format!(
