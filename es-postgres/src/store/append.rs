@@ -627,7 +627,7 @@ impl PgEventStore {
             let fast: Result<Vec<FastGroupRow>, sqlx::Error> = arrays
                 .query(&self.shared.sql.append_group_fast)
                 .bind(self.carry_channel(carry.as_ref()))
-            .bind(&self.shared.notify_payload)
+                .bind(&self.shared.notify_payload)
                 .fetch_all(&self.shared.pool)
                 .await;
             if let Ok(fast) = &fast {
