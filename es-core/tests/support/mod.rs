@@ -1,5 +1,6 @@
-//! A test store over the in-memory store that counts what is read and can
-//! let another writer sneak in before an append.
+//! A test store over the in-memory store that counts what is read (and what
+//! its subscriptions deliver) and can let another writer sneak in before an
+//! append.
 #![allow(dead_code, clippy::unwrap_used)] // each test file uses a part
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +26,8 @@ pub(crate) struct Interloper {
     pub(crate) reads: std::sync::atomic::AtomicU64,
     /// The version each `read_stream` call started from, in order.
     pub(crate) reads_from: std::sync::Mutex<Vec<u64>>,
+    /// Events handed out by `subscribe_all` streams.
+    pub(crate) delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Interloper {
@@ -38,6 +41,7 @@ impl Interloper {
             read: Default::default(),
             reads: Default::default(),
             reads_from: Default::default(),
+            delivered: Default::default(),
         }
     }
 }
@@ -101,6 +105,13 @@ impl EventStore for Interloper {
         &self,
         after: Position,
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
-        self.inner.subscribe_all(after)
+        use futures::StreamExt;
+        let delivered = std::sync::Arc::clone(&self.delivered);
+        self.inner
+            .subscribe_all(after)
+            .inspect(move |_| {
+                delivered.fetch_add(1, Ordering::SeqCst);
+            })
+            .boxed()
     }
 }
