@@ -61,6 +61,39 @@ pub(super) type EventRow = (
     DateTime<Utc>,
 );
 
+/// A row of the page-and-held-back statement: the oldest held-back
+/// transaction, then an event's columns (all NULL for an empty page).
+type HeldRow = (
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<Uuid>,
+    Option<String>,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+);
+
+/// The event of a [`HeldRow`], if it has one.
+fn held_event(row: HeldRow) -> Option<EventRow> {
+    let (_, global, tx, stream, version, id, event_type, schema, payload, metadata, at) = row;
+    Some((
+        global?,
+        tx?,
+        stream?,
+        version?,
+        id?,
+        event_type?,
+        schema?,
+        payload?,
+        metadata?,
+        at?,
+    ))
+}
+
 pub(super) fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
@@ -142,19 +175,6 @@ impl PgEventStore {
             .collect()
     }
 
-    /// The oldest transaction with committed events after `after`: called
-    /// after a short page, so they were not readable when the page was read
-    /// (an older transaction was still running), though they may be now.
-    async fn first_pending(&self, after: Position) -> Result<Option<i64>, StoreError> {
-        let (major, minor) = position_parts(after)?;
-        sqlx::query_scalar(&self.shared.sql.pending)
-            .bind(major)
-            .bind(minor)
-            .fetch_one(&self.shared.pool)
-            .await
-            .map_err(store_error)
-    }
-
     /// Waits (bounded by the read wait) until every transaction older than
     /// `tx` has finished, so rows of `tx` are readable. Returns whether it got
     /// there in time.
@@ -178,21 +198,48 @@ impl PgEventStore {
         }
     }
 
+    /// A page of the log after `after` and, read in the same snapshot, the
+    /// oldest transaction whose committed rows are held back by the horizon
+    /// (none when nothing is held back).
+    async fn read_all_held(
+        &self,
+        after: Position,
+        max: usize,
+    ) -> Result<(Vec<RecordedEvent>, Option<i64>), StoreError> {
+        let (major, minor) = position_parts(after)?;
+        let rows: Vec<HeldRow> = sqlx::query_as(&self.shared.sql.read_all_held)
+            .bind(major)
+            .bind(minor)
+            .bind(i64::try_from(max).unwrap_or(i64::MAX))
+            .fetch_all(&self.shared.pool)
+            .await
+            .map_err(store_error)?;
+        let held = rows.first().and_then(|row| row.0);
+        let mut page = Vec::with_capacity(rows.len());
+        for row in rows {
+            if let Some(event) = held_event(row) {
+                page.push(decode(event, None).map_err(StoreError::from)?);
+            }
+        }
+        Ok((page, held))
+    }
+
     /// `read_all` on the pool: when the page is short and committed events
     /// after it are held back by older transactions still running (usually
     /// appends about to commit), waits for them a moment (the read wait) so a
-    /// reader sees what was committed before it asked.
+    /// reader sees what was committed before it asked. The page and the check
+    /// for held-back rows are one statement.
     pub(super) async fn read_all_waiting(
         &self,
         after: Position,
         max: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut page = self.read_all_on(&self.shared.pool, after, max).await?;
+        let (mut page, held) = self.read_all_held(after, max).await?;
         if page.len() >= max {
             return Ok(page);
         }
         let from = page.last().map_or(after, |e| e.position);
-        let Some(pending) = self.first_pending(from).await? else {
+        let Some(pending) = held else {
             return Ok(page);
         };
         if !self.wait_horizon(pending).await? {

@@ -11,7 +11,7 @@ pub(super) struct Sql {
     pub(super) append_group_fast: String,
     pub(super) read_stream: String,
     pub(super) read_all: String,
-    pub(super) pending: String,
+    pub(super) read_all_held: String,
     pub(super) last_pending: String,
     pub(super) xmin: String,
     pub(super) head: String,
@@ -109,12 +109,16 @@ impl Sql {
                 "SELECT {COLUMNS} FROM {s}.events WHERE (transaction_id, global_position) > ($1, $2) \
                  AND transaction_id < {XMIN} ORDER BY transaction_id, global_position LIMIT $3"
             ),
-            // Not filtered by the horizon: a row that became readable after
-            // the page was read (its older transaction ended in between)
-            // must be found too, or the page would come back without it.
-            pending: format!(
-                "SELECT min(transaction_id) FROM {s}.events \
-                 WHERE (transaction_id, global_position) > ($1, $2)"
+            // The page, and in the same snapshot the oldest transaction with
+            // committed rows not readable yet (at or above the horizon): one
+            // index seek, whatever those transactions hold. Always one row
+            // at least: an empty page is one row of NULL event columns.
+            read_all_held: format!(
+                "WITH h AS (SELECT min(transaction_id) AS held FROM {s}.events \
+                            WHERE transaction_id >= {XMIN}) \
+                 SELECT h.held, e.* FROM h LEFT JOIN LATERAL \
+                   (SELECT {COLUMNS} FROM {s}.events WHERE (transaction_id, global_position) > ($1, $2) \
+                     AND transaction_id < {XMIN} ORDER BY transaction_id, global_position LIMIT $3) e ON true"
             ),
             last_pending: format!("SELECT max(transaction_id) FROM {s}.events WHERE transaction_id >= {XMIN}"),
             xmin: format!("SELECT {XMIN}"),
