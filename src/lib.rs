@@ -3,7 +3,8 @@
 //! This umbrella crate re-exports [`es_core`] and, behind features, the
 //! production backends: `postgres` (`es_postgres`, as `es::postgres`), `rabbit`
 //! (`es_rabbit`, as `es::rabbit`) and `projections` (`es_projections`, as
-//! `es::projections`).
+//! `es::projections`). The `testing` feature brings es-core's test kit in as
+//! `es::testing` (fixtures and the conformance suites), for dev-dependencies.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use es_core::*;
