@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use es_core::{Metadata, Payload, Position, RecordedEvent, StoreError, StreamId};
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use uuid::Uuid;
 
 use super::PgEventStore;
@@ -269,15 +269,26 @@ impl PgEventStore {
         max: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let key = (after, max, *self.shared.wake.borrow());
-        let read = {
+        let (read, id) = {
             let mut reads = self.shared.reads.lock();
-            match reads.get(&key) {
-                Some(entry) if entry.done.is_none_or(|at| at.elapsed() < SHARE_WINDOW) => {
-                    entry.read.clone()
+            let joined = reads.map.get(&key).and_then(|entry| match &entry.done {
+                Some((at, result)) if at.elapsed() < SHARE_WINDOW => {
+                    Some(Joined::Done(result.clone()))
                 }
-                _ => {
+                Some(_) => None,
+                None => entry
+                    .read
+                    .upgrade()
+                    .map(|read| Joined::Running(read, entry.id)),
+            });
+            match joined {
+                Some(Joined::Done(result)) => return owned(result),
+                Some(Joined::Running(read, id)) => (read, id),
+                None => {
                     // Reads of earlier wake-ups are no longer joined.
-                    reads.retain(|k, _| k.2 == key.2);
+                    reads.map.retain(|k, _| k.2 == key.2);
+                    reads.next_id += 1;
+                    let id = reads.next_id;
                     let store = self.clone();
                     let read = async move {
                         store.shared.log_reads.fetch_add(1, Ordering::Relaxed);
@@ -289,34 +300,29 @@ impl PgEventStore {
                     }
                     .boxed()
                     .shared();
-                    reads.insert(
-                        key,
-                        ReadEntry {
-                            read: read.clone(),
-                            done: None,
-                        },
-                    );
-                    read
+                    // The map holds the read weakly: a read every caller has
+                    // given up on is dropped, and the store with it.
+                    if let Some(weak) = read.downgrade() {
+                        reads.map.insert(
+                            key,
+                            ReadEntry {
+                                id,
+                                read: weak,
+                                done: None,
+                            },
+                        );
+                    }
+                    (read, id)
                 }
             }
         };
-        let result = read.clone().await;
-        if let Some(entry) = self.shared.reads.lock().get_mut(&key) {
-            if entry.read.ptr_eq(&read) && entry.done.is_none() {
-                entry.done = Some(Instant::now());
+        let result = read.await;
+        if let Some(entry) = self.shared.reads.lock().map.get_mut(&key) {
+            if entry.id == id && entry.done.is_none() {
+                entry.done = Some((Instant::now(), result.clone()));
             }
         }
-        match result {
-            Ok(page) => Ok(Arc::unwrap_or_clone(page)),
-            Err(error) => Err(Arc::try_unwrap(error).unwrap_or_else(|shared| {
-                let source: es_core::BoxError = shared.to_string().into();
-                if shared.is_transient() {
-                    StoreError::Unavailable { source }
-                } else {
-                    StoreError::Backend { source }
-                }
-            })),
-        }
+        owned(result)
     }
 
     /// Pages of the log this store has read from the database for its
@@ -393,8 +399,11 @@ impl PgEventStore {
     }
 }
 
+/// What a shared read answers.
+type ReadResult = Result<Arc<Vec<RecordedEvent>>, Arc<StoreError>>;
+
 /// A subscription's read of the log, shared by every caller that joins it.
-type SharedRead = Shared<BoxFuture<'static, Result<Arc<Vec<RecordedEvent>>, Arc<StoreError>>>>;
+type SharedRead = Shared<BoxFuture<'static, ReadResult>>;
 
 /// How long a finished read still answers callers that saw the same wake-up:
 /// the subscribers woken by one append do not all ask at the same instant,
@@ -402,18 +411,33 @@ type SharedRead = Shared<BoxFuture<'static, Result<Arc<Vec<RecordedEvent>>, Arc<
 /// without a wake-up reads afresh.
 const SHARE_WINDOW: Duration = Duration::from_millis(20);
 
+/// A read found in the map: still running, or finished with its answer.
+enum Joined {
+    Running(SharedRead, u64),
+    Done(ReadResult),
+}
+
 struct ReadEntry {
-    read: SharedRead,
-    /// When the read finished.
-    done: Option<Instant>,
+    /// Which read this is.
+    id: u64,
+    /// The read while it runs, held by its callers only.
+    read: WeakShared<BoxFuture<'static, ReadResult>>,
+    /// When it finished, and its answer.
+    done: Option<(Instant, ReadResult)>,
 }
 
 /// The shared reads, by (after, page size, wake-up count).
 #[derive(Default)]
-pub(super) struct SharedReads(Mutex<HashMap<(Position, usize, u64), ReadEntry>>);
+pub(super) struct SharedReads(Mutex<ReadMap>);
+
+#[derive(Default)]
+struct ReadMap {
+    map: HashMap<(Position, usize, u64), ReadEntry>,
+    next_id: u64,
+}
 
 impl SharedReads {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Position, usize, u64), ReadEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadMap> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -421,7 +445,51 @@ impl SharedReads {
 impl std::fmt::Debug for SharedReads {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedReads")
-            .field("entries", &self.lock().len())
+            .field("entries", &self.lock().map.len())
             .finish()
+    }
+}
+
+/// A shared read's answer, as the caller's own.
+fn owned(result: ReadResult) -> Result<Vec<RecordedEvent>, StoreError> {
+    match result {
+        Ok(page) => Ok(Arc::unwrap_or_clone(page)),
+        Err(error) => Err(Arc::try_unwrap(error).unwrap_or_else(|shared| {
+            let source: es_core::BoxError = shared.to_string().into();
+            if shared.is_transient() {
+                StoreError::Unavailable { source }
+            } else {
+                StoreError::Backend { source }
+            }
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use es_core::Position;
+
+    use crate::PgEventStore;
+
+    /// A shared read that every caller gave up on does not keep its store
+    /// alive: the map holds reads weakly.
+    #[tokio::test]
+    async fn an_abandoned_shared_read_holds_no_store() {
+        // Nothing listens on port 1: the read waits for a connection.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+            .unwrap();
+        let store = PgEventStore::new(pool, "es");
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            store.read_all_shared(Position::START, 10),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the read cannot finish");
+        assert_eq!(Arc::strong_count(&store.shared), 1);
     }
 }
