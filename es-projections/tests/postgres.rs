@@ -334,6 +334,14 @@ async fn parked_events_replayed_after_a_fix_are_applied_once() {
 /// its prepared statement's result type is the table's row type.
 struct Notes;
 
+/// A failure of the notes table: the storage's, never the event's.
+fn notes_storage(e: sqlx::Error) -> es_core::ProjectionError {
+    es_core::ProjectionError::Storage {
+        projection: "notes".into(),
+        source: Box::new(e),
+    }
+}
+
 impl es_core::Projection for Notes {
     type Tx = sqlx::PgConnection;
     fn name(&self) -> &str {
@@ -355,10 +363,7 @@ impl es_core::Projection for Notes {
             .bind(amount)
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| es_core::ProjectionError::Storage {
-                projection: "notes".into(),
-                source: Box::new(e),
-            })?;
+            .map_err(notes_storage)?;
         Ok(())
     }
 }
@@ -370,10 +375,7 @@ impl es_projections::postgres::PgProjection for Notes {
         )
         .execute(&mut *tx)
         .await
-        .map_err(|e| es_core::ProjectionError::Storage {
-            projection: "notes".into(),
-            source: Box::new(e),
-        })?;
+        .map_err(notes_storage)?;
         Ok(())
     }
 }

@@ -55,15 +55,6 @@ impl Backend for Embedded {
         Crash::Redeliver
     }
 
-    async fn declare(&self, subscriptions: &[Subscription]) {
-        for subscription in subscriptions {
-            self.bus
-                .declare(subscription)
-                .await
-                .unwrap_or_else(|e| panic!("declaring {}: {e}", subscription.group));
-        }
-    }
-
     fn spawn_relay(&self, stop: CancellationToken) -> JoinHandle<()> {
         let relay = Relay::new(
             "relay",

@@ -58,7 +58,14 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Declares the groups, so that nothing relayed before the consumers
     /// start is lost.
-    async fn declare(&self, subscriptions: &[Subscription]);
+    async fn declare(&self, subscriptions: &[Subscription]) {
+        let bus = self.consumer_bus();
+        for subscription in subscriptions {
+            bus.declare(subscription)
+                .await
+                .unwrap_or_else(|e| panic!("declaring {}: {e}", subscription.group));
+        }
+    }
     /// Starts a relay from its stored checkpoint.
     fn spawn_relay(&self, stop: CancellationToken) -> JoinHandle<()>;
     /// Starts the projection's runner (from its checkpoint, or from the start

@@ -146,15 +146,6 @@ impl Backend for Production {
         Crash::Hang
     }
 
-    async fn declare(&self, subscriptions: &[Subscription]) {
-        for subscription in subscriptions {
-            self.bus
-                .declare(subscription)
-                .await
-                .unwrap_or_else(|e| panic!("declaring {}: {e}", subscription.group));
-        }
-    }
-
     fn spawn_relay(&self, stop: CancellationToken) -> JoinHandle<()> {
         let relay = RabbitRelay::new(
             format!("{}_relay", self.schema),

@@ -25,12 +25,6 @@ pub struct ReplayReport {
     pub missing: u64,
 }
 
-/// One row of the dead-letter table.
-struct ParkedRow {
-    event_id: Uuid,
-    stream_id: String,
-}
-
 impl<P: PgProjection> PgProjectionRunner<P> {
     /// Applies the projection's parked events again, oldest first, after a
     /// fix to the projection (or to what it writes to): each one the
@@ -66,17 +60,13 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             .map_err(|e| Error::db(&name, e))?;
             let mut report = ReplayReport::default();
             for (event_id, stream_id) in rows {
-                let row = ParkedRow {
-                    event_id,
-                    stream_id,
-                };
-                let Some(event) = self.find(&row).await? else {
-                    tracing::warn!(event_id = %row.event_id, stream = %row.stream_id, "a parked event is not in its stream");
+                let Some(event) = self.find(event_id, &stream_id).await? else {
+                    tracing::warn!(%event_id, stream = %stream_id, "a parked event is not in its stream");
                     report.missing += 1;
                     continue;
                 };
                 if !self.projection.accepts(&event.event_type) {
-                    self.forget(&mut tx, &schema, &row).await?;
+                    self.forget(&mut tx, &schema, event_id).await?;
                     report.skipped += 1;
                     continue;
                 }
@@ -85,7 +75,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                     Ok(()) => {
                         self.savepoint(&mut tx, "RELEASE SAVEPOINT es_replay")
                             .await?;
-                        self.forget(&mut tx, &schema, &row).await?;
+                        self.forget(&mut tx, &schema, event_id).await?;
                         report.applied += 1;
                     }
                     Err(error @ ProjectionError::Storage { .. }) => {
@@ -104,7 +94,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                              WHERE projection = $1 AND event_id = $2"
                         ))
                         .bind(&name)
-                        .bind(row.event_id)
+                        .bind(event_id)
                         .bind(error.to_string())
                         .execute(&mut *tx)
                         .await
@@ -128,9 +118,9 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     }
 
     /// The parked event, read from its stream.
-    async fn find(&self, row: &ParkedRow) -> Result<Option<RecordedEvent>, Error> {
+    async fn find(&self, event_id: Uuid, stream_id: &str) -> Result<Option<RecordedEvent>, Error> {
         let name = self.projection.name();
-        let Ok(stream) = StreamId::new(&row.stream_id) else {
+        let Ok(stream) = StreamId::new(stream_id) else {
             return Ok(None);
         };
         let mut from = 1;
@@ -140,7 +130,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 .read_stream(&stream, from, 1_000)
                 .await
                 .map_err(|e| Error::store(name, e))?;
-            if let Some(event) = page.iter().find(|e| e.event_id == row.event_id) {
+            if let Some(event) = page.iter().find(|e| e.event_id == event_id) {
                 return Ok(Some(event.clone()));
             }
             match page.last() {
@@ -154,14 +144,14 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         &self,
         tx: &mut PgConnection,
         schema: &str,
-        row: &ParkedRow,
+        event_id: Uuid,
     ) -> Result<(), Error> {
         let name = self.projection.name();
         sqlx::query(&format!(
             "DELETE FROM {schema}.projection_dead_letters WHERE projection = $1 AND event_id = $2"
         ))
         .bind(name)
-        .bind(row.event_id)
+        .bind(event_id)
         .execute(&mut *tx)
         .await
         .map_err(|e| Error::db(name, e))?;

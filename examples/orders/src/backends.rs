@@ -444,9 +444,7 @@ impl Backends {
             Kind::Postgres(pg) => {
                 let store = self.pg_store(pg, service).await?;
                 let name = format!("{}_relay", store.schema());
-                let checkpoints: Arc<dyn CheckpointStore> = Arc::new(
-                    es_postgres::PgCheckpointStore::new(pg.pool.clone(), store.schema()),
-                );
+                let checkpoints = self.checkpoints(service).await?;
                 let relay = RabbitRelay::new(
                     name.clone(),
                     Arc::new(store.clone()),

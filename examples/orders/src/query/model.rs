@@ -71,13 +71,16 @@ pub struct Stats {
 
 type Key = (DateTime<Utc>, Uuid);
 
-/// What a search word names: a customer (by email) or a product name, each
-/// with the orders that carry it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Named {
-    Customer(String),
-    Product(String),
+/// What a name in the search index is: a customer's email or a product
+/// name, each with the orders that carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Customer,
+    Product,
 }
+
+/// A name a search word is a word of.
+type Named = (Kind, String);
 
 #[derive(Debug, Default)]
 struct Model {
@@ -137,9 +140,23 @@ fn key_of(created_at: DateTime<Utc>, order_id: Uuid) -> Key {
 }
 
 impl Model {
-    fn index_words(&mut self, text: &str, whole: bool, named: &Named) {
-        for word in words_of(text, whole) {
-            self.words.entry(word).or_default().insert(named.clone());
+    /// Files an order's `key` under a customer's email or a product name,
+    /// and indexes the name's words the first time the name is seen.
+    fn file(&mut self, kind: Kind, name: &str, key: Key) {
+        let index = match kind {
+            Kind::Customer => &mut self.by_customer,
+            Kind::Product => &mut self.by_product,
+        };
+        if let Some(orders) = index.get_mut(name) {
+            orders.insert(key);
+            return;
+        }
+        index.insert(name.to_owned(), BTreeSet::from([key]));
+        for word in words_of(name, kind == Kind::Customer) {
+            self.words
+                .entry(word)
+                .or_default()
+                .insert((kind, name.to_owned()));
         }
     }
 
@@ -154,10 +171,10 @@ impl Model {
             .take_while(|(word, _)| word.starts_with(prefix))
             .flat_map(|(_, named)| named.iter())
             .collect();
-        for n in named {
-            let set = match n {
-                Named::Customer(email) => self.by_customer.get(email),
-                Named::Product(name) => self.by_product.get(name),
+        for (kind, name) in named {
+            let set = match kind {
+                Kind::Customer => self.by_customer.get(name),
+                Kind::Product => self.by_product.get(name),
             };
             sets.extend(set);
         }
@@ -379,31 +396,9 @@ impl OrderReadModel {
                     .entry(OrderStatus::Pending)
                     .or_default()
                     .insert(key);
-                match model.by_customer.get_mut(&e.customer_email) {
-                    Some(orders) => {
-                        orders.insert(key);
-                    }
-                    None => {
-                        model
-                            .by_customer
-                            .insert(e.customer_email.clone(), BTreeSet::from([key]));
-                        let named = Named::Customer(e.customer_email.clone());
-                        model.index_words(&e.customer_email, true, &named);
-                    }
-                }
+                model.file(Kind::Customer, &e.customer_email, key);
                 for line in &e.items {
-                    match model.by_product.get_mut(&line.product_name) {
-                        Some(orders) => {
-                            orders.insert(key);
-                        }
-                        None => {
-                            model
-                                .by_product
-                                .insert(line.product_name.clone(), BTreeSet::from([key]));
-                            let named = Named::Product(line.product_name.clone());
-                            model.index_words(&line.product_name, false, &named);
-                        }
-                    }
+                    model.file(Kind::Product, &line.product_name, key);
                 }
                 let stats = model.stats.entry(OrderStatus::Pending).or_default();
                 stats.count += 1;
