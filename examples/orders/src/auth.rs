@@ -102,20 +102,20 @@ impl AuthArgs {
             Some("") => return Err(Error::internal("the JWT secret is empty")),
             Some(secret) => Some(
                 DecodingKey::from_secret(secret.as_bytes())
-                    .map_err(|e| Error::internal(format!("the JWT secret cannot be used: {e}")))?,
+                    .map_err(|e| Error::caused("the JWT secret cannot be used", e))?,
             ),
         };
         let rs256 = match &self.jwt_rs256_public_key_file {
             None => None,
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    Error::internal(format!("cannot read the JWT key {}: {e}", path.display()))
+                    Error::caused(format!("cannot read the JWT key {}", path.display()), e)
                 })?;
                 Some(DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                    Error::internal(format!(
-                        "{} is not an RSA public key in PEM: {e}",
-                        path.display()
-                    ))
+                    Error::caused(
+                        format!("{} is not an RSA public key in PEM", path.display()),
+                        e,
+                    )
                 })?)
             }
         };
@@ -226,9 +226,10 @@ pub fn mint(secret: &str, claims: &Claims) -> Result<String> {
     if secret.is_empty() {
         return Err(Error::internal("the JWT secret is empty"));
     }
-    let key = EncodingKey::from_secret(secret.as_bytes()).map_err(Error::internal)?;
+    let key = EncodingKey::from_secret(secret.as_bytes())
+        .map_err(|e| Error::caused("the JWT secret cannot be used", e))?;
     jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), claims, &key)
-        .map_err(Error::internal)
+        .map_err(|e| Error::caused("encoding the token", e))
 }
 
 /// Parses a token lifetime: `90s`, `15m`, `1h`, `7d` or a number of seconds.

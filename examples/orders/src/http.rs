@@ -96,7 +96,7 @@ impl From<Error> for ApiError {
                 format!("{e}; try again"),
             ),
             other => {
-                tracing::error!(error = %other, "request failed");
+                tracing::error!(error = other.chain(), "request failed");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
@@ -280,8 +280,10 @@ pub async fn serve(
 ) -> crate::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| Error::internal(format!("cannot listen on {listen}: {e}")))?;
-    let addr = listener.local_addr().map_err(Error::internal)?;
+        .map_err(|e| Error::caused(format!("cannot listen on {listen}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::caused("reading the listener's address", e))?;
     tracing::info!(%addr, ?limits, "listening");
     ready(addr);
     serve_on(listener, router, limits, shutdown_signal()).await;

@@ -117,7 +117,7 @@ pub fn gateway_router(
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(Error::internal)?;
+        .map_err(|e| Error::caused("building the HTTP client", e))?;
     let pools = BTreeMap::from([
         (Owner::Order, Pool::new(&upstreams.order)),
         (Owner::Inventory, Pool::new(&upstreams.inventory)),

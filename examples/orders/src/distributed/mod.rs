@@ -246,7 +246,7 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
             .collect();
         bus.publish_to_group(groups::QUERY, &messages)
             .await
-            .map_err(|e| Error::internal(format!("publishing: {e}")))?;
+            .map_err(|e| Error::caused("publishing", e))?;
         published += messages.len() as u64;
     }
     bus.close().await;

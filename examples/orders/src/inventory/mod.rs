@@ -290,7 +290,7 @@ impl InventoryService {
                         metadata,
                     )
                     .map_err(Error::from_repository)?
-                    .map_err(|e| Error::internal(format!("a checked reserve was refused: {e}")))?;
+                    .map_err(|e| Error::caused("a checked reserve was refused", e))?;
                 }
                 let recorded = unit
                     .decide(

@@ -483,7 +483,8 @@ fn local_route(
 }
 
 fn request_hash(request: &PlaceOrderRequest) -> Result<Uuid> {
-    let canonical = serde_json::to_vec(request).map_err(Error::internal)?;
+    let canonical =
+        serde_json::to_vec(request).map_err(|e| Error::caused("hashing the request", e))?;
     Ok(Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, &canonical))
 }
 

@@ -65,7 +65,7 @@ pub(crate) fn source_of(event: &RecordedEvent) -> Source {
 /// An order's events from `store` (the order store, or a replica of it),
 /// with their places and times in the order store.
 pub(crate) async fn history(store: &dyn EventStore, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
-    let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
+    let stream = StreamId::for_aggregate("order", order_id).map_err(es_core::StoreError::from)?;
     let events = store.read_stream(&stream, 1, 10_000).await?;
     if events.is_empty() {
         return Err(Error::NotFound {
@@ -279,7 +279,7 @@ impl OrderQueries for QueryService {
     }
 
     async fn lag(&self) -> Result<es_projections::Lag> {
-        self.projection.lag().await.map_err(Error::internal)
+        Ok(self.projection.lag().await?)
     }
 
     async fn position(&self) -> Result<Position> {
