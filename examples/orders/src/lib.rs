@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod auth;
-pub mod backends;
+mod backends;
 pub mod demo;
 pub mod distributed;
 mod error;
@@ -9,16 +9,16 @@ pub mod http;
 pub mod inventory;
 pub mod messages;
 pub mod money;
-pub mod node;
-pub mod notification;
+mod node;
+mod notification;
 pub mod order;
 pub mod payment;
 pub mod query;
 pub mod saga;
 pub mod system;
 pub mod telemetry;
-pub mod topology;
-pub mod validate;
+mod topology;
+mod validate;
 
 pub use backends::Backends;
 pub use error::{Error, Result};

@@ -418,7 +418,7 @@ struct HealthState {
 
 /// A process's health.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     /// `ok`, or `degraded` while the read model holds parked events or a
     /// relay of this process is blocked.
     pub status: &'static str,
@@ -443,7 +443,7 @@ pub struct Health {
 
 /// A relay held up by messages the bus keeps refusing.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RelayBlocked {
+pub(crate) struct RelayBlocked {
     /// The store it relays.
     pub store: &'static str,
     /// The routing key of a message that must be delivered and that no
@@ -541,7 +541,7 @@ fn with_operations(routes: Router, health: Arc<HealthState>) -> Router {
 struct OperationsApi;
 
 /// The merged OpenAPI document of every service.
-pub fn openapi() -> utoipa::openapi::OpenApi {
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = OperationsApi::openapi();
     doc.merge(crate::order::OrderApi::openapi());
     doc.merge(crate::inventory::InventoryApi::openapi());

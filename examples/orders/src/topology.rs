@@ -46,7 +46,7 @@ pub mod groups {
 /// The saga's inputs among the order's events (the names of [`OrderSaga`]'s
 /// input variants). The saga lives with the orders and takes these in the
 /// write that appends them, not from the bus.
-pub const SAGA_ORDER_INPUTS: [&str; 5] = [
+pub(crate) const SAGA_ORDER_INPUTS: [&str; 5] = [
     "OrderCreated",
     "OrderInventoryConfirmed",
     "OrderPaymentConfirmed",
@@ -64,7 +64,7 @@ const SAGA_INPUTS: [(&str, &str); 4] = [
 ];
 
 /// What a group is bound to (AMQP topic patterns).
-pub fn bindings(group: &str) -> Vec<String> {
+pub(crate) fn bindings(group: &str) -> Vec<String> {
     let every = |topic: &str| vec![format!("{topic}.*")];
     match group {
         groups::SAGA => SAGA_INPUTS
@@ -112,7 +112,7 @@ impl Delivery {
 }
 
 /// The subscription of `group` with `delivery`'s settings.
-pub fn subscription(group: &str, delivery: Delivery) -> Subscription {
+pub(crate) fn subscription(group: &str, delivery: Delivery) -> Subscription {
     Subscription::new(group, bindings(group))
         .with_prefetch(delivery.prefetch)
         .with_max_attempts(delivery.max_attempts)
@@ -123,7 +123,7 @@ pub fn subscription(group: &str, delivery: Delivery) -> Subscription {
 /// command records are relayed). With `with_source`, the order events also
 /// carry where they stand in the order store, for the query service's
 /// replica.
-pub fn relay_route(with_source: bool) -> Route {
+pub(crate) fn relay_route(with_source: bool) -> Route {
     let route = route_without_saga_state(&[<OrderSaga as Saga>::TYPE]);
     if with_source {
         es_core::replica::with_source(route, &[<Order as Aggregate>::TYPE])
