@@ -479,7 +479,7 @@ pub enum QueryBackend {
 
 impl QueryBackend {
     /// The handler that keeps the read model's replica, when it keeps one.
-    pub fn feed(&self) -> Option<Arc<dyn MessageHandler>> {
+    pub(crate) fn feed(&self) -> Option<Arc<dyn MessageHandler>> {
         match self {
             Self::Memory(_) => None,
             Self::Postgres(q) => Some(Arc::new(q.replica_handler())),

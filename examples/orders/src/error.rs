@@ -30,13 +30,13 @@ pub enum Error {
     /// The command is not allowed in the current state (an illegal transition).
     #[error("conflict: {message}")]
     Conflict {
-        /// Why.
+        /// Why the transition is not allowed.
         message: String,
     },
     /// The caller may not do this (another customer's order).
     #[error("forbidden: {message}")]
     Forbidden {
-        /// Why.
+        /// Why the caller may not do it.
         message: String,
     },
     /// An idempotency key was reused with a different request.
@@ -119,7 +119,7 @@ impl Error {
     }
 
     /// Maps a repository failure that is not the aggregate's own refusal.
-    pub fn from_repository<E: std::error::Error + Send + Sync + 'static>(
+    pub(crate) fn from_repository<E: std::error::Error + Send + Sync + 'static>(
         error: RepositoryError<E>,
     ) -> Self {
         match error {
@@ -134,7 +134,7 @@ impl Error {
     /// [deterministic](StoreError::is_deterministic), or an internal one.
     /// What is wrong with the request itself (its fields, its products, its
     /// events' encoding) fails the same way every time.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             Self::Store(e) => !e.is_deterministic(),
             Self::Database(e) => !crate::distributed::is_data_exception(e),
@@ -153,7 +153,7 @@ impl Error {
     }
 
     /// The bus outcome of a command handled with this error: retried when
-    /// it [may pass](Self::is_retryable), dead-lettered at once otherwise.
+    /// it may pass, dead-lettered at once otherwise.
     pub fn outcome(&self) -> es_core::Outcome {
         if self.is_retryable() {
             es_core::Outcome::retry(self)

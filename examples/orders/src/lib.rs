@@ -41,7 +41,7 @@ use es_core::{
 /// instance of a service writing the same streams makes that append fail, and
 /// the command is decided again on the tail, so caching is safe when scaled
 /// out.
-pub const CACHED_STATES: usize = 10_000;
+pub(crate) const CACHED_STATES: usize = 10_000;
 
 /// A repository as every service of both deployments uses it: the state cache
 /// of [`CACHED_STATES`] and a retry policy for hot aggregates (a popular
@@ -58,7 +58,7 @@ pub(crate) fn repository<A: Aggregate>(store: Arc<dyn EventStore>) -> Repository
 
 /// A service that takes commands from the bus.
 #[async_trait::async_trait]
-pub trait CommandService: Send + Sync + 'static {
+pub(crate) trait CommandService: Send + Sync + 'static {
     /// The commands it takes.
     type Command: DomainEvent;
     /// Executes `command`, carried by `message`. The events it writes carry
@@ -71,7 +71,7 @@ pub trait CommandService: Send + Sync + 'static {
     ) -> Outcome;
 }
 
-/// Feeds a [`CommandService`] from the bus: decodes each message through the
+/// Feeds a `CommandService` from the bus: decodes each message through the
 /// command type's codec (what cannot be decoded is dead-lettered) and
 /// executes it, caused by the message.
 #[derive(Debug)]

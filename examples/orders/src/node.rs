@@ -65,7 +65,7 @@ impl Service {
 
     /// The services of the embedded system: all but the gateway and the
     /// stand-alone relay.
-    pub const EMBEDDED: [Self; 5] = [
+    pub(crate) const EMBEDDED: [Self; 5] = [
         Self::Order,
         Self::Inventory,
         Self::Payment,
@@ -109,7 +109,7 @@ impl FromStr for Service {
 ///
 /// # Errors
 /// A message naming the unknown service.
-pub fn parse_services(list: &[String]) -> std::result::Result<BTreeSet<Service>, String> {
+pub(crate) fn parse_services(list: &[String]) -> std::result::Result<BTreeSet<Service>, String> {
     let mut set = BTreeSet::new();
     for item in list.iter().flat_map(|s| s.split(',')) {
         let item = item.trim();

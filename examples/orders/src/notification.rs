@@ -15,7 +15,7 @@ use crate::{CommandService, Result};
 
 message_enum! {
     /// The commands the notification service takes from the bus.
-    pub enum NotificationCommandMessage {
+    pub(crate) enum NotificationCommandMessage {
         /// Tell a customer.
         NotifyCustomer,
     }

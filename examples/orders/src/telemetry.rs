@@ -29,7 +29,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 /// Keeps the log writer's thread running; dropping it flushes what is
 /// buffered. Hold it until the process ends.
-pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+pub(crate) type LogGuard = tracing_appender::non_blocking::WorkerGuard;
 
 /// Logs to stderr, filtered by `RUST_LOG` (else `default_level`), with the
 /// spans' fields (correlation and causation ids) on every line.

@@ -21,13 +21,13 @@ pub mod groups {
     /// executed in its write; this takes any other sender's).
     pub const ORDER: &str = "order_service";
     /// The order service's catalog read model.
-    pub const CATALOG: &str = "order_catalog";
+    pub(crate) const CATALOG: &str = "order_catalog";
     /// The inventory's commands.
     pub const INVENTORY: &str = "inventory_service";
     /// The payment service's commands.
     pub const PAYMENT: &str = "payment_service";
     /// The notification service's commands.
-    pub const NOTIFICATION: &str = "notification_service";
+    pub(crate) const NOTIFICATION: &str = "notification_service";
     /// The query service's replica of the order events (the distributed
     /// deployment; in one process the query service follows the store).
     pub const QUERY: &str = "order_query";
@@ -95,7 +95,7 @@ pub struct Delivery {
 
 impl Delivery {
     /// In process: quick retries, since nothing is far away.
-    pub const EMBEDDED: Self = Self {
+    pub(crate) const EMBEDDED: Self = Self {
         prefetch: 16,
         max_attempts: 50,
         retry_delay: Duration::from_millis(20),
@@ -104,7 +104,7 @@ impl Delivery {
     /// Over PostgreSQL and RabbitMQ: PostgreSQL may be away for a while, so
     /// a message keeps being retried for about two minutes before it is set
     /// aside (RabbitMQ's retry queues are named after the delay).
-    pub const DISTRIBUTED: Self = Self {
+    pub(crate) const DISTRIBUTED: Self = Self {
         prefetch: 32,
         max_attempts: 600,
         retry_delay: Duration::from_millis(200),

@@ -18,7 +18,7 @@ const REFRESH: Duration = Duration::from_secs(5);
 
 /// The catalog table and the in-memory catalog that follows it.
 #[derive(Debug, Clone)]
-pub struct PgCatalog {
+pub(crate) struct PgCatalog {
     pool: PgPool,
     table: String,
     catalog: Arc<Catalog>,
@@ -31,7 +31,7 @@ impl PgCatalog {
     ///
     /// # Errors
     /// When PostgreSQL fails.
-    pub async fn start(pool: PgPool, schema: &str, stop: CancellationToken) -> Result<Self> {
+    pub(crate) async fn start(pool: PgPool, schema: &str, stop: CancellationToken) -> Result<Self> {
         let table = format!("\"{schema}\".catalog");
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('orders:catalog-table', 0))")
@@ -66,7 +66,7 @@ impl PgCatalog {
     }
 
     /// The in-memory catalog the order service prices from.
-    pub fn catalog(&self) -> Arc<Catalog> {
+    pub(crate) fn catalog(&self) -> Arc<Catalog> {
         Arc::clone(&self.catalog)
     }
 

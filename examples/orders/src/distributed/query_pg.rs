@@ -184,7 +184,7 @@ fn order_runner(
 ///
 /// # Errors
 /// The database or the replica failing: nothing is applied.
-pub async fn replay_parked(
+pub(crate) async fn replay_parked(
     pool: &PgPool,
     replica: &PgEventStore,
     schema: &str,
@@ -200,7 +200,7 @@ pub async fn replay_parked(
 }
 
 /// The projection writing the `orders` table (and the Redis cache).
-pub struct PgOrderProjection {
+pub(crate) struct PgOrderProjection {
     codec: EventCodec<OrderEvent>,
     cache: Arc<OrderCache>,
     channel: String,
@@ -484,7 +484,7 @@ impl PgQueryService {
     /// starts the runner over `replica`, a store on `schema` (it waits as a
     /// standby while another process holds the projection), connects the
     /// Redis cache (keys prefixed `prefix`) and follows terminal-order
-    /// notifications, until `stop` is cancelled. Feed the replica with [`PgQueryService::replica_handler`].
+    /// notifications, until `stop` is cancelled. Feed the replica with `PgQueryService::replica_handler`.
     ///
     /// # Errors
     /// When PostgreSQL cannot be reached or the schema names are invalid.
@@ -601,7 +601,7 @@ impl PgQueryService {
 
     /// The bus handler copying the order service's events into the replica
     /// log the read model is projected from.
-    pub fn replica_handler(&self) -> ReplicaHandler {
+    pub(crate) fn replica_handler(&self) -> ReplicaHandler {
         ReplicaHandler::new(Arc::new(self.replica.clone()))
     }
 

@@ -21,7 +21,8 @@ pub use domain::{
     Product, ProductCommand, ProductError, ProductEvent, Reservation, ReservationCommand,
     ReservationError, ReservationEvent, ReservationState,
 };
-pub use http::{router, CreateProduct, InventoryApi, ProductCreatedBody, Restock};
+pub use http::router;
+pub(crate) use http::InventoryApi;
 
 use crate::distributed::Owner;
 use crate::messages::{message_enum, StockLine};
@@ -34,9 +35,9 @@ message_enum! {
     pub enum InventoryCommandMessage {
         /// Reserve all lines or none.
         ReserveInventory,
-        /// Release.
+        /// Give an order's held stock back (compensation).
         ReleaseInventory,
-        /// Commit.
+        /// Make an order's held stock sold.
         CommitInventory,
     }
 }

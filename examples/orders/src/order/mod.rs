@@ -18,9 +18,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use catalog::{Catalog, CatalogEntry, CatalogHandler, CatalogTable};
+pub use catalog::{Catalog, CatalogEntry};
+pub(crate) use catalog::{CatalogHandler, CatalogTable};
 pub use domain::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus, PlaceOrder};
-pub use http::{router, CancelRequest, Cancelled, OrderApi};
+pub(crate) use http::OrderApi;
+pub use http::{router, Cancelled};
 
 use crate::distributed::Owner;
 use crate::messages::{message_enum, topics, OrderLine};
@@ -30,9 +32,9 @@ use crate::topology::{self, groups};
 use crate::{CommandService, Error, Result};
 
 /// The most lines an order may have.
-pub const MAX_ITEMS: usize = 100;
+pub(crate) const MAX_ITEMS: usize = 100;
 /// The largest quantity of one line.
-pub const MAX_QUANTITY: i64 = 10_000;
+pub(crate) const MAX_QUANTITY: i64 = 10_000;
 
 /// A request to place an order, as the API takes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -89,9 +91,9 @@ message_enum! {
         ConfirmOrderInventory,
         /// Confirm payment.
         ConfirmOrderPayment,
-        /// Complete.
+        /// Complete the paid order.
         CompleteOrder,
-        /// Cancel.
+        /// Cancel the order (compensation).
         CancelOrder,
     }
 }
@@ -99,7 +101,7 @@ message_enum! {
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2c4f_7a10_8e3b_4f5d_9c21_6b0e_3a7d_1f48);
 
 /// The checkpoint of the order saga's deadline scheduler.
-pub const DEADLINES_CHECKPOINT: &str = "order_saga_deadlines";
+pub(crate) const DEADLINES_CHECKPOINT: &str = "order_saga_deadlines";
 
 /// The order service and its saga, as a process runs them.
 #[derive(Clone, Debug)]
@@ -209,7 +211,7 @@ impl OrderService {
     /// span), the order's events carry that trace id, so the caller's span
     /// and every hop of the order are one trace. Without one, the order id is
     /// the trace id.
-    pub async fn place_order_traced(
+    pub(crate) async fn place_order_traced(
         &self,
         request: PlaceOrderRequest,
         idempotency_key: Option<&str>,
@@ -367,7 +369,7 @@ impl OrderService {
     ///
     /// # Errors
     /// As [`cancel_order`](Self::cancel_order), and [`Error::Forbidden`].
-    pub async fn cancel_order_for(
+    pub(crate) async fn cancel_order_for(
         &self,
         order_id: Uuid,
         reason: String,

@@ -26,9 +26,9 @@ use crate::{CommandService, Result};
 message_enum! {
     /// The commands the payment service takes from the bus.
     pub enum PaymentCommandMessage {
-        /// Charge.
+        /// Charge the order's card.
         ProcessPayment,
-        /// Refund.
+        /// Refund the order's charge (compensation).
         RefundPayment,
     }
 }
@@ -84,19 +84,19 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<PaymentService>> {
 }
 
 /// The longest `tok_delay_<ms>` the simulated gateway takes.
-pub const MAX_GATEWAY_DELAY_MS: u64 = 5_000;
+pub(crate) const MAX_GATEWAY_DELAY_MS: u64 = 5_000;
 
 /// How long the service waits for the gateway before it gives up on the
 /// call and lets the saga's payment deadline decide: well under the payment
 /// window, so that a slow gateway never holds a handler for long.
-pub const GATEWAY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const GATEWAY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Refuses a card token the simulated gateway would hold a handler too long
 /// for (`tok_delay_<ms>` over [`MAX_GATEWAY_DELAY_MS`]).
 ///
 /// # Errors
 /// [`Error::Validation`](crate::Error::Validation) naming `payment.card_token`.
-pub fn check_card_token(token: &str) -> Result<()> {
+pub(crate) fn check_card_token(token: &str) -> Result<()> {
     if let Some(ms) = token.strip_prefix("tok_delay_") {
         match ms.parse::<u64>() {
             Ok(ms) if ms <= MAX_GATEWAY_DELAY_MS => {}

@@ -17,13 +17,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use http::{
-    router, GetOrderParams, ListFilter, ListParams, QueryApi, SearchParams, SearchResult,
-};
-pub use model::{
-    decode_cursor, OrderItemView, OrderPage, OrderProjection, OrderReadModel, OrderView, Stats,
-    StatusStats,
-};
+pub(crate) use http::QueryApi;
+pub use http::{router, ListFilter};
+pub(crate) use model::{decode_cursor, OrderProjection};
+pub use model::{OrderItemView, OrderPage, OrderReadModel, OrderView, Stats, StatusStats};
 
 use crate::backends::QueryBackend;
 use crate::distributed::Owner;
@@ -199,7 +196,7 @@ impl QueryService {
     /// [`Error::Validation`] for a position past the store's head (no write
     /// answered it), [`Error::NotCaughtUp`] when the time runs out or the
     /// read model has stopped.
-    pub async fn wait_for_position(&self, position: Position) -> Result<()> {
+    pub(crate) async fn wait_for_position(&self, position: Position) -> Result<()> {
         let head = self.store.head().await?;
         if position > head {
             return Err(Error::validation(
