@@ -209,6 +209,17 @@ enum Start {
     AssumeNew,
 }
 
+impl Start {
+    /// How `execute` starts `command`: unread when it creates the aggregate.
+    fn for_command<A: Aggregate>(command: &A::Command) -> Self {
+        if A::creates(command) {
+            Self::AssumeNew
+        } else {
+            Self::Load
+        }
+    }
+}
+
 /// A state a command is decided on without reading the stream first. The
 /// append's expected version checks the guess; a refusal or a decision to
 /// write nothing made on it is checked by nothing, so it is decided again on
@@ -404,7 +415,9 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// Executes a command on the aggregate `id`. The command is decided again
-    /// after each lost race, so it must be `Clone`.
+    /// after each lost race, so it must be `Clone`. A command that
+    /// [creates](Aggregate::creates) the aggregate is decided unread, as by
+    /// [`Repository::create`].
     pub async fn execute(
         &self,
         id: impl fmt::Display,
@@ -414,7 +427,8 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.decide_command(id, metadata, None, Start::Load, command)
+        let start = Start::for_command::<A>(&command);
+        self.decide_command(id, metadata, None, start, command)
             .await
     }
 
@@ -434,7 +448,8 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.decide_command(id, metadata, Some(command_id), Start::Load, command)
+        let start = Start::for_command::<A>(&command);
+        self.decide_command(id, metadata, Some(command_id), start, command)
             .await
     }
 
