@@ -2,9 +2,11 @@
 //!
 //! This module holds the type, its settings and the [`EventStore`] impl; the
 //! SQL text lives in `sql`, the write path in `append`, the read path and
-//! the read horizon in `read`, and the wake-ups in `notify`.
+//! the read horizon in `read`, tagged appends and reads by query in `dcb`,
+//! and the wake-ups in `notify`.
 
 mod append;
+mod dcb;
 mod notify;
 mod read;
 mod sql;
