@@ -91,6 +91,5 @@ fn _object_safe(
     _checkpoints: std::sync::Arc<dyn CheckpointStore>,
     _inbox: std::sync::Arc<dyn Inbox>,
     _clock: std::sync::Arc<dyn Clock>,
-    _dcb: std::sync::Arc<dyn DcbStore>,
 ) {
 }

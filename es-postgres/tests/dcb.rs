@@ -2,7 +2,8 @@
 //! suite, the races, the locks (who waits for whom), and reads by query
 //! under out-of-order commits.
 //!
-//! The race on one boundary runs `DCB_RACE_ROUNDS` rounds (default 100).
+//! The races run `DCB_RACE_ROUNDS` rounds (default 100 on one boundary, 20
+//! on disjoint ones).
 
 #![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
 
@@ -53,18 +54,19 @@ checks!(
     query_subscription_follows_concurrent_writers,
 );
 
-fn rounds() -> usize {
+/// `DCB_RACE_ROUNDS`, else `default`.
+fn rounds(default: usize) -> usize {
     std::env::var("DCB_RACE_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(100)
+        .unwrap_or(default)
 }
 
 /// 32 racers on one (type, tag) with one marker: exactly one commits and
 /// 31 find the boundary moved, every round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racers_on_one_boundary() {
-    let rounds = rounds();
+    let rounds = rounds(100);
     let started = Instant::now();
     let tally = dcb_conformance::racers_on_one_boundary(dyn_store().await, rounds).await;
     println!(
@@ -78,7 +80,7 @@ async fn racers_on_one_boundary() {
 /// 32 racers on disjoint tags: all commit, none conflicts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racers_on_disjoint_boundaries() {
-    let rounds = rounds().min(20);
+    let rounds = rounds(20);
     let tally = dcb_conformance::racers_on_disjoint_boundaries(dyn_store().await, rounds).await;
     assert_eq!(tally.committed, 32 * rounds);
     assert_eq!(tally.moved, 0);

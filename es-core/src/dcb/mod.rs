@@ -86,6 +86,10 @@ pub trait DcbStore: EventStore {
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>>;
 }
 
+/// Compile-time check that [`DcbStore`] stays usable as `Arc<dyn DcbStore>`.
+#[allow(dead_code)]
+fn _object_safe(_store: std::sync::Arc<dyn DcbStore>) {}
+
 /// Reads every event matching `query` after `after`, page by page: the
 /// events and the marker of the last page.
 pub async fn read_all_matching(

@@ -482,7 +482,7 @@ pub async fn query_subscription_follows_concurrent_writers(store: Arc<dyn DcbSto
             let stream = unique_stream("w");
             for i in 0..EACH {
                 let n = w * EACH + i;
-                let new = if n % 2 == 0 {
+                let new = if n.is_multiple_of(2) {
                     tagged_event(n, "X", &[&a])
                 } else {
                     event(n)
