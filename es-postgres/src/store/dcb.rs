@@ -142,16 +142,23 @@ impl PgEventStore {
             .execute(&mut *tx)
             .await
             .map_err(store_error)?;
-        let mut results = Vec::with_capacity(parts.len());
-        for part in parts {
+        // Streams in one order for every write, as group commit sorts them:
+        // two writes inserting into the same streams never wait on each
+        // other in a cycle.
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        order.sort_by(|&a, &b| parts[a].stream.as_str().cmp(parts[b].stream.as_str()));
+        let mut results: Vec<Option<AppendResult>> = vec![None; parts.len()];
+        for k in order {
+            let part = &parts[k];
             // Dropping the transaction at a refused part rolls back the
             // parts before it.
-            results.push(
+            results[k] = Some(
                 self.append_tagged_on(&mut *tx, &part.stream, part.expected, &part.events, None)
                     .await?,
             );
         }
         tx.commit().await.map_err(store_error)?;
+        let results: Vec<AppendResult> = results.into_iter().flatten().collect();
         self.committed(None, results.iter().any(|r| r.written));
         Ok(results)
     }
