@@ -81,7 +81,12 @@ async fn racers_on_one_boundary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racers_on_disjoint_boundaries() {
     let rounds = rounds(20);
+    let started = Instant::now();
     let tally = dcb_conformance::racers_on_disjoint_boundaries(dyn_store().await, rounds).await;
+    println!(
+        "racers on disjoint boundaries: {tally:?} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(tally.committed, 32 * rounds);
     assert_eq!(tally.moved, 0);
 }
