@@ -50,6 +50,7 @@ checks!(
     condition_after_marker,
     plain_tagged_append_moves_the_boundary,
     idempotent_conditional_reappend,
+    overlapping_boundaries_keep_their_invariants,
     query_subscription_catches_up_then_goes_live,
     query_subscription_follows_concurrent_writers,
 );
@@ -335,4 +336,44 @@ async fn tagged_multi_stream_writes_are_atomic() {
         .unwrap()
         .events
         .is_empty());
+}
+
+/// 32 decision runners redeem one coupon for one customer at once: one
+/// redeems; the others read again, see the redemption and are rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decision_runner_decides_again_when_the_boundary_moved() {
+    use es_core::doc_support::coupon::{CouponError, CouponEvent, Redeem};
+    use es_core::{DecisionError, DecisionRunner, Metadata, RetryPolicy};
+
+    let store = dyn_store().await;
+    let runner = DecisionRunner::<CouponEvent>::new(store).with_retry(RetryPolicy {
+        max_attempts: 50,
+        ..RetryPolicy::default()
+    });
+    let coupon = unique_tag("c").value().to_owned();
+    let barrier = Arc::new(tokio::sync::Barrier::new(32));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let runner = runner.clone();
+        let barrier = Arc::clone(&barrier);
+        let redeem = Redeem {
+            coupon: coupon.clone(),
+            customer: 7,
+        };
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            runner
+                .execute(&unique_stream("redemption"), &redeem, Metadata::new())
+                .await
+        }));
+    }
+    let (mut redeemed, mut rejected) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => redeemed += 1,
+            Err(DecisionError::Rejected(CouponError::AlreadyRedeemed)) => rejected += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!((redeemed, rejected), (1, 31));
 }

@@ -46,6 +46,7 @@ where
     idempotent_conditional_reappend(new_store().await).await;
     racers_on_one_boundary(new_store().await, 20).await;
     racers_on_disjoint_boundaries(new_store().await, 5).await;
+    overlapping_boundaries_keep_their_invariants(new_store().await).await;
     query_subscription_catches_up_then_goes_live(new_store().await).await;
     query_subscription_follows_concurrent_writers(new_store().await).await;
 }
@@ -431,6 +432,104 @@ async fn race(store: Arc<dyn DcbStore>, rounds: usize, shared: bool) -> RaceTall
         if shared { 1 } else { RACERS }
     );
     tally
+}
+
+/// Enrolments in courses of limited capacity by students of limited load,
+/// decided concurrently on two overlapping boundaries each (the course's
+/// and the student's, a query of two items): no course takes more than its
+/// capacity, no student more than their limit, every decision either
+/// commits or is refused with [`StoreError::BoundaryMoved`] (no deadlock,
+/// no other error), and each one ends within its attempts.
+pub async fn overlapping_boundaries_keep_their_invariants(store: Arc<dyn DcbStore>) {
+    const COURSES: usize = 4;
+    const STUDENTS: usize = 6;
+    const CAPACITY: usize = 3;
+    const LIMIT: usize = 2;
+    const DECISIONS: usize = 48;
+    let courses: Vec<Tag> = (0..COURSES).map(|_| unique_tag("course")).collect();
+    let students: Vec<Tag> = (0..STUDENTS).map(|_| unique_tag("student")).collect();
+    let barrier = Arc::new(Barrier::new(DECISIONS));
+    let mut tasks = Vec::with_capacity(DECISIONS);
+    for d in 0..DECISIONS {
+        let store = Arc::clone(&store);
+        let barrier = Arc::clone(&barrier);
+        let course = courses[d % COURSES].clone();
+        let student = students[(d * 7 + d / COURSES) % STUDENTS].clone();
+        tasks.push(tokio::spawn(async move {
+            let query = Query::from(QueryItem::tagged(course.clone()).of_types(["Enrolled"]))
+                .or(QueryItem::tagged(student.clone()).of_types(["Enrolled"]));
+            barrier.wait().await;
+            for attempt in 1..=200u32 {
+                let page = read_all_matching(&*store, &query, Position::START, 100)
+                    .await
+                    .unwrap_or_else(|e| panic!("read failed: {e}"));
+                let in_course = page
+                    .events
+                    .iter()
+                    .filter(|e| e.tags.contains(&course))
+                    .count();
+                let of_student = page
+                    .events
+                    .iter()
+                    .filter(|e| e.tags.contains(&student))
+                    .count();
+                let taken = page
+                    .events
+                    .iter()
+                    .any(|e| e.tags.contains(&course) && e.tags.contains(&student));
+                if taken || in_course >= CAPACITY || of_student >= LIMIT {
+                    return false;
+                }
+                let result = store
+                    .append_if(
+                        &unique_stream("enrolment"),
+                        vec![tagged_event(d as u64, "Enrolled", &[&course, &student])],
+                        AppendCondition::after(query.clone(), page.marker),
+                    )
+                    .await;
+                match result {
+                    Ok(_) => return true,
+                    Err(StoreError::BoundaryMoved { .. }) => {
+                        tokio::time::sleep(Duration::from_micros(
+                            fastrand::u64(0..500) * u64::from(attempt.min(8)),
+                        ))
+                        .await;
+                    }
+                    Err(e) => panic!("an enrolment failed: {e}"),
+                }
+            }
+            panic!("an enrolment kept finding its boundary moved");
+        }));
+    }
+    let mut enrolled = 0;
+    for task in tasks {
+        if task
+            .await
+            .unwrap_or_else(|e| panic!("a decision panicked: {e}"))
+        {
+            enrolled += 1;
+        }
+    }
+    let everyone = Query::any_of(courses.iter().map(|c| QueryItem::tagged(c.clone())));
+    let (all, _) = read_everything(&*store, &everyone).await;
+    assert_eq!(all.len(), enrolled);
+    for course in &courses {
+        let n = all.iter().filter(|e| e.tags.contains(course)).count();
+        assert!(n <= CAPACITY, "{course} took {n} students");
+    }
+    for student in &students {
+        let n = all.iter().filter(|e| e.tags.contains(student)).count();
+        assert!(n <= LIMIT, "{student} took {n} courses");
+    }
+    let mut pairs: Vec<_> = all.iter().map(|e| e.tags.clone()).collect();
+    pairs.sort();
+    pairs.dedup();
+    assert_eq!(
+        pairs.len(),
+        all.len(),
+        "a student enrolled twice in a course"
+    );
+    assert!(enrolled > 0);
 }
 
 async fn next(
