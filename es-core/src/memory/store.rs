@@ -23,6 +23,9 @@ use crate::{
 /// Positions are `(sequence, 0)` with the sequence counting from 1. Appends
 /// take a write lock, so the log order is the commit order and subscribers can
 /// never see a gap. Cloning shares the same store.
+///
+/// It is a [`DcbStore`] too: tags are indexed in memory, and a conditional
+/// append checks its condition and writes under the same write lock.
 #[derive(Clone, Debug)]
 pub struct InMemoryEventStore {
     shared: Arc<Shared>,
