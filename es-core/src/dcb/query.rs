@@ -17,6 +17,8 @@ use crate::{Position, RecordedEvent, Tag};
 pub struct QueryItem {
     types: BTreeSet<Arc<str>>,
     tags: BTreeSet<Tag>,
+    /// The smallest of `tags`.
+    first: Tag,
 }
 
 impl QueryItem {
@@ -24,7 +26,8 @@ impl QueryItem {
     pub fn tagged(tag: Tag) -> Self {
         Self {
             types: BTreeSet::new(),
-            tags: BTreeSet::from([tag]),
+            tags: BTreeSet::from([tag.clone()]),
+            first: tag,
         }
     }
 
@@ -32,6 +35,9 @@ impl QueryItem {
     /// the item.
     #[must_use]
     pub fn and_tag(mut self, tag: Tag) -> Self {
+        if tag < self.first {
+            self.first = tag.clone();
+        }
         self.tags.insert(tag);
         self
     }
@@ -56,10 +62,7 @@ impl QueryItem {
     /// The smallest of its tags: the one the stores look an item up by
     /// (every matching event carries it).
     pub fn first_tag(&self) -> &Tag {
-        // Never empty: built from a tag, and tags are only added.
-        self.tags
-            .first()
-            .unwrap_or_else(|| unreachable!("a query item has a tag"))
+        &self.first
     }
 
     /// Whether an event of `event_type` carrying `tags` matches.
@@ -184,4 +187,40 @@ pub struct QueryPage {
     /// [`AppendCondition::after`]. When the page is full (`max_count`
     /// events) it is the last event's position, so more may follow.
     pub marker: Position,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(s: &str) -> Tag {
+        Tag::new(s).unwrap()
+    }
+
+    #[test]
+    fn the_first_tag_is_the_smallest_whatever_the_order_added() {
+        let item = QueryItem::tagged(tag("m:1"))
+            .and_tag(tag("z:1"))
+            .and_tag(tag("a:1"));
+        assert_eq!(item.first_tag(), &tag("a:1"));
+        assert_eq!(item.tags().first(), Some(item.first_tag()));
+        assert_eq!(
+            item,
+            QueryItem::tagged(tag("a:1"))
+                .and_tag(tag("m:1"))
+                .and_tag(tag("z:1"))
+        );
+    }
+
+    #[test]
+    fn an_item_needs_all_its_tags_and_one_of_its_types() {
+        let item = QueryItem::tagged(tag("a:1"))
+            .and_tag(tag("b:1"))
+            .of_types(["X"]);
+        let both: BTreeSet<Tag> = [tag("a:1"), tag("b:1"), tag("c:1")].into();
+        assert!(item.matches("X", &both));
+        assert!(!item.matches("Y", &both));
+        assert!(!item.matches("X", &[tag("a:1")].into()));
+        assert!(!Query::none().matches("X", &both));
+    }
 }
