@@ -386,6 +386,7 @@ mod tests {
             payload,
             metadata: Metadata::new(),
             recorded_at: chrono::Utc::now(),
+            tags: Default::default(),
         }
     }
 

@@ -384,6 +384,7 @@ mod tests {
             schema_version: 1,
             payload: Payload::from_trusted_json("{}"),
             metadata: Metadata::new(),
+            tags: Default::default(),
         };
         let written = inner
             .append(&stream, ExpectedVersion::NoStream, vec![event])
