@@ -95,15 +95,23 @@ BEGIN
         RETURN;
     END IF;
     IF p_condition IS NOT NULL THEN
-        SELECT e.event_id INTO v_moved
+        -- Each item looked up by its first tag, in a LATERAL with a
+        -- LIMIT: an index scan per item.
+        SELECT m.event_id INTO v_moved
           FROM jsonb_array_elements(p_condition) AS q(item)
-          JOIN {schema}.event_tags t ON t.tag = q.item->'tags'->>0
-               AND (jsonb_array_length(q.item->'types') = 0 OR q.item->'types' ? t.event_type)
-          JOIN {schema}.events e ON e.transaction_id = t.transaction_id
-               AND e.global_position = t.global_position
-         WHERE (p_after_tx IS NULL
-                OR (t.transaction_id, t.global_position) > (p_after_tx, p_after_position))
-           AND e.tags @> ARRAY(SELECT jsonb_array_elements_text(q.item->'tags'))
+          CROSS JOIN LATERAL
+               (SELECT x.event_id
+                  FROM {schema}.event_tags t
+                  CROSS JOIN LATERAL
+                       (SELECT e.event_id, e.tags FROM {schema}.events e
+                         WHERE e.transaction_id = t.transaction_id
+                           AND e.global_position = t.global_position LIMIT 1) x
+                 WHERE t.tag = q.item->'tags'->>0
+                   AND (jsonb_array_length(q.item->'types') = 0 OR q.item->'types' ? t.event_type)
+                   AND (t.transaction_id, t.global_position)
+                       > (coalesce(p_after_tx, -1), coalesce(p_after_position, -1))
+                   AND x.tags @> ARRAY(SELECT jsonb_array_elements_text(q.item->'tags'))
+                 LIMIT 1) m
          LIMIT 1;
         IF FOUND THEN
             RETURN QUERY SELECT 3, NULL::bigint, NULL::bigint, NULL::bigint, v_moved;
