@@ -6,6 +6,7 @@ pub mod bus;
 pub mod catch_up;
 pub mod checkpoint;
 pub mod clock;
+pub mod command;
 #[doc(hidden)]
 pub mod doc_support;
 pub mod envelope;
@@ -39,6 +40,7 @@ pub use bus::{
 };
 pub use checkpoint::CheckpointStore;
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use command::{CommandHandler, CommandRefused, CommandService, Commands};
 pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent};
 pub use event::{CodecError, DomainEvent, EventCodec, Upcaster, Upcasters};
 pub use inbox::Inbox;
