@@ -195,10 +195,6 @@ impl Saga for Transfer {
             _ => Reaction::none(),
         }
     }
-
-    fn on_deadline(&self, _: &str, _: DateTime<Utc>) -> Reaction<Self, TransferCommand> {
-        Reaction::none()
-    }
 }
 
 /// The balances read model: per account, the sum of its money movements.
