@@ -22,7 +22,9 @@ pub const COMMAND_REFUSED: &str = "$command-refused";
 ///   with the id its first event would have had (derived from the message
 ///   id): a redelivered message is answered as a duplicate, and the message
 ///   has one outcome, executed or refused, never both;
-/// - is skipped by the repository when it loads the aggregate;
+/// - is skipped by the repository when it loads the aggregate, but not by
+///   projections: one that takes every event of the aggregate's category
+///   names the types it takes ([`Projection::accepts`](crate::Projection::accepts));
 /// - is published by the relay ([`default_route`](crate::relay::default_route))
 ///   as a message of type [`CommandRefused::MESSAGE_TYPE`] on the aggregate's
 ///   topic (its stream category), caused by the command message and in its
