@@ -2,6 +2,8 @@
 //! `event_type()` is the key serde writes, for every rename rule, and the
 //! codec (which checks the two agree) round-trips every variant.
 
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
+
 use es_core::{DomainEvent, EventCodec, Metadata};
 use serde::{Deserialize, Serialize};
 

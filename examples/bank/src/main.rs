@@ -39,10 +39,10 @@ async fn main() -> Result<(), Error> {
         bank.open(false).await?,
         bank.open(true).await?,
     );
-    bank.deposit(alice, 100_00).await?;
-    bank.withdraw(alice, 10_00).await?;
-    let paid = bank.transfer(alice, bob, 30_00).await?;
-    let refunded = bank.transfer(alice, carol, 20_00).await?;
+    bank.deposit(alice, 10_000).await?;
+    bank.withdraw(alice, 1_000).await?;
+    let paid = bank.transfer(alice, bob, 3_000).await?;
+    let refunded = bank.transfer(alice, carol, 2_000).await?;
     for transfer in [paid, refunded] {
         let moved = bank.settled(transfer).await?;
         tracing::info!(%transfer, moved, "transfer settled");

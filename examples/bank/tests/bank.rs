@@ -18,29 +18,29 @@ async fn transfers_settle_and_refusals_are_compensated(bank: Bank) {
         bank.open(false).await.unwrap(),
         bank.open(true).await.unwrap(),
     );
-    bank.deposit(alice, 100_00).await.unwrap();
-    bank.withdraw(alice, 10_00).await.unwrap();
+    bank.deposit(alice, 10_000).await.unwrap();
+    bank.withdraw(alice, 1_000).await.unwrap();
     let refused = |result: Result<_, Error>| match result {
         Err(Error::Account(RepositoryError::Rejected(e))) => e,
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        refused(bank.withdraw(alice, 1_000_00).await),
+        refused(bank.withdraw(alice, 100_000).await),
         AccountError::Insufficient
     );
     assert_eq!(refused(bank.deposit(carol, 5).await), AccountError::Frozen);
     assert_eq!(refused(bank.deposit(alice, 0).await), AccountError::Invalid);
 
-    let paid = bank.transfer(alice, bob, 30_00).await.unwrap();
-    let bounced = bank.transfer(alice, carol, 20_00).await.unwrap();
+    let paid = bank.transfer(alice, bob, 3_000).await.unwrap();
+    let bounced = bank.transfer(alice, carol, 2_000).await.unwrap();
     assert!(bank.settled(paid).await.unwrap());
     assert!(!bank.settled(bounced).await.unwrap());
     // To an account that does not exist: refused, refunded.
     let nobody = uuid::Uuid::now_v7();
-    let nowhere = bank.transfer(bob, nobody, 1_00).await.unwrap();
+    let nowhere = bank.transfer(bob, nobody, 100).await.unwrap();
     assert!(!bank.settled(nowhere).await.unwrap());
-    assert_eq!(bank.balance(alice).await.unwrap(), 60_00);
-    assert_eq!(bank.balance(bob).await.unwrap(), 30_00);
+    assert_eq!(bank.balance(alice).await.unwrap(), 6_000);
+    assert_eq!(bank.balance(bob).await.unwrap(), 3_000);
     assert_eq!(bank.balance(nobody).await.unwrap(), 0);
     assert_eq!(bank.balance(carol).await.unwrap(), 0);
     bank.stop().await;
