@@ -108,3 +108,23 @@ pub mod production {
         )
     }
 }
+
+/// The guide's chapters (`docs/src`), whose `rust` blocks run as doc tests:
+/// `cargo test --doc -p es --all-features`.
+#[cfg(doctest)]
+mod guide {
+    #[doc = include_str!("../docs/src/getting-started.md")]
+    struct GettingStarted;
+    #[doc = include_str!("../docs/src/events.md")]
+    struct Events;
+    #[doc = include_str!("../docs/src/store.md")]
+    struct Store;
+    #[doc = include_str!("../docs/src/messaging.md")]
+    struct Messaging;
+    #[doc = include_str!("../docs/src/sagas.md")]
+    struct Sagas;
+    #[doc = include_str!("../docs/src/projections.md")]
+    struct Projections;
+    #[doc = include_str!("../docs/src/testing.md")]
+    struct Testing;
+}
