@@ -147,8 +147,8 @@ enum TransferCommand {
 }
 
 impl TransferCommand {
-    /// The account it is for, and what it means to it.
-    #[allow(clippy::unnecessary_wraps)] // the shape CommandHandler takes
+    /// The account it is for, and what it means to it (every command is
+    /// for an account: always `Some`).
     fn route(self) -> Option<(Uuid, AccountCommand)> {
         Some(match self {
             Self::Credit { account, amount } => (account, AccountCommand::Deposit { amount }),
