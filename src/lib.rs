@@ -109,9 +109,9 @@ pub mod production {
     }
 }
 
-/// The guide's chapters (`docs/src`), whose `rust` blocks run as doc tests:
-/// `cargo test --doc -p es --all-features`.
-#[cfg(doctest)]
+/// The guide's chapters (`docs/src`), whose `rust` blocks run as doc tests
+/// (they derive `DomainEvent`): `cargo test --doc -p es --all-features`.
+#[cfg(all(doctest, feature = "derive"))]
 mod guide {
     #[doc = include_str!("../docs/src/getting-started.md")]
     struct GettingStarted;
