@@ -66,6 +66,32 @@ pub mod counter {
             Ok(vec![CounterEvent::Incremented { by }])
         }
     }
+
+    /// The counter's command as the bus carries it.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum CounterMessage {
+        /// Add `by` to the counter `counter`.
+        Increment {
+            /// The counter's id.
+            counter: String,
+            /// How much.
+            by: u32,
+        },
+    }
+
+    impl DomainEvent for CounterMessage {
+        fn event_type(&self) -> &'static str {
+            "Increment"
+        }
+    }
+
+    impl CounterMessage {
+        /// The counter it is for, and the domain command it means.
+        pub fn route(self) -> Option<(String, CounterCommand)> {
+            let Self::Increment { counter, by } = self;
+            Some((counter, CounterCommand::Increment { by }))
+        }
+    }
 }
 
 /// A saga that nudges 30 seconds after it starts unless it is stopped.

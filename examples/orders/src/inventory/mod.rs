@@ -28,7 +28,8 @@ use crate::distributed::Owner;
 use crate::messages::{message_enum, StockLine};
 use crate::node::{Service, Wiring};
 use crate::topology::groups;
-use crate::{CommandService, Error, Money, Result};
+use crate::{Error, Money, Result};
+use es_core::command::{CommandService, Commands};
 
 message_enum! {
     /// The commands the inventory service takes from the bus.
@@ -79,11 +80,8 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<InventoryService>> {
         crate::repository(Arc::clone(&store)).with_snapshots(snapshots, policy, 1),
         crate::repository(Arc::clone(&store)),
     ));
-    w.consume(
-        groups::INVENTORY,
-        Arc::new(crate::Commands(Arc::clone(&service))),
-    )
-    .await?;
+    w.consume(groups::INVENTORY, Arc::new(Commands(Arc::clone(&service))))
+        .await?;
     w.serve(Owner::Inventory, router(Arc::clone(&service)));
     w.relay(Service::Inventory, &store);
     Ok(service)

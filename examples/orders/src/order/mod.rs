@@ -29,7 +29,8 @@ use crate::messages::{message_enum, topics, OrderLine};
 use crate::node::{Service, Wiring};
 use crate::saga::{OrderSaga, SagaCommand, TimedSaga};
 use crate::topology::{self, groups};
-use crate::{CommandService, Error, Result};
+use crate::{Error, Result};
+use es_core::command::{outcome_of, CommandService, Commands};
 
 /// The most lines an order may have.
 pub(crate) const MAX_ITEMS: usize = 100;
@@ -143,11 +144,8 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
         Arc::new(TimedSaga(SagaHandler(Arc::clone(&saga)))),
     )
     .await?;
-    w.consume(
-        groups::ORDER,
-        Arc::new(crate::Commands(Arc::clone(&service))),
-    )
-    .await?;
+    w.consume(groups::ORDER, Arc::new(Commands(Arc::clone(&service))))
+        .await?;
     w.consume(groups::CATALOG, feed).await?;
     let (deadlines, tick) = (Arc::clone(&saga), w.config.deadline_tick);
     // The scheduler resumes from its checkpoint (just before the oldest
@@ -431,7 +429,7 @@ impl CommandService for OrderService {
             .orders
             .execute_once(order_id, message.message_id, command, metadata)
             .await;
-        crate::outcome_of(result, "order")
+        outcome_of(result, "order")
     }
 }
 

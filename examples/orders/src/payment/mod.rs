@@ -21,7 +21,8 @@ pub use domain::{
 use crate::messages::message_enum;
 use crate::node::{Service, Wiring};
 use crate::topology::groups;
-use crate::{CommandService, Result};
+use crate::Result;
+use es_core::command::{outcome_of, CommandService, Commands};
 
 message_enum! {
     /// The commands the payment service takes from the bus.
@@ -74,11 +75,8 @@ pub fn gateway(card_token: &str, charge_id: Uuid) -> GatewayBehaviour {
 pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<PaymentService>> {
     let store = w.backends.store(Service::Payment).await?;
     let service = Arc::new(PaymentService::new(crate::repository(Arc::clone(&store))));
-    w.consume(
-        groups::PAYMENT,
-        Arc::new(crate::Commands(Arc::clone(&service))),
-    )
-    .await?;
+    w.consume(groups::PAYMENT, Arc::new(Commands(Arc::clone(&service))))
+        .await?;
     w.relay(Service::Payment, &store);
     Ok(service)
 }
@@ -171,7 +169,7 @@ impl CommandService for PaymentService {
                     .payments
                     .create_once(c.order_id, message.message_id, command, metadata)
                     .await;
-                crate::outcome_of(result, "payment")
+                outcome_of(result, "payment")
             }
             PaymentCommandMessage::RefundPayment(c) => {
                 let result = self
@@ -189,7 +187,7 @@ impl CommandService for PaymentService {
                         metrics::counter!("payments_refunded_total").increment(1);
                     }
                 }
-                crate::outcome_of(result, "payment")
+                outcome_of(result, "payment")
             }
         }
     }
