@@ -404,6 +404,18 @@ impl EventStore for InMemoryEventStore {
         &self,
         after: Position,
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
+        self.follow(after, |store, after, max| store.read_all_now(after, max))
+    }
+}
+
+impl InMemoryEventStore {
+    /// Follows the log from `after` with `read` (a page after a position):
+    /// caught up page by page, then woken by each append.
+    fn follow(
+        &self,
+        after: Position,
+        read: impl Fn(&Self, Position, usize) -> Vec<RecordedEvent> + Send + Sync + 'static,
+    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
         let store = self.clone();
         catch_up_then_live(
             after,
@@ -411,7 +423,7 @@ impl EventStore for InMemoryEventStore {
             Duration::from_secs(1),
             self.shared.head.subscribe(),
             move |after, max| {
-                let page = store.read_all_now(after, max);
+                let page = read(&store, after, max);
                 async move { Ok(page) }
             },
         )
@@ -448,17 +460,9 @@ impl DcbStore for InMemoryEventStore {
         query: Query,
         after: Position,
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
-        let store = self.clone();
-        catch_up_then_live(
-            after,
-            1_000,
-            Duration::from_secs(1),
-            self.shared.head.subscribe(),
-            move |after, max| {
-                let page = store.read_query_now(&query, after, max).events;
-                async move { Ok(page) }
-            },
-        )
+        self.follow(after, move |store, after, max| {
+            store.read_query_now(&query, after, max).events
+        })
     }
 }
 

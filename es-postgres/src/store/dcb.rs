@@ -12,7 +12,6 @@
 //! on a contended boundary would hold up every append grouped with it.
 
 use async_trait::async_trait;
-use es_core::catch_up::catch_up_then_live;
 use es_core::{
     AppendCondition, AppendResult, DcbStore, ExpectedVersion, NewEvent, Position, Query, QueryPage,
     RecordedEvent, StoreError, StreamAppend, StreamId,
@@ -277,18 +276,9 @@ impl DcbStore for PgEventStore {
         query: Query,
         after: Position,
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
-        self.ensure_listener();
-        let store = self.clone();
-        catch_up_then_live(
-            after,
-            self.shared.settings.page_size,
-            self.shared.settings.poll,
-            self.shared.wake.subscribe(),
-            move |after, max| {
-                let store = store.clone();
-                let query = query.clone();
-                async move { Ok(store.read_query_once(&query, after, max).await?.0.events) }
-            },
-        )
+        self.follow(after, move |store, after, max| {
+            let query = query.clone();
+            async move { Ok(store.read_query_once(&query, after, max).await?.0.events) }
+        })
     }
 }

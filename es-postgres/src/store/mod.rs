@@ -321,6 +321,25 @@ impl EventStore for PgEventStore {
         &self,
         after: Position,
     ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
+        self.follow(after, |store, after, max| async move {
+            store.read_all_shared(after, max).await
+        })
+    }
+}
+
+impl PgEventStore {
+    /// Follows the log from `after` with `read` (a page after a position):
+    /// caught up page by page, then woken by this store's appends and
+    /// notifications, polling as a fallback.
+    pub(super) fn follow<R, Fut>(
+        &self,
+        after: Position,
+        read: R,
+    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>>
+    where
+        R: Fn(Self, Position, usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send + 'static,
+    {
         self.ensure_listener();
         let store = self.clone();
         catch_up_then_live(
@@ -328,10 +347,7 @@ impl EventStore for PgEventStore {
             self.shared.settings.page_size,
             self.shared.settings.poll,
             self.shared.wake.subscribe(),
-            move |after, max| {
-                let store = store.clone();
-                async move { store.read_all_shared(after, max).await }
-            },
+            move |after, max| read(store.clone(), after, max),
         )
     }
 }
