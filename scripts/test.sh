@@ -38,8 +38,9 @@ if [ -z "${SKIP_LINT:-}" ]; then
   step "cargo clippy -p es --all-features (warnings are errors)"
   cargo clippy -p es --all-features -- -D warnings
   # Every other feature combination of the umbrella crate: none, then each backend
-  # alone (each must build without the others' re-exports).
-  for features in "" postgres rabbit projections; do
+  # alone (each must build without the others' re-exports), then OpenTelemetry
+  # alone (es-core's spans exported, no backend).
+  for features in "" postgres rabbit projections otel; do
     step "cargo clippy -p es --no-default-features --features '$features' (warnings are errors)"
     cargo clippy -p es --no-default-features --features "$features" -- -D warnings
   done

@@ -5,6 +5,9 @@
 //! (`es_rabbit`, as `es::rabbit`) and `projections` (`es_projections`, as
 //! `es::projections`). The `testing` feature brings es-core's test kit in as
 //! `es::testing` (fixtures and the conformance suites), for dev-dependencies.
+//! The `otel` feature makes the framework's spans continue, in
+//! OpenTelemetry, the W3C trace their events and messages carry (`es::otel`);
+//! the application installs the `tracing-opentelemetry` layer and exporter.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use es_core::*;
