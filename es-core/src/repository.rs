@@ -534,7 +534,18 @@ impl<A: Aggregate> Repository<A> {
             causation_id = metadata.causation_id.map(tracing::field::display),
             attempts = tracing::field::Empty,
         );
+        crate::otel::continue_trace(&span, metadata.traceparent);
         async {
+            // The events name the command's span as their trace context
+            // when it is exported.
+            let traced;
+            let metadata = match crate::otel::current() {
+                Some(traceparent) => {
+                    traced = metadata.clone().with_traceparent(traceparent);
+                    &traced
+                }
+                None => metadata,
+            };
             let marker = command_id.map(|c| derived_id(c, stream.as_str(), 0));
             let mut attempt = 1;
             let mut guess = self.first_guess(&stream, start);
