@@ -208,7 +208,7 @@ where
 }
 
 /// The targets whose spans are exported: the framework's and this system's.
-const EXPORTED_TARGETS: [&str; 5] = [
+pub const EXPORTED_TARGETS: [&str; 5] = [
     "es_core",
     "es_postgres",
     "es_rabbit",
