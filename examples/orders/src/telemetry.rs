@@ -232,7 +232,8 @@ pub fn exported(meta: &tracing::Metadata<'_>) -> bool {
 
 /// The tracer provider exporting with OTLP over HTTP (protobuf) as
 /// `service`, when an endpoint is set (and `OTEL_SDK_DISABLED` is not
-/// `true`); `None` otherwise.
+/// `true`); `None` otherwise. It must be built on a Tokio runtime, which
+/// sends the exports.
 fn otlp_tracer(
     service: &str,
 ) -> Result<Option<SdkTracerProvider>, opentelemetry_otlp::ExporterBuildError> {
@@ -243,11 +244,20 @@ fn otlp_tracer(
     {
         return Ok(None);
     }
-    use opentelemetry_otlp::WithExportConfig;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .build()?;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return Err(opentelemetry_otlp::ExporterBuildError::InternalFailure(
+            "spans are exported from a Tokio runtime, and there is none".to_owned(),
+        ));
+    };
+    let exporter =
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_http_client(otlp_http::Client::new(runtime).map_err(|e| {
+                opentelemetry_otlp::ExporterBuildError::InternalFailure(e.to_string())
+            })?)
+            .build()?;
     let name = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|n| !n.trim().is_empty())
@@ -261,6 +271,55 @@ fn otlp_tracer(
             .with_resource(resource)
             .build(),
     ))
+}
+
+/// The OTLP exporter's HTTP client.
+mod otlp_http {
+    use std::time::Duration;
+
+    use opentelemetry_http::{Bytes, HttpError, Request, Response};
+
+    /// How long one export may take, answer included.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The process's reqwest client, run on its Tokio runtime: the batch
+    /// processor that calls it runs on a thread of its own, outside the
+    /// runtime.
+    #[derive(Debug)]
+    pub(super) struct Client {
+        http: reqwest::Client,
+        runtime: tokio::runtime::Handle,
+    }
+
+    impl Client {
+        pub(super) fn new(runtime: tokio::runtime::Handle) -> Result<Self, reqwest::Error> {
+            Ok(Self {
+                http: reqwest::Client::builder().timeout(TIMEOUT).build()?,
+                runtime,
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl opentelemetry_http::HttpClient for Client {
+        async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+            let request = reqwest::Request::try_from(request)?;
+            let http = self.http.clone();
+            let (status, headers, body) = self
+                .runtime
+                .spawn(async move {
+                    let response = http.execute(request).await?;
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    let body = response.bytes().await?;
+                    Ok::<_, reqwest::Error>((status, headers, body))
+                })
+                .await??;
+            let mut response = Response::builder().status(status).body(body)?;
+            *response.headers_mut() = headers;
+            Ok(response)
+        }
+    }
 }
 
 /// One relay's gauges: how far it is behind its store, and the store's xmin
