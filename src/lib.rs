@@ -1,13 +1,39 @@
 //! Event sourcing and CQRS for Rust.
 //!
-//! This umbrella crate re-exports [`es_core`] and, behind features, the
-//! production backends: `postgres` (`es_postgres`, as `es::postgres`), `rabbit`
-//! (`es_rabbit`, as `es::rabbit`) and `projections` (`es_projections`, as
-//! `es::projections`). The `testing` feature brings es-core's test kit in as
-//! `es::testing` (fixtures and the conformance suites), for dev-dependencies.
-//! The `otel` feature makes the framework's spans continue, in
-//! OpenTelemetry, the W3C trace their events and messages carry (`es::otel`);
-//! the application installs the `tracing-opentelemetry` layer and exporter.
+//! This umbrella crate re-exports [`es_core`] and, behind features, its
+//! backends:
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testing` | `es::testing`: fixtures and the conformance suites, for dev-dependencies |
+//! | `derive` | `#[derive(DomainEvent)]`, beside the trait |
+//! | `postgres` | `es::postgres` (es-postgres): the PostgreSQL store, snapshots, checkpoints, inbox, leader lock |
+//! | `rabbit` | `es::rabbit` (es-rabbit): the RabbitMQ bus and relay |
+//! | `postgres` + `rabbit` | [`production`]: the single-active relay from PostgreSQL to RabbitMQ |
+//! | `projections` | `es::projections` (es-projections): the in-memory projection runner, no database client |
+//! | `projections-postgres` | the PostgreSQL projection runner and rebuilds |
+//! | `redis` | the Redis read-model sink |
+//! | `otel` | the framework's spans continue, in OpenTelemetry, the W3C trace their events and messages carry (`es::otel`); the application installs the `tracing-opentelemetry` layer and exporter |
+//! | `full` | all of the above |
+//!
+//! [`prelude`] holds what an application usually names:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use es::prelude::*;
+//! # use es::doc_support::counter::{Counter, CounterCommand};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+//! let counters = Repository::<Counter>::new(store);
+//! counters
+//!     .execute("c1", CounterCommand::Increment { by: 2 }, &Metadata::new())
+//!     .await
+//!     .unwrap();
+//! assert_eq!(counters.load("c1").await.unwrap().state.value, 2);
+//! # }
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use es_core::*;
@@ -21,3 +47,85 @@ pub use es_projections as projections;
 #[cfg(feature = "rabbit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbit")))]
 pub use es_rabbit as rabbit;
+
+/// What an application usually names, in one `use es::prelude::*`: the
+/// traits, the repository, the command handler, the saga manager and its
+/// bus handler, the in-memory backends and the relay, and (by feature) the
+/// production store and bus.
+pub mod prelude {
+    pub use es_core::prelude::*;
+    pub use es_core::{
+        CancellationToken, CommandHandler, CommandRefused, DeadlineScheduler, InMemoryBus,
+        InMemoryCheckpointStore, InMemoryEventStore, Relay, SagaHandler, SagaManager, SystemClock,
+    };
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub use es_postgres::PgEventStore;
+    #[cfg(feature = "rabbit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "rabbit")))]
+    pub use es_rabbit::{RabbitBus, RabbitConfig};
+}
+
+/// PostgreSQL and RabbitMQ together (features `postgres` and `rabbit`).
+#[cfg(all(feature = "postgres", feature = "rabbit"))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "postgres", feature = "rabbit"))))]
+pub mod production {
+    use std::sync::Arc;
+
+    use es_postgres::{PgCheckpointStore, PgEventStore, PgLeaderLock};
+    use es_rabbit::{RabbitBus, RabbitRelay};
+
+    /// The relay for production: follows `store`'s log and publishes to
+    /// `bus` with confirms, with one active instance per `name` among every
+    /// process that runs one (the others wait on a PostgreSQL advisory
+    /// lock, [`PgLeaderLock`], on the store's pool, and take over when it
+    /// dies), and its checkpoint in the store's schema
+    /// ([`PgCheckpointStore`]). Run it in every process of a service:
+    /// `tokio::spawn(async move { relay.run(stop).await })`.
+    ///
+    /// `name` names the checkpoint and the lock (the lock is the whole
+    /// database's: two stores in two schemas need two names). Name the
+    /// command topics with
+    /// [`with_mandatory_topics`](RabbitRelay::with_mandatory_topics), and
+    /// keep a saga's state in the store with
+    /// [`with_route`](RabbitRelay::with_route) and
+    /// [`route_without_saga_state`](es_core::relay::route_without_saga_state).
+    ///
+    /// ```no_run
+    /// # async fn run(store: es::postgres::PgEventStore, bus: es::rabbit::RabbitBus) {
+    /// let relay = es::production::relay("bank", &store, &bus)
+    ///     .with_mandatory_topics(["account_commands"]);
+    /// let stop = es::CancellationToken::new();
+    /// tokio::spawn(async move { relay.run(stop).await });
+    /// # }
+    /// ```
+    pub fn relay(name: impl Into<String>, store: &PgEventStore, bus: &RabbitBus) -> RabbitRelay {
+        RabbitRelay::new(
+            name,
+            Arc::new(store.clone()),
+            bus,
+            Arc::new(PgCheckpointStore::new(store.pool().clone(), store.schema())),
+            Arc::new(PgLeaderLock::new(store.pool().clone())),
+        )
+    }
+}
+
+/// The guide's chapters (`docs/src`), whose `rust` blocks run as doc tests
+/// (they derive `DomainEvent`): `cargo test --doc -p es --all-features`.
+#[cfg(all(doctest, feature = "derive"))]
+mod guide {
+    #[doc = include_str!("../docs/src/getting-started.md")]
+    struct GettingStarted;
+    #[doc = include_str!("../docs/src/events.md")]
+    struct Events;
+    #[doc = include_str!("../docs/src/store.md")]
+    struct Store;
+    #[doc = include_str!("../docs/src/messaging.md")]
+    struct Messaging;
+    #[doc = include_str!("../docs/src/sagas.md")]
+    struct Sagas;
+    #[doc = include_str!("../docs/src/projections.md")]
+    struct Projections;
+    #[doc = include_str!("../docs/src/testing.md")]
+    struct Testing;
+}

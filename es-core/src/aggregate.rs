@@ -26,6 +26,18 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     /// Decides the events a command produces, given the current state.
     fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
 
+    /// Whether `command` starts a new aggregate (opening an account, placing
+    /// an order under a fresh id). [`Repository::execute`](crate::Repository::execute)
+    /// then decides it on the empty state and appends expecting no stream,
+    /// without reading first, as [`Repository::create`](crate::Repository::create)
+    /// does: one round trip to the store when the stream is indeed new. When
+    /// it exists after all, nothing is written and the command is decided
+    /// again on the stream as read: a wrong answer costs one read, never a
+    /// wrong decision. The default, `false`, reads first.
+    fn creates(_command: &Self::Command) -> bool {
+        false
+    }
+
     /// Folds a history into a state.
     fn from_events<'a>(events: impl IntoIterator<Item = &'a Self::Event>) -> Self
     where

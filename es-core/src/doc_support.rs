@@ -66,6 +66,32 @@ pub mod counter {
             Ok(vec![CounterEvent::Incremented { by }])
         }
     }
+
+    /// The counter's command as the bus carries it.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum CounterMessage {
+        /// Add `by` to the counter `counter`.
+        Increment {
+            /// The counter's id.
+            counter: String,
+            /// How much.
+            by: u32,
+        },
+    }
+
+    impl DomainEvent for CounterMessage {
+        fn event_type(&self) -> &'static str {
+            "Increment"
+        }
+    }
+
+    impl CounterMessage {
+        /// The counter it is for, and the domain command it means.
+        pub fn route(self) -> Option<(String, CounterCommand)> {
+            let Self::Increment { counter, by } = self;
+            Some((counter, CounterCommand::Increment { by }))
+        }
+    }
 }
 
 /// A saga that nudges 30 seconds after it starts unless it is stopped.
@@ -193,6 +219,91 @@ pub mod reminder {
             } else {
                 Reaction::none()
             }
+        }
+    }
+}
+
+/// A coupon each customer may redeem once: a DCB decision.
+pub mod coupon {
+    use serde::{Deserialize, Serialize};
+
+    use crate::{Decision, DomainEvent, InvalidTag, Query, QueryItem, Tag};
+
+    /// The coupon's events.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum CouponEvent {
+        /// A customer redeemed a coupon.
+        #[serde(rename = "CouponRedeemed")]
+        Redeemed {
+            /// The coupon code.
+            coupon: String,
+            /// The customer.
+            customer: u64,
+        },
+    }
+
+    impl DomainEvent for CouponEvent {
+        fn event_type(&self) -> &'static str {
+            "CouponRedeemed"
+        }
+
+        fn tags(&self) -> Result<Vec<Tag>, InvalidTag> {
+            let Self::Redeemed { coupon, customer } = self;
+            Ok(vec![
+                Tag::of("coupon", coupon)?,
+                Tag::of("customer", customer)?,
+            ])
+        }
+    }
+
+    /// Why a redemption is refused.
+    #[derive(Debug, thiserror::Error)]
+    pub enum CouponError {
+        /// This customer redeemed this coupon before.
+        #[error("the coupon was already redeemed by this customer")]
+        AlreadyRedeemed,
+    }
+
+    /// Redeem `coupon` for `customer`, once.
+    #[derive(Clone, Debug)]
+    pub struct Redeem {
+        /// The coupon code.
+        pub coupon: String,
+        /// The customer.
+        pub customer: u64,
+    }
+
+    impl Decision for Redeem {
+        type Event = CouponEvent;
+        type State = bool;
+        type Rejection = CouponError;
+
+        fn query(&self) -> Query {
+            match (
+                Tag::of("coupon", &self.coupon),
+                Tag::of("customer", self.customer),
+            ) {
+                (Ok(coupon), Ok(customer)) => Query::from(
+                    QueryItem::tagged(coupon)
+                        .and_tag(customer)
+                        .of_types(["CouponRedeemed"]),
+                ),
+                _ => Query::none(),
+            }
+        }
+
+        fn evolve(&self, redeemed: &mut bool, _: &CouponEvent) {
+            *redeemed = true;
+        }
+
+        fn decide(&self, redeemed: &bool) -> Result<Vec<CouponEvent>, CouponError> {
+            if *redeemed {
+                return Err(CouponError::AlreadyRedeemed);
+            }
+            Ok(vec![CouponEvent::Redeemed {
+                coupon: self.coupon.clone(),
+                customer: self.customer,
+            }])
         }
     }
 }

@@ -1,13 +1,14 @@
 //! The envelopes events travel in: [`NewEvent`] going into a store and
 //! [`RecordedEvent`] coming out.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{Metadata, Payload, Position, StreamId};
+use crate::{Metadata, Payload, Position, StreamId, Tag};
 
 /// An event about to be appended: its id, type, schema version, payload and
 /// metadata. The store assigns the stream version, global position and time.
@@ -39,6 +40,11 @@ pub struct NewEvent {
     pub payload: Payload,
     /// Correlation, causation, trace context and headers.
     pub metadata: Metadata,
+    /// The `kind:value` tags that place it in consistency boundaries (see
+    /// [`crate::dcb`]); empty for an event no [`Query`](crate::Query)
+    /// selects.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub tags: BTreeSet<Tag>,
 }
 
 impl NewEvent {
@@ -55,7 +61,22 @@ impl NewEvent {
             schema_version,
             payload,
             metadata,
+            tags: BTreeSet::new(),
         }
+    }
+
+    /// Adds a tag.
+    #[must_use]
+    pub fn tagged(mut self, tag: Tag) -> Self {
+        self.tags.insert(tag);
+        self
+    }
+
+    /// Adds tags.
+    #[must_use]
+    pub fn with_tags(mut self, tags: impl IntoIterator<Item = Tag>) -> Self {
+        self.tags.extend(tags);
+        self
     }
 
     /// Replaces the event id, for callers that derive ids deterministically
@@ -89,6 +110,9 @@ pub struct RecordedEvent {
     pub metadata: Metadata,
     /// When the store recorded it.
     pub recorded_at: DateTime<Utc>,
+    /// Its tags, as appended.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub tags: BTreeSet<Tag>,
 }
 
 /// What a successful append reports.

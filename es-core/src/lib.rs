@@ -6,6 +6,8 @@ pub mod bus;
 pub mod catch_up;
 pub mod checkpoint;
 pub mod clock;
+pub mod command;
+pub mod dcb;
 #[doc(hidden)]
 pub mod doc_support;
 pub mod envelope;
@@ -40,7 +42,17 @@ pub use bus::{
 };
 pub use checkpoint::CheckpointStore;
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use command::{CommandHandler, CommandRefused, CommandService, Commands};
+pub use dcb::{
+    AppendCondition, DcbStore, Decided, Decision, DecisionError, DecisionRunner, InvalidTag, Query,
+    QueryItem, QueryPage, Tag,
+};
 pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent};
+/// `#[derive(DomainEvent)]`: `event_type()` from serde's variant names,
+/// `schema_version()` from `#[event(version = N)]` (see es-derive).
+#[cfg(feature = "derive")]
+#[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
+pub use es_derive::DomainEvent;
 pub use event::{CodecError, DomainEvent, EventCodec, Upcaster, Upcasters};
 pub use inbox::Inbox;
 pub use leader::{LeaderLock, LeaderRelay, Leadership, LocalLeaderLock};

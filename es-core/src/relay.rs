@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::bus::{BusError, EventBus, Message};
+use crate::command::{CommandRefused, COMMAND_REFUSED};
 use crate::saga::{CommandRecord, COMMAND_RECORD};
 use crate::{CancellationToken, CheckpointStore, EventStore, Position, RecordedEvent, StoreError};
 
@@ -18,10 +19,13 @@ use crate::{CancellationToken, CheckpointStore, EventStore, Position, RecordedEv
 pub type Route = Arc<dyn Fn(&RecordedEvent) -> Option<Message> + Send + Sync>;
 
 /// The default route: a saga's command records become the commands they
-/// hold; other `$`-records (deadlines) stay in the store; every other event is
-/// published on the topic named by its stream's category.
+/// hold; refusal records ([`CommandRefused`]) become `CommandRefused`
+/// messages on their stream's category; other `$`-records (deadlines) stay in
+/// the store; every other event is published on the topic named by its
+/// stream's category.
 pub fn default_route(event: &RecordedEvent) -> Option<Message> {
     match &*event.event_type {
+        COMMAND_REFUSED => Some(CommandRefused::message_from(event)),
         COMMAND_RECORD => match CommandRecord::message_from(event) {
             Ok(message) => Some(message),
             Err(error) => {
@@ -387,6 +391,7 @@ mod tests {
             payload,
             metadata: Metadata::new(),
             recorded_at: chrono::Utc::now(),
+            tags: Default::default(),
         }
     }
 

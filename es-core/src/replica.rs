@@ -220,6 +220,7 @@ impl ReplicaHandler {
             schema_version: message.schema_version,
             payload: message.payload.clone(),
             metadata: message.metadata.clone(),
+            tags: Default::default(),
         };
         let expected = ExpectedVersion::Exact(source.version - 1);
         match self

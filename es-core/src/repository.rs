@@ -8,11 +8,12 @@ use serde::{de::DeserializeOwned, Serialize};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::command::{CommandRefused, COMMAND_REFUSED};
 use crate::state_cache::{Entry, StateCache};
 use crate::{
     derived_id, Aggregate, AppendWriter, CodecError, EventCodec, EventStore, ExpectedVersion,
-    Metadata, Payload, Position, Snapshot, SnapshotPolicy, SnapshotStore, StoreError, StreamAppend,
-    StreamId,
+    Metadata, NewEvent, Payload, Position, Snapshot, SnapshotPolicy, SnapshotStore, StoreError,
+    StreamAppend, StreamId,
 };
 
 /// How many events `load` reads per call to the store.
@@ -209,6 +210,17 @@ enum Start {
     AssumeNew,
 }
 
+impl Start {
+    /// How `execute` starts `command`: unread when it creates the aggregate.
+    fn for_command<A: Aggregate>(command: &A::Command) -> Self {
+        if A::creates(command) {
+            Self::AssumeNew
+        } else {
+            Self::Load
+        }
+    }
+}
+
 /// A state a command is decided on without reading the stream first. The
 /// append's expected version checks the guess; a refusal or a decision to
 /// write nothing made on it is checked by nothing, so it is decided again on
@@ -393,8 +405,11 @@ impl<A: Aggregate> Repository<A> {
             let len = page.len();
             for recorded in &page {
                 found |= seen == Some(recorded.event_id);
-                let event = self.codec.decode(recorded)?;
-                loaded.state.apply(&event);
+                // A refusal record changes nothing in the state.
+                if &*recorded.event_type != COMMAND_REFUSED {
+                    let event = self.codec.decode(recorded)?;
+                    loaded.state.apply(&event);
+                }
                 loaded.version = recorded.stream_version;
             }
             if len < PAGE {
@@ -404,7 +419,9 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// Executes a command on the aggregate `id`. The command is decided again
-    /// after each lost race, so it must be `Clone`.
+    /// after each lost race, so it must be `Clone`. A command that
+    /// [creates](Aggregate::creates) the aggregate is decided unread, as by
+    /// [`Repository::create`].
     pub async fn execute(
         &self,
         id: impl fmt::Display,
@@ -414,7 +431,8 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.decide_command(id, metadata, None, Start::Load, command)
+        let start = Start::for_command::<A>(&command);
+        self.decide_command(id, metadata, None, start, command)
             .await
     }
 
@@ -434,8 +452,54 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
-        self.decide_command(id, metadata, Some(command_id), Start::Load, command)
+        let start = Start::for_command::<A>(&command);
+        self.decide_command(id, metadata, Some(command_id), start, command)
             .await
+    }
+
+    /// Records that the aggregate `id` refused the command `command_id`: a
+    /// [`CommandRefused`] record appended to its stream (skipped when the
+    /// aggregate is loaded; published by the relay for the command's sender),
+    /// with the id the command's first event would have had. So the command
+    /// has one outcome: [`Repository::execute_once`] answers it again as a
+    /// duplicate, and when its events were written after all (a concurrent
+    /// delivery decided on a later state), nothing is recorded.
+    ///
+    /// Answers whether the refusal is recorded now or was before at the
+    /// stream's tail; `false` when that id is stored otherwise (the
+    /// command's events, written after all, or a refusal further back).
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn record_refusal(
+        &self,
+        id: impl fmt::Display,
+        command_id: Uuid,
+        refused: &CommandRefused,
+        metadata: &Metadata,
+    ) -> Result<bool, StoreError> {
+        let stream = self.stream_id(id)?;
+        let payload = Payload::from_value(refused).map_err(|e| StoreError::InvalidEvent {
+            event_id: command_id,
+            reason: e.to_string(),
+        })?;
+        let record = NewEvent::new(COMMAND_REFUSED, 1, payload, metadata.clone())
+            .with_id(derived_id(command_id, stream.as_str(), 0));
+        // The cached state is one version short of the stream from now on.
+        if let Some(cache) = &self.cache {
+            drop(cache.take(&stream));
+        }
+        match self
+            .store
+            .append(&stream, ExpectedVersion::Any, vec![record])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                StoreError::IdempotencyConflict { .. } | StoreError::WrongExpectedVersion { .. },
+            ) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Executes a command that starts a new aggregate, without reading first.

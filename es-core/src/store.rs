@@ -41,6 +41,17 @@ pub enum StoreError {
         /// What did not match.
         reason: &'static str,
     },
+    /// A conditional append ([`DcbStore::append_if`](crate::DcbStore::append_if))
+    /// found an event matching its condition's query recorded after the
+    /// condition's marker: the decision was made on stale facts. Nothing was
+    /// written; read again and decide again.
+    #[error("the consistency boundary moved: an event matching the append condition was recorded after {}", DisplayMarker(.after))]
+    BoundaryMoved {
+        /// The stream appended to.
+        stream: StreamId,
+        /// The condition's marker.
+        after: Option<Position>,
+    },
     /// The stream id was rejected.
     #[error(transparent)]
     InvalidStreamId(#[from] InvalidStreamId),
@@ -102,7 +113,8 @@ impl StoreError {
     /// too large, a stream named twice, ids already stored differently). A
     /// message handler gives such a failure to the dead letters at once
     /// instead of retrying it until its attempts run out. A lost race
-    /// ([`StoreError::WrongExpectedVersion`]) and a backend failure are not.
+    /// ([`StoreError::WrongExpectedVersion`], [`StoreError::BoundaryMoved`])
+    /// and a backend failure are not.
     ///
     /// ```
     /// use es_core::{StoreError, StreamId, ExpectedVersion};
@@ -125,6 +137,18 @@ impl StoreError {
                 | Self::DuplicateStream { .. }
                 | Self::IdempotencyConflict { .. }
         )
+    }
+}
+
+/// Shows a condition's marker, or that it had none.
+struct DisplayMarker<'a>(&'a Option<Position>);
+
+impl std::fmt::Display for DisplayMarker<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(position) => write!(f, "position {position}"),
+            None => f.write_str("the start of the log"),
+        }
     }
 }
 

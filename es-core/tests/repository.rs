@@ -18,6 +18,52 @@ fn inc(by: u32) -> CounterCommand {
     CounterCommand::Increment { by }
 }
 
+/// A counter whose every command [creates](es_core::Aggregate::creates) it,
+/// on the counter's streams, recording each state it decides on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Fresh(Counter);
+
+/// An increment, and where [`Fresh`] records the states it decided on.
+#[derive(Clone, Debug)]
+struct Observed {
+    by: u32,
+    seen: Arc<std::sync::Mutex<Vec<Counter>>>,
+}
+
+impl Observed {
+    fn new(by: u32) -> Self {
+        Self {
+            by,
+            seen: Arc::default(),
+        }
+    }
+
+    /// The state of the last decision.
+    fn last(&self) -> Option<Counter> {
+        self.seen.lock().unwrap().last().cloned()
+    }
+}
+
+impl es_core::Aggregate for Fresh {
+    type Event = CounterEvent;
+    type Command = Observed;
+    type Error = es_core::doc_support::counter::CounterError;
+    const TYPE: &'static str = "counter";
+
+    fn apply(&mut self, event: &CounterEvent) {
+        self.0.apply(event);
+    }
+
+    fn handle(&self, command: Observed) -> Result<Vec<CounterEvent>, Self::Error> {
+        command.seen.lock().unwrap().push(self.0.clone());
+        self.0.handle(inc(command.by))
+    }
+
+    fn creates(_command: &Observed) -> bool {
+        true
+    }
+}
+
 #[tokio::test]
 async fn executes_and_loads_with_metadata_on_every_event() {
     let store = Arc::new(InMemoryEventStore::new());
@@ -398,7 +444,7 @@ proptest::proptest! {
     /// returns or writes was taken on exactly the state a full load gives.
     #[test]
     fn cached_decisions_see_the_state_a_full_load_gives(
-        ops in proptest::collection::vec((0u8..4, 0u8..3, 0u32..4), 1..60)
+        ops in proptest::collection::vec((0u8..5, 0u8..3, 0u32..4), 1..60)
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
@@ -406,10 +452,25 @@ proptest::proptest! {
             let cached = Repository::<Counter>::new(store.clone()).with_state_cache(64);
             let tiny = Repository::<Counter>::new(store.clone()).with_state_cache(1);
             let plain = Repository::<Counter>::new(store.clone());
+            let guessing = Repository::<Fresh>::new(store.clone());
             for (writer, aggregate, by) in ops {
                 let id = format!("a{aggregate}");
-                let repo = match writer { 0 => &cached, 1 => &tiny, _ => &plain };
                 let expected = plain.load(&id).await.unwrap();
+                if writer == 4 {
+                    // `execute` of a command that creates the aggregate:
+                    // decided on the empty state unread, and again on the
+                    // stream as read when that guess was wrong.
+                    let command = Observed::new(by);
+                    let result = guessing.execute(&id, command.clone(), &Metadata::new()).await;
+                    assert_eq!(command.last(), Some(expected.state.clone()));
+                    match result {
+                        Ok(c) => assert_eq!(c.stream_version, expected.version + 1),
+                        Err(RepositoryError::Rejected(_)) => assert_eq!(by, 0),
+                        Err(e) => panic!("{e}"),
+                    }
+                    continue;
+                }
+                let repo = match writer { 0 => &cached, 1 => &tiny, _ => &plain };
                 let mut seen = None;
                 let result = repo
                     .execute_with(&id, &Metadata::new(), (writer == 3).then(Uuid::now_v7), |state| {
@@ -466,6 +527,39 @@ async fn create_appends_without_reading_and_falls_back_when_the_stream_exists() 
     );
     let stream = StreamId::new("counter-fresh").unwrap();
     assert_eq!(store.stream_version(&stream).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn execute_decides_a_creating_command_unread_and_reads_once_when_the_stream_exists() {
+    let store = Arc::new(Interloper::new(false, None));
+    let repo = Repository::<Fresh>::new(store.clone());
+    let first = Observed::new(2);
+    let new = repo
+        .execute("new", first.clone(), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(new.stream_version, 1);
+    assert_eq!(store.reads.load(Ordering::SeqCst), 0, "execute read first");
+    assert_eq!(first.seen.lock().unwrap().len(), 1);
+
+    // Wrong guess: nothing written on it, one read, decided again.
+    let second = Observed::new(3);
+    let again = repo
+        .execute("new", second.clone(), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(again.stream_version, 2);
+    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        *second.seen.lock().unwrap(),
+        vec![Counter::default(), Counter { value: 2 }]
+    );
+    // Counter's own commands do not create it: they read first.
+    Repository::<Counter>::new(store.clone())
+        .execute("other", inc(1), &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(store.reads.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

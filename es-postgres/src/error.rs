@@ -52,6 +52,16 @@ pub enum Error {
         /// The newest version this build knows.
         known: i32,
     },
+    /// The schema's tables do not exist: the schema was never migrated.
+    /// [`PgEventStore::new`](crate::PgEventStore::new) and the other stores'
+    /// constructors do not create tables; [`crate::migrate`] does (and
+    /// [`PgEventStore::connect`](crate::PgEventStore::connect) calls it).
+    #[error("the schema's tables do not exist: run es_postgres::migrate(&pool, schema) first ({source})")]
+    NotMigrated {
+        /// The driver's error (it names the missing table or schema).
+        #[source]
+        source: sqlx::Error,
+    },
     /// A connection URL or setting was rejected.
     #[error("invalid connection settings: {reason}")]
     InvalidConfig {
@@ -117,6 +127,8 @@ impl From<sqlx::Error> for Error {
     fn from(source: sqlx::Error) -> Self {
         if is_connection_error(&source) {
             Self::Unavailable { source }
+        } else if sqlstate::is_one_of(&source, sqlstate::NOT_MIGRATED) {
+            Self::NotMigrated { source }
         } else {
             Self::Database { source }
         }

@@ -31,6 +31,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "append_group",
         sql: include_str!("../migrations/0003_append_group.sql"),
     },
+    Migration {
+        version: 4,
+        name: "dcb_tags",
+        sql: include_str!("../migrations/0004_dcb_tags.sql"),
+    },
 ];
 
 /// Checks that `name` is a plain lower-case identifier, safe to splice into SQL.

@@ -13,6 +13,18 @@ pub(crate) const CANNOT_CONNECT_NOW: &str = "57P03";
 /// `too_many_connections`.
 pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
 
+/// `undefined_table`: a relation that does not exist.
+pub(crate) const UNDEFINED_TABLE: &str = "42P01";
+/// `invalid_schema_name`: a schema that does not exist.
+pub(crate) const INVALID_SCHEMA_NAME: &str = "3F000";
+/// `undefined_function`: a function that does not exist (the append's, in a
+/// schema never migrated).
+pub(crate) const UNDEFINED_FUNCTION: &str = "42883";
+
+/// The codes a statement on a schema that was never migrated fails with.
+pub(crate) const NOT_MIGRATED: &[&str] =
+    &[UNDEFINED_TABLE, INVALID_SCHEMA_NAME, UNDEFINED_FUNCTION];
+
 /// `invalid_text_representation`: a text that is not valid JSON.
 pub(crate) const INVALID_TEXT_REPRESENTATION: &str = "22P02";
 /// `untranslatable_character`: a `\u0000` in a JSON text.

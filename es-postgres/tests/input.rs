@@ -176,7 +176,7 @@ async fn migrations_are_idempotent_and_safe_in_parallel() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(versions, vec![1, 2, 3, 4]);
     let store = PgEventStore::try_new(pool, schema).unwrap();
     store
         .append(&unique_stream("m"), ExpectedVersion::NoStream, events(0, 3))
@@ -234,4 +234,43 @@ async fn payload_text_round_trips_exactly() {
     let back = store.read_stream(&stream, 1, 10).await.unwrap();
     let got: Vec<&str> = back.iter().map(|e| e.payload.as_str()).collect();
     assert_eq!(got, texts);
+}
+
+/// A store over a schema nobody migrated fails with `NotMigrated`, whose
+/// message says to run `migrate`; after `migrate` it works.
+#[tokio::test]
+async fn an_unmigrated_schema_is_an_error_naming_migrate() {
+    let (pool, _) = es_postgres::testing::fresh_schema().await;
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let store = PgEventStore::new(pool.clone(), schema.clone());
+    let stream = unique_stream("unmigrated");
+    let error = store
+        .append(&stream, ExpectedVersion::Any, events(1, 1))
+        .await
+        .unwrap_err();
+    let StoreError::Backend { source } = &error else {
+        panic!("{error:?}");
+    };
+    assert!(
+        matches!(
+            source.downcast_ref::<Error>(),
+            Some(Error::NotMigrated { .. })
+        ),
+        "{source:?}"
+    );
+    assert!(
+        error.to_string().contains("es_postgres::migrate"),
+        "{error}"
+    );
+    let read = store.read_stream(&stream, 1, 10).await.unwrap_err();
+    assert!(read.to_string().contains("migrate"), "{read}");
+    es_postgres::migrate(&pool, &schema).await.unwrap();
+    store
+        .append(&stream, ExpectedVersion::Any, events(1, 1))
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
 }

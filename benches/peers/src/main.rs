@@ -130,6 +130,9 @@ impl es_core::Aggregate for Order {
     fn handle(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, Refused> {
         self.decide(command)
     }
+    fn creates(command: &OrderCommand) -> bool {
+        matches!(command, OrderCommand::Create)
+    }
 }
 
 // cqrs-es side: the same state and events.
@@ -341,8 +344,9 @@ async fn main() {
     let meta = Metadata::new();
 
     // 1. A command creating a new aggregate (load: empty; one event), through
-    // `execute` (which reads the empty stream first, as cqrs-es does) and
-    // through `create` (which appends expecting no stream, without reading).
+    // `execute` (the aggregate says `Create` creates it, so it appends
+    // expecting no stream without reading; cqrs-es reads the empty stream
+    // first) and through `create` (which always assumes a new stream).
     for (how, create) in [("execute", false), ("create", true)] {
         for c in [1usize, 8, 32] {
             let (r, m) = (repo.clone(), meta.clone());

@@ -63,12 +63,10 @@ impl<E: DomainEvent> EventCodec<E> {
     pub fn encode(&self, event: &E, metadata: Metadata) -> Result<NewEvent, CodecError> {
         let event_type = event.event_type();
         let payload = encode_variant(event, event_type)?;
-        Ok(NewEvent::new(
-            event_type,
-            event.schema_version(),
-            payload,
-            metadata,
-        ))
+        Ok(
+            NewEvent::new(event_type, event.schema_version(), payload, metadata)
+                .with_tags(event.tags()?),
+        )
     }
 
     /// Serializes an event into a [`NewEvent`] with the given id (a
@@ -87,6 +85,7 @@ impl<E: DomainEvent> EventCodec<E> {
             schema_version: event.schema_version(),
             payload: encode_variant(event, event_type)?,
             metadata,
+            tags: event.tags()?.into_iter().collect(),
         })
     }
 

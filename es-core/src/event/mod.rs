@@ -55,6 +55,13 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn schema_version(&self) -> u32 {
         1
     }
+
+    /// The [`Tag`](crate::Tag)s that place this event in consistency
+    /// boundaries (see [`crate::dcb`]); none by default. The codec stores
+    /// them with the event.
+    fn tags(&self) -> Result<Vec<crate::Tag>, crate::InvalidTag> {
+        Ok(Vec::new())
+    }
 }
 
 /// An event could not be encoded, upcast, or decoded.
@@ -90,6 +97,9 @@ pub enum CodecError {
         #[source]
         source: serde_json::Error,
     },
+    /// The event named an invalid tag.
+    #[error(transparent)]
+    InvalidTag(#[from] crate::InvalidTag),
     /// An upcaster refused a payload.
     #[error("upcasting {event_type} from schema version {from_version} failed: {reason}")]
     Upcast {

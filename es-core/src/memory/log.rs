@@ -80,6 +80,7 @@ mod tests {
             payload: Payload::from_trusted_json("{}"),
             metadata: Metadata::new(),
             recorded_at: Utc::now(),
+            tags: Default::default(),
         }
     }
 

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::log::Log;
 use super::sharded::ShardedMap;
 use crate::catch_up::catch_up_then_live;
+use crate::dcb::{AppendCondition, DcbStore, Query, QueryPage, Tag};
 use crate::store::{validate_batch, validate_parts};
 use crate::{
     AppendResult, CheckpointStore, EventStore, ExpectedVersion, Inbox, NewEvent, Position,
@@ -22,6 +23,9 @@ use crate::{
 /// Positions are `(sequence, 0)` with the sequence counting from 1. Appends
 /// take a write lock, so the log order is the commit order and subscribers can
 /// never see a gap. Cloning shares the same store.
+///
+/// It is a [`DcbStore`] too: tags are indexed in memory, and a conditional
+/// append checks its condition and writes under the same write lock.
 #[derive(Clone, Debug)]
 pub struct InMemoryEventStore {
     shared: Arc<Shared>,
@@ -40,6 +44,8 @@ struct State {
     streams: ShardedMap<StreamId, Vec<usize>>,
     /// Where each event id is in the log.
     ids: ShardedMap<Uuid, usize>,
+    /// The events carrying each tag, as indexes into the log (ascending).
+    tags: HashMap<Tag, Vec<usize>>,
 }
 
 impl Default for InMemoryEventStore {
@@ -85,7 +91,34 @@ impl InMemoryEventStore {
 
     /// Decides every part, then writes them all under one lock, or none.
     fn write(&self, parts: Vec<StreamAppend>) -> Result<Vec<AppendResult>, StoreError> {
+        self.write_if(parts, None)
+    }
+
+    /// [`Self::write`], refused with [`StoreError::BoundaryMoved`] when an
+    /// event matching `condition` is in the log after its marker. A replay
+    /// (ids already stored) is decided as a replay, before the condition.
+    fn write_if(
+        &self,
+        parts: Vec<StreamAppend>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
         let mut state = self.write_state();
+        if let Some(condition) = condition {
+            let replay = parts
+                .iter()
+                .flat_map(|p| &p.events)
+                .any(|e| state.ids.contains_key(&e.event_id));
+            if !replay && state.moved(condition) {
+                return Err(StoreError::BoundaryMoved {
+                    stream: parts.first().map(|p| p.stream.clone()).ok_or_else(|| {
+                        StoreError::Backend {
+                            source: "a conditional append named no stream".into(),
+                        }
+                    })?,
+                    after: condition.after,
+                });
+            }
+        }
         let mut results: Vec<Option<AppendResult>> = Vec::with_capacity(parts.len());
         for part in &parts {
             let found = part
@@ -117,7 +150,12 @@ impl InMemoryEventStore {
             }));
         }
         let recorded_at = Utc::now();
-        let State { log, streams, ids } = &mut *state;
+        let State {
+            log,
+            streams,
+            ids,
+            tags,
+        } = &mut *state;
         let mut answers = Vec::with_capacity(parts.len());
         for (part, decided) in parts.into_iter().zip(results) {
             if let Some(decided) = decided {
@@ -131,6 +169,9 @@ impl InMemoryEventStore {
                 version += 1;
                 ids.insert(event.event_id, index);
                 indexes.push(index);
+                for tag in &event.tags {
+                    tags.entry(tag.clone()).or_default().push(index);
+                }
                 log.push(RecordedEvent {
                     event_id: event.event_id,
                     stream_id: part.stream.clone(),
@@ -141,6 +182,7 @@ impl InMemoryEventStore {
                     payload: event.payload,
                     metadata: event.metadata,
                     recorded_at,
+                    tags: event.tags,
                 });
             }
             answers.push(AppendResult {
@@ -177,7 +219,47 @@ fn position_of(index: usize) -> Position {
     Position::new(index as u64 + 1, 0)
 }
 
+/// The index of the first event after `after`.
+fn first_after(after: Position) -> usize {
+    usize::try_from(after.major()).unwrap_or(usize::MAX)
+}
+
 impl State {
+    /// The indexes of events matching `query` from index `from` on, in log
+    /// order, at most `max`.
+    fn matching(&self, query: &Query, from: usize, max: usize) -> Vec<usize> {
+        let mut found: Vec<usize> = Vec::new();
+        for item in query.items() {
+            let Some(indexes) = self.tags.get(item.first_tag()) else {
+                continue;
+            };
+            let start = indexes.partition_point(|&i| i < from);
+            found.extend(
+                indexes[start..]
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        let event = &self.log[i];
+                        item.matches(&event.event_type, &event.tags)
+                    })
+                    .take(max),
+            );
+        }
+        found.sort_unstable();
+        found.dedup();
+        found.truncate(max);
+        found
+    }
+
+    /// Whether an event matching the condition is in the log after its
+    /// marker.
+    fn moved(&self, condition: &AppendCondition) -> bool {
+        let from = condition.after.map_or(0, first_after);
+        !self
+            .matching(&condition.fail_if_events_match, from, 1)
+            .is_empty()
+    }
+
     fn version(&self, stream: &StreamId) -> u64 {
         self.streams.get(stream).map_or(0, |s| s.len() as u64)
     }
@@ -333,6 +415,71 @@ impl EventStore for InMemoryEventStore {
                 async move { Ok(page) }
             },
         )
+    }
+}
+
+#[async_trait]
+impl DcbStore for InMemoryEventStore {
+    async fn read(
+        &self,
+        query: &Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<QueryPage, StoreError> {
+        Ok(self.read_query_now(query, after, max_count))
+    }
+
+    async fn append_if(
+        &self,
+        stream: &StreamId,
+        events: Vec<NewEvent>,
+        condition: AppendCondition,
+    ) -> Result<AppendResult, StoreError> {
+        validate_batch(&events)?;
+        let part = StreamAppend::new(stream.clone(), ExpectedVersion::Any, events);
+        let mut results = self.write_if(vec![part], Some(&condition))?;
+        results.pop().ok_or_else(|| StoreError::Backend {
+            source: "an append answered nothing".into(),
+        })
+    }
+
+    fn subscribe(
+        &self,
+        query: Query,
+        after: Position,
+    ) -> BoxStream<'static, Result<RecordedEvent, StoreError>> {
+        let store = self.clone();
+        catch_up_then_live(
+            after,
+            1_000,
+            Duration::from_secs(1),
+            self.shared.head.subscribe(),
+            move |after, max| {
+                let page = store.read_query_now(&query, after, max).events;
+                async move { Ok(page) }
+            },
+        )
+    }
+}
+
+impl InMemoryEventStore {
+    fn read_query_now(&self, query: &Query, after: Position, max_count: usize) -> QueryPage {
+        let state = self.read_state();
+        let indexes = state.matching(query, first_after(after), max_count);
+        let events: Vec<RecordedEvent> = indexes.iter().map(|&i| state.log[i].clone()).collect();
+        let marker = match events.last() {
+            Some(last) if events.len() >= max_count => last.position,
+            _ => {
+                let len = state.log.len();
+                let head = if len == 0 {
+                    Position::START
+                } else {
+                    position_of(len - 1)
+                };
+                head.max(after)
+            }
+        };
+        QueryPage { events, marker }
     }
 }
 

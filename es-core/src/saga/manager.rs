@@ -705,6 +705,7 @@ impl<S: Saga> SagaManager<S> {
                 schema_version: 1,
                 payload,
                 metadata: metadata.clone(),
+                tags: Default::default(),
             });
         };
         let payload = |value: &dyn erased::Json| value.to_payload();

@@ -79,8 +79,12 @@ pub trait Saga: Default + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Reaction<Self::Event, Self::Command>;
 
-    /// Decides the reaction to a deadline it set, now due.
-    fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<Self::Event, Self::Command>;
+    /// Decides the reaction to a deadline it set, now due. By default,
+    /// nothing: a saga that sets no deadlines need not implement it.
+    fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<Self::Event, Self::Command> {
+        let _ = (name, now);
+        Reaction::none()
+    }
 }
 
 /// Why a saga could not handle an input or a deadline.

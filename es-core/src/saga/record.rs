@@ -176,6 +176,7 @@ mod tests {
             payload,
             metadata: Metadata::new().with_correlation_id(Uuid::now_v7()),
             recorded_at: Utc::now(),
+            tags: Default::default(),
         }
     }
 }

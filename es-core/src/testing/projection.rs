@@ -60,6 +60,7 @@ fn record<E: DomainEvent>(
                 payload: new.payload,
                 metadata: new.metadata,
                 recorded_at: at,
+                tags: new.tags,
             }
         })
         .collect()

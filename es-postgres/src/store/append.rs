@@ -16,7 +16,7 @@ use crate::error::{store_error, Error};
 use crate::group_commit::{Answer, GroupCommit, Turn, Waiting};
 use crate::sqlstate::{self, is_unique_violation};
 
-fn expected_code(expected: ExpectedVersion) -> i64 {
+pub(super) fn expected_code(expected: ExpectedVersion) -> i64 {
     match expected {
         ExpectedVersion::Any => -1,
         ExpectedVersion::NoStream => -2,
@@ -64,17 +64,17 @@ fn refused_payload(events: &[NewEvent]) -> Uuid {
 }
 
 /// A batch encoded as the arrays the append statements take.
-struct Batch<'a> {
-    events: &'a [NewEvent],
-    ids: Vec<Uuid>,
-    types: Vec<&'a str>,
-    versions: Vec<i32>,
-    payloads: Vec<&'a str>,
-    metadata: Vec<String>,
+pub(super) struct Batch<'a> {
+    pub(super) events: &'a [NewEvent],
+    pub(super) ids: Vec<Uuid>,
+    pub(super) types: Vec<&'a str>,
+    pub(super) versions: Vec<i32>,
+    pub(super) payloads: Vec<&'a str>,
+    pub(super) metadata: Vec<String>,
 }
 
 impl<'a> Batch<'a> {
-    fn encode(events: &'a [NewEvent], max_batch: usize) -> Result<Self, StoreError> {
+    pub(super) fn encode(events: &'a [NewEvent], max_batch: usize) -> Result<Self, StoreError> {
         validate(events, max_batch)?;
         let n = events.len();
         let mut batch = Batch {
@@ -104,7 +104,7 @@ impl<'a> Batch<'a> {
         Ok(batch)
     }
 
-    fn map_error(&self, error: sqlx::Error, guarded: bool) -> AppendError {
+    pub(super) fn map_error(&self, error: sqlx::Error, guarded: bool) -> AppendError {
         if !guarded && is_unique_violation(&error) {
             AppendError::RaceLost
         } else if is_invalid_json(&error) {
@@ -117,7 +117,7 @@ impl<'a> Batch<'a> {
     }
 }
 
-type OutcomeRow = (i32, Option<i64>, Option<i64>, Option<i64>, Option<Uuid>);
+pub(super) type OutcomeRow = (i32, Option<i64>, Option<i64>, Option<i64>, Option<Uuid>);
 
 /// An `append_group` row: the append's 1-based index, then its outcome row.
 type GroupRow = (
@@ -141,7 +141,7 @@ type FastGroupRow = (i32, Option<i64>, Option<i64>, Option<i64>, i64, bool);
 type FastRow = (Option<i64>, Option<i64>, Option<i64>, i64, Option<bool>);
 
 /// What an `append_events` outcome row means for the caller.
-fn decide(
+pub(super) fn decide(
     stream: &StreamId,
     expected: ExpectedVersion,
     row: OutcomeRow,
@@ -259,7 +259,7 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn no_row() -> StoreError {
+pub(super) fn no_row() -> StoreError {
     Error::Corrupt {
         reason: "the append statement returned no row".to_owned(),
     }
@@ -268,7 +268,7 @@ fn no_row() -> StoreError {
 
 /// How one append statement failed, inside the write path.
 #[derive(Debug)]
-enum AppendError {
+pub(super) enum AppendError {
     /// The append's answer: a refusal or a failure for the caller.
     Store(StoreError),
     /// A concurrent append won a race on a stream version or an event id
@@ -311,9 +311,13 @@ impl PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        let result = self
-            .append_on(&mut *conn, stream, expected, &events, true)
-            .await?;
+        let result = if super::dcb::has_tags(&events) {
+            self.append_tagged_on(&mut *conn, stream, expected, &events, None)
+                .await?
+        } else {
+            self.append_on(&mut *conn, stream, expected, &events, true)
+                .await?
+        };
         if result.written && self.shared.settings.notify {
             sqlx::query("SELECT pg_notify($1, '')")
                 .bind(&self.shared.channel)
@@ -695,6 +699,9 @@ impl PgEventStore {
         mut parts: Vec<StreamAppend>,
     ) -> Result<Vec<AppendResult>, StoreError> {
         es_core::store::validate_parts(&parts)?;
+        if parts.len() > 1 && parts.iter().any(|p| super::dcb::has_tags(&p.events)) {
+            return self.write_tagged_parts(&parts).await;
+        }
         if parts.len() == 1 {
             if let Some(part) = parts.pop() {
                 let result = self
@@ -862,6 +869,11 @@ impl PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
+        if super::dcb::has_tags(&events) {
+            return self
+                .append_tagged_now(stream, expected, &events, None)
+                .await;
+        }
         match &self.shared.group {
             Some(group) if !events.is_empty() => {
                 let part = StreamAppend::new(stream.clone(), expected, events);

@@ -2,9 +2,11 @@
 //!
 //! This module holds the type, its settings and the [`EventStore`] impl; the
 //! SQL text lives in `sql`, the write path in `append`, the read path and
-//! the read horizon in `read`, and the wake-ups in `notify`.
+//! the read horizon in `read`, tagged appends and reads by query in `dcb`,
+//! and the wake-ups in `notify`.
 
 mod append;
+mod dcb;
 mod notify;
 mod read;
 mod sql;
@@ -58,6 +60,11 @@ pub const DEFAULT_MAX_BATCH: usize = 10_000;
 ///   [`DEFAULT_MAX_IN_FLIGHT`](crate::DEFAULT_MAX_IN_FLIGHT) run at once, and
 ///   appends arriving meanwhile are written together, in one transaction,
 ///   each decided on its own (see [`PgEventStore::with_group_commit`]).
+/// - It is a [`DcbStore`](es_core::DcbStore): appends of tagged events, and
+///   conditional appends, are one call each that takes advisory locks on
+///   their (event type, tag) keys at READ COMMITTED, so only appends whose
+///   boundaries meet wait for each other; they are not grouped. Reads by
+///   query follow the log's order and horizon, as `read_all` does.
 ///
 /// Cloning is cheap and shares the pool and the wake-up machinery.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use es_core::{Metadata, Payload, Position, RecordedEvent, StoreError, StreamId};
+use es_core::{Metadata, Payload, Position, RecordedEvent, StoreError, StreamId, Tag};
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use uuid::Uuid;
 
@@ -59,11 +59,12 @@ pub(super) type EventRow = (
     String,
     String,
     DateTime<Utc>,
+    Option<Vec<String>>,
 );
 
 /// A row of the page-and-held-back statement: the oldest held-back
 /// transaction, then an event's columns (all NULL for an empty page).
-type HeldRow = (
+pub(super) type HeldRow = (
     Option<i64>,
     Option<i64>,
     Option<i64>,
@@ -75,11 +76,12 @@ type HeldRow = (
     Option<String>,
     Option<String>,
     Option<DateTime<Utc>>,
+    Option<Vec<String>>,
 );
 
 /// The event of a [`HeldRow`], if it has one.
-fn held_event(row: HeldRow) -> Option<EventRow> {
-    let (_, global, tx, stream, version, id, event_type, schema, payload, metadata, at) = row;
+pub(super) fn held_event(row: HeldRow) -> Option<EventRow> {
+    let (_, global, tx, stream, version, id, event_type, schema, payload, metadata, at, tags) = row;
     Some((
         global?,
         tx?,
@@ -91,6 +93,7 @@ fn held_event(row: HeldRow) -> Option<EventRow> {
         payload?,
         metadata?,
         at?,
+        tags,
     ))
 }
 
@@ -124,6 +127,7 @@ pub(super) fn decode(row: EventRow, stream: Option<&StreamId>) -> Result<Recorde
         payload,
         metadata,
         recorded_at,
+        tags,
     ) = row;
     let stream_id = match stream {
         Some(s) => s.clone(),
@@ -148,6 +152,15 @@ pub(super) fn decode(row: EventRow, stream: Option<&StreamId>) -> Result<Recorde
         payload: Payload::from_trusted_json(payload),
         metadata,
         recorded_at,
+        tags: tags
+            .unwrap_or_default()
+            .into_iter()
+            .map(|tag| {
+                Tag::new(tag).map_err(|e| Error::Corrupt {
+                    reason: format!("a tag of event {event_id}: {e}"),
+                })
+            })
+            .collect::<Result<_>>()?,
     })
 }
 
@@ -178,7 +191,7 @@ impl PgEventStore {
     /// Waits (bounded by the read wait) until every transaction older than
     /// `tx` has finished, so rows of `tx` are readable. Returns whether it got
     /// there in time.
-    async fn wait_horizon(&self, tx: i64) -> Result<bool, StoreError> {
+    pub(super) async fn wait_horizon(&self, tx: i64) -> Result<bool, StoreError> {
         let deadline = tokio::time::Instant::now() + self.shared.settings.read_wait;
         let mut delay = Duration::from_millis(1);
         loop {

@@ -17,14 +17,17 @@ pub(super) struct Sql {
     pub(super) head: String,
     pub(super) version: String,
     pub(super) holdback: String,
+    pub(super) append_tagged: String,
+    pub(super) lock_tags: String,
+    pub(super) read_query: String,
 }
 
 const COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, event_id, \
-                       event_type, schema_version, payload::text, metadata::text, recorded_at";
+                       event_type, schema_version, payload::text, metadata::text, recorded_at, tags";
 
 /// The columns of `read_stream`: the stream id is known, so not sent back.
 const STREAM_COLUMNS: &str = "global_position, transaction_id, '', stream_version, event_id, \
-                              event_type, schema_version, payload::text, metadata::text, recorded_at";
+                              event_type, schema_version, payload::text, metadata::text, recorded_at, tags";
 
 /// The `NOTIFY` an append statement carries: `pg_notify` on the channel `$9`
 /// with the store instance's payload `$10` when the channel is not NULL,
@@ -139,6 +142,43 @@ impl Sql {
                         (SELECT count(*) FROM {s}.events WHERE transaction_id >= snap.xmin), \
                         oldest.pid, oldest.datname::text, oldest.age \
                    FROM snap LEFT JOIN oldest ON true"
+            ),
+            append_tagged: format!(
+                "SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_tagged(\
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            ),
+            lock_tags: format!("SELECT {s}.lock_tags($1, $2, $3, NULL)"),
+            // A page of the events matching the query `$3` (items as
+            // [{"types": [...], "tags": [...]}]) after ($1, $2), below the
+            // horizon as read_all reads; in the same snapshot the horizon
+            // itself (the marker of a short page) and the oldest
+            // transaction with committed rows not readable yet. Each item
+            // is looked up by its first tag in event_tags and checked
+            // against all of its tags, in a LATERAL with a LIMIT, so that
+            // every lookup is an index scan whatever the planner guesses
+            // of the items' number. Always one row at least: an empty page
+            // is one row of NULL event columns.
+            read_query: format!(
+                "WITH h AS (SELECT {XMIN} AS x, (SELECT min(transaction_id) FROM {s}.events \
+                                                 WHERE transaction_id >= {XMIN}) AS held) \
+                 SELECT h.x, h.held, e.* FROM h LEFT JOIN LATERAL \
+                   (SELECT ev.* FROM \
+                      (SELECT DISTINCT m.transaction_id, m.global_position \
+                         FROM jsonb_array_elements($3::jsonb) AS q(item) \
+                         CROSS JOIN LATERAL \
+                           (SELECT t.transaction_id, t.global_position FROM {s}.event_tags t \
+                             WHERE t.tag = q.item->'tags'->>0 \
+                               AND (jsonb_array_length(q.item->'types') = 0 OR q.item->'types' ? t.event_type) \
+                               AND (t.transaction_id, t.global_position) > ($1, $2) AND t.transaction_id < h.x \
+                               AND (SELECT x.tags FROM {s}.events x WHERE x.transaction_id = t.transaction_id \
+                                       AND x.global_position = t.global_position) \
+                                   @> ARRAY(SELECT jsonb_array_elements_text(q.item->'tags')) \
+                             ORDER BY t.transaction_id, t.global_position LIMIT $4) m \
+                        ORDER BY 1, 2 LIMIT $4) k \
+                    CROSS JOIN LATERAL \
+                      (SELECT {COLUMNS} FROM {s}.events WHERE transaction_id = k.transaction_id \
+                          AND global_position = k.global_position LIMIT 1) ev \
+                    ORDER BY ev.transaction_id, ev.global_position) e ON true"
             ),
         }
     }

@@ -177,8 +177,8 @@ struct Created {
     product_id: Uuid,
 }
 
-fn http_err(e: impl std::fmt::Display) -> Error {
-    Error::internal(format!("http: {e}"))
+fn http_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::caused("http", e)
 }
 
 /// How long one request may take.
@@ -387,7 +387,8 @@ pub(crate) async fn run(options: LoadOptions) -> Result<LoadReport> {
     let next = Arc::new(AtomicU64::new(0));
     let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
     let histogram = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(Error::internal)?,
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)
+            .map_err(|e| Error::caused("creating the latency histogram", e))?,
     ));
     let started = Instant::now();
     let sampler = embedded
@@ -460,7 +461,8 @@ pub(crate) async fn run(options: LoadOptions) -> Result<LoadReport> {
         }));
     }
     for w in workers {
-        w.await.map_err(Error::internal)?;
+        w.await
+            .map_err(|e| Error::caused("a load worker failed", e))?;
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();

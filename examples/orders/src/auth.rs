@@ -1,6 +1,6 @@
 //! Authentication and authorisation of the HTTP API: bearer tokens (JWT)
 //! signed with an HS256 secret or an RS256 key, checked by one middleware
-//! ([`authenticate`]) at the edge of every process that has a key, and one
+//! (`authenticate`) at the edge of every process that has a key, and one
 //! extractor ([`Caller`]) through which handlers apply the per-order rules.
 //!
 //! The rules:
@@ -11,7 +11,7 @@
 //! - A token whose `role` (or one of its `roles`) is `admin` may do anything.
 //!   Any other token is a customer's and needs an `email` claim.
 //! - Creating and restocking products, searching orders, the statistics and
-//!   any other customer's list are the admin's ([`Access::Admin`]); a
+//!   any other customer's list are the admin's (`Access::Admin`); a
 //!   customer gets 403.
 //! - A customer places orders in their own email, and reads, lists and
 //!   cancels only their own orders (403 otherwise); `GET /api/orders`
@@ -21,7 +21,7 @@
 //! at start-up.
 //!
 //! The middleware hands the caller to the handlers in the
-//! [`CALLER_HEADER`] header, replacing any the client sent; the gateway
+//! `CALLER_HEADER` header, replacing any the client sent; the gateway
 //! forwards it with the bearer token to the services behind it. A service
 //! without a key of its own trusts that header: such a service must only be
 //! reachable through the gateway. A request without the header is
@@ -46,7 +46,7 @@ use crate::{Error, Result};
 
 /// The header in which the edge tells the handlers (and the services behind
 /// the gateway) who is calling: `admin` or `customer <email>`.
-pub const CALLER_HEADER: &str = "x-orders-caller";
+pub(crate) const CALLER_HEADER: &str = "x-orders-caller";
 
 /// The role that may do anything.
 pub const ADMIN: &str = "admin";
@@ -56,7 +56,7 @@ pub const CUSTOMER: &str = "customer";
 
 /// Seconds a token is still accepted after its `exp` (clock skew between the
 /// issuer and this process).
-pub const LEEWAY_SECS: u64 = 30;
+pub(crate) const LEEWAY_SECS: u64 = 30;
 
 /// The authentication settings (flags and environment variables).
 #[derive(Clone, Default, clap::Args)]
@@ -102,20 +102,20 @@ impl AuthArgs {
             Some("") => return Err(Error::internal("the JWT secret is empty")),
             Some(secret) => Some(
                 DecodingKey::from_secret(secret.as_bytes())
-                    .map_err(|e| Error::internal(format!("the JWT secret cannot be used: {e}")))?,
+                    .map_err(|e| Error::caused("the JWT secret cannot be used", e))?,
             ),
         };
         let rs256 = match &self.jwt_rs256_public_key_file {
             None => None,
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    Error::internal(format!("cannot read the JWT key {}: {e}", path.display()))
+                    Error::caused(format!("cannot read the JWT key {}", path.display()), e)
                 })?;
                 Some(DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                    Error::internal(format!(
-                        "{} is not an RSA public key in PEM: {e}",
-                        path.display()
-                    ))
+                    Error::caused(
+                        format!("{} is not an RSA public key in PEM", path.display()),
+                        e,
+                    )
                 })?)
             }
         };
@@ -226,9 +226,10 @@ pub fn mint(secret: &str, claims: &Claims) -> Result<String> {
     if secret.is_empty() {
         return Err(Error::internal("the JWT secret is empty"));
     }
-    let key = EncodingKey::from_secret(secret.as_bytes()).map_err(Error::internal)?;
+    let key = EncodingKey::from_secret(secret.as_bytes())
+        .map_err(|e| Error::caused("the JWT secret cannot be used", e))?;
     jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), claims, &key)
-        .map_err(Error::internal)
+        .map_err(|e| Error::caused("encoding the token", e))
 }
 
 /// Parses a token lifetime: `90s`, `15m`, `1h`, `7d` or a number of seconds.
@@ -281,7 +282,7 @@ impl Caller {
     ///
     /// # Errors
     /// 403 when a customer asks for another customer's.
-    pub fn may_act_for(&self, email: &str) -> Result<(), ApiError> {
+    pub(crate) fn may_act_for(&self, email: &str) -> Result<(), ApiError> {
         match self.customer() {
             Some(own) if own != email => Err(forbidden("this belongs to another customer")),
             _ => Ok(()),
@@ -322,7 +323,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 /// What a request needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
+pub(crate) enum Access {
     /// Nothing: health, metrics, the OpenAPI document, non-API paths.
     Open,
     /// A valid token; the handler applies the per-order rules.
@@ -333,7 +334,7 @@ pub enum Access {
 
 impl Access {
     /// What `method` on `path` needs.
-    pub fn of(method: &Method, path: &str) -> Self {
+    pub(crate) fn of(method: &Method, path: &str) -> Self {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
         match segments.as_slice() {
             ["", "api", "products", _] if method == Method::GET => Self::Authenticated,
@@ -421,7 +422,7 @@ impl Authenticator {
 /// The middleware: with an authenticator, checks the bearer token of every
 /// request that needs one (see [`Access`]) and passes the caller on in
 /// [`CALLER_HEADER`]; without one, passes every request through untouched.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     State(auth): State<Option<Arc<Authenticator>>>,
     mut request: Request,
     next: Next,
@@ -466,7 +467,7 @@ pub async fn authenticate(
 }
 
 /// `router` behind [`authenticate`] with `auth`.
-pub fn protect(router: Router, auth: Option<Arc<Authenticator>>) -> Router {
+pub(crate) fn protect(router: Router, auth: Option<Arc<Authenticator>>) -> Router {
     router.layer(axum::middleware::from_fn_with_state(auth, authenticate))
 }
 
@@ -510,7 +511,7 @@ pub fn document(doc: &mut utoipa::openapi::OpenApi) {
 
 /// Masks a card token for display: its first four and last four characters
 /// when it is long enough to keep them hidden in between, else `***`.
-pub fn mask_card_token(token: &str) -> String {
+pub(crate) fn mask_card_token(token: &str) -> String {
     let chars: Vec<char> = token.chars().collect();
     if chars.len() < 12 {
         return "***".to_owned();
@@ -521,7 +522,7 @@ pub fn mask_card_token(token: &str) -> String {
 }
 
 /// Masks every `card_token` string anywhere in `value`.
-pub fn mask_card_tokens(value: &mut serde_json::Value) {
+pub(crate) fn mask_card_tokens(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Object(map) => {
             for (key, field) in map.iter_mut() {

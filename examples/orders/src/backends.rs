@@ -168,7 +168,7 @@ impl Backends {
             .with_connection_name(application.to_owned())
             .with_queue_expires(args.queue_expires_secs.map(Duration::from_secs));
         let options = PgConnectOptions::from_str(&args.database_url)
-            .map_err(|e| Error::internal(format!("invalid database URL: {e}")))?
+            .map_err(|e| Error::caused("invalid database URL", e))?
             .application_name(application);
         let config = PgConfig::with_options(options)
             .max_connections(args.pg_pool)
@@ -244,7 +244,7 @@ impl Backends {
             for group in topology::groups::ALL {
                 bus.declare(&topology::subscription(group, self.delivery))
                     .await
-                    .map_err(|e| Error::internal(format!("declaring {group}: {e}")))?;
+                    .map_err(|e| Error::caused(format!("declaring {group}"), e))?;
             }
         }
         Ok(())
@@ -287,7 +287,7 @@ impl Backends {
         // store's read wait); the poll is the fallback for a wake-up lost or
         // given up on.
         let store = PgEventStore::try_new(pg.pool.clone(), schema.clone())
-            .map_err(|e| Error::internal(format!("event store: {e}")))?
+            .map_err(|e| Error::caused("event store", e))?
             .with_poll_interval(Duration::from_millis(500))
             .with_group_commit(pg.args.append_slots, es_postgres::DEFAULT_MAX_GROUP);
         stores.insert(schema, store.clone());
@@ -479,7 +479,7 @@ pub enum QueryBackend {
 
 impl QueryBackend {
     /// The handler that keeps the read model's replica, when it keeps one.
-    pub fn feed(&self) -> Option<Arc<dyn MessageHandler>> {
+    pub(crate) fn feed(&self) -> Option<Arc<dyn MessageHandler>> {
         match self {
             Self::Memory(_) => None,
             Self::Postgres(q) => Some(Arc::new(q.replica_handler())),
@@ -509,7 +509,7 @@ where
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(Error::internal(format!("{what}: {e}")))
+                return Err(Error::caused(what, e))
             }
             Err(e) => {
                 tracing::warn!(what, error = %e, "not ready yet; retrying");

@@ -1,6 +1,6 @@
 //! The crate's error type.
 
-use es_core::{BusError, CodecError, RepositoryError, StoreError};
+use es_core::{BoxError, BusError, CodecError, RepositoryError, StoreError};
 use uuid::Uuid;
 
 /// Why a service refused or failed a request.
@@ -30,13 +30,13 @@ pub enum Error {
     /// The command is not allowed in the current state (an illegal transition).
     #[error("conflict: {message}")]
     Conflict {
-        /// Why.
+        /// Why the transition is not allowed.
         message: String,
     },
     /// The caller may not do this (another customer's order).
     #[error("forbidden: {message}")]
     Forbidden {
-        /// Why.
+        /// Why the caller may not do it.
         message: String,
     },
     /// An idempotency key was reused with a different request.
@@ -62,11 +62,21 @@ pub enum Error {
     /// request fails the same way every time.
     #[error(transparent)]
     Codec(#[from] CodecError),
-    /// Anything else that went wrong inside.
-    #[error("internal error: {message}")]
+    /// The database behind a read model, the catalog or a projection failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A projection runner failed.
+    #[error("projection: {0}")]
+    Projection(#[from] es_projections::Error),
+    /// Anything else that went wrong inside: what was being done, and the
+    /// error that stopped it, when there is one.
+    #[error("{context}")]
     Internal {
-        /// What.
-        message: String,
+        /// What was being done.
+        context: String,
+        /// What stopped it.
+        #[source]
+        source: Option<BoxError>,
     },
 }
 
@@ -79,19 +89,43 @@ impl Error {
         }
     }
 
-    /// An internal error.
-    pub fn internal(message: impl std::fmt::Display) -> Self {
+    /// An internal error that no other error caused.
+    pub fn internal(context: impl Into<String>) -> Self {
         Self::Internal {
-            message: message.to_string(),
+            context: context.into(),
+            source: None,
         }
     }
 
+    /// An internal error: `context` says what was being done, `source` what
+    /// stopped it.
+    pub fn caused(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Internal {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// The error and each of its sources, joined by `: `, for a log line.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            next = e.source();
+        }
+        text
+    }
+
     /// Maps a repository failure that is not the aggregate's own refusal.
-    pub fn from_repository<E: std::error::Error + 'static>(error: RepositoryError<E>) -> Self {
+    pub(crate) fn from_repository<E: std::error::Error + Send + Sync + 'static>(
+        error: RepositoryError<E>,
+    ) -> Self {
         match error {
             RepositoryError::Store(e) => Self::Store(e),
             RepositoryError::Codec(e) => Self::Codec(e),
-            other => Self::internal(other),
+            other => Self::caused("repository", other),
         }
     }
 
@@ -100,10 +134,14 @@ impl Error {
     /// [deterministic](StoreError::is_deterministic), or an internal one.
     /// What is wrong with the request itself (its fields, its products, its
     /// events' encoding) fails the same way every time.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             Self::Store(e) => !e.is_deterministic(),
-            Self::Bus(_) | Self::Internal { .. } | Self::NotCaughtUp { .. } => true,
+            Self::Database(e) => !crate::distributed::is_data_exception(e),
+            Self::Bus(_)
+            | Self::Projection(_)
+            | Self::Internal { .. }
+            | Self::NotCaughtUp { .. } => true,
             Self::Validation { .. }
             | Self::UnknownProduct { .. }
             | Self::NotFound { .. }
@@ -115,7 +153,7 @@ impl Error {
     }
 
     /// The bus outcome of a command handled with this error: retried when
-    /// it [may pass](Self::is_retryable), dead-lettered at once otherwise.
+    /// it may pass, dead-lettered at once otherwise.
     pub fn outcome(&self) -> es_core::Outcome {
         if self.is_retryable() {
             es_core::Outcome::retry(self)
@@ -170,5 +208,21 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    /// An internal error keeps what caused it: a log line shows the whole
+    /// chain, and a caller can walk it.
+    #[test]
+    fn an_internal_error_keeps_its_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+        let error = Error::caused("cannot listen on 127.0.0.1:8080", io);
+        assert_eq!(error.to_string(), "cannot listen on 127.0.0.1:8080");
+        assert_eq!(
+            error.chain(),
+            "cannot listen on 127.0.0.1:8080: address in use"
+        );
+        let source = std::error::Error::source(&error).expect("a source");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+        assert!(std::error::Error::source(&Error::internal("no cause")).is_none());
     }
 }

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use crate::Error;
 
 /// The largest request body accepted, in bytes.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The JSON body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -96,7 +96,7 @@ impl From<Error> for ApiError {
                 format!("{e}; try again"),
             ),
             other => {
-                tracing::error!(error = %other, "request failed");
+                tracing::error!(error = other.chain(), "request failed");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
@@ -132,7 +132,7 @@ impl From<JsonRejection> for ApiError {
 
 /// `axum::Json` whose rejections are [`ApiError`]s with a JSON body.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ApiJson<T>(pub T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
@@ -150,7 +150,7 @@ where
 /// `axum::extract::Query` whose rejections are [`ApiError`]s with a JSON
 /// body: a 400 `invalid_query` saying which parameter is wrong.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ApiQuery<T>(pub T);
+pub(crate) struct ApiQuery<T>(pub T);
 
 impl<S, T> FromRequestParts<S> for ApiQuery<T>
 where
@@ -173,7 +173,9 @@ where
 
 /// Answers what no route matches with a JSON 404, and a method a path does
 /// not take with a JSON 405, like every other error.
-pub fn with_json_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+pub(crate) fn with_json_fallbacks<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+) -> Router<S> {
     router
         .fallback(|method: Method, uri: Uri| async move {
             ApiError::new(
@@ -192,7 +194,7 @@ pub fn with_json_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) 
 }
 
 /// Parses a path id, answering 404 with a JSON body when it is not a UUID.
-pub fn parse_id(what: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
+pub(crate) fn parse_id(what: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
     raw.parse().map_err(|_| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -280,8 +282,10 @@ pub async fn serve(
 ) -> crate::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| Error::internal(format!("cannot listen on {listen}: {e}")))?;
-    let addr = listener.local_addr().map_err(Error::internal)?;
+        .map_err(|e| Error::caused(format!("cannot listen on {listen}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::caused("reading the listener's address", e))?;
     tracing::info!(%addr, ?limits, "listening");
     ready(addr);
     serve_on(listener, router, limits, shutdown_signal()).await;
@@ -340,7 +344,7 @@ pub async fn serve_on(
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         #[cfg(unix)]
         if let Ok(mut term) =

@@ -143,7 +143,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(%error, "failed");
+            tracing::error!(error = error.chain(), "failed");
             ExitCode::FAILURE
         }
     }

@@ -29,7 +29,7 @@ pub mod topics {
     pub const NOTIFICATION_COMMANDS: &str = "notification_commands";
     /// Every command topic: a command must reach its service's queue, so the
     /// relays publish these as mandatory.
-    pub const COMMANDS: [&str; 4] = [
+    pub(crate) const COMMANDS: [&str; 4] = [
         ORDER_COMMANDS,
         INVENTORY_COMMANDS,
         PAYMENT_COMMANDS,
@@ -40,10 +40,10 @@ pub mod topics {
 /// Declares an enum of newtype variants named like their payload structs and
 /// implements [`es_core::DomainEvent`] for it.
 macro_rules! message_enum {
-    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident),+ $(,)? }) => {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-        pub enum $name {
+        $vis enum $name {
             $($(#[$vmeta])* $variant($crate::messages::$variant)),+
         }
 
@@ -133,11 +133,11 @@ pub struct OrderCancelled {
     pub order_id: Uuid,
     /// Who placed it.
     pub customer_email: String,
-    /// Why.
+    /// Why the order is cancelled, for the customer.
     pub reason: String,
     /// Whether the customer asked for it.
     pub by_customer: bool,
-    /// When.
+    /// When it was cancelled.
     pub cancelled_at: DateTime<Utc>,
 }
 
@@ -210,7 +210,7 @@ pub struct InventoryReserved {
 pub struct InventoryReservationFailed {
     /// The order.
     pub order_id: Uuid,
-    /// Why.
+    /// Which line could not be held, for the saga and the customer.
     pub reason: String,
 }
 
@@ -244,7 +244,7 @@ pub struct PaymentSucceeded {
 pub struct PaymentDeclined {
     /// The order.
     pub order_id: Uuid,
-    /// Why.
+    /// The gateway's reason.
     pub reason: String,
 }
 
@@ -328,7 +328,7 @@ pub struct CompleteOrder {
 pub struct CancelOrder {
     /// The order.
     pub order_id: Uuid,
-    /// Why.
+    /// Why, for the customer.
     pub reason: String,
 }
 

@@ -65,7 +65,7 @@ impl Service {
 
     /// The services of the embedded system: all but the gateway and the
     /// stand-alone relay.
-    pub const EMBEDDED: [Self; 5] = [
+    pub(crate) const EMBEDDED: [Self; 5] = [
         Self::Order,
         Self::Inventory,
         Self::Payment,
@@ -109,7 +109,7 @@ impl FromStr for Service {
 ///
 /// # Errors
 /// A message naming the unknown service.
-pub fn parse_services(list: &[String]) -> std::result::Result<BTreeSet<Service>, String> {
+pub(crate) fn parse_services(list: &[String]) -> std::result::Result<BTreeSet<Service>, String> {
     let mut set = BTreeSet::new();
     for item in list.iter().flat_map(|s| s.split(',')) {
         let item = item.trim();
@@ -418,7 +418,7 @@ struct HealthState {
 
 /// A process's health.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     /// `ok`, or `degraded` while the read model holds parked events or a
     /// relay of this process is blocked.
     pub status: &'static str,
@@ -443,7 +443,7 @@ pub struct Health {
 
 /// A relay held up by messages the bus keeps refusing.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RelayBlocked {
+pub(crate) struct RelayBlocked {
     /// The store it relays.
     pub store: &'static str,
     /// The routing key of a message that must be delivered and that no
@@ -541,7 +541,7 @@ fn with_operations(routes: Router, health: Arc<HealthState>) -> Router {
 struct OperationsApi;
 
 /// The merged OpenAPI document of every service.
-pub fn openapi() -> utoipa::openapi::OpenApi {
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = OperationsApi::openapi();
     doc.merge(crate::order::OrderApi::openapi());
     doc.merge(crate::inventory::InventoryApi::openapi());

@@ -11,7 +11,8 @@ use uuid::Uuid;
 use crate::messages::{message_enum, NotificationKind};
 use crate::node::{Service, Wiring};
 use crate::topology::groups;
-use crate::{CommandService, Result};
+use crate::Result;
+use es_core::command::{CommandService, Commands};
 
 message_enum! {
     /// The commands the notification service takes from the bus.
@@ -117,7 +118,7 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<NotificationService>> {
     let service = Arc::new(NotificationService::new(inbox, w.backends.mail()?));
     w.consume(
         groups::NOTIFICATION,
-        Arc::new(crate::Commands(Arc::clone(&service))),
+        Arc::new(Commands(Arc::clone(&service))),
     )
     .await?;
     Ok(service)
@@ -249,7 +250,7 @@ mod tests {
             message: message.clone(),
             attempt: 1,
         };
-        crate::Commands(Arc::clone(service)).handle(&delivery).await
+        Commands(Arc::clone(service)).handle(&delivery).await
     }
 
     fn service(

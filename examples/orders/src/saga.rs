@@ -22,7 +22,7 @@ use crate::Money;
 
 /// The saga's bus handler, timing each reaction (`saga_step_seconds`).
 #[derive(Debug)]
-pub struct TimedSaga(pub SagaHandler<OrderSaga>);
+pub(crate) struct TimedSaga(pub SagaHandler<OrderSaga>);
 
 #[async_trait]
 impl MessageHandler for TimedSaga {
@@ -135,7 +135,7 @@ pub enum Step {
 pub struct SagaStarted {
     /// The order.
     pub order_id: Uuid,
-    /// Who.
+    /// The customer's email address.
     pub customer_email: String,
     /// What to reserve.
     pub lines: Vec<StockLine>,
@@ -156,7 +156,7 @@ pub enum Fact {
     StockHeld,
     /// The stock could not be held.
     StockUnavailable {
-        /// Why.
+        /// Why the stock could not be held.
         reason: String,
     },
     /// The payment was taken.
@@ -168,7 +168,7 @@ pub enum Fact {
     },
     /// The payment was refused.
     PaymentRefused {
-        /// Why.
+        /// Why the payment was refused.
         reason: String,
     },
     /// No payment answer came in time.
@@ -181,7 +181,7 @@ pub enum Fact {
     OrderCompleted,
     /// The order was cancelled.
     OrderCancelled {
-        /// Why.
+        /// Why the order was cancelled.
         reason: String,
     },
 }
@@ -211,19 +211,6 @@ impl es_core::DomainEvent for OrderSagaEvent {
             Self::Advanced(_) => "Advanced",
         }
     }
-}
-
-/// Where a saga instance stands, for observers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SagaPhase {
-    /// Nothing known yet.
-    NotStarted,
-    /// Working towards completion.
-    Running,
-    /// Compensating (or compensated).
-    Compensating,
-    /// Completed.
-    Completed,
 }
 
 /// The order saga's state: facts learnt and steps issued.
@@ -271,21 +258,8 @@ impl OrderSaga {
         self.timed_out.then(|| "payment timed out".to_owned())
     }
 
-    /// Where it stands.
-    pub fn phase(&self) -> SagaPhase {
-        if self.completed {
-            SagaPhase::Completed
-        } else if self.failure().is_some() {
-            SagaPhase::Compensating
-        } else if self.started.is_some() {
-            SagaPhase::Running
-        } else {
-            SagaPhase::NotStarted
-        }
-    }
-
     /// The steps due now and not yet issued.
-    pub fn due_steps(&self) -> Vec<Step> {
+    pub(crate) fn due_steps(&self) -> Vec<Step> {
         let mut due = Vec::new();
         if self.started.is_none() {
             return due;

@@ -21,13 +21,13 @@ pub mod groups {
     /// executed in its write; this takes any other sender's).
     pub const ORDER: &str = "order_service";
     /// The order service's catalog read model.
-    pub const CATALOG: &str = "order_catalog";
+    pub(crate) const CATALOG: &str = "order_catalog";
     /// The inventory's commands.
     pub const INVENTORY: &str = "inventory_service";
     /// The payment service's commands.
     pub const PAYMENT: &str = "payment_service";
     /// The notification service's commands.
-    pub const NOTIFICATION: &str = "notification_service";
+    pub(crate) const NOTIFICATION: &str = "notification_service";
     /// The query service's replica of the order events (the distributed
     /// deployment; in one process the query service follows the store).
     pub const QUERY: &str = "order_query";
@@ -46,7 +46,7 @@ pub mod groups {
 /// The saga's inputs among the order's events (the names of [`OrderSaga`]'s
 /// input variants). The saga lives with the orders and takes these in the
 /// write that appends them, not from the bus.
-pub const SAGA_ORDER_INPUTS: [&str; 5] = [
+pub(crate) const SAGA_ORDER_INPUTS: [&str; 5] = [
     "OrderCreated",
     "OrderInventoryConfirmed",
     "OrderPaymentConfirmed",
@@ -64,7 +64,7 @@ const SAGA_INPUTS: [(&str, &str); 4] = [
 ];
 
 /// What a group is bound to (AMQP topic patterns).
-pub fn bindings(group: &str) -> Vec<String> {
+pub(crate) fn bindings(group: &str) -> Vec<String> {
     let every = |topic: &str| vec![format!("{topic}.*")];
     match group {
         groups::SAGA => SAGA_INPUTS
@@ -95,7 +95,7 @@ pub struct Delivery {
 
 impl Delivery {
     /// In process: quick retries, since nothing is far away.
-    pub const EMBEDDED: Self = Self {
+    pub(crate) const EMBEDDED: Self = Self {
         prefetch: 16,
         max_attempts: 50,
         retry_delay: Duration::from_millis(20),
@@ -104,7 +104,7 @@ impl Delivery {
     /// Over PostgreSQL and RabbitMQ: PostgreSQL may be away for a while, so
     /// a message keeps being retried for about two minutes before it is set
     /// aside (RabbitMQ's retry queues are named after the delay).
-    pub const DISTRIBUTED: Self = Self {
+    pub(crate) const DISTRIBUTED: Self = Self {
         prefetch: 32,
         max_attempts: 600,
         retry_delay: Duration::from_millis(200),
@@ -112,7 +112,7 @@ impl Delivery {
 }
 
 /// The subscription of `group` with `delivery`'s settings.
-pub fn subscription(group: &str, delivery: Delivery) -> Subscription {
+pub(crate) fn subscription(group: &str, delivery: Delivery) -> Subscription {
     Subscription::new(group, bindings(group))
         .with_prefetch(delivery.prefetch)
         .with_max_attempts(delivery.max_attempts)
@@ -123,7 +123,7 @@ pub fn subscription(group: &str, delivery: Delivery) -> Subscription {
 /// command records are relayed). With `with_source`, the order events also
 /// carry where they stand in the order store, for the query service's
 /// replica.
-pub fn relay_route(with_source: bool) -> Route {
+pub(crate) fn relay_route(with_source: bool) -> Route {
     let route = route_without_saga_state(&[<OrderSaga as Saga>::TYPE]);
     if with_source {
         es_core::replica::with_source(route, &[<Order as Aggregate>::TYPE])

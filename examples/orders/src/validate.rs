@@ -19,7 +19,7 @@ fn is_invisible_format(c: char) -> bool {
 ///
 /// # Errors
 /// [`Error::Validation`] naming `field` and what is wrong.
-pub fn text(field: &str, raw: &str, max_chars: usize) -> Result<String> {
+pub(crate) fn text(field: &str, raw: &str, max_chars: usize) -> Result<String> {
     let value = raw.trim();
     if value.chars().count() > max_chars {
         return Err(Error::validation(
@@ -49,7 +49,7 @@ pub fn text(field: &str, raw: &str, max_chars: usize) -> Result<String> {
 ///
 /// # Errors
 /// [`Error::Validation`] naming `field`.
-pub fn required_text(field: &str, raw: &str, max_chars: usize) -> Result<String> {
+pub(crate) fn required_text(field: &str, raw: &str, max_chars: usize) -> Result<String> {
     let value = text(field, raw, max_chars)?;
     if value.is_empty() {
         return Err(Error::validation(
@@ -67,7 +67,7 @@ pub fn required_text(field: &str, raw: &str, max_chars: usize) -> Result<String>
 ///
 /// # Errors
 /// [`Error::Validation`] naming `field`.
-pub fn email(field: &str, raw: &str) -> Result<String> {
+pub(crate) fn email(field: &str, raw: &str) -> Result<String> {
     let email = raw.trim().to_lowercase();
     let invalid = |why: &str| {
         Err(Error::validation(

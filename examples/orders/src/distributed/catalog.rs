@@ -18,7 +18,7 @@ const REFRESH: Duration = Duration::from_secs(5);
 
 /// The catalog table and the in-memory catalog that follows it.
 #[derive(Debug, Clone)]
-pub struct PgCatalog {
+pub(crate) struct PgCatalog {
     pool: PgPool,
     table: String,
     catalog: Arc<Catalog>,
@@ -31,20 +31,18 @@ impl PgCatalog {
     ///
     /// # Errors
     /// When PostgreSQL fails.
-    pub async fn start(pool: PgPool, schema: &str, stop: CancellationToken) -> Result<Self> {
+    pub(crate) async fn start(pool: PgPool, schema: &str, stop: CancellationToken) -> Result<Self> {
         let table = format!("\"{schema}\".catalog");
-        let mut tx = pool.begin().await.map_err(Error::internal)?;
+        let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('orders:catalog-table', 0))")
             .execute(&mut *tx)
-            .await
-            .map_err(Error::internal)?;
+            .await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (product_id uuid PRIMARY KEY, name text NOT NULL, price text NOT NULL)"
         ))
         .execute(&mut *tx)
-        .await
-        .map_err(Error::internal)?;
-        tx.commit().await.map_err(Error::internal)?;
+        .await?;
+        tx.commit().await?;
         let this = Self {
             pool,
             table,
@@ -68,15 +66,14 @@ impl PgCatalog {
     }
 
     /// The in-memory catalog the order service prices from.
-    pub fn catalog(&self) -> Arc<Catalog> {
+    pub(crate) fn catalog(&self) -> Arc<Catalog> {
         Arc::clone(&self.catalog)
     }
 
     async fn refresh(&self) -> Result<()> {
         let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.table))
             .fetch_one(&self.pool)
-            .await
-            .map_err(Error::internal)?;
+            .await?;
         if usize::try_from(count).unwrap_or(0) == self.catalog.len() {
             return Ok(());
         }
@@ -85,8 +82,7 @@ impl PgCatalog {
             self.table
         ))
         .fetch_all(&self.pool)
-        .await
-        .map_err(Error::internal)?;
+        .await?;
         for (id, name, price) in rows {
             if self.catalog.get(id).is_none() {
                 if let Ok(price) = price.parse::<Money>() {
@@ -114,7 +110,7 @@ impl CatalogTable for PgCatalog {
             if super::is_data_exception(&e) {
                 Error::validation("name", format!("PostgreSQL refuses the product: {e}"))
             } else {
-                Error::internal(e)
+                Error::Database(e)
             }
         })?;
         Ok(())

@@ -24,7 +24,7 @@ use crate::{telemetry, Error, Result};
 
 /// The services with an HTTP surface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Owner {
+pub(crate) enum Owner {
     /// `POST /api/orders`, `POST /api/orders/{id}/cancel`.
     Order,
     /// `/api/products/...`.
@@ -43,7 +43,7 @@ impl Owner {
     }
 
     /// The owner of a request, if the path is part of the API.
-    pub fn of(method: &Method, path: &str) -> Option<Self> {
+    pub(crate) fn of(method: &Method, path: &str) -> Option<Self> {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
         match segments.as_slice() {
             ["", "api", "products", ..] => Some(Self::Inventory),
@@ -59,7 +59,7 @@ impl Owner {
 
 /// Where the services are: one or more base URLs each (comma-separated).
 #[derive(Clone, Debug)]
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     /// The order service.
     pub order: String,
     /// The inventory service.
@@ -107,7 +107,7 @@ struct Gateway {
 ///
 /// # Errors
 /// When the HTTP client cannot be built.
-pub fn gateway_router(
+pub(crate) fn gateway_router(
     upstreams: &Upstreams,
     local: Router,
     owners: BTreeSet<Owner>,
@@ -117,7 +117,7 @@ pub fn gateway_router(
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(Error::internal)?;
+        .map_err(|e| Error::caused("building the HTTP client", e))?;
     let pools = BTreeMap::from([
         (Owner::Order, Pool::new(&upstreams.order)),
         (Owner::Inventory, Pool::new(&upstreams.inventory)),

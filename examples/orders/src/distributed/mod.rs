@@ -27,13 +27,15 @@ use std::time::Duration;
 
 use es_core::Subscription;
 
-pub use catalog::PgCatalog;
-pub use gateway::{gateway_router, Owner, Upstreams};
-pub use query_pg::{replay_parked, PgOrderProjection, PgQueryService};
-pub use smtp::SmtpSink;
+pub(crate) use crate::node::parse_services;
+pub use crate::node::{Node, Service};
+pub(crate) use catalog::PgCatalog;
+pub(crate) use gateway::{gateway_router, Owner, Upstreams};
+pub(crate) use query_pg::replay_parked;
+pub use query_pg::PgQueryService;
+pub(crate) use smtp::SmtpSink;
 
 use crate::backends::Backends;
-pub use crate::node::{parse_services, Node, Service};
 use crate::order::Order;
 use crate::topology::{self, groups, Delivery};
 use crate::{Config, Error, Result};
@@ -169,7 +171,7 @@ impl ServeArgs {
 }
 
 /// A consumer group of the deployment, with its bindings and delivery
-/// settings (see [`crate::topology`]).
+/// settings (see `topology.rs`).
 pub fn subscription(args: &ServeArgs, group: &str) -> Subscription {
     topology::subscription(
         group,
@@ -246,7 +248,7 @@ pub async fn replay_orders(args: &ServeArgs) -> Result<u64> {
             .collect();
         bus.publish_to_group(groups::QUERY, &messages)
             .await
-            .map_err(|e| Error::internal(format!("publishing: {e}")))?;
+            .map_err(|e| Error::caused("publishing", e))?;
         published += messages.len() as u64;
     }
     bus.close().await;

@@ -168,8 +168,7 @@ fn order_runner(
         &format!("{schema}_rm"),
         store,
         projection,
-    )
-    .map_err(Error::internal)?
+    )?
     .with_leader_check(Duration::from_millis(500))
     .with_options(
         RunnerOptions::default()
@@ -185,7 +184,7 @@ fn order_runner(
 ///
 /// # Errors
 /// The database or the replica failing: nothing is applied.
-pub async fn replay_parked(
+pub(crate) async fn replay_parked(
     pool: &PgPool,
     replica: &PgEventStore,
     schema: &str,
@@ -197,11 +196,11 @@ pub async fn replay_parked(
         Arc::new(OrderCache::default()),
         &format!("{schema}_terminal"),
     )?;
-    runner.replay_parked().await.map_err(Error::internal)
+    Ok(runner.replay_parked().await?)
 }
 
 /// The projection writing the `orders` table (and the Redis cache).
-pub struct PgOrderProjection {
+pub(crate) struct PgOrderProjection {
     codec: EventCodec<OrderEvent>,
     cache: Arc<OrderCache>,
     channel: String,
@@ -485,7 +484,7 @@ impl PgQueryService {
     /// starts the runner over `replica`, a store on `schema` (it waits as a
     /// standby while another process holds the projection), connects the
     /// Redis cache (keys prefixed `prefix`) and follows terminal-order
-    /// notifications, until `stop` is cancelled. Feed the replica with [`PgQueryService::replica_handler`].
+    /// notifications, until `stop` is cancelled. Feed the replica with `PgQueryService::replica_handler`.
     ///
     /// # Errors
     /// When PostgreSQL cannot be reached or the schema names are invalid.
@@ -499,7 +498,7 @@ impl PgQueryService {
     ) -> Result<Arc<Self>> {
         es_projections::postgres::migrate(&pool, schema)
             .await
-            .map_err(|e| Error::internal(format!("migrating {schema}: {e}")))?;
+            .map_err(|e| Error::caused(format!("migrating {schema}"), e))?;
         let model = format!("{schema}_rm");
         let channel = format!("{schema}_terminal");
         let cache = Arc::new(OrderCache::default());
@@ -546,9 +545,7 @@ impl PgQueryService {
                 }
             });
         }
-        let watcher = CheckpointWatcher::start(pool.clone(), schema)
-            .await
-            .map_err(Error::internal)?;
+        let watcher = CheckpointWatcher::start(pool.clone(), schema).await?;
         let waiters: Waiters = Arc::default();
         {
             let waiters = Arc::clone(&waiters);
@@ -604,7 +601,7 @@ impl PgQueryService {
 
     /// The bus handler copying the order service's events into the replica
     /// log the read model is projected from.
-    pub fn replica_handler(&self) -> ReplicaHandler {
+    pub(crate) fn replica_handler(&self) -> ReplicaHandler {
         ReplicaHandler::new(Arc::new(self.replica.clone()))
     }
 
@@ -617,8 +614,7 @@ impl PgQueryService {
         ))
         .bind(order_id)
         .fetch_optional(&self.pool)
-        .await
-        .map_err(Error::internal)?;
+        .await?;
         let part = |v: i64| u64::try_from(v).unwrap_or_default();
         Ok(row.map(|(major, minor)| Position::new(part(major), part(minor))))
     }
@@ -630,8 +626,7 @@ impl PgQueryService {
         ))
         .bind(order_id)
         .fetch_optional(&self.pool)
-        .await
-        .map_err(Error::internal)?;
+        .await?;
         row.map(|r| view_of(&r).map_err(Error::internal))
             .transpose()
     }
@@ -641,8 +636,7 @@ impl PgQueryService {
 impl OrderQueries for PgQueryService {
     async fn lag(&self) -> Result<es_projections::Lag> {
         let at = es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
-            .await
-            .map_err(Error::internal)?
+            .await?
             .unwrap_or(Position::START);
         es_projections::telemetry::measure_lag(&self.replica, at, 10_000)
             .await
@@ -656,8 +650,7 @@ impl OrderQueries for PgQueryService {
             // the wait below, so no write is missed between the two reads.
             let seen =
                 es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
-                    .await
-                    .map_err(Error::internal)?
+                    .await?
                     .unwrap_or(Position::START);
             if self.source_position(order_id).await? >= Some(position) {
                 return Ok(());
@@ -672,7 +665,7 @@ impl OrderQueries for PgQueryService {
                         ),
                     })
                 }
-                Err(e) => return Err(Error::internal(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -763,8 +756,7 @@ impl OrderQueries for PgQueryService {
         .bind(cursor.map(|c| c.1))
         .bind(i64::try_from(limit + 1).unwrap_or(101))
         .fetch_all(&self.pool)
-        .await
-        .map_err(Error::internal)?;
+        .await?;
         let mut orders = Vec::new();
         for row in &rows {
             orders.push(view_of(row).map_err(Error::internal)?.0);
@@ -800,8 +792,7 @@ impl OrderQueries for PgQueryService {
         .bind(query)
         .bind(i64::try_from(limit).unwrap_or(100))
         .fetch_all(&self.pool)
-        .await
-        .map_err(Error::internal)?;
+        .await?;
         rows.iter()
             .map(|r| view_of(r).map(|v| v.0).map_err(Error::internal))
             .collect()
@@ -813,8 +804,7 @@ impl OrderQueries for PgQueryService {
             self.model
         ))
         .fetch_all(&self.pool)
-        .await
-        .map_err(Error::internal)?;
+        .await?;
         let mut stats = Stats {
             total_orders: 0,
             by_status: BTreeMap::new(),
@@ -845,26 +835,24 @@ impl OrderQueries for PgQueryService {
     }
 
     async fn parked(&self) -> Result<u64> {
-        es_projections::postgres::parked_count(&self.pool, &self.schema, PROJECTION)
-            .await
-            .map_err(Error::internal)
+        Ok(es_projections::postgres::parked_count(&self.pool, &self.schema, PROJECTION).await?)
     }
 
     async fn parked_events(&self, limit: u32) -> Result<Vec<es_projections::ParkedEvent>> {
-        es_projections::postgres::parked_events(&self.pool, &self.schema, PROJECTION, limit)
-            .await
-            .map_err(Error::internal)
+        Ok(
+            es_projections::postgres::parked_events(&self.pool, &self.schema, PROJECTION, limit)
+                .await?,
+        )
     }
 
     async fn replay_parked(&self) -> Result<es_projections::postgres::ReplayReport> {
-        self.runner.replay_parked().await.map_err(Error::internal)
+        Ok(self.runner.replay_parked().await?)
     }
 
     async fn position(&self) -> Result<Position> {
         Ok(
             es_projections::postgres::load_checkpoint(&self.pool, &self.schema, PROJECTION)
-                .await
-                .map_err(Error::internal)?
+                .await?
                 .unwrap_or(Position::START),
         )
     }

@@ -10,7 +10,7 @@ use crate::{Error, Result};
 /// Sends each notification as one email. The subject names the order and the
 /// kind: `Order <id>: <kind>`.
 #[derive(Clone)]
-pub struct SmtpSink {
+pub(crate) struct SmtpSink {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     server: String,
@@ -31,7 +31,7 @@ impl SmtpSink {
     ///
     /// # Errors
     /// When the address or the sender is malformed.
-    pub fn new(server: &str, from: &str) -> Result<Self> {
+    pub(crate) fn new(server: &str, from: &str) -> Result<Self> {
         let (host, port) = server
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))

@@ -252,7 +252,7 @@ message_enum! {
         InventoryReservationFailed,
         /// Released (or refused in advance).
         InventoryReleased,
-        /// Committed.
+        /// The held stock was sold: the reservation is final.
         InventoryCommitted,
     }
 }
@@ -269,7 +269,7 @@ pub enum ReservationState {
     Failed,
     /// Released; what was held (if anything) is to be given back.
     Released(Vec<StockLine>),
-    /// Committed.
+    /// Sold: the lines taken from stock.
     Committed(Vec<StockLine>),
 }
 
@@ -280,9 +280,9 @@ pub enum ReservationCommand {
     RecordReserved(Vec<StockLine>),
     /// Record that the reservation failed.
     RecordFailed(String),
-    /// Release.
+    /// Give the held stock back (compensation).
     Release,
-    /// Commit.
+    /// Make the held stock sold.
     Commit,
 }
 

@@ -20,7 +20,7 @@ use crate::http::{parse_id, ApiError, ApiJson, ErrorBody};
     components(schemas(CreateProduct, ProductCreatedBody, Restock, ProductView, ErrorBody)),
     tags((name = "products", description = "The catalog and its stock"))
 )]
-pub struct InventoryApi;
+pub(crate) struct InventoryApi;
 
 /// The inventory's routes: `POST /api/products`, `POST /api/products/{id}/restock`,
 /// `GET /api/products/{id}`.
@@ -35,7 +35,7 @@ pub fn router(service: Arc<InventoryService>) -> Router {
 /// A new product.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CreateProduct {
+pub(crate) struct CreateProduct {
     /// Its name.
     #[schema(example = "Widget")]
     pub name: String,
@@ -49,7 +49,7 @@ pub struct CreateProduct {
 
 /// The created product's id.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ProductCreatedBody {
+pub(crate) struct ProductCreatedBody {
     /// The product.
     pub product_id: Uuid,
 }
@@ -57,7 +57,7 @@ pub struct ProductCreatedBody {
 /// Units to add.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Restock {
+pub(crate) struct Restock {
     /// How many (at least 1).
     pub quantity: i64,
 }

@@ -21,22 +21,24 @@ pub use domain::{
     Product, ProductCommand, ProductError, ProductEvent, Reservation, ReservationCommand,
     ReservationError, ReservationEvent, ReservationState,
 };
-pub use http::{router, CreateProduct, InventoryApi, ProductCreatedBody, Restock};
+pub use http::router;
+pub(crate) use http::InventoryApi;
 
 use crate::distributed::Owner;
 use crate::messages::{message_enum, StockLine};
 use crate::node::{Service, Wiring};
 use crate::topology::groups;
-use crate::{CommandService, Error, Money, Result};
+use crate::{Error, Money, Result};
+use es_core::command::{CommandService, Commands};
 
 message_enum! {
     /// The commands the inventory service takes from the bus.
     pub enum InventoryCommandMessage {
         /// Reserve all lines or none.
         ReserveInventory,
-        /// Release.
+        /// Give an order's held stock back (compensation).
         ReleaseInventory,
-        /// Commit.
+        /// Make an order's held stock sold.
         CommitInventory,
     }
 }
@@ -78,11 +80,8 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<InventoryService>> {
         crate::repository(Arc::clone(&store)).with_snapshots(snapshots, policy, 1),
         crate::repository(Arc::clone(&store)),
     ));
-    w.consume(
-        groups::INVENTORY,
-        Arc::new(crate::Commands(Arc::clone(&service))),
-    )
-    .await?;
+    w.consume(groups::INVENTORY, Arc::new(Commands(Arc::clone(&service))))
+        .await?;
     w.serve(Owner::Inventory, router(Arc::clone(&service)));
     w.relay(Service::Inventory, &store);
     Ok(service)
@@ -290,7 +289,7 @@ impl InventoryService {
                         metadata,
                     )
                     .map_err(Error::from_repository)?
-                    .map_err(|e| Error::internal(format!("a checked reserve was refused: {e}")))?;
+                    .map_err(|e| Error::caused("a checked reserve was refused", e))?;
                 }
                 let recorded = unit
                     .decide(

@@ -95,7 +95,7 @@ impl Catalog {
 /// Where a catalog entry is kept durably before the in-memory catalog
 /// learns it (the order schema's catalog table, on PostgreSQL).
 #[async_trait]
-pub trait CatalogTable: Send + Sync + std::fmt::Debug + 'static {
+pub(crate) trait CatalogTable: Send + Sync + std::fmt::Debug + 'static {
     /// Records a product (idempotent).
     async fn insert(&self, product_id: Uuid, entry: &CatalogEntry) -> crate::Result<()>;
 }
@@ -104,14 +104,14 @@ pub trait CatalogTable: Send + Sync + std::fmt::Debug + 'static {
 /// durable table if it has one. Idempotent: a redelivered event writes the
 /// same entry again.
 #[derive(Debug, Clone)]
-pub struct CatalogHandler {
+pub(crate) struct CatalogHandler {
     catalog: Arc<Catalog>,
     table: Option<Arc<dyn CatalogTable>>,
 }
 
 impl CatalogHandler {
     /// Feeds `catalog`, writing each entry to `table` first when given.
-    pub fn new(catalog: Arc<Catalog>, table: Option<Arc<dyn CatalogTable>>) -> Self {
+    pub(crate) fn new(catalog: Arc<Catalog>, table: Option<Arc<dyn CatalogTable>>) -> Self {
         Self { catalog, table }
     }
 }

@@ -17,7 +17,7 @@ pub enum OrderStatus {
     Pending,
     /// Stock reserved.
     InventoryConfirmed,
-    /// Paid.
+    /// Paid; waiting for completion.
     PaymentConfirmed,
     /// Done (terminal).
     Completed,
@@ -73,15 +73,15 @@ impl std::str::FromStr for OrderStatus {
 message_enum! {
     /// The events of an order (stream category `order`).
     pub enum OrderEvent {
-        /// Placed.
+        /// The order was placed, priced from the catalog.
         OrderCreated,
         /// Stock confirmed.
         OrderInventoryConfirmed,
-        /// Paid.
+        /// The payment was confirmed.
         OrderPaymentConfirmed,
-        /// Completed.
+        /// The order completed.
         OrderCompleted,
-        /// Cancelled.
+        /// The order was cancelled.
         OrderCancelled,
     }
 }
@@ -91,7 +91,7 @@ message_enum! {
 pub struct PlaceOrder {
     /// The order.
     pub order_id: Uuid,
-    /// Who.
+    /// The customer's email address.
     pub customer_email: String,
     /// The priced lines.
     pub items: Vec<OrderLine>,
@@ -99,7 +99,7 @@ pub struct PlaceOrder {
     pub card_token: String,
     /// The payment window, in milliseconds.
     pub payment_timeout_ms: u64,
-    /// When.
+    /// When it was placed.
     pub at: DateTime<Utc>,
 }
 
@@ -117,16 +117,16 @@ pub enum OrderCommand {
     },
     /// PaymentConfirmed -> Completed.
     Complete {
-        /// When.
+        /// When it completed.
         at: DateTime<Utc>,
     },
     /// Any status but Completed (and Cancelled) -> Cancelled.
     Cancel {
-        /// Why.
+        /// Why, for the customer.
         reason: String,
         /// Whether the customer asked.
         by_customer: bool,
-        /// When.
+        /// When it was cancelled.
         at: DateTime<Utc>,
     },
 }
@@ -183,7 +183,7 @@ pub struct Order {
     pub id: Uuid,
     /// Its status (`None` before it exists).
     pub status: Option<OrderStatus>,
-    /// Who.
+    /// The customer's email address.
     pub customer_email: String,
     /// The total.
     pub total: Money,

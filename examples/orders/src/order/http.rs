@@ -21,7 +21,7 @@ use crate::http::{parse_id, ApiError, ApiJson, ErrorBody};
     components(schemas(PlaceOrderRequest, OrderItemRequest, PaymentRequest, PlacedOrder, CancelRequest, Cancelled, ErrorBody)),
     tags((name = "orders", description = "Placing and cancelling orders"))
 )]
-pub struct OrderApi;
+pub(crate) struct OrderApi;
 
 /// The order service's routes: `POST /api/orders`, `POST /api/orders/{id}/cancel`.
 pub fn router(service: Arc<OrderService>) -> Router {
@@ -78,8 +78,8 @@ async fn place_order(
 /// A customer's cancellation.
 #[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CancelRequest {
-    /// Why.
+pub(crate) struct CancelRequest {
+    /// Why the customer cancels (optional).
     #[serde(default)]
     pub reason: String,
 }

@@ -18,21 +18,24 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use catalog::{Catalog, CatalogEntry, CatalogHandler, CatalogTable};
+pub use catalog::{Catalog, CatalogEntry};
+pub(crate) use catalog::{CatalogHandler, CatalogTable};
 pub use domain::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus, PlaceOrder};
-pub use http::{router, CancelRequest, Cancelled, OrderApi};
+pub(crate) use http::OrderApi;
+pub use http::{router, Cancelled};
 
 use crate::distributed::Owner;
 use crate::messages::{message_enum, topics, OrderLine};
 use crate::node::{Service, Wiring};
 use crate::saga::{OrderSaga, SagaCommand, TimedSaga};
 use crate::topology::{self, groups};
-use crate::{CommandService, Error, Result};
+use crate::{Error, Result};
+use es_core::command::{outcome_of, CommandService, Commands};
 
 /// The most lines an order may have.
-pub const MAX_ITEMS: usize = 100;
+pub(crate) const MAX_ITEMS: usize = 100;
 /// The largest quantity of one line.
-pub const MAX_QUANTITY: i64 = 10_000;
+pub(crate) const MAX_QUANTITY: i64 = 10_000;
 
 /// A request to place an order, as the API takes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -89,9 +92,9 @@ message_enum! {
         ConfirmOrderInventory,
         /// Confirm payment.
         ConfirmOrderPayment,
-        /// Complete.
+        /// Complete the paid order.
         CompleteOrder,
-        /// Cancel.
+        /// Cancel the order (compensation).
         CancelOrder,
     }
 }
@@ -99,7 +102,7 @@ message_enum! {
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x2c4f_7a10_8e3b_4f5d_9c21_6b0e_3a7d_1f48);
 
 /// The checkpoint of the order saga's deadline scheduler.
-pub const DEADLINES_CHECKPOINT: &str = "order_saga_deadlines";
+pub(crate) const DEADLINES_CHECKPOINT: &str = "order_saga_deadlines";
 
 /// The order service and its saga, as a process runs them.
 #[derive(Clone, Debug)]
@@ -141,11 +144,8 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
         Arc::new(TimedSaga(SagaHandler(Arc::clone(&saga)))),
     )
     .await?;
-    w.consume(
-        groups::ORDER,
-        Arc::new(crate::Commands(Arc::clone(&service))),
-    )
-    .await?;
+    w.consume(groups::ORDER, Arc::new(Commands(Arc::clone(&service))))
+        .await?;
     w.consume(groups::CATALOG, feed).await?;
     let (deadlines, tick) = (Arc::clone(&saga), w.config.deadline_tick);
     // The scheduler resumes from its checkpoint (just before the oldest
@@ -209,7 +209,7 @@ impl OrderService {
     /// span), the order's events carry that trace id, so the caller's span
     /// and every hop of the order are one trace. Without one, the order id is
     /// the trace id.
-    pub async fn place_order_traced(
+    pub(crate) async fn place_order_traced(
         &self,
         request: PlaceOrderRequest,
         idempotency_key: Option<&str>,
@@ -370,7 +370,7 @@ impl OrderService {
     ///
     /// # Errors
     /// As [`cancel_order`](Self::cancel_order), and [`Error::Forbidden`].
-    pub async fn cancel_order_for(
+    pub(crate) async fn cancel_order_for(
         &self,
         order_id: Uuid,
         reason: String,
@@ -432,7 +432,7 @@ impl CommandService for OrderService {
             .orders
             .execute_once(order_id, message.message_id, command, metadata)
             .await;
-        crate::outcome_of(result, "order")
+        outcome_of(result, "order")
     }
 }
 
@@ -486,7 +486,8 @@ fn local_route(
 }
 
 fn request_hash(request: &PlaceOrderRequest) -> Result<Uuid> {
-    let canonical = serde_json::to_vec(request).map_err(Error::internal)?;
+    let canonical =
+        serde_json::to_vec(request).map_err(|e| Error::caused("hashing the request", e))?;
     Ok(Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, &canonical))
 }
 

@@ -10,11 +10,11 @@ use crate::Money;
 message_enum! {
     /// The events of an order's payment (stream category `payment`).
     pub enum PaymentEvent {
-        /// Authorised.
+        /// The card gateway authorised the charge.
         PaymentSucceeded,
-        /// Declined.
+        /// The card gateway declined the charge.
         PaymentDeclined,
-        /// Refunded.
+        /// The charge was refunded (compensation).
         PaymentRefunded,
     }
 }
@@ -27,9 +27,9 @@ pub enum GatewayAnswer {
         /// The transaction.
         transaction_id: String,
     },
-    /// Declined.
+    /// The gateway declined the charge.
     Declined {
-        /// Why.
+        /// The gateway's reason.
         reason: String,
     },
 }
@@ -65,16 +65,16 @@ pub enum PaymentState {
     /// Not charged.
     #[default]
     None,
-    /// Authorised.
+    /// The charge went through.
     Authorised {
         /// The transaction.
         transaction_id: String,
         /// The amount.
         amount: Money,
     },
-    /// Declined.
+    /// The gateway declined the charge.
     Declined,
-    /// Refunded.
+    /// The charge was refunded.
     Refunded,
 }
 

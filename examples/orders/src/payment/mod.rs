@@ -21,14 +21,15 @@ pub use domain::{
 use crate::messages::message_enum;
 use crate::node::{Service, Wiring};
 use crate::topology::groups;
-use crate::{CommandService, Result};
+use crate::Result;
+use es_core::command::{outcome_of, CommandService, Commands};
 
 message_enum! {
     /// The commands the payment service takes from the bus.
     pub enum PaymentCommandMessage {
-        /// Charge.
+        /// Charge the order's card.
         ProcessPayment,
-        /// Refund.
+        /// Refund the order's charge (compensation).
         RefundPayment,
     }
 }
@@ -74,29 +75,26 @@ pub fn gateway(card_token: &str, charge_id: Uuid) -> GatewayBehaviour {
 pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<PaymentService>> {
     let store = w.backends.store(Service::Payment).await?;
     let service = Arc::new(PaymentService::new(crate::repository(Arc::clone(&store))));
-    w.consume(
-        groups::PAYMENT,
-        Arc::new(crate::Commands(Arc::clone(&service))),
-    )
-    .await?;
+    w.consume(groups::PAYMENT, Arc::new(Commands(Arc::clone(&service))))
+        .await?;
     w.relay(Service::Payment, &store);
     Ok(service)
 }
 
 /// The longest `tok_delay_<ms>` the simulated gateway takes.
-pub const MAX_GATEWAY_DELAY_MS: u64 = 5_000;
+pub(crate) const MAX_GATEWAY_DELAY_MS: u64 = 5_000;
 
 /// How long the service waits for the gateway before it gives up on the
 /// call and lets the saga's payment deadline decide: well under the payment
 /// window, so that a slow gateway never holds a handler for long.
-pub const GATEWAY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const GATEWAY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Refuses a card token the simulated gateway would hold a handler too long
 /// for (`tok_delay_<ms>` over [`MAX_GATEWAY_DELAY_MS`]).
 ///
 /// # Errors
 /// [`Error::Validation`](crate::Error::Validation) naming `payment.card_token`.
-pub fn check_card_token(token: &str) -> Result<()> {
+pub(crate) fn check_card_token(token: &str) -> Result<()> {
     if let Some(ms) = token.strip_prefix("tok_delay_") {
         match ms.parse::<u64>() {
             Ok(ms) if ms <= MAX_GATEWAY_DELAY_MS => {}
@@ -171,7 +169,7 @@ impl CommandService for PaymentService {
                     .payments
                     .create_once(c.order_id, message.message_id, command, metadata)
                     .await;
-                crate::outcome_of(result, "payment")
+                outcome_of(result, "payment")
             }
             PaymentCommandMessage::RefundPayment(c) => {
                 let result = self
@@ -189,7 +187,7 @@ impl CommandService for PaymentService {
                         metrics::counter!("payments_refunded_total").increment(1);
                     }
                 }
-                crate::outcome_of(result, "payment")
+                outcome_of(result, "payment")
             }
         }
     }

@@ -26,7 +26,7 @@ use crate::order::{validate_email, OrderStatus};
     components(schemas(OrderView, OrderItemView, OrderPage, SearchResult, HistoryEvent, Stats, StatusStats, ErrorBody, ParkedView, ReplayView)),
     tags((name = "queries", description = "Read models of orders"))
 )]
-pub struct QueryApi;
+pub(crate) struct QueryApi;
 
 /// The query routes over either read model: `GET /api/orders`,
 /// `/api/orders/search`, `/api/orders/{id}`, `/api/orders/{id}/events`,
@@ -58,7 +58,7 @@ pub(crate) fn bad(field: &str, message: impl Into<String>) -> ApiError {
 
 /// Read-your-writes and long-poll options.
 #[derive(Debug, Default, Deserialize, IntoParams)]
-pub struct GetOrderParams {
+pub(crate) struct GetOrderParams {
     /// Wait (at most 10 s) until the read model has reached this store
     /// position (as returned by `POST /api/orders`).
     pub min_position: Option<String>,
@@ -118,7 +118,7 @@ async fn get_order_view(
 
 /// Filters and paging of the order list.
 #[derive(Debug, Default, Deserialize, IntoParams)]
-pub struct ListParams {
+pub(crate) struct ListParams {
     /// Only this customer's orders.
     pub customer_email: Option<String>,
     /// Only orders in this status.
@@ -144,7 +144,7 @@ pub struct ListFilter {
 
 impl ListParams {
     /// Checks the parameters; a bad one is a 400 naming it.
-    pub fn check(&self) -> Result<ListFilter, ApiError> {
+    pub(super) fn check(&self) -> Result<ListFilter, ApiError> {
         let customer_email = self
             .customer_email
             .as_deref()
@@ -206,14 +206,14 @@ async fn list_orders(
 
 /// The search query.
 #[derive(Debug, Default, Deserialize, IntoParams)]
-pub struct SearchParams {
+pub(crate) struct SearchParams {
     /// Text found in the customer's email or a product's name.
     pub q: Option<String>,
 }
 
 /// Search results.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct SearchResult {
+pub(crate) struct SearchResult {
     /// Matching orders, newest first (at most 100).
     pub orders: Vec<OrderView>,
 }

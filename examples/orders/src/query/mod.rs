@@ -17,13 +17,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use http::{
-    router, GetOrderParams, ListFilter, ListParams, QueryApi, SearchParams, SearchResult,
-};
-pub use model::{
-    decode_cursor, OrderItemView, OrderPage, OrderProjection, OrderReadModel, OrderView, Stats,
-    StatusStats,
-};
+pub(crate) use http::QueryApi;
+pub use http::{router, ListFilter};
+pub(crate) use model::{decode_cursor, OrderProjection};
+pub use model::{OrderItemView, OrderPage, OrderReadModel, OrderView, Stats, StatusStats};
 
 use crate::backends::QueryBackend;
 use crate::distributed::Owner;
@@ -65,7 +62,7 @@ pub(crate) fn source_of(event: &RecordedEvent) -> Source {
 /// An order's events from `store` (the order store, or a replica of it),
 /// with their places and times in the order store.
 pub(crate) async fn history(store: &dyn EventStore, order_id: Uuid) -> Result<Vec<HistoryEvent>> {
-    let stream = StreamId::for_aggregate("order", order_id).map_err(Error::internal)?;
+    let stream = StreamId::for_aggregate("order", order_id).map_err(es_core::StoreError::from)?;
     let events = store.read_stream(&stream, 1, 10_000).await?;
     if events.is_empty() {
         return Err(Error::NotFound {
@@ -199,7 +196,7 @@ impl QueryService {
     /// [`Error::Validation`] for a position past the store's head (no write
     /// answered it), [`Error::NotCaughtUp`] when the time runs out or the
     /// read model has stopped.
-    pub async fn wait_for_position(&self, position: Position) -> Result<()> {
+    pub(crate) async fn wait_for_position(&self, position: Position) -> Result<()> {
         let head = self.store.head().await?;
         if position > head {
             return Err(Error::validation(
@@ -279,7 +276,7 @@ impl OrderQueries for QueryService {
     }
 
     async fn lag(&self) -> Result<es_projections::Lag> {
-        self.projection.lag().await.map_err(Error::internal)
+        Ok(self.projection.lag().await?)
     }
 
     async fn position(&self) -> Result<Position> {
@@ -387,6 +384,7 @@ mod tests {
             schema_version: 1,
             payload: Payload::from_trusted_json("{}"),
             metadata: Metadata::new(),
+            tags: Default::default(),
         };
         let written = inner
             .append(&stream, ExpectedVersion::NoStream, vec![event])

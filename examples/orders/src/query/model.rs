@@ -34,7 +34,7 @@ pub struct OrderView {
     pub order_id: Uuid,
     /// Who placed it.
     pub customer_email: String,
-    /// What.
+    /// The lines ordered, with their prices.
     pub items: Vec<OrderItemView>,
     /// The total.
     #[schema(value_type = String, example = "25.00")]
@@ -228,7 +228,7 @@ pub struct OrderPage {
 }
 
 /// The read model: order details, a customer's orders, counts and revenue by
-/// status, search. Built by [`OrderProjection`].
+/// status, search. Built by `OrderProjection`.
 #[derive(Debug, Default)]
 pub struct OrderReadModel {
     model: RwLock<Model>,
@@ -266,7 +266,7 @@ impl OrderReadModel {
 
     /// Drops the waiters for `order_id` whose readers have gone (timed out),
     /// so that waiting on an order that never ends holds no memory after.
-    pub fn forget_abandoned(&self, order_id: Uuid) {
+    pub(crate) fn forget_abandoned(&self, order_id: Uuid) {
         let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(list) = waiters.get_mut(&order_id) {
             list.retain(|tx| !tx.is_closed());
@@ -477,7 +477,7 @@ fn encode_cursor((at, id): Key) -> String {
 }
 
 /// Decodes a list cursor.
-pub fn decode_cursor(cursor: &str) -> Option<Key> {
+pub(crate) fn decode_cursor(cursor: &str) -> Option<Key> {
     let (micros, id) = cursor.split_once('_')?;
     let at = DateTime::<Utc>::from_timestamp_micros(micros.parse().ok()?)?;
     Some((at, id.parse().ok()?))
@@ -485,14 +485,14 @@ pub fn decode_cursor(cursor: &str) -> Option<Key> {
 
 /// The projection that keeps an [`OrderReadModel`] from the `order` streams.
 #[derive(Debug)]
-pub struct OrderProjection {
+pub(crate) struct OrderProjection {
     model: std::sync::Arc<OrderReadModel>,
     codec: EventCodec<OrderEvent>,
 }
 
 impl OrderProjection {
     /// A projection into `model`.
-    pub fn new(model: std::sync::Arc<OrderReadModel>) -> Self {
+    pub(crate) fn new(model: std::sync::Arc<OrderReadModel>) -> Self {
         Self {
             model,
             codec: EventCodec::new(),

@@ -1,0 +1,123 @@
+//! Commands from the bus: decoding a command message, executing it as caused
+//! by that message, and answering the bus.
+//!
+//! A service that takes commands from the bus must do three things for each
+//! message, and the adapters here do them once for every service:
+//!
+//! - execute with `message.metadata.caused_by(message.message_id)`, so the
+//!   events it writes carry the conversation's correlation id and name the
+//!   message as their cause (a saga finds its instance by them);
+//! - execute with the message id as command id
+//!   ([`Repository::execute_once`](crate::Repository::execute_once)), so a
+//!   redelivered or resent message changes nothing twice;
+//! - answer the bus by what happened ([`outcome_of`]): done or refused by the
+//!   domain is an ack, a failure that may pass is retried, one that fails
+//!   the same way every time is dead-lettered.
+//!
+//! [`CommandHandler`] does all of it on a [`Repository`](crate::Repository),
+//! given a function from the command message to the aggregate's id and
+//! domain command; it also records refusals ([`CommandRefused`]), so that a
+//! saga learns of a command its aggregate refused. A service that does more
+//! than execute one command implements [`CommandService`] and is fed by
+//! [`Commands`].
+//!
+//! ```
+//! # use es_core::doc_support::counter::{Counter, CounterMessage};
+//! use std::sync::Arc;
+//! use es_core::command::CommandHandler;
+//! use es_core::{InMemoryEventStore, MessageHandler, Repository};
+//!
+//! let counters = Repository::<Counter>::new(Arc::new(InMemoryEventStore::new()));
+//! // A `CounterMessage` names its counter and means one `CounterCommand`.
+//! let handler = CommandHandler::new(counters, CounterMessage::route);
+//! let _: Arc<dyn MessageHandler> = Arc::new(handler);
+//! ```
+
+mod handler;
+mod refused;
+mod service;
+
+pub use handler::CommandHandler;
+pub use refused::{CommandRefused, COMMAND_REFUSED};
+pub use service::{CommandService, Commands};
+
+use crate::bus::Outcome;
+use crate::RepositoryError;
+
+/// The bus outcome of a command executed on an aggregate: done or refused by
+/// the domain is an ack (a refusal is logged at info, its reason escaped);
+/// contention and store failures that may pass are retried; what fails the
+/// same way every time (an event that cannot be encoded, a write the store
+/// refuses as such) is dead-lettered at once.
+///
+/// `service` names the service in the refusal's log line.
+pub fn outcome_of<T, E: std::error::Error + 'static>(
+    result: Result<T, RepositoryError<E>>,
+    service: &'static str,
+) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Ack,
+        Err(RepositoryError::Rejected(reason)) => {
+            log_refusal(service, &reason);
+            Outcome::Ack
+        }
+        Err(e) if e.is_retryable() => Outcome::retry(e),
+        Err(e) => Outcome::dead_letter(e),
+    }
+}
+
+/// Logs a refusal at info. The reason is escaped (`Debug`), never spliced
+/// raw: it may carry text a client or a stored event chose.
+fn log_refusal(service: &'static str, reason: &dyn std::fmt::Display) {
+    tracing::info!(service, reason = ?reason.to_string(), "command refused by the domain");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use crate::{Outcome, RepositoryError};
+
+    /// A writer into a shared buffer, for a test's log lines.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Refusal(String);
+
+    /// A refusal whose reason carries a line break and a terminal escape is
+    /// logged as one line, the reason escaped: no forged line, no colour.
+    #[test]
+    fn a_refusal_reason_cannot_forge_a_log_line() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let hostile = "gone\n2026-01-01T00:00:00Z  INFO orders: payment approved \u{1b}[31m";
+        let outcome = tracing::subscriber::with_default(subscriber, || {
+            super::outcome_of::<(), _>(
+                Err(RepositoryError::Rejected(Refusal(hostile.to_owned()))),
+                "order",
+            )
+        });
+        assert_eq!(outcome, Outcome::Ack);
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains(r"gone\n2026"), "{text}");
+    }
+}

@@ -1,0 +1,379 @@
+//! Dynamic consistency boundaries on PostgreSQL: es-core's DCB conformance
+//! suite, the races, the locks (who waits for whom), and reads by query
+//! under out-of-order commits.
+//!
+//! The races run `DCB_RACE_ROUNDS` rounds (default 100 on one boundary, 20
+//! on disjoint ones).
+
+#![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use es_core::testing::conformance::{event, unique_stream};
+use es_core::testing::dcb_conformance::{self, tagged_event, unique_tag};
+use es_core::{
+    AppendCondition, DcbStore, EventStore, ExpectedVersion, Position, Query, QueryItem,
+    RecordedEvent, StoreError,
+};
+use es_postgres::PgEventStore;
+use futures::StreamExt;
+use sqlx::{Connection, PgPool};
+
+/// The store (waiting up to 10 s for events held back by other sessions'
+/// transactions) and its pool.
+async fn store() -> (PgEventStore, PgPool) {
+    let (pool, schema) = es_postgres::testing::fresh_schema_with(16).await;
+    let store = PgEventStore::new(pool.clone(), schema)
+        .with_read_wait(Duration::from_secs(10))
+        .with_poll_interval(Duration::from_millis(100));
+    (store, pool)
+}
+
+async fn dyn_store() -> Arc<dyn DcbStore> {
+    Arc::new(store().await.0)
+}
+
+macro_rules! checks {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            dcb_conformance::$name(dyn_store().await).await;
+        }
+    )*};
+}
+
+checks!(
+    tags_round_trip,
+    query_matching_rules,
+    read_pages_and_marker,
+    condition_after_marker,
+    plain_tagged_append_moves_the_boundary,
+    idempotent_conditional_reappend,
+    overlapping_boundaries_keep_their_invariants,
+    query_subscription_catches_up_then_goes_live,
+    query_subscription_follows_concurrent_writers,
+);
+
+/// `DCB_RACE_ROUNDS`, else `default`.
+fn rounds(default: usize) -> usize {
+    std::env::var("DCB_RACE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default)
+}
+
+/// 32 racers on one (type, tag) with one marker: exactly one commits and
+/// 31 find the boundary moved, every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racers_on_one_boundary() {
+    let rounds = rounds(100);
+    let started = Instant::now();
+    let tally = dcb_conformance::racers_on_one_boundary(dyn_store().await, rounds).await;
+    println!(
+        "racers on one boundary: {tally:?} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(tally.committed, rounds);
+    assert_eq!(tally.moved, 31 * rounds);
+}
+
+/// 32 racers on disjoint tags: all commit, none conflicts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racers_on_disjoint_boundaries() {
+    let rounds = rounds(20);
+    let started = Instant::now();
+    let tally = dcb_conformance::racers_on_disjoint_boundaries(dyn_store().await, rounds).await;
+    println!(
+        "racers on disjoint boundaries: {tally:?} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(tally.committed, 32 * rounds);
+    assert_eq!(tally.moved, 0);
+}
+
+/// A tagged append held open in a transaction holds its boundary: a
+/// conditional append on it waits until it commits, then sees it and
+/// fails; one on another tag does not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conditional_append_waits_for_a_tagged_writer_of_its_boundary_only() {
+    let (store, pool) = store().await;
+    let (a, b) = (unique_tag("a"), unique_tag("b"));
+    let on_a = Query::from(QueryItem::tagged(a.clone()));
+    let on_b = Query::from(QueryItem::tagged(b.clone()));
+    let marker_a = store.read(&on_a, Position::START, 10).await.unwrap().marker;
+    let marker_b = store.read(&on_b, Position::START, 10).await.unwrap().marker;
+
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    store
+        .append_in_tx(
+            &mut tx,
+            &unique_stream("slow"),
+            ExpectedVersion::NoStream,
+            vec![tagged_event(1, "X", &[&a])],
+        )
+        .await
+        .unwrap();
+
+    // Another boundary: no wait.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        store.append_if(
+            &unique_stream("dcb"),
+            vec![tagged_event(2, "X", &[&b])],
+            AppendCondition::after(on_b, marker_b),
+        ),
+    )
+    .await
+    .expect("an append on a disjoint boundary waited")
+    .unwrap();
+
+    // The same boundary: waits for the open transaction.
+    let waiting = {
+        let store = store.clone();
+        let a = a.clone();
+        tokio::spawn(async move {
+            store
+                .append_if(
+                    &unique_stream("dcb"),
+                    vec![tagged_event(3, "X", &[&a])],
+                    AppendCondition::after(on_a, marker_a),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the conditional append did not wait"
+    );
+    tx.commit().await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the conditional append still waits")
+        .unwrap();
+    assert!(
+        matches!(result, Err(StoreError::BoundaryMoved { .. })),
+        "{result:?}"
+    );
+}
+
+async fn next(
+    sub: &mut futures::stream::BoxStream<'static, Result<RecordedEvent, StoreError>>,
+) -> RecordedEvent {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("subscription stalled")
+        .expect("subscription ended")
+        .expect("subscription failed")
+}
+
+/// Writer A takes the lower sequence with a tagged event and stays open;
+/// writer B appends a tagged event of the same boundary and commits. A read
+/// by query holds B back (its marker is below both), so a decision made on
+/// it cannot commit once A has; after A commits, the read and a query
+/// subscription give A then B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_is_not_skipped_by_a_query_read_or_its_marker() {
+    let (store, pool) = store().await;
+    let a_tag = unique_tag("a");
+    let query = Query::from(QueryItem::tagged(a_tag.clone()));
+    let mut sub = store.subscribe(query.clone(), Position::START);
+
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx_a = conn.begin().await.unwrap();
+    let ea = tagged_event(1, "X", &[&a_tag]);
+    let a_id = ea.event_id;
+    let a_result = store
+        .append_in_tx(
+            &mut tx_a,
+            &unique_stream("a"),
+            ExpectedVersion::NoStream,
+            vec![ea],
+        )
+        .await
+        .unwrap();
+    // B is tagged with A's tag but no condition: writers share the lock.
+    let eb = tagged_event(2, "X", &[&a_tag]);
+    let b_id = eb.event_id;
+    let b_result = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.append(&unique_stream("b"), ExpectedVersion::NoStream, vec![eb]),
+    )
+    .await
+    .expect("a tagged writer waited for another")
+    .unwrap();
+    assert!(b_result.position.minor() > a_result.position.minor());
+
+    // B is committed but held back behind A, and the marker is below both
+    // (a handle that does not wait for A).
+    let impatient = PgEventStore::new(store.pool().clone(), store.schema().to_owned())
+        .with_read_wait(Duration::from_millis(50));
+    let held = impatient.read(&query, Position::START, 10).await.unwrap();
+    assert!(held.events.is_empty(), "{:?}", held.events);
+    assert!(held.marker < a_result.position && held.marker < b_result.position);
+
+    tx_a.commit().await.unwrap();
+    store.wake_subscribers();
+
+    // A decision made on the held-back read sees its boundary moved.
+    let stale = store
+        .append_if(
+            &unique_stream("dcb"),
+            vec![tagged_event(3, "X", &[&a_tag])],
+            AppendCondition::after(query.clone(), held.marker),
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::BoundaryMoved { .. })),
+        "{stale:?}"
+    );
+
+    let page = store.read(&query, held.marker, 10).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![a_id, b_id]
+    );
+    assert_eq!(next(&mut sub).await.event_id, a_id);
+    assert_eq!(next(&mut sub).await.event_id, b_id);
+}
+
+/// Transaction A gets the older id, B the newer; B writes a tagged event
+/// first (lower sequence) and A later (higher sequence) and commits first.
+/// The query subscription follows the (transaction id, sequence) order: A,
+/// then B once it commits; a sequence-ordered reader would skip B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_transaction_with_a_higher_sequence_committing_first() {
+    let (store, pool) = store().await;
+    let tag = unique_tag("t");
+    let query = Query::from(QueryItem::tagged(tag.clone()));
+    let mut sub = store.subscribe(query.clone(), Position::START);
+
+    let mut a = pool.acquire().await.unwrap();
+    let mut tx_a = a.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *tx_a)
+        .await
+        .unwrap();
+    let mut b = pool.acquire().await.unwrap();
+    let mut tx_b = b.begin().await.unwrap();
+    let eb = tagged_event(2, "X", &[&tag]);
+    let b_id = eb.event_id;
+    let b_result = store
+        .append_in_tx(
+            &mut tx_b,
+            &unique_stream("b"),
+            ExpectedVersion::Any,
+            vec![eb],
+        )
+        .await
+        .unwrap();
+    let ea = tagged_event(1, "X", &[&tag]);
+    let a_id = ea.event_id;
+    let a_result = store
+        .append_in_tx(
+            &mut tx_a,
+            &unique_stream("a"),
+            ExpectedVersion::Any,
+            vec![ea],
+        )
+        .await
+        .unwrap();
+    assert!(a_result.position.major() < b_result.position.major());
+    assert!(a_result.position.minor() > b_result.position.minor());
+    // Untagged noise between them.
+    store
+        .append(&unique_stream("n"), ExpectedVersion::Any, vec![event(9)])
+        .await
+        .unwrap();
+    tx_a.commit().await.unwrap();
+    store.wake_subscribers();
+    assert_eq!(next(&mut sub).await.event_id, a_id);
+    tx_b.commit().await.unwrap();
+    store.wake_subscribers();
+    assert_eq!(next(&mut sub).await.event_id, b_id);
+    let page = store.read(&query, Position::START, 10).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![a_id, b_id]
+    );
+}
+
+/// A multi-stream write holding tagged events is atomic: a refused part
+/// writes nothing, tags included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_multi_stream_writes_are_atomic() {
+    let (store, _) = store().await;
+    let tag = unique_tag("m");
+    let taken = unique_stream("m");
+    store
+        .append(&taken, ExpectedVersion::NoStream, vec![event(0)])
+        .await
+        .unwrap();
+    let refused = store
+        .append_streams(vec![
+            es_core::StreamAppend::new(
+                unique_stream("m"),
+                ExpectedVersion::NoStream,
+                vec![tagged_event(1, "X", &[&tag])],
+            ),
+            es_core::StreamAppend::new(
+                taken.clone(),
+                ExpectedVersion::NoStream,
+                vec![tagged_event(2, "X", &[&tag])],
+            ),
+        ])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::WrongExpectedVersion { .. })),
+        "{refused:?}"
+    );
+    let query = Query::from(QueryItem::tagged(tag));
+    assert!(store
+        .read(&query, Position::START, 10)
+        .await
+        .unwrap()
+        .events
+        .is_empty());
+}
+
+/// 32 decision runners redeem one coupon for one customer at once: one
+/// redeems; the others read again, see the redemption and are rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decision_runner_decides_again_when_the_boundary_moved() {
+    use es_core::doc_support::coupon::{CouponError, CouponEvent, Redeem};
+    use es_core::{DecisionError, DecisionRunner, Metadata, RetryPolicy};
+
+    let store = dyn_store().await;
+    let runner = DecisionRunner::<CouponEvent>::new(store).with_retry(RetryPolicy {
+        max_attempts: 50,
+        ..RetryPolicy::default()
+    });
+    let coupon = unique_tag("c").value().to_owned();
+    let barrier = Arc::new(tokio::sync::Barrier::new(32));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let runner = runner.clone();
+        let barrier = Arc::clone(&barrier);
+        let redeem = Redeem {
+            coupon: coupon.clone(),
+            customer: 7,
+        };
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            runner
+                .execute(&unique_stream("redemption"), &redeem, Metadata::new())
+                .await
+        }));
+    }
+    let (mut redeemed, mut rejected) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => redeemed += 1,
+            Err(DecisionError::Rejected(CouponError::AlreadyRedeemed)) => rejected += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!((redeemed, rejected), (1, 31));
+}

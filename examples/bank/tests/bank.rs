@@ -1,0 +1,88 @@
+//! The bank end to end: on the embedded backends always, and on PostgreSQL
+//! and RabbitMQ (`DATABASE_URL`, `AMQP_URL`, loopback defaults), which must
+//! be there: the test fails, naming the URLs, when they are not.
+
+#![allow(clippy::unwrap_used)] // tests panic on failure
+
+use bank::{AccountError, Bank, Error};
+use std::time::Duration;
+
+use es::prelude::RabbitConfig;
+use es::RepositoryError;
+
+/// Two transfers (one completed, one refunded because the receiver is
+/// frozen) and the refusals the owners see at once; the balances add up.
+async fn transfers_settle_and_refusals_are_compensated(bank: Bank) {
+    let (alice, bob, carol) = (
+        bank.open(false).await.unwrap(),
+        bank.open(false).await.unwrap(),
+        bank.open(true).await.unwrap(),
+    );
+    bank.deposit(alice, 10_000).await.unwrap();
+    bank.withdraw(alice, 1_000).await.unwrap();
+    let refused = |result: Result<_, Error>| match result {
+        Err(Error::Account(RepositoryError::Rejected(e))) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        refused(bank.withdraw(alice, 100_000).await),
+        AccountError::Insufficient
+    );
+    assert_eq!(refused(bank.deposit(carol, 5).await), AccountError::Frozen);
+    assert_eq!(refused(bank.deposit(alice, 0).await), AccountError::Invalid);
+
+    let paid = bank.transfer(alice, bob, 3_000).await.unwrap();
+    let bounced = bank.transfer(alice, carol, 2_000).await.unwrap();
+    assert!(bank.settled(paid).await.unwrap());
+    assert!(!bank.settled(bounced).await.unwrap());
+    // To an account that does not exist: refused, refunded.
+    let nobody = uuid::Uuid::now_v7();
+    let nowhere = bank.transfer(bob, nobody, 100).await.unwrap();
+    assert!(!bank.settled(nowhere).await.unwrap());
+    assert_eq!(bank.balance(alice).await.unwrap(), 6_000);
+    assert_eq!(bank.balance(bob).await.unwrap(), 3_000);
+    assert_eq!(bank.balance(nobody).await.unwrap(), 0);
+    assert_eq!(bank.balance(carol).await.unwrap(), 0);
+    bank.stop().await;
+}
+
+#[tokio::test]
+async fn embedded() {
+    transfers_settle_and_refusals_are_compensated(Bank::embedded().await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_rabbitmq() {
+    let env = |name: &str, default: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_owned())
+    };
+    let postgres = env(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    );
+    let rabbit = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    // A fresh schema and queue prefix per run.
+    let namespace = format!("bank_{}", uuid::Uuid::now_v7().simple());
+    // Queues left by a failed run go after ten idle minutes.
+    let config = RabbitConfig::new(&rabbit).with_queue_expires(Some(Duration::from_secs(600)));
+    let bank = Bank::production(&postgres, config, &namespace)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {} and RabbitMQ at {} are required: {e}",
+                es::redact_url(&postgres),
+                es::redact_url(&rabbit)
+            )
+        });
+    transfers_settle_and_refusals_are_compensated(bank).await;
+    let pool = es::postgres::sqlx::PgPool::connect(&postgres)
+        .await
+        .unwrap();
+    es::postgres::sqlx::query(&format!("DROP SCHEMA {namespace} CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
