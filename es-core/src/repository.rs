@@ -483,8 +483,17 @@ impl<A: Aggregate> Repository<A> {
             event_id: command_id,
             reason: e.to_string(),
         })?;
-        let record = NewEvent::new(COMMAND_REFUSED, 1, payload, metadata.clone())
-            .with_id(derived_id(command_id, stream.as_str(), 0));
+        // The record names the span it is written in as its trace context
+        // when that is exported.
+        let mut metadata = metadata.clone();
+        if let Some(traceparent) = crate::otel::current() {
+            metadata.traceparent = Some(traceparent);
+        }
+        let record = NewEvent::new(COMMAND_REFUSED, 1, payload, metadata).with_id(derived_id(
+            command_id,
+            stream.as_str(),
+            0,
+        ));
         // The cached state is one version short of the stream from now on.
         if let Some(cache) = &self.cache {
             drop(cache.take(&stream));
