@@ -39,9 +39,10 @@ if [ -z "${SKIP_LINT:-}" ]; then
   cargo clippy -p es --all-features -- -D warnings
   # Every other feature combination of the umbrella crate: none, then each feature
   # alone (each must build without the others' re-exports), then postgres and
-  # rabbit together (`es::production`, the single-active relay).
+  # rabbit together (`es::production`, the single-active relay), then
+  # OpenTelemetry alone (es-core's spans exported, no backend).
   for features in "" testing derive postgres rabbit projections projections-postgres \
-    redis "postgres rabbit"; do
+    redis "postgres rabbit" otel; do
     step "cargo clippy -p es --no-default-features --features '$features' (warnings are errors)"
     cargo clippy -p es --no-default-features --features "$features" -- -D warnings
   done

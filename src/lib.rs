@@ -13,6 +13,7 @@
 //! | `projections` | `es::projections` (es-projections): the in-memory projection runner, no database client |
 //! | `projections-postgres` | the PostgreSQL projection runner and rebuilds |
 //! | `redis` | the Redis read-model sink |
+//! | `otel` | the framework's spans continue, in OpenTelemetry, the W3C trace their events and messages carry (`es::otel`); the application installs the `tracing-opentelemetry` layer and exporter |
 //! | `full` | all of the above |
 //!
 //! [`prelude`] holds what an application usually names:

@@ -16,6 +16,7 @@ pub mod inbox;
 pub mod leader;
 pub mod memory;
 pub mod metadata;
+pub mod otel;
 pub mod payload;
 pub mod position;
 pub mod projection;

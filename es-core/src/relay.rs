@@ -305,6 +305,7 @@ impl Relay {
         }
         let span =
             tracing::info_span!("es.relay.publish", relay = %self.name, messages = messages.len());
+        crate::otel::continue_batch(&span, messages.iter().map(|m| m.metadata.traceparent));
         let mut delay = Duration::from_millis(50);
         let mut refused = 0u32;
         loop {

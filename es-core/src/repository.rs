@@ -483,8 +483,17 @@ impl<A: Aggregate> Repository<A> {
             event_id: command_id,
             reason: e.to_string(),
         })?;
-        let record = NewEvent::new(COMMAND_REFUSED, 1, payload, metadata.clone())
-            .with_id(derived_id(command_id, stream.as_str(), 0));
+        // The record names the span it is written in as its trace context
+        // when that is exported.
+        let mut metadata = metadata.clone();
+        if let Some(traceparent) = crate::otel::current() {
+            metadata.traceparent = Some(traceparent);
+        }
+        let record = NewEvent::new(COMMAND_REFUSED, 1, payload, metadata).with_id(derived_id(
+            command_id,
+            stream.as_str(),
+            0,
+        ));
         // The cached state is one version short of the stream from now on.
         if let Some(cache) = &self.cache {
             drop(cache.take(&stream));
@@ -598,7 +607,18 @@ impl<A: Aggregate> Repository<A> {
             causation_id = metadata.causation_id.map(tracing::field::display),
             attempts = tracing::field::Empty,
         );
+        crate::otel::continue_trace(&span, metadata.traceparent);
         async {
+            // The events name the command's span as their trace context
+            // when it is exported.
+            let traced;
+            let metadata = match crate::otel::current() {
+                Some(traceparent) => {
+                    traced = metadata.clone().with_traceparent(traceparent);
+                    &traced
+                }
+                None => metadata,
+            };
             let marker = command_id.map(|c| derived_id(c, stream.as_str(), 0));
             let mut attempt = 1;
             let mut guess = self.first_guess(&stream, start);

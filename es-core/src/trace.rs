@@ -107,6 +107,12 @@ impl TraceParent {
     pub fn span_id(&self) -> String {
         format!("{:016x}", self.span_id)
     }
+
+    /// The trace id, span id and flags as numbers.
+    #[cfg_attr(not(feature = "otel"), allow(dead_code))]
+    pub(crate) fn parts(&self) -> (u128, u64, u8) {
+        (self.trace_id, self.span_id, self.flags)
+    }
 }
 
 /// A `traceparent` value that does not parse.

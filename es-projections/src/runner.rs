@@ -276,6 +276,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
             last = %last,
             events = events.len(),
         );
+        es_core::otel::continue_batch(&span, events.iter().map(|e| e.metadata.traceparent));
         async move {
             let mut dead = vec![false; events.len()];
             let mut letters = Vec::new();
@@ -386,6 +387,7 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
         event: &RecordedEvent,
     ) -> Result<(), es_core::ProjectionError> {
         let span = event_span(self.name(), event);
+        es_core::otel::continue_trace(&span, event.metadata.traceparent);
         match AssertUnwindSafe(self.projection.apply(tx, event).instrument(span))
             .catch_unwind()
             .await
@@ -402,7 +404,9 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
 }
 
 /// The span of one projection step: the event, its position, and the
-/// correlation and causation ids it carries.
+/// correlation and causation ids it carries. The runner's steps continue
+/// the event's trace ([`es_core::otel::continue_trace`]); a rebuild's do
+/// not.
 pub(crate) fn event_span(projection: &str, event: &RecordedEvent) -> tracing::Span {
     tracing::debug_span!(
         "projection.apply",
@@ -432,7 +436,8 @@ fn batch_apply_span(projection: &str, events: &[&RecordedEvent]) -> tracing::Spa
     if tracing::enabled!(tracing::Level::DEBUG) {
         span.in_scope(|| {
             for event in events {
-                drop(event_span(projection, event));
+                let span = event_span(projection, event);
+                es_core::otel::continue_trace(&span, event.metadata.traceparent);
             }
         });
     }

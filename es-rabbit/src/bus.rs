@@ -350,7 +350,6 @@ impl RabbitBus {
             VecDeque::with_capacity(window);
         for (index, message) in messages.iter().enumerate() {
             let parent = message.metadata.traceparent;
-            let trace = TraceParent::child_of(parent);
             let span = tracing::info_span!(
                 "es.rabbit.publish",
                 message_id = %message.message_id,
@@ -358,10 +357,16 @@ impl RabbitBus {
                 topic = %message.topic,
                 correlation_id = message.metadata.correlation_id.map(field::display),
                 causation_id = message.metadata.causation_id.map(field::display),
-                trace_id = %trace.trace_id(),
-                span_id = %trace.span_id(),
+                trace_id = field::Empty,
+                span_id = field::Empty,
                 parent_span_id = parent.map(|p| field::display(p.span_id())),
             );
+            // The exported span's own context, else a span id of its own:
+            // the consumer's span names it as its parent.
+            let trace = es_core::otel::continue_trace(&span, parent)
+                .unwrap_or_else(|| TraceParent::child_of(parent));
+            span.record("trace_id", field::display(trace.trace_id()));
+            span.record("span_id", field::display(trace.span_id()));
             let properties =
                 codec::properties(message, &trace.to_string()).map_err(|e| BusError::Backend {
                     source: Box::new(e),

@@ -236,7 +236,6 @@ impl ConsumerTask {
             return self.settle(current, &delivery, settle).await;
         }
         let parent = message.metadata.traceparent;
-        let trace = TraceParent::child_of(parent);
         let span = tracing::info_span!(
             "es.rabbit.consume",
             group = %group,
@@ -245,10 +244,15 @@ impl ConsumerTask {
             attempt,
             correlation_id = message.metadata.correlation_id.map(field::display),
             causation_id = message.metadata.causation_id.map(field::display),
-            trace_id = %trace.trace_id(),
-            span_id = %trace.span_id(),
+            trace_id = field::Empty,
+            span_id = field::Empty,
             parent_span_id = parent.map(|p| field::display(p.span_id())),
         );
+        // The exported span's own context, else a span id of its own.
+        let trace = es_core::otel::continue_trace(&span, parent)
+            .unwrap_or_else(|| TraceParent::child_of(parent));
+        span.record("trace_id", field::display(trace.trace_id()));
+        span.record("span_id", field::display(trace.span_id()));
         let message_id = message.message_id;
         let es_delivery = Delivery { message, attempt };
         metrics::counter!(telemetry::DELIVERED, "group" => self.label.clone()).increment(1);

@@ -20,8 +20,10 @@ use uuid::Uuid;
 
 type Spans = Arc<Mutex<Vec<(String, HashMap<String, String>)>>>;
 
+/// The captured spans, and the index of each live one by its id (for the
+/// fields recorded after the span was created).
 #[derive(Clone, Default)]
-struct Capture(Spans);
+struct Capture(Spans, Arc<Mutex<HashMap<tracing::span::Id, usize>>>);
 
 struct Fields<'a>(&'a mut HashMap<String, String>);
 
@@ -38,15 +40,32 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
     fn on_new_span(
         &self,
         attrs: &tracing::span::Attributes<'_>,
-        _: &tracing::span::Id,
+        id: &tracing::span::Id,
         _: Context<'_, S>,
     ) {
         let name = attrs.metadata().name();
         if name.starts_with("es.rabbit.") {
             let mut fields = HashMap::new();
             attrs.record(&mut Fields(&mut fields));
-            self.0.lock().unwrap().push((name.to_owned(), fields));
+            let mut spans = self.0.lock().unwrap();
+            self.1.lock().unwrap().insert(id.clone(), spans.len());
+            spans.push((name.to_owned(), fields));
         }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _: Context<'_, S>,
+    ) {
+        if let Some(&index) = self.1.lock().unwrap().get(id) {
+            values.record(&mut Fields(&mut self.0.lock().unwrap()[index].1));
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, _: Context<'_, S>) {
+        self.1.lock().unwrap().remove(&id);
     }
 }
 

@@ -272,6 +272,7 @@ async fn consume(
             correlation_id = delivery.message.metadata.correlation_id.map(tracing::field::display),
             causation_id = delivery.message.metadata.causation_id.map(tracing::field::display),
         );
+        crate::otel::continue_trace(&span, delivery.message.metadata.traceparent);
         let outcome = AssertUnwindSafe(handler.handle(&delivery).instrument(span))
             .catch_unwind()
             .await

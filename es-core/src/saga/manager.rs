@@ -284,6 +284,7 @@ impl<S: Saga> SagaManager<S> {
             correlation_id = message.metadata.correlation_id.map(tracing::field::display),
             causation_id = %message.message_id,
         );
+        crate::otel::continue_trace(&span, message.metadata.traceparent);
         let metadata = message.metadata.caused_by(message.message_id);
         self.react_with(saga_id, message.message_id, &metadata, |instance, now| {
             if instance.has_handled(message.message_id) {
@@ -556,7 +557,10 @@ impl<S: Saga> SagaManager<S> {
                 let Some(outgoing) = next.reaction.commands.get(index) else {
                     continue;
                 };
-                let metadata = next.metadata.caused_by(record_id);
+                let mut metadata = next.metadata.caused_by(record_id);
+                if let Some(traceparent) = crate::otel::current() {
+                    metadata.traceparent = Some(traceparent);
+                }
                 let events = work
                     .execute(&outgoing.topic, &outgoing.command, record_id, &metadata)
                     .await?;
@@ -676,6 +680,16 @@ impl<S: Saga> SagaManager<S> {
         reaction: &Reaction<S::Event, S::Command>,
         fired: Option<&str>,
     ) -> Result<(Vec<NewEvent>, Effects), SagaError> {
+        // The records name the reaction's span as their trace context when
+        // it is exported.
+        let traced;
+        let metadata = match crate::otel::current() {
+            Some(traceparent) => {
+                traced = metadata.clone().with_traceparent(traceparent);
+                &traced
+            }
+            None => metadata,
+        };
         let mut records = Vec::new();
         let mut effects = Effects::default();
         // Each record's id is derived from the input and its place in the
@@ -784,6 +798,10 @@ impl<S: Saga> AppendWriter for SagaManager<S> {
         };
         let stream = Self::stream_id(saga_id);
         let span = tracing::debug_span!("es.saga.react_local", saga = S::TYPE, %saga_id, aggregate = %part.stream);
+        crate::otel::continue_trace(
+            &span,
+            part.events.iter().find_map(|e| e.metadata.traceparent),
+        );
         async {
             for attempt in 1..=self.max_attempts {
                 let instance = self

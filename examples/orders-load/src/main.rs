@@ -61,7 +61,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Warnings only unless RUST_LOG says otherwise: a line per order would
     // measure the terminal, not the system.
-    let _log = orders::telemetry::init_tracing(cli.log_json, "warn");
+    let _log = orders::telemetry::init_tracing(cli.log_json, "warn", "orders-load");
     let options = load::LoadOptions {
         orders: cli.orders,
         concurrency: cli.concurrency,

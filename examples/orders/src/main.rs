@@ -116,7 +116,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log = orders::telemetry::init_tracing(cli.log_json, "info");
+    let _log = orders::telemetry::init_tracing(cli.log_json, "info", &service_name(&cli.command));
     let result = match cli.command {
         None => serve(cli.listen, cli.limits, cli.payment_timeout, &cli.auth).await,
         Some(Command::Serve(args)) if args.services.is_none() => {
@@ -146,6 +146,19 @@ async fn main() -> ExitCode {
             tracing::error!(error = error.chain(), "failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The name this process exports its spans under: the services it runs
+/// (`order`, `gateway`, `order+inventory`), or `orders` for the embedded
+/// system.
+fn service_name(command: &Option<Command>) -> String {
+    match command {
+        Some(Command::Serve(args)) => match args.services.as_deref() {
+            Some(services) if !services.is_empty() => services.join("+"),
+            _ => "orders".to_owned(),
+        },
+        _ => "orders".to_owned(),
     }
 }
 

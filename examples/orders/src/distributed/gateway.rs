@@ -171,8 +171,13 @@ async fn forward(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
-    let trace = TraceParent::child_of(incoming);
-    let span = tracing::info_span!("gateway.forward", %method, %path, service = owner.as_str(), trace_id = %trace.trace_id(), span_id = %trace.span_id());
+    let span = tracing::info_span!("gateway.forward", %method, %path, service = owner.as_str(), trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+    // The exported span's own context, else a span id of its own: the
+    // service's span names it as its parent.
+    let trace = es_core::otel::continue_trace(&span, incoming)
+        .unwrap_or_else(|| TraceParent::child_of(incoming));
+    span.record("trace_id", tracing::field::display(trace.trace_id()));
+    span.record("span_id", tracing::field::display(trace.span_id()));
     let response = async {
         let (mut parts, body) = request.into_parts();
         if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {

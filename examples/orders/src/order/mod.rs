@@ -294,13 +294,16 @@ impl OrderService {
         };
         let span =
             tracing::info_span!("order.place", correlation_id = %order_id, order_id = %order_id);
-        let _enter = span.enter();
         // One trace per order: the caller's, or else one whose id is the
-        // order id.
-        let traceparent = match traceparent.and_then(TraceParent::parse) {
-            Some(parent) => parent.child(),
+        // order id (the span's own when it is exported).
+        let caller = traceparent.and_then(TraceParent::parse);
+        let exported = es_core::otel::continue_trace(&span, caller);
+        let _enter = span.enter();
+        let traceparent = match (exported, caller) {
+            (Some(own), _) => own,
+            (None, Some(parent)) => parent.child(),
             // A trace whose id is the order id (never zero: a UUID v7 or v5).
-            None => TraceParent::root_with_trace_id(order_id.as_u128())
+            (None, None) => TraceParent::root_with_trace_id(order_id.as_u128())
                 .unwrap_or_else(TraceParent::new_root),
         };
         let metadata = Metadata::new()
