@@ -60,6 +60,18 @@ pub fn current() -> Option<TraceParent> {
     imp::current()
 }
 
+/// `metadata` naming the innermost exported span the caller runs in as its
+/// trace context ([`current`]), or `metadata` as it is when there is none:
+/// what an event, record or message produced here carries.
+pub fn traced(metadata: &crate::Metadata) -> std::borrow::Cow<'_, crate::Metadata> {
+    match current() {
+        Some(traceparent) => {
+            std::borrow::Cow::Owned(metadata.clone().with_traceparent(traceparent))
+        }
+        None => std::borrow::Cow::Borrowed(metadata),
+    }
+}
+
 /// The trace context of `span` when it is exported, else `None`.
 #[inline]
 pub fn context_of(span: &Span) -> Option<TraceParent> {

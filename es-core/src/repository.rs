@@ -485,10 +485,7 @@ impl<A: Aggregate> Repository<A> {
         })?;
         // The record names the span it is written in as its trace context
         // when that is exported.
-        let mut metadata = metadata.clone();
-        if let Some(traceparent) = crate::otel::current() {
-            metadata.traceparent = Some(traceparent);
-        }
+        let metadata = crate::otel::traced(metadata).into_owned();
         let record = NewEvent::new(COMMAND_REFUSED, 1, payload, metadata).with_id(derived_id(
             command_id,
             stream.as_str(),
@@ -611,14 +608,7 @@ impl<A: Aggregate> Repository<A> {
         async {
             // The events name the command's span as their trace context
             // when it is exported.
-            let traced;
-            let metadata = match crate::otel::current() {
-                Some(traceparent) => {
-                    traced = metadata.clone().with_traceparent(traceparent);
-                    &traced
-                }
-                None => metadata,
-            };
+            let metadata = &*crate::otel::traced(metadata);
             let marker = command_id.map(|c| derived_id(c, stream.as_str(), 0));
             let mut attempt = 1;
             let mut guess = self.first_guess(&stream, start);

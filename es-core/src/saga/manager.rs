@@ -557,10 +557,8 @@ impl<S: Saga> SagaManager<S> {
                 let Some(outgoing) = next.reaction.commands.get(index) else {
                     continue;
                 };
-                let mut metadata = next.metadata.caused_by(record_id);
-                if let Some(traceparent) = crate::otel::current() {
-                    metadata.traceparent = Some(traceparent);
-                }
+                let metadata =
+                    crate::otel::traced(&next.metadata.caused_by(record_id)).into_owned();
                 let events = work
                     .execute(&outgoing.topic, &outgoing.command, record_id, &metadata)
                     .await?;
@@ -682,14 +680,7 @@ impl<S: Saga> SagaManager<S> {
     ) -> Result<(Vec<NewEvent>, Effects), SagaError> {
         // The records name the reaction's span as their trace context when
         // it is exported.
-        let traced;
-        let metadata = match crate::otel::current() {
-            Some(traceparent) => {
-                traced = metadata.clone().with_traceparent(traceparent);
-                &traced
-            }
-            None => metadata,
-        };
+        let metadata = &*crate::otel::traced(metadata);
         let mut records = Vec::new();
         let mut effects = Effects::default();
         // Each record's id is derived from the input and its place in the
