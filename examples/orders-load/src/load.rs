@@ -177,8 +177,8 @@ struct Created {
     product_id: Uuid,
 }
 
-fn http_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
-    Error::caused("http", e)
+fn http_err(e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("http: {e}"))
 }
 
 /// How long one request may take.

@@ -37,7 +37,7 @@ const MAX_MINOR: u64 = 10_000_000_000_000;
 
 impl Money {
     /// No money.
-    pub(crate) const ZERO: Self = Self(0);
+    pub const ZERO: Self = Self(0);
 
     /// An amount of `minor` minor units.
     pub const fn from_minor(minor: u64) -> Self {
@@ -51,7 +51,7 @@ impl Money {
 
     /// `self * quantity`, or `None` past the largest amount accepted (an
     /// amount that could be written but never parsed back).
-    pub(crate) fn checked_mul(self, quantity: u64) -> Option<Self> {
+    pub fn checked_mul(self, quantity: u64) -> Option<Self> {
         self.0
             .checked_mul(quantity)
             .filter(|m| *m <= MAX_MINOR)
@@ -59,7 +59,7 @@ impl Money {
     }
 
     /// `self + other`, or `None` past the largest amount accepted.
-    pub(crate) fn checked_add(self, other: Self) -> Option<Self> {
+    pub fn checked_add(self, other: Self) -> Option<Self> {
         self.0
             .checked_add(other.0)
             .filter(|m| *m <= MAX_MINOR)
@@ -67,7 +67,7 @@ impl Money {
     }
 
     /// `self + other`, saturating (for statistics).
-    pub(crate) fn saturating_add(self, other: Self) -> Self {
+    pub fn saturating_add(self, other: Self) -> Self {
         Self(self.0.saturating_add(other.0))
     }
 
