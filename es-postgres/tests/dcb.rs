@@ -10,14 +10,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use es_core::testing::conformance::{event, unique_stream};
+use es_core::testing::conformance::{event, next_event, unique_stream};
 use es_core::testing::dcb_conformance::{self, tagged_event, unique_tag};
 use es_core::{
-    AppendCondition, DcbStore, EventStore, ExpectedVersion, Position, Query, QueryItem,
-    RecordedEvent, StoreError,
+    AppendCondition, DcbStore, EventStore, ExpectedVersion, Position, Query, QueryItem, StoreError,
 };
 use es_postgres::PgEventStore;
-use futures::StreamExt;
 use sqlx::{Connection, PgPool};
 
 /// The store (waiting up to 10 s for events held back by other sessions'
@@ -159,16 +157,6 @@ async fn a_conditional_append_waits_for_a_tagged_writer_of_its_boundary_only() {
     );
 }
 
-async fn next(
-    sub: &mut futures::stream::BoxStream<'static, Result<RecordedEvent, StoreError>>,
-) -> RecordedEvent {
-    tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("subscription stalled")
-        .expect("subscription ended")
-        .expect("subscription failed")
-}
-
 /// Writer A takes the lower sequence with a tagged event and stays open;
 /// writer B appends a tagged event of the same boundary and commits. A read
 /// by query holds B back (its marker is below both), so a decision made on
@@ -235,8 +223,8 @@ async fn a_late_commit_is_not_skipped_by_a_query_read_or_its_marker() {
         page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
         vec![a_id, b_id]
     );
-    assert_eq!(next(&mut sub).await.event_id, a_id);
-    assert_eq!(next(&mut sub).await.event_id, b_id);
+    assert_eq!(next_event(&mut sub).await.event_id, a_id);
+    assert_eq!(next_event(&mut sub).await.event_id, b_id);
 }
 
 /// Transaction A gets the older id, B the newer; B writes a tagged event
@@ -289,10 +277,10 @@ async fn an_older_transaction_with_a_higher_sequence_committing_first() {
         .unwrap();
     tx_a.commit().await.unwrap();
     store.wake_subscribers();
-    assert_eq!(next(&mut sub).await.event_id, a_id);
+    assert_eq!(next_event(&mut sub).await.event_id, a_id);
     tx_b.commit().await.unwrap();
     store.wake_subscribers();
-    assert_eq!(next(&mut sub).await.event_id, b_id);
+    assert_eq!(next_event(&mut sub).await.event_id, b_id);
     let page = store.read(&query, Position::START, 10).await.unwrap();
     assert_eq!(
         page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),

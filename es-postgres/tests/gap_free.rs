@@ -11,10 +11,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_core::testing::conformance::{event, unique_stream, whole_log};
+use es_core::testing::conformance::{event, next_event, unique_stream, whole_log};
 use es_core::{EventStore, ExpectedVersion, Position, RecordedEvent};
 use es_postgres::PgEventStore;
-use futures::StreamExt;
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
@@ -59,16 +58,6 @@ async fn xmin_position_read(store: &PgEventStore, after: i64) -> Vec<(i64, Uuid)
     .fetch_all(store.pool())
     .await
     .unwrap()
-}
-
-async fn next(
-    sub: &mut futures::stream::BoxStream<'static, Result<RecordedEvent, es_core::StoreError>>,
-) -> RecordedEvent {
-    tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("subscription stalled")
-        .expect("subscription ended")
-        .expect("subscription failed")
 }
 
 /// Writer A takes a position and stays open; writer B takes a later position
@@ -133,8 +122,8 @@ async fn late_commit_of_a_lower_position_is_not_skipped() {
         "the naive reader skipped A"
     );
     // The subscriber sees both, in order.
-    assert_eq!(next(&mut sub).await.event_id, a_id);
-    assert_eq!(next(&mut sub).await.event_id, b_id);
+    assert_eq!(next_event(&mut sub).await.event_id, a_id);
+    assert_eq!(next_event(&mut sub).await.event_id, b_id);
 }
 
 /// Transaction A gets the older id, B the newer; B takes the lower sequence,
@@ -215,8 +204,8 @@ async fn older_transaction_with_higher_sequence_committing_first() {
         xmin_position_read(&store, cursor).await.is_empty(),
         "the position-only cursor skipped B"
     );
-    assert_eq!(next(&mut sub).await.event_id, a_id);
-    assert_eq!(next(&mut sub).await.event_id, b_id);
+    assert_eq!(next_event(&mut sub).await.event_id, a_id);
+    assert_eq!(next_event(&mut sub).await.event_id, b_id);
 }
 
 /// Many writers, some holding their transaction open at random before and
@@ -306,7 +295,7 @@ async fn many_writer_torture() {
         naive_seen.extend(n);
         xmin_seen.extend(x);
         while received.len() < all_ids.len() {
-            received.push(next(&mut sub).await);
+            received.push(next_event(&mut sub).await);
         }
         let naive_skipped = all_ids.len() - naive_seen.len();
         let xmin_skipped = all_ids.len() - xmin_seen.len();

@@ -89,6 +89,18 @@ async fn whole_stream(store: &dyn EventStore, stream: &StreamId) -> Vec<Recorded
         .unwrap_or_else(|e| panic!("read_stream failed: {e}"))
 }
 
+/// The next event of a subscription, waiting at most 10 s; panics when it
+/// stalls, ends or fails.
+pub async fn next_event(
+    subscription: &mut futures::stream::BoxStream<'static, Result<RecordedEvent, StoreError>>,
+) -> RecordedEvent {
+    tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .unwrap_or_else(|_| panic!("subscription stalled"))
+        .unwrap_or_else(|| panic!("subscription ended"))
+        .unwrap_or_else(|e| panic!("subscription failed: {e}"))
+}
+
 /// Reads the log from `after` to its head.
 pub async fn whole_log(store: &dyn EventStore, after: Position) -> Vec<RecordedEvent> {
     let mut all = Vec::new();

@@ -20,11 +20,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
-use super::conformance::{event, unique_stream};
+use super::conformance::{event, next_event, unique_stream};
 use crate::dcb::read_all_matching;
 use crate::{
     AppendCondition, DcbStore, ExpectedVersion, NewEvent, Position, Query, QueryItem,
@@ -532,16 +531,6 @@ pub async fn overlapping_boundaries_keep_their_invariants(store: Arc<dyn DcbStor
     assert!(enrolled > 0);
 }
 
-async fn next(
-    sub: &mut futures::stream::BoxStream<'static, Result<RecordedEvent, StoreError>>,
-) -> RecordedEvent {
-    tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .unwrap_or_else(|_| panic!("query subscription stalled"))
-        .unwrap_or_else(|| panic!("query subscription ended"))
-        .unwrap_or_else(|e| panic!("query subscription failed: {e}"))
-}
-
 /// A query subscription gives the matching history, then matching events
 /// as they commit, and nothing else.
 pub async fn query_subscription_catches_up_then_goes_live(store: Arc<dyn DcbStore>) {
@@ -555,14 +544,14 @@ pub async fn query_subscription_catches_up_then_goes_live(store: Arc<dyn DcbStor
         .await
         .unwrap_or_else(|e| panic!("append failed: {e}"));
     let mut sub = store.subscribe(query, Position::START);
-    assert_eq!(next(&mut sub).await.event_id, first);
+    assert_eq!(next_event(&mut sub).await.event_id, first);
     let live = vec![event(3), tagged_event(4, "Y", &[&a])];
     let second = live[1].event_id;
     store
         .append(&stream, ExpectedVersion::Exact(2), live)
         .await
         .unwrap_or_else(|e| panic!("append failed: {e}"));
-    assert_eq!(next(&mut sub).await.event_id, second);
+    assert_eq!(next_event(&mut sub).await.event_id, second);
 }
 
 /// Writers appending tagged and untagged events at once: a query
@@ -600,7 +589,7 @@ pub async fn query_subscription_follows_concurrent_writers(store: Arc<dyn DcbSto
     let expected = (WRITERS * EACH / 2) as usize;
     let mut seen = Vec::with_capacity(expected);
     while seen.len() < expected {
-        seen.push(next(&mut sub).await);
+        seen.push(next_event(&mut sub).await);
     }
     let (read, _) = read_everything(&*store, &query).await;
     assert_eq!(

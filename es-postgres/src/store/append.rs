@@ -74,6 +74,26 @@ pub(super) struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
+    /// Binds the parameters every single-stream append statement starts
+    /// with: tenant, stream, expected version, then the batch's ids, types,
+    /// schema versions, payloads and metadata (`$1`–`$8`).
+    pub(super) fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+        stream: &'q StreamId,
+        expected: ExpectedVersion,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind("")
+            .bind(stream.as_str())
+            .bind(expected_code(expected))
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.versions)
+            .bind(&self.payloads)
+            .bind(&self.metadata)
+    }
+
     pub(super) fn encode(events: &'a [NewEvent], max_batch: usize) -> Result<Self, StoreError> {
         validate(events, max_batch)?;
         let n = events.len();
@@ -355,15 +375,12 @@ impl PgEventStore {
         batch: &Batch<'_>,
     ) -> Result<Option<AppendResult>, AppendError> {
         let carry = self.carry();
-        let rows: Vec<FastRow> = sqlx::query_as(&self.shared.sql.append_fast)
-            .bind("")
-            .bind(stream.as_str())
-            .bind(expected_code(expected))
-            .bind(&batch.ids)
-            .bind(&batch.types)
-            .bind(&batch.versions)
-            .bind(&batch.payloads)
-            .bind(&batch.metadata)
+        let rows: Vec<FastRow> = batch
+            .bind(
+                sqlx::query_as(&self.shared.sql.append_fast),
+                stream,
+                expected,
+            )
             .bind(self.carry_channel(carry.as_ref()))
             .bind(&self.shared.notify_payload)
             // fetch_all, not fetch_one: it returns only after the server
@@ -404,15 +421,8 @@ impl PgEventStore {
     where
         E: sqlx::PgExecutor<'c>,
     {
-        let row: OutcomeRow = sqlx::query_as(&self.shared.sql.append)
-            .bind("")
-            .bind(stream.as_str())
-            .bind(expected_code(expected))
-            .bind(&batch.ids)
-            .bind(&batch.types)
-            .bind(&batch.versions)
-            .bind(&batch.payloads)
-            .bind(&batch.metadata)
+        let row: OutcomeRow = batch
+            .bind(sqlx::query_as(&self.shared.sql.append), stream, expected)
             .bind(guarded)
             .fetch_all(executor)
             .await

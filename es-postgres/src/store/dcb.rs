@@ -20,7 +20,7 @@ use futures::stream::BoxStream;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
-use super::append::{decide, expected_code, no_row, Batch, OutcomeRow};
+use super::append::{decide, no_row, Batch, OutcomeRow};
 use super::read::{decode, held_event, position_parts};
 use super::PgEventStore;
 use crate::error::store_error;
@@ -80,15 +80,12 @@ impl PgEventStore {
             Some(after) => Some(position_parts(after)?),
             None => None,
         };
-        let row: OutcomeRow = sqlx::query_as(&self.shared.sql.append_tagged)
-            .bind("")
-            .bind(stream.as_str())
-            .bind(expected_code(expected))
-            .bind(&batch.ids)
-            .bind(&batch.types)
-            .bind(&batch.versions)
-            .bind(&batch.payloads)
-            .bind(&batch.metadata)
+        let row: OutcomeRow = batch
+            .bind(
+                sqlx::query_as(&self.shared.sql.append_tagged),
+                stream,
+                expected,
+            )
             .bind(&items)
             .bind(&tags)
             .bind(condition.map(|c| query_json(&c.fail_if_events_match)))
