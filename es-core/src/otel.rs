@@ -72,6 +72,14 @@ pub fn traced(metadata: &crate::Metadata) -> std::borrow::Cow<'_, crate::Metadat
     }
 }
 
+/// [`traced`] for metadata the caller owns: no copy is made.
+pub fn traced_owned(metadata: crate::Metadata) -> crate::Metadata {
+    match current() {
+        Some(traceparent) => metadata.with_traceparent(traceparent),
+        None => metadata,
+    }
+}
+
 /// The trace context of `span` when it is exported, else `None`.
 #[inline]
 pub fn context_of(span: &Span) -> Option<TraceParent> {

@@ -109,12 +109,9 @@ where
 {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         let m = &delivery.message;
-        let message = match self
-            .codec
-            .decode_parts(&m.message_type, m.schema_version, &m.payload)
-        {
+        let message = match super::decode(&self.codec, m) {
             Ok(message) => message,
-            Err(e) => return Outcome::dead_letter(e),
+            Err(dead_letter) => return dead_letter,
         };
         let (id, command) = match (self.route)(message) {
             Some((id, command)) => (id.to_string(), command),

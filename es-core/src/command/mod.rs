@@ -66,6 +66,21 @@ pub fn outcome_of<T, E: std::error::Error + 'static>(
     }
 }
 
+/// Decodes a command message through `codec`; what cannot be decoded is
+/// answered with a dead letter: it fails the same way on every delivery.
+fn decode<M: crate::DomainEvent>(
+    codec: &crate::EventCodec<M>,
+    message: &crate::Message,
+) -> Result<M, Outcome> {
+    codec
+        .decode_parts(
+            &message.message_type,
+            message.schema_version,
+            &message.payload,
+        )
+        .map_err(Outcome::dead_letter)
+}
+
 /// Logs a refusal at info. The reason is escaped (`Debug`), never spliced
 /// raw: it may carry text a client or a stored event chose.
 fn log_refusal(service: &'static str, reason: &dyn std::fmt::Display) {

@@ -38,16 +38,12 @@ pub struct Commands<S>(pub Arc<S>);
 impl<S: CommandService> MessageHandler for Commands<S> {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         let m = &delivery.message;
-        match EventCodec::<S::Command>::new().decode_parts(
-            &m.message_type,
-            m.schema_version,
-            &m.payload,
-        ) {
+        match super::decode(&EventCodec::<S::Command>::new(), m) {
             Ok(command) => {
                 let metadata = m.metadata.caused_by(m.message_id);
                 self.0.execute(command, m, &metadata).await
             }
-            Err(e) => Outcome::dead_letter(e),
+            Err(dead_letter) => dead_letter,
         }
     }
 }

@@ -557,8 +557,7 @@ impl<S: Saga> SagaManager<S> {
                 let Some(outgoing) = next.reaction.commands.get(index) else {
                     continue;
                 };
-                let metadata =
-                    crate::otel::traced(&next.metadata.caused_by(record_id)).into_owned();
+                let metadata = crate::otel::traced_owned(next.metadata.caused_by(record_id));
                 let events = work
                     .execute(&outgoing.topic, &outgoing.command, record_id, &metadata)
                     .await?;

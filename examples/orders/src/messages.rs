@@ -37,22 +37,18 @@ pub mod topics {
     ];
 }
 
-/// Declares an enum of newtype variants named like their payload structs and
-/// implements [`es_core::DomainEvent`] for it.
+/// Declares an enum of newtype variants named like their payload structs,
+/// deriving [`es_core::DomainEvent`] (type names are serde's: the variant
+/// names).
 macro_rules! message_enum {
     ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[derive(
+            Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, es_core::DomainEvent,
+        )]
+        #[event(crate = "es_core")]
         $vis enum $name {
             $($(#[$vmeta])* $variant($crate::messages::$variant)),+
-        }
-
-        impl es_core::DomainEvent for $name {
-            fn event_type(&self) -> &'static str {
-                match self {
-                    $(Self::$variant(_) => stringify!($variant)),+
-                }
-            }
         }
     };
 }
