@@ -55,7 +55,7 @@ pub use es_rabbit as rabbit;
 pub mod prelude {
     pub use es_core::prelude::*;
     pub use es_core::{
-        CancellationToken, CommandHandler, CommandRefused, DeadlineScheduler, InMemoryBus,
+        App, CancellationToken, CommandHandler, CommandRefused, DeadlineScheduler, InMemoryBus,
         InMemoryCheckpointStore, InMemoryEventStore, Relay, SagaHandler, SagaManager, SystemClock,
     };
     #[cfg(feature = "postgres")]
@@ -72,8 +72,9 @@ pub mod prelude {
 pub mod production {
     use std::sync::Arc;
 
-    use es_postgres::{PgCheckpointStore, PgEventStore, PgLeaderLock};
-    use es_rabbit::{RabbitBus, RabbitRelay};
+    use es_core::{App, RelayFactory, RelayPlan, RunRelay};
+    use es_postgres::{PgCheckpointStore, PgConfig, PgEventStore, PgLeaderLock};
+    use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
 
     /// The relay for production: follows `store`'s log and publishes to
     /// `bus` with confirms, with one active instance per `name` among every
@@ -107,6 +108,67 @@ pub mod production {
             Arc::new(PgCheckpointStore::new(store.pool().clone(), store.schema())),
             Arc::new(PgLeaderLock::new(store.pool().clone())),
         )
+    }
+
+    /// Why [`connect`] could not reach a backend.
+    #[derive(Debug, thiserror::Error)]
+    pub enum Error {
+        /// PostgreSQL could not be reached, or its schema is not migrated.
+        #[error(transparent)]
+        Postgres(#[from] es_postgres::Error),
+        /// RabbitMQ could not be reached.
+        #[error(transparent)]
+        Rabbit(#[from] es_rabbit::Error),
+    }
+
+    /// An [`App`] named `name` on `store` (its checkpoints in the store's
+    /// schema) and `bus`, relayed by [`relay`] (the app's command topics
+    /// mandatory).
+    pub fn app(name: impl Into<String>, store: &PgEventStore, bus: &RabbitBus) -> App {
+        let name = name.into();
+        let checkpoints = Arc::new(PgCheckpointStore::new(store.pool().clone(), store.schema()));
+        let factory: RelayFactory = {
+            let (name, store, bus) = (name.clone(), store.clone(), bus.clone());
+            Box::new(move |plan: RelayPlan| {
+                Arc::new(
+                    relay(name, &store, &bus)
+                        .with_route(plan.route)
+                        .with_mandatory_topics(plan.mandatory_topics),
+                ) as Arc<dyn RunRelay>
+            })
+        };
+        App::new(
+            name,
+            Arc::new(store.clone()),
+            Arc::new(bus.clone()),
+            checkpoints,
+            factory,
+        )
+    }
+
+    /// Connects to PostgreSQL at `postgres` (schema `namespace`, migrated)
+    /// and to RabbitMQ by `rabbit` (exchanges and queues prefixed
+    /// `<namespace>.`), and answers the [`app`] named `namespace` on them.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), es::production::Error> {
+    /// let rabbit = es::rabbit::RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f");
+    /// let mut app = es::production::connect("bank", "postgres://127.0.0.1/bank", rabbit).await?;
+    /// app.start();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(
+        namespace: &str,
+        postgres: &str,
+        rabbit: RabbitConfig,
+    ) -> Result<App, Error> {
+        let store = PgConfig::from_url(postgres)?
+            .schema(namespace)
+            .event_store()
+            .await?;
+        let bus = RabbitBus::connect(rabbit.with_prefix(format!("{namespace}."))).await?;
+        Ok(app(namespace, &store, &bus))
     }
 }
 

@@ -111,6 +111,8 @@ pub mod reminder {
     }
 
     impl DomainEvent for ReminderInput {
+        const EVENT_TYPES: &'static [&'static str] = &["Started", "Stopped"];
+
         fn event_type(&self) -> &'static str {
             match self {
                 Self::Started => "Started",

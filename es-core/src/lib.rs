@@ -2,6 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod aggregate;
+pub mod app;
 pub mod bus;
 pub mod catch_up;
 pub mod checkpoint;
@@ -36,6 +37,7 @@ pub mod trace;
 mod unit_of_work;
 
 pub use aggregate::Aggregate;
+pub use app::{supervise, App, RelayFactory, RelayPlan, RunRelay, SagaWiring};
 pub use bus::{
     BusError, DeadLetter, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
     SubscriptionHandle,

@@ -4,7 +4,7 @@ use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BoxError, Position, RecordedEvent};
+use crate::{BoxError, DomainEvent, EventCodec, Position, RecordedEvent};
 
 /// Why a projection could not apply an event.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,58 @@ pub enum ProjectionError {
         #[source]
         source: BoxError,
     },
+}
+
+impl ProjectionError {
+    /// [`InvalidEvent`](Self::InvalidEvent): the projection named
+    /// `projection` cannot apply `event`, for `reason`.
+    pub fn invalid(
+        projection: &str,
+        event: &RecordedEvent,
+        reason: impl std::fmt::Display,
+    ) -> Self {
+        Self::InvalidEvent {
+            projection: projection.to_owned(),
+            event_id: event.event_id,
+            position: event.position,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// [`Storage`](Self::Storage): the read model of the projection named
+    /// `projection` failed with `source`.
+    pub fn storage(projection: &str, source: impl Into<BoxError>) -> Self {
+        Self::Storage {
+            projection: projection.to_owned(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Decodes `event` as an `E` for the projection named `projection` (with no
+/// upcasters: decode through an [`EventCodec`] that has them otherwise); an
+/// event that does not decode is [`ProjectionError::InvalidEvent`].
+///
+/// ```
+/// # use es_core::doc_support::counter::{CounterEvent, CounterMessage};
+/// use es_core::projection::decode;
+/// use es_core::{ProjectionError, StreamId};
+///
+/// let stream = StreamId::for_aggregate("counter", "c1").unwrap();
+/// let events = es_core::testing::recorded(&stream, 1, [CounterEvent::Incremented { by: 2 }]);
+/// let decoded: CounterEvent = decode("totals", &events[0]).unwrap();
+/// assert_eq!(decoded, CounterEvent::Incremented { by: 2 });
+/// // Read as another type, the event is invalid for the projection.
+/// let wrong = decode::<CounterMessage>("totals", &events[0]);
+/// assert!(matches!(wrong, Err(ProjectionError::InvalidEvent { .. })));
+/// ```
+pub fn decode<E: DomainEvent>(
+    projection: &str,
+    event: &RecordedEvent,
+) -> Result<E, ProjectionError> {
+    EventCodec::<E>::new()
+        .decode(event)
+        .map_err(|e| ProjectionError::invalid(projection, event, e))
 }
 
 /// A projection: handles recorded events into a read model.

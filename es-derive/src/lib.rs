@@ -12,7 +12,7 @@ use case::RenameRule;
 /// Derives `DomainEvent` for an enum in serde's default (externally tagged)
 /// representation: `event_type()` answers each variant's serde name,
 /// `schema_version()` its `#[event(version = N)]` (the enum's, else 1), and
-/// an inherent `EVENT_TYPES` lists the names in variant order. See the crate
+/// `EVENT_TYPES` lists the names in variant order. See the crate
 /// documentation.
 #[proc_macro_derive(DomainEvent, attributes(event))]
 pub fn derive_domain_event(input: TokenStream) -> TokenStream {
@@ -115,17 +115,12 @@ fn expand(input: &DeriveInput) -> Result<Tokens, Error> {
     Ok(quote! {
         #[automatically_derived]
         impl #impl_generics #trait_path for #name #ty_generics #where_clause {
+            const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
+
             fn event_type(&self) -> &'static str {
                 #event_type
             }
             #schema_version
-        }
-
-        #[automatically_derived]
-        impl #impl_generics #name #ty_generics #where_clause {
-            /// The stored type names of the variants, in order: serde's
-            /// names for them.
-            pub const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
         }
     })
 }

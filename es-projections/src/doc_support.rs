@@ -33,12 +33,7 @@ impl Balances {
             .to_value()
             .ok()
             .and_then(|v| v["amount"].as_i64())
-            .ok_or_else(|| ProjectionError::InvalidEvent {
-                projection: self.name.clone(),
-                event_id: event.event_id,
-                position: event.position,
-                reason: "no integer amount".into(),
-            })
+            .ok_or_else(|| ProjectionError::invalid(&self.name, event, "no integer amount"))
     }
 
     async fn apply_all(
@@ -73,10 +68,7 @@ impl Balances {
 }
 
 fn storage(name: &str, e: sqlx::Error) -> ProjectionError {
-    ProjectionError::Storage {
-        projection: name.to_owned(),
-        source: Box::new(e),
-    }
+    ProjectionError::storage(name, e)
 }
 
 impl Projection for Balances {

@@ -393,12 +393,11 @@ impl<P: Projection, B: Backend<P>> Runner<P, B> {
             .await
         {
             Ok(result) => result,
-            Err(panic) => Err(es_core::ProjectionError::InvalidEvent {
-                projection: self.name().to_owned(),
-                event_id: event.event_id,
-                position: event.position,
-                reason: format!("the projection panicked: {}", panic_message(&*panic)),
-            }),
+            Err(panic) => Err(es_core::ProjectionError::invalid(
+                self.name(),
+                event,
+                format!("the projection panicked: {}", panic_message(&*panic)),
+            )),
         }
     }
 }

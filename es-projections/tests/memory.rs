@@ -55,12 +55,11 @@ impl Projection for Totals {
         let value: serde_json::Value = event.payload.to_value().unwrap();
         let amount = value["amount"].as_i64().unwrap_or(0);
         if amount < 0 {
-            return Err(ProjectionError::InvalidEvent {
-                projection: self.name().to_owned(),
-                event_id: event.event_id,
-                position: event.position,
-                reason: "negative amount".into(),
-            });
+            return Err(ProjectionError::invalid(
+                self.name(),
+                event,
+                "negative amount",
+            ));
         }
         *self
             .model
@@ -333,10 +332,10 @@ impl Projection for FlakyStorage {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if &*event.event_type == "Flaky" && failing {
-            return Err(ProjectionError::Storage {
-                projection: "flaky".into(),
-                source: "the read model's connection dropped".into(),
-            });
+            return Err(ProjectionError::storage(
+                "flaky",
+                "the read model's connection dropped",
+            ));
         }
         self.totals.apply(tx, event).await
     }

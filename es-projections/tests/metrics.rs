@@ -173,12 +173,7 @@ impl Projection for Gated {
     async fn apply(&self, _: &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
         self.gate.acquire().await.unwrap().forget();
         if &*event.event_type == "Bad" {
-            return Err(ProjectionError::InvalidEvent {
-                projection: self.name.to_owned(),
-                event_id: event.event_id,
-                position: event.position,
-                reason: "bad".into(),
-            });
+            return Err(ProjectionError::invalid(&self.name, event, "bad"));
         }
         Ok(())
     }

@@ -336,10 +336,7 @@ struct Notes;
 
 /// A failure of the notes table: the storage's, never the event's.
 fn notes_storage(e: sqlx::Error) -> es_core::ProjectionError {
-    es_core::ProjectionError::Storage {
-        projection: "notes".into(),
-        source: Box::new(e),
-    }
+    es_core::ProjectionError::storage("notes", e)
 }
 
 impl es_core::Projection for Notes {

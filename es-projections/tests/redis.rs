@@ -136,10 +136,7 @@ impl Projection for StatusCache {
             )
             .await
             .map(|_| ())
-            .map_err(|e| ProjectionError::Storage {
-                projection: "status-cache".into(),
-                source: Box::new(e),
-            })
+            .map_err(|e| ProjectionError::storage("status-cache", e))
     }
 }
 

@@ -106,6 +106,13 @@ impl RabbitRelay {
     }
 }
 
+#[async_trait::async_trait]
+impl es_core::RunRelay for RabbitRelay {
+    async fn run(&self, stop: CancellationToken) -> Result<(), RelayError> {
+        Self::run(self, stop).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     fn _run_is_send(relay: &super::RabbitRelay, stop: es_core::CancellationToken) {

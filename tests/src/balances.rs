@@ -21,12 +21,7 @@ fn balance_change(projection: &str, event: &RecordedEvent) -> Result<i64, Projec
     EventCodec::<AccountEvent>::new()
         .decode(event)
         .map(|e| e.balance_change())
-        .map_err(|e| ProjectionError::InvalidEvent {
-            projection: projection.to_owned(),
-            event_id: event.event_id,
-            position: event.position,
-            reason: e.to_string(),
-        })
+        .map_err(|e| ProjectionError::invalid(projection, event, e))
 }
 
 fn is_account(event: &RecordedEvent) -> bool {
@@ -80,10 +75,7 @@ impl Projection for MemoryBalances {
 pub struct PgBalances;
 
 fn storage(e: sqlx::Error) -> ProjectionError {
-    ProjectionError::Storage {
-        projection: PROJECTION.to_owned(),
-        source: Box::new(e),
-    }
+    ProjectionError::storage(PROJECTION, e)
 }
 
 impl Projection for PgBalances {

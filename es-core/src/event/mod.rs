@@ -47,6 +47,13 @@ pub use upcast::{Upcaster, Upcasters};
 /// assert_eq!(back, CounterEvent::Incremented { by: 2 });
 /// ```
 pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Every name [`event_type`](Self::event_type) can answer, in variant
+    /// order; `#[derive(DomainEvent)]` lists them. A saga's bindings are
+    /// derived from its input's list ([`App::saga`](crate::App::saga)), so
+    /// a hand-written implementation that leaves it empty must bind its
+    /// saga by hand.
+    const EVENT_TYPES: &'static [&'static str] = &[];
+
     /// The stable name of this event's type: its serde variant name.
     fn event_type(&self) -> &'static str;
 

@@ -411,19 +411,9 @@ mod tests {
         async fn apply(&self, (): &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
             let CounterEvent::Incremented { by } = EventCodec::<CounterEvent>::new()
                 .decode(event)
-                .map_err(|e| ProjectionError::InvalidEvent {
-                    projection: "seen".into(),
-                    event_id: event.event_id,
-                    position: event.position,
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| ProjectionError::invalid("seen", event, e))?;
             if by == 13 {
-                return Err(ProjectionError::InvalidEvent {
-                    projection: "seen".into(),
-                    event_id: event.event_id,
-                    position: event.position,
-                    reason: "unlucky".into(),
-                });
+                return Err(ProjectionError::invalid("seen", event, "unlucky"));
             }
             self.0.lock().unwrap().push((
                 event.stream_id.to_string(),

@@ -128,10 +128,7 @@ impl Projection for Ledger {
         let amount = event.payload.to_value().unwrap()["amount"]
             .as_i64()
             .unwrap();
-        let storage = |e: sqlx::Error| ProjectionError::Storage {
-            projection: self.name.clone(),
-            source: Box::new(e),
-        };
+        let storage = |e: sqlx::Error| ProjectionError::storage(&self.name, e);
         sqlx::query("INSERT INTO ledger (event_id, account, amount) VALUES ($1, $2, $3)")
             .bind(event.event_id)
             .bind(event.stream_id.as_str())
@@ -144,12 +141,11 @@ impl Projection for Ledger {
             std::future::pending::<()>().await;
         }
         if amount < 0 && !self.accept_negative.load(Ordering::SeqCst) {
-            return Err(ProjectionError::InvalidEvent {
-                projection: self.name.clone(),
-                event_id: event.event_id,
-                position: event.position,
-                reason: "negative deposit".into(),
-            });
+            return Err(ProjectionError::invalid(
+                &self.name,
+                event,
+                "negative deposit",
+            ));
         }
         sqlx::query(
             "INSERT INTO balances (account, total, events) VALUES ($1, $2, 1) \
@@ -174,10 +170,7 @@ impl PgProjection for Ledger {
             sqlx::query(sql)
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| ProjectionError::Storage {
-                    projection: self.name.clone(),
-                    source: Box::new(e),
-                })?;
+                .map_err(|e| ProjectionError::storage(&self.name, e))?;
         }
         Ok(())
     }

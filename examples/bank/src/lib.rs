@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use es::prelude::*;
+use es::projection::decode;
 use es::projections::{spawn_in_memory, ProjectionHandle};
-use es::relay::route_without_saga_state;
-use es::{BusError, EventCodec, ProjectionError, RepositoryError, SubscriptionHandle};
+use es::{ProjectionError, RepositoryError};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -33,8 +33,10 @@ enum AccountEvent {
     Refunded { amount: i64 },
 }
 
+/// What an account's owner (or the saga) asks of it; amounts in cents.
 #[derive(Clone, Debug)]
-enum AccountCommand {
+#[allow(missing_docs)]
+pub enum AccountCommand {
     Open { frozen: bool },
     Deposit { amount: i64 },
     Withdraw { amount: i64 },
@@ -44,20 +46,16 @@ enum AccountCommand {
 
 /// Why an account refuses a command.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[allow(missing_docs)] // the messages say it
 pub enum AccountError {
-    /// Opened twice.
     #[error("the account is open already")]
     AlreadyOpen,
-    /// Never opened.
     #[error("no such account")]
     NotOpen,
-    /// A zero or negative amount.
     #[error("amounts are positive")]
     Invalid,
-    /// A frozen account takes no deposits.
-    #[error("the account is frozen")]
+    #[error("a frozen account takes no deposits")]
     Frozen,
-    /// The balance is too small.
     #[error("not enough money")]
     Insufficient,
 }
@@ -142,8 +140,8 @@ enum TransferInput {
 /// What the saga asks of accounts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DomainEvent)]
 enum TransferCommand {
-    Credit { account: Uuid, amount: i64 },
-    Refund { account: Uuid, amount: i64 },
+    Credit { to: Uuid, amount: i64 },
+    Refund { to: Uuid, amount: i64 },
 }
 
 impl TransferCommand {
@@ -151,8 +149,8 @@ impl TransferCommand {
     /// for an account: always `Some`).
     fn route(self) -> Option<(Uuid, AccountCommand)> {
         Some(match self {
-            Self::Credit { account, amount } => (account, AccountCommand::Deposit { amount }),
-            Self::Refund { account, amount } => (account, AccountCommand::Refund { amount }),
+            Self::Credit { to, amount } => (to, AccountCommand::Deposit { amount }),
+            Self::Refund { to, amount } => (to, AccountCommand::Refund { amount }),
         })
     }
 }
@@ -168,30 +166,18 @@ impl Saga for Transfer {
     }
 
     fn react(&self, input: &TransferInput, _: DateTime<Utc>) -> Reaction<Self, TransferCommand> {
-        use TransferInput as I;
+        use {TransferCommand as C, TransferInput as I};
+        let next = |state| Reaction::none().event(state);
         match (self, input) {
-            (Self::Unknown, &I::Sent { from, to, amount }) => Reaction::none()
-                .event(Self::Crediting { from, amount })
-                .send(
-                    ACCOUNT_COMMANDS,
-                    TransferCommand::Credit {
-                        account: to,
-                        amount,
-                    },
-                ),
-            (Self::Crediting { .. }, I::Deposited { .. }) => {
-                Reaction::none().event(Self::Completed)
+            (Self::Unknown, &I::Sent { from, to, amount }) => {
+                next(Self::Crediting { from, amount })
+                    .send(ACCOUNT_COMMANDS, C::Credit { to, amount })
             }
+            (Self::Crediting { .. }, I::Deposited { .. }) => next(Self::Completed),
             (&Self::Crediting { from, amount }, I::CommandRefused(_)) => {
-                Reaction::none().event(Self::Refunding).send(
-                    ACCOUNT_COMMANDS,
-                    TransferCommand::Refund {
-                        account: from,
-                        amount,
-                    },
-                )
+                next(Self::Refunding).send(ACCOUNT_COMMANDS, C::Refund { to: from, amount })
             }
-            (Self::Refunding, I::Refunded { .. }) => Reaction::none().event(Self::Refunded),
+            (Self::Refunding, I::Refunded { .. }) => next(Self::Refunded),
             _ => Reaction::none(),
         }
     }
@@ -213,20 +199,12 @@ impl Projection for Balances {
     }
 
     async fn apply(&self, (): &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
-        if event.stream_id.category() != Account::TYPE {
-            return Ok(());
+        if event.stream_id.category() == Account::TYPE {
+            let change = balance_change(&decode(self.name(), event)?);
+            let mut balances = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let account = event.stream_id.entity_id().to_owned();
+            *balances.entry(account).or_default() += change;
         }
-        let decoded = EventCodec::<AccountEvent>::new().decode(event);
-        let change = balance_change(&decoded.map_err(|e| ProjectionError::InvalidEvent {
-            projection: self.name().to_owned(),
-            event_id: event.event_id,
-            position: event.position,
-            reason: e.to_string(),
-        })?);
-        let mut balances = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        *balances
-            .entry(event.stream_id.entity_id().to_owned())
-            .or_default() += change;
         Ok(())
     }
 }
@@ -242,13 +220,10 @@ pub enum Error {
     Saga(#[from] es::SagaError),
     /// The bus refused a subscription.
     #[error(transparent)]
-    Bus(#[from] BusError),
-    /// PostgreSQL could not be reached or migrated.
+    Bus(#[from] es::BusError),
+    /// PostgreSQL or RabbitMQ could not be reached.
     #[error(transparent)]
-    Postgres(#[from] es::postgres::Error),
-    /// RabbitMQ could not be reached.
-    #[error(transparent)]
-    Rabbit(#[from] es::rabbit::Error),
+    Connect(#[from] es::production::Error),
     /// The read model did not catch up.
     #[error(transparent)]
     Projection(#[from] es::projections::Error),
@@ -257,146 +232,59 @@ pub enum Error {
 /// A running bank: accounts, the transfer saga, the balances.
 #[derive(Debug)]
 pub struct Bank {
+    app: App,
     accounts: Repository<Account>,
-    saga: Arc<SagaManager<Transfer>>,
+    transfers: Arc<SagaManager<Transfer>>,
     balances: Arc<Balances>,
     projection: ProjectionHandle,
-    stop: CancellationToken,
-    _consumers: [SubscriptionHandle; 2],
 }
 
 impl Bank {
     /// The bank on the in-memory store and bus.
     pub async fn embedded() -> Result<Self, Error> {
-        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
-        let bus = InMemoryBus::new();
-        let checkpoints = Arc::new(InMemoryCheckpointStore::default());
-        let relay = Relay::new(
-            "bank",
-            Arc::clone(&store),
-            Arc::new(bus.clone()),
-            checkpoints,
-        )
-        .with_route(route_without_saga_state(&[Transfer::TYPE]));
-        Self::start(store, &bus, |stop| async move { relay.run(stop).await }).await
+        Self::start(App::in_memory("bank")).await
     }
 
     /// The bank on PostgreSQL (schema `namespace`, migrated) and RabbitMQ
     /// (exchanges and queues prefixed `namespace.`).
-    pub async fn production(
-        postgres: &str,
-        rabbit: RabbitConfig,
-        namespace: &str,
-    ) -> Result<Self, Error> {
-        let store = es::postgres::PgConfig::from_url(postgres)?
-            .schema(namespace)
-            .event_store()
-            .await?;
-        let bus = RabbitBus::connect(rabbit.with_prefix(format!("{namespace}."))).await?;
-        let relay = es::production::relay(namespace, &store, &bus)
-            .with_route(route_without_saga_state(&[Transfer::TYPE]))
-            .with_mandatory_topics([ACCOUNT_COMMANDS]);
-        Self::start(Arc::new(store), &bus, |stop| async move {
-            relay.run(stop).await
-        })
-        .await
+    pub async fn production(postgres: &str, rabbit: RabbitConfig, ns: &str) -> Result<Self, Error> {
+        Self::start(es::production::connect(ns, postgres, rabbit).await?).await
     }
 
-    /// Subscribes the saga and the account service, then starts the relay
-    /// and the projection.
-    async fn start<F>(
-        store: Arc<dyn EventStore>,
-        bus: &dyn EventBus,
-        relay: impl FnOnce(CancellationToken) -> F,
-    ) -> Result<Self, Error>
-    where
-        F: std::future::Future<Output = Result<(), es::RelayError>> + Send + 'static,
-    {
-        let accounts = Repository::<Account>::new(Arc::clone(&store));
-        let saga = Arc::new(SagaManager::<Transfer>::new(
-            Arc::clone(&store),
-            Arc::new(SystemClock),
-        ));
-        let inputs = TransferInput::EVENT_TYPES
-            .iter()
-            .map(|t| format!("{}.{t}", Account::TYPE));
-        let account_service = CommandHandler::new(accounts.clone(), TransferCommand::route);
-        let consumers = [
-            bus.subscribe(
-                Subscription::new("transfers", inputs),
-                Arc::new(SagaHandler(Arc::clone(&saga))),
-            )
-            .await?,
-            bus.subscribe(
-                Subscription::new("accounts", [format!("{ACCOUNT_COMMANDS}.*")]),
-                Arc::new(account_service),
-            )
-            .await?,
-        ];
-        let stop = CancellationToken::new();
-        let relay = relay(stop.clone());
-        tokio::spawn(async move {
-            if let Err(error) = relay.await {
-                tracing::error!(%error, "the relay stopped");
-            }
-        });
+    /// Wires the account service and the saga, then starts the relay and the
+    /// projection.
+    async fn start(mut app: App) -> Result<Self, Error> {
+        let accounts = app.repository::<Account>();
+        let service = CommandHandler::new(accounts.clone(), TransferCommand::route);
+        app.commands("accounts", ACCOUNT_COMMANDS, service).await?;
+        let transfers = app.saga::<Transfer>("transfers").inputs_from(Account::TYPE);
+        let transfers = transfers.start().await?;
+        app.start();
         let balances = Arc::new(Balances::default());
-        let projection = spawn_in_memory(Arc::clone(&store), Arc::clone(&balances));
+        let projection = spawn_in_memory(Arc::clone(app.store()), Arc::clone(&balances));
         Ok(Self {
+            app,
             accounts,
-            saga,
+            transfers,
             balances,
             projection,
-            stop,
-            _consumers: consumers,
         })
     }
 
-    async fn execute(
-        &self,
-        account: Uuid,
-        command: AccountCommand,
-        correlation: Uuid,
-    ) -> Result<(), Error> {
-        let metadata = Metadata::new().with_correlation_id(correlation);
+    /// Executes `command` on `account`; answers the id of the conversation
+    /// it starts (for a `Send`, the transfer's: see [`settled`](Self::settled)).
+    pub async fn execute(&self, account: Uuid, command: AccountCommand) -> Result<Uuid, Error> {
+        let conversation = Uuid::now_v7();
+        let metadata = Metadata::new().with_correlation_id(conversation);
         self.accounts.execute(account, command, &metadata).await?;
-        Ok(())
-    }
-
-    /// Opens an account; a frozen one takes no deposits.
-    pub async fn open(&self, frozen: bool) -> Result<Uuid, Error> {
-        let account = Uuid::now_v7();
-        self.execute(account, AccountCommand::Open { frozen }, account)
-            .await?;
-        Ok(account)
-    }
-
-    /// Deposits `amount` (in cents).
-    pub async fn deposit(&self, account: Uuid, amount: i64) -> Result<(), Error> {
-        self.execute(account, AccountCommand::Deposit { amount }, Uuid::now_v7())
-            .await
-    }
-
-    /// Withdraws `amount` (in cents).
-    pub async fn withdraw(&self, account: Uuid, amount: i64) -> Result<(), Error> {
-        self.execute(account, AccountCommand::Withdraw { amount }, Uuid::now_v7())
-            .await
-    }
-
-    /// Sends `amount` from `from` to `to`; answers the transfer's id, which
-    /// names its conversation and its saga.
-    pub async fn transfer(&self, from: Uuid, to: Uuid, amount: i64) -> Result<Uuid, Error> {
-        let transfer = Uuid::now_v7();
-        self.execute(from, AccountCommand::Send { from, to, amount }, transfer)
-            .await?;
-        Ok(transfer)
+        Ok(conversation)
     }
 
     /// Waits until the transfer is done: true when the money moved, false
     /// when the sender was refunded.
     pub async fn settled(&self, transfer: Uuid) -> Result<bool, Error> {
         loop {
-            match self.saga.load(transfer).await?.state {
+            match self.transfers.load(transfer).await?.state {
                 Transfer::Completed => return Ok(true),
                 Transfer::Refunded => return Ok(false),
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -407,29 +295,23 @@ impl Bank {
     /// An account's balance in the read model, once it has caught up with
     /// everything written so far.
     pub async fn balance(&self, account: Uuid) -> Result<i64, Error> {
-        let head = self
-            .accounts
-            .store()
-            .head()
-            .await
-            .map_err(RepositoryError::Store)?;
-        self.projection
-            .wait_for(head, Duration::from_secs(30))
-            .await?;
+        let head = self.app.store().head().await;
+        let (timeout, head) = (
+            Duration::from_secs(30),
+            head.map_err(RepositoryError::Store)?,
+        );
+        self.projection.wait_for(head, timeout).await?;
         let balances = self
             .balances
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        Ok(balances
-            .get(&account.to_string())
-            .copied()
-            .unwrap_or_default())
+        Ok(balances.get(&account.to_string()).copied().unwrap_or(0))
     }
 
-    /// Stops the relay and the projection, then the consumers.
+    /// Stops the projection, the relay and the consumers.
     pub async fn stop(self) {
-        self.stop.cancel();
         let _ = self.projection.stop().await;
+        self.app.stop().await;
     }
 }

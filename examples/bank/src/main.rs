@@ -5,14 +5,16 @@
 //! `cargo run -p bank -- --postgres URL --rabbit URL` on PostgreSQL and
 //! RabbitMQ (or set `BANK_POSTGRES` and `BANK_RABBIT`).
 
-use bank::{Bank, Error};
+use bank::{AccountCommand as C, Bank, Error};
 use clap::Parser;
 use es::prelude::RabbitConfig;
+use tracing_subscriber::EnvFilter;
+use uuid::Uuid;
 
-/// Where to run.
+/// Where to run: in memory, or on PostgreSQL and RabbitMQ.
 #[derive(Debug, Parser)]
 struct Args {
-    /// PostgreSQL URL (with --rabbit); in memory without.
+    /// PostgreSQL URL (with --rabbit).
     #[arg(long, env = "BANK_POSTGRES", requires = "rabbit")]
     postgres: Option<String>,
     /// RabbitMQ URL (with --postgres).
@@ -22,11 +24,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).init();
     let bank = match Args::parse() {
         Args {
             postgres: Some(postgres),
@@ -34,18 +33,23 @@ async fn main() -> Result<(), Error> {
         } => Bank::production(&postgres, RabbitConfig::new(rabbit), "bank").await?,
         _ => Bank::embedded().await?,
     };
-    let (alice, bob, carol) = (
-        bank.open(false).await?,
-        bank.open(false).await?,
-        bank.open(true).await?,
-    );
-    bank.deposit(alice, 10_000).await?;
-    bank.withdraw(alice, 1_000).await?;
-    let paid = bank.transfer(alice, bob, 3_000).await?;
-    let refunded = bank.transfer(alice, carol, 2_000).await?;
-    for transfer in [paid, refunded] {
-        let moved = bank.settled(transfer).await?;
-        tracing::info!(%transfer, moved, "transfer settled");
+    let [alice, bob, carol] = [(); 3].map(|()| Uuid::now_v7());
+    for (account, frozen) in [(alice, false), (bob, false), (carol, true)] {
+        bank.execute(account, C::Open { frozen }).await?;
+    }
+    bank.execute(alice, C::Deposit { amount: 10_000 }).await?;
+    for to in [bob, carol] {
+        let transfer = bank
+            .execute(
+                alice,
+                C::Send {
+                    from: alice,
+                    to,
+                    amount: 3_000,
+                },
+            )
+            .await?;
+        tracing::info!(%transfer, moved = bank.settled(transfer).await?, "transfer settled");
     }
     for (name, account) in [("alice", alice), ("bob", bob), ("carol", carol)] {
         tracing::info!(name, balance = bank.balance(account).await?, "balance");

@@ -4,8 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // tests panic on failure
 
-use bank::{AccountError, Bank, Error};
+use bank::{AccountCommand as C, AccountError, Bank, Error};
 use std::time::Duration;
+use uuid::Uuid;
 
 use es::prelude::RabbitConfig;
 use es::RepositoryError;
@@ -13,31 +14,40 @@ use es::RepositoryError;
 /// Two transfers (one completed, one refunded because the receiver is
 /// frozen) and the refusals the owners see at once; the balances add up.
 async fn transfers_settle_and_refusals_are_compensated(bank: Bank) {
-    let (alice, bob, carol) = (
-        bank.open(false).await.unwrap(),
-        bank.open(false).await.unwrap(),
-        bank.open(true).await.unwrap(),
-    );
-    bank.deposit(alice, 10_000).await.unwrap();
-    bank.withdraw(alice, 1_000).await.unwrap();
+    let [alice, bob, carol] = [(); 3].map(|()| Uuid::now_v7());
+    for (account, frozen) in [(alice, false), (bob, false), (carol, true)] {
+        bank.execute(account, C::Open { frozen }).await.unwrap();
+    }
+    bank.execute(alice, C::Deposit { amount: 10_000 })
+        .await
+        .unwrap();
+    bank.execute(alice, C::Withdraw { amount: 1_000 })
+        .await
+        .unwrap();
     let refused = |result: Result<_, Error>| match result {
         Err(Error::Account(RepositoryError::Rejected(e))) => e,
         other => panic!("{other:?}"),
     };
-    assert_eq!(
-        refused(bank.withdraw(alice, 100_000).await),
-        AccountError::Insufficient
-    );
-    assert_eq!(refused(bank.deposit(carol, 5).await), AccountError::Frozen);
-    assert_eq!(refused(bank.deposit(alice, 0).await), AccountError::Invalid);
+    let overdraw = bank.execute(alice, C::Withdraw { amount: 100_000 }).await;
+    assert_eq!(refused(overdraw), AccountError::Insufficient);
+    let frozen = bank.execute(carol, C::Deposit { amount: 5 }).await;
+    assert_eq!(refused(frozen), AccountError::Frozen);
+    let nothing = bank.execute(alice, C::Deposit { amount: 0 }).await;
+    assert_eq!(refused(nothing), AccountError::Invalid);
+    let twice = bank.execute(bob, C::Open { frozen: false }).await;
+    assert_eq!(refused(twice), AccountError::AlreadyOpen);
 
-    let paid = bank.transfer(alice, bob, 3_000).await.unwrap();
-    let bounced = bank.transfer(alice, carol, 2_000).await.unwrap();
+    let send = |from, to, amount| C::Send { from, to, amount };
+    let paid = bank.execute(alice, send(alice, bob, 3_000)).await.unwrap();
+    let bounced = bank
+        .execute(alice, send(alice, carol, 2_000))
+        .await
+        .unwrap();
     assert!(bank.settled(paid).await.unwrap());
     assert!(!bank.settled(bounced).await.unwrap());
     // To an account that does not exist: refused, refunded.
-    let nobody = uuid::Uuid::now_v7();
-    let nowhere = bank.transfer(bob, nobody, 100).await.unwrap();
+    let nobody = Uuid::now_v7();
+    let nowhere = bank.execute(bob, send(bob, nobody, 100)).await.unwrap();
     assert!(!bank.settled(nowhere).await.unwrap());
     assert_eq!(bank.balance(alice).await.unwrap(), 6_000);
     assert_eq!(bank.balance(bob).await.unwrap(), 3_000);
@@ -65,7 +75,7 @@ async fn postgres_and_rabbitmq() {
     );
     let rabbit = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     // A fresh schema and queue prefix per run.
-    let namespace = format!("bank_{}", uuid::Uuid::now_v7().simple());
+    let namespace = format!("bank_{}", Uuid::now_v7().simple());
     // Queues left by a failed run go after ten idle minutes.
     let config = RabbitConfig::new(&rabbit).with_queue_expires(Some(Duration::from_secs(600)));
     let bank = Bank::production(&postgres, config, &namespace)

@@ -215,20 +215,12 @@ impl std::fmt::Debug for PgOrderProjection {
 }
 
 fn invalid(event: &RecordedEvent, reason: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::InvalidEvent {
-        projection: PROJECTION.to_owned(),
-        event_id: event.event_id,
-        position: event.position,
-        reason: reason.to_string(),
-    }
+    ProjectionError::invalid(PROJECTION, event, reason)
 }
 
 fn storage(e: sqlx::Error) -> ProjectionError {
     // A database failure is the runner's to retry.
-    ProjectionError::Storage {
-        projection: PROJECTION.to_owned(),
-        source: Box::new(e),
-    }
+    ProjectionError::storage(PROJECTION, e)
 }
 
 /// A failure to write `event`: the event's own when PostgreSQL refused its

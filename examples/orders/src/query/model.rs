@@ -518,12 +518,7 @@ impl Projection for OrderProjection {
         let decoded = self
             .codec
             .decode(event)
-            .map_err(|e| ProjectionError::InvalidEvent {
-                projection: self.name().to_owned(),
-                event_id: event.event_id,
-                position: event.position,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ProjectionError::invalid(self.name(), event, e))?;
         self.model.apply(&decoded, event.recorded_at);
         Ok(())
     }
