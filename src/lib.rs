@@ -190,4 +190,6 @@ mod guide {
     struct Projections;
     #[doc = include_str!("../docs/src/testing.md")]
     struct Testing;
+    #[doc = include_str!("../docs/src/dcb.md")]
+    struct Dcb;
 }

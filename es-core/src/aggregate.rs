@@ -50,3 +50,17 @@ pub trait Aggregate: Default + Send + Sync + 'static {
         state
     }
 }
+
+/// A refusal that is only a message: the [`Aggregate::Error`] of an
+/// aggregate whose callers never branch on why a command was refused. Give
+/// an aggregate a `thiserror` enum instead as soon as one does (a caller
+/// that retries on one reason and reports another).
+///
+/// ```
+/// use es_core::Refused;
+/// let refused = Refused("no such account");
+/// assert_eq!(refused.to_string(), "no such account");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub &'static str);

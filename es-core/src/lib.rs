@@ -36,7 +36,7 @@ pub mod testing;
 pub mod trace;
 mod unit_of_work;
 
-pub use aggregate::Aggregate;
+pub use aggregate::{Aggregate, Refused};
 pub use app::{supervise, App, RelayFactory, RelayPlan, RunRelay, SagaWiring};
 pub use bus::{
     BusError, DeadLetter, Delivery, EventBus, Message, MessageHandler, Outcome, Subscription,
@@ -87,7 +87,7 @@ pub mod prelude {
     pub use crate::{
         Aggregate, Clock, DomainEvent, EventBus, EventStore, ExpectedVersion, Message,
         MessageHandler, Metadata, NewEvent, Outcome, Position, Projection, Reaction, RecordedEvent,
-        Repository, Saga, StreamId, Subscription,
+        Refused, Repository, Saga, StreamId, Subscription,
     };
 }
 

@@ -98,7 +98,8 @@ pub async fn project<P: Projection>(
 /// # use std::collections::BTreeMap;
 /// # use std::sync::Mutex;
 /// # use es_core::doc_support::counter::CounterEvent;
-/// # use es_core::{EventCodec, Projection, ProjectionError, RecordedEvent, StreamId};
+/// # use es_core::{Projection, ProjectionError, RecordedEvent, StreamId};
+/// use es_core::projection::decode;
 /// use es_core::testing::ProjectionFixture;
 ///
 /// /// The value of every counter, by stream.
@@ -109,14 +110,7 @@ pub async fn project<P: Projection>(
 ///     type Tx = ();
 ///     fn name(&self) -> &str { "totals" }
 ///     async fn apply(&self, _: &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
-///         let CounterEvent::Incremented { by } = EventCodec::<CounterEvent>::new()
-///             .decode(event)
-///             .map_err(|e| ProjectionError::InvalidEvent {
-///                 projection: self.name().into(),
-///                 event_id: event.event_id,
-///                 position: event.position,
-///                 reason: e.to_string(),
-///             })?;
+///         let CounterEvent::Incremented { by } = decode(self.name(), event)?;
 ///         *self.0.lock().unwrap().entry(event.stream_id.to_string()).or_default() += u64::from(by);
 ///         Ok(())
 ///     }
