@@ -240,20 +240,10 @@ pub struct Bank {
 }
 
 impl Bank {
-    /// The bank on the in-memory store and bus.
-    pub async fn embedded() -> Result<Self, Error> {
-        Self::start(App::in_memory("bank")).await
-    }
-
-    /// The bank on PostgreSQL (schema `namespace`, migrated) and RabbitMQ
-    /// (exchanges and queues prefixed `namespace.`).
-    pub async fn production(postgres: &str, rabbit: RabbitConfig, ns: &str) -> Result<Self, Error> {
-        Self::start(es::production::connect(ns, postgres, rabbit).await?).await
-    }
-
-    /// Wires the account service and the saga, then starts the relay and the
-    /// projection.
-    async fn start(mut app: App) -> Result<Self, Error> {
+    /// The bank on `app`'s backends: `App::in_memory("bank")`, or
+    /// PostgreSQL and RabbitMQ by [`es::production::connect`]. Wires the
+    /// account service and the saga, then starts the relay and the projection.
+    pub async fn start(mut app: App) -> Result<Self, Error> {
         let accounts = app.repository::<Account>();
         let service = CommandHandler::new(accounts.clone(), TransferCommand::route);
         app.commands("accounts", ACCOUNT_COMMANDS, service).await?;

@@ -7,7 +7,7 @@
 
 use bank::{AccountCommand as C, Bank, Error};
 use clap::Parser;
-use es::prelude::RabbitConfig;
+use es::prelude::{App, RabbitConfig};
 use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 
@@ -26,13 +26,14 @@ struct Args {
 async fn main() -> Result<(), Error> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
-    let bank = match Args::parse() {
-        Args {
-            postgres: Some(postgres),
-            rabbit: Some(rabbit),
-        } => Bank::production(&postgres, RabbitConfig::new(rabbit), "bank").await?,
-        _ => Bank::embedded().await?,
+    let args = Args::parse();
+    let app = match (args.postgres, args.rabbit) {
+        (Some(postgres), Some(rabbit)) => {
+            es::production::connect("bank", &postgres, RabbitConfig::new(rabbit)).await?
+        }
+        _ => App::in_memory("bank"),
     };
+    let bank = Bank::start(app).await?;
     let [alice, bob, carol] = [(); 3].map(|()| Uuid::now_v7());
     for (account, frozen) in [(alice, false), (bob, false), (carol, true)] {
         bank.execute(account, C::Open { frozen }).await?;

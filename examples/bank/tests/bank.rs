@@ -8,7 +8,7 @@ use bank::{AccountCommand as C, AccountError, Bank, Error};
 use std::time::Duration;
 use uuid::Uuid;
 
-use es::prelude::RabbitConfig;
+use es::prelude::{App, RabbitConfig};
 use es::RepositoryError;
 
 /// Two transfers (one completed, one refunded because the receiver is
@@ -58,7 +58,8 @@ async fn transfers_settle_and_refusals_are_compensated(bank: Bank) {
 
 #[tokio::test]
 async fn embedded() {
-    transfers_settle_and_refusals_are_compensated(Bank::embedded().await.unwrap()).await;
+    let bank = Bank::start(App::in_memory("bank")).await.unwrap();
+    transfers_settle_and_refusals_are_compensated(bank).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +79,7 @@ async fn postgres_and_rabbitmq() {
     let namespace = format!("bank_{}", Uuid::now_v7().simple());
     // Queues left by a failed run go after ten idle minutes.
     let config = RabbitConfig::new(&rabbit).with_queue_expires(Some(Duration::from_secs(600)));
-    let bank = Bank::production(&postgres, config, &namespace)
+    let app = es::production::connect(&namespace, &postgres, config)
         .await
         .unwrap_or_else(|e| {
             panic!(
@@ -87,6 +88,7 @@ async fn postgres_and_rabbitmq() {
                 es::redact_url(&rabbit)
             )
         });
+    let bank = Bank::start(app).await.unwrap();
     transfers_settle_and_refusals_are_compensated(bank).await;
     let pool = es::postgres::sqlx::PgPool::connect(&postgres)
         .await
