@@ -69,8 +69,8 @@ pub use redact::redact_url;
 pub use relay::{Relay, RelayError};
 pub use repository::{Committed, Loaded, Repository, RepositoryError, RetryPolicy};
 pub use saga::{
-    DeadlineScheduler, LocalAggregate, Reaction, Saga, SagaError, SagaHandler, SagaManager,
-    SagaOutcome,
+    DeadlineScheduler, LocalAggregate, PendingDeadline, Reaction, Saga, SagaError, SagaHandler,
+    SagaManager, SagaOutcome,
 };
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{AppendWriter, BoxError, EventStore, StoreError, StreamAppend};

@@ -20,7 +20,7 @@ use crate::state_cache::{Entry, StateCache};
 use crate::{
     derived_id, Aggregate, AppendResult, AppendWriter, Clock, EventCodec, EventStore,
     ExpectedVersion, Metadata, NewEvent, Payload, RecordedEvent, StoreError, StreamAppend,
-    StreamId,
+    StreamId, TraceParent,
 };
 
 /// The most reactions one write holds: a saga and its local aggregate that
@@ -45,6 +45,19 @@ enum LocalWrite {
     Refused(StoreError),
 }
 
+/// A deadline a saga set and that has neither fired nor been cancelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingDeadline {
+    /// When it is due.
+    pub due: DateTime<Utc>,
+    /// The id of the record that set it.
+    pub set_by: Uuid,
+    /// The trace context of the reaction that set it, which its firing
+    /// continues: a timeout's compensation belongs to the conversation's
+    /// trace.
+    pub traceparent: Option<TraceParent>,
+}
+
 /// A saga instance as loaded from its stream.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SagaInstance<S> {
@@ -52,8 +65,8 @@ pub struct SagaInstance<S> {
     pub state: S,
     /// Its stream version.
     pub version: u64,
-    /// Pending deadlines: name -> (due, id of the record that set it).
-    pub deadlines: BTreeMap<String, (DateTime<Utc>, Uuid)>,
+    /// Pending deadlines, by name.
+    pub deadlines: BTreeMap<String, PendingDeadline>,
     /// The commands it has sent so far, in order.
     pub sent: Vec<CommandRecord>,
     handled: HashSet<Uuid, foldhash::fast::RandomState>,
@@ -241,9 +254,12 @@ impl<S: Saga> SagaManager<S> {
                 let due = record
                     .due
                     .ok_or_else(|| malformed("deadline without due time".into()))?;
-                instance
-                    .deadlines
-                    .insert(record.name, (due, recorded.event_id));
+                let pending = PendingDeadline {
+                    due,
+                    set_by: recorded.event_id,
+                    traceparent: recorded.metadata.traceparent,
+                };
+                instance.deadlines.insert(record.name, pending);
             }
             DEADLINE_CANCELLED | DEADLINE_FIRED => {
                 let record: DeadlineRecord = recorded
@@ -302,22 +318,30 @@ impl<S: Saga> SagaManager<S> {
             tracing::info_span!("es.saga.deadline", saga = S::TYPE, %saga_id, deadline = name);
         async {
             let instance = self.load(saga_id).await?;
-            let Some(&(due, set_by)) = instance.deadlines.get(name) else {
+            let Some(&PendingDeadline {
+                due,
+                set_by,
+                traceparent,
+            }) = instance.deadlines.get(name)
+            else {
                 return Ok(SagaOutcome::Ignored);
             };
             if due > self.clock.now() {
                 return Ok(SagaOutcome::Ignored);
             }
-            let metadata = Metadata::new()
+            // The firing joins the trace of the reaction that set it.
+            crate::otel::continue_trace(&tracing::Span::current(), traceparent);
+            let mut metadata = Metadata::new()
                 .with_correlation_id(saga_id)
                 .with_causation_id(set_by);
+            metadata.traceparent = traceparent;
             let name = name.to_owned();
             self.react_with(
                 saga_id,
                 set_by,
                 &metadata,
                 move |instance, now| match instance.deadlines.get(&name) {
-                    Some(&(due, id)) if id == set_by && due <= now => {
+                    Some(pending) if pending.set_by == set_by && pending.due <= now => {
                         let mut reaction = instance.state.on_deadline(&name, now);
                         reaction.cancelled.retain(|n| n != &name);
                         Some((reaction, Some(name.clone())))
@@ -745,7 +769,12 @@ impl<S: Saga> SagaManager<S> {
             };
             record(&mut records, DEADLINE_SET, payload(&body)?);
             let set_by = records.last().map(|r| r.event_id).unwrap_or_default();
-            effects.set.push((body.name, *due, set_by));
+            let pending = PendingDeadline {
+                due: *due,
+                set_by,
+                traceparent: metadata.traceparent,
+            };
+            effects.set.push((body.name, pending));
         }
         Ok((records, effects))
     }
@@ -855,8 +884,8 @@ struct Effects {
     /// The local commands among them: their index in the reaction and the
     /// id of their record (the id they are executed as).
     executed: Vec<(usize, Uuid)>,
-    /// Deadlines set: name, due time, the id of the record that sets it.
-    set: Vec<(String, DateTime<Utc>, Uuid)>,
+    /// Deadlines set, by name.
+    set: Vec<(String, PendingDeadline)>,
 }
 
 impl Effects {
@@ -879,8 +908,8 @@ impl Effects {
             instance.state.apply(event);
         }
         instance.sent.extend(self.sent);
-        for (name, due, set_by) in self.set {
-            instance.deadlines.insert(name, (due, set_by));
+        for (name, pending) in self.set {
+            instance.deadlines.insert(name, pending);
         }
         instance.version += count;
     }
@@ -943,6 +972,44 @@ mod tests {
         let loaded = cached.load(saga).await.unwrap();
         assert_eq!(loaded.deadlines.len(), 1);
         assert!(loaded.state.waiting);
+    }
+
+    /// A deadline fires in the trace of the reaction that set it: the
+    /// records of its firing carry that trace context.
+    #[tokio::test]
+    async fn a_deadline_fires_in_the_trace_that_set_it() {
+        let clock = Arc::new(ManualClock::default());
+        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        let manager = SagaManager::<Reminder>::new(Arc::clone(&store), clock.clone());
+        let saga = Uuid::now_v7();
+        let trace = TraceParent::new_root();
+        let mut started = input(saga, &ReminderInput::Started);
+        started.metadata.traceparent = Some(trace);
+        manager.handle(&started).await.unwrap();
+        let pending = manager.load(saga).await.unwrap().deadlines["nudge"];
+        assert_eq!(
+            pending.traceparent.map(|t| t.trace_id()),
+            Some(trace.trace_id())
+        );
+
+        clock.advance(Duration::from_secs(31));
+        let fired = manager.fire_deadline(saga, "nudge").await.unwrap();
+        assert!(matches!(fired, SagaOutcome::Reacted { .. }), "{fired:?}");
+        let stream = SagaManager::<Reminder>::stream_id(saga);
+        let records = store.read_stream(&stream, 0, usize::MAX).await.unwrap();
+        let firing: Vec<_> = records
+            .iter()
+            .filter(|r| r.metadata.causation_id == Some(pending.set_by))
+            .collect();
+        assert!(!firing.is_empty(), "the firing wrote nothing");
+        for record in firing {
+            assert_eq!(
+                record.metadata.traceparent.map(|t| t.trace_id()),
+                Some(trace.trace_id()),
+                "{} is outside the trace",
+                record.event_type
+            );
+        }
     }
 
     /// The instance the cache holds after each reaction is the one a fresh

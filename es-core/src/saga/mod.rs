@@ -24,7 +24,7 @@ mod record;
 pub use deadline::{DeadlineScheduler, DEFAULT_DEADLINE_CHECKPOINT_EVERY};
 pub use handler::SagaHandler;
 pub use local::{LocalAggregate, LocalRoute};
-pub use manager::{SagaInstance, SagaManager};
+pub use manager::{PendingDeadline, SagaInstance, SagaManager};
 pub use reaction::{Outgoing, Reaction};
 pub use record::{CommandRecord, DeadlineRecord};
 
