@@ -424,6 +424,7 @@ pub(crate) async fn run(options: LoadOptions) -> Result<LoadReport> {
                 };
                 let product = products[rng.usize(..products.len())];
                 let request = PlaceOrderRequest {
+                    promotion_code: None,
                     customer_email: format!("load{}@example.com", rng.u32(..1000)),
                     items: vec![OrderItemRequest {
                         product_id: product,

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use es_core::relay::Blocked;
 use es_core::{
-    CancellationToken, CheckpointStore, EventBus, EventStore, InMemoryBus, InMemoryCheckpointStore,
-    InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore, Inbox, MessageHandler, Relay,
-    RelayError, SnapshotPolicy, SnapshotStore,
+    CancellationToken, CheckpointStore, DcbStore, EventBus, EventStore, InMemoryBus,
+    InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore, Inbox,
+    MessageHandler, Relay, RelayError, SnapshotPolicy, SnapshotStore,
 };
 use es_postgres::sqlx::postgres::PgConnectOptions;
 use es_postgres::sqlx::PgPool;
@@ -51,7 +51,7 @@ enum Kind {
 
 #[derive(Clone)]
 struct Memory {
-    store: Arc<dyn EventStore>,
+    store: Arc<InMemoryEventStore>,
     bus: InMemoryBus,
     snapshots: Arc<dyn SnapshotStore>,
     checkpoints: Arc<dyn CheckpointStore>,
@@ -297,8 +297,14 @@ impl Backends {
     /// The event store `service` writes: the shared one in memory, its own
     /// schema's on PostgreSQL.
     pub(crate) async fn store(&self, service: Service) -> Result<Arc<dyn EventStore>> {
+        Ok(self.dcb_store(service).await?)
+    }
+
+    /// The same store, with its dynamic-consistency-boundary operations
+    /// (conditional appends on queries of tagged events).
+    pub(crate) async fn dcb_store(&self, service: Service) -> Result<Arc<dyn DcbStore>> {
         match &self.kind {
-            Kind::Memory(m) => Ok(Arc::clone(&m.store)),
+            Kind::Memory(m) => Ok(Arc::clone(&m.store) as Arc<dyn DcbStore>),
             Kind::Postgres(pg) => Ok(Arc::new(self.pg_store(pg, service).await?)),
         }
     }
@@ -384,7 +390,7 @@ impl Backends {
     pub(crate) async fn query(&self, stop: CancellationToken) -> Result<QueryBackend> {
         match &self.kind {
             Kind::Memory(m) => Ok(QueryBackend::Memory(Arc::new(QueryService::start(
-                Arc::clone(&m.store),
+                Arc::clone(&m.store) as Arc<dyn EventStore>,
             )))),
             Kind::Postgres(pg) => {
                 let replica = self.pg_store(pg, Service::Query).await?;
@@ -426,7 +432,7 @@ impl Backends {
                 let name = "orders_relay".to_owned();
                 let relay = Relay::new(
                     name.clone(),
-                    Arc::clone(&m.store),
+                    Arc::clone(&m.store) as Arc<dyn EventStore>,
                     Arc::clone(&self.bus),
                     Arc::clone(&m.checkpoints),
                 )
@@ -434,7 +440,7 @@ impl Backends {
                 .with_route(topology::relay_route(false));
                 Ok(RelayParts {
                     relay: StoreRelay::Memory(relay),
-                    store: Arc::clone(&m.store),
+                    store: Arc::clone(&m.store) as Arc<dyn EventStore>,
                     checkpoints: Arc::clone(&m.checkpoints),
                     name,
                     label: "orders",

@@ -68,6 +68,7 @@ pub async fn run(payment_timeout: Duration) -> Result<Vec<DemoRow>> {
     let mut placed = Vec::new();
     for (scenario, product, quantity, token, cancel) in scenarios {
         let request = PlaceOrderRequest {
+            promotion_code: None,
             customer_email: "demo@example.com".into(),
             items: vec![OrderItemRequest {
                 product_id: product,

@@ -45,6 +45,12 @@ pub enum Error {
         /// The key.
         key: String,
     },
+    /// The customer redeemed this promotion code with another order.
+    #[error("promotion code {code} was already redeemed by this customer")]
+    PromotionRedeemed {
+        /// The code.
+        code: String,
+    },
     /// A read waited its longest for the read model to reach a position,
     /// and it has not yet: try again later.
     #[error("the read model has not reached {what} yet")]
@@ -147,6 +153,7 @@ impl Error {
             | Self::NotFound { .. }
             | Self::Conflict { .. }
             | Self::IdempotencyKeyReused { .. }
+            | Self::PromotionRedeemed { .. }
             | Self::Forbidden { .. }
             | Self::Codec(_) => false,
         }

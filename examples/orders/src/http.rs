@@ -90,6 +90,11 @@ impl From<Error> for ApiError {
                 "idempotency_key_reused",
                 e.to_string(),
             ),
+            e @ Error::PromotionRedeemed { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "promotion_already_redeemed",
+                e.to_string(),
+            ),
             e @ Error::NotCaughtUp { .. } => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_caught_up",

@@ -35,6 +35,7 @@ on_embedded!(
     declined_payment,
     cancellation,
     idempotency_keys,
+    promotion_codes,
     queries,
     health_metrics_and_openapi
 );

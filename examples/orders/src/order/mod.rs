@@ -4,6 +4,7 @@
 mod catalog;
 pub mod domain;
 mod http;
+mod promotion;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use es_core::{
-    Aggregate as _, AppendWriter, Clock, DeadlineScheduler, LocalAggregate, Message, Metadata,
-    Outcome, Position, Repository, RepositoryError, SagaHandler, SagaManager, TraceParent,
+    Aggregate as _, AppendWriter, Clock, DcbStore, DeadlineScheduler, LocalAggregate, Message,
+    Metadata, Outcome, Position, Repository, RepositoryError, SagaHandler, SagaManager,
+    TraceParent,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -48,6 +50,11 @@ pub struct PlaceOrderRequest {
     pub items: Vec<OrderItemRequest>,
     /// How to pay.
     pub payment: PaymentRequest,
+    /// A promotion code, which a customer redeems once across all their
+    /// orders (a second order with it is refused with 409).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "SPRING-10")]
+    pub promotion_code: Option<String>,
 }
 
 /// One line of a [`PlaceOrderRequest`].
@@ -135,6 +142,7 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
     );
     let service = Arc::new(OrderService::new(
         orders.with_writer(Arc::clone(&saga) as Arc<dyn AppendWriter>),
+        w.backends.dcb_store(Service::Order).await?,
         catalog,
         clock,
         w.config.payment_timeout,
@@ -166,21 +174,25 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
 #[derive(Debug)]
 pub struct OrderService {
     orders: Repository<Order>,
+    promotions: promotion::Promotions,
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
     payment_timeout: Duration,
 }
 
 impl OrderService {
-    /// A service writing orders through `orders`, pricing from `catalog`.
+    /// A service writing orders through `orders`, promotion codes' redemptions
+    /// to `promotions`, pricing from `catalog`.
     pub fn new(
         orders: Repository<Order>,
+        promotions: Arc<dyn DcbStore>,
         catalog: Arc<Catalog>,
         clock: Arc<dyn Clock>,
         payment_timeout: Duration,
     ) -> Self {
         Self {
             orders,
+            promotions: promotion::Promotions::new(promotions),
             catalog,
             clock,
             payment_timeout,
@@ -216,6 +228,9 @@ impl OrderService {
         traceparent: Option<&str>,
     ) -> Result<PlacedOrder> {
         let email = validate_email(&request.customer_email)?;
+        let promotion = (request.promotion_code.as_deref())
+            .map(promotion::Promotions::normalize)
+            .transpose()?;
         if request.items.is_empty() {
             return Err(Error::validation(
                 "items",
@@ -310,6 +325,14 @@ impl OrderService {
             .with_correlation_id(order_id)
             .with_causation_id(order_id)
             .with_traceparent(traceparent);
+        // The code is redeemed before the order is placed, and given back if
+        // the order is refused: a second order with it is refused at once.
+        if let Some(code) = &promotion {
+            self.promotions
+                .redeem(code, &email, order_id, &metadata)
+                .await?;
+        }
+        let customer = email.clone();
         let command = OrderCommand::Place(PlaceOrder {
             order_id,
             customer_email: email,
@@ -339,7 +362,17 @@ impl OrderService {
                     key: idempotency_key.unwrap_or_default().to_owned(),
                 })
             }
-            Err(RepositoryError::Rejected(e)) => Err(Error::validation("items", e.to_string())),
+            Err(RepositoryError::Rejected(e)) => {
+                if let Some(code) = &promotion {
+                    self.promotions
+                        .release(code, &customer, order_id, &metadata)
+                        .await?;
+                }
+                Err(Error::validation("items", e.to_string()))
+            }
+            // Whether the order was written is not known: the redemption
+            // stays with it, and a retry with the same idempotency key finds
+            // both.
             Err(e) => Err(Error::from_repository(e)),
         }
     }

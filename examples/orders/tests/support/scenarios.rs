@@ -17,6 +17,7 @@ pub async fn all(c: &Client) -> String {
     cancellation(c).await;
     payment_timeout(c).await;
     idempotency_keys(c).await;
+    promotion_codes(c).await;
     queries(c).await;
     health_metrics_and_openapi(c).await;
     id
@@ -682,6 +683,83 @@ pub async fn idempotency_keys(c: &Client) {
         Some(orders_before + 2),
         "{stats}"
     );
+}
+
+/// A promotion code is redeemed once per customer across all their orders:
+/// a second order with it is 409, whatever its spelling and however many
+/// race for it; other customers and other codes are not affected, and a
+/// retry under the same idempotency key is the same order, not a second use.
+pub async fn promotion_codes(c: &Client) {
+    let widget = c.product("Widget", "1.00", 100).await;
+    let (code, other_code) = (format!("SPRING-{}", tag()), format!("SUMMER-{}", tag()));
+    let with_code = |email: &str, code: &str| {
+        let mut body = Client::order_body(email, &[(&widget, 1)], "tok_ok");
+        body["promotion_code"] = json!(code);
+        body
+    };
+    let (ada, bob) = (
+        format!("ada-{}@example.com", tag()),
+        format!("bob-{}@example.com", tag()),
+    );
+
+    let (status, first) = c.post("/api/orders", with_code(&ada, &code)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let (status, again) = c
+        .post("/api/orders", with_code(&ada, &code.to_lowercase()))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert_eq!(again["code"], "promotion_already_redeemed", "{again}");
+    for (email, code) in [(&bob, &code), (&ada, &other_code)] {
+        let (status, placed) = c.post("/api/orders", with_code(email, code)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{email} {code}: {placed}");
+    }
+    let (status, bad) = c.post("/api/orders", with_code(&ada, "no spaces")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    assert_eq!(bad["field"], "promotion_code", "{bad}");
+
+    // The same request under one idempotency key is one order, one use.
+    let carol = format!("carol-{}@example.com", tag());
+    let key = format!("promo-{}", tag());
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let (status, placed) = c
+            .call(
+                "POST",
+                "/api/orders",
+                Some(with_code(&carol, &code)),
+                &[("idempotency-key", &key)],
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
+        answers.push(placed);
+    }
+    assert_eq!(answers[0], answers[1]);
+
+    // Racing orders of one customer with one code: exactly one is placed.
+    let (dan, racing) = (
+        format!("dan-{}@example.com", tag()),
+        format!("RACE-{}", tag()),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, body) = (c.clone(), with_code(&dan, &racing));
+        tasks.push(tokio::spawn(
+            async move { c.post("/api/orders", body).await },
+        ));
+    }
+    let mut placed = Vec::new();
+    for task in tasks {
+        let (status, answer) = task.await.unwrap();
+        match status {
+            StatusCode::ACCEPTED => placed.push(answer["order_id"].as_str().unwrap().to_owned()),
+            StatusCode::CONFLICT => assert_eq!(answer["code"], "promotion_already_redeemed"),
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert_eq!(placed.len(), 1, "one of 8 racing orders redeems the code");
+    for id in [first["order_id"].as_str().unwrap(), placed[0].as_str()] {
+        assert_eq!(c.finished(id).await["status"], "Completed");
+    }
 }
 
 /// A customer's orders page by page, newest first; the status filter,
