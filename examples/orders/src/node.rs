@@ -168,25 +168,13 @@ impl Wiring {
     /// Runs `task` until the process stops, starting it again a second after
     /// it fails (a store or broker outage ends a run; the next run resumes
     /// from its checkpoint).
-    pub(crate) fn supervise<F, Fut, E>(&mut self, name: &'static str, mut task: F)
+    pub(crate) fn supervise<F, Fut, E>(&mut self, name: &'static str, task: F)
     where
         F: FnMut(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<(), E>> + Send,
         E: std::fmt::Display,
     {
-        let stop = self.stop();
-        self.tasks.push(tokio::spawn(async move {
-            loop {
-                match task(stop.clone()).await {
-                    Ok(()) => return,
-                    Err(error) => tracing::warn!(task = name, %error, "failed; restarting"),
-                }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }));
+        self.tasks.push(es_core::supervise(name, self.stop(), task));
     }
 
     /// Serves `routes` here, as the owner of `owner`'s paths.
