@@ -328,8 +328,8 @@ impl OrderService {
         // The code is redeemed before the order is placed, and given back if
         // the order is refused: a second order with it is refused at once.
         if let Some(code) = &promotion {
-            self.promotions
-                .redeem(code, &email, order_id, &metadata)
+            (self.promotions)
+                .decide(promotion::Step::Redeem, code, &email, order_id, &metadata)
                 .await?;
         }
         let customer = email.clone();
@@ -364,8 +364,14 @@ impl OrderService {
             }
             Err(RepositoryError::Rejected(e)) => {
                 if let Some(code) = &promotion {
-                    self.promotions
-                        .release(code, &customer, order_id, &metadata)
+                    (self.promotions)
+                        .decide(
+                            promotion::Step::Release,
+                            code,
+                            &customer,
+                            order_id,
+                            &metadata,
+                        )
                         .await?;
                 }
                 Err(Error::validation("items", e.to_string()))

@@ -132,6 +132,15 @@ impl Decision for Redemption<'_> {
     }
 }
 
+/// What [`Promotions::decide`] does with a code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Redeem it for an order.
+    Redeem,
+    /// Give an order's redemption back.
+    Release,
+}
+
 /// Redeems and releases promotion codes on a DCB store.
 #[derive(Debug)]
 pub(crate) struct Promotions {
@@ -162,37 +171,17 @@ impl Promotions {
         }
     }
 
-    /// Redeems `code` for `customer`'s order `order_id`: once per customer,
-    /// again for the same order (a retry), refused with
-    /// [`Error::PromotionRedeemed`] for any other.
-    pub(crate) async fn redeem(
+    /// Redeems `code` for `customer`'s order `order_id` (once per customer,
+    /// again for the same order, a retry; refused with
+    /// [`Error::PromotionRedeemed`] for any other), or releases it: gives the
+    /// redemption of `order_id` back (the order was refused), so that the
+    /// customer can use the code again.
+    pub(crate) async fn decide(
         &self,
+        step: Step,
         code: &str,
         customer: &str,
         order_id: Uuid,
-        metadata: &Metadata,
-    ) -> Result<()> {
-        self.decide(code, customer, order_id, false, metadata).await
-    }
-
-    /// Gives the redemption of `order_id` back (the order was refused), so
-    /// that the customer can use the code again.
-    pub(crate) async fn release(
-        &self,
-        code: &str,
-        customer: &str,
-        order_id: Uuid,
-        metadata: &Metadata,
-    ) -> Result<()> {
-        self.decide(code, customer, order_id, true, metadata).await
-    }
-
-    async fn decide(
-        &self,
-        code: &str,
-        customer: &str,
-        order_id: Uuid,
-        release: bool,
         metadata: &Metadata,
     ) -> Result<()> {
         let stream = StreamId::for_aggregate("promotion", code)
@@ -201,7 +190,7 @@ impl Promotions {
             code,
             customer,
             order_id,
-            release,
+            release: step == Step::Release,
         };
         match self
             .runner
