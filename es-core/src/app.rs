@@ -285,15 +285,22 @@ impl App {
     }
 
     /// Stops the relay and every supervised task, then the consumers, and
-    /// waits for them.
-    pub async fn stop(self) {
+    /// waits for them. (Dropped instead, the app stops them without
+    /// waiting.)
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
-        for consumer in self.consumers {
+        for consumer in std::mem::take(&mut self.consumers) {
             consumer.stop().await;
         }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -99,3 +99,25 @@ async fn a_saga_that_binds_nothing_is_refused() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_dropped_app_stops_its_tasks() {
+    let mut app = App::in_memory("test");
+    let (stopped, waiting) = tokio::sync::oneshot::channel::<()>();
+    let mut stopped = Some(stopped);
+    app.supervise("waiter", move |stop| {
+        let stopped = stopped.take();
+        async move {
+            stop.cancelled().await;
+            if let Some(stopped) = stopped {
+                let _ = stopped.send(());
+            }
+            Ok::<(), String>(())
+        }
+    });
+    drop(app);
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the task saw the app stop")
+        .unwrap();
+}
