@@ -11,8 +11,9 @@ use case::RenameRule;
 
 /// Derives `DomainEvent` for an enum in serde's default (externally tagged)
 /// representation: `event_type()` answers each variant's serde name,
-/// `schema_version()` its `#[event(version = N)]` (the enum's, else 1), and
-/// `EVENT_TYPES` lists the names in variant order. See the crate
+/// `schema_version()` its `#[event(version = N)]` (the enum's, else 1),
+/// `known_version(name)` the same by name, and `EVENT_TYPES` lists the names
+/// in variant order. See the crate
 /// documentation.
 #[proc_macro_derive(DomainEvent, attributes(event))]
 pub fn derive_domain_event(input: TokenStream) -> TokenStream {
@@ -40,6 +41,7 @@ fn expand(input: &DeriveInput) -> Result<Tokens, Error> {
     let mut arms = Vec::new();
     let mut versions = Vec::new();
     let mut names = Vec::new();
+    let mut known_versions = Vec::new();
     let default_version = match &attrs.version {
         Some(v) => quote!(#v),
         None => quote!(1),
@@ -88,6 +90,7 @@ fn expand(input: &DeriveInput) -> Result<Tokens, Error> {
         any_version |= version.is_some();
         let version = version.map_or(default_version.clone(), |v| quote!(#v));
         versions.push(quote!(#pattern => #version,));
+        known_versions.push(quote!(#name => ::core::option::Option::Some(#version),));
         names.push(name);
     }
     let name = &input.ident;
@@ -116,6 +119,13 @@ fn expand(input: &DeriveInput) -> Result<Tokens, Error> {
         #[automatically_derived]
         impl #impl_generics #trait_path for #name #ty_generics #where_clause {
             const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
+
+            fn known_version(event_type: &str) -> ::core::option::Option<u32> {
+                match event_type {
+                    #(#known_versions)*
+                    _ => ::core::option::Option::None,
+                }
+            }
 
             fn event_type(&self) -> &'static str {
                 #event_type

@@ -372,3 +372,47 @@ async fn an_invalid_event_is_parked_and_a_storage_failure_retried_by_default() {
         0
     );
 }
+
+/// An event written by a newer release (a later schema version than this
+/// code reads) is parked as such, and the runner reads on.
+#[tokio::test]
+async fn an_event_of_a_newer_schema_version_is_parked_and_the_runner_reads_on() {
+    #[derive(
+        Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, es_core::DomainEvent,
+    )]
+    #[event(crate = "es_core")]
+    enum Ledger {
+        Added { amount: i64 },
+    }
+    #[derive(Default)]
+    struct Sum(Mutex<i64>);
+    impl Projection for Sum {
+        type Tx = ();
+        fn name(&self) -> &str {
+            "sum"
+        }
+        async fn apply(&self, _: &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
+            let Ledger::Added { amount } = es_core::projection::decode(self.name(), event)?;
+            *self.0.lock().unwrap() += amount;
+            Ok(())
+        }
+    }
+
+    let store = InMemoryEventStore::new();
+    let mut newer = event("Added", 1_000);
+    newer.schema_version = 2;
+    let parked_at = append(&store, "a", vec![newer]).await;
+    let after = append(&store, "a", vec![event("Added", 5)]).await;
+    let sum = Arc::new(Sum::default());
+    let handle = spawn_in_memory(Arc::new(store.clone()), Arc::clone(&sum));
+    handle.wait_for(after, WAIT).await.unwrap();
+    let parked = handle.dead_letters();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].position, parked_at);
+    assert!(
+        parked[0].error.contains("schema version 2, newer than 1"),
+        "{parked:?}"
+    );
+    assert_eq!(*sum.0.lock().unwrap(), 5);
+    handle.stop().await.unwrap();
+}

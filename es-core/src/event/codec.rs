@@ -120,10 +120,24 @@ impl<E: DomainEvent> EventCodec<E> {
             if let Some((ty, version, upcast)) =
                 self.upcasters.upcast(event_type, schema_version, payload)?
             {
+                check_known::<E>(&ty, version)?;
                 return decode_variant(&ty, version, upcast.as_str());
             }
         }
+        check_known::<E>(event_type, schema_version)?;
         decode_variant(event_type, schema_version, payload.as_str())
+    }
+}
+
+/// Refuses a version later than the one `E` writes for `event_type`.
+fn check_known<E: DomainEvent>(event_type: &str, version: u32) -> Result<(), CodecError> {
+    match E::known_version(event_type) {
+        Some(known) if version > known => Err(CodecError::UnknownSchemaVersion {
+            event_type: event_type.to_owned(),
+            version,
+            known,
+        }),
+        _ => Ok(()),
     }
 }
 

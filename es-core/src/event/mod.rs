@@ -63,6 +63,20 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
         1
     }
 
+    /// The schema version this code writes for the type named `event_type`
+    /// (what [`schema_version`](Self::schema_version) answers for its
+    /// events), `None` when it does not say; `#[derive(DomainEvent)]` says.
+    /// A stored event of a later version was written by newer code: the
+    /// codec refuses it as [`CodecError::UnknownSchemaVersion`] rather than
+    /// read it as the older shape, and readers set it aside.
+    fn known_version(event_type: &str) -> Option<u32>
+    where
+        Self: Sized,
+    {
+        let _ = event_type;
+        None
+    }
+
     /// The [`Tag`](crate::Tag)s that place this event in consistency
     /// boundaries (see [`crate::dcb`]); none by default. The codec stores
     /// them with the event.
@@ -116,5 +130,17 @@ pub enum CodecError {
         from_version: u32,
         /// What the upcaster said.
         reason: String,
+    },
+    /// The stored event is of a later schema version than this code knows
+    /// (written by a newer release, during a rolling upgrade): it cannot be
+    /// read as the older shape.
+    #[error("event {event_type} has schema version {version}, newer than {known}, the latest this code reads")]
+    UnknownSchemaVersion {
+        /// The stored type name (after upcasting).
+        event_type: String,
+        /// Its stored version (after upcasting).
+        version: u32,
+        /// The version this code writes and reads.
+        known: u32,
     },
 }
