@@ -173,7 +173,7 @@ impl Projection for Gated {
     async fn apply(&self, _: &mut (), event: &RecordedEvent) -> Result<(), ProjectionError> {
         self.gate.acquire().await.unwrap().forget();
         if &*event.event_type == "Bad" {
-            return Err(ProjectionError::invalid(&self.name, event, "bad"));
+            return Err(ProjectionError::invalid(self.name, event, "bad"));
         }
         Ok(())
     }
