@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     EventStore, ExpectedVersion, Metadata, NewEvent, Payload, Position, RecordedEvent, StoreError,
-    StreamAppend, StreamId,
+    StreamAppend, StreamEvent, StreamId,
 };
 
 /// Runs every check, each on a store from `new_store`.
@@ -37,6 +37,7 @@ where
     Fut: Future<Output = Arc<dyn EventStore>>,
 {
     append_and_read_stream(new_store().await).await;
+    read_stream_events_match_read_stream(new_store().await).await;
     expected_version_rules(new_store().await).await;
     conflict_writes_nothing(new_store().await).await;
     invalid_batch_writes_nothing(new_store().await).await;
@@ -153,6 +154,51 @@ pub async fn append_and_read_stream(store: Arc<dyn EventStore>) {
         .unwrap_or_default()
         .is_empty());
     assert_eq!(store.stream_version(&stream).await.ok(), Some(5));
+}
+
+/// `read_stream_events` reads what `read_stream` reads, field for field,
+/// with `from_version` and `max_count` honoured alike, over events of
+/// several types and schema versions.
+pub async fn read_stream_events_match_read_stream(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    assert!(store
+        .read_stream_events(&stream, 1, 10)
+        .await
+        .unwrap_or_else(|e| panic!("reading a missing stream failed: {e}"))
+        .is_empty());
+    let batch: Vec<NewEvent> = (1..=7u64)
+        .map(|n| {
+            let (ty, version) = match n % 3 {
+                0 => ("Tested", 1),
+                1 => ("Other", 2),
+                _ => ("Third", 3),
+            };
+            NewEvent::new(
+                ty,
+                version,
+                Payload::from_trusted_json(format!(r#"{{"n":{n},"s":"é\"x"}}"#)),
+                Metadata::new().with_correlation_id(Uuid::now_v7()),
+            )
+        })
+        .collect();
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch)
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    for (from, max) in [(1, usize::MAX), (1, 7), (3, 2), (7, 5), (8, 5), (2, 0)] {
+        let full: Vec<StreamEvent> = store
+            .read_stream(&stream, from, max)
+            .await
+            .unwrap_or_else(|e| panic!("read_stream failed: {e}"))
+            .into_iter()
+            .map(StreamEvent::from)
+            .collect();
+        let replay = store
+            .read_stream_events(&stream, from, max)
+            .await
+            .unwrap_or_else(|e| panic!("read_stream_events failed: {e}"));
+        assert_eq!(replay, full, "from {from}, at most {max}");
+    }
 }
 
 fn assert_conflict(
