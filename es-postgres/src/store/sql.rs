@@ -1,5 +1,6 @@
 //! The SQL text of the event store, rendered once per schema.
 
+use super::rows::{REPLAY_COLUMNS, STREAM_COLUMNS};
 use crate::schema::quoted;
 
 /// The statements of one store, with its schema spliced in (quoted).
@@ -10,6 +11,7 @@ pub(super) struct Sql {
     pub(super) append_group: String,
     pub(super) append_group_fast: String,
     pub(super) read_stream: String,
+    pub(super) read_stream_replay: String,
     pub(super) read_all: String,
     pub(super) read_all_held: String,
     pub(super) last_pending: String,
@@ -24,10 +26,6 @@ pub(super) struct Sql {
 
 const COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, event_id, \
                        event_type, schema_version, payload::text, metadata::text, recorded_at, tags";
-
-/// The columns of `read_stream`: the stream id is known, so not sent back.
-const STREAM_COLUMNS: &str = "global_position, transaction_id, '', stream_version, event_id, \
-                              event_type, schema_version, payload::text, metadata::text, recorded_at, tags";
 
 /// The `NOTIFY` an append statement carries: `pg_notify` on the channel `$9`
 /// with the store instance's payload `$10` when the channel is not NULL,
@@ -106,6 +104,10 @@ impl Sql {
             ),
             read_stream: format!(
                 "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
+                 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
+            ),
+            read_stream_replay: format!(
+                "SELECT {REPLAY_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
                  AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
             ),
             read_all: format!(
