@@ -519,6 +519,54 @@ pub async fn idempotent_reappend(store: Arc<dyn EventStore>) {
         5,
     );
     assert_eq!(whole_stream(&*store, &stream).await.len(), 5);
+
+    // Single events, which a store may append by a shorter path.
+    let single = unique_stream("conf");
+    let one = events(1, 1);
+    let first = store
+        .append(&single, ExpectedVersion::NoStream, one.clone())
+        .await
+        .unwrap_or_else(|e| panic!("single append failed: {e}"));
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Exact(0)] {
+        let again = store
+            .append(&single, expected, one.clone())
+            .await
+            .unwrap_or_else(|e| panic!("single re-append with {expected} must succeed: {e}"));
+        assert!(!again.written, "a single re-append wrote an event");
+        assert_eq!(again.position, first.position);
+    }
+    let two = events(2, 1);
+    store
+        .append(&single, ExpectedVersion::Exact(1), two.clone())
+        .await
+        .unwrap_or_else(|e| panic!("single append at 1 failed: {e}"));
+    let again = store
+        .append(&single, ExpectedVersion::Exact(1), two)
+        .await
+        .unwrap_or_else(|e| panic!("single re-append at 1 failed: {e}"));
+    assert!(!again.written);
+    assert_eq!(again.stream_version, 2);
+    assert_conflict(
+        store
+            .append(&single, ExpectedVersion::Exact(2), one.clone())
+            .await,
+        ExpectedVersion::Exact(2),
+        2,
+    );
+    assert_conflict(
+        store
+            .append(&single, ExpectedVersion::Exact(7), events(9, 1))
+            .await,
+        ExpectedVersion::Exact(7),
+        2,
+    );
+    assert!(matches!(
+        store
+            .append(&unique_stream("conf"), ExpectedVersion::NoStream, one)
+            .await,
+        Err(StoreError::IdempotencyConflict { .. })
+    ));
+    assert_eq!(whole_stream(&*store, &single).await.len(), 2);
 }
 
 /// A partial overlap, or a stored id with another payload or type, is an

@@ -10,6 +10,7 @@ use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::notify::Carry;
 use super::read::{position_of, to_u64};
 use super::PgEventStore;
 use crate::error::{store_error, Error};
@@ -61,6 +62,16 @@ fn refused_payload(events: &[NewEvent]) -> Uuid {
         })
         .or_else(|| events.first())
         .map_or_else(Uuid::nil, |e| e.event_id)
+}
+
+/// The version an append expects as one number, when it expects one: 0 for
+/// no stream.
+fn exact_version(expected: ExpectedVersion) -> Option<i64> {
+    match expected {
+        ExpectedVersion::NoStream => Some(0),
+        ExpectedVersion::Exact(v) => i64::try_from(v).ok().filter(|v| *v < i64::MAX),
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => None,
+    }
 }
 
 /// A batch encoded as the arrays the append statements take.
@@ -373,8 +384,8 @@ impl PgEventStore {
         stream: &StreamId,
         expected: ExpectedVersion,
         batch: &Batch<'_>,
+        carry: Option<Carry>,
     ) -> Result<Option<AppendResult>, AppendError> {
-        let carry = self.carry();
         let rows: Vec<FastRow> = batch
             .bind(
                 sqlx::query_as(&self.shared.sql.append_fast),
@@ -408,6 +419,44 @@ impl PgEventStore {
             // Some ids are stored: the append function decides the replay.
             _ => Ok(None),
         }
+    }
+
+    /// One event expecting no stream or an exact version, in a bare
+    /// `INSERT` (see `append_one` in `sql`): the row written, or `None`
+    /// when the expectation failed or the event id is stored (nothing was
+    /// written; the full statement decides).
+    async fn append_one(
+        &self,
+        stream: &StreamId,
+        version: i64,
+        batch: &Batch<'_>,
+    ) -> Result<Option<AppendResult>, AppendError> {
+        let row: Option<(i64, i64)> = match sqlx::query_as(&self.shared.sql.append_one)
+            .bind("")
+            .bind(stream.as_str())
+            .bind(version)
+            .bind(batch.ids[0])
+            .bind(batch.types[0])
+            .bind(batch.versions[0])
+            .bind(batch.payloads[0])
+            .bind(&batch.metadata[0])
+            // fetch_all, not fetch_optional: it returns only after the
+            // server reports the statement (and so its autocommit) complete.
+            .fetch_all(&self.shared.pool)
+            .await
+        {
+            Ok(rows) => rows.into_iter().next(),
+            Err(e) if is_unique_violation(&e) => None,
+            Err(e) => return Err(batch.map_error(e, false)),
+        };
+        Ok(row.map(|(tx, position)| {
+            self.committed(None, true);
+            AppendResult {
+                stream_version: to_u64(version) + 1,
+                position: position_of(tx, position),
+                written: true,
+            }
+        }))
     }
 
     async fn call_append<'c, E>(
@@ -447,7 +496,19 @@ impl PgEventStore {
             // After a few lost races, let the function settle them inside.
             let guarded = attempt > 3;
             if !events.is_empty() && !guarded {
-                match self.append_fast(stream, expected, &batch).await {
+                let carry = self.carry();
+                // A single event expecting no stream or an exact version,
+                // without a NOTIFY to carry: a bare INSERT, as cheap as the
+                // row it writes. When it writes nothing, the statement
+                // below decides.
+                if let (1, None, Some(version)) = (events.len(), &carry, exact_version(expected)) {
+                    if attempt == 1 {
+                        if let Some(result) = self.append_one(stream, version, &batch).await? {
+                            return Ok(result);
+                        }
+                    }
+                }
+                match self.append_fast(stream, expected, &batch, carry).await {
                     Ok(Some(result)) => return Ok(result),
                     Ok(None) => {}
                     Err(AppendError::RaceLost) => continue,

@@ -7,6 +7,7 @@ use crate::schema::quoted;
 #[derive(Debug)]
 pub(super) struct Sql {
     pub(super) append_fast: String,
+    pub(super) append_one: String,
     pub(super) append: String,
     pub(super) append_group: String,
     pub(super) append_group_fast: String,
@@ -66,6 +67,21 @@ impl Sql {
                         CASE WHEN NOT EXISTS (SELECT 1 FROM ok) \
                              THEN EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY ($4::uuid[])) END \
                    FROM {NOTED}"
+            ),
+            // One event appended expecting version `$3` (0: no stream) in
+            // a bare INSERT: the row goes in at version `$3 + 1` when
+            // version `$3` exists (or `$3` is 0). Versions are gap-free, so
+            // that and the primary key together check the expectation: no
+            // row means version `$3` does not exist, a unique violation that
+            // version `$3 + 1` (or the event id) does; the caller then
+            // decides with the full statement. Carries no NOTIFY.
+            append_one: format!(
+                "INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                        event_id, event_type, schema_version, payload, metadata) \
+                 SELECT pg_current_xact_id()::text::bigint, $1, $2, $3 + 1, $4, $5, $6, $7::json, $8::json \
+                  WHERE $3 = 0 OR EXISTS (SELECT 1 FROM {s}.events \
+                                           WHERE tenant = $1 AND stream_id = $2 AND stream_version = $3) \
+                 RETURNING transaction_id, global_position"
             ),
             append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             append_group: format!("SELECT item, outcome, out_version, out_tx, out_position, out_event FROM {s}.append_group($1, $2, $3, $4, $5, $6, $7, $8)"),
