@@ -422,16 +422,17 @@ impl PgEventStore {
     }
 
     /// One event expecting no stream or an exact version, in a bare
-    /// `INSERT` (see `append_one` in `sql`): the row written, or `None`
-    /// when the expectation failed or the event id is stored (nothing was
-    /// written; the full statement decides).
+    /// `INSERT` carrying `carry`'s NOTIFY (see `append_one` in `sql`): the
+    /// row written, or `None` when the expectation failed or the event id
+    /// is stored (nothing was written; the full statement decides).
     async fn append_one(
         &self,
         stream: &StreamId,
         version: i64,
         batch: &Batch<'_>,
+        carry: Option<Carry>,
     ) -> Result<Option<AppendResult>, AppendError> {
-        let row: Option<(i64, i64)> = match sqlx::query_as(&self.shared.sql.append_one)
+        let rows: Vec<(i64, i64)> = match sqlx::query_as(&self.shared.sql.append_one)
             .bind("")
             .bind(stream.as_str())
             .bind(version)
@@ -440,22 +441,28 @@ impl PgEventStore {
             .bind(batch.versions[0])
             .bind(batch.payloads[0])
             .bind(&batch.metadata[0])
+            .bind(self.carry_channel(carry.as_ref()))
+            .bind(&self.shared.notify_payload)
             // fetch_all, not fetch_optional: it returns only after the
             // server reports the statement (and so its autocommit) complete.
             .fetch_all(&self.shared.pool)
             .await
         {
-            Ok(rows) => rows.into_iter().next(),
-            Err(e) if is_unique_violation(&e) => None,
+            Ok(rows) => rows,
+            // Nothing was written, nor the NOTIFY sent: the writes it was
+            // to cover are left to the notifier.
+            Err(e) if is_unique_violation(&e) => return Ok(None),
             Err(e) => return Err(batch.map_error(e, false)),
         };
-        Ok(row.map(|(tx, position)| {
-            self.committed(None, true);
-            AppendResult {
-                stream_version: to_u64(version) + 1,
-                position: position_of(tx, position),
-                written: true,
-            }
+        // A row written was selected from the NOTIFY's CTE, so the NOTIFY
+        // went with it; with no row the planner may have skipped that CTE,
+        // and the writes it was to cover are left to the notifier.
+        let written = !rows.is_empty();
+        self.committed(carry.filter(|_| written), written);
+        Ok(rows.first().map(|&(tx, position)| AppendResult {
+            stream_version: to_u64(version) + 1,
+            position: position_of(tx, position),
+            written: true,
         }))
     }
 
@@ -496,16 +503,17 @@ impl PgEventStore {
             // After a few lost races, let the function settle them inside.
             let guarded = attempt > 3;
             if !events.is_empty() && !guarded {
-                let carry = self.carry();
-                // A single event expecting no stream or an exact version,
-                // without a NOTIFY to carry: a bare INSERT, as cheap as the
-                // row it writes. When it writes nothing, the statement
-                // below decides.
-                if let (1, None, Some(version)) = (events.len(), &carry, exact_version(expected)) {
-                    if attempt == 1 {
-                        if let Some(result) = self.append_one(stream, version, &batch).await? {
-                            return Ok(result);
-                        }
+                let mut carry = self.carry();
+                // A single event expecting no stream or an exact version: a
+                // bare INSERT, as cheap as the row it writes. When it writes
+                // nothing, the statement below decides (the NOTIFY, if any,
+                // was carried or is left to the notifier).
+                if let (1, 1, Some(version)) = (attempt, events.len(), exact_version(expected)) {
+                    if let Some(result) = self
+                        .append_one(stream, version, &batch, carry.take())
+                        .await?
+                    {
+                        return Ok(result);
                     }
                 }
                 match self.append_fast(stream, expected, &batch, carry).await {

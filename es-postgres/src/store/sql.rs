@@ -74,11 +74,14 @@ impl Sql {
             // that and the primary key together check the expectation: no
             // row means version `$3` does not exist, a unique violation that
             // version `$3 + 1` (or the event id) does; the caller then
-            // decides with the full statement. Carries no NOTIFY.
+            // decides with the full statement. `$9`: the channel of the
+            // NOTIFY it carries, or NULL.
             append_one: format!(
-                "INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                "WITH {NOTE} \
+                 INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
                         event_id, event_type, schema_version, payload, metadata) \
                  SELECT pg_current_xact_id()::text::bigint, $1, $2, $3 + 1, $4, $5, $6, $7::json, $8::json \
+                   FROM {NOTED} \
                   WHERE $3 = 0 OR EXISTS (SELECT 1 FROM {s}.events \
                                            WHERE tenant = $1 AND stream_id = $2 AND stream_version = $3) \
                  RETURNING transaction_id, global_position"
