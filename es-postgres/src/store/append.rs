@@ -704,6 +704,32 @@ impl PgEventStore {
             .collect();
         let arrays = GroupArrays::new(&heads, &batches);
         let distinct: BTreeSet<&str> = arrays.streams.iter().copied().collect();
+        let versions: Option<Vec<i64>> = heads.iter().map(|h| exact_version(h.1)).collect();
+        if let (true, true, Some(versions)) = (
+            distinct.len() == arrays.streams.len(),
+            arrays.counts.iter().all(|&c| c == 1),
+            versions,
+        ) {
+            if let Some(written) = self.group_one(&arrays, &versions).await? {
+                for (k, result) in written.into_iter().enumerate() {
+                    let i = included[k];
+                    let part = &group[i].parts[0];
+                    answers[i] = Some(match result {
+                        Some(result) => Ok(result),
+                        // Its expectation failed or its id is stored:
+                        // decided on its own.
+                        None => {
+                            self.append_now(&part.stream, part.expected, &part.events)
+                                .await
+                        }
+                    });
+                }
+                return Ok(answers
+                    .into_iter()
+                    .map(|a| a.unwrap_or_else(|| Err(no_part_row())))
+                    .collect());
+            }
+        }
         let mut rows: Vec<GroupRow> = Vec::new();
         if distinct.len() == arrays.streams.len() {
             let carry = self.carry();
@@ -769,6 +795,55 @@ impl PgEventStore {
                 })
             })
             .collect())
+    }
+
+    /// A group of single events to distinct streams, each expecting no
+    /// stream or the exact version in `versions`, in one bare `INSERT` (see
+    /// `append_group_one` in `sql`): per append, in order, its result when
+    /// written, `None` when its expectation failed (nothing of it was
+    /// written; the others were). `None` as a whole when nothing was written
+    /// because an id or a version was taken.
+    async fn group_one(
+        &self,
+        arrays: &GroupArrays<'_>,
+        versions: &[i64],
+    ) -> Result<Option<Vec<Option<AppendResult>>>, StoreError> {
+        let carry = self.carry();
+        let rows: Vec<(String, i64, i64)> = match sqlx::query_as(&self.shared.sql.append_group_one)
+            .bind(&arrays.streams)
+            .bind(versions)
+            .bind(&arrays.ids)
+            .bind(&arrays.types)
+            .bind(&arrays.versions)
+            .bind(&arrays.payloads)
+            .bind(&arrays.metadata)
+            .bind("")
+            .bind(self.carry_channel(carry.as_ref()))
+            .bind(&self.shared.notify_payload)
+            .fetch_all(&self.shared.pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) if is_unique_violation(&e) => return Ok(None),
+            Err(e) => return Err(store_error(e)),
+        };
+        // As for one event: a row written went with the NOTIFY.
+        let written = !rows.is_empty();
+        self.committed(carry.filter(|_| written), written);
+        let mut results = vec![None; versions.len()];
+        for (stream, tx, position) in rows {
+            let k = arrays
+                .streams
+                .iter()
+                .position(|s| *s == stream)
+                .ok_or_else(no_part_row)?;
+            results[k] = Some(AppendResult {
+                stream_version: to_u64(versions[k]) + 1,
+                position: position_of(tx, position),
+                written: true,
+            });
+        }
+        Ok(Some(results))
     }
 
     /// An atomic multi-stream write, through group commit: run now while a

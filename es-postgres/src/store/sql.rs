@@ -11,6 +11,7 @@ pub(super) struct Sql {
     pub(super) append: String,
     pub(super) append_group: String,
     pub(super) append_group_fast: String,
+    pub(super) append_group_one: String,
     pub(super) read_stream: String,
     pub(super) read_stream_replay: String,
     pub(super) read_all: String,
@@ -120,6 +121,25 @@ impl Sql {
                         cur.v, NOT EXISTS (SELECT 1 FROM bad) \
                    FROM {NOTED} CROSS JOIN cur LEFT JOIN ins ON ins.stream_id = cur.stream \
                   GROUP BY cur.k, cur.v ORDER BY cur.k"
+            ),
+            // A group of single events to distinct streams, each expecting
+            // version `$2[k]` (0: no stream), in one bare INSERT, checked as
+            // `append_one` checks one: the events whose expected version
+            // exists (or is 0) go in, in the order given (the lock order);
+            // each row names the stream it wrote. `$8`: the
+            // tenant; `$9`: the channel of the NOTIFY it carries, or NULL.
+            append_group_one: format!(
+                "WITH {NOTE} \
+                 INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                        event_id, event_type, schema_version, payload, metadata) \
+                 SELECT pg_current_xact_id()::text::bigint, $8, u.stream, u.v + 1, u.id, u.ty, u.sv, \
+                        u.pl::json, u.md::json \
+                   FROM {NOTED}, unnest($1::text[], $2::int8[], $3::uuid[], $4::text[], $5::int4[], \
+                                        $6::text[], $7::text[]) WITH ORDINALITY AS u(stream, v, id, ty, sv, pl, md, i) \
+                  WHERE u.v = 0 OR EXISTS (SELECT 1 FROM {s}.events e WHERE e.tenant = $8 \
+                                             AND e.stream_id = u.stream AND e.stream_version = u.v) \
+                  ORDER BY u.i \
+                 RETURNING stream_id, transaction_id, global_position"
             ),
             read_stream: format!(
                 "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
