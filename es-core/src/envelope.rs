@@ -1,5 +1,6 @@
 //! The envelopes events travel in: [`NewEvent`] going into a store and
-//! [`RecordedEvent`] coming out.
+//! [`RecordedEvent`] coming out, or [`StreamEvent`] when only a replay
+//! reads it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -113,6 +114,36 @@ pub struct RecordedEvent {
     /// Its tags, as appended.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub tags: BTreeSet<Tag>,
+}
+
+/// An event of a stream as replaying the stream into state needs it: its
+/// id, version, type, schema version and payload, without the log position,
+/// metadata, time and tags of a [`RecordedEvent`]. See
+/// [`EventStore::read_stream_events`](crate::EventStore::read_stream_events).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamEvent {
+    /// Unique id of the event.
+    pub event_id: Uuid,
+    /// Its version in the stream: 1 for the stream's first event.
+    pub stream_version: u64,
+    /// The stable name of the event type.
+    pub event_type: Arc<str>,
+    /// The version of the payload's schema as it was written.
+    pub schema_version: u32,
+    /// The event's data.
+    pub payload: Payload,
+}
+
+impl From<RecordedEvent> for StreamEvent {
+    fn from(event: RecordedEvent) -> Self {
+        Self {
+            event_id: event.event_id,
+            stream_version: event.stream_version,
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+            payload: event.payload,
+        }
+    }
 }
 
 /// What a successful append reports.

@@ -49,7 +49,7 @@ pub use dcb::{
     AppendCondition, DcbStore, Decided, Decision, DecisionError, DecisionRunner, InvalidTag, Query,
     QueryItem, QueryPage, Tag,
 };
-pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent};
+pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent, StreamEvent};
 /// `#[derive(DomainEvent)]`: `event_type()` from serde's variant names,
 /// `schema_version()` from `#[event(version = N)]` (see es-derive).
 #[cfg(feature = "derive")]

@@ -400,14 +400,18 @@ impl<A: Aggregate> Repository<A> {
         loop {
             let page = self
                 .store
-                .read_stream(stream, loaded.version + 1, PAGE)
+                .read_stream_events(stream, loaded.version + 1, PAGE)
                 .await?;
             let len = page.len();
             for recorded in &page {
                 found |= seen == Some(recorded.event_id);
                 // A refusal record changes nothing in the state.
                 if &*recorded.event_type != COMMAND_REFUSED {
-                    let event = self.codec.decode(recorded)?;
+                    let event = self.codec.decode_parts(
+                        &recorded.event_type,
+                        recorded.schema_version,
+                        &recorded.payload,
+                    )?;
                     loaded.state.apply(&event);
                 }
                 loaded.version = recorded.stream_version;

@@ -5,7 +5,8 @@ use futures::stream::BoxStream;
 use uuid::Uuid;
 
 use crate::{
-    AppendResult, ExpectedVersion, InvalidStreamId, NewEvent, Position, RecordedEvent, StreamId,
+    AppendResult, ExpectedVersion, InvalidStreamId, NewEvent, Position, RecordedEvent, StreamEvent,
+    StreamId,
 };
 
 /// A boxed error from a backend's transport or driver.
@@ -239,6 +240,23 @@ pub trait EventStore: Send + Sync + 'static {
         from_version: u64,
         max_count: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// [`EventStore::read_stream`] with only what replaying the stream into
+    /// state needs ([`StreamEvent`]), which a store may fetch and decode at a
+    /// lower cost. The default reads the full events.
+    async fn read_stream_events(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+    ) -> Result<Vec<StreamEvent>, StoreError> {
+        Ok(self
+            .read_stream(stream, from_version, max_count)
+            .await?
+            .into_iter()
+            .map(StreamEvent::from)
+            .collect())
+    }
 
     /// Reads up to `max_count` events of the global log whose position is after
     /// `after`, in log order.

@@ -7,6 +7,7 @@
 //! BENCH_GROUP=0 cargo bench -p es-postgres --bench store   # group commit off
 //! BENCH_GROUP=8,32 cargo bench -p es-postgres --bench store # 8 in flight, groups of 32
 //! BENCH_SINGLE_ONLY=1 cargo bench -p es-postgres --bench store # single-event appends only
+//! ROUNDS=5 cargo bench -p es-postgres --bench store # single-event appends: 5 alternated rounds, median
 //! ```
 //!
 //! Prints one markdown table row per measurement. The raw baseline inserts the
@@ -53,6 +54,39 @@ where
     Fut: Future<Output = ()> + Send,
 {
     run_for(concurrency, secs(), op).await
+}
+
+/// `ROUNDS` (default 1) alternated pairs of `a` and `b`: prints each
+/// round's ratio when there are several, and returns the rates of the round
+/// whose ratio is the median.
+async fn rounds<F, Fut, G, Gut>(concurrency: usize, a: F, b: G) -> (f64, f64)
+where
+    F: Fn() -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = ()> + Send,
+    G: Fn() -> Gut + Send + Sync + Clone + 'static,
+    Gut: Future<Output = ()> + Send,
+{
+    let n: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut results = Vec::with_capacity(n);
+    for _ in 0..n {
+        results.push(pair(concurrency, a.clone(), b.clone()).await);
+    }
+    if n > 1 {
+        println!(
+            "| {concurrency} writers, per-round ratios | {} | |",
+            results
+                .iter()
+                .map(|(a, b)| format!("{:.2}", a / b))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    results.sort_by(|x, y| (x.0 / x.1).total_cmp(&(y.0 / y.1)));
+    results[n / 2]
 }
 
 fn row(name: &str, value: f64, unit: &str, note: &str) {
@@ -129,7 +163,7 @@ async fn main() {
                     .unwrap();
             }
         };
-        let (ours, raw) = pair(c, ours, raw).await;
+        let (ours, raw) = rounds(c, ours, raw).await;
         row(
             &format!("es-postgres append, 1 event, {c} writers"),
             ours,

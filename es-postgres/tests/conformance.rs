@@ -23,6 +23,7 @@ macro_rules! checks {
 
 checks!(
     append_and_read_stream,
+    read_stream_events_match_read_stream,
     expected_version_rules,
     conflict_writes_nothing,
     invalid_batch_writes_nothing,

@@ -303,3 +303,132 @@ async fn queued_multi_stream_writes_stay_atomic_each() {
         transactions.len()
     );
 }
+
+/// Queued single events expecting no stream or an exact version are written
+/// by one bare INSERT per group; those whose expectation fails, or whose id
+/// is stored, are decided on their own and get their own answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_single_events_are_inserted_together_and_refusals_decided_alone() {
+    let store = store().await;
+    let taken = unique_stream("taken");
+    let first = events(0, 1);
+    store
+        .append(&taken, ExpectedVersion::NoStream, first.clone())
+        .await
+        .unwrap();
+    let mut existing = Vec::new();
+    for i in 0..10u64 {
+        let stream = unique_stream("existing");
+        store
+            .append(&stream, ExpectedVersion::NoStream, events(10 + i, 1))
+            .await
+            .unwrap();
+        existing.push(stream);
+    }
+
+    enum Expect {
+        Written(u64),
+        Replay,
+        Conflict,
+        IdTaken,
+    }
+    let mut calls = Vec::new();
+    for i in 0..40u64 {
+        calls.push((
+            unique_stream("fresh"),
+            ExpectedVersion::NoStream,
+            events(100 + i, 1),
+            Expect::Written(1),
+        ));
+        // Early in the queue, so that groups of fresh streams hold them: the
+        // others of such a group are written, these are refused alone.
+        if i % 8 == 4 {
+            calls.push((
+                unique_stream("ahead"),
+                ExpectedVersion::Exact(4),
+                events(400 + i, 1),
+                Expect::Conflict,
+            ));
+        }
+    }
+    for (i, stream) in existing.iter().enumerate() {
+        calls.push((
+            stream.clone(),
+            ExpectedVersion::Exact(1),
+            events(200 + i as u64, 1),
+            Expect::Written(2),
+        ));
+    }
+    calls.push((
+        taken.clone(),
+        ExpectedVersion::NoStream,
+        first.clone(),
+        Expect::Replay,
+    ));
+    calls.push((
+        taken.clone(),
+        ExpectedVersion::Exact(0),
+        events(300, 1),
+        Expect::Conflict,
+    ));
+    calls.push((
+        unique_stream("ahead"),
+        ExpectedVersion::Exact(4),
+        events(301, 1),
+        Expect::Conflict,
+    ));
+    calls.push((
+        unique_stream("elsewhere"),
+        ExpectedVersion::NoStream,
+        first,
+        Expect::IdTaken,
+    ));
+
+    let results: Vec<Result<AppendResult, StoreError>> =
+        join_all(calls.iter().map(|(stream, expected, events, _)| {
+            let store = store.clone();
+            let (stream, expected, events) = (stream.clone(), *expected, events.clone());
+            async move {
+                tokio::spawn(async move { store.append(&stream, expected, events).await })
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+
+    let mut transactions: HashMap<u64, usize> = HashMap::new();
+    for ((stream, _, _, expect), result) in calls.iter().zip(&results) {
+        match (expect, result) {
+            (Expect::Written(v), Ok(r)) => {
+                assert!(r.written, "{stream}");
+                assert_eq!(r.stream_version, *v, "{stream}");
+                *transactions.entry(r.position.major()).or_default() += 1;
+            }
+            (Expect::Replay, Ok(r)) => {
+                assert!(!r.written, "a replay writes nothing");
+                assert_eq!(r.stream_version, 1);
+            }
+            (Expect::Conflict, Err(StoreError::WrongExpectedVersion { .. }))
+            | (Expect::IdTaken, Err(StoreError::IdempotencyConflict { .. })) => {}
+            (_, other) => panic!("{stream}: unexpected {other:?}"),
+        }
+    }
+    assert!(
+        transactions.len() < 25,
+        "{} transactions for 50 appends: nothing was grouped",
+        transactions.len()
+    );
+    let log = whole_log(&store, Position::START).await;
+    assert_eq!(log.len(), 1 + 10 + 50);
+    assert!(log.windows(2).all(|w| w[0].position < w[1].position));
+    // Each answer names the position of its own event.
+    for ((stream, _, _, expect), result) in calls.iter().zip(&results) {
+        if let (Expect::Written(v), Ok(r)) = (expect, result) {
+            let own = log
+                .iter()
+                .find(|e| &e.stream_id == stream && e.stream_version == *v)
+                .unwrap();
+            assert_eq!(own.position, r.position, "{stream}");
+        }
+    }
+}

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     EventStore, ExpectedVersion, Metadata, NewEvent, Payload, Position, RecordedEvent, StoreError,
-    StreamAppend, StreamId,
+    StreamAppend, StreamEvent, StreamId,
 };
 
 /// Runs every check, each on a store from `new_store`.
@@ -37,6 +37,7 @@ where
     Fut: Future<Output = Arc<dyn EventStore>>,
 {
     append_and_read_stream(new_store().await).await;
+    read_stream_events_match_read_stream(new_store().await).await;
     expected_version_rules(new_store().await).await;
     conflict_writes_nothing(new_store().await).await;
     invalid_batch_writes_nothing(new_store().await).await;
@@ -153,6 +154,51 @@ pub async fn append_and_read_stream(store: Arc<dyn EventStore>) {
         .unwrap_or_default()
         .is_empty());
     assert_eq!(store.stream_version(&stream).await.ok(), Some(5));
+}
+
+/// `read_stream_events` reads what `read_stream` reads, field for field,
+/// with `from_version` and `max_count` honoured alike, over events of
+/// several types and schema versions.
+pub async fn read_stream_events_match_read_stream(store: Arc<dyn EventStore>) {
+    let stream = unique_stream("conf");
+    assert!(store
+        .read_stream_events(&stream, 1, 10)
+        .await
+        .unwrap_or_else(|e| panic!("reading a missing stream failed: {e}"))
+        .is_empty());
+    let batch: Vec<NewEvent> = (1..=7u64)
+        .map(|n| {
+            let (ty, version) = match n % 3 {
+                0 => ("Tested", 1),
+                1 => ("Other", 2),
+                _ => ("Third", 3),
+            };
+            NewEvent::new(
+                ty,
+                version,
+                Payload::from_trusted_json(format!(r#"{{"n":{n},"s":"é\"x"}}"#)),
+                Metadata::new().with_correlation_id(Uuid::now_v7()),
+            )
+        })
+        .collect();
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch)
+        .await
+        .unwrap_or_else(|e| panic!("append failed: {e}"));
+    for (from, max) in [(1, usize::MAX), (1, 7), (3, 2), (7, 5), (8, 5), (2, 0)] {
+        let full: Vec<StreamEvent> = store
+            .read_stream(&stream, from, max)
+            .await
+            .unwrap_or_else(|e| panic!("read_stream failed: {e}"))
+            .into_iter()
+            .map(StreamEvent::from)
+            .collect();
+        let replay = store
+            .read_stream_events(&stream, from, max)
+            .await
+            .unwrap_or_else(|e| panic!("read_stream_events failed: {e}"));
+        assert_eq!(replay, full, "from {from}, at most {max}");
+    }
 }
 
 fn assert_conflict(
@@ -473,6 +519,54 @@ pub async fn idempotent_reappend(store: Arc<dyn EventStore>) {
         5,
     );
     assert_eq!(whole_stream(&*store, &stream).await.len(), 5);
+
+    // Single events, which a store may append by a shorter path.
+    let single = unique_stream("conf");
+    let one = events(1, 1);
+    let first = store
+        .append(&single, ExpectedVersion::NoStream, one.clone())
+        .await
+        .unwrap_or_else(|e| panic!("single append failed: {e}"));
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Exact(0)] {
+        let again = store
+            .append(&single, expected, one.clone())
+            .await
+            .unwrap_or_else(|e| panic!("single re-append with {expected} must succeed: {e}"));
+        assert!(!again.written, "a single re-append wrote an event");
+        assert_eq!(again.position, first.position);
+    }
+    let two = events(2, 1);
+    store
+        .append(&single, ExpectedVersion::Exact(1), two.clone())
+        .await
+        .unwrap_or_else(|e| panic!("single append at 1 failed: {e}"));
+    let again = store
+        .append(&single, ExpectedVersion::Exact(1), two)
+        .await
+        .unwrap_or_else(|e| panic!("single re-append at 1 failed: {e}"));
+    assert!(!again.written);
+    assert_eq!(again.stream_version, 2);
+    assert_conflict(
+        store
+            .append(&single, ExpectedVersion::Exact(2), one.clone())
+            .await,
+        ExpectedVersion::Exact(2),
+        2,
+    );
+    assert_conflict(
+        store
+            .append(&single, ExpectedVersion::Exact(7), events(9, 1))
+            .await,
+        ExpectedVersion::Exact(7),
+        2,
+    );
+    assert!(matches!(
+        store
+            .append(&unique_stream("conf"), ExpectedVersion::NoStream, one)
+            .await,
+        Err(StoreError::IdempotencyConflict { .. })
+    ));
+    assert_eq!(whole_stream(&*store, &single).await.len(), 2);
 }
 
 /// A partial overlap, or a stored id with another payload or type, is an

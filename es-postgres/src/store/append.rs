@@ -10,6 +10,7 @@ use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::notify::Carry;
 use super::read::{position_of, to_u64};
 use super::PgEventStore;
 use crate::error::{store_error, Error};
@@ -61,6 +62,16 @@ fn refused_payload(events: &[NewEvent]) -> Uuid {
         })
         .or_else(|| events.first())
         .map_or_else(Uuid::nil, |e| e.event_id)
+}
+
+/// The version an append expects as one number, when it expects one: 0 for
+/// no stream.
+fn exact_version(expected: ExpectedVersion) -> Option<i64> {
+    match expected {
+        ExpectedVersion::NoStream => Some(0),
+        ExpectedVersion::Exact(v) => i64::try_from(v).ok().filter(|v| *v < i64::MAX),
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => None,
+    }
 }
 
 /// A batch encoded as the arrays the append statements take.
@@ -373,8 +384,8 @@ impl PgEventStore {
         stream: &StreamId,
         expected: ExpectedVersion,
         batch: &Batch<'_>,
+        carry: Option<Carry>,
     ) -> Result<Option<AppendResult>, AppendError> {
-        let carry = self.carry();
         let rows: Vec<FastRow> = batch
             .bind(
                 sqlx::query_as(&self.shared.sql.append_fast),
@@ -408,6 +419,51 @@ impl PgEventStore {
             // Some ids are stored: the append function decides the replay.
             _ => Ok(None),
         }
+    }
+
+    /// One event expecting no stream or an exact version, in a bare
+    /// `INSERT` carrying `carry`'s NOTIFY (see `append_one` in `sql`): the
+    /// row written, or `None` when the expectation failed or the event id
+    /// is stored (nothing was written; the full statement decides).
+    async fn append_one(
+        &self,
+        stream: &StreamId,
+        version: i64,
+        batch: &Batch<'_>,
+        carry: Option<Carry>,
+    ) -> Result<Option<AppendResult>, AppendError> {
+        let rows: Vec<(i64, i64)> = match sqlx::query_as(&self.shared.sql.append_one)
+            .bind("")
+            .bind(stream.as_str())
+            .bind(version)
+            .bind(batch.ids[0])
+            .bind(batch.types[0])
+            .bind(batch.versions[0])
+            .bind(batch.payloads[0])
+            .bind(&batch.metadata[0])
+            .bind(self.carry_channel(carry.as_ref()))
+            .bind(&self.shared.notify_payload)
+            // fetch_all, not fetch_optional: it returns only after the
+            // server reports the statement (and so its autocommit) complete.
+            .fetch_all(&self.shared.pool)
+            .await
+        {
+            Ok(rows) => rows,
+            // Nothing was written, nor the NOTIFY sent: the writes it was
+            // to cover are left to the notifier.
+            Err(e) if is_unique_violation(&e) => return Ok(None),
+            Err(e) => return Err(batch.map_error(e, false)),
+        };
+        // A row written was selected from the NOTIFY's CTE, so the NOTIFY
+        // went with it; with no row the planner may have skipped that CTE,
+        // and the writes it was to cover are left to the notifier.
+        let written = !rows.is_empty();
+        self.committed(carry.filter(|_| written), written);
+        Ok(rows.first().map(|&(tx, position)| AppendResult {
+            stream_version: to_u64(version) + 1,
+            position: position_of(tx, position),
+            written: true,
+        }))
     }
 
     async fn call_append<'c, E>(
@@ -447,7 +503,20 @@ impl PgEventStore {
             // After a few lost races, let the function settle them inside.
             let guarded = attempt > 3;
             if !events.is_empty() && !guarded {
-                match self.append_fast(stream, expected, &batch).await {
+                let mut carry = self.carry();
+                // A single event expecting no stream or an exact version: a
+                // bare INSERT, as cheap as the row it writes. When it writes
+                // nothing, the statement below decides (the NOTIFY, if any,
+                // was carried or is left to the notifier).
+                if let (1, 1, Some(version)) = (attempt, events.len(), exact_version(expected)) {
+                    if let Some(result) = self
+                        .append_one(stream, version, &batch, carry.take())
+                        .await?
+                    {
+                        return Ok(result);
+                    }
+                }
+                match self.append_fast(stream, expected, &batch, carry).await {
                     Ok(Some(result)) => return Ok(result),
                     Ok(None) => {}
                     Err(AppendError::RaceLost) => continue,
@@ -635,6 +704,32 @@ impl PgEventStore {
             .collect();
         let arrays = GroupArrays::new(&heads, &batches);
         let distinct: BTreeSet<&str> = arrays.streams.iter().copied().collect();
+        let versions: Option<Vec<i64>> = heads.iter().map(|h| exact_version(h.1)).collect();
+        if let (true, true, Some(versions)) = (
+            distinct.len() == arrays.streams.len(),
+            arrays.counts.iter().all(|&c| c == 1),
+            versions,
+        ) {
+            if let Some(written) = self.group_one(&arrays, &versions).await? {
+                for (k, result) in written.into_iter().enumerate() {
+                    let i = included[k];
+                    let part = &group[i].parts[0];
+                    answers[i] = Some(match result {
+                        Some(result) => Ok(result),
+                        // Its expectation failed or its id is stored:
+                        // decided on its own.
+                        None => {
+                            self.append_now(&part.stream, part.expected, &part.events)
+                                .await
+                        }
+                    });
+                }
+                return Ok(answers
+                    .into_iter()
+                    .map(|a| a.unwrap_or_else(|| Err(no_part_row())))
+                    .collect());
+            }
+        }
         let mut rows: Vec<GroupRow> = Vec::new();
         if distinct.len() == arrays.streams.len() {
             let carry = self.carry();
@@ -700,6 +795,55 @@ impl PgEventStore {
                 })
             })
             .collect())
+    }
+
+    /// A group of single events to distinct streams, each expecting no
+    /// stream or the exact version in `versions`, in one bare `INSERT` (see
+    /// `append_group_one` in `sql`): per append, in order, its result when
+    /// written, `None` when its expectation failed (nothing of it was
+    /// written; the others were). `None` as a whole when nothing was written
+    /// because an id or a version was taken.
+    async fn group_one(
+        &self,
+        arrays: &GroupArrays<'_>,
+        versions: &[i64],
+    ) -> Result<Option<Vec<Option<AppendResult>>>, StoreError> {
+        let carry = self.carry();
+        let rows: Vec<(String, i64, i64)> = match sqlx::query_as(&self.shared.sql.append_group_one)
+            .bind(&arrays.streams)
+            .bind(versions)
+            .bind(&arrays.ids)
+            .bind(&arrays.types)
+            .bind(&arrays.versions)
+            .bind(&arrays.payloads)
+            .bind(&arrays.metadata)
+            .bind("")
+            .bind(self.carry_channel(carry.as_ref()))
+            .bind(&self.shared.notify_payload)
+            .fetch_all(&self.shared.pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) if is_unique_violation(&e) => return Ok(None),
+            Err(e) => return Err(store_error(e)),
+        };
+        // As for one event: a row written went with the NOTIFY.
+        let written = !rows.is_empty();
+        self.committed(carry.filter(|_| written), written);
+        let mut results = vec![None; versions.len()];
+        for (stream, tx, position) in rows {
+            let k = arrays
+                .streams
+                .iter()
+                .position(|s| *s == stream)
+                .ok_or_else(no_part_row)?;
+            results[k] = Some(AppendResult {
+                stream_version: to_u64(versions[k]) + 1,
+                position: position_of(tx, position),
+                written: true,
+            });
+        }
+        Ok(Some(results))
     }
 
     /// An atomic multi-stream write, through group commit: run now while a

@@ -2,13 +2,14 @@
 //!
 //! This module holds the type, its settings and the [`EventStore`] impl; the
 //! SQL text lives in `sql`, the write path in `append`, the read path and
-//! the read horizon in `read`, tagged appends and reads by query in `dcb`,
+//! the read horizon in `read`, event rows decoded in place in `rows`, tagged appends and reads by query in `dcb`,
 //! and the wake-ups in `notify`.
 
 mod append;
 mod dcb;
 mod notify;
 mod read;
+mod rows;
 mod sql;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -19,7 +20,7 @@ use async_trait::async_trait;
 use es_core::catch_up::catch_up_then_live;
 use es_core::{
     AppendResult, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
-    StreamAppend, StreamId,
+    StreamAppend, StreamEvent, StreamId,
 };
 use futures::stream::BoxStream;
 use sqlx::PgPool;
@@ -299,6 +300,16 @@ impl EventStore for PgEventStore {
         max_count: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.read_stream_page(stream, from_version, max_count).await
+    }
+
+    async fn read_stream_events(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+    ) -> Result<Vec<StreamEvent>, StoreError> {
+        self.read_stream_replay(stream, from_version, max_count)
+            .await
     }
 
     async fn read_all(

@@ -1,15 +1,19 @@
 //! The SQL text of the event store, rendered once per schema.
 
+use super::rows::{REPLAY_COLUMNS, STREAM_COLUMNS};
 use crate::schema::quoted;
 
 /// The statements of one store, with its schema spliced in (quoted).
 #[derive(Debug)]
 pub(super) struct Sql {
     pub(super) append_fast: String,
+    pub(super) append_one: String,
     pub(super) append: String,
     pub(super) append_group: String,
     pub(super) append_group_fast: String,
+    pub(super) append_group_one: String,
     pub(super) read_stream: String,
+    pub(super) read_stream_replay: String,
     pub(super) read_all: String,
     pub(super) read_all_held: String,
     pub(super) last_pending: String,
@@ -24,10 +28,6 @@ pub(super) struct Sql {
 
 const COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, event_id, \
                        event_type, schema_version, payload::text, metadata::text, recorded_at, tags";
-
-/// The columns of `read_stream`: the stream id is known, so not sent back.
-const STREAM_COLUMNS: &str = "global_position, transaction_id, '', stream_version, event_id, \
-                              event_type, schema_version, payload::text, metadata::text, recorded_at, tags";
 
 /// The `NOTIFY` an append statement carries: `pg_notify` on the channel `$9`
 /// with the store instance's payload `$10` when the channel is not NULL,
@@ -69,6 +69,24 @@ impl Sql {
                              THEN EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY ($4::uuid[])) END \
                    FROM {NOTED}"
             ),
+            // One event appended expecting version `$3` (0: no stream) in
+            // a bare INSERT: the row goes in at version `$3 + 1` when
+            // version `$3` exists (or `$3` is 0). Versions are gap-free, so
+            // that and the primary key together check the expectation: no
+            // row means version `$3` does not exist, a unique violation that
+            // version `$3 + 1` (or the event id) does; the caller then
+            // decides with the full statement. `$9`: the channel of the
+            // NOTIFY it carries, or NULL.
+            append_one: format!(
+                "WITH {NOTE} \
+                 INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                        event_id, event_type, schema_version, payload, metadata) \
+                 SELECT pg_current_xact_id()::text::bigint, $1, $2, $3 + 1, $4, $5, $6, $7::json, $8::json \
+                   FROM {NOTED} \
+                  WHERE $3 = 0 OR EXISTS (SELECT 1 FROM {s}.events \
+                                           WHERE tenant = $1 AND stream_id = $2 AND stream_version = $3) \
+                 RETURNING transaction_id, global_position"
+            ),
             append: format!("SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
             append_group: format!("SELECT item, outcome, out_version, out_tx, out_position, out_event FROM {s}.append_group($1, $2, $3, $4, $5, $6, $7, $8)"),
             // A group of appends to distinct streams in one plain statement:
@@ -104,8 +122,31 @@ impl Sql {
                    FROM {NOTED} CROSS JOIN cur LEFT JOIN ins ON ins.stream_id = cur.stream \
                   GROUP BY cur.k, cur.v ORDER BY cur.k"
             ),
+            // A group of single events to distinct streams, each expecting
+            // version `$2[k]` (0: no stream), in one bare INSERT, checked as
+            // `append_one` checks one: the events whose expected version
+            // exists (or is 0) go in, in the order given (the lock order);
+            // each row names the stream it wrote. `$8`: the
+            // tenant; `$9`: the channel of the NOTIFY it carries, or NULL.
+            append_group_one: format!(
+                "WITH {NOTE} \
+                 INSERT INTO {s}.events (transaction_id, tenant, stream_id, stream_version, \
+                        event_id, event_type, schema_version, payload, metadata) \
+                 SELECT pg_current_xact_id()::text::bigint, $8, u.stream, u.v + 1, u.id, u.ty, u.sv, \
+                        u.pl::json, u.md::json \
+                   FROM {NOTED}, unnest($1::text[], $2::int8[], $3::uuid[], $4::text[], $5::int4[], \
+                                        $6::text[], $7::text[]) WITH ORDINALITY AS u(stream, v, id, ty, sv, pl, md, i) \
+                  WHERE u.v = 0 OR EXISTS (SELECT 1 FROM {s}.events e WHERE e.tenant = $8 \
+                                             AND e.stream_id = u.stream AND e.stream_version = u.v) \
+                  ORDER BY u.i \
+                 RETURNING stream_id, transaction_id, global_position"
+            ),
             read_stream: format!(
                 "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
+                 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
+            ),
+            read_stream_replay: format!(
+                "SELECT {REPLAY_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
                  AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
             ),
             read_all: format!(
