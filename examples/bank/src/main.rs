@@ -40,16 +40,12 @@ async fn main() -> Result<(), Error> {
     }
     bank.execute(alice, C::Deposit { amount: 10_000 }).await?;
     for to in [bob, carol] {
-        let transfer = bank
-            .execute(
-                alice,
-                C::Send {
-                    from: alice,
-                    to,
-                    amount: 3_000,
-                },
-            )
-            .await?;
+        let send = C::Send {
+            from: alice,
+            to,
+            amount: 3_000,
+        };
+        let transfer = bank.execute(alice, send).await?;
         tracing::info!(%transfer, moved = bank.settled(transfer).await?, "transfer settled");
     }
     for (name, account) in [("alice", alice), ("bob", bob), ("carol", carol)] {
