@@ -374,18 +374,11 @@ impl PgEventStore {
         from_version: u64,
         max_count: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = self
-            .stream_rows(
-                &self.shared.sql.read_stream,
-                stream,
-                from_version,
-                max_count,
-            )
-            .await?;
-        let mut page = Page::default();
-        rows.iter()
-            .map(|row| page.recorded_event(row, stream).map_err(StoreError::from))
-            .collect()
+        let sql = &self.shared.sql.read_stream;
+        self.stream_page(sql, stream, from_version, max_count, |page, row| {
+            page.recorded_event(row, stream)
+        })
+        .await
     }
 
     /// [`Self::read_stream_page`] with only what a replay needs: five columns
@@ -396,36 +389,33 @@ impl PgEventStore {
         from_version: u64,
         max_count: usize,
     ) -> Result<Vec<StreamEvent>, StoreError> {
-        let rows = self
-            .stream_rows(
-                &self.shared.sql.read_stream_replay,
-                stream,
-                from_version,
-                max_count,
-            )
-            .await?;
-        let mut page = Page::default();
-        rows.iter()
-            .map(|row| page.stream_event(row).map_err(StoreError::from))
-            .collect()
+        let sql = &self.shared.sql.read_stream_replay;
+        self.stream_page(sql, stream, from_version, max_count, Page::stream_event)
+            .await
     }
 
     /// The rows of a stream read `sql` (`$1` the stream, `$2` the first
-    /// version, `$3` the most rows).
-    async fn stream_rows(
+    /// version, `$3` the most rows), each decoded by `decode` in one
+    /// [`Page`].
+    async fn stream_page<T>(
         &self,
         sql: &str,
         stream: &StreamId,
         from_version: u64,
         max_count: usize,
-    ) -> Result<Vec<PgRow>, StoreError> {
-        sqlx::query(sql)
+        mut decode: impl FnMut(&mut Page, &PgRow) -> crate::error::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = sqlx::query(sql)
             .bind(stream.as_str())
             .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
             .bind(i64::try_from(max_count).unwrap_or(i64::MAX))
             .fetch_all(&self.shared.pool)
             .await
-            .map_err(store_error)
+            .map_err(store_error)?;
+        let mut page = Page::default();
+        rows.iter()
+            .map(|row| decode(&mut page, row).map_err(StoreError::from))
+            .collect()
     }
 
     /// The version of `stream` (0 when it has no events).
