@@ -69,12 +69,12 @@ impl DomainEvent for PromotionEvent {
     }
 }
 
-/// Redeem (or, `release`, give back) `code` for `customer`'s order.
+/// Redeem (or give back) `code` for `customer`'s order.
 struct Redemption<'a> {
+    step: Step,
     code: &'a str,
     customer: &'a str,
     order_id: Uuid,
-    release: bool,
 }
 
 /// The code was redeemed by another order of the customer.
@@ -111,23 +111,23 @@ impl Decision for Redemption<'_> {
 
     fn decide(&self, holder: &Option<Uuid>) -> Result<Vec<PromotionEvent>, RedeemedBy> {
         let (code, customer, order_id) = (self.code.into(), self.customer.into(), self.order_id);
-        match (*holder, self.release) {
+        match (*holder, self.step) {
             // Redeemed by this order already (a retry): nothing more.
-            (Some(holder), false) if holder == order_id => Ok(vec![]),
-            (Some(holder), false) => Err(RedeemedBy(holder)),
-            (None, false) => Ok(vec![PromotionEvent::PromotionRedeemed {
+            (Some(holder), Step::Redeem) if holder == order_id => Ok(vec![]),
+            (Some(holder), Step::Redeem) => Err(RedeemedBy(holder)),
+            (None, Step::Redeem) => Ok(vec![PromotionEvent::PromotionRedeemed {
                 code,
                 customer,
                 order_id,
             }]),
-            (Some(holder), true) if holder == order_id => {
+            (Some(holder), Step::Release) if holder == order_id => {
                 Ok(vec![PromotionEvent::PromotionReleased {
                     code,
                     customer,
                     order_id,
                 }])
             }
-            (_, true) => Ok(vec![]),
+            (_, Step::Release) => Ok(vec![]),
         }
     }
 }
@@ -187,10 +187,10 @@ impl Promotions {
         let stream = StreamId::for_aggregate("promotion", code)
             .map_err(|e| Error::caused("promotion stream", e))?;
         let redemption = Redemption {
+            step,
             code,
             customer,
             order_id,
-            release: step == Step::Release,
         };
         match self
             .runner
@@ -220,12 +220,12 @@ mod tests {
         }
     }
 
-    fn redeem(order_id: Uuid, release: bool) -> Redemption<'static> {
+    fn redeem(order_id: Uuid, step: Step) -> Redemption<'static> {
         Redemption {
+            step,
             code: "SPRING",
             customer: "ada@example.com",
             order_id,
-            release,
         }
     }
 
@@ -233,14 +233,14 @@ mod tests {
     fn a_code_is_redeemed_once_per_customer() {
         let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
         DecisionFixture::given([])
-            .when(&redeem(first, false))
+            .when(&redeem(first, Step::Redeem))
             .then_events([redeemed(first)]);
         DecisionFixture::given([redeemed(first)])
-            .when(&redeem(second, false))
+            .when(&redeem(second, Step::Redeem))
             .then_rejected(|e| e.0 == first);
         // A retry of the order that holds it changes nothing.
         DecisionFixture::given([redeemed(first)])
-            .when(&redeem(first, false))
+            .when(&redeem(first, Step::Redeem))
             .then_events([]);
     }
 
@@ -253,13 +253,13 @@ mod tests {
             order_id: first,
         };
         DecisionFixture::given([redeemed(first)])
-            .when(&redeem(second, true))
+            .when(&redeem(second, Step::Release))
             .then_events([]);
         DecisionFixture::given([redeemed(first)])
-            .when(&redeem(first, true))
+            .when(&redeem(first, Step::Release))
             .then_events([released.clone()]);
         DecisionFixture::given([redeemed(first), released])
-            .when(&redeem(second, false))
+            .when(&redeem(second, Step::Redeem))
             .then_events([redeemed(second)]);
     }
 
@@ -277,7 +277,7 @@ mod tests {
         };
         let order = Uuid::now_v7();
         DecisionFixture::given([other_customer, other_code])
-            .when(&redeem(order, false))
+            .when(&redeem(order, Step::Redeem))
             .then_events([redeemed(order)]);
     }
 
