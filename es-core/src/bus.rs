@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     BoxError, CancellationToken, CodecError, DomainEvent, Metadata, Payload, RecordedEvent,
+    StreamId,
 };
 
 /// A message on the bus: an event copied from the store, or a command.
@@ -29,6 +30,10 @@ pub struct Message {
     pub payload: Payload,
     /// Correlation, causation, trace context and headers.
     pub metadata: Metadata,
+    /// The stream whose event this message copies ([`Message::from_event`]
+    /// sets it); `None` for a command and for anything not from a store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<StreamId>,
 }
 
 impl Message {
@@ -46,6 +51,7 @@ impl Message {
             schema_version: event.schema_version,
             payload: event.payload.clone(),
             metadata: event.metadata.clone(),
+            source: Some(event.stream_id.clone()),
         }
     }
 
@@ -63,6 +69,7 @@ impl Message {
             schema_version: new.schema_version,
             payload: new.payload,
             metadata: new.metadata,
+            source: None,
         })
     }
 }

@@ -196,12 +196,12 @@ pub mod reminder {
         fn react(
             &self,
             input: &ReminderInput,
-            now: DateTime<Utc>,
+            received: crate::Received<'_>,
         ) -> Reaction<ReminderEvent, ReminderCommand> {
             match input {
                 ReminderInput::Started if !self.waiting && !self.done => Reaction::none()
                     .event(ReminderEvent::Waiting)
-                    .deadline("nudge", now + chrono::Duration::seconds(30)),
+                    .deadline("nudge", received.now + chrono::Duration::seconds(30)),
                 ReminderInput::Stopped if self.waiting => {
                     Reaction::none().event(ReminderEvent::Done).cancel("nudge")
                 }

@@ -69,8 +69,8 @@ pub use redact::redact_url;
 pub use relay::{Relay, RelayError};
 pub use repository::{Committed, Loaded, Repository, RepositoryError, RetryPolicy};
 pub use saga::{
-    DeadlineScheduler, LocalAggregate, PendingDeadline, Reaction, Saga, SagaError, SagaHandler,
-    SagaManager, SagaOutcome,
+    DeadlineScheduler, LocalAggregate, PendingDeadline, Reaction, Received, Saga, SagaError,
+    SagaHandler, SagaManager, SagaOutcome,
 };
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{AppendWriter, BoxError, EventStore, StoreError, StreamAppend};
@@ -86,8 +86,8 @@ pub use unit_of_work::UnitOfWork;
 pub mod prelude {
     pub use crate::{
         Aggregate, Clock, DomainEvent, EventBus, EventStore, ExpectedVersion, Message,
-        MessageHandler, Metadata, NewEvent, Outcome, Position, Projection, Reaction, RecordedEvent,
-        Refused, Repository, Saga, StreamId, Subscription,
+        MessageHandler, Metadata, NewEvent, Outcome, Position, Projection, Reaction, Received,
+        RecordedEvent, Refused, Repository, Saga, StreamId, Subscription,
     };
 }
 

@@ -25,6 +25,7 @@ fn msg(topic: &str, ty: &str, n: u32) -> Message {
         schema_version: 1,
         payload: es_core::Payload::from_trusted_json(n.to_string()),
         metadata: Metadata::new(),
+        source: None,
     }
 }
 

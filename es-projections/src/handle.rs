@@ -209,6 +209,22 @@ impl ProjectionHandle {
         }
     }
 
+    /// Waits until the runner has handled everything the store held when
+    /// called (its head then), or until `timeout` has passed: what a reader
+    /// that just wrote, or a test, waits for before reading the model.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store's head cannot be read; otherwise as
+    /// [`wait_for`](Self::wait_for).
+    pub async fn catch_up(&self, timeout: Duration) -> Result<(), Error> {
+        let head = self
+            .store
+            .head()
+            .await
+            .map_err(|e| Error::store(&self.shared.name, e))?;
+        self.wait_for(head, timeout).await
+    }
+
     /// How far the projection is behind the head of the store's log, in
     /// events (counting up to 100,000) and in seconds.
     ///

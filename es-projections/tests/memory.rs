@@ -109,6 +109,10 @@ async fn follows_history_and_live_events_and_reads_your_writes() {
         assert!(handle.position() >= at);
     }
     assert_eq!(total(&totals, "a"), 3);
+    // Catching up reads the head first: whatever was written before is in.
+    append(&store, "c", vec![event("Added", 7)]).await;
+    handle.catch_up(WAIT).await.unwrap();
+    assert_eq!(total(&totals, "c"), 7);
     let lag = handle.lag().await.unwrap();
     assert!(lag.is_caught_up(), "{lag:?}");
     handle.stop().await.unwrap();

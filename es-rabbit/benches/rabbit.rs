@@ -50,6 +50,7 @@ fn messages() -> Vec<Message> {
             metadata: Metadata::new()
                 .with_correlation_id(Uuid::now_v7())
                 .with_causation_id(Uuid::now_v7()),
+            source: None,
         })
         .collect()
 }

@@ -11,6 +11,7 @@
 //! | `metadata.causation_id` | header `x-es-causation-id` |
 //! | `metadata.traceparent` | header `traceparent` (the publish span's context) |
 //! | `metadata.headers` | header `x-es-headers` (a table of strings) |
+//! | `source` | header `x-es-source-stream` |
 //! | `payload` | the body, `application/json` |
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use uuid::Uuid;
 
-use es_core::{Message, Metadata, Payload, TraceParent};
+use es_core::{Message, Metadata, Payload, StreamId, TraceParent};
 
 use crate::topology::{string, ATTEMPT_HEADER};
 
@@ -34,6 +35,8 @@ pub const CAUSATION_HEADER: &str = "x-es-causation-id";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// Header: the metadata's free-form headers.
 pub const HEADERS_HEADER: &str = "x-es-headers";
+/// Header: the stream whose event the message copies.
+pub const SOURCE_HEADER: &str = "x-es-source-stream";
 /// Header set by quorum queues: how many times the message was returned.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
@@ -67,6 +70,9 @@ pub fn properties(message: &Message, traceparent: &str) -> Result<BasicPropertie
         headers.insert(CAUSATION_HEADER.into(), string(&causation.to_string()));
     }
     headers.insert(TRACEPARENT_HEADER.into(), string(traceparent));
+    if let Some(source) = &message.source {
+        headers.insert(SOURCE_HEADER.into(), string(source.as_str()));
+    }
     if !message.metadata.headers.is_empty() {
         let mut table = FieldTable::default();
         for (key, value) in &message.metadata.headers {
@@ -140,6 +146,14 @@ fn decode_message(
         .map(|c| parse_uuid(CAUSATION_HEADER, &c))
         .transpose()?;
     let traceparent = header_str(headers, TRACEPARENT_HEADER);
+    let source = header_str(headers, SOURCE_HEADER)
+        .map(|s| {
+            StreamId::new(s).map_err(|e| DecodeError::Invalid {
+                field: SOURCE_HEADER,
+                reason: e.to_string(),
+            })
+        })
+        .transpose()?;
     let mut extra = BTreeMap::new();
     if let Some(AMQPValue::FieldTable(table)) = headers.inner().get(HEADERS_HEADER) {
         for (key, value) in table {
@@ -168,6 +182,7 @@ fn decode_message(
             traceparent: traceparent.as_deref().and_then(TraceParent::parse),
             headers: extra,
         },
+        source,
     })
 }
 
@@ -219,11 +234,11 @@ fn now_secs() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use es_core::{Message, Metadata, Payload, TraceParent};
+    use es_core::{Message, Metadata, Payload, StreamId, TraceParent};
     use lapin::types::AMQPValue;
     use uuid::Uuid;
 
-    use super::{decode, properties, DecodeError};
+    use super::{decode, properties, DecodeError, SOURCE_HEADER};
 
     fn message() -> Message {
         Message {
@@ -236,6 +251,7 @@ mod tests {
                 .with_correlation_id(Uuid::now_v7())
                 .with_causation_id(Uuid::now_v7())
                 .with_header("tenant", "acme"),
+            source: Some(StreamId::new("order-42").unwrap()),
         }
     }
 
@@ -280,6 +296,15 @@ mod tests {
         assert_eq!(
             decode(&bare, b"{}").0,
             Err(DecodeError::Missing("message-id"))
-        );
+        ); // A source that is no stream id is refused, not passed on.
+        let mut headers = props.headers().clone().unwrap();
+        headers.insert(SOURCE_HEADER.into(), AMQPValue::LongString("".into()));
+        assert!(matches!(
+            decode(&props.with_headers(headers), b"{}").0,
+            Err(DecodeError::Invalid {
+                field: SOURCE_HEADER,
+                ..
+            })
+        ));
     }
 }

@@ -6,7 +6,7 @@
 //! and the saga learns every outcome from the log.
 
 use chrono::{DateTime, Utc};
-use es_core::{Aggregate, DomainEvent, Metadata, Reaction, Saga};
+use es_core::{Aggregate, DomainEvent, Metadata, Reaction, Received, Saga};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -468,7 +468,7 @@ impl Saga for Transfer {
     fn react(
         &self,
         input: &TransferInput,
-        _: DateTime<Utc>,
+        _: Received<'_>,
     ) -> Reaction<TransferEvent, AccountCommand> {
         use TransferStatus as S;
         let transfer_id = input.transfer_id();

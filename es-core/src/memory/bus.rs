@@ -325,6 +325,7 @@ mod tests {
             schema_version: 1,
             payload: Payload::from_json("{}").unwrap(),
             metadata: Metadata::new(),
+            source: None,
         }
     }
 

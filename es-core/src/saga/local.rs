@@ -90,16 +90,17 @@ pub(crate) trait LocalWork<S: Saga>: Send {
     /// aggregate's own command, written with the saga's reaction).
     fn seed(&mut self, part: StreamAppend);
 
-    /// Executes `command` (sent to `topic`) as `command_id`: the events it
-    /// appends, each with an id derived from the command id, or none when
-    /// the aggregate refused it or decided nothing.
+    /// Executes `command` (sent to `topic`) as `command_id`: the stream it
+    /// is for and the events it appends there, each with an id derived from
+    /// the command id (none when the aggregate refused it or decided
+    /// nothing); `None` when no aggregate here takes it.
     async fn execute(
         &mut self,
         topic: &str,
         command: &S::Command,
         command_id: Uuid,
         metadata: &Metadata,
-    ) -> Result<Vec<NewEvent>, SagaError>;
+    ) -> Result<Option<(StreamId, Vec<NewEvent>)>, SagaError>;
 
     /// The aggregates' parts of the write.
     fn parts(&mut self) -> Vec<StreamAppend>;
@@ -184,9 +185,9 @@ where
         command: &S::Command,
         command_id: Uuid,
         metadata: &Metadata,
-    ) -> Result<Vec<NewEvent>, SagaError> {
+    ) -> Result<Option<(StreamId, Vec<NewEvent>)>, SagaError> {
         let Some((id, command)) = (self.route)(topic, command) else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let stream = self.repository.stream_id(&id)?;
         let order = &mut self.order;
@@ -222,13 +223,13 @@ where
             touched.loaded = Some(state);
         }
         let Some(loaded) = touched.loaded.as_mut() else {
-            return Ok(Vec::new());
+            return Ok(Some((stream, Vec::new())));
         };
         let events = match loaded.state.handle(command) {
             Ok(events) => events,
             Err(reason) => {
                 tracing::info!(stream = %stream, %reason, "local command refused by the domain");
-                return Ok(Vec::new());
+                return Ok(Some((stream, Vec::new())));
             }
         };
         let mut encoded = Vec::with_capacity(events.len());
@@ -244,7 +245,7 @@ where
             loaded.state.apply(event);
         }
         touched.appended.extend(encoded.iter().cloned());
-        Ok(encoded)
+        Ok(Some((stream, encoded)))
     }
 
     fn parts(&mut self) -> Vec<StreamAppend> {
@@ -323,15 +324,17 @@ mod tests {
         SagaOutcome,
     };
 
-    /// Climbs a counter by 3 until it reaches 10, then reports each input.
+    /// Climbs a counter by 3 until it reaches 10, then reports each input;
+    /// remembers the stream each input came from.
     #[derive(Debug, Default)]
     pub(super) struct Ladder {
         pub(super) total: u64,
+        pub(super) sources: Vec<Option<String>>,
     }
 
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     pub(super) enum LadderEvent {
-        Climbed { total: u64 },
+        Climbed { total: u64, from: Option<String> },
     }
 
     impl DomainEvent for LadderEvent {
@@ -362,18 +365,20 @@ mod tests {
         const TYPE: &'static str = "ladder";
 
         fn apply(&mut self, event: &LadderEvent) {
-            let LadderEvent::Climbed { total } = event;
+            let LadderEvent::Climbed { total, from } = event;
             self.total = *total;
+            self.sources.push(from.clone());
         }
 
         fn react(
             &self,
             input: &CounterEvent,
-            _now: DateTime<Utc>,
+            received: crate::Received<'_>,
         ) -> Reaction<LadderEvent, LadderCommand> {
             let CounterEvent::Incremented { by } = input;
             let total = self.total + u64::from(*by);
-            let climbed = Reaction::none().event(LadderEvent::Climbed { total });
+            let from = received.source.map(ToString::to_string);
+            let climbed = Reaction::none().event(LadderEvent::Climbed { total, from });
             if total < 10 {
                 climbed.send("counters", LadderCommand::Increment { by: 3 })
             } else {
@@ -453,6 +458,9 @@ mod tests {
         let instance = manager.load(saga_id()).await.unwrap();
         assert_eq!(instance.state.total, 10);
         assert_eq!(instance.sent.len(), 4);
+        // Every input was the counter's event, taken in the write.
+        let counter_stream = Some("counter-c".to_owned());
+        assert_eq!(instance.state.sources, vec![counter_stream; 4]);
         let written = log(&store).await;
         let relayed: Vec<_> = written
             .iter()
@@ -500,11 +508,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(counter.state.value, 6, "two local increments of 3");
-        assert_eq!(manager.load(saga_id()).await.unwrap().state.total, 10);
+        let instance = manager.load(saga_id()).await.unwrap();
+        assert_eq!(instance.state.total, 10);
+        // The bus message named no source; the counter's events did.
+        let counter_stream = Some("counter-c".to_owned());
+        assert_eq!(
+            instance.state.sources,
+            vec![None, counter_stream.clone(), counter_stream]
+        );
         let before = log(&store).await.len();
         let again = manager.handle(&message).await.unwrap();
         assert!(matches!(again, SagaOutcome::Duplicate), "{again:?}");
         assert_eq!(log(&store).await.len(), before);
+    }
+
+    /// A relayed event names its stream, and the saga sees it.
+    #[tokio::test]
+    async fn a_relayed_input_comes_with_its_source_stream() {
+        let (_, manager, _) = setup();
+        let elsewhere = InMemoryEventStore::new();
+        elsewhere
+            .append(
+                &StreamId::new("counter-far").unwrap(),
+                ExpectedVersion::NoStream,
+                vec![crate::EventCodec::<CounterEvent>::new()
+                    .encode(
+                        &CounterEvent::Incremented { by: 9 },
+                        Metadata::new().with_correlation_id(saga_id()),
+                    )
+                    .unwrap()],
+            )
+            .await
+            .unwrap();
+        let recorded = elsewhere
+            .read_all(crate::Position::START, 10)
+            .await
+            .unwrap();
+        let message = Message::from_event("counters", &recorded[0]);
+        assert_eq!(message.source, Some(StreamId::new("counter-far").unwrap()));
+        manager.handle(&message).await.unwrap();
+        let instance = manager.load(saga_id()).await.unwrap();
+        assert_eq!(instance.state.sources[0].as_deref(), Some("counter-far"));
     }
 
     /// A write whose aggregate moved on under it is decided again on the

@@ -12,8 +12,9 @@ use uuid::Uuid;
 
 use super::local::{LocalTarget, LocalWork};
 use super::{
-    CommandRecord, DeadlineRecord, LocalAggregate, Reaction, Saga, SagaError, SagaOutcome,
-    COMMAND_EXECUTED, COMMAND_RECORD, DEADLINE_CANCELLED, DEADLINE_FIRED, DEADLINE_SET,
+    CommandRecord, DeadlineRecord, LocalAggregate, Reaction, Received, Saga, SagaError,
+    SagaOutcome, COMMAND_EXECUTED, COMMAND_RECORD, DEADLINE_CANCELLED, DEADLINE_FIRED,
+    DEADLINE_SET,
 };
 use crate::bus::Message;
 use crate::state_cache::{Entry, StateCache};
@@ -33,6 +34,15 @@ struct Pending<S: Saga> {
     fired: Option<String>,
     cause: Uuid,
     metadata: Metadata,
+}
+
+/// A local aggregate's event that is an input of the saga, taken in the
+/// write that appends it.
+struct LocalInput<S: Saga> {
+    input: S::Input,
+    event_id: Uuid,
+    metadata: Metadata,
+    source: StreamId,
 }
 
 /// How a write with local commands ended.
@@ -306,7 +316,11 @@ impl<S: Saga> SagaManager<S> {
             if instance.has_handled(message.message_id) {
                 return None;
             }
-            Some((instance.state.react(&input, now), None))
+            let received = Received {
+                now,
+                source: message.source.as_ref(),
+            };
+            Some((instance.state.react(&input, received), None))
         })
         .instrument(span)
         .await
@@ -495,8 +509,9 @@ impl<S: Saga> SagaManager<S> {
         &self,
         local: &dyn LocalTarget<S>,
         saga_id: Uuid,
+        source: &StreamId,
         events: &[NewEvent],
-    ) -> Result<Vec<(S::Input, Uuid, Metadata)>, SagaError> {
+    ) -> Result<Vec<LocalInput<S>>, SagaError> {
         let mut inputs = Vec::new();
         for event in events {
             if !local.is_input(&event.event_type) {
@@ -508,11 +523,12 @@ impl<S: Saga> SagaManager<S> {
                 &event.payload,
             )?;
             if S::saga_id(&input, &event.metadata) == Some(saga_id) {
-                inputs.push((
+                inputs.push(LocalInput {
                     input,
-                    event.event_id,
-                    event.metadata.caused_by(event.event_id),
-                ));
+                    event_id: event.event_id,
+                    metadata: event.metadata.caused_by(event.event_id),
+                    source: source.clone(),
+                });
             }
         }
         Ok(inputs)
@@ -536,24 +552,25 @@ impl<S: Saga> SagaManager<S> {
         let mut fed = Vec::new();
         let seeded = seed.is_some();
         if let Some(seed) = seed {
-            fed = self.local_inputs(local, saga_id, &seed.events)?;
+            fed = self.local_inputs(local, saga_id, &seed.stream, &seed.events)?;
             work.seed(seed);
         }
         let loaded_version = instance.version;
         let mut records = Vec::new();
         let mut reactions = 0;
         loop {
-            for (input, event_id, metadata) in fed.drain(..) {
-                if instance.has_handled(event_id) {
+            for fed in fed.drain(..) {
+                if instance.has_handled(fed.event_id) {
                     continue;
                 }
-                let reaction = instance.state.react(&input, self.clock.now());
+                let received = Received::at(self.clock.now()).from(&fed.source);
+                let reaction = instance.state.react(&fed.input, received);
                 if !reaction.is_empty() {
                     pending.push_back(Pending {
                         reaction,
                         fired: None,
-                        cause: event_id,
-                        metadata,
+                        cause: fed.event_id,
+                        metadata: fed.metadata,
                     });
                 }
             }
@@ -582,10 +599,12 @@ impl<S: Saga> SagaManager<S> {
                     continue;
                 };
                 let metadata = crate::otel::traced_owned(next.metadata.caused_by(record_id));
-                let events = work
+                let executed = work
                     .execute(&outgoing.topic, &outgoing.command, record_id, &metadata)
                     .await?;
-                fed.extend(self.local_inputs(local, saga_id, &events)?);
+                if let Some((stream, events)) = executed {
+                    fed.extend(self.local_inputs(local, saga_id, &stream, &events)?);
+                }
             }
             let count = made.len() as u64;
             effects.advance(

@@ -72,11 +72,11 @@ pub trait Saga: Default + Send + Sync + 'static {
     /// Evolves the state by one of its events.
     fn apply(&mut self, event: &Self::Event);
 
-    /// Decides the reaction to an input.
+    /// Decides the reaction to an input, `received` at a time from a source.
     fn react(
         &self,
         input: &Self::Input,
-        now: DateTime<Utc>,
+        received: Received<'_>,
     ) -> Reaction<Self::Event, Self::Command>;
 
     /// Decides the reaction to a deadline it set, now due. By default,
@@ -84,6 +84,45 @@ pub trait Saga: Default + Send + Sync + 'static {
     fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<Self::Event, Self::Command> {
         let _ = (name, now);
         Reaction::none()
+    }
+}
+
+/// What a saga knows of an input besides its content: when it is handled,
+/// and which stream it is an event of.
+///
+/// ```
+/// use chrono::Utc;
+/// use es_core::{saga::Received, StreamId};
+///
+/// let account = StreamId::new("account-42").unwrap();
+/// let received = Received::at(Utc::now()).from(&account);
+/// assert_eq!(received.source.map(StreamId::entity_id), Some("42"));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Received<'a> {
+    /// The time of the saga's clock as it handles the input.
+    pub now: DateTime<Utc>,
+    /// The stream the input was appended to, when it is an event from a
+    /// store: relayed (the bus message's [`source`](crate::Message::source)),
+    /// or taken in the write of a [`LocalAggregate`]. `None` for a command,
+    /// and for a message published other than by a relay.
+    pub source: Option<&'a StreamId>,
+}
+
+impl<'a> Received<'a> {
+    /// Received at `now`, from no known stream.
+    pub fn at(now: DateTime<Utc>) -> Self {
+        Self { now, source: None }
+    }
+
+    /// The same, from `source`.
+    #[must_use]
+    pub fn from(self, source: &'a StreamId) -> Self {
+        Self {
+            source: Some(source),
+            ..self
+        }
     }
 }
 

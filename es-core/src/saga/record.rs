@@ -59,6 +59,7 @@ impl CommandRecord {
             schema_version: self.schema_version,
             payload: self.payload.clone(),
             metadata: recorded.metadata.clone(),
+            source: None,
         }
     }
 
@@ -89,6 +90,7 @@ impl CommandRecord {
             schema_version: record.schema_version,
             payload: Payload::from_trusted_json(record.payload.get()),
             metadata: recorded.metadata.clone(),
+            source: None,
         })
     }
 }

@@ -88,6 +88,7 @@ fn message(topic: &str, message_type: &str, n: u64) -> Message {
         schema_version: 1,
         payload: Payload::from_trusted_json(format!(r#"{{"n":{n}}}"#)),
         metadata: Metadata::new(),
+        source: None,
     }
 }
 

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::saga::{Outgoing, Reaction};
-use crate::Saga;
+use crate::saga::{Outgoing, Reaction, Received};
+use crate::{Saga, StreamId};
 
 /// Given inputs, when an input or the passing of time, then commands, on a
 /// virtual clock — a saga's decisions without a store or a bus.
@@ -63,9 +63,24 @@ impl<S: Saga> SagaFixture<S> {
 
     /// Feeds these inputs, discarding what the saga sent.
     #[must_use]
-    pub fn given(mut self, inputs: impl IntoIterator<Item = S::Input>) -> Self {
+    pub fn given(self, inputs: impl IntoIterator<Item = S::Input>) -> Self {
+        self.feed(None, inputs)
+    }
+
+    /// Feeds these inputs as events of `source`, discarding what the saga
+    /// sent.
+    #[must_use]
+    pub fn given_from(self, source: &StreamId, inputs: impl IntoIterator<Item = S::Input>) -> Self {
+        self.feed(Some(source), inputs)
+    }
+
+    fn feed(
+        mut self,
+        source: Option<&StreamId>,
+        inputs: impl IntoIterator<Item = S::Input>,
+    ) -> Self {
         for input in inputs {
-            let reaction = self.state.react(&input, self.now);
+            let reaction = self.state.react(&input, self.received(source));
             self.commit(&reaction);
         }
         self
@@ -73,12 +88,29 @@ impl<S: Saga> SagaFixture<S> {
 
     /// Feeds one input.
     #[allow(clippy::needless_pass_by_value)] // reads as "when <input>", like a message
-    pub fn when(mut self, input: S::Input) -> SagaStep<S> {
-        let reaction = self.state.react(&input, self.now);
+    pub fn when(self, input: S::Input) -> SagaStep<S> {
+        self.step(None, &input)
+    }
+
+    /// Feeds one input, as an event of `source`.
+    #[allow(clippy::needless_pass_by_value)] // reads as "when <input>", like a message
+    pub fn when_from(self, source: &StreamId, input: S::Input) -> SagaStep<S> {
+        self.step(Some(source), &input)
+    }
+
+    fn step(mut self, source: Option<&StreamId>, input: &S::Input) -> SagaStep<S> {
+        let reaction = self.state.react(input, self.received(source));
         self.commit(&reaction);
         SagaStep {
             fixture: self,
             reaction,
+        }
+    }
+
+    fn received<'a>(&self, source: Option<&'a StreamId>) -> Received<'a> {
+        Received {
+            now: self.now,
+            source,
         }
     }
 

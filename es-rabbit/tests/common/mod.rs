@@ -51,6 +51,7 @@ pub fn message(topic: &str, message_type: &str, n: u64) -> Message {
         schema_version: 1,
         payload: Payload::from_json(format!(r#"{{"n":{n}}}"#)).unwrap(),
         metadata: Metadata::new().with_correlation_id(Uuid::now_v7()),
+        source: None,
     }
 }
 

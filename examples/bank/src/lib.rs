@@ -5,19 +5,16 @@
 //! (`cargo run -p bank -- --postgres URL --rabbit URL`).
 //!
 //! A transfer: the sender's `Send` writes `Sent`, in the conversation of the
-//! transfer's id; the saga sends `Credit` to the account service, whose
-//! `Deposited` (or, for a frozen account, its `CommandRefused` record) comes
-//! back to the saga by that conversation; a refusal makes it send `Refund`.
+//! transfer's id; the saga, which learns the sender from the stream `Sent`
+//! was appended to, sends `Credit` to the account service, whose `Deposited`
+//! (or, for a frozen account, its `CommandRefused` record) comes back to the
+//! saga by that conversation; a refusal makes it send `Refund`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::{collections::HashMap, sync::Arc, sync::Mutex, sync::PoisonError, time::Duration};
 
-use chrono::{DateTime, Utc};
 use es::prelude::*;
-use es::projection::decode;
 use es::projections::{spawn_in_memory, ProjectionHandle};
-use es::{ProjectionError, RepositoryError};
+use es::{projection::decode, ProjectionError, RepositoryError};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -29,7 +26,7 @@ enum AccountEvent {
     Opened { frozen: bool },
     Deposited { amount: i64 },
     Withdrawn { amount: i64 },
-    Sent { from: Uuid, to: Uuid, amount: i64 },
+    Sent { to: Uuid, amount: i64 },
     Refunded { amount: i64 },
 }
 
@@ -40,9 +37,13 @@ pub enum AccountCommand {
     Open { frozen: bool },
     Deposit { amount: i64 },
     Withdraw { amount: i64 },
-    Send { from: Uuid, to: Uuid, amount: i64 },
+    Send { to: Uuid, amount: i64 },
     Refund { amount: i64 },
 }
+
+/// What an account command answers: its value, or why the account refused
+/// it (or its store failed).
+pub type AccountResult<T> = Result<T, RepositoryError<AccountError>>;
 
 /// Why an account refuses a command.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -62,8 +63,8 @@ pub enum AccountError {
 
 #[derive(Debug, Default)]
 struct Account {
-    open: bool,
-    frozen: bool,
+    /// Whether it takes no deposits; `None` until it is opened.
+    frozen: Option<bool>,
     balance: i64,
 }
 
@@ -76,33 +77,29 @@ impl Aggregate for Account {
     fn apply(&mut self, event: &AccountEvent) {
         self.balance += balance_change(event);
         if let AccountEvent::Opened { frozen } = event {
-            (self.open, self.frozen) = (true, *frozen);
+            self.frozen = Some(*frozen);
         }
     }
 
     fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
         use {AccountCommand as C, AccountError as Refused, AccountEvent as E};
-        Ok(vec![match command {
-            C::Open { .. } if self.open => return Err(Refused::AlreadyOpen),
-            C::Open { frozen } => E::Opened { frozen },
-            _ if !self.open => return Err(Refused::NotOpen),
-            C::Deposit { amount }
-            | C::Withdraw { amount }
-            | C::Send { amount, .. }
-            | C::Refund { amount }
-                if amount <= 0 =>
-            {
-                return Err(Refused::Invalid)
-            }
-            C::Deposit { .. } if self.frozen => return Err(Refused::Frozen),
-            C::Deposit { amount } => E::Deposited { amount },
-            C::Refund { amount } => E::Refunded { amount },
-            C::Withdraw { amount } | C::Send { amount, .. } if amount > self.balance => {
-                return Err(Refused::Insufficient)
-            }
-            C::Withdraw { amount } => E::Withdrawn { amount },
-            C::Send { from, to, amount } => E::Sent { from, to, amount },
-        }])
+        let (event, amount) = match command {
+            C::Open { .. } if self.frozen.is_some() => return Err(Refused::AlreadyOpen),
+            C::Open { frozen } => return Ok(vec![E::Opened { frozen }]),
+            _ if self.frozen.is_none() => return Err(Refused::NotOpen),
+            C::Deposit { .. } if self.frozen == Some(true) => return Err(Refused::Frozen),
+            C::Deposit { amount } => (E::Deposited { amount }, amount),
+            C::Refund { amount } => (E::Refunded { amount }, amount),
+            C::Withdraw { amount } => (E::Withdrawn { amount }, amount),
+            C::Send { to, amount } => (E::Sent { to, amount }, amount),
+        };
+        if amount <= 0 {
+            return Err(Refused::Invalid);
+        }
+        if self.balance + balance_change(&event) < 0 {
+            return Err(Refused::Insufficient);
+        }
+        Ok(vec![event])
     }
 }
 
@@ -131,7 +128,7 @@ enum Transfer {
 /// What the saga takes: accounts' events (and refusals) in its conversation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DomainEvent)]
 enum TransferInput {
-    Sent { from: Uuid, to: Uuid, amount: i64 },
+    Sent { to: Uuid, amount: i64 },
     Deposited { amount: i64 },
     Refunded { amount: i64 },
     CommandRefused(CommandRefused),
@@ -144,17 +141,6 @@ enum TransferCommand {
     Refund { to: Uuid, amount: i64 },
 }
 
-impl TransferCommand {
-    /// The account it is for, and what it means to it (every command is
-    /// for an account: always `Some`).
-    fn route(self) -> Option<(Uuid, AccountCommand)> {
-        Some(match self {
-            Self::Credit { to, amount } => (to, AccountCommand::Deposit { amount }),
-            Self::Refund { to, amount } => (to, AccountCommand::Refund { amount }),
-        })
-    }
-}
-
 impl Saga for Transfer {
     type Event = Self;
     type Input = TransferInput;
@@ -165,19 +151,21 @@ impl Saga for Transfer {
         event.clone_into(self);
     }
 
-    fn react(&self, input: &TransferInput, _: DateTime<Utc>) -> Reaction<Self, TransferCommand> {
+    fn react(&self, input: &TransferInput, received: Received) -> Reaction<Self, TransferCommand> {
         use {TransferCommand as C, TransferInput as I};
         let next = |state| Reaction::none().event(state);
-        match (self, input) {
-            (Self::Unknown, &I::Sent { from, to, amount }) => {
+        // Every input is an account's event: the sender is the stream of `Sent`.
+        let account = received.source.and_then(|s| s.entity_id().parse().ok());
+        match (self, input, account) {
+            (Self::Unknown, &I::Sent { to, amount }, Some(from)) => {
                 next(Self::Crediting { from, amount })
                     .send(ACCOUNT_COMMANDS, C::Credit { to, amount })
             }
-            (Self::Crediting { .. }, I::Deposited { .. }) => next(Self::Completed),
-            (&Self::Crediting { from, amount }, I::CommandRefused(_)) => {
+            (Self::Crediting { .. }, I::Deposited { .. }, _) => next(Self::Completed),
+            (&Self::Crediting { from, amount }, I::CommandRefused(_), _) => {
                 next(Self::Refunding).send(ACCOUNT_COMMANDS, C::Refund { to: from, amount })
             }
-            (Self::Refunding, I::Refunded { .. }) => next(Self::Refunded),
+            (Self::Refunding, I::Refunded { .. }, _) => next(Self::Refunded),
             _ => Reaction::none(),
         }
     }
@@ -202,31 +190,12 @@ impl Projection for Balances {
         if event.stream_id.category() == Account::TYPE {
             let change = balance_change(&decode(self.name(), event)?);
             let mut balances = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            let account = event.stream_id.entity_id().to_owned();
-            *balances.entry(account).or_default() += change;
+            *balances
+                .entry(event.stream_id.entity_id().to_owned())
+                .or_default() += change;
         }
         Ok(())
     }
-}
-
-/// Why the bank could not start, or an operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// An account refused, or its store failed.
-    #[error(transparent)]
-    Account(#[from] RepositoryError<AccountError>),
-    /// The saga's store failed.
-    #[error(transparent)]
-    Saga(#[from] es::SagaError),
-    /// The bus refused a subscription.
-    #[error(transparent)]
-    Bus(#[from] es::BusError),
-    /// PostgreSQL or RabbitMQ could not be reached.
-    #[error(transparent)]
-    Connect(#[from] es::production::Error),
-    /// The read model did not catch up.
-    #[error(transparent)]
-    Projection(#[from] es::projections::Error),
 }
 
 /// A running bank: accounts, the transfer saga, the balances.
@@ -243,9 +212,15 @@ impl Bank {
     /// The bank on `app`'s backends: `App::in_memory("bank")`, or
     /// PostgreSQL and RabbitMQ by [`es::production::connect`]. Wires the
     /// account service and the saga, then starts the relay and the projection.
-    pub async fn start(mut app: App) -> Result<Self, Error> {
+    pub async fn start(mut app: App) -> Result<Self, es::BusError> {
         let accounts = app.repository::<Account>();
-        let service = CommandHandler::new(accounts.clone(), TransferCommand::route);
+        // Every command of the saga is for an account: the one it names.
+        let service = CommandHandler::new(accounts.clone(), |command| {
+            Some(match command {
+                TransferCommand::Credit { to, amount } => (to, AccountCommand::Deposit { amount }),
+                TransferCommand::Refund { to, amount } => (to, AccountCommand::Refund { amount }),
+            })
+        });
         app.commands("accounts", ACCOUNT_COMMANDS, service).await?;
         let transfers = app.saga::<Transfer>("transfers").inputs_from(Account::TYPE);
         let transfers = transfers.start().await?;
@@ -263,7 +238,7 @@ impl Bank {
 
     /// Executes `command` on `account`; answers the id of the conversation
     /// it starts (for a `Send`, the transfer's: see [`settled`](Self::settled)).
-    pub async fn execute(&self, account: Uuid, command: AccountCommand) -> Result<Uuid, Error> {
+    pub async fn execute(&self, account: Uuid, command: AccountCommand) -> AccountResult<Uuid> {
         let conversation = Uuid::now_v7();
         let metadata = Metadata::new().with_correlation_id(conversation);
         self.accounts.execute(account, command, &metadata).await?;
@@ -272,7 +247,7 @@ impl Bank {
 
     /// Waits until the transfer is done: true when the money moved, false
     /// when the sender was refunded.
-    pub async fn settled(&self, transfer: Uuid) -> Result<bool, Error> {
+    pub async fn settled(&self, transfer: Uuid) -> Result<bool, es::SagaError> {
         loop {
             match self.transfers.load(transfer).await?.state {
                 Transfer::Completed => return Ok(true),
@@ -284,18 +259,10 @@ impl Bank {
 
     /// An account's balance in the read model, once it has caught up with
     /// everything written so far.
-    pub async fn balance(&self, account: Uuid) -> Result<i64, Error> {
-        let head = self.app.store().head().await;
-        let (timeout, head) = (
-            Duration::from_secs(30),
-            head.map_err(RepositoryError::Store)?,
-        );
-        self.projection.wait_for(head, timeout).await?;
-        let balances = self
-            .balances
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+    pub async fn balance(&self, account: Uuid) -> Result<i64, es::projections::Error> {
+        self.projection.catch_up(Duration::from_secs(30)).await?;
+        let balances = self.balances.0.lock();
+        let balances = balances.unwrap_or_else(PoisonError::into_inner);
         Ok(balances.get(&account.to_string()).copied().unwrap_or(0))
     }
 

@@ -5,7 +5,7 @@
 //! `cargo run -p bank -- --postgres URL --rabbit URL` on PostgreSQL and
 //! RabbitMQ (or set `BANK_POSTGRES` and `BANK_RABBIT`).
 
-use bank::{AccountCommand as C, Bank, Error};
+use bank::{AccountCommand as C, Bank};
 use clap::Parser;
 use es::prelude::{App, RabbitConfig};
 use tracing_subscriber::EnvFilter;
@@ -23,7 +23,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let args = Args::parse();
@@ -40,12 +40,7 @@ async fn main() -> Result<(), Error> {
     }
     bank.execute(alice, C::Deposit { amount: 10_000 }).await?;
     for to in [bob, carol] {
-        let send = C::Send {
-            from: alice,
-            to,
-            amount: 3_000,
-        };
-        let transfer = bank.execute(alice, send).await?;
+        let transfer = bank.execute(alice, C::Send { to, amount: 3_000 }).await?;
         tracing::info!(%transfer, moved = bank.settled(transfer).await?, "transfer settled");
     }
     for (name, account) in [("alice", alice), ("bob", bob), ("carol", carol)] {

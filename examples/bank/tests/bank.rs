@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // tests panic on failure
 
-use bank::{AccountCommand as C, AccountError, Bank, Error};
+use bank::{AccountCommand as C, AccountError, Bank};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -24,8 +24,8 @@ async fn transfers_settle_and_refusals_are_compensated(bank: Bank) {
     bank.execute(alice, C::Withdraw { amount: 1_000 })
         .await
         .unwrap();
-    let refused = |result: Result<_, Error>| match result {
-        Err(Error::Account(RepositoryError::Rejected(e))) => e,
+    let refused = |result: Result<_, RepositoryError<AccountError>>| match result {
+        Err(RepositoryError::Rejected(e)) => e,
         other => panic!("{other:?}"),
     };
     let overdraw = bank.execute(alice, C::Withdraw { amount: 100_000 }).await;
@@ -37,17 +37,14 @@ async fn transfers_settle_and_refusals_are_compensated(bank: Bank) {
     let twice = bank.execute(bob, C::Open { frozen: false }).await;
     assert_eq!(refused(twice), AccountError::AlreadyOpen);
 
-    let send = |from, to, amount| C::Send { from, to, amount };
-    let paid = bank.execute(alice, send(alice, bob, 3_000)).await.unwrap();
-    let bounced = bank
-        .execute(alice, send(alice, carol, 2_000))
-        .await
-        .unwrap();
+    let send = |to, amount| C::Send { to, amount };
+    let paid = bank.execute(alice, send(bob, 3_000)).await.unwrap();
+    let bounced = bank.execute(alice, send(carol, 2_000)).await.unwrap();
     assert!(bank.settled(paid).await.unwrap());
     assert!(!bank.settled(bounced).await.unwrap());
     // To an account that does not exist: refused, refunded.
     let nobody = Uuid::now_v7();
-    let nowhere = bank.execute(bob, send(bob, nobody, 100)).await.unwrap();
+    let nowhere = bank.execute(bob, send(nobody, 100)).await.unwrap();
     assert!(!bank.settled(nowhere).await.unwrap());
     assert_eq!(bank.balance(alice).await.unwrap(), 6_000);
     assert_eq!(bank.balance(bob).await.unwrap(), 3_000);

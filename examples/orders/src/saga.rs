@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use es_core::{Delivery, MessageHandler, Metadata, Outcome, Reaction, Saga, SagaHandler};
+use es_core::{Delivery, MessageHandler, Metadata, Outcome, Reaction, Received, Saga, SagaHandler};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -533,9 +533,9 @@ impl Saga for OrderSaga {
     fn react(
         &self,
         input: &SagaInput,
-        now: DateTime<Utc>,
+        received: Received<'_>,
     ) -> Reaction<OrderSagaEvent, SagaCommand> {
-        self.decide(self.fact(input), now)
+        self.decide(self.fact(input), received.now)
     }
 
     fn on_deadline(&self, name: &str, now: DateTime<Utc>) -> Reaction<OrderSagaEvent, SagaCommand> {

@@ -229,6 +229,7 @@ async fn a_process_declares_the_queues_of_services_it_does_not_run() {
         schema_version: 1,
         payload: Payload::from_json("{}").unwrap(),
         metadata: Metadata::new(),
+        source: None,
     };
     // The saga takes order events in the order service's writes, and
     // inventory and payment events from its queue.
