@@ -4,9 +4,9 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use super::{log_refusal, outcome_of, CommandRefused};
+use super::outcome_of;
 use crate::bus::{Delivery, MessageHandler, Outcome};
-use crate::{Aggregate, DomainEvent, EventCodec, Repository, RepositoryError};
+use crate::{Aggregate, DomainEvent, EventCodec, Repository};
 
 /// A [`MessageHandler`] that executes command messages on a
 /// [`Repository`]: it decodes each message as an `M` (what cannot be decoded
@@ -19,7 +19,7 @@ use crate::{Aggregate, DomainEvent, EventCodec, Repository, RepositoryError};
 ///
 /// A command the aggregate refuses writes no event. So that the sender
 /// still learns of it, the handler records the refusal in the aggregate's
-/// stream as a [`CommandRefused`] record (see there), which the relay
+/// stream as a [`CommandRefused`](super::CommandRefused) record (see there), which the relay
 /// publishes as a `CommandRefused` message on the aggregate's topic and a
 /// saga can take as an input. Turn that off with
 /// [`record_refusals(false)`](Self::record_refusals).
@@ -84,7 +84,7 @@ where
         self
     }
 
-    /// Whether refusals are recorded as [`CommandRefused`] records (on by
+    /// Whether refusals are recorded as [`CommandRefused`](super::CommandRefused) records (on by
     /// default). Off, a refusal is only logged.
     #[must_use]
     pub fn record_refusals(mut self, record: bool) -> Self {
@@ -128,21 +128,10 @@ where
             .repository
             .execute_once(&id, m.message_id, command, &metadata)
             .await;
-        match result {
-            Err(RepositoryError::Rejected(reason)) if self.record_refusals => {
-                log_refusal(A::TYPE, &reason);
-                let refused = CommandRefused::of(m, &reason);
-                match self
-                    .repository
-                    .record_refusal(&id, m.message_id, &refused, &metadata)
-                    .await
-                {
-                    Ok(_) => Outcome::Ack,
-                    Err(e) if e.is_deterministic() => Outcome::dead_letter(e),
-                    Err(e) => Outcome::retry(e),
-                }
-            }
-            result => outcome_of(result, A::TYPE),
+        if self.record_refusals {
+            super::recorded_outcome(&self.repository, &id, m, &metadata, result).await
+        } else {
+            outcome_of(result, A::TYPE)
         }
     }
 }
@@ -152,7 +141,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::command::COMMAND_REFUSED;
+    use crate::command::{CommandRefused, COMMAND_REFUSED};
     use crate::doc_support::counter::{Counter, CounterCommand, CounterMessage};
     use crate::relay::default_route;
     use crate::{derived_id, EventStore, InMemoryEventStore, Message, Metadata, StreamId};

@@ -14,12 +14,13 @@
 //!   domain is an ack, a failure that may pass is retried, one that fails
 //!   the same way every time is dead-lettered.
 //!
-//! [`CommandHandler`] does all of it on a [`Repository`](crate::Repository),
+//! [`CommandHandler`] does all of it on a [`Repository`],
 //! given a function from the command message to the aggregate's id and
 //! domain command; it also records refusals ([`CommandRefused`]), so that a
 //! saga learns of a command its aggregate refused. A service that does more
 //! than execute one command implements [`CommandService`] and is fed by
-//! [`Commands`].
+//! [`Commands`]; it records its refusals with [`refusal_outcome`] (or
+//! answers a repository's result with [`recorded_outcome`]).
 //!
 //! ```
 //! # use es_core::doc_support::counter::{Counter, CounterMessage};
@@ -41,8 +42,10 @@ pub use handler::CommandHandler;
 pub use refused::{CommandRefused, COMMAND_REFUSED};
 pub use service::{CommandService, Commands};
 
-use crate::bus::Outcome;
-use crate::RepositoryError;
+use std::fmt;
+
+use crate::bus::{Message, Outcome};
+use crate::{Aggregate, Metadata, Repository, RepositoryError};
 
 /// The bus outcome of a command executed on an aggregate: done or refused by
 /// the domain is an ack (a refusal is logged at info, its reason escaped);
@@ -63,6 +66,53 @@ pub fn outcome_of<T, E: std::error::Error + 'static>(
         }
         Err(e) if e.is_retryable() => Outcome::retry(e),
         Err(e) => Outcome::dead_letter(e),
+    }
+}
+
+/// The bus outcome of a command `message` that aggregate `id` of
+/// `repository` refused for `reason`: the refusal is logged and recorded in
+/// the aggregate's stream as a [`CommandRefused`] record (once per message
+/// id), which the relay's default route publishes as
+/// `<category>.CommandRefused` in the command's conversation, so that the
+/// saga that sent it learns of it. Recorded, the message is acked; a store
+/// failure is retried when it may pass, else dead-lettered.
+///
+/// `metadata` is what the command's events would have carried: the
+/// message's, caused by it.
+pub async fn refusal_outcome<A: Aggregate>(
+    repository: &Repository<A>,
+    id: impl fmt::Display,
+    message: &Message,
+    metadata: &Metadata,
+    reason: &A::Error,
+) -> Outcome {
+    log_refusal(A::TYPE, reason);
+    let refused = CommandRefused::of(message, reason);
+    match repository
+        .record_refusal(id, message.message_id, &refused, metadata)
+        .await
+    {
+        Ok(_) => Outcome::Ack,
+        Err(e) if e.is_deterministic() => Outcome::dead_letter(e),
+        Err(e) => Outcome::retry(e),
+    }
+}
+
+/// [`outcome_of`] for a command executed on aggregate `id` of `repository`,
+/// except that a refusal is recorded ([`refusal_outcome`]) rather than only
+/// logged.
+pub async fn recorded_outcome<A: Aggregate, T>(
+    repository: &Repository<A>,
+    id: impl fmt::Display,
+    message: &Message,
+    metadata: &Metadata,
+    result: Result<T, RepositoryError<A::Error>>,
+) -> Outcome {
+    match result {
+        Err(RepositoryError::Rejected(reason)) => {
+            refusal_outcome(repository, id, message, metadata, &reason).await
+        }
+        result => outcome_of(result, A::TYPE),
     }
 }
 

@@ -54,6 +54,10 @@ macro_rules! message_enum {
 }
 pub(crate) use message_enum;
 
+/// A command the receiving service refused, as the relay publishes its
+/// record (`<category>.CommandRefused`): the saga that sent it compensates.
+pub use es_core::CommandRefused;
+
 /// One line of an order, priced from the catalog when it was placed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderLine {

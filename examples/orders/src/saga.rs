@@ -59,13 +59,17 @@ message_enum! {
         PaymentSucceeded,
         /// Payment declined.
         PaymentDeclined,
+        /// The inventory or the payment service refused a command of the
+        /// saga: the order fails unless it is complete.
+        CommandRefused,
     }
 }
 
 impl SagaInput {
-    /// The order the input is about.
-    pub fn order_id(&self) -> Uuid {
-        match self {
+    /// The order the input is about; `None` for a refusal, whose
+    /// conversation (its correlation id) names the order.
+    pub fn order_id(&self) -> Option<Uuid> {
+        Some(match self {
             Self::OrderCreated(m) => m.order_id,
             Self::OrderInventoryConfirmed(m) => m.order_id,
             Self::OrderPaymentConfirmed(m) => m.order_id,
@@ -75,7 +79,8 @@ impl SagaInput {
             Self::InventoryReservationFailed(m) => m.order_id,
             Self::PaymentSucceeded(m) => m.order_id,
             Self::PaymentDeclined(m) => m.order_id,
-        }
+            Self::CommandRefused(_) => return None,
+        })
     }
 }
 
@@ -184,6 +189,13 @@ pub enum Fact {
         /// Why the order was cancelled.
         reason: String,
     },
+    /// A service refused one of the saga's commands.
+    StepRefused {
+        /// The refused command's type.
+        command: String,
+        /// Why the service refused it.
+        reason: String,
+    },
 }
 
 /// One reaction's change of state: what was learnt and which steps were
@@ -236,6 +248,8 @@ pub struct OrderSaga {
     pub completed: bool,
     /// The order was cancelled, and why.
     pub cancelled: Option<String>,
+    /// The first of its commands a service refused, and why.
+    pub refused: Option<String>,
     /// Steps issued.
     pub issued: BTreeSet<Step>,
 }
@@ -254,6 +268,9 @@ impl OrderSaga {
         }
         if let Some(reason) = &self.payment_refused {
             return Some(format!("payment declined: {reason}"));
+        }
+        if let Some(refusal) = &self.refused {
+            return Some(refusal.clone());
         }
         self.timed_out.then(|| "payment timed out".to_owned())
     }
@@ -357,6 +374,10 @@ impl OrderSaga {
             SagaInput::OrderCancelled(m) if self.cancelled.is_none() => Fact::OrderCancelled {
                 reason: m.reason.clone(),
             },
+            SagaInput::CommandRefused(r) if self.refused.is_none() => Fact::StepRefused {
+                command: r.command_type.clone(),
+                reason: r.reason.clone(),
+            },
             _ => return None,
         })
     }
@@ -376,6 +397,9 @@ impl OrderSaga {
             Fact::OrderPaid => self.order_paid = true,
             Fact::OrderCompleted => self.completed = true,
             Fact::OrderCancelled { reason } => self.cancelled = Some(reason.clone()),
+            Fact::StepRefused { command, reason } => {
+                self.refused = Some(format!("{command} refused: {reason}"));
+            }
         }
     }
 
@@ -515,8 +539,8 @@ impl Saga for OrderSaga {
     type Command = SagaCommand;
     const TYPE: &'static str = "order_saga";
 
-    fn saga_id(input: &SagaInput, _metadata: &Metadata) -> Option<Uuid> {
-        Some(input.order_id())
+    fn saga_id(input: &SagaInput, metadata: &Metadata) -> Option<Uuid> {
+        input.order_id().or(metadata.correlation_id)
     }
 
     fn apply(&mut self, event: &OrderSagaEvent) {

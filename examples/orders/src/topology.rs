@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use es_core::relay::{route_without_saga_state, Route};
-use es_core::{Aggregate, Saga, Subscription};
+use es_core::{Aggregate, CommandRefused, Saga, Subscription};
 
 use crate::messages::topics;
 use crate::order::Order;
@@ -56,11 +56,13 @@ pub(crate) const SAGA_ORDER_INPUTS: [&str; 5] = [
 
 /// The saga's inputs from the bus, as `<topic>.<message type>` (the names of
 /// [`OrderSaga`]'s input variants).
-const SAGA_INPUTS: [(&str, &str); 4] = [
+const SAGA_INPUTS: [(&str, &str); 6] = [
     (topics::INVENTORY, "InventoryReserved"),
     (topics::INVENTORY, "InventoryReservationFailed"),
+    (topics::INVENTORY, CommandRefused::MESSAGE_TYPE),
     (topics::PAYMENT, "PaymentSucceeded"),
     (topics::PAYMENT, "PaymentDeclined"),
+    (topics::PAYMENT, CommandRefused::MESSAGE_TYPE),
 ];
 
 /// What a group is bound to (AMQP topic patterns).

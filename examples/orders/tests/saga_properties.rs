@@ -112,6 +112,9 @@ impl World {
                 topics::INVENTORY
             }
             SagaInput::PaymentSucceeded(_) | SagaInput::PaymentDeclined(_) => topics::PAYMENT,
+            // The services of this world refuse nothing (their `unwrap`s
+            // assert it), so no refusal is ever emitted.
+            SagaInput::CommandRefused(_) => unreachable!("no service here refuses"),
         };
         Message::encode(
             topic,

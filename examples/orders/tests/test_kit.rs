@@ -217,3 +217,74 @@ fn a_payment_in_time_closes_the_window() {
     );
     saga.when_time_passes(PAYMENT_WINDOW).then_no_commands();
 }
+
+/// What the saga sent the inventory, refused by it for `reason`, as the relay
+/// publishes the inventory's refusal record.
+fn refused(command: &SagaCommand, reason: &str) -> SagaInput {
+    let message = es_core::Message::encode(topics::INVENTORY_COMMANDS, command, Default::default())
+        .expect("a saga command encodes");
+    SagaInput::CommandRefused(messages::CommandRefused::of(&message, &reason))
+}
+
+#[test]
+fn a_refused_step_fails_the_order_and_closes_the_payment_window() {
+    let reserve = SagaCommand::ReserveInventory(messages::ReserveInventory {
+        order_id: ORDER,
+        lines: stock(),
+    });
+    let reason = "ReserveInventory refused: the reservation already failed";
+    let saga = SagaFixture::<OrderSaga>::at(placed_at())
+        .given([SagaInput::OrderCreated(created()), reserved()])
+        .when(refused(&reserve, "the reservation already failed"))
+        .then_sent([
+            (
+                topics::ORDER_COMMANDS,
+                SagaCommand::CancelOrder(messages::CancelOrder {
+                    order_id: ORDER,
+                    reason: reason.into(),
+                }),
+            ),
+            (
+                topics::INVENTORY_COMMANDS,
+                SagaCommand::ReleaseInventory(messages::ReleaseInventory { order_id: ORDER }),
+            ),
+        ]);
+    assert_eq!(saga.state().failure().as_deref(), Some(reason));
+    assert!(saga.pending_deadlines().is_empty(), "the window closed");
+    // A second refusal (the release's, say) adds nothing.
+    let release = SagaCommand::ReleaseInventory(messages::ReleaseInventory { order_id: ORDER });
+    saga.when(refused(&release, "the reservation is already committed"))
+        .then_no_commands();
+}
+
+#[test]
+fn a_refusal_after_completion_changes_nothing() {
+    let commit = SagaCommand::CommitInventory(messages::CommitInventory { order_id: ORDER });
+    let saga = SagaFixture::<OrderSaga>::at(placed_at())
+        .given([
+            SagaInput::OrderCreated(created()),
+            reserved(),
+            SagaInput::PaymentSucceeded(messages::PaymentSucceeded {
+                order_id: ORDER,
+                transaction_id: "tx-1".into(),
+                amount: Money::from_minor(25_00),
+            }),
+            SagaInput::OrderInventoryConfirmed(messages::OrderInventoryConfirmed {
+                order_id: ORDER,
+            }),
+            SagaInput::OrderPaymentConfirmed(messages::OrderPaymentConfirmed {
+                order_id: ORDER,
+                transaction_id: "tx-1".into(),
+            }),
+            SagaInput::OrderCompleted(messages::OrderCompleted {
+                order_id: ORDER,
+                customer_email: EMAIL.into(),
+                completed_at: placed_at(),
+            }),
+        ])
+        .when(refused(&commit, "nothing is reserved to commit"))
+        .then_no_commands();
+    assert!(saga.state().completed);
+    assert_eq!(saga.state().failure(), None);
+    assert!(saga.state().refused.is_some(), "the refusal is kept");
+}

@@ -29,7 +29,7 @@ use crate::messages::{message_enum, StockLine};
 use crate::node::{Service, Wiring};
 use crate::topology::groups;
 use crate::{Error, Money, Result};
-use es_core::command::{CommandService, Commands};
+use es_core::command::{refusal_outcome, CommandService, Commands};
 
 message_enum! {
     /// The commands the inventory service takes from the bus.
@@ -312,14 +312,26 @@ impl InventoryService {
         Ok(())
     }
 
-    /// Releases the reservation and gives its stock back, in one write.
-    async fn release(&self, order_id: Uuid, cause: Uuid, metadata: &Metadata) -> Result<()> {
+    /// Releases the reservation and gives its stock back, in one write; why
+    /// the reservation refused, when it did.
+    async fn release(
+        &self,
+        order_id: Uuid,
+        cause: Uuid,
+        metadata: &Metadata,
+    ) -> Result<Option<ReservationError>> {
         self.settle_lines(order_id, cause, metadata, ReservationCommand::Release)
             .await
     }
 
-    /// Commits the reservation and its stock, in one write.
-    async fn commit(&self, order_id: Uuid, cause: Uuid, metadata: &Metadata) -> Result<()> {
+    /// Commits the reservation and its stock, in one write; why the
+    /// reservation refused, when it did.
+    async fn commit(
+        &self,
+        order_id: Uuid,
+        cause: Uuid,
+        metadata: &Metadata,
+    ) -> Result<Option<ReservationError>> {
         self.settle_lines(order_id, cause, metadata, ReservationCommand::Commit)
             .await
     }
@@ -332,8 +344,9 @@ impl InventoryService {
         cause: Uuid,
         metadata: &Metadata,
         command: ReservationCommand,
-    ) -> Result<()> {
+    ) -> Result<Option<ReservationError>> {
         for attempt in 1.. {
+            let mut refused = None;
             let (mut unit, reservation) = self.unit_for(order_id, false).await?;
             let held = match &reservation.state.state {
                 ReservationState::Reserved(lines) => lines.clone(),
@@ -375,13 +388,13 @@ impl InventoryService {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(%order_id, error = %e, ?command, "refused"),
+                Err(e) => refused = Some(e),
             }
             if Self::settle(unit, attempt).await? {
-                return Ok(());
+                return Ok(refused);
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -415,20 +428,26 @@ impl CommandService for InventoryService {
         message: &Message,
         metadata: &Metadata,
     ) -> Outcome {
-        let result = match command {
+        let (order_id, result) = match command {
             InventoryCommandMessage::ReserveInventory(c) => {
-                self.reserve(c.order_id, &c.lines, message.message_id, metadata)
-                    .await
+                let reserved = self.reserve(c.order_id, &c.lines, message.message_id, metadata);
+                (c.order_id, reserved.await.map(|()| None))
             }
             InventoryCommandMessage::ReleaseInventory(c) => {
-                self.release(c.order_id, message.message_id, metadata).await
+                let released = self.release(c.order_id, message.message_id, metadata);
+                (c.order_id, released.await)
             }
             InventoryCommandMessage::CommitInventory(c) => {
-                self.commit(c.order_id, message.message_id, metadata).await
+                let committed = self.commit(c.order_id, message.message_id, metadata);
+                (c.order_id, committed.await)
             }
         };
         match result {
-            Ok(()) => Outcome::Ack,
+            Ok(None) => Outcome::Ack,
+            // The saga that sent it learns of the refusal, and compensates.
+            Ok(Some(reason)) => {
+                refusal_outcome(&self.reservations, order_id, message, metadata, &reason).await
+            }
             Err(e) => e.outcome(),
         }
     }
@@ -443,6 +462,39 @@ mod tests {
     fn service() -> InventoryService {
         let store: Arc<dyn es_core::EventStore> = Arc::new(InMemoryEventStore::new());
         InventoryService::new(Repository::new(Arc::clone(&store)), Repository::new(store))
+    }
+
+    /// A commit with nothing reserved is refused, and the refusal is
+    /// recorded once, in the order's conversation, for the saga.
+    #[tokio::test]
+    async fn a_refused_command_is_recorded_once_for_the_saga() {
+        let inventory = service();
+        let order_id = Uuid::now_v7();
+        let commit =
+            InventoryCommandMessage::CommitInventory(crate::messages::CommitInventory { order_id });
+        let metadata = Metadata::new().with_correlation_id(order_id);
+        let message = Message::encode(
+            crate::messages::topics::INVENTORY_COMMANDS,
+            &commit,
+            metadata.clone(),
+        )
+        .unwrap();
+        let caused = metadata.caused_by(message.message_id);
+        for _ in 0..2 {
+            let outcome = inventory.execute(commit.clone(), &message, &caused).await;
+            assert_eq!(outcome, Outcome::Ack);
+        }
+        let stream = inventory.reservations.stream_id(order_id).unwrap();
+        let store = inventory.reservations.store();
+        let recorded = store.read_stream(&stream, 0, 10).await.unwrap();
+        assert_eq!(recorded.len(), 1, "{recorded:?}");
+        let published = es_core::relay::default_route(&recorded[0]).unwrap();
+        assert_eq!(published.routing_key(), "inventory.CommandRefused");
+        assert_eq!(published.metadata.correlation_id, Some(order_id));
+        let refused: es_core::CommandRefused =
+            serde_json::from_str(published.payload.as_str()).unwrap();
+        assert_eq!(refused.command_type, "CommitInventory");
+        assert_eq!(refused.reason, ReservationError::NotReserved.to_string());
     }
 
     /// A release that overtakes its reserve settles the reservation: the

@@ -22,7 +22,7 @@ use crate::messages::message_enum;
 use crate::node::{Service, Wiring};
 use crate::topology::groups;
 use crate::Result;
-use es_core::command::{outcome_of, CommandService, Commands};
+use es_core::command::{outcome_of, recorded_outcome, CommandService, Commands};
 
 message_enum! {
     /// The commands the payment service takes from the bus.
@@ -187,7 +187,8 @@ impl CommandService for PaymentService {
                         metrics::counter!("payments_refunded_total").increment(1);
                     }
                 }
-                outcome_of(result, "payment")
+                // A refund with nothing to refund is recorded for the saga.
+                recorded_outcome(&self.payments, c.order_id, message, metadata, result).await
             }
         }
     }
