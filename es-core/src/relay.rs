@@ -1,8 +1,9 @@
 //! The relay: moves events from the store's log to the bus, at least once and
 //! in log order. The store is the outbox; nothing writes to both.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -58,6 +59,50 @@ pub fn route_without_saga_state(saga_types: &[&str]) -> Route {
         } else {
             default_route(event)
         }
+    })
+}
+
+/// Whether a routing key is bound, by topic and message type.
+type BoundKeys = HashMap<Arc<str>, HashMap<Arc<str>, bool>>;
+
+/// `route`, keeping only the messages some consumer is bound to: those
+/// whose routing key matches one of `bindings` (topic patterns, as
+/// [`Subscription`](crate::Subscription)s bind). A system that declares
+/// every consumer's bindings up front publishes nothing nobody reads: each
+/// publish costs a broker round trip and a confirm, while the events stay in
+/// the store, where a consumer added later catches up from.
+///
+/// ```
+/// use std::sync::Arc;
+/// use es_core::relay::{default_route, only_bound};
+/// let route = only_bound(Arc::new(default_route), ["order.*", "stock.StockLow"]);
+/// # let _ = route;
+/// ```
+pub fn only_bound(route: Route, bindings: impl IntoIterator<Item = impl Into<String>>) -> Route {
+    let bindings: Vec<String> = bindings.into_iter().map(Into::into).collect();
+    // A log holds few distinct routing keys: each is matched once.
+    let decided: RwLock<BoundKeys> = RwLock::default();
+    Arc::new(move |event: &RecordedEvent| {
+        let message = route(event)?;
+        let known = decided
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&*message.topic)
+            .and_then(|types| types.get(&*message.message_type).copied());
+        let bound = known.unwrap_or_else(|| {
+            let key = message.routing_key();
+            let bound = bindings
+                .iter()
+                .any(|pattern| crate::bus::topic_matches(pattern, &key));
+            decided
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(Arc::clone(&message.topic))
+                .or_default()
+                .insert(Arc::clone(&message.message_type), bound);
+            bound
+        });
+        bound.then_some(message)
     })
 }
 
@@ -573,5 +618,26 @@ mod tests {
         assert_eq!(&*order.topic, "order");
         // Another saga type is not private.
         assert!(route(&recorded("other_saga-1", "Advanced", empty())).is_some());
+    }
+
+    #[test]
+    fn only_what_a_consumer_is_bound_to_is_published() {
+        let route = only_bound(Arc::new(default_route), ["order.*", "stock.StockLow"]);
+        let empty = || Payload::from_json("{}").unwrap();
+        let published = |stream: &str, event_type: &str| {
+            route(&recorded(stream, event_type, empty())).map(|m| m.routing_key())
+        };
+        assert_eq!(
+            published("order-1", "OrderCreated").as_deref(),
+            Some("order.OrderCreated")
+        );
+        assert_eq!(
+            published("stock-1", "StockLow").as_deref(),
+            Some("stock.StockLow")
+        );
+        assert_eq!(published("stock-1", "StockCounted"), None);
+        assert_eq!(published("payment-1", "PaymentTaken"), None);
+        // What the inner route keeps back stays back.
+        assert_eq!(published("order-1", "$deadline"), None);
     }
 }

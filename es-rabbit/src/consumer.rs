@@ -10,16 +10,17 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation};
 use metrics::SharedString;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tracing::{field, Instrument};
 
 use es_core::{CancellationToken, Delivery, MessageHandler, Outcome, Subscription};
 
+use crate::acks::{ack_in_batches, Tag};
 use crate::bus::{copy_headers, Inner};
 use crate::codec;
 use crate::connection::Live;
@@ -154,24 +155,38 @@ impl ConsumerTask {
             futures::future::select(stopped, dead).await;
         };
         let consumed = AtomicBool::new(false);
-        let drained = consumer
-            .take_until(Box::pin(ended))
-            .chain(futures::stream::poll_fn(|_| {
-                ended_deliveries.notify_one();
-                std::task::Poll::Ready(None)
-            }))
-            .for_each_concurrent(usize::from(self.subscription.prefetch), |item| async {
-                match item {
-                    Ok(delivery) => {
-                        consumed.store(true, Ordering::Relaxed);
-                        self.handle(&channel, &current, delivery).await;
+        // Handled deliveries are acked in batches (see `acks`), by tags
+        // reported in delivery order as they arrive, before handling.
+        let (tags, reported) = mpsc::unbounded_channel();
+        let acks = ack_in_batches(&channel, reported, limit, self.label.clone());
+        let drained = async {
+            let tags = tags;
+            consumer
+                .take_until(Box::pin(ended))
+                .chain(futures::stream::poll_fn(|_| {
+                    ended_deliveries.notify_one();
+                    std::task::Poll::Ready(None)
+                }))
+                .for_each_concurrent(usize::from(self.subscription.prefetch), |item| {
+                    if let Ok(delivery) = &item {
+                        let _ = tags.send(Tag::Delivered(delivery.delivery_tag));
                     }
-                    Err(error) => {
-                        current.store(false, Ordering::SeqCst);
-                        tracing::warn!(group = %self.subscription.group, %error, "consumer channel closed");
+                    let (tags, current, consumed, channel) = (&tags, &current, &consumed, &channel);
+                    async move {
+                        match item {
+                            Ok(delivery) => {
+                                consumed.store(true, Ordering::Relaxed);
+                                self.handle(channel, current, tags, delivery).await;
+                            }
+                            Err(error) => {
+                                current.store(false, Ordering::SeqCst);
+                                tracing::warn!(group = %self.subscription.group, %error, "consumer channel closed");
+                            }
+                        }
                     }
-                }
-            });
+                })
+                .await;
+        };
         // Once the channel is gone, handlers still running can settle
         // nothing (the broker redelivers their messages), yet the loop waits
         // for them before it reconnects: one handler stuck on a dead socket
@@ -186,7 +201,7 @@ impl ConsumerTask {
             tokio::time::sleep(limit).await;
         };
         tokio::select! {
-            () = drained => {}
+            ((), ()) = async { tokio::join!(drained, acks) } => {}
             () = abandoned => {
                 tracing::warn!(group = %self.subscription.group, limit = ?limit, "handlers still running after the channel went; dropped unsettled");
             }
@@ -214,7 +229,13 @@ impl ConsumerTask {
         })
     }
 
-    async fn handle(&self, channel: &Channel, current: &AtomicBool, delivery: AmqpDelivery) {
+    async fn handle(
+        &self,
+        channel: &Channel,
+        current: &AtomicBool,
+        tags: &mpsc::UnboundedSender<Tag>,
+        delivery: AmqpDelivery,
+    ) {
         let group = &self.subscription.group;
         let max = self.subscription.max_attempts;
         let (decoded, attempt) = codec::decode(&delivery.properties, &delivery.data);
@@ -224,7 +245,7 @@ impl ConsumerTask {
                 let reason = format!("undecodable message: {error}");
                 tracing::warn!(%group, %reason, "dead-lettering");
                 let settle = self.dead_letter(channel, &delivery, attempt, &reason).await;
-                return self.settle(current, &delivery, settle).await;
+                return self.settle(current, tags, &delivery, settle).await;
             }
         };
         if attempt > max {
@@ -233,7 +254,7 @@ impl ConsumerTask {
             let settle = self
                 .dead_letter(channel, &delivery, attempt - 1, &reason)
                 .await;
-            return self.settle(current, &delivery, settle).await;
+            return self.settle(current, tags, &delivery, settle).await;
         }
         let parent = message.metadata.traceparent;
         let span = tracing::info_span!(
@@ -271,14 +292,27 @@ impl ConsumerTask {
                 self.dead_letter(channel, &delivery, attempt, &reason).await
             }
         };
-        self.settle(current, &delivery, settle).await;
+        self.settle(current, tags, &delivery, settle).await;
     }
 
-    /// Settles a delivery ([`settle_delivery`]), counting it when acked.
-    async fn settle(&self, current: &AtomicBool, delivery: &AmqpDelivery, settle: Settle) {
-        if settle_delivery(self.limit(), current, delivery, settle).await {
-            metrics::counter!(telemetry::ACKED, "group" => self.label.clone()).increment(1);
-        }
+    /// Settles a delivery: an ack goes to the batched acks; a requeue is
+    /// sent at once ([`requeue`]).
+    async fn settle(
+        &self,
+        current: &AtomicBool,
+        tags: &mpsc::UnboundedSender<Tag>,
+        delivery: &AmqpDelivery,
+        settle: Settle,
+    ) {
+        let tag = delivery.delivery_tag;
+        let reported = match settle {
+            Settle::Ack => Tag::Done(tag),
+            Settle::Requeue => {
+                requeue(self.limit(), current, delivery).await;
+                Tag::Settled(tag)
+            }
+        };
+        let _ = tags.send(reported);
     }
 
     /// Publishes a copy that starts at `attempt` to the retry queue, from
@@ -367,47 +401,24 @@ enum Flow {
     Idle,
 }
 
-/// Acks (or requeues) a delivery, unless its channel has been replaced or
-/// closed since: a tag is only ever used on the channel that delivered it.
-/// True when it was acked.
-async fn settle_delivery(
-    limit: Duration,
-    current: &AtomicBool,
-    delivery: &AmqpDelivery,
-    settle: Settle,
-) -> bool {
+/// Returns a delivery to its queue with `basic.reject`, unless its channel
+/// has been replaced or closed since: a tag is only ever used on the channel
+/// that delivered it.
+async fn requeue(limit: Duration, current: &AtomicBool, delivery: &AmqpDelivery) {
     if !current.load(Ordering::SeqCst) || !delivery.acker.usable() {
         tracing::debug!(
             delivery_tag = delivery.delivery_tag,
             "channel gone; leaving the delivery to be redelivered"
         );
-        return false;
+        return;
     }
-    let ack = matches!(settle, Settle::Ack);
-    let result = match settle {
-        Settle::Ack => {
-            bounded(
-                limit,
-                "basic.ack",
-                delivery.acker.ack(BasicAckOptions::default()),
-            )
-            .await
-        }
-        Settle::Requeue => {
-            bounded(
-                limit,
-                "basic.reject",
-                delivery.acker.reject(BasicRejectOptions { requeue: true }),
-            )
-            .await
-        }
-    };
-    match result {
-        // `false`: the acker was used already; nothing was settled now.
-        Ok(settled) => ack && settled,
-        Err(error) => {
-            tracing::debug!(%error, delivery_tag = delivery.delivery_tag, "settling failed; it will be redelivered");
-            false
-        }
+    let rejected = bounded(
+        limit,
+        "basic.reject",
+        delivery.acker.reject(BasicRejectOptions { requeue: true }),
+    )
+    .await;
+    if let Err(error) = rejected {
+        tracing::debug!(%error, delivery_tag = delivery.delivery_tag, "rejecting failed; it will be redelivered");
     }
 }

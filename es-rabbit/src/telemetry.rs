@@ -24,6 +24,10 @@ pub const DELIVERED: &str = "es_rabbit_delivered_total";
 /// moving a confirmed copy to the retry queue or the dead letters. Label
 /// `group`.
 pub const ACKED: &str = "es_rabbit_acked_total";
+/// Counter: `basic.ack` frames sent by a group's consumers; each acks every
+/// handled delivery up to the first still in hand (`multiple`), so under
+/// load one frame acks many of [`ACKED`]. Label `group`.
+pub const ACKS_SENT: &str = "es_rabbit_acks_sent_total";
 /// Counter: deliveries whose copy for a later attempt the retry queue
 /// confirmed. Label `group`.
 pub const RETRIED: &str = "es_rabbit_retried_total";

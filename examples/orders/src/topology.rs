@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use es_core::relay::{route_without_saga_state, Route};
+use es_core::relay::{only_bound, route_without_saga_state, Route};
 use es_core::{Aggregate, CommandRefused, Saga, Subscription};
 
 use crate::messages::topics;
@@ -121,17 +121,19 @@ pub(crate) fn subscription(group: &str, delivery: Delivery) -> Subscription {
         .with_retry_delay(delivery.retry_delay)
 }
 
-/// What a store's relay publishes: everything but the saga's own state (its
-/// command records are relayed). With `with_source`, the order events also
-/// carry where they stand in the order store, for the query service's
-/// replica.
+/// What a store's relay publishes: what some group of this table is bound
+/// to, never the saga's own state (its command records are relayed). The
+/// events nobody consumes (a product's stock movements, say) stay in the
+/// store. With `with_source`, the order events also carry where they stand
+/// in the order store, for the query service's replica.
 pub(crate) fn relay_route(with_source: bool) -> Route {
     let route = route_without_saga_state(&[<OrderSaga as Saga>::TYPE]);
-    if with_source {
+    let route = if with_source {
         es_core::replica::with_source(route, &[<Order as Aggregate>::TYPE])
     } else {
         route
-    }
+    };
+    only_bound(route, groups::ALL.into_iter().flat_map(bindings))
 }
 
 #[cfg(test)]
@@ -147,5 +149,32 @@ mod tests {
         assert_eq!(saga.len(), SAGA_INPUTS.len());
         assert!(saga.contains(&format!("{}.PaymentDeclined", topics::PAYMENT)));
         assert!(bindings("nobody").is_empty());
+    }
+
+    #[test]
+    fn the_relay_publishes_only_what_a_group_consumes() {
+        let route = relay_route(false);
+        let published = |stream: &str, event_type: &str| {
+            let event = es_core::RecordedEvent {
+                event_id: uuid::Uuid::now_v7(),
+                stream_id: es_core::StreamId::new(stream).unwrap(),
+                stream_version: 1,
+                position: es_core::Position::new(1, 0),
+                event_type: event_type.into(),
+                schema_version: 1,
+                payload: es_core::Payload::from_json("{}").unwrap(),
+                metadata: es_core::Metadata::new(),
+                recorded_at: chrono::Utc::now(),
+                tags: Default::default(),
+            };
+            route(&event).is_some()
+        };
+        assert!(published("inventory-1", "InventoryReserved"));
+        assert!(published("product-1", "ProductCreated"));
+        assert!(published("order-1", "OrderCreated"));
+        // Stock movements and a reservation's end concern no other service.
+        assert!(!published("product-1", "StockReserved"));
+        assert!(!published("inventory-1", "InventoryCommitted"));
+        assert!(!published("order_saga-1", "Advanced"));
     }
 }
