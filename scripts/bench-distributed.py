@@ -30,7 +30,7 @@ NAMES = {
     "smtp": "SMTP server",
     "redis": "Redis",
 }
-COUNTERS = ["published", "delivered", "acked", "retried", "dead_lettered"]
+COUNTERS = ["published", "delivered", "acked", "acks_sent", "retried", "dead_lettered"]
 
 
 def env(name, default=""):
@@ -380,7 +380,8 @@ def phase(args):
                     print(f"      {calls * per:7.2f}  {short_sql(text)}")
             if rabbit is not None:
                 print(f"    broker: {rabbit['published']:.2f} publishes, "
-                      f"{rabbit['delivered']:.2f} deliveries (acked {rabbit['acked']:.2f}, "
+                      f"{rabbit['delivered']:.2f} deliveries (acked {rabbit['acked']:.2f} "
+                      f"in {rabbit['acks_sent']:.2f} acks, "
                       f"retried {rabbit['retried']:.2f}, dead-lettered "
                       f"{rabbit['dead_lettered']:.2f})")
         else:
@@ -404,6 +405,7 @@ def phase(args):
             if rabbit:
                 record("broker publishes", rabbit["published"])
                 record("broker deliveries", rabbit["delivered"])
+                record("broker acks sent", rabbit["acks_sent"])
     with open(env("BENCH_RESULTS"), "a") as f:
         for key, value in results:
             if value is not None:

@@ -193,10 +193,21 @@ impl PgEventStore {
     /// Waits (bounded by the read wait) until every transaction older than
     /// `tx` has finished, so rows of `tx` are readable. Returns whether it got
     /// there in time.
+    ///
+    /// The read that found `tx` held back saw the horizon a moment ago, and a
+    /// transaction in flight rarely commits within a millisecond: the first
+    /// look at the horizon is after one, each later one after twice the wait
+    /// before it.
     pub(super) async fn wait_horizon(&self, tx: i64) -> Result<bool, StoreError> {
         let deadline = tokio::time::Instant::now() + self.shared.settings.read_wait;
         let mut delay = Duration::from_millis(1);
         loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
             let xmin: i64 = sqlx::query_scalar(&self.shared.sql.xmin)
                 .fetch_one(&self.shared.pool)
                 .await
@@ -204,12 +215,6 @@ impl PgEventStore {
             if xmin > tx {
                 return Ok(true);
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(delay.min(deadline - now)).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
         }
     }
 

@@ -694,7 +694,7 @@ impl OrderQueries for PgQueryService {
             })
     }
 
-    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) {
+    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) -> Option<OrderView> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (tx, rx) = oneshot::channel();
@@ -706,7 +706,7 @@ impl OrderQueries for PgQueryService {
                 .push(tx);
             if let Ok(Some((view, _))) = self.load_row(order_id).await {
                 if view.status.is_terminal() {
-                    return;
+                    return Some(view);
                 }
             }
             // Woken by the notification, or re-check every second.
@@ -722,7 +722,7 @@ impl OrderQueries for PgQueryService {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&order_id);
-                return;
+                return None;
             }
         }
     }

@@ -108,10 +108,12 @@ async fn get_order_view(
         if let Some(p) = min_position {
             service.wait_for(order_id, p).await?;
         }
-        service
-            .wait_terminal(order_id, Duration::from_millis(ms.min(10_000)))
-            .await;
-        return Ok(service.fresh(order_id).await?);
+        let timeout = Duration::from_millis(ms.min(10_000));
+        // The read that saw the order terminal answers; else the order now.
+        return match service.wait_terminal(order_id, timeout).await {
+            Some(view) => Ok(view),
+            None => Ok(service.fresh(order_id).await?),
+        };
     }
     Ok(service.order(order_id, min_position).await?)
 }

@@ -125,8 +125,10 @@ pub trait OrderQueries: Send + Sync + 'static {
     /// Waits (at most [`MAX_WAIT`]) until the read model reflects `position`
     /// for `order_id`.
     async fn wait_for(&self, order_id: Uuid, position: Position) -> Result<()>;
-    /// Waits up to `timeout` for an order to reach a terminal status.
-    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration);
+    /// Waits up to `timeout` for an order to reach a terminal status: the
+    /// order as the read that saw it terminal found it, or `None` when it did
+    /// not get there in time.
+    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) -> Option<OrderView>;
     /// A page of orders, newest first.
     async fn list(&self, filter: ListFilter) -> Result<OrderPage>;
     /// Orders whose customer email or product names match `q`.
@@ -254,8 +256,9 @@ impl OrderQueries for QueryService {
         self.wait_for_position(position).await
     }
 
-    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) {
-        self.terminal_status(order_id, timeout).await;
+    async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) -> Option<OrderView> {
+        self.terminal_status(order_id, timeout).await?;
+        self.model.get(order_id)
     }
 
     async fn list(&self, filter: ListFilter) -> Result<OrderPage> {
