@@ -46,6 +46,21 @@ fn stock() -> Vec<StockLine> {
     }]
 }
 
+fn payment_confirmed() -> messages::OrderPaymentConfirmed {
+    messages::OrderPaymentConfirmed {
+        order_id: ORDER,
+        transaction_id: "tx-1".into(),
+    }
+}
+
+fn completed() -> messages::OrderCompleted {
+    messages::OrderCompleted {
+        order_id: ORDER,
+        customer_email: EMAIL.into(),
+        completed_at: placed_at(),
+    }
+}
+
 fn reserved() -> SagaInput {
     SagaInput::InventoryReserved(messages::InventoryReserved {
         order_id: ORDER,
@@ -83,15 +98,8 @@ fn a_completed_order_cannot_be_cancelled() {
     AggregateFixture::<Order>::given([
         OrderEvent::OrderCreated(created()),
         OrderEvent::OrderInventoryConfirmed(messages::OrderInventoryConfirmed { order_id: ORDER }),
-        OrderEvent::OrderPaymentConfirmed(messages::OrderPaymentConfirmed {
-            order_id: ORDER,
-            transaction_id: "tx-1".into(),
-        }),
-        OrderEvent::OrderCompleted(messages::OrderCompleted {
-            order_id: ORDER,
-            customer_email: EMAIL.into(),
-            completed_at: placed_at(),
-        }),
+        OrderEvent::OrderPaymentConfirmed(payment_confirmed()),
+        OrderEvent::OrderCompleted(completed()),
     ])
     .when(OrderCommand::Cancel {
         reason: "changed my mind".into(),
@@ -272,15 +280,8 @@ fn a_refusal_after_completion_changes_nothing() {
             SagaInput::OrderInventoryConfirmed(messages::OrderInventoryConfirmed {
                 order_id: ORDER,
             }),
-            SagaInput::OrderPaymentConfirmed(messages::OrderPaymentConfirmed {
-                order_id: ORDER,
-                transaction_id: "tx-1".into(),
-            }),
-            SagaInput::OrderCompleted(messages::OrderCompleted {
-                order_id: ORDER,
-                customer_email: EMAIL.into(),
-                completed_at: placed_at(),
-            }),
+            SagaInput::OrderPaymentConfirmed(payment_confirmed()),
+            SagaInput::OrderCompleted(completed()),
         ])
         .when(refused(&commit, "nothing is reserved to commit"))
         .then_no_commands();
