@@ -308,16 +308,7 @@ impl Projection for PgOrderProjection {
         let (source_major, source_minor) = position_columns(source.position);
         let row = match &decoded {
             OrderEvent::OrderCreated(e) => {
-                let items: Vec<OrderItemView> = e
-                    .items
-                    .iter()
-                    .map(|l| OrderItemView {
-                        product_id: l.product_id,
-                        product_name: l.product_name.clone(),
-                        unit_price: l.unit_price,
-                        quantity: l.quantity,
-                    })
-                    .collect();
+                let items: Vec<OrderItemView> = e.items.iter().map(OrderItemView::of).collect();
                 let names: Vec<&str> = e.items.iter().map(|l| l.product_name.as_str()).collect();
                 let items = serde_json::to_value(&items).map_err(|e| invalid(event, e))?;
                 sqlx::query(&format!(
@@ -395,28 +386,241 @@ impl Projection for PgOrderProjection {
             }
         };
         if let Some(row) = row {
-            let (view, version) = view_of(&row).map_err(|e| invalid(event, e))?;
-            if view.status.is_terminal() {
-                let outcome = if view.status == OrderStatus::Completed {
-                    "completed"
-                } else {
-                    "cancelled"
-                };
-                ::metrics::counter!("orders_finished_total", "outcome" => outcome).increment(1);
-                let seconds = (source.recorded_at - view.created_at)
-                    .num_microseconds()
-                    .unwrap_or(0) as f64
-                    / 1e6;
-                ::metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome)
-                    .record(seconds.max(0.0));
-            }
-            self.cache.put(&view, version).await;
+            let written = view_of(&row).map_err(|e| invalid(event, e))?;
+            self.written(written, source.recorded_at).await;
         }
         Ok(())
     }
 }
 
+impl PgOrderProjection {
+    /// After a row is written: the finished order's metrics (`at`: when its
+    /// last event was recorded), and the cache.
+    async fn written(&self, (view, version): (OrderView, u64), at: DateTime<Utc>) {
+        if view.status.is_terminal() {
+            let outcome = if view.status == OrderStatus::Completed {
+                "completed"
+            } else {
+                "cancelled"
+            };
+            ::metrics::counter!("orders_finished_total", "outcome" => outcome).increment(1);
+            let seconds = (at - view.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            ::metrics::histogram!("order_end_to_end_seconds", "outcome" => outcome)
+                .record(seconds.max(0.0));
+        }
+        self.cache.put(&view, version).await;
+    }
+
+    /// A batch in three statements: the new orders' rows, each other order's
+    /// row moved to the last of its events in the batch (what applying them
+    /// one by one leaves: only a terminal event sets the completion time or
+    /// the reason), and the terminal orders' notifications.
+    async fn apply_all(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&RecordedEvent],
+    ) -> std::result::Result<(), ProjectionError> {
+        let mut created = Created::default();
+        let mut last: BTreeMap<Uuid, Moved> = BTreeMap::new();
+        let mut recorded_at: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
+        for &event in events {
+            if event.stream_id.category() != <Order as es_core::Aggregate>::TYPE {
+                continue;
+            }
+            let decoded = self.codec.decode(event).map_err(|e| invalid(event, e))?;
+            let version = i64::try_from(event.stream_version).map_err(|e| invalid(event, e))?;
+            let source = source_of(event);
+            let (major, minor) = position_columns(source.position);
+            let (order_id, status, completed_at, reason) = match &decoded {
+                OrderEvent::OrderCreated(e) => {
+                    created
+                        .add(e, version, (major, minor))
+                        .map_err(|r| invalid(event, r))?;
+                    recorded_at.insert(e.order_id, source.recorded_at);
+                    continue;
+                }
+                OrderEvent::OrderInventoryConfirmed(e) => {
+                    (e.order_id, OrderStatus::InventoryConfirmed, None, None)
+                }
+                OrderEvent::OrderPaymentConfirmed(e) => {
+                    (e.order_id, OrderStatus::PaymentConfirmed, None, None)
+                }
+                OrderEvent::OrderCompleted(e) => (
+                    e.order_id,
+                    OrderStatus::Completed,
+                    Some(e.completed_at),
+                    None,
+                ),
+                OrderEvent::OrderCancelled(e) => (
+                    e.order_id,
+                    OrderStatus::Cancelled,
+                    None,
+                    Some(e.reason.clone()),
+                ),
+            };
+            recorded_at.insert(order_id, source.recorded_at);
+            let moved = Moved {
+                status,
+                version,
+                completed_at,
+                reason,
+                source: (major, minor),
+            };
+            match last.get(&order_id) {
+                Some(known) if known.version >= version => {}
+                _ => {
+                    last.insert(order_id, moved);
+                }
+            }
+        }
+        // Whatever fails here, the runner applies the batch again event by
+        // event, which names the event at fault.
+        let failed_batch = storage;
+        let mut rows = Vec::new();
+        if !created.ids.is_empty() {
+            rows.extend(
+                sqlx::query(&format!(
+                    "INSERT INTO orders (order_id, customer_email, items, total, total_minor, status, created_at, version, search, source_major, source_minor)
+                     SELECT id, email, items, total, minor, 'Pending', at, v, to_tsvector('simple', words), sm, sn
+                     FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::int8[], $6::timestamptz[], $7::int8[], $8::text[], $9::int8[], $10::int8[])
+                       AS u(id, email, items, total, minor, at, v, words, sm, sn)
+                     ON CONFLICT (order_id) DO NOTHING RETURNING {COLUMNS}"
+                ))
+                .bind(&created.ids)
+                .bind(&created.emails)
+                .bind(&created.items)
+                .bind(&created.totals)
+                .bind(&created.minors)
+                .bind(&created.at)
+                .bind(&created.versions)
+                .bind(&created.words)
+                .bind(&created.majors)
+                .bind(&created.minors_of_source)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(failed_batch)?,
+            );
+        }
+        if !last.is_empty() {
+            let ids: Vec<Uuid> = last.keys().copied().collect();
+            let moved: Vec<&Moved> = last.values().collect();
+            let statuses: Vec<&str> = moved.iter().map(|m| m.status.as_str()).collect();
+            let versions: Vec<i64> = moved.iter().map(|m| m.version).collect();
+            let completed: Vec<Option<DateTime<Utc>>> =
+                moved.iter().map(|m| m.completed_at).collect();
+            let reasons: Vec<Option<&str>> = moved.iter().map(|m| m.reason.as_deref()).collect();
+            let majors: Vec<i64> = moved.iter().map(|m| m.source.0).collect();
+            let minors: Vec<i64> = moved.iter().map(|m| m.source.1).collect();
+            let updated = sqlx::query(&format!(
+                "UPDATE orders SET status = u.st, version = u.v,
+                    completed_at = coalesce(u.ca, completed_at),
+                    cancellation_reason = coalesce(u.r, cancellation_reason),
+                    source_major = u.sm, source_minor = u.sn
+                 FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::text[], $6::int8[], $7::int8[])
+                   AS u(id, st, v, ca, r, sm, sn)
+                 WHERE order_id = u.id AND version < u.v RETURNING {COLUMNS}"
+            ))
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&versions)
+            .bind(&completed)
+            .bind(&reasons)
+            .bind(&majors)
+            .bind(&minors)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(failed_batch)?;
+            rows.extend(updated);
+        }
+        let mut written = Vec::with_capacity(rows.len());
+        let mut terminal = Vec::new();
+        for row in &rows {
+            let view = view_of(row)
+                .map_err(|e| ProjectionError::storage(PROJECTION, std::io::Error::other(e)))?;
+            if view.0.status.is_terminal() {
+                terminal.push(view.0.order_id.to_string());
+            }
+            written.push(view);
+        }
+        if !terminal.is_empty() {
+            sqlx::query("SELECT pg_notify($1, id) FROM UNNEST($2::text[]) AS id")
+                .bind(&self.channel)
+                .bind(&terminal)
+                .execute(&mut *tx)
+                .await
+                .map_err(failed_batch)?;
+        }
+        for view in written {
+            let at = recorded_at
+                .get(&view.0.order_id)
+                .copied()
+                .unwrap_or_else(Utc::now);
+            self.written(view, at).await;
+        }
+        Ok(())
+    }
+}
+
+/// The new orders of a batch, as the columns of their rows.
+#[derive(Default)]
+struct Created {
+    ids: Vec<Uuid>,
+    emails: Vec<String>,
+    items: Vec<serde_json::Value>,
+    totals: Vec<String>,
+    minors: Vec<i64>,
+    at: Vec<DateTime<Utc>>,
+    versions: Vec<i64>,
+    words: Vec<String>,
+    majors: Vec<i64>,
+    minors_of_source: Vec<i64>,
+}
+
+impl Created {
+    fn add(
+        &mut self,
+        e: &crate::messages::OrderCreated,
+        version: i64,
+        (major, minor): (i64, i64),
+    ) -> std::result::Result<(), serde_json::Error> {
+        if self.ids.contains(&e.order_id) {
+            return Ok(());
+        }
+        let items: Vec<OrderItemView> = e.items.iter().map(OrderItemView::of).collect();
+        let names: Vec<&str> = e.items.iter().map(|l| l.product_name.as_str()).collect();
+        self.items.push(serde_json::to_value(&items)?);
+        self.ids.push(e.order_id);
+        self.emails.push(e.customer_email.clone());
+        self.totals.push(e.total.to_string());
+        self.minors
+            .push(i64::try_from(e.total.minor_units()).unwrap_or(i64::MAX));
+        self.at.push(e.created_at);
+        self.versions.push(version);
+        self.words.push(search_text(&e.customer_email, &names));
+        self.majors.push(major);
+        self.minors_of_source.push(minor);
+        Ok(())
+    }
+}
+
+/// An order's row moved to one of its events.
+struct Moved {
+    status: OrderStatus,
+    version: i64,
+    completed_at: Option<DateTime<Utc>>,
+    reason: Option<String>,
+    source: (i64, i64),
+}
+
 impl PgProjection for PgOrderProjection {
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[&RecordedEvent],
+    ) -> Option<std::result::Result<(), ProjectionError>> {
+        Some(self.apply_all(conn, events).await)
+    }
+
     async fn setup(&self, conn: &mut PgConnection) -> std::result::Result<(), ProjectionError> {
         for sql in [
             "CREATE TABLE IF NOT EXISTS orders (
@@ -874,6 +1078,163 @@ mod tests {
         assert_eq!(tsquery("Blue Widget").as_deref(), Some("blue:* & widget:*"));
         assert_eq!(tsquery("@@"), None);
         assert!(search_text("ada@example.com", &["Widget"]).contains("ada example com"));
+    }
+
+    /// One order's events as the replica holds them, versions from 1.
+    fn recorded(order_id: Uuid, events: &[OrderEvent], first_position: u64) -> Vec<RecordedEvent> {
+        let codec = EventCodec::<OrderEvent>::new();
+        let stream = es_core::StreamId::for_aggregate("order", order_id).unwrap();
+        (1u64..)
+            .zip(events)
+            .map(|(version, event)| {
+                let new = codec.encode(event, es_core::Metadata::new()).unwrap();
+                RecordedEvent {
+                    event_id: new.event_id,
+                    stream_id: stream.clone(),
+                    stream_version: version,
+                    position: Position::new(first_position + version, 0),
+                    event_type: new.event_type,
+                    schema_version: new.schema_version,
+                    payload: new.payload,
+                    metadata: new.metadata,
+                    recorded_at: Utc::now(),
+                    tags: Default::default(),
+                }
+            })
+            .collect()
+    }
+
+    /// The rows of `schema`'s `orders`, in order id order.
+    async fn rows(conn: &mut PgConnection, schema: &str) -> Vec<(OrderView, u64)> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM \"{schema}\".orders ORDER BY order_id"
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| view_of(row).unwrap())
+        .collect()
+    }
+
+    /// A batch in three statements leaves the rows that applying its events
+    /// one by one leaves, late and repeated events included. Needs
+    /// PostgreSQL (DATABASE_URL).
+    #[tokio::test]
+    async fn a_batch_writes_what_its_events_one_by_one_write() {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let pool = PgPool::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {url}: {e}"));
+        let projection = PgOrderProjection {
+            codec: EventCodec::new(),
+            cache: Arc::new(OrderCache::default()),
+            channel: "orders_batch_test".into(),
+        };
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let line = crate::messages::OrderLine {
+            product_id: Uuid::now_v7(),
+            product_name: "Blue Widget".into(),
+            unit_price: Money::from_minor(250),
+            quantity: 2,
+        };
+        let created = |order_id| {
+            OrderEvent::OrderCreated(crate::messages::OrderCreated {
+                order_id,
+                customer_email: "ada@example.com".into(),
+                items: vec![line.clone()],
+                total: Money::from_minor(500),
+                card_token: "tok_ok".into(),
+                payment_timeout_ms: 30_000,
+                created_at: Utc::now(),
+            })
+        };
+        let completed_at = Utc::now();
+        let a_events = recorded(
+            a,
+            &[
+                created(a),
+                OrderEvent::OrderInventoryConfirmed(crate::messages::OrderInventoryConfirmed {
+                    order_id: a,
+                }),
+                OrderEvent::OrderPaymentConfirmed(crate::messages::OrderPaymentConfirmed {
+                    order_id: a,
+                    transaction_id: "txn".into(),
+                }),
+                OrderEvent::OrderCompleted(crate::messages::OrderCompleted {
+                    order_id: a,
+                    customer_email: "ada@example.com".into(),
+                    completed_at,
+                }),
+            ],
+            0,
+        );
+        let b_events = recorded(
+            b,
+            &[
+                created(b),
+                OrderEvent::OrderCancelled(crate::messages::OrderCancelled {
+                    order_id: b,
+                    customer_email: "ada@example.com".into(),
+                    reason: "payment declined".into(),
+                    by_customer: false,
+                    cancelled_at: Utc::now(),
+                }),
+            ],
+            10,
+        );
+        // Interleaved, with a repeated creation and, later, a late event.
+        let batch: Vec<&RecordedEvent> = vec![
+            &a_events[0],
+            &b_events[0],
+            &a_events[1],
+            &a_events[0],
+            &b_events[1],
+            &a_events[2],
+            &a_events[3],
+        ];
+        let late = [&a_events[1]];
+        let mut results = Vec::new();
+        for batched in [true, false] {
+            let schema = format!("orders_batch_{}", Uuid::now_v7().simple());
+            let mut conn = pool.acquire().await.unwrap();
+            sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            sqlx::query(&format!("SET search_path TO \"{schema}\""))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            projection.setup(&mut conn).await.unwrap();
+            for events in [&batch[..], &late[..]] {
+                if batched {
+                    projection.apply_all(&mut conn, events).await.unwrap();
+                } else {
+                    for event in events {
+                        projection.apply(&mut conn, event).await.unwrap();
+                    }
+                }
+            }
+            results.push(rows(&mut conn, &schema).await);
+            sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        }
+        assert_eq!(results[0], results[1]);
+        let by_id: HashMap<Uuid, &(OrderView, u64)> =
+            results[0].iter().map(|r| (r.0.order_id, r)).collect();
+        assert_eq!(by_id[&a].0.status, OrderStatus::Completed);
+        assert_eq!(by_id[&a].1, 4);
+        assert!(by_id[&a].0.completed_at.is_some());
+        assert_eq!(by_id[&b].0.status, OrderStatus::Cancelled);
+        assert_eq!(
+            by_id[&b].0.cancellation_reason.as_deref(),
+            Some("payment declined")
+        );
+        assert_eq!(by_id[&a].0.items, vec![OrderItemView::of(&line)]);
     }
 
     /// A write missed while Redis was out of reach makes this process read

@@ -27,6 +27,18 @@ pub struct OrderItemView {
     pub quantity: u32,
 }
 
+impl OrderItemView {
+    /// An order line as the API shows it.
+    pub(crate) fn of(line: &crate::messages::OrderLine) -> Self {
+        Self {
+            product_id: line.product_id,
+            product_name: line.product_name.clone(),
+            unit_price: line.unit_price,
+            quantity: line.quantity,
+        }
+    }
+}
+
 /// An order, as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OrderView {
@@ -408,16 +420,7 @@ impl OrderReadModel {
                     OrderView {
                         order_id: e.order_id,
                         customer_email: e.customer_email.clone(),
-                        items: e
-                            .items
-                            .iter()
-                            .map(|l| OrderItemView {
-                                product_id: l.product_id,
-                                product_name: l.product_name.clone(),
-                                unit_price: l.unit_price,
-                                quantity: l.quantity,
-                            })
-                            .collect(),
+                        items: e.items.iter().map(OrderItemView::of).collect(),
                         total: e.total,
                         status: OrderStatus::Pending,
                         created_at: e.created_at,
