@@ -260,6 +260,35 @@ pub(super) fn tsquery(q: &str) -> Option<String> {
     (!words.is_empty()).then(|| words.join(" & "))
 }
 
+/// An order, the status an event moves it to, and the completion time or
+/// the reason when the event sets them.
+type Move<'a> = (Uuid, OrderStatus, Option<DateTime<Utc>>, Option<&'a str>);
+
+/// Where an order event moves its order; `None` for the creation.
+fn moved_to(event: &OrderEvent) -> Option<Move<'_>> {
+    Some(match event {
+        OrderEvent::OrderCreated(_) => return None,
+        OrderEvent::OrderInventoryConfirmed(e) => {
+            (e.order_id, OrderStatus::InventoryConfirmed, None, None)
+        }
+        OrderEvent::OrderPaymentConfirmed(e) => {
+            (e.order_id, OrderStatus::PaymentConfirmed, None, None)
+        }
+        OrderEvent::OrderCompleted(e) => (
+            e.order_id,
+            OrderStatus::Completed,
+            Some(e.completed_at),
+            None,
+        ),
+        OrderEvent::OrderCancelled(e) => (
+            e.order_id,
+            OrderStatus::Cancelled,
+            None,
+            Some(e.reason.as_str()),
+        ),
+    })
+}
+
 fn view_of(row: &PgRow) -> std::result::Result<(OrderView, u64), String> {
     let items: serde_json::Value = row.try_get("items").map_err(|e| e.to_string())?;
     let items: Vec<OrderItemView> = serde_json::from_value(items).map_err(|e| e.to_string())?;
@@ -331,31 +360,8 @@ impl Projection for PgOrderProjection {
                 .map_err(|e| failed(event, e))?
             }
             other => {
-                let (order_id, status, completed_at, reason): (
-                    Uuid,
-                    OrderStatus,
-                    Option<DateTime<Utc>>,
-                    Option<&str>,
-                ) = match other {
-                    OrderEvent::OrderInventoryConfirmed(e) => {
-                        (e.order_id, OrderStatus::InventoryConfirmed, None, None)
-                    }
-                    OrderEvent::OrderPaymentConfirmed(e) => {
-                        (e.order_id, OrderStatus::PaymentConfirmed, None, None)
-                    }
-                    OrderEvent::OrderCompleted(e) => (
-                        e.order_id,
-                        OrderStatus::Completed,
-                        Some(e.completed_at),
-                        None,
-                    ),
-                    OrderEvent::OrderCancelled(e) => (
-                        e.order_id,
-                        OrderStatus::Cancelled,
-                        None,
-                        Some(e.reason.as_str()),
-                    ),
-                    OrderEvent::OrderCreated(_) => return Ok(()),
+                let Some((order_id, status, completed_at, reason)) = moved_to(other) else {
+                    return Ok(());
                 };
                 let row = sqlx::query(&format!(
                     "UPDATE orders SET status = $2, version = $3,
@@ -439,31 +445,14 @@ impl PgOrderProjection {
                     recorded_at.insert(e.order_id, source.recorded_at);
                     continue;
                 }
-                OrderEvent::OrderInventoryConfirmed(e) => {
-                    (e.order_id, OrderStatus::InventoryConfirmed, None, None)
-                }
-                OrderEvent::OrderPaymentConfirmed(e) => {
-                    (e.order_id, OrderStatus::PaymentConfirmed, None, None)
-                }
-                OrderEvent::OrderCompleted(e) => (
-                    e.order_id,
-                    OrderStatus::Completed,
-                    Some(e.completed_at),
-                    None,
-                ),
-                OrderEvent::OrderCancelled(e) => (
-                    e.order_id,
-                    OrderStatus::Cancelled,
-                    None,
-                    Some(e.reason.clone()),
-                ),
+                other => moved_to(other).ok_or_else(|| invalid(event, "not an order's move"))?,
             };
             recorded_at.insert(order_id, source.recorded_at);
             let moved = Moved {
                 status,
                 version,
                 completed_at,
-                reason,
+                reason: reason.map(str::to_owned),
                 source: (major, minor),
             };
             match last.get(&order_id) {
