@@ -6,9 +6,29 @@
 use std::collections::{BTreeSet, HashMap};
 
 use es_core::testing::conformance::{events, unique_stream, whole_log};
-use es_core::{AppendResult, EventStore, ExpectedVersion, Payload, Position, StoreError};
+use es_core::{
+    AppendResult, EventStore, ExpectedVersion, NewEvent, Payload, Position, StoreError, StreamId,
+};
 use es_postgres::PgEventStore;
 use futures::future::join_all;
+
+/// Runs every `(stream, expected, events, _)` append at once, each on a task
+/// of its own, and answers their results in order.
+async fn append_concurrently<T>(
+    store: &PgEventStore,
+    calls: &[(StreamId, ExpectedVersion, Vec<NewEvent>, T)],
+) -> Vec<Result<AppendResult, StoreError>> {
+    join_all(calls.iter().map(|(stream, expected, events, _)| {
+        let store = store.clone();
+        let (stream, expected, events) = (stream.clone(), *expected, events.clone());
+        async move {
+            tokio::spawn(async move { store.append(&stream, expected, events).await })
+                .await
+                .unwrap()
+        }
+    }))
+    .await
+}
 
 /// One append slot: every append that arrives while one runs is queued and
 /// grouped.
@@ -83,17 +103,7 @@ async fn queued_appends_share_a_transaction_and_are_decided_one_by_one() {
         Expect::BadPayload(bad_id),
     ));
 
-    let results: Vec<Result<AppendResult, StoreError>> =
-        join_all(calls.iter().map(|(stream, expected, events, _)| {
-            let store = store.clone();
-            let (stream, expected, events) = (stream.clone(), *expected, events.clone());
-            async move {
-                tokio::spawn(async move { store.append(&stream, expected, events).await })
-                    .await
-                    .unwrap()
-            }
-        }))
-        .await;
+    let results = append_concurrently(&store, &calls).await;
 
     let mut shared_versions = BTreeSet::new();
     let mut transactions: HashMap<u64, usize> = HashMap::new();
@@ -384,17 +394,7 @@ async fn queued_single_events_are_inserted_together_and_refusals_decided_alone()
         Expect::IdTaken,
     ));
 
-    let results: Vec<Result<AppendResult, StoreError>> =
-        join_all(calls.iter().map(|(stream, expected, events, _)| {
-            let store = store.clone();
-            let (stream, expected, events) = (stream.clone(), *expected, events.clone());
-            async move {
-                tokio::spawn(async move { store.append(&stream, expected, events).await })
-                    .await
-                    .unwrap()
-            }
-        }))
-        .await;
+    let results = append_concurrently(&store, &calls).await;
 
     let mut transactions: HashMap<u64, usize> = HashMap::new();
     for ((stream, _, _, expect), result) in calls.iter().zip(&results) {

@@ -2,8 +2,9 @@
 //!
 //! This module holds the type, its settings and the [`EventStore`] impl; the
 //! SQL text lives in `sql`, the write path in `append`, the read path and
-//! the read horizon in `read`, event rows decoded in place in `rows`, tagged appends and reads by query in `dcb`,
-//! and the wake-ups in `notify`.
+//! the read horizon in `read`, event rows decoded in place in `rows`,
+//! tagged appends and reads by query in `dcb`, and the wake-ups in
+//! `notify`.
 
 mod append;
 mod dcb;

@@ -1,7 +1,7 @@
 //! The read side: row decoding, stream and log reads, and the read horizon
 //! ([`Holdback`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -137,13 +137,6 @@ pub(super) fn decode(row: EventRow, stream: Option<&StreamId>) -> Result<Recorde
             reason: e.to_string(),
         })?,
     };
-    let metadata: Metadata = if metadata == "{}" {
-        Metadata::default()
-    } else {
-        serde_json::from_str(&metadata).map_err(|e| Error::Corrupt {
-            reason: format!("metadata of event {event_id}: {e}"),
-        })?
-    };
     Ok(RecordedEvent {
         event_id,
         stream_id,
@@ -152,18 +145,32 @@ pub(super) fn decode(row: EventRow, stream: Option<&StreamId>) -> Result<Recorde
         event_type: event_type.into(),
         schema_version: u32::try_from(schema_version).unwrap_or(0),
         payload: Payload::from_trusted_json(payload),
-        metadata,
+        metadata: metadata_of(&metadata, event_id)?,
         recorded_at,
-        tags: tags
-            .unwrap_or_default()
-            .into_iter()
-            .map(|tag| {
-                Tag::new(tag).map_err(|e| Error::Corrupt {
-                    reason: format!("a tag of event {event_id}: {e}"),
-                })
-            })
-            .collect::<Result<_>>()?,
+        tags: tags_of(tags, event_id)?,
     })
+}
+
+/// An event's stored metadata (`{}`, the common case, without parsing).
+pub(super) fn metadata_of(text: &str, event_id: Uuid) -> Result<Metadata> {
+    if text == "{}" {
+        return Ok(Metadata::default());
+    }
+    serde_json::from_str(text).map_err(|e| Error::Corrupt {
+        reason: format!("metadata of event {event_id}: {e}"),
+    })
+}
+
+/// An event's stored tags.
+pub(super) fn tags_of(tags: Option<Vec<String>>, event_id: Uuid) -> Result<BTreeSet<Tag>> {
+    tags.unwrap_or_default()
+        .into_iter()
+        .map(|tag| {
+            Tag::new(tag).map_err(|e| Error::Corrupt {
+                reason: format!("a tag of event {event_id}: {e}"),
+            })
+        })
+        .collect()
 }
 
 impl PgEventStore {

@@ -7,12 +7,12 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use es_core::{Metadata, Payload, RecordedEvent, StreamEvent, StreamId, Tag};
+use es_core::{Payload, RecordedEvent, StreamEvent, StreamId};
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::read::{position_of, to_u64};
+use super::read::{metadata_of, position_of, tags_of, to_u64};
 use crate::error::{Error, Result};
 
 /// The columns of a stream read for a replay ([`StreamEvent`]), in the
@@ -24,12 +24,6 @@ pub(super) const REPLAY_COLUMNS: &str =
 /// [`Page::recorded_event`] reads them: the stream id is known, so not sent.
 pub(super) const STREAM_COLUMNS: &str = "global_position, transaction_id, stream_version, \
      event_id, event_type, schema_version, payload::text, metadata::text, recorded_at, tags";
-
-fn corrupt(reason: impl Into<String>) -> Error {
-    Error::Corrupt {
-        reason: reason.into(),
-    }
-}
 
 /// What a page of rows decodes with: the event types met so far, and
 /// whether the column types are checked yet.
@@ -57,7 +51,9 @@ impl Page {
         } else {
             row.try_get(i)
         }
-        .map_err(|e| corrupt(format!("column {i} of an event row: {e}")))
+        .map_err(|e| Error::Corrupt {
+            reason: format!("column {i} of an event row: {e}"),
+        })
     }
 
     fn event_type(&mut self, name: &str) -> Arc<str> {
@@ -115,20 +111,9 @@ impl Page {
             event_type,
             schema_version: u32::try_from(schema_version).unwrap_or(0),
             payload: Payload::from_trusted_json(payload),
-            metadata: if metadata == "{}" {
-                Metadata::default()
-            } else {
-                serde_json::from_str(metadata)
-                    .map_err(|e| corrupt(format!("metadata of event {event_id}: {e}")))?
-            },
+            metadata: metadata_of(metadata, event_id)?,
             recorded_at,
-            tags: tags
-                .unwrap_or_default()
-                .into_iter()
-                .map(|tag| {
-                    Tag::new(tag).map_err(|e| corrupt(format!("a tag of event {event_id}: {e}")))
-                })
-                .collect::<Result<_>>()?,
+            tags: tags_of(tags, event_id)?,
         })
     }
 }

@@ -46,6 +46,14 @@ const XMIN: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 impl Sql {
     pub(super) fn new(schema: &str) -> Self {
         let s = quoted(schema);
+        // A page of one stream's events (`$1` the stream, `$2` the first
+        // version, `$3` the most rows), as `columns`.
+        let stream_read = |columns: &str| {
+            format!(
+                "SELECT {columns} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
+                 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
+            )
+        };
         Self {
             // One append in one plain statement; `$9`: the channel of the
             // NOTIFY it carries, or NULL.
@@ -141,14 +149,8 @@ impl Sql {
                   ORDER BY u.i \
                  RETURNING stream_id, transaction_id, global_position"
             ),
-            read_stream: format!(
-                "SELECT {STREAM_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
-                 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
-            ),
-            read_stream_replay: format!(
-                "SELECT {REPLAY_COLUMNS} FROM {s}.events WHERE tenant = '' AND stream_id = $1 \
-                 AND stream_version >= $2 ORDER BY stream_version LIMIT $3"
-            ),
+            read_stream: stream_read(STREAM_COLUMNS),
+            read_stream_replay: stream_read(REPLAY_COLUMNS),
             read_all: format!(
                 "SELECT {COLUMNS} FROM {s}.events WHERE (transaction_id, global_position) > ($1, $2) \
                  AND transaction_id < {XMIN} ORDER BY transaction_id, global_position LIMIT $3"

@@ -521,7 +521,9 @@ impl PgOrderProjection {
             .map_err(failed_batch)?;
             rows.extend(updated);
         }
-        let mut written = Vec::with_capacity(rows.len());
+        // An order both created and moved in the batch has two rows: the
+        // later one is what the cache and the metrics take.
+        let mut written: BTreeMap<Uuid, (OrderView, u64)> = BTreeMap::new();
         let mut terminal = Vec::new();
         for row in &rows {
             let view = view_of(row)
@@ -529,7 +531,12 @@ impl PgOrderProjection {
             if view.0.status.is_terminal() {
                 terminal.push(view.0.order_id.to_string());
             }
-            written.push(view);
+            match written.get(&view.0.order_id) {
+                Some(known) if known.1 >= view.1 => {}
+                _ => {
+                    written.insert(view.0.order_id, view);
+                }
+            }
         }
         if !terminal.is_empty() {
             sqlx::query("SELECT pg_notify($1, id) FROM UNNEST($2::text[]) AS id")
@@ -539,7 +546,7 @@ impl PgOrderProjection {
                 .await
                 .map_err(failed_batch)?;
         }
-        for view in written {
+        for view in written.into_values() {
             let at = recorded_at
                 .get(&view.0.order_id)
                 .copied()
