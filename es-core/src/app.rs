@@ -43,9 +43,9 @@ use tokio::task::JoinHandle;
 use crate::relay::{route_without_saga_state, Route};
 use crate::{
     Aggregate, BusError, CancellationToken, CheckpointStore, Clock, DeadlineScheduler, DomainEvent,
-    EventBus, EventStore, InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore, MessageHandler,
-    Relay, RelayError, Repository, Saga, SagaHandler, SagaManager, Subscription,
-    SubscriptionHandle, SystemClock,
+    EventBus, EventCodec, EventStore, InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore,
+    MessageHandler, Relay, RelayError, Repository, Saga, SagaHandler, SagaManager, Schema,
+    Subscription, SubscriptionHandle, SystemClock,
 };
 
 /// How long a supervised task waits before it runs again after a failure.
@@ -106,6 +106,7 @@ pub struct App {
     bus: Arc<dyn EventBus>,
     checkpoints: Arc<dyn CheckpointStore>,
     clock: Arc<dyn Clock>,
+    schema: Schema,
     relay: Option<RelayFactory>,
     sagas: Vec<&'static str>,
     command_topics: BTreeSet<String>,
@@ -141,6 +142,7 @@ impl App {
             bus,
             checkpoints,
             clock: Arc::new(SystemClock),
+            schema: Schema::default(),
             relay: Some(relay),
             sagas: Vec::new(),
             command_topics: BTreeSet::new(),
@@ -180,6 +182,25 @@ impl App {
         self
     }
 
+    /// Decodes every event and message the app's repositories and sagas
+    /// read through `schema` (built, and so checked, at start-up).
+    #[must_use]
+    pub fn with_schema(mut self, schema: Schema) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// The schema the app decodes through.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// A codec for `E` reading through the app's schema: for the projections,
+    /// handlers and decisions wired beside the app.
+    pub fn codec<E: DomainEvent>(&self) -> EventCodec<E> {
+        self.schema.codec()
+    }
+
     /// The app's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -211,9 +232,10 @@ impl App {
         self.stop.child_token()
     }
 
-    /// A repository of `A` on the app's store.
+    /// A repository of `A` on the app's store, decoding through the app's
+    /// schema.
     pub fn repository<A: Aggregate>(&self) -> Repository<A> {
-        Repository::new(Arc::clone(&self.store))
+        Repository::new(Arc::clone(&self.store)).with_codec(self.codec())
     }
 
     /// Consumes `subscription` with `handler` until the app stops.
@@ -244,7 +266,9 @@ impl App {
 
     /// Starts wiring the saga `S`, consumed by the group `group`.
     pub fn saga<S: Saga>(&mut self, group: impl Into<String>) -> SagaWiring<'_, S> {
-        let manager = SagaManager::new(Arc::clone(&self.store), Arc::clone(&self.clock));
+        let manager = SagaManager::new(Arc::clone(&self.store), Arc::clone(&self.clock))
+            .with_input_codec(self.codec())
+            .with_event_codec(self.codec());
         SagaWiring {
             app: self,
             group: group.into(),

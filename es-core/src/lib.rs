@@ -55,7 +55,10 @@ pub use envelope::{derived_id, AppendResult, NewEvent, RecordedEvent, StreamEven
 #[cfg(feature = "derive")]
 #[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
 pub use es_derive::DomainEvent;
-pub use event::{CodecError, DomainEvent, EventCodec, Upcaster, Upcasters};
+pub use event::{
+    CodecError, Decoded, DomainEvent, EventCodec, Schema, SchemaBuilder, SchemaError, Upcast,
+    Upcaster, Upcasters,
+};
 pub use inbox::Inbox;
 pub use leader::{LeaderLock, LeaderRelay, Leadership, LocalLeaderLock};
 pub use memory::{

@@ -407,13 +407,17 @@ impl<A: Aggregate> Repository<A> {
                 found |= seen == Some(recorded.event_id);
                 // A refusal record changes nothing in the state.
                 if &*recorded.event_type != COMMAND_REFUSED {
-                    let event = self.codec.decode_parts(
+                    let events = self.codec.decode_parts_all(
                         &recorded.event_type,
                         recorded.schema_version,
                         &recorded.payload,
                     )?;
-                    loaded.state.apply(&event);
+                    for event in events {
+                        loaded.state.apply(&event);
+                    }
                 }
+                // The version is the stored one, whatever the upcasters
+                // made of the event.
                 loaded.version = recorded.stream_version;
             }
             if len < PAGE {

@@ -111,7 +111,7 @@ where
         let m = &delivery.message;
         let message = match super::decode(&self.codec, m) {
             Ok(message) => message,
-            Err(dead_letter) => return dead_letter,
+            Err(outcome) => return outcome,
         };
         let (id, command) = match (self.route)(message) {
             Some((id, command)) => (id.to_string(), command),

@@ -117,18 +117,24 @@ pub async fn recorded_outcome<A: Aggregate, T>(
 }
 
 /// Decodes a command message through `codec`; what cannot be decoded is
-/// answered with a dead letter: it fails the same way on every delivery.
+/// answered with a dead letter (it fails the same way on every delivery),
+/// and a command an upcaster dropped with an ack.
 fn decode<M: crate::DomainEvent>(
     codec: &crate::EventCodec<M>,
     message: &crate::Message,
 ) -> Result<M, Outcome> {
-    codec
-        .decode_parts(
-            &message.message_type,
-            message.schema_version,
-            &message.payload,
-        )
-        .map_err(Outcome::dead_letter)
+    match codec.decode_one(
+        &message.message_type,
+        message.schema_version,
+        &message.payload,
+    ) {
+        Ok(Some(command)) => Ok(command),
+        Ok(None) => {
+            tracing::debug!(message_type = %message.message_type, "command dropped by an upcaster");
+            Err(Outcome::Ack)
+        }
+        Err(error) => Err(Outcome::dead_letter(error)),
+    }
 }
 
 /// Logs a refusal at info. The reason is escaped (`Debug`), never spliced

@@ -43,7 +43,7 @@ impl<S: CommandService> MessageHandler for Commands<S> {
                 let metadata = m.metadata.caused_by(m.message_id);
                 self.0.execute(command, m, &metadata).await
             }
-            Err(dead_letter) => dead_letter,
+            Err(outcome) => outcome,
         }
     }
 }

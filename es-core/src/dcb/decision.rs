@@ -188,7 +188,9 @@ impl<E: DomainEvent> DecisionRunner<E> {
         loop {
             let page = self.store.read(query, marker, PAGE).await?;
             for recorded in &page.events {
-                decision.evolve(&mut state, &self.codec.decode(recorded)?);
+                for event in self.codec.decode_all(recorded)? {
+                    decision.evolve(&mut state, &event);
+                }
             }
             marker = page.marker;
             if page.events.len() < PAGE {

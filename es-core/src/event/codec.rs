@@ -51,10 +51,16 @@ impl<E: DomainEvent> EventCodec<E> {
         Self::with_upcasters(Upcasters::new())
     }
 
-    /// A codec reading through this registry of upcasters.
+    /// A codec reading through this registry of upcasters (a
+    /// [`Schema`](super::Schema) also checks them against the event types
+    /// and shares them between codecs).
     pub fn with_upcasters(upcasters: Upcasters) -> Self {
+        Self::sharing(Arc::new(upcasters))
+    }
+
+    pub(super) fn sharing(upcasters: Arc<Upcasters>) -> Self {
         Self {
-            upcasters: Arc::new(upcasters),
+            upcasters,
             _event: PhantomData,
         }
     }
@@ -100,7 +106,8 @@ impl<E: DomainEvent> EventCodec<E> {
         ))
     }
 
-    /// Decodes a recorded event.
+    /// Decodes a recorded event that reads as exactly one event (see
+    /// [`decode_parts`](Self::decode_parts)).
     pub fn decode(&self, recorded: &RecordedEvent) -> Result<E, CodecError> {
         self.decode_parts(
             &recorded.event_type,
@@ -109,25 +116,115 @@ impl<E: DomainEvent> EventCodec<E> {
         )
     }
 
-    /// Decodes a stored type name, schema version and payload.
+    /// Decodes a recorded event as the events it reads as today: one, or
+    /// any number when an upcaster splits or drops it (see
+    /// [`decode_parts_all`](Self::decode_parts_all)).
+    pub fn decode_all(&self, recorded: &RecordedEvent) -> Result<Decoded<E>, CodecError> {
+        self.decode_parts_all(
+            &recorded.event_type,
+            recorded.schema_version,
+            &recorded.payload,
+        )
+    }
+
+    /// Decodes a stored type name, schema version and payload that reads as
+    /// exactly one event; one that an upcaster split or dropped is
+    /// [`CodecError::NotOne`].
     pub fn decode_parts(
         &self,
         event_type: &str,
         schema_version: u32,
         payload: &Payload,
     ) -> Result<E, CodecError> {
+        let mut decoded = self.decode_parts_all(event_type, schema_version, payload)?;
+        match (decoded.len(), decoded.next()) {
+            (1, Some(event)) => Ok(event),
+            (count, _) => Err(CodecError::NotOne {
+                event_type: event_type.to_owned(),
+                schema_version,
+                count,
+            }),
+        }
+    }
+
+    /// Decodes a stored message that reads as at most one event: `None`
+    /// when an upcaster dropped it, [`CodecError::NotOne`] when one split
+    /// it (a message is handled, and acknowledged, as one).
+    pub fn decode_one(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+        payload: &Payload,
+    ) -> Result<Option<E>, CodecError> {
+        let mut decoded = self.decode_parts_all(event_type, schema_version, payload)?;
+        match decoded.len() {
+            0 | 1 => Ok(decoded.next()),
+            count => Err(CodecError::NotOne {
+                event_type: event_type.to_owned(),
+                schema_version,
+                count,
+            }),
+        }
+    }
+
+    /// Decodes a stored type name, schema version and payload through the
+    /// upcasters: the events it reads as, in order (none when an upcaster
+    /// dropped it). Without upcasters for it, exactly one.
+    pub fn decode_parts_all(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+        payload: &Payload,
+    ) -> Result<Decoded<E>, CodecError> {
         if !self.upcasters.is_empty() {
-            if let Some((ty, version, upcast)) =
-                self.upcasters.upcast(event_type, schema_version, payload)?
-            {
-                check_known::<E>(&ty, version)?;
-                return decode_variant(&ty, version, upcast.as_str());
+            if let Some(upcast) = self.upcasters.upcast(event_type, schema_version, payload)? {
+                let events = upcast
+                    .into_iter()
+                    .map(|(ty, version, payload)| {
+                        check_known::<E>(&ty, version)?;
+                        decode_variant(&ty, version, payload.as_str())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(Decoded(Inner::Many(events.into_iter())));
             }
         }
         check_known::<E>(event_type, schema_version)?;
         decode_variant(event_type, schema_version, payload.as_str())
+            .map(|event| Decoded(Inner::One(Some(event))))
     }
 }
+
+/// The events one stored event reads as: an iterator, without allocating
+/// when it is one.
+#[derive(Debug)]
+pub struct Decoded<E>(Inner<E>);
+
+#[derive(Debug)]
+enum Inner<E> {
+    One(Option<E>),
+    Many(std::vec::IntoIter<E>),
+}
+
+impl<E> Iterator for Decoded<E> {
+    type Item = E;
+
+    fn next(&mut self) -> Option<E> {
+        match &mut self.0 {
+            Inner::One(event) => event.take(),
+            Inner::Many(events) => events.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.0 {
+            Inner::One(event) => usize::from(event.is_some()),
+            Inner::Many(events) => events.len(),
+        };
+        (n, Some(n))
+    }
+}
+
+impl<E> ExactSizeIterator for Decoded<E> {}
 
 /// Refuses a version later than the one `E` writes for `event_type`.
 /// Versions start at 1, so a version-1 event (most of them) is never later
@@ -418,14 +515,16 @@ mod tests {
     fn upcasters_chain_and_rename() {
         let mut up = Upcasters::new();
         // v0 "Made" {"title"} -> v1 "Created" {"title"} -> v2 "Created" {"name"}
-        up.register(Upcaster::new("Made", 0, Ok).renamed_to("Created"));
+        up.register(Upcaster::new("Made", 0, Ok).renamed_to("Created"))
+            .unwrap();
         up.register(Upcaster::new("Created", 1, |mut v| {
             let title = v
                 .as_object_mut()
                 .and_then(|o| o.remove("title"))
                 .ok_or("no title")?;
             Ok(serde_json::json!({ "name": title }))
-        }));
+        }))
+        .unwrap();
         let codec = EventCodec::<Ev>::with_upcasters(up);
         let old = Payload::from_json(r#"{"title":"t"}"#).unwrap();
         assert_eq!(

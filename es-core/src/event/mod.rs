@@ -4,10 +4,12 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 mod codec;
+mod schema;
 mod upcast;
 
-pub use codec::EventCodec;
-pub use upcast::{Upcaster, Upcasters};
+pub use codec::{Decoded, EventCodec};
+pub use schema::{Schema, SchemaBuilder, SchemaError};
+pub use upcast::{Upcast, Upcaster, Upcasters};
 
 /// A domain event type: an enum whose variants are the events.
 ///
@@ -130,6 +132,18 @@ pub enum CodecError {
         from_version: u32,
         /// What the upcaster said.
         reason: String,
+    },
+    /// The stored event read as `count` events (an upcaster split or
+    /// dropped it) where the reader takes exactly one, or at most one for a
+    /// message.
+    #[error("event {event_type} (schema version {schema_version}) reads as {count} events, where one is expected")]
+    NotOne {
+        /// The stored type name.
+        event_type: String,
+        /// The stored schema version.
+        schema_version: u32,
+        /// How many events it reads as.
+        count: usize,
     },
     /// The stored event is of a later schema version than this code knows
     /// (written by a newer release, during a rolling upgrade): it cannot be

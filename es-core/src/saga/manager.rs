@@ -279,8 +279,9 @@ impl<S: Saga> SagaManager<S> {
                 instance.deadlines.remove(&record.name);
             }
             _ => {
-                let event = self.events.decode(recorded)?;
-                instance.state.apply(&event);
+                for event in self.events.decode_all(recorded)? {
+                    instance.state.apply(&event);
+                }
             }
         }
         instance.version = recorded.stream_version;
@@ -290,11 +291,14 @@ impl<S: Saga> SagaManager<S> {
     /// Handles a bus message: decodes it as an input, finds its instance, and
     /// appends the reaction (unless the message was handled before).
     pub async fn handle(&self, message: &Message) -> Result<SagaOutcome, SagaError> {
-        let input = self.inputs.decode_parts(
+        let Some(input) = self.inputs.decode_one(
             &message.message_type,
             message.schema_version,
             &message.payload,
-        )?;
+        )?
+        else {
+            return Ok(SagaOutcome::Ignored);
+        };
         let Some(saga_id) = S::saga_id(&input, &message.metadata) else {
             return Ok(SagaOutcome::Ignored);
         };
@@ -517,11 +521,12 @@ impl<S: Saga> SagaManager<S> {
             if !local.is_input(&event.event_type) {
                 continue;
             }
-            let input = self.inputs.decode_parts(
-                &event.event_type,
-                event.schema_version,
-                &event.payload,
-            )?;
+            let Some(input) =
+                self.inputs
+                    .decode_one(&event.event_type, event.schema_version, &event.payload)?
+            else {
+                continue;
+            };
             if S::saga_id(&input, &event.metadata) == Some(saga_id) {
                 inputs.push(LocalInput {
                     input,
@@ -820,9 +825,9 @@ impl<S: Saga> AppendWriter for SagaManager<S> {
             for event in part.events.iter().filter(|e| local.is_input(&e.event_type)) {
                 let input = self
                     .inputs
-                    .decode_parts(&event.event_type, event.schema_version, &event.payload)
+                    .decode_one(&event.event_type, event.schema_version, &event.payload)
                     .map_err(|e| backend(e.into()))?;
-                saga_id = S::saga_id(&input, &event.metadata);
+                saga_id = input.and_then(|input| S::saga_id(&input, &event.metadata));
                 if saga_id.is_some() {
                     break;
                 }
