@@ -180,9 +180,15 @@ impl<E: DomainEvent> EventCodec<E> {
             if let Some(upcast) = self.upcasters.upcast(event_type, schema_version, payload)? {
                 let events = upcast
                     .into_iter()
-                    .map(|(ty, version, payload)| {
-                        check_known::<E>(&ty, version)?;
-                        decode_variant(&ty, version, payload.as_str())
+                    .map(|up| {
+                        check_known::<E>(&up.event_type, up.schema_version)?;
+                        let payload =
+                            Payload::from_value(&up.payload).map_err(|e| CodecError::Upcast {
+                                event_type: event_type.to_owned(),
+                                from_version: schema_version,
+                                reason: e.to_string(),
+                            })?;
+                        decode_variant(&up.event_type, up.schema_version, payload.as_str())
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 return Ok(Decoded(Inner::Many(events.into_iter())));

@@ -307,7 +307,7 @@ impl Upcasters {
         event_type: &str,
         schema_version: u32,
         payload: &Payload,
-    ) -> Result<Option<Vec<(String, u32, Payload)>>, CodecError> {
+    ) -> Result<Option<Vec<Upcast>>, CodecError> {
         if self.get(event_type, schema_version).is_none() {
             return Ok(None);
         }
@@ -318,18 +318,7 @@ impl Upcasters {
         })?;
         let mut out = Vec::new();
         self.expand(Upcast::new(event_type, schema_version, value), 0, &mut out)?;
-        out.into_iter()
-            .map(|up| {
-                Payload::from_value(&up.payload)
-                    .map(|p| (up.event_type, up.schema_version, p))
-                    .map_err(|e| CodecError::Upcast {
-                        event_type: event_type.to_owned(),
-                        from_version: schema_version,
-                        reason: e.to_string(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        Ok(Some(out))
     }
 
     /// Upcasts `event` as far as the chains go, appending the results to
@@ -359,8 +348,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn payload(json: Value) -> Payload {
-        Payload::from_value(&json).unwrap()
+    fn payload(json: &Value) -> Payload {
+        Payload::from_value(json).unwrap()
     }
 
     #[test]
@@ -383,18 +372,14 @@ mod tests {
             }))
             .unwrap();
         let out = up
-            .upcast("Moved", 1, &payload(json!({ "from": "a", "to": "b" })))
+            .upcast("Moved", 1, &payload(&json!({ "from": "a", "to": "b" })))
             .unwrap()
             .unwrap();
-        let out: Vec<_> = out
-            .iter()
-            .map(|(t, v, p)| (t.as_str(), *v, p.as_str()))
-            .collect();
         assert_eq!(
             out,
             [
-                ("Left", 1, r#"{"at":"a"}"#),
-                ("Arrived", 2, r#"{"place":"b"}"#)
+                Upcast::new("Left", 1, json!({ "at": "a" })),
+                Upcast::new("Arrived", 2, json!({ "place": "b" }))
             ]
         );
     }
@@ -403,10 +388,10 @@ mod tests {
     fn a_drop_reads_as_nothing_and_other_versions_are_untouched() {
         let up = Upcasters::new().with(Upcaster::drop("Noise", 1)).unwrap();
         assert_eq!(
-            up.upcast("Noise", 1, &payload(json!({}))).unwrap(),
+            up.upcast("Noise", 1, &payload(&json!({}))).unwrap(),
             Some(vec![])
         );
-        assert_eq!(up.upcast("Noise", 2, &payload(json!({}))).unwrap(), None);
+        assert_eq!(up.upcast("Noise", 2, &payload(&json!({}))).unwrap(), None);
     }
 
     #[test]
@@ -416,7 +401,7 @@ mod tests {
                 Ok(vec![Upcast::new("C", 1, v)])
             }))
             .unwrap();
-        let err = up.upcast("A", 1, &payload(json!(1))).unwrap_err();
+        let err = up.upcast("A", 1, &payload(&json!(1))).unwrap_err();
         assert!(
             matches!(err, CodecError::Upcast { ref reason, .. } if reason.contains("C v1")),
             "{err}"
@@ -456,7 +441,7 @@ mod tests {
                 from_version: 1
             }
         );
-        let err = up.upcast("A", 1, &payload(json!(1))).unwrap_err();
+        let err = up.upcast("A", 1, &payload(&json!(1))).unwrap_err();
         assert!(
             matches!(err, CodecError::Upcast { ref reason, .. } if reason.contains("cycle")),
             "{err}"

@@ -17,7 +17,7 @@ use es_core::relay::Blocked;
 use es_core::{
     CancellationToken, CheckpointStore, DcbStore, EventBus, EventStore, InMemoryBus,
     InMemoryCheckpointStore, InMemoryEventStore, InMemoryInbox, InMemorySnapshotStore, Inbox,
-    MessageHandler, Relay, RelayError, SnapshotPolicy, SnapshotStore,
+    MessageHandler, Relay, RelayError, Schema, SnapshotPolicy, SnapshotStore,
 };
 use es_postgres::sqlx::postgres::PgConnectOptions;
 use es_postgres::sqlx::PgPool;
@@ -40,6 +40,8 @@ pub struct Backends {
     pub bus: Arc<dyn EventBus>,
     /// How the bus delivers.
     pub delivery: Delivery,
+    /// The events' schema: every codec of every service comes from it.
+    pub event_schema: Schema,
     kind: Kind,
 }
 
@@ -139,11 +141,15 @@ impl StoreRelay {
 
 impl Backends {
     /// Everything in process memory, delivering with `delivery`.
-    pub fn in_memory(delivery: Delivery) -> Self {
+    ///
+    /// # Errors
+    /// When the event schema is inconsistent ([`crate::schema::build`]).
+    pub fn in_memory(delivery: Delivery) -> Result<Self> {
         let bus = InMemoryBus::new();
-        Self {
+        Ok(Self {
             bus: Arc::new(bus.clone()),
             delivery,
+            event_schema: crate::schema::build()?,
             kind: Kind::Memory(Memory {
                 store: Arc::new(InMemoryEventStore::new()),
                 bus,
@@ -152,7 +158,7 @@ impl Backends {
                 inbox: Arc::new(InMemoryInbox::new()),
                 sent: Arc::new(RecordingSink::default()),
             }),
-        }
+        })
     }
 
     /// PostgreSQL, RabbitMQ, Redis and SMTP as `args` names them, waiting up
@@ -161,8 +167,10 @@ impl Backends {
     /// gateway connects to nothing.
     ///
     /// # Errors
-    /// When a server does not answer within a minute or a URL is invalid.
+    /// When a server does not answer within a minute, a URL is invalid, or
+    /// the event schema is inconsistent.
     pub async fn connect(args: &ServeArgs, application: &str, gateway_only: bool) -> Result<Self> {
+        let schema = crate::schema::build()?;
         let bus_config = RabbitConfig::new(args.amqp_url.clone())
             .with_prefix(format!("{}.", args.namespace))
             .with_connection_name(application.to_owned())
@@ -194,6 +202,7 @@ impl Backends {
                 prefetch: args.prefetch,
                 ..Delivery::DISTRIBUTED
             },
+            event_schema: schema,
             kind: Kind::Postgres(Arc::new(Postgres {
                 args: args.clone(),
                 pool,
@@ -370,14 +379,19 @@ impl Backends {
         match &self.kind {
             Kind::Memory(_) => {
                 let catalog = Arc::new(Catalog::new());
-                let feed = CatalogHandler::new(Arc::clone(&catalog), None);
+                let feed =
+                    CatalogHandler::new(Arc::clone(&catalog), None, self.event_schema.codec());
                 Ok((catalog, Arc::new(feed)))
             }
             Kind::Postgres(pg) => {
                 let schema = self.schema(pg, Service::Order).await?;
                 let table = PgCatalog::start(pg.pool.clone(), &schema, stop).await?;
                 let catalog = table.catalog();
-                let feed = CatalogHandler::new(Arc::clone(&catalog), Some(Arc::new(table)));
+                let feed = CatalogHandler::new(
+                    Arc::clone(&catalog),
+                    Some(Arc::new(table)),
+                    self.event_schema.codec(),
+                );
                 Ok((catalog, Arc::new(feed)))
             }
         }
@@ -391,6 +405,7 @@ impl Backends {
         match &self.kind {
             Kind::Memory(m) => Ok(QueryBackend::Memory(Arc::new(QueryService::start(
                 Arc::clone(&m.store) as Arc<dyn EventStore>,
+                self.event_schema.codec(),
             )))),
             Kind::Postgres(pg) => {
                 let replica = self.pg_store(pg, Service::Query).await?;
@@ -401,6 +416,7 @@ impl Backends {
                     &schema,
                     &pg.args.redis_url,
                     &format!("{}:", pg.args.namespace),
+                    self.event_schema.codec(),
                     stop,
                 )
                 .await?;
@@ -420,7 +436,8 @@ impl Backends {
             Kind::Postgres(pg) => {
                 let replica = self.pg_store(pg, Service::Query).await?;
                 let schema = pg.args.schema(Service::Query.as_str());
-                crate::distributed::replay_parked(&pg.pool, &replica, &schema).await
+                let codec = self.event_schema.codec();
+                crate::distributed::replay_parked(&pg.pool, &replica, &schema, codec).await
             }
         }
     }

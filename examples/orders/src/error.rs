@@ -68,6 +68,9 @@ pub enum Error {
     /// request fails the same way every time.
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The event schema is inconsistent (found at start-up).
+    #[error(transparent)]
+    Schema(#[from] es_core::SchemaError),
     /// The database behind a read model, the catalog or a projection failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -155,7 +158,8 @@ impl Error {
             | Self::IdempotencyKeyReused { .. }
             | Self::PromotionRedeemed { .. }
             | Self::Forbidden { .. }
-            | Self::Codec(_) => false,
+            | Self::Codec(_)
+            | Self::Schema(_) => false,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod order;
 pub mod payment;
 pub mod query;
 pub mod saga;
+pub mod schema;
 pub mod system;
 pub mod telemetry;
 mod topology;
@@ -42,9 +43,14 @@ pub(crate) const CACHED_STATES: usize = 10_000;
 
 /// A repository as every service of both deployments uses it: the state cache
 /// of [`CACHED_STATES`] and a retry policy for hot aggregates (a popular
-/// product is raced for by many orders at once: many quick, short retries).
-pub(crate) fn repository<A: Aggregate>(store: Arc<dyn EventStore>) -> Repository<A> {
+/// product is raced for by many orders at once: many quick, short retries),
+/// decoding through the event schema.
+pub(crate) fn repository<A: Aggregate>(
+    store: Arc<dyn EventStore>,
+    schema: &es_core::Schema,
+) -> Repository<A> {
     Repository::new(store)
+        .with_codec(schema.codec())
         .with_retry(RetryPolicy {
             max_attempts: 64,
             base_delay: Duration::from_micros(200),

@@ -95,8 +95,9 @@ pub struct OrderCreated {
     pub card_token: String,
     /// How long payment may take once stock is reserved, in milliseconds.
     pub payment_timeout_ms: u64,
-    /// When it was placed.
-    pub created_at: DateTime<Utc>,
+    /// When it was placed (schema version 2; version 1 named it
+    /// `created_at`).
+    pub placed_at: DateTime<Utc>,
 }
 
 /// The order's stock was confirmed.

@@ -42,6 +42,7 @@ message_enum! {
     /// The messages the saga reacts to.
     pub enum SagaInput {
         /// An order was placed: start.
+        #[event(version = 2)]
         OrderCreated,
         /// The order's stock is confirmed: it may be marked paid.
         OrderInventoryConfirmed,
@@ -218,6 +219,8 @@ pub enum OrderSagaEvent {
 }
 
 impl es_core::DomainEvent for OrderSagaEvent {
+    const EVENT_TYPES: &'static [&'static str] = &["Advanced"];
+
     fn event_type(&self) -> &'static str {
         match self {
             Self::Advanced(_) => "Advanced",

@@ -87,7 +87,7 @@ impl System {
         let backends = Backends::in_memory(Delivery {
             prefetch: config.consumers,
             ..Delivery::EMBEDDED
-        });
+        })?;
         let missing = || Error::internal("the embedded system misses a service");
         let store = backends.store(Service::Order).await?;
         let sent = Arc::clone(backends.sent().ok_or_else(missing)?);

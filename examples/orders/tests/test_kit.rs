@@ -35,7 +35,7 @@ fn created() -> messages::OrderCreated {
         total: Money::from_minor(25_00),
         card_token: "tok_visa".into(),
         payment_timeout_ms: PAYMENT_WINDOW.as_millis() as u64,
-        created_at: placed_at(),
+        placed_at: placed_at(),
     }
 }
 

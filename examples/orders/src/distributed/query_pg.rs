@@ -148,16 +148,17 @@ async fn keep_cache(
 }
 
 /// The runner of the orders read model in `schema` (its model in
-/// `<schema>_rm`), projecting `replica`.
+/// `<schema>_rm`), projecting `replica` decoded through `codec`.
 fn order_runner(
     pool: &PgPool,
     replica: &PgEventStore,
     schema: &str,
+    codec: EventCodec<OrderEvent>,
     cache: Arc<OrderCache>,
     channel: &str,
 ) -> Result<PgProjectionRunner<PgOrderProjection>> {
     let projection = Arc::new(PgOrderProjection {
-        codec: EventCodec::new(),
+        codec,
         cache,
         channel: channel.to_owned(),
     });
@@ -188,11 +189,13 @@ pub(crate) async fn replay_parked(
     pool: &PgPool,
     replica: &PgEventStore,
     schema: &str,
+    codec: EventCodec<OrderEvent>,
 ) -> Result<es_projections::postgres::ReplayReport> {
     let runner = order_runner(
         pool,
         replica,
         schema,
+        codec,
         Arc::new(OrderCache::default()),
         &format!("{schema}_terminal"),
     )?;
@@ -350,7 +353,7 @@ impl Projection for PgOrderProjection {
                 .bind(items)
                 .bind(e.total.to_string())
                 .bind(i64::try_from(e.total.minor_units()).unwrap_or(i64::MAX))
-                .bind(e.created_at)
+                .bind(e.placed_at)
                 .bind(version)
                 .bind(search_text(&e.customer_email, &names))
                 .bind(source_major)
@@ -590,7 +593,7 @@ impl Created {
         self.totals.push(e.total.to_string());
         self.minors
             .push(i64::try_from(e.total.minor_units()).unwrap_or(i64::MAX));
-        self.at.push(e.created_at);
+        self.at.push(e.placed_at);
         self.versions.push(version);
         self.words.push(search_text(&e.customer_email, &names));
         self.majors.push(major);
@@ -676,7 +679,8 @@ impl PgQueryService {
     /// starts the runner over `replica`, a store on `schema` (it waits as a
     /// standby while another process holds the projection), connects the
     /// Redis cache (keys prefixed `prefix`) and follows terminal-order
-    /// notifications, until `stop` is cancelled. Feed the replica with `PgQueryService::replica_handler`.
+    /// notifications, until `stop` is cancelled; events are decoded through
+    /// `codec`. Feed the replica with `PgQueryService::replica_handler`.
     ///
     /// # Errors
     /// When PostgreSQL cannot be reached or the schema names are invalid.
@@ -686,6 +690,7 @@ impl PgQueryService {
         schema: &str,
         redis_url: &str,
         prefix: &str,
+        codec: EventCodec<OrderEvent>,
         stop: CancellationToken,
     ) -> Result<Arc<Self>> {
         es_projections::postgres::migrate(&pool, schema)
@@ -713,6 +718,7 @@ impl PgQueryService {
             &pool,
             &replica,
             schema,
+            codec,
             Arc::clone(&cache),
             &channel,
         )?);
@@ -1063,7 +1069,6 @@ fn wake_all(waiters: &Waiters) {
     }
 }
 
-/// The query routes of part 1, served from PostgreSQL and Redis.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1143,7 +1148,7 @@ mod tests {
                 total: Money::from_minor(500),
                 card_token: "tok_ok".into(),
                 payment_timeout_ms: 30_000,
-                created_at: Utc::now(),
+                placed_at: Utc::now(),
             })
         };
         let completed_at = Utc::now();
@@ -1231,6 +1236,74 @@ mod tests {
             Some("payment declined")
         );
         assert_eq!(by_id[&a].0.items, vec![OrderItemView::of(&line)]);
+    }
+
+    /// An `OrderCreated` as the previous release stored it (schema version
+    /// 1, its time named `created_at`) is read by this code on PostgreSQL
+    /// through the event schema: the aggregate decides on it, and the read
+    /// model, fed from the store's log, shows when the order was placed.
+    /// Needs PostgreSQL (DATABASE_URL).
+    #[tokio::test]
+    async fn an_order_created_in_its_first_shape_is_read_on_postgres() {
+        use es_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Payload};
+
+        let (pool, schema) = es_postgres::testing::fresh_schema_with(4).await;
+        let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+        let order_id = Uuid::now_v7();
+        let placed_at = "2025-03-04T05:06:07Z";
+        let v1 = Payload::from_json(format!(
+            r#"{{"order_id":"{order_id}","customer_email":"ada@example.com","items":[],"total":"5.00","card_token":"tok_ok","payment_timeout_ms":30000,"created_at":"{placed_at}"}}"#
+        ))
+        .unwrap();
+        let stream = es_core::StreamId::for_aggregate("order", order_id).unwrap();
+        store
+            .append(
+                &stream,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::new("OrderCreated", 1, v1, Metadata::new())],
+            )
+            .await
+            .unwrap();
+
+        let events = crate::schema::build().unwrap();
+        let orders = crate::repository::<crate::order::Order>(Arc::clone(&store), &events);
+        let committed = orders
+            .execute(
+                order_id,
+                crate::order::OrderCommand::ConfirmInventory,
+                &Metadata::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(committed.stream_version, 2);
+
+        let projection = PgOrderProjection {
+            codec: events.codec(),
+            cache: Arc::new(OrderCache::default()),
+            channel: "orders_evolution_test".into(),
+        };
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query(&format!("SET search_path TO \"{schema}\""))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        projection.setup(&mut conn).await.unwrap();
+        let log = store.read_all(Position::START, 100).await.unwrap();
+        assert_eq!(log.len(), 2);
+        projection
+            .apply_all(&mut conn, &log.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let rows = rows(&mut conn, &schema).await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].0.status, OrderStatus::InventoryConfirmed);
+        assert_eq!(
+            rows[0].0.created_at.to_rfc3339(),
+            "2025-03-04T05:06:07+00:00"
+        );
+        // Without the schema's upcaster, the first shape does not decode.
+        let plain = EventCodec::<OrderEvent>::new();
+        assert!(plain.decode(&log[0]).is_err());
     }
 
     /// A write missed while Redis was out of reach makes this process read

@@ -77,8 +77,9 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<InventoryService>> {
     let store = w.backends.store(Service::Inventory).await?;
     let (snapshots, policy) = w.backends.snapshots(Service::Inventory).await?;
     let service = Arc::new(InventoryService::new(
-        crate::repository(Arc::clone(&store)).with_snapshots(snapshots, policy, 1),
-        crate::repository(Arc::clone(&store)),
+        crate::repository(Arc::clone(&store), &w.backends.event_schema)
+            .with_snapshots(snapshots, policy, 1),
+        crate::repository(Arc::clone(&store), &w.backends.event_schema),
     ));
     w.consume(groups::INVENTORY, Arc::new(Commands(Arc::clone(&service))))
         .await?;

@@ -107,12 +107,22 @@ pub(crate) trait CatalogTable: Send + Sync + std::fmt::Debug + 'static {
 pub(crate) struct CatalogHandler {
     catalog: Arc<Catalog>,
     table: Option<Arc<dyn CatalogTable>>,
+    codec: EventCodec<ProductEvent>,
 }
 
 impl CatalogHandler {
-    /// Feeds `catalog`, writing each entry to `table` first when given.
-    pub(crate) fn new(catalog: Arc<Catalog>, table: Option<Arc<dyn CatalogTable>>) -> Self {
-        Self { catalog, table }
+    /// Feeds `catalog`, writing each entry to `table` first when given,
+    /// decoding through `codec`.
+    pub(crate) fn new(
+        catalog: Arc<Catalog>,
+        table: Option<Arc<dyn CatalogTable>>,
+        codec: EventCodec<ProductEvent>,
+    ) -> Self {
+        Self {
+            catalog,
+            table,
+            codec,
+        }
     }
 }
 
@@ -120,11 +130,10 @@ impl CatalogHandler {
 impl MessageHandler for CatalogHandler {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         let m = &delivery.message;
-        match EventCodec::<ProductEvent>::new().decode_parts(
-            &m.message_type,
-            m.schema_version,
-            &m.payload,
-        ) {
+        match self
+            .codec
+            .decode_parts(&m.message_type, m.schema_version, &m.payload)
+        {
             Ok(ProductEvent::ProductCreated(p)) => {
                 let entry = CatalogEntry {
                     name: p.name,

@@ -74,6 +74,7 @@ message_enum! {
     /// The events of an order (stream category `order`).
     pub enum OrderEvent {
         /// The order was placed, priced from the catalog.
+        #[event(version = 2)]
         OrderCreated,
         /// Stock confirmed.
         OrderInventoryConfirmed,
@@ -260,7 +261,7 @@ impl Aggregate for Order {
                     total,
                     card_token: place.card_token,
                     payment_timeout_ms: place.payment_timeout_ms,
-                    created_at: place.at,
+                    placed_at: place.at,
                 })])
             }
             OrderCommand::ConfirmInventory => self.transition(

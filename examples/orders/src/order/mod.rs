@@ -4,7 +4,7 @@
 mod catalog;
 pub mod domain;
 mod http;
-mod promotion;
+pub(crate) mod promotion;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use es_core::{
-    Aggregate as _, AppendWriter, Clock, DcbStore, DeadlineScheduler, LocalAggregate, Message,
-    Metadata, Outcome, Position, Repository, RepositoryError, SagaHandler, SagaManager,
-    TraceParent,
+    Aggregate as _, AppendWriter, Clock, DeadlineScheduler, LocalAggregate, Message, Metadata,
+    Outcome, Position, Repository, RepositoryError, SagaHandler, SagaManager, TraceParent,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -129,7 +128,8 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
     // The saga lives with the orders: its commands to them are executed in
     // its own write, and their events reach it in the write that appends
     // them; the service's own commands write through the saga for the same.
-    let orders = crate::repository::<Order>(Arc::clone(&store));
+    let schema = w.backends.event_schema.clone();
+    let orders = crate::repository::<Order>(Arc::clone(&store), &schema);
     let local = LocalAggregate::new(
         orders.clone(),
         &topology::SAGA_ORDER_INPUTS,
@@ -137,12 +137,14 @@ pub(crate) async fn wire(w: &mut Wiring) -> Result<Wired> {
     );
     let saga = Arc::new(
         SagaManager::<OrderSaga>::new(Arc::clone(&store), Arc::clone(&clock))
+            .with_input_codec(schema.codec())
+            .with_event_codec(schema.codec())
             .with_instance_cache(crate::CACHED_STATES)
             .with_local(local),
     );
     let service = Arc::new(OrderService::new(
         orders.with_writer(Arc::clone(&saga) as Arc<dyn AppendWriter>),
-        w.backends.dcb_store(Service::Order).await?,
+        promotion::Promotions::new(w.backends.dcb_store(Service::Order).await?, &schema),
         catalog,
         clock,
         w.config.payment_timeout,
@@ -182,17 +184,17 @@ pub struct OrderService {
 
 impl OrderService {
     /// A service writing orders through `orders`, promotion codes' redemptions
-    /// to `promotions`, pricing from `catalog`.
-    pub fn new(
+    /// through `promotions`, pricing from `catalog`.
+    pub(crate) fn new(
         orders: Repository<Order>,
-        promotions: Arc<dyn DcbStore>,
+        promotions: promotion::Promotions,
         catalog: Arc<Catalog>,
         clock: Arc<dyn Clock>,
         payment_timeout: Duration,
     ) -> Self {
         Self {
             orders,
-            promotions: promotion::Promotions::new(promotions),
+            promotions,
             catalog,
             clock,
             payment_timeout,

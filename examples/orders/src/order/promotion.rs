@@ -148,9 +148,10 @@ pub(crate) struct Promotions {
 }
 
 impl Promotions {
-    pub(crate) fn new(store: Arc<dyn DcbStore>) -> Self {
+    /// Redemptions decided on `store`, decoded through `schema`.
+    pub(crate) fn new(store: Arc<dyn DcbStore>, schema: &es_core::Schema) -> Self {
         Self {
-            runner: DecisionRunner::new(store),
+            runner: DecisionRunner::new(store).with_codec(schema.codec()),
         }
     }
 

@@ -74,7 +74,10 @@ pub fn gateway(card_token: &str, charge_id: Uuid) -> GatewayBehaviour {
 /// Starts the payment service in `w`: its commands.
 pub(crate) async fn wire(w: &mut Wiring) -> Result<Arc<PaymentService>> {
     let store = w.backends.store(Service::Payment).await?;
-    let service = Arc::new(PaymentService::new(crate::repository(Arc::clone(&store))));
+    let service = Arc::new(PaymentService::new(crate::repository(
+        Arc::clone(&store),
+        &w.backends.event_schema,
+    )));
     w.consume(groups::PAYMENT, Arc::new(Commands(Arc::clone(&service))))
         .await?;
     w.relay(Service::Payment, &store);

@@ -8,10 +8,11 @@ mod model;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::order::OrderEvent;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use es_core::replica::Source;
-use es_core::{EventStore, Position, RecordedEvent, StreamId};
+use es_core::{EventCodec, EventStore, Position, RecordedEvent, StreamId};
 use es_projections::ProjectionHandle;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -167,12 +168,13 @@ impl std::fmt::Debug for QueryService {
 }
 
 impl QueryService {
-    /// Starts the projection over `store` and serves reads from it.
-    pub fn start(store: Arc<dyn EventStore>) -> Self {
+    /// Starts the projection over `store`, decoding through `codec`, and
+    /// serves reads from it.
+    pub fn start(store: Arc<dyn EventStore>, codec: EventCodec<OrderEvent>) -> Self {
         let model = Arc::new(OrderReadModel::new());
         let projection = es_projections::spawn_in_memory(
             Arc::clone(&store),
-            Arc::new(OrderProjection::new(Arc::clone(&model))),
+            Arc::new(OrderProjection::new(Arc::clone(&model), codec)),
         );
         Self {
             model,
@@ -393,7 +395,7 @@ mod tests {
             .append(&stream, ExpectedVersion::NoStream, vec![event])
             .await
             .unwrap();
-        let service = QueryService::start(Arc::new(Stalled(inner)));
+        let service = QueryService::start(Arc::new(Stalled(inner)), EventCodec::new());
         let started = tokio::time::Instant::now();
         let error = service
             .wait_for_position(written.position)
@@ -413,7 +415,7 @@ mod tests {
     /// behind once the waits time out, however many there were.
     #[tokio::test(start_paused = true)]
     async fn abandoned_waits_for_an_end_hold_no_memory() {
-        let service = QueryService::start(Arc::new(InMemoryEventStore::new()));
+        let service = QueryService::start(Arc::new(InMemoryEventStore::new()), EventCodec::new());
         let waits = (0..100)
             .map(|_| service.terminal_status(Uuid::now_v7(), std::time::Duration::from_secs(1)));
         let ended = futures::future::join_all(waits).await;

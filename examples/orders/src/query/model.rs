@@ -401,7 +401,7 @@ impl OrderReadModel {
                 if model.orders.contains_key(&e.order_id) {
                     return;
                 }
-                let key = key_of(e.created_at, e.order_id);
+                let key = key_of(e.placed_at, e.order_id);
                 model.by_created.insert(key);
                 model
                     .by_status
@@ -423,7 +423,7 @@ impl OrderReadModel {
                         items: e.items.iter().map(OrderItemView::of).collect(),
                         total: e.total,
                         status: OrderStatus::Pending,
-                        created_at: e.created_at,
+                        created_at: e.placed_at,
                         completed_at: None,
                         cancellation_reason: None,
                     },
@@ -494,12 +494,12 @@ pub(crate) struct OrderProjection {
 }
 
 impl OrderProjection {
-    /// A projection into `model`.
-    pub(crate) fn new(model: std::sync::Arc<OrderReadModel>) -> Self {
-        Self {
-            model,
-            codec: EventCodec::new(),
-        }
+    /// A projection into `model`, decoding through `codec`.
+    pub(crate) fn new(
+        model: std::sync::Arc<OrderReadModel>,
+        codec: EventCodec<OrderEvent>,
+    ) -> Self {
+        Self { model, codec }
     }
 }
 
@@ -550,7 +550,7 @@ mod tests {
                 total: Money::ZERO,
                 card_token: "tok_ok".into(),
                 payment_timeout_ms: 1_000,
-                created_at: at + chrono::Duration::nanoseconds(nanos * 100),
+                placed_at: at + chrono::Duration::nanoseconds(nanos * 100),
             };
             model.apply(&OrderEvent::OrderCreated(created), at);
         }
@@ -584,7 +584,7 @@ mod tests {
             total: Money::ZERO,
             card_token: "tok_ok".into(),
             payment_timeout_ms: 1_000,
-            created_at: Utc::now(),
+            placed_at: Utc::now(),
         };
         model.apply(&OrderEvent::OrderCreated(created), Utc::now());
         order_id
