@@ -180,6 +180,8 @@ mod guide {
     struct GettingStarted;
     #[doc = include_str!("../docs/src/events.md")]
     struct Events;
+    #[doc = include_str!("../docs/src/schema-evolution.md")]
+    struct SchemaEvolution;
     #[doc = include_str!("../docs/src/store.md")]
     struct Store;
     #[doc = include_str!("../docs/src/messaging.md")]
