@@ -45,7 +45,7 @@ use crate::{
     Aggregate, BusError, CancellationToken, CheckpointStore, Clock, DeadlineScheduler, DomainEvent,
     EventBus, EventCodec, EventStore, InMemoryBus, InMemoryCheckpointStore, InMemoryEventStore,
     MessageHandler, Relay, RelayError, Repository, Saga, SagaHandler, SagaManager, Schema,
-    Subscription, SubscriptionHandle, SystemClock,
+    Subscription, SubscriptionHandle, SystemClock, Upcasters,
 };
 
 /// How long a supervised task waits before it runs again after a failure.
@@ -333,9 +333,11 @@ impl Drop for App {
 ///
 /// The saga takes the events of the stream categories named by
 /// [`inputs_from`](Self::inputs_from) whose types are its input's variants
-/// (`<category>.<type>` for each of `S::Input::EVENT_TYPES`), in its own
-/// consumer group; its deadlines are fired by a [`DeadlineScheduler`] with a
-/// checkpoint; its state events stay in the store.
+/// (`<category>.<type>` for each of `S::Input::EVENT_TYPES`, and for each
+/// older stored name the app's schema upcasts into them only: a renamed
+/// type), in its own consumer group; its deadlines are fired by a
+/// [`DeadlineScheduler`] with a checkpoint; its state events stay in the
+/// store.
 #[must_use = "a saga is wired only once started"]
 pub struct SagaWiring<'a, S: Saga> {
     app: &'a mut App,
@@ -388,14 +390,11 @@ impl<S: Saga> SagaWiring<'_, S> {
     /// [`DomainEvent`] without `EVENT_TYPES`), and what the bus answers to
     /// the subscription.
     pub async fn start(self) -> Result<Arc<SagaManager<S>>, BusError> {
+        let types = input_types::<S::Input>(self.app.schema.upcasters());
         let bindings: Vec<String> = self
             .categories
             .iter()
-            .flat_map(|category| {
-                <S::Input as DomainEvent>::EVENT_TYPES
-                    .iter()
-                    .map(move |t| format!("{category}.{t}"))
-            })
+            .flat_map(|category| types.iter().map(move |t| format!("{category}.{t}")))
             .collect();
         if bindings.is_empty() {
             return Err(BusError::InvalidSubscription {
@@ -427,6 +426,34 @@ impl<S: Saga> SagaWiring<'_, S> {
         }
         Ok(manager)
     }
+}
+
+/// The stored type names a saga taking `I` is bound to: `I`'s own, and
+/// every older name whose upcaster chains all end at one of them (a renamed
+/// type), so that its old events still in the log reach the saga. A name
+/// whose chains also end elsewhere (split into events the saga does not
+/// take) or nowhere (dropped) is not bound: the saga handles a message as
+/// one input.
+fn input_types<I: DomainEvent>(upcasters: &Upcasters) -> Vec<String> {
+    let mut types: Vec<String> = I::EVENT_TYPES.iter().map(|t| (*t).to_owned()).collect();
+    for upcaster in upcasters.iter() {
+        let name = upcaster.event_type();
+        if types.iter().any(|t| t == name) {
+            continue;
+        }
+        let into_inputs = upcasters
+            .ends(name, upcaster.from_version())
+            .is_ok_and(|ends| {
+                !ends.is_empty()
+                    && ends
+                        .iter()
+                        .all(|(t, _)| I::EVENT_TYPES.contains(&t.as_str()))
+            });
+        if into_inputs {
+            types.push(name.to_owned());
+        }
+    }
+    types
 }
 
 /// Spawns `task` and runs it until `stop` is cancelled, again after
@@ -479,6 +506,31 @@ mod tests {
         });
         task.await.unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    /// A saga is bound to its input's names and to the older names that
+    /// read as them only (a rename); not to a name split into other events
+    /// too, nor to a dropped one.
+    #[test]
+    fn a_saga_is_bound_to_the_old_names_upcast_into_its_inputs_only() {
+        use crate::doc_support::reminder::ReminderInput;
+        use crate::Upcaster;
+        let upcasters = Upcasters::new()
+            .with(Upcaster::new("Begun", 1, Ok).renamed_to("Started"))
+            .and_then(|u| {
+                u.with(Upcaster::split(
+                    "Paused",
+                    1,
+                    [("Stopped", 1), ("Other", 1)],
+                    |_| Ok(Vec::new()),
+                ))
+            })
+            .and_then(|u| u.with(Upcaster::drop("Noise", 1)))
+            .unwrap();
+        assert_eq!(
+            input_types::<ReminderInput>(&upcasters),
+            ["Started", "Stopped", "Begun"]
+        );
     }
 
     #[tokio::test]

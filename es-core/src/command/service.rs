@@ -15,6 +15,15 @@ pub trait CommandService: Send + Sync + 'static {
     /// The commands it takes.
     type Command: DomainEvent;
 
+    /// The codec [`Commands`] decodes its command messages through. Without
+    /// upcasters by default; a service whose command types have old
+    /// versions answers one reading through the app's schema
+    /// ([`App::codec`](crate::App::codec)), so that an old-shape command
+    /// still on the bus is upcast, and one an upcaster drops is acked.
+    fn codec(&self) -> EventCodec<Self::Command> {
+        EventCodec::new()
+    }
+
     /// Executes `command`, carried by `message`. The events it writes carry
     /// `metadata`: the message's conversation, caused by the message. Use
     /// `message.message_id` as the command id
@@ -29,8 +38,9 @@ pub trait CommandService: Send + Sync + 'static {
 }
 
 /// Feeds a [`CommandService`] from the bus: decodes each message through the
-/// command type's codec (what cannot be decoded is dead-lettered) and
-/// executes it, caused by the message.
+/// service's [`codec`](CommandService::codec) (what cannot be decoded is
+/// dead-lettered, what an upcaster dropped acked) and executes it, caused by
+/// the message.
 #[derive(Debug)]
 pub struct Commands<S>(pub Arc<S>);
 
@@ -38,7 +48,7 @@ pub struct Commands<S>(pub Arc<S>);
 impl<S: CommandService> MessageHandler for Commands<S> {
     async fn handle(&self, delivery: &Delivery) -> Outcome {
         let m = &delivery.message;
-        match super::decode(&EventCodec::<S::Command>::new(), m) {
+        match super::decode(&self.0.codec(), m) {
             Ok(command) => {
                 let metadata = m.metadata.caused_by(m.message_id);
                 self.0.execute(command, m, &metadata).await

@@ -7,7 +7,7 @@
 //! read; [`Schema`](super::Schema) checks the chains against the event types
 //! the code reads before anything is read.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
@@ -212,7 +212,9 @@ impl Upcaster {
 /// per stored `(type, version)`.
 #[derive(Clone, Debug, Default)]
 pub struct Upcasters {
-    by_type: HashMap<(String, u32), Upcaster>,
+    /// By type name, then by the version each reads.
+    by_type: HashMap<String, BTreeMap<u32, Upcaster>>,
+    len: usize,
 }
 
 impl Upcasters {
@@ -224,14 +226,15 @@ impl Upcasters {
     /// Registers an upcaster; a second one for the same type and version is
     /// [`SchemaError::DuplicateUpcaster`].
     pub fn register(&mut self, upcaster: Upcaster) -> Result<(), SchemaError> {
-        let key = (upcaster.event_type.clone(), upcaster.from_version);
-        if self.by_type.contains_key(&key) {
+        let versions = self.by_type.entry(upcaster.event_type.clone()).or_default();
+        if versions.contains_key(&upcaster.from_version) {
             return Err(SchemaError::DuplicateUpcaster {
-                event_type: key.0,
-                from_version: key.1,
+                event_type: upcaster.event_type,
+                from_version: upcaster.from_version,
             });
         }
-        self.by_type.insert(key, upcaster);
+        versions.insert(upcaster.from_version, upcaster);
+        self.len += 1;
         Ok(())
     }
 
@@ -244,19 +247,21 @@ impl Upcasters {
 
     /// Whether no upcaster is registered.
     pub fn is_empty(&self) -> bool {
-        self.by_type.is_empty()
+        self.len == 0
     }
 
     /// The upcaster registered for `event_type` at `version`.
     pub fn get(&self, event_type: &str, version: u32) -> Option<&Upcaster> {
-        self.by_type.get(&(event_type.to_owned(), version))
+        self.by_type.get(event_type)?.get(&version)
     }
 
     /// Every registered upcaster, ordered by type and version.
     pub fn iter(&self) -> impl Iterator<Item = &Upcaster> {
-        let mut all: Vec<_> = self.by_type.values().collect();
-        all.sort_by(|a, b| (&a.event_type, a.from_version).cmp(&(&b.event_type, b.from_version)));
-        all.into_iter()
+        let mut types: Vec<_> = self.by_type.iter().collect();
+        types.sort_by(|a, b| a.0.cmp(b.0));
+        types
+            .into_iter()
+            .flat_map(|(_, versions)| versions.values())
     }
 
     /// Where the chains starting at `event_type` v`version` end: every
@@ -329,7 +334,7 @@ impl Upcasters {
             out.push(event);
             return Ok(());
         };
-        if depth > self.by_type.len() {
+        if depth > self.len {
             return Err(CodecError::Upcast {
                 event_type: event.event_type,
                 from_version: event.schema_version,

@@ -58,7 +58,10 @@ async fn authentication_through_the_gateway() {
 /// orders after it are served, and the parked event shows in the query
 /// service's `/metrics` and `/health`.
 async fn poison_is_parked(c: &std::sync::Arc<Cluster>, template: &str) {
-    use es_core::{EventStore, ExpectedVersion, Metadata, NewEvent, Payload, StreamId};
+    use es_core::{
+        DomainEvent, EventStore, ExpectedVersion, Metadata, NewEvent, Payload, StreamId,
+    };
+    use orders::order::OrderEvent;
     let client = c.client();
     let (_, history) = client.get(&format!("/api/orders/{template}/events")).await;
     let mut created = history[0]["data"].clone();
@@ -75,7 +78,8 @@ async fn poison_is_parked(c: &std::sync::Arc<Cluster>, template: &str) {
             ExpectedVersion::NoStream,
             vec![NewEvent::new(
                 "OrderCreated",
-                1,
+                // The history shows the event as the current release reads it.
+                <OrderEvent as DomainEvent>::known_version("OrderCreated").unwrap(),
                 Payload::from_value(&created).unwrap(),
                 Metadata::new().with_correlation_id(poisoned),
             )],
