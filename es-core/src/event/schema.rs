@@ -2,7 +2,7 @@
 //! stable names and current versions, and the upcasters that read their old
 //! versions, checked together once, at start-up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::{DomainEvent, EventCodec, Upcaster, Upcasters};
@@ -139,6 +139,26 @@ impl Schema {
     /// The upcasters.
     pub fn upcasters(&self) -> &Upcasters {
         &self.upcasters
+    }
+
+    /// Every stored name an event of one of `types` may have been written
+    /// under: the names themselves, and each older name whose upcaster
+    /// chains lead to one of them (renamed, or split into it). Filters
+    /// match stored names (`Projection::accepts`, a DCB query's types, a
+    /// subscription's bindings): give them these, so that old events reach
+    /// the readers of what they became.
+    pub fn stored_names_of(&self, types: &[&str]) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = types.iter().map(|t| (*t).to_owned()).collect();
+        for upcaster in self.upcasters.iter() {
+            let leads_to_one = self
+                .upcasters
+                .ends(upcaster.event_type(), upcaster.from_version())
+                .is_ok_and(|ends| ends.iter().any(|(t, _)| types.contains(&t.as_str())));
+            if leads_to_one {
+                names.insert(upcaster.event_type().to_owned());
+            }
+        }
+        names
     }
 
     /// Every registered stored type name with the version the code writes
@@ -416,6 +436,10 @@ mod tests {
                 Shipment::Arrived { at: "b".into() }
             ]
         );
+        let stored: Vec<_> = schema.stored_names_of(&["Left"]).into_iter().collect();
+        assert_eq!(stored, ["Left", "Moved"]);
+        let stored: Vec<_> = schema.stored_names_of(&["Packed"]).into_iter().collect();
+        assert_eq!(stored, ["Packed"]);
         let dropped = schema
             .codec::<Shipment>()
             .decode_parts_all("Weighed", 1, &crate::Payload::from_json("{}").unwrap())
