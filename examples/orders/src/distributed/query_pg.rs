@@ -383,10 +383,11 @@ impl Projection for PgOrderProjection {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(|e| failed(event, e))?;
-                if status.is_terminal() && row.is_some() {
+                if let (true, Some(row)) = (status.is_terminal(), &row) {
+                    let (view, _) = view_of(row).map_err(|e| invalid(event, e))?;
                     sqlx::query("SELECT pg_notify($1, $2)")
                         .bind(&self.channel)
-                        .bind(order_id.to_string())
+                        .bind(terminal_note(&view))
                         .execute(&mut *tx)
                         .await
                         .map_err(|e| failed(event, e))?;
@@ -532,7 +533,7 @@ impl PgOrderProjection {
             let view = view_of(row)
                 .map_err(|e| ProjectionError::storage(PROJECTION, std::io::Error::other(e)))?;
             if view.0.status.is_terminal() {
-                terminal.push(view.0.order_id.to_string());
+                terminal.push(terminal_note(&view.0));
             }
             match written.get(&view.0.order_id) {
                 Some(known) if known.1 >= view.1 => {}
@@ -651,7 +652,33 @@ impl PgProjection for PgOrderProjection {
     }
 }
 
-type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>>;
+/// The clients waiting for an order to end, each woken with the order's
+/// view when its notification carries it (`None`: read it again).
+type Waiters = Arc<Mutex<HashMap<Uuid, Vec<oneshot::Sender<Option<OrderView>>>>>>;
+
+/// The longest terminal-order notification: PostgreSQL refuses a payload of
+/// 8,000 bytes or more.
+const NOTE_LIMIT: usize = 7_900;
+
+/// What a terminal order's notification says: its view as JSON, so that a
+/// waiting client needs no read, or only its id when the view is too long.
+fn terminal_note(view: &OrderView) -> String {
+    match serde_json::to_string(view) {
+        Ok(json) if json.len() <= NOTE_LIMIT => json,
+        _ => view.order_id.to_string(),
+    }
+}
+
+/// The order a terminal notification is about, and its view when the
+/// notification carries one. What does not parse is ignored: a waiter
+/// re-reads within a second anyway.
+fn parse_note(payload: &str) -> Option<(Uuid, Option<OrderView>)> {
+    if payload.starts_with('{') {
+        let view: OrderView = serde_json::from_str(payload).ok()?;
+        return Some((view.order_id, Some(view)));
+    }
+    payload.parse().ok().map(|id| (id, None))
+}
 
 /// The query service over PostgreSQL and Redis.
 pub struct PgQueryService {
@@ -766,10 +793,10 @@ impl PgQueryService {
                             () = stop.cancelled() => return,
                             note = listener.try_recv() => match note {
                                 Ok(Some(note)) => {
-                                    if let Ok(id) = note.payload().parse::<Uuid>() {
+                                    if let Some((id, view)) = parse_note(note.payload()) {
                                         let ready = waiters.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
                                         for tx in ready.into_iter().flatten() {
-                                            let _ = tx.send(());
+                                            let _ = tx.send(view.clone());
                                         }
                                     }
                                 }
@@ -902,6 +929,7 @@ impl OrderQueries for PgQueryService {
 
     async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) -> Option<OrderView> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut first = true;
         loop {
             let (tx, rx) = oneshot::channel();
             self.waiters
@@ -910,18 +938,35 @@ impl OrderQueries for PgQueryService {
                 .entry(order_id)
                 .or_default()
                 .push(tx);
-            if let Ok(Some((view, _))) = self.load_row(order_id).await {
-                if view.status.is_terminal() {
-                    return Some(view);
-                }
+            // The first look may be the cache: the projection writes it
+            // before it commits, so an order that ended before this waiter
+            // was registered shows there as ended (a failed cache write
+            // makes the cache unusable here), and one that ends after
+            // wakes the waiter. Later looks read the row.
+            let cached = match (first, self.cache.usable()) {
+                (true, Some(cache)) => cache
+                    .get_json::<OrderView>(&order_id.to_string())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|hit| hit.value),
+                _ => None,
+            };
+            first = false;
+            let view = match cached {
+                Some(view) => Some(view),
+                None => self.load_row(order_id).await.ok().flatten().map(|(v, _)| v),
+            };
+            if let Some(view) = view.filter(|v| v.status.is_terminal()) {
+                return Some(view);
             }
-            // Woken by the notification, or re-check every second.
+            // Woken by the notification (which usually carries the view),
+            // or re-check every second.
             let wake = tokio::time::Instant::now() + Duration::from_secs(1);
-            if tokio::time::timeout_at(wake.min(deadline), rx)
-                .await
-                .is_ok()
-            {
-                continue;
+            match tokio::time::timeout_at(wake.min(deadline), rx).await {
+                Ok(Ok(Some(view))) if view.status.is_terminal() => return Some(view),
+                Ok(_) => continue,
+                Err(_) => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 self.waiters
@@ -1064,7 +1109,7 @@ fn wake_all(waiters: &Waiters) {
         .collect();
     for (_, txs) in all {
         for tx in txs {
-            let _ = tx.send(());
+            let _ = tx.send(None);
         }
     }
 }
@@ -1072,6 +1117,30 @@ fn wake_all(waiters: &Waiters) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A terminal notification carries the order's view, or its id alone
+    /// when the view would not fit; what does not parse is no order.
+    #[test]
+    fn a_terminal_note_carries_the_view_when_it_fits() {
+        let mut view = OrderView {
+            order_id: Uuid::now_v7(),
+            customer_email: "ada@example.com".into(),
+            items: Vec::new(),
+            total: Money::from_minor(500),
+            status: OrderStatus::Completed,
+            created_at: Utc::now(),
+            completed_at: Some(Utc::now()),
+            cancellation_reason: None,
+        };
+        let note = terminal_note(&view);
+        assert_eq!(parse_note(&note), Some((view.order_id, Some(view.clone()))));
+        view.cancellation_reason = Some("x".repeat(NOTE_LIMIT));
+        let note = terminal_note(&view);
+        assert_eq!(note, view.order_id.to_string());
+        assert_eq!(parse_note(&note), Some((view.order_id, None)));
+        assert_eq!(parse_note("{\"order_id\": 1}"), None);
+        assert_eq!(parse_note("not an id"), None);
+    }
 
     #[test]
     fn search_queries() {

@@ -127,8 +127,7 @@ pub trait OrderQueries: Send + Sync + 'static {
     /// for `order_id`.
     async fn wait_for(&self, order_id: Uuid, position: Position) -> Result<()>;
     /// Waits up to `timeout` for an order to reach a terminal status: the
-    /// order as the read that saw it terminal found it, or `None` when it did
-    /// not get there in time.
+    /// order as it was when it got there, or `None` when it did not in time.
     async fn wait_terminal(&self, order_id: Uuid, timeout: Duration) -> Option<OrderView>;
     /// A page of orders, newest first.
     async fn list(&self, filter: ListFilter) -> Result<OrderPage>;
