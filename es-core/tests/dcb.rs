@@ -109,8 +109,9 @@ async fn without_retries_a_moved_boundary_is_contention() {
     };
     // A runner whose store moves the boundary between its read and its
     // append: the interloper appends right after every read.
-    let interloper = Arc::new(Interloper {
+    let interloper = Arc::new(Meddler {
         inner: InMemoryEventStore::new(),
+        mode: Mode::MovesAfterRead,
     });
     let runner = DecisionRunner::<CouponEvent>::new(interloper.clone() as Arc<dyn DcbStore>)
         .with_retry(RetryPolicy::none());
@@ -123,16 +124,105 @@ async fn without_retries_a_moved_boundary_is_contention() {
     }
 }
 
-/// A store that, after every read by query, appends to another stream an
-/// event of the query's type carrying the tags of its first item: the
-/// boundary of every decision made on the read has moved.
+/// A read that stops short of a committed event (as one held back behind
+/// an older transaction still running does) makes a decision reject what
+/// it would accept: the runner checks that its read missed nothing before
+/// it answers a rejection, and decides again on a read that sees it.
+#[tokio::test]
+async fn a_rejection_decided_on_a_read_that_missed_events_is_decided_again() {
+    use es_core::doc_support::coupon::Redeem;
+    let lagging = Arc::new(Meddler {
+        inner: InMemoryEventStore::new(),
+        mode: Mode::HidesNewest(std::sync::atomic::AtomicUsize::new(0)),
+    });
+    let store = lagging.clone() as Arc<dyn DcbStore>;
+    let runner = DecisionRunner::<CouponEvent>::new(Arc::clone(&store));
+    let redeem = Redeem {
+        coupon: "SUMMER".into(),
+        customer: 3,
+    };
+    runner
+        .execute(&unique_stream("redemption"), &redeem, Metadata::new())
+        .await
+        .unwrap();
+    // The next read misses the redemption: the decision would redeem
+    // again, and its append on the read's marker is refused; then it is
+    // rejected on a full read.
+    if let Mode::HidesNewest(reads) = &lagging.mode {
+        reads.store(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    match runner
+        .execute(&unique_stream("redemption"), &redeem, Metadata::new())
+        .await
+    {
+        Err(DecisionError::Rejected(CouponError::AlreadyRedeemed)) => {}
+        other => panic!("{other:?}"),
+    }
+    // A decision that rejects on a read missing an event that would make
+    // it accept: "issue" needs the coupon's redemption by customer 3 to
+    // have happened (the inverse rule), and the read hides it.
+    let needs_redemption = RedeemedBefore(redeem.clone());
+    if let Mode::HidesNewest(reads) = &lagging.mode {
+        reads.store(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    let decided = DecisionRunner::<CouponEvent>::new(store)
+        .execute(
+            &unique_stream("receipt"),
+            &needs_redemption,
+            Metadata::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(decided.attempts, 2);
+    assert!(decided.events.is_empty());
+}
+
+/// Decides nothing when `0` was redeemed, and rejects otherwise: a rule
+/// that a read missing the redemption gets wrong.
+struct RedeemedBefore(es_core::doc_support::coupon::Redeem);
+
+impl es_core::Decision for RedeemedBefore {
+    type Event = CouponEvent;
+    type State = bool;
+    type Rejection = CouponError;
+
+    fn query(&self) -> Query {
+        self.0.query()
+    }
+
+    fn evolve(&self, redeemed: &mut bool, event: &CouponEvent) {
+        self.0.evolve(redeemed, event);
+    }
+
+    fn decide(&self, redeemed: &bool) -> Result<Vec<CouponEvent>, CouponError> {
+        if *redeemed {
+            Ok(Vec::new())
+        } else {
+            Err(CouponError::AlreadyRedeemed)
+        }
+    }
+}
+
+/// A store that meddles with reads by query.
 #[derive(Debug)]
-struct Interloper {
+struct Meddler {
     inner: InMemoryEventStore,
+    mode: Mode,
+}
+
+#[derive(Debug)]
+enum Mode {
+    /// After every read by query, appends to another stream an event of the
+    /// query's type carrying the tags of its first item: the boundary of
+    /// every decision made on the read has moved.
+    MovesAfterRead,
+    /// The next this many reads by query leave out their page's newest
+    /// event, with a marker before it.
+    HidesNewest(std::sync::atomic::AtomicUsize),
 }
 
 #[async_trait::async_trait]
-impl EventStore for Interloper {
+impl EventStore for Meddler {
     async fn append(
         &self,
         stream: &es_core::StreamId,
@@ -180,14 +270,27 @@ impl EventStore for Interloper {
 }
 
 #[async_trait::async_trait]
-impl DcbStore for Interloper {
+impl DcbStore for Meddler {
     async fn read(
         &self,
         query: &Query,
         after: Position,
         max_count: usize,
     ) -> Result<es_core::QueryPage, es_core::StoreError> {
-        let page = self.inner.read(query, after, max_count).await?;
+        let mut page = self.inner.read(query, after, max_count).await?;
+        if let Mode::HidesNewest(reads) = &self.mode {
+            let hide = reads
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
+            if hide && page.events.pop().is_some() {
+                page.marker = page.events.last().map_or(after, |e| e.position);
+            }
+            return Ok(page);
+        }
         let item = &query.items()[0];
         let mut event = dcb_conformance::tagged_event(0, "CouponRedeemed", &[]);
         event.tags = item.tags().clone();

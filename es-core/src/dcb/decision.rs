@@ -128,7 +128,10 @@ impl<E: DomainEvent> DecisionRunner<E> {
     }
 
     /// Reads, decides and appends `decision`'s events to `stream`, each with
-    /// `metadata`.
+    /// `metadata`. A decision that writes nothing (a rejection, or no
+    /// events) is answered only once an empty append on the read's
+    /// condition confirms that no matching event came after the read;
+    /// otherwise it is decided again, as after a moved boundary.
     pub async fn execute<D>(
         &self,
         stream: &StreamId,
@@ -142,19 +145,38 @@ impl<E: DomainEvent> DecisionRunner<E> {
         let attempts = self.retry.max_attempts.max(1);
         for attempt in 1..=attempts {
             let (state, marker) = self.fold(decision, &query).await?;
-            let events = decision.decide(&state).map_err(DecisionError::Rejected)?;
-            if events.is_empty() {
-                return Ok(Decided {
-                    events,
-                    position: marker,
-                    attempts: attempt,
-                });
+            let condition = AppendCondition::after(query.clone(), marker);
+            // A decision that writes nothing (a rejection, or nothing to
+            // do) stands only if its read missed nothing: a read may stop
+            // short of committed events (held back behind an older
+            // transaction still running). Appending nothing on the
+            // condition checks that no matching event came after the read.
+            let decided = decision.decide(&state);
+            if !matches!(&decided, Ok(events) if !events.is_empty()) {
+                match self.store.append_if(stream, Vec::new(), condition).await {
+                    Ok(_) => {
+                        return match decided {
+                            Ok(events) => Ok(Decided {
+                                events,
+                                position: marker,
+                                attempts: attempt,
+                            }),
+                            Err(rejection) => Err(DecisionError::Rejected(rejection)),
+                        }
+                    }
+                    Err(StoreError::BoundaryMoved { .. }) if attempt < attempts => {
+                        tracing::debug!(%stream, attempt, "decided on a read that missed events; deciding again");
+                        continue;
+                    }
+                    Err(StoreError::BoundaryMoved { .. }) => break,
+                    Err(e) => return Err(e.into()),
+                }
             }
+            let events = decided.map_err(DecisionError::Rejected)?;
             let batch = events
                 .iter()
                 .map(|e| self.codec.encode(e, metadata.clone()))
                 .collect::<Result<Vec<_>, _>>()?;
-            let condition = AppendCondition::after(query.clone(), marker);
             match self.store.append_if(stream, batch, condition).await {
                 Ok(result) => {
                     return Ok(Decided {
