@@ -7,11 +7,14 @@
 //! cargo run --release --manifest-path benches/peers/Cargo.toml
 //! BENCH_SECS=6 cargo run --release --manifest-path benches/peers/Cargo.toml
 //! ROUNDS=5 BENCH_ONLY=long cargo run --release --manifest-path benches/peers/Cargo.toml
+//! BENCH_ONLY=dcb ROUNDS=3 cargo run --release --manifest-path benches/peers/Cargo.toml
 //! ```
 //!
 //! `ROUNDS` repeats each measurement in alternated rounds and reports the
-//! median round; `BENCH_ONLY` (`new`, `small`, `batch`, `long`) picks
-//! scenarios.
+//! median round (default 1; 3 for `dcb`); `BENCH_ONLY` (`new`, `small`,
+//! `batch`, `long`, `dcb`) picks scenarios. `dcb` (see `dcb.rs`) is the
+//! course-enrolment decision through es-core's `DecisionRunner`, through
+//! aggregates, and through `disintegrate`.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +27,8 @@ use es_core::{EventStore, Metadata, Repository, SnapshotPolicy};
 use es_postgres::{PgEventStore, PgSnapshotStore};
 use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
+
+mod dcb;
 
 // ---------- the shared domain: an order with items ----------
 
@@ -230,7 +235,8 @@ fn rounds() -> usize {
 }
 
 /// Whether the scenario `name` runs: `BENCH_ONLY` (a comma-separated list of
-/// `new`, `small`, `batch`, `long`) names the scenarios to run, all when unset.
+/// `new`, `small`, `batch`, `long`, `dcb`) names the scenarios to run, all
+/// when unset.
 fn enabled(name: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|o| o.trim() == name))
 }
@@ -319,8 +325,24 @@ fn id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    // disintegrate-postgres builds sqlx with TLS, and sqlx then negotiates
+    // TLS with a server that offers it (`sslmode=prefer`): every connection
+    // of the bench would pay for it, unlike before that dependency. Plain
+    // connections, as before, unless PGSSLMODE says otherwise; set before
+    // the runtime starts any thread.
+    if std::env::var_os("PGSSLMODE").is_none() {
+        std::env::set_var("PGSSLMODE", "disable");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let (pool, schema) = es_postgres::testing::fresh_schema_with(40).await;
     // postgres-es's tables (its db/init.sql), in the same schema.
     sqlx::raw_sql(&format!(
@@ -369,9 +391,11 @@ async fn main() {
         "PostgreSQL {version}; schema {schema}; {} s per side per measurement",
         secs().as_secs_f64()
     );
-    println!();
-    println!("| command | es-postgres + Repository | postgres-es + cqrs-es | ratio |");
-    println!("|---|---|---|---|");
+    if ["new", "small", "batch", "long"].iter().any(|s| enabled(s)) {
+        println!();
+        println!("| command | es-postgres + Repository | postgres-es + cqrs-es | ratio |");
+        println!("|---|---|---|---|");
+    }
     let meta = Metadata::new();
 
     // 1. A command creating a new aggregate (load: empty; one event), through
@@ -583,6 +607,11 @@ async fn main() {
             t,
             "cmd/s",
         );
+    }
+
+    // 4. The course-enrolment decision (DCB), its own tables (see `dcb.rs`).
+    if enabled("dcb") {
+        dcb::run(&pool, &schema, &store).await;
     }
     let _ = store;
 }
