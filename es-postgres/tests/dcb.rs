@@ -288,6 +288,55 @@ async fn an_older_transaction_with_a_higher_sequence_committing_first() {
     );
 }
 
+/// A writer's own committed event, held back by two older transactions
+/// still running (with another boundary's commit between them), is in its
+/// next read by query: the read waits for every older transaction that
+/// holds back the query's rows, not only for the first one holding back
+/// any row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_by_query_waits_for_every_older_transaction_holding_its_rows() {
+    let (store, pool) = store().await;
+    let (mine, other) = (unique_tag("mine"), unique_tag("other"));
+    let open = |pool: PgPool| async move {
+        let mut conn = pool.acquire().await.unwrap().detach();
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    };
+    let first = open(pool.clone()).await;
+    store
+        .append(
+            &unique_stream("o"),
+            ExpectedVersion::Any,
+            vec![tagged_event(1, "X", &[&other])],
+        )
+        .await
+        .unwrap();
+    let second = open(pool.clone()).await;
+    let own = tagged_event(2, "X", &[&mine]);
+    let own_id = own.event_id;
+    store
+        .append(&unique_stream("m"), ExpectedVersion::Any, vec![own])
+        .await
+        .unwrap();
+    let closer = tokio::spawn(async move {
+        for (after, conn) in [(50, first), (250, second)] {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            conn.close().await.unwrap();
+        }
+    });
+    let query = Query::from(QueryItem::tagged(mine));
+    let page = store.read(&query, Position::START, 10).await.unwrap();
+    closer.await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![own_id]
+    );
+}
+
 /// A multi-stream write holding tagged events is atomic: a refused part
 /// writes nothing, tags included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

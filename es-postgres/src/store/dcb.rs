@@ -160,34 +160,39 @@ impl PgEventStore {
     }
 
     /// A page of the events matching `query` after `after`, and its
-    /// marker. When the page is short and committed events are held back
-    /// by older transactions still running (usually appends about to
-    /// commit), waits for them a moment (the read wait) and reads again, as
-    /// `read_all` does: the marker then covers what was committed before
-    /// the read began, and a decision made on it fails less often.
+    /// marker. When the page is short and committed events matching the
+    /// query are held back by older transactions still running (usually
+    /// appends about to commit), waits for them (each time at most the read
+    /// wait) and reads again, until none that committed before the first
+    /// read is held back: the page then holds what was committed before the
+    /// read began (a writer's own events included), and a decision made on
+    /// it fails less often. Later commits are left to the condition.
     async fn read_query(
         &self,
         query: &Query,
         after: Position,
         max: usize,
     ) -> Result<QueryPage, StoreError> {
-        let (page, held) = self.read_query_once(query, after, max).await?;
-        match held {
-            Some(tx) if page.events.len() < max && self.wait_horizon(tx).await? => {
-                Ok(self.read_query_once(query, after, max).await?.0)
+        let (mut page, mut held, began) = self.read_query_once(query, after, max).await?;
+        while let Some(tx) = held {
+            if page.events.len() >= max || tx >= began || !self.wait_horizon(tx).await? {
+                break;
             }
-            _ => Ok(page),
+            (page, held, _) = self.read_query_once(query, after, max).await?;
         }
+        Ok(page)
     }
 
-    /// One read of a page by query: the page, and the oldest transaction
-    /// whose committed rows the horizon holds back.
+    /// One read of a page by query: the page, the oldest transaction whose
+    /// committed rows matching the query the horizon holds back, and the
+    /// first transaction id the read's snapshot does not see (every one
+    /// before it had begun when the read did).
     async fn read_query_once(
         &self,
         query: &Query,
         after: Position,
         max: usize,
-    ) -> Result<(QueryPage, Option<i64>), StoreError> {
+    ) -> Result<(QueryPage, Option<i64>, i64), StoreError> {
         let (major, minor) = position_parts(after)?;
         let rows: Vec<QueryRow> = sqlx::query_as(&self.shared.sql.read_query)
             .bind(major)
@@ -199,9 +204,10 @@ impl PgEventStore {
             .map_err(store_error)?;
         let horizon = rows.first().and_then(|row| row.0).unwrap_or(0);
         let held = rows.first().and_then(|row| row.1);
+        let began = rows.first().and_then(|row| row.2).unwrap_or(i64::MAX);
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            let (horizon, _, a, b, c, d, e, f, g, h, i, j, k) = row;
+            let (horizon, _, _, a, b, c, d, e, f, g, h, i, j, k) = row;
             if let Some(event) = held_event((horizon, a, b, c, d, e, f, g, h, i, j, k)) {
                 events.push(decode(event, None)?);
             }
@@ -213,13 +219,15 @@ impl PgEventStore {
             Some(last) if events.len() >= max => last.position,
             _ => Position::new(u64::try_from(horizon).unwrap_or(0), 0).max(after),
         };
-        Ok((QueryPage { events, marker }, held))
+        Ok((QueryPage { events, marker }, held, began))
     }
 }
 
 /// A row of the read by query: the horizon, the oldest held-back
-/// transaction, then a [`HeldRow`]'s event columns.
+/// transaction, the snapshot's first unseen transaction id, then a
+/// [`HeldRow`]'s event columns.
 type QueryRow = (
+    Option<i64>,
     Option<i64>,
     Option<i64>,
     Option<i64>,

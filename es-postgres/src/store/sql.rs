@@ -201,10 +201,21 @@ impl Sql {
             // every lookup is an index scan whatever the planner guesses
             // of the items' number. Always one row at least: an empty page
             // is one row of NULL event columns.
+            // The held-back check looks at the query's own rows only: a
+            // read waits for the transactions that hold back what it
+            // selects, not for every write in the log.
             read_query: format!(
-                "WITH h AS (SELECT {XMIN} AS x, (SELECT min(transaction_id) FROM {s}.events \
-                                                 WHERE transaction_id >= {XMIN}) AS held) \
-                 SELECT h.x, h.held, e.* FROM h LEFT JOIN LATERAL \
+                "WITH h AS (SELECT {XMIN} AS x, \
+                                   pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xm, \
+                                   (SELECT min(w.transaction_id) \
+                                      FROM jsonb_array_elements($3::jsonb) AS q(item) \
+                                      CROSS JOIN LATERAL \
+                                        (SELECT t.transaction_id FROM {s}.event_tags t \
+                                          WHERE t.tag = q.item->'tags'->>0 \
+                                            AND (jsonb_array_length(q.item->'types') = 0 OR q.item->'types' ? t.event_type) \
+                                            AND t.transaction_id >= {XMIN} \
+                                          ORDER BY t.transaction_id LIMIT 1) w) AS held) \
+                 SELECT h.x, h.held, h.xm, e.* FROM h LEFT JOIN LATERAL \
                    (SELECT ev.* FROM \
                       (SELECT DISTINCT m.transaction_id, m.global_position \
                          FROM jsonb_array_elements($3::jsonb) AS q(item) \
