@@ -203,7 +203,9 @@ impl Sql {
             // is one row of NULL event columns.
             // The held-back check looks at the query's own rows only: a
             // read waits for the transactions that hold back what it
-            // selects, not for every write in the log.
+            // selects, not for every write in the log. An item of one tag
+            // is matched by the tag index alone; one of several also reads
+            // each candidate's tags.
             read_query: format!(
                 "WITH h AS (SELECT {XMIN} AS x, \
                                    pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xm, \
@@ -224,9 +226,10 @@ impl Sql {
                              WHERE t.tag = q.item->'tags'->>0 \
                                AND (jsonb_array_length(q.item->'types') = 0 OR q.item->'types' ? t.event_type) \
                                AND (t.transaction_id, t.global_position) > ($1, $2) AND t.transaction_id < h.x \
-                               AND (SELECT x.tags FROM {s}.events x WHERE x.transaction_id = t.transaction_id \
-                                       AND x.global_position = t.global_position) \
-                                   @> ARRAY(SELECT jsonb_array_elements_text(q.item->'tags')) \
+                               AND (jsonb_array_length(q.item->'tags') = 1 \
+                                    OR (SELECT x.tags FROM {s}.events x WHERE x.transaction_id = t.transaction_id \
+                                          AND x.global_position = t.global_position) \
+                                       @> ARRAY(SELECT jsonb_array_elements_text(q.item->'tags'))) \
                              ORDER BY t.transaction_id, t.global_position LIMIT $4) m \
                         ORDER BY 1, 2 LIMIT $4) k \
                     CROSS JOIN LATERAL \
