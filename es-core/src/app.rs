@@ -435,24 +435,18 @@ impl<S: Saga> SagaWiring<'_, S> {
 /// take) or nowhere (dropped) is not bound: the saga handles a message as
 /// one input.
 fn input_types<I: DomainEvent>(upcasters: &Upcasters) -> Vec<String> {
+    let renamed = upcasters.older_names(|ends| {
+        !ends.is_empty()
+            && ends
+                .iter()
+                .all(|(t, _)| I::EVENT_TYPES.contains(&t.as_str()))
+    });
     let mut types: Vec<String> = I::EVENT_TYPES.iter().map(|t| (*t).to_owned()).collect();
-    for upcaster in upcasters.iter() {
-        let name = upcaster.event_type();
-        if types.iter().any(|t| t == name) {
-            continue;
-        }
-        let into_inputs = upcasters
-            .ends(name, upcaster.from_version())
-            .is_ok_and(|ends| {
-                !ends.is_empty()
-                    && ends
-                        .iter()
-                        .all(|(t, _)| I::EVENT_TYPES.contains(&t.as_str()))
-            });
-        if into_inputs {
-            types.push(name.to_owned());
-        }
-    }
+    types.extend(
+        renamed
+            .into_iter()
+            .filter(|name| !I::EVENT_TYPES.contains(&name.as_str())),
+    );
     types
 }
 

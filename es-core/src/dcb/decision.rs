@@ -151,18 +151,17 @@ impl<E: DomainEvent> DecisionRunner<E> {
             // short of committed events (held back behind an older
             // transaction still running). Appending nothing on the
             // condition checks that no matching event came after the read.
-            let decided = decision.decide(&state);
-            if !matches!(&decided, Ok(events) if !events.is_empty()) {
-                match self.store.append_if(stream, Vec::new(), condition).await {
+            let events = match decision.decide(&state) {
+                Ok(events) if !events.is_empty() => events,
+                nothing => match self.store.append_if(stream, Vec::new(), condition).await {
                     Ok(_) => {
-                        return match decided {
-                            Ok(events) => Ok(Decided {
+                        return nothing
+                            .map(|events| Decided {
                                 events,
                                 position: marker,
                                 attempts: attempt,
-                            }),
-                            Err(rejection) => Err(DecisionError::Rejected(rejection)),
-                        }
+                            })
+                            .map_err(DecisionError::Rejected)
                     }
                     Err(StoreError::BoundaryMoved { .. }) if attempt < attempts => {
                         tracing::debug!(%stream, attempt, "decided on a read that missed events; deciding again");
@@ -170,9 +169,8 @@ impl<E: DomainEvent> DecisionRunner<E> {
                     }
                     Err(StoreError::BoundaryMoved { .. }) => break,
                     Err(e) => return Err(e.into()),
-                }
-            }
-            let events = decided.map_err(DecisionError::Rejected)?;
+                },
+            };
             let batch = events
                 .iter()
                 .map(|e| self.codec.encode(e, metadata.clone()))

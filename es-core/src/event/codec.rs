@@ -136,15 +136,12 @@ impl<E: DomainEvent> EventCodec<E> {
         schema_version: u32,
         payload: &Payload,
     ) -> Result<E, CodecError> {
-        let mut decoded = self.decode_parts_all(event_type, schema_version, payload)?;
-        match (decoded.len(), decoded.next()) {
-            (1, Some(event)) => Ok(event),
-            (count, _) => Err(CodecError::NotOne {
+        self.decode_one(event_type, schema_version, payload)?
+            .ok_or_else(|| CodecError::NotOne {
                 event_type: event_type.to_owned(),
                 schema_version,
-                count,
-            }),
-        }
+                count: 0,
+            })
     }
 
     /// Decodes a stored message that reads as at most one event: `None`

@@ -148,16 +148,10 @@ impl Schema {
     /// subscription's bindings): give them these, so that old events reach
     /// the readers of what they became.
     pub fn stored_names_of(&self, types: &[&str]) -> BTreeSet<String> {
-        let mut names: BTreeSet<String> = types.iter().map(|t| (*t).to_owned()).collect();
-        for upcaster in self.upcasters.iter() {
-            let leads_to_one = self
-                .upcasters
-                .ends(upcaster.event_type(), upcaster.from_version())
-                .is_ok_and(|ends| ends.iter().any(|(t, _)| types.contains(&t.as_str())));
-            if leads_to_one {
-                names.insert(upcaster.event_type().to_owned());
-            }
-        }
+        let mut names = self
+            .upcasters
+            .older_names(|ends| ends.iter().any(|(t, _)| types.contains(&t.as_str())));
+        names.extend(types.iter().map(|t| (*t).to_owned()));
         names
     }
 

@@ -279,6 +279,22 @@ impl Upcasters {
         Ok(ends)
     }
 
+    /// The stored names upcasters read whose chains, run to their ends,
+    /// satisfy `reads_as` (given every `(type, version)` the chains of one
+    /// upcaster end at; a chain with a cycle satisfies nothing).
+    pub fn older_names(
+        &self,
+        reads_as: impl Fn(&BTreeSet<(String, u32)>) -> bool,
+    ) -> BTreeSet<String> {
+        self.iter()
+            .filter(|u| {
+                self.ends(u.event_type(), u.from_version())
+                    .is_ok_and(|ends| reads_as(&ends))
+            })
+            .map(|u| u.event_type().to_owned())
+            .collect()
+    }
+
     fn walk(
         &self,
         event_type: &str,

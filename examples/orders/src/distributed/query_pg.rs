@@ -366,7 +366,7 @@ impl Projection for PgOrderProjection {
                 let Some((order_id, status, completed_at, reason)) = moved_to(other) else {
                     return Ok(());
                 };
-                let row = sqlx::query(&format!(
+                sqlx::query(&format!(
                     "UPDATE orders SET status = $2, version = $3,
                         completed_at = coalesce($4, completed_at),
                         cancellation_reason = coalesce($5, cancellation_reason),
@@ -382,23 +382,22 @@ impl Projection for PgOrderProjection {
                 .bind(source_minor)
                 .fetch_optional(&mut *tx)
                 .await
-                .map_err(|e| failed(event, e))?;
-                if let (true, Some(row)) = (status.is_terminal(), &row) {
-                    let (view, _) = view_of(row).map_err(|e| invalid(event, e))?;
-                    sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(&self.channel)
-                        .bind(terminal_note(&view))
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| failed(event, e))?;
-                }
-                row
+                .map_err(|e| failed(event, e))?
             }
         };
-        if let Some(row) = row {
-            let written = view_of(&row).map_err(|e| invalid(event, e))?;
-            self.written(written, source.recorded_at).await;
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let written = view_of(&row).map_err(|e| invalid(event, e))?;
+        if written.0.status.is_terminal() {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&self.channel)
+                .bind(terminal_note(&written.0))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| failed(event, e))?;
         }
+        self.written(written, source.recorded_at).await;
         Ok(())
     }
 }
