@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "dcb_tags",
         sql: include_str!("../migrations/0004_dcb_tags.sql"),
     },
+    Migration {
+        version: 5,
+        name: "dcb_read",
+        sql: include_str!("../migrations/0005_dcb_read.sql"),
+    },
 ];
 
 /// Checks that `name` is a plain lower-case identifier, safe to splice into SQL.

@@ -288,25 +288,28 @@ async fn an_older_transaction_with_a_higher_sequence_committing_first() {
     );
 }
 
+/// A transaction that has begun and taken its id, as one that wrote
+/// something else first.
+async fn open_with_id(pool: &PgPool) -> sqlx::PgConnection {
+    let mut conn = pool.acquire().await.unwrap().detach();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
 /// A writer's own committed event, held back by two older transactions
 /// still running (with another boundary's commit between them), is in its
-/// next read by query: the read waits for every older transaction that
-/// holds back the query's rows, not only for the first one holding back
-/// any row.
+/// next read by query at once: no writer of its boundary is running, so
+/// the read holds the boundary's keys and reads past the horizon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_by_query_waits_for_every_older_transaction_holding_its_rows() {
+async fn a_read_by_query_does_not_wait_for_transactions_outside_its_boundary() {
     let (store, pool) = store().await;
+    let store = store.with_read_wait(Duration::from_secs(60));
     let (mine, other) = (unique_tag("mine"), unique_tag("other"));
-    let open = |pool: PgPool| async move {
-        let mut conn = pool.acquire().await.unwrap().detach();
-        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-        sqlx::query("SELECT pg_current_xact_id()")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn
-    };
-    let first = open(pool.clone()).await;
+    let first = open_with_id(&pool).await;
     store
         .append(
             &unique_stream("o"),
@@ -315,11 +318,63 @@ async fn a_read_by_query_waits_for_every_older_transaction_holding_its_rows() {
         )
         .await
         .unwrap();
-    let second = open(pool.clone()).await;
+    let second = open_with_id(&pool).await;
     let own = tagged_event(2, "X", &[&mine]);
     let own_id = own.event_id;
     store
         .append(&unique_stream("m"), ExpectedVersion::Any, vec![own])
+        .await
+        .unwrap();
+    let query = Query::from(QueryItem::tagged(mine));
+    let page = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.read(&query, Position::START, 10),
+    )
+    .await
+    .expect("the read waited for transactions that write none of its tags")
+    .unwrap();
+    for conn in [first, second] {
+        conn.close().await.unwrap();
+    }
+    assert_eq!(
+        page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![own_id]
+    );
+}
+
+/// The same, with a writer of the boundary running: the read cannot hold
+/// the boundary's keys, reads at the horizon, and waits for every older
+/// transaction that holds back the query's rows, not only for the first
+/// one holding back any row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_by_query_beside_a_writer_of_its_boundary_waits_for_the_rows_held_back() {
+    let (store, pool) = store().await;
+    let (mine, other) = (unique_tag("mine"), unique_tag("other"));
+    let first = open_with_id(&pool).await;
+    store
+        .append(
+            &unique_stream("o"),
+            ExpectedVersion::Any,
+            vec![tagged_event(1, "X", &[&other])],
+        )
+        .await
+        .unwrap();
+    let second = open_with_id(&pool).await;
+    let own = tagged_event(2, "X", &[&mine]);
+    let own_id = own.event_id;
+    store
+        .append(&unique_stream("m"), ExpectedVersion::Any, vec![own])
+        .await
+        .unwrap();
+    let mut writer = pool.acquire().await.unwrap();
+    let mut writing = writer.begin().await.unwrap();
+    store
+        .append_in_tx(
+            &mut writing,
+            &unique_stream("w"),
+            ExpectedVersion::Any,
+            vec![tagged_event(3, "X", &[&mine])],
+        )
         .await
         .unwrap();
     let closer = tokio::spawn(async move {
@@ -331,9 +386,55 @@ async fn a_read_by_query_waits_for_every_older_transaction_holding_its_rows() {
     let query = Query::from(QueryItem::tagged(mine));
     let page = store.read(&query, Position::START, 10).await.unwrap();
     closer.await.unwrap();
+    writing.rollback().await.unwrap();
     assert_eq!(
         page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
         vec![own_id]
+    );
+}
+
+/// A transaction that took its id before it wrote a tagged event (it wrote
+/// something else first) and was running, without the boundary's locks,
+/// when a read by query gave its marker: its event lands after that marker,
+/// though its id is below the marker's base, and a decision made on the
+/// read finds the boundary moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tagged_write_by_a_transaction_with_an_older_id_moves_a_later_marker() {
+    let (store, pool) = store().await;
+    let tag = unique_tag("late");
+    let query = Query::from(QueryItem::tagged(tag.clone()));
+    let mut early = open_with_id(&pool).await;
+    // Later transactions end, so the read's snapshot edge passes the
+    // early transaction's id.
+    for n in 0..3 {
+        store
+            .append(&unique_stream("n"), ExpectedVersion::Any, vec![event(n)])
+            .await
+            .unwrap();
+    }
+    let page = store.read(&query, Position::START, 10).await.unwrap();
+    assert!(page.events.is_empty());
+    let written = store
+        .append_in_tx(
+            &mut early,
+            &unique_stream("e"),
+            ExpectedVersion::Any,
+            vec![tagged_event(1, "X", &[&tag])],
+        )
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut early).await.unwrap();
+    assert!(written.position > page.marker, "{written:?} {page:?}");
+    let stale = store
+        .append_if(
+            &unique_stream("dcb"),
+            vec![tagged_event(2, "X", &[&tag])],
+            AppendCondition::after(query.clone(), page.marker),
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::BoundaryMoved { .. })),
+        "{stale:?}"
     );
 }
 

@@ -343,7 +343,7 @@ impl PgEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         let result = if super::dcb::has_tags(&events) {
-            self.append_tagged_on(&mut *conn, stream, expected, &events, None)
+            self.append_tagged_on(&mut *conn, stream, expected, &events, None, false)
                 .await?
         } else {
             self.append_on(&mut *conn, stream, expected, &events, true)

@@ -24,6 +24,7 @@ pub(super) struct Sql {
     pub(super) append_tagged: String,
     pub(super) lock_tags: String,
     pub(super) read_query: String,
+    pub(super) read_by_query: String,
 }
 
 const COLUMNS: &str = "global_position, transaction_id, stream_id, stream_version, event_id, \
@@ -188,9 +189,12 @@ impl Sql {
             ),
             append_tagged: format!(
                 "SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_tagged(\
-                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
             ),
-            lock_tags: format!("SELECT {s}.lock_tags($1, $2, $3, NULL)"),
+            lock_tags: format!("SELECT {s}.lock_tags($1, $2)"),
+            // A read by query that holds its query's keys (`$1`) while it
+            // reads: no row when another transaction holds one of them.
+            read_by_query: format!("SELECT * FROM {s}.read_by_query($1, $2, $3, $4, $5)"),
             // A page of the events matching the query `$3` (items as
             // [{"types": [...], "tags": [...]}]) after ($1, $2), below the
             // horizon as read_all reads; in the same snapshot the horizon
