@@ -342,6 +342,43 @@ async fn a_read_by_query_does_not_wait_for_transactions_outside_its_boundary() {
     );
 }
 
+/// A decision on a boundary written since an unrelated transaction began,
+/// while that transaction is still open: the read sees the boundary's last
+/// write and the decision is made at once, not held up until the unrelated
+/// transaction ends (a read at the horizon would miss the write, and every
+/// decision made on it would find the boundary moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_is_not_held_up_by_an_unrelated_open_transaction() {
+    use es_core::doc_support::coupon::{CouponError, CouponEvent, Redeem};
+    use es_core::{DecisionError, DecisionRunner, Metadata};
+
+    let (store, pool) = store().await;
+    let runner = DecisionRunner::<CouponEvent>::new(Arc::new(store));
+    let unrelated = open_with_id(&pool).await;
+    let redeem = Redeem {
+        coupon: unique_tag("c").value().to_owned(),
+        customer: 7,
+    };
+    runner
+        .execute(&unique_stream("redemption"), &redeem, Metadata::new())
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(
+        Duration::from_secs(5),
+        runner.execute(&unique_stream("redemption"), &redeem, Metadata::new()),
+    )
+    .await
+    .expect("the decision waited for an unrelated transaction");
+    unrelated.close().await.unwrap();
+    assert!(
+        matches!(
+            again,
+            Err(DecisionError::Rejected(CouponError::AlreadyRedeemed))
+        ),
+        "{again:?}"
+    );
+}
+
 /// The same, with a writer of the boundary running: the read cannot hold
 /// the boundary's keys, reads at the horizon, and waits for every older
 /// transaction that holds back the query's rows, not only for the first
