@@ -228,9 +228,12 @@ async fn a_late_commit_is_not_skipped_by_a_query_read_or_its_marker() {
 }
 
 /// Transaction A gets the older id, B the newer; B writes a tagged event
-/// first (lower sequence) and A later (higher sequence) and commits first.
-/// The query subscription follows the (transaction id, sequence) order: A,
-/// then B once it commits; a sequence-ordered reader would skip B.
+/// first (lower sequence), another transaction commits, and A writes its
+/// tagged event later (higher sequence) and commits first. A had its id
+/// before its tag locks, so its event lands after every transaction that
+/// had ended when it took them: after B in the log, though its id is
+/// older. The query subscription holds A back while B runs, then gives B
+/// and A in log order; nothing is skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_transaction_with_a_higher_sequence_committing_first() {
     let (store, pool) = store().await;
@@ -257,6 +260,11 @@ async fn an_older_transaction_with_a_higher_sequence_committing_first() {
         )
         .await
         .unwrap();
+    // Untagged noise: a transaction newer than B ends before A's write.
+    store
+        .append(&unique_stream("n"), ExpectedVersion::Any, vec![event(9)])
+        .await
+        .unwrap();
     let ea = tagged_event(1, "X", &[&tag]);
     let a_id = ea.event_id;
     let a_result = store
@@ -268,23 +276,23 @@ async fn an_older_transaction_with_a_higher_sequence_committing_first() {
         )
         .await
         .unwrap();
-    assert!(a_result.position.major() < b_result.position.major());
+    assert!(a_result.position.major() > b_result.position.major());
     assert!(a_result.position.minor() > b_result.position.minor());
-    // Untagged noise between them.
-    store
-        .append(&unique_stream("n"), ExpectedVersion::Any, vec![event(9)])
-        .await
-        .unwrap();
     tx_a.commit().await.unwrap();
     store.wake_subscribers();
-    assert_eq!(next_event(&mut sub).await.event_id, a_id);
+    let early = tokio::time::timeout(Duration::from_millis(300), next_event(&mut sub)).await;
+    assert!(
+        early.is_err(),
+        "A was delivered before B, which precedes it"
+    );
     tx_b.commit().await.unwrap();
     store.wake_subscribers();
     assert_eq!(next_event(&mut sub).await.event_id, b_id);
+    assert_eq!(next_event(&mut sub).await.event_id, a_id);
     let page = store.read(&query, Position::START, 10).await.unwrap();
     assert_eq!(
         page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
-        vec![a_id, b_id]
+        vec![b_id, a_id]
     );
 }
 
@@ -472,6 +480,75 @@ async fn a_tagged_write_by_a_transaction_with_an_older_id_moves_a_later_marker()
     assert!(
         matches!(stale, Err(StoreError::BoundaryMoved { .. })),
         "{stale:?}"
+    );
+}
+
+/// A tagged append that races another on the same stream and loses some of
+/// its versions (the other, still open, holds the next one) writes nothing
+/// of that attempt and appends after the winner once it commits: the
+/// stream's versions stay contiguous, and no tag row of the lost attempt is
+/// left without its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tagged_append_that_loses_part_of_its_versions_takes_back_what_it_wrote() {
+    let (store, pool) = store().await;
+    let tag = unique_tag("race");
+    let stream = unique_stream("race");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![tagged_event(1, "X", &[&tag])],
+        )
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut winner = conn.begin().await.unwrap();
+    store
+        .append_in_tx(
+            &mut winner,
+            &stream,
+            ExpectedVersion::Exact(1),
+            vec![tagged_event(2, "X", &[&tag])],
+        )
+        .await
+        .unwrap();
+    let loser = {
+        let store = store.clone();
+        let stream = stream.clone();
+        let events = (3..6).map(|n| tagged_event(n, "X", &[&tag])).collect();
+        tokio::spawn(async move { store.append(&stream, ExpectedVersion::Any, events).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    winner.commit().await.unwrap();
+    let lost = loser.await.unwrap().unwrap();
+    assert_eq!(lost.stream_version, 5);
+    let versions: Vec<u64> = store
+        .read_stream(&stream, 1, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.stream_version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+    let orphans: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{0}\".event_tags t WHERE NOT EXISTS \
+         (SELECT 1 FROM \"{0}\".events e WHERE e.transaction_id = t.transaction_id \
+          AND e.global_position = t.global_position)",
+        store.schema()
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(orphans, 0);
+    let query = Query::from(QueryItem::tagged(tag));
+    assert_eq!(
+        store
+            .read(&query, Position::START, 10)
+            .await
+            .unwrap()
+            .events
+            .len(),
+        5
     );
 }
 
