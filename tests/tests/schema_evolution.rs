@@ -341,9 +341,11 @@ async fn read_all_subscriptions_and_projections_upcast_history_live_events_and_r
 // ---------------------------------------------------------------------------
 
 /// An app's saga, fed by its relay and bus, reacts to old-shape inputs from
-/// the store as to today's: a reshaped `Stocked` v1, and a `Shelved` v1
-/// that reaches it only because the app binds the names its schema renames
-/// into the saga's inputs.
+/// the store as to today's: a reshaped `Stocked` v1; a `Shelved` v1 that
+/// reaches it only because the app binds the names its schema renames into
+/// the saga's inputs; a `Restocked` v1 split into a `Labelled` (not an
+/// input, left out) and a `Stocked`; and a `Merged` v1 split into two
+/// `Stocked`, both handled.
 async fn a_saga_reacts_to_old_inputs_relayed_from_the_store(backend: Backend) {
     let (schema, calls) = schema();
     let store = backend.store();
@@ -357,27 +359,43 @@ async fn a_saga_reacts_to_old_inputs_relayed_from_the_store(backend: Backend) {
         .unwrap();
     app.start();
 
-    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
-    append(&*store, "s1", vec![correlated(old_stocked("s1", 4), first)]).await;
+    let ids: [Uuid; 4] = std::array::from_fn(|_| Uuid::now_v7());
+    append(
+        &*store,
+        "s1",
+        vec![correlated(old_stocked("s1", 4), ids[0])],
+    )
+    .await;
     append(
         &*store,
         "s2",
-        vec![correlated(old_shelved("s2", 6), second)],
+        vec![correlated(old_shelved("s2", 6), ids[1])],
     )
     .await;
-    eventually("the saga counted both old inputs", WAIT, || {
+    let restocked = old(
+        "Restocked",
+        "s3",
+        &json!({ "shelf": "s3", "n": 5, "label": "tea" }),
+    );
+    append(&*store, "s3", vec![correlated(restocked, ids[2])]).await;
+    let merged = old("Merged", "s4", &json!({ "shelf": "s4", "a": 2, "b": 7 }));
+    append(&*store, "s4", vec![correlated(merged, ids[3])]).await;
+    eventually("the saga counted every old input", WAIT, || {
         let replenish = Arc::clone(&replenish);
         async move {
-            let counted = |id| {
-                let replenish = Arc::clone(&replenish);
-                async move { replenish.load(id).await.unwrap().state.stocked }
-            };
-            counted(first).await == 4 && counted(second).await == 6
+            let mut counted = Vec::new();
+            for id in ids {
+                counted.push(replenish.load(id).await.unwrap().state.stocked);
+            }
+            counted == [4, 6, 5, 9]
         }
     })
     .await;
     let grown = calls.now();
-    assert!(grown.stocked_v1 >= 1 && grown.shelved >= 1, "{grown:?}");
+    assert!(
+        grown.stocked_v1 >= 1 && grown.shelved >= 1 && grown.restocked >= 1,
+        "{grown:?}"
+    );
     app.stop().await;
     assert_eq!(bus.dead_letters(REPLENISH_GROUP), []);
 }
@@ -845,6 +863,13 @@ fn schema() -> (Schema, Calls) {
         .upcaster(
             Upcaster::new("Shelved", 1, counted(&calls.shelved, n_to_count)).renamed_to("Stocked"),
         )
+        // Two stockings recorded as one event: two of the saga's inputs.
+        .upcaster(Upcaster::split("Merged", 1, [("Stocked", 1)], |v| {
+            Ok(["a", "b"]
+                .into_iter()
+                .map(|n| Upcast::new("Stocked", 1, json!({ "shelf": v["shelf"], "n": v[n] })))
+                .collect())
+        }))
         // `Upcaster::drop`, counted.
         .upcaster(Upcaster::split(
             "Audited",

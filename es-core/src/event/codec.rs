@@ -164,6 +164,50 @@ impl<E: DomainEvent> EventCodec<E> {
         }
     }
 
+    /// Decodes a stored message for a consumer of some of `E`'s types: the
+    /// events it reads as, in order, leaving out the parts an upcaster
+    /// split it into whose types `E` does not declare (its
+    /// [`DomainEvent::EVENT_TYPES`]; none is left out when it declares
+    /// none). A message no upcaster reads is decoded as one event, as
+    /// [`EventCodec::decode_parts_all`] does.
+    pub fn decode_declared(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+        payload: &Payload,
+    ) -> Result<Vec<E>, CodecError> {
+        let declared = |t: &str| E::EVENT_TYPES.is_empty() || E::EVENT_TYPES.contains(&t);
+        if !self.upcasters.is_empty() {
+            if let Some(upcast) = self.upcasters.upcast(event_type, schema_version, payload)? {
+                return upcast
+                    .into_iter()
+                    .filter(|up| declared(&up.event_type))
+                    .map(|up| self.decode_upcast(event_type, schema_version, &up))
+                    .collect();
+            }
+        }
+        Ok(self
+            .decode_parts_all(event_type, schema_version, payload)?
+            .collect())
+    }
+
+    /// One part an upcaster read a stored `event_type` at `schema_version`
+    /// as, decoded.
+    fn decode_upcast(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+        up: &super::Upcast,
+    ) -> Result<E, CodecError> {
+        check_known::<E>(&up.event_type, up.schema_version)?;
+        let payload = Payload::from_value(&up.payload).map_err(|e| CodecError::Upcast {
+            event_type: event_type.to_owned(),
+            from_version: schema_version,
+            reason: e.to_string(),
+        })?;
+        decode_variant(&up.event_type, up.schema_version, payload.as_str())
+    }
+
     /// Decodes a stored type name, schema version and payload through the
     /// upcasters: the events it reads as, in order (none when an upcaster
     /// dropped it). Without upcasters for it, exactly one.
@@ -177,16 +221,7 @@ impl<E: DomainEvent> EventCodec<E> {
             if let Some(upcast) = self.upcasters.upcast(event_type, schema_version, payload)? {
                 let events = upcast
                     .into_iter()
-                    .map(|up| {
-                        check_known::<E>(&up.event_type, up.schema_version)?;
-                        let payload =
-                            Payload::from_value(&up.payload).map_err(|e| CodecError::Upcast {
-                                event_type: event_type.to_owned(),
-                                from_version: schema_version,
-                                reason: e.to_string(),
-                            })?;
-                        decode_variant(&up.event_type, up.schema_version, payload.as_str())
-                    })
+                    .map(|up| self.decode_upcast(event_type, schema_version, &up))
                     .collect::<Result<Vec<_>, _>>()?;
                 return Ok(Decoded(Inner::Many(events.into_iter())));
             }
@@ -398,7 +433,7 @@ impl<'de> de::VariantAccess<'de> for PayloadContent<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Upcaster;
+    use crate::event::{Upcast, Upcaster};
     use serde::Deserialize;
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -469,6 +504,51 @@ mod tests {
         assert_eq!(
             (event_type, schema_version, &payload),
             ("Created", 2, &fresh.payload)
+        );
+    }
+
+    /// A consumer of `Newtype` only.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    enum OnlyNewtype {
+        Newtype(u64),
+    }
+
+    impl DomainEvent for OnlyNewtype {
+        const EVENT_TYPES: &'static [&'static str] = &["Newtype"];
+        fn event_type(&self) -> &'static str {
+            "Newtype"
+        }
+    }
+
+    /// An event split into a declared type twice and an undeclared one reads
+    /// as the two declared parts, in order; whole, it is not one of the
+    /// consumer's events.
+    #[test]
+    fn decoding_for_a_consumer_leaves_out_the_parts_it_does_not_declare() {
+        let split = Upcaster::split(
+            "Pair",
+            1,
+            [("Newtype", 1), ("Unit", 1)],
+            |v: serde_json::Value| {
+                Ok(vec![
+                    Upcast::new("Newtype", 1, v["a"].clone()),
+                    Upcast::new("Unit", 1, serde_json::Value::Null),
+                    Upcast::new("Newtype", 1, v["b"].clone()),
+                ])
+            },
+        );
+        let codec =
+            EventCodec::<OnlyNewtype>::with_upcasters(Upcasters::new().with(split).unwrap());
+        let payload = Payload::from_json(r#"{"a": 1, "b": 2}"#).unwrap();
+        assert_eq!(
+            codec.decode_declared("Pair", 1, &payload).unwrap(),
+            [OnlyNewtype::Newtype(1), OnlyNewtype::Newtype(2)]
+        );
+        assert!(codec.decode_parts_all("Pair", 1, &payload).is_err());
+        let plain = Payload::from_json("5").unwrap();
+        assert_eq!(
+            codec.decode_declared("Newtype", 1, &plain).unwrap(),
+            [OnlyNewtype::Newtype(5)]
         );
     }
 

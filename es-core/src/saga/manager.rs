@@ -288,18 +288,41 @@ impl<S: Saga> SagaManager<S> {
         Ok(())
     }
 
-    /// Handles a bus message: decodes it as an input, finds its instance, and
-    /// appends the reaction (unless the message was handled before).
+    /// Handles a bus message: decodes it as inputs, finds each one's
+    /// instance, and appends the reaction (unless the input was handled
+    /// before). A message reads as several inputs when an upcaster split an
+    /// older event into several of the saga's input types (its other parts
+    /// are not the saga's): each is handled in turn, the first as the
+    /// message itself and the others under ids derived from it, so that a
+    /// redelivery after a crash between them handles only the rest. The
+    /// outcome is the last one that wrote, else the most telling of the
+    /// others.
     pub async fn handle(&self, message: &Message) -> Result<SagaOutcome, SagaError> {
-        let Some(input) = self.inputs.decode_one(
+        let inputs = self.inputs.decode_declared(
             &message.message_type,
             message.schema_version,
             &message.payload,
-        )?
-        else {
-            return Ok(SagaOutcome::Ignored);
-        };
-        let Some(saga_id) = S::saga_id(&input, &message.metadata) else {
+        )?;
+        let mut outcome = SagaOutcome::Ignored;
+        for (index, input) in (0u32..).zip(inputs) {
+            let cause = match index {
+                0 => message.message_id,
+                index => derived_id(message.message_id, "es.saga.split-input", index),
+            };
+            let handled = self.handle_input(message, cause, &input).await?;
+            outcome = SagaOutcome::telling(outcome, handled);
+        }
+        Ok(outcome)
+    }
+
+    /// Handles one input of `message`, as `cause`.
+    async fn handle_input(
+        &self,
+        message: &Message,
+        cause: Uuid,
+        input: &S::Input,
+    ) -> Result<SagaOutcome, SagaError> {
+        let Some(saga_id) = S::saga_id(input, &message.metadata) else {
             return Ok(SagaOutcome::Ignored);
         };
         // Debug level: a reaction runs inside its message's span (the bus's
@@ -316,15 +339,15 @@ impl<S: Saga> SagaManager<S> {
         );
         crate::otel::continue_trace(&span, message.metadata.traceparent);
         let metadata = message.metadata.caused_by(message.message_id);
-        self.react_with(saga_id, message.message_id, &metadata, |instance, now| {
-            if instance.has_handled(message.message_id) {
+        self.react_with(saga_id, cause, &metadata, |instance, now| {
+            if instance.has_handled(cause) {
                 return None;
             }
             let received = Received {
                 now,
                 source: message.source.as_ref(),
             };
-            Some((instance.state.react(&input, received), None))
+            Some((instance.state.react(input, received), None))
         })
         .instrument(span)
         .await

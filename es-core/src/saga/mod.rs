@@ -185,3 +185,22 @@ pub enum SagaOutcome {
     /// or not due yet.
     Ignored,
 }
+
+impl SagaOutcome {
+    /// The outcome of a message handled as several inputs, `so_far` then
+    /// `next`: the last reaction written, else a change over a duplicate
+    /// over an ignored input.
+    pub(crate) fn telling(so_far: Self, next: Self) -> Self {
+        let rank = |outcome: &Self| match outcome {
+            Self::Ignored => 0,
+            Self::Duplicate => 1,
+            Self::NoChange => 2,
+            Self::Reacted { .. } => 3,
+        };
+        if rank(&next) >= rank(&so_far) {
+            next
+        } else {
+            so_far
+        }
+    }
+}
