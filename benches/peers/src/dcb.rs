@@ -1145,8 +1145,9 @@ fn op<T: Enrolment>(side: Arc<T>, tally: Arc<Tally>) -> Op {
 
 /// Decisions per second of `concurrency` clients running `op` for `time`:
 /// each client's subscriptions made over the time it spent deciding
-/// (registrations left out, failed attempts in), summed.
-async fn run_decisions(concurrency: usize, time: Duration, op: &Op) -> f64 {
+/// (registrations left out, failed attempts in), summed; and the
+/// subscriptions made.
+async fn run_decisions(concurrency: usize, time: Duration, op: &Op) -> (f64, u64) {
     let deadline = Instant::now() + time;
     let clients: Vec<_> = (0..concurrency)
         .map(|client| {
@@ -1162,14 +1163,81 @@ async fn run_decisions(concurrency: usize, time: Duration, op: &Op) -> f64 {
             })
         })
         .collect();
-    let mut rate = 0.0;
+    let (mut rate, mut made) = (0.0, 0);
     for client in clients {
         let (decisions, busy) = client.await.expect("client panicked");
+        made += decisions;
         if !busy.is_zero() {
             rate += decisions as f64 / busy.as_secs_f64();
         }
     }
-    rate
+    (rate, made)
+}
+
+/// CPU time used so far, in seconds: by this process (its clients and
+/// their drivers) and by every PostgreSQL process (`/proc`, user + system,
+/// reaped children included).
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    bench: f64,
+    postgres: f64,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        let mut cpu = Self {
+            bench: proc_cpu("/proc/self/stat").unwrap_or(0.0),
+            postgres: 0.0,
+        };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let path = entry.path().join("stat");
+            let Ok(stat) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            if stat.contains("(postgres)") {
+                cpu.postgres += stat_cpu(&stat).unwrap_or(0.0);
+            }
+        }
+        cpu
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            bench: self.bench - before.bench,
+            postgres: self.postgres - before.postgres,
+        }
+    }
+}
+
+fn proc_cpu(path: &str) -> Option<f64> {
+    stat_cpu(&std::fs::read_to_string(path).ok()?)
+}
+
+/// utime + stime + cutime + cstime of a `/proc/<pid>/stat` line, in seconds
+/// (clock ticks of 1/100 s, as `/proc` reports them on Linux).
+fn stat_cpu(stat: &str) -> Option<f64> {
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    let ticks: f64 = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    Some(ticks / 100.0)
+}
+
+/// What a side's measured slices made and the CPU they used.
+#[derive(Clone, Copy, Debug, Default)]
+struct Used {
+    decisions: u64,
+    cpu: Cpu,
+}
+
+impl Used {
+    /// Milliseconds of CPU per subscription made: PostgreSQL, this process.
+    fn per_decision(&self) -> (f64, f64) {
+        let n = self.decisions.max(1) as f64;
+        (self.cpu.postgres * 1e3 / n, self.cpu.bench * 1e3 / n)
+    }
 }
 
 /// The middle value (the upper one of an even count).
@@ -1204,28 +1272,40 @@ impl Analyze<'_> {
 }
 
 /// Alternates the sides in three slices each, `ROUNDS` times, after a
-/// warm-up of each: every side's decisions/s in every round. The tables are
-/// analyzed before every slice (see [`Analyze`]).
-async fn alternate(concurrency: usize, sides: &[Op], analyze: &Analyze<'_>) -> Vec<Vec<f64>> {
+/// warm-up of each: every side's decisions/s in every round, and what its
+/// measured slices made and used. The tables are analyzed before every
+/// slice (see [`Analyze`]).
+async fn alternate(
+    concurrency: usize,
+    sides: &[Op],
+    analyze: &Analyze<'_>,
+) -> (Vec<Vec<f64>>, Vec<Used>) {
     for side in sides {
         analyze.run().await;
         run_decisions(concurrency, Duration::from_millis(200), side).await;
     }
     let slice = secs() / 3;
     let mut results = vec![Vec::new(); sides.len()];
+    let mut used = vec![Used::default(); sides.len()];
     for _ in 0..dcb_rounds() {
         let mut sums = vec![0.0; sides.len()];
         for _ in 0..3 {
-            for (sum, side) in sums.iter_mut().zip(sides) {
+            for ((sum, side), used) in sums.iter_mut().zip(sides).zip(&mut used) {
                 analyze.run().await;
-                *sum += run_decisions(concurrency, slice, side).await;
+                let before = Cpu::now();
+                let (rate, made) = run_decisions(concurrency, slice, side).await;
+                let cpu = Cpu::now().since(before);
+                *sum += rate;
+                used.decisions += made;
+                used.cpu.bench += cpu.bench;
+                used.cpu.postgres += cpu.postgres;
             }
         }
         for (result, sum) in results.iter_mut().zip(sums) {
             result.push(sum / 3.0);
         }
     }
-    results
+    (results, used)
 }
 
 /// Checks that `side` keeps the rule: a block's 100 subscriptions succeed,
@@ -1323,6 +1403,7 @@ pub(crate) async fn run(pool: &PgPool, schema: &str, store: &PgEventStore) {
     let mut medians = Vec::new();
     let mut per_round = Vec::new();
     let mut spent = Vec::new();
+    let mut cpu = Vec::new();
     for clients in [1usize, MAX_CLIENTS] {
         let tallies: Vec<Arc<Tally>> = names.iter().map(|_| Arc::default()).collect();
         let sides = [
@@ -1332,7 +1413,10 @@ pub(crate) async fn run(pool: &PgPool, schema: &str, store: &PgEventStore) {
             op(dis.clone(), tallies[3].clone()),
             op(floor.clone(), tallies[4].clone()),
         ];
-        let results = alternate(clients, &sides, &analyze).await;
+        let (results, used) = alternate(clients, &sides, &analyze).await;
+        for (name, used) in names.iter().zip(used) {
+            cpu.push((name, clients, used));
+        }
         for (side, ((name, rates), tally)) in names.iter().zip(&results).zip(&tallies).enumerate() {
             let rounds: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
             println!(
@@ -1397,6 +1481,23 @@ pub(crate) async fn run(pool: &PgPool, schema: &str, store: &PgEventStore) {
     println!("|---|---|---|");
     for (name, clients, calls) in spent {
         println!("| {name} | {clients} | {calls} |");
+    }
+
+    println!();
+    println!(
+        "CPU per subscription made, measured slices (the ANALYZE between slices left out): \
+         PostgreSQL's processes and this one (the clients, their drivers and their stores), \
+         from /proc:"
+    );
+    println!();
+    println!("| implementation | clients | PostgreSQL | this process | total |");
+    println!("|---|---|---|---|---|");
+    for (name, clients, used) in cpu {
+        let (postgres, bench) = used.per_decision();
+        println!(
+            "| {name} | {clients} | {postgres:.2} ms | {bench:.2} ms | {:.2} ms |",
+            postgres + bench
+        );
     }
 
     dis_pool.close().await;
