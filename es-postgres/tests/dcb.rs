@@ -14,6 +14,7 @@ use es_core::testing::conformance::{event, next_event, unique_stream};
 use es_core::testing::dcb_conformance::{self, tagged_event, unique_tag};
 use es_core::{
     AppendCondition, DcbStore, EventStore, ExpectedVersion, Position, Query, QueryItem, StoreError,
+    Tag,
 };
 use es_postgres::PgEventStore;
 use sqlx::{Connection, PgPool};
@@ -309,15 +310,14 @@ async fn open_with_id(pool: &PgPool) -> sqlx::PgConnection {
 }
 
 /// A writer's own committed event, held back by two older transactions
-/// still running (with another boundary's commit between them), is in its
-/// next read by query at once: no writer of its boundary is running, so
-/// the read holds the boundary's keys and reads past the horizon.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_by_query_does_not_wait_for_transactions_outside_its_boundary() {
-    let (store, pool) = store().await;
-    let store = store.with_read_wait(Duration::from_secs(60));
+/// still running (with another boundary's commit between them): the two
+/// transactions, the event's tag and its id.
+async fn own_event_held_back(
+    store: &PgEventStore,
+    pool: &PgPool,
+) -> (sqlx::PgConnection, sqlx::PgConnection, Tag, uuid::Uuid) {
     let (mine, other) = (unique_tag("mine"), unique_tag("other"));
-    let first = open_with_id(&pool).await;
+    let first = open_with_id(pool).await;
     store
         .append(
             &unique_stream("o"),
@@ -326,13 +326,25 @@ async fn a_read_by_query_does_not_wait_for_transactions_outside_its_boundary() {
         )
         .await
         .unwrap();
-    let second = open_with_id(&pool).await;
+    let second = open_with_id(pool).await;
     let own = tagged_event(2, "X", &[&mine]);
     let own_id = own.event_id;
     store
         .append(&unique_stream("m"), ExpectedVersion::Any, vec![own])
         .await
         .unwrap();
+    (first, second, mine, own_id)
+}
+
+/// A writer's own committed event, held back by two older transactions
+/// still running (with another boundary's commit between them), is in its
+/// next read by query at once: no writer of its boundary is running, so
+/// the read holds the boundary's keys and reads past the horizon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_by_query_does_not_wait_for_transactions_outside_its_boundary() {
+    let (store, pool) = store().await;
+    let store = store.with_read_wait(Duration::from_secs(60));
+    let (first, second, mine, own_id) = own_event_held_back(&store, &pool).await;
     let query = Query::from(QueryItem::tagged(mine));
     let page = tokio::time::timeout(
         Duration::from_secs(5),
@@ -344,6 +356,41 @@ async fn a_read_by_query_does_not_wait_for_transactions_outside_its_boundary() {
     for conn in [first, second] {
         conn.close().await.unwrap();
     }
+    assert_eq!(
+        page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+        vec![own_id]
+    );
+}
+
+/// The same, with a writer of the boundary running: the read cannot hold
+/// the boundary's keys, reads at the horizon, and waits for every older
+/// transaction that holds back the query's rows, not only for the first
+/// one holding back any row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_by_query_beside_a_writer_of_its_boundary_waits_for_the_rows_held_back() {
+    let (store, pool) = store().await;
+    let (first, second, mine, own_id) = own_event_held_back(&store, &pool).await;
+    let mut writer = pool.acquire().await.unwrap();
+    let mut writing = writer.begin().await.unwrap();
+    store
+        .append_in_tx(
+            &mut writing,
+            &unique_stream("w"),
+            ExpectedVersion::Any,
+            vec![tagged_event(3, "X", &[&mine])],
+        )
+        .await
+        .unwrap();
+    let closer = tokio::spawn(async move {
+        for (after, conn) in [(50, first), (250, second)] {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            conn.close().await.unwrap();
+        }
+    });
+    let query = Query::from(QueryItem::tagged(mine));
+    let page = store.read(&query, Position::START, 10).await.unwrap();
+    closer.await.unwrap();
+    writing.rollback().await.unwrap();
     assert_eq!(
         page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
         vec![own_id]
@@ -384,57 +431,6 @@ async fn a_decision_is_not_held_up_by_an_unrelated_open_transaction() {
             Err(DecisionError::Rejected(CouponError::AlreadyRedeemed))
         ),
         "{again:?}"
-    );
-}
-
-/// The same, with a writer of the boundary running: the read cannot hold
-/// the boundary's keys, reads at the horizon, and waits for every older
-/// transaction that holds back the query's rows, not only for the first
-/// one holding back any row.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_by_query_beside_a_writer_of_its_boundary_waits_for_the_rows_held_back() {
-    let (store, pool) = store().await;
-    let (mine, other) = (unique_tag("mine"), unique_tag("other"));
-    let first = open_with_id(&pool).await;
-    store
-        .append(
-            &unique_stream("o"),
-            ExpectedVersion::Any,
-            vec![tagged_event(1, "X", &[&other])],
-        )
-        .await
-        .unwrap();
-    let second = open_with_id(&pool).await;
-    let own = tagged_event(2, "X", &[&mine]);
-    let own_id = own.event_id;
-    store
-        .append(&unique_stream("m"), ExpectedVersion::Any, vec![own])
-        .await
-        .unwrap();
-    let mut writer = pool.acquire().await.unwrap();
-    let mut writing = writer.begin().await.unwrap();
-    store
-        .append_in_tx(
-            &mut writing,
-            &unique_stream("w"),
-            ExpectedVersion::Any,
-            vec![tagged_event(3, "X", &[&mine])],
-        )
-        .await
-        .unwrap();
-    let closer = tokio::spawn(async move {
-        for (after, conn) in [(50, first), (250, second)] {
-            tokio::time::sleep(Duration::from_millis(after)).await;
-            conn.close().await.unwrap();
-        }
-    });
-    let query = Query::from(QueryItem::tagged(mine));
-    let page = store.read(&query, Position::START, 10).await.unwrap();
-    closer.await.unwrap();
-    writing.rollback().await.unwrap();
-    assert_eq!(
-        page.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
-        vec![own_id]
     );
 }
 
