@@ -9,6 +9,12 @@
 -- transaction holds one of the keys, the read is the horizon read of
 -- 0004 instead (the caller sees no row and reads that way).
 --
+-- Both functions look rows up by key only, and run with enable_seqscan off:
+-- a long-lived connection keeps the plans it made of their statements (a
+-- PL/pgSQL function's plans are cached per session) until the tables'
+-- statistics change, and plans made while the log was nearly empty scan
+-- it, on every call, while autovacuum is late or off.
+--
 -- A later writer's events must land after such a read's marker. A
 -- transaction that takes its tag locks before it has a transaction id gets
 -- one after them, above the xmax of every snapshot taken before (the
@@ -44,7 +50,7 @@ CREATE OR REPLACE FUNCTION {schema}.read_by_query(
 RETURNS TABLE (snapshot_xmax bigint, global_position bigint, transaction_id bigint, stream_id text,
                stream_version bigint, event_id uuid, event_type text, schema_version integer,
                payload text, metadata text, recorded_at timestamptz, tags text[])
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
 #variable_conflict use_column
 BEGIN
     IF NOT coalesce((SELECT bool_and(pg_try_advisory_xact_lock(k)) FROM unnest(p_keys) AS k), true) THEN
@@ -94,7 +100,7 @@ CREATE OR REPLACE FUNCTION {schema}.append_tagged(
     p_tag_items integer[], p_tags text[], p_keys bigint[], p_exclusive boolean[],
     p_condition jsonb, p_after_tx bigint, p_after_position bigint, p_locked boolean)
 RETURNS TABLE (outcome integer, out_version bigint, out_tx bigint, out_position bigint, out_event uuid)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
 DECLARE
     v_n integer := coalesce(cardinality(p_ids), 0);
     v_early boolean := NOT p_locked AND pg_current_xact_id_if_assigned() IS NOT NULL;

@@ -548,6 +548,33 @@ async fn a_tagged_append_that_loses_part_of_its_versions_takes_back_what_it_wrot
     );
 }
 
+/// The functions of tagged appends and reads by query plan their lookups
+/// with sequential scans off: the plans a session caches while the log is
+/// nearly empty would otherwise scan the whole log on every call, until
+/// statistics are gathered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dcb_functions_never_plan_a_scan_of_the_log() {
+    let (store, pool) = store().await;
+    let settings: Vec<(String, Option<Vec<String>>)> = sqlx::query_as(
+        "SELECT p.proname::text, p.proconfig FROM pg_proc p \
+         JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname IN ('append_tagged', 'read_by_query') \
+         ORDER BY 1",
+    )
+    .bind(store.schema())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let off = Some(vec!["enable_seqscan=off".to_owned()]);
+    assert_eq!(
+        settings,
+        vec![
+            ("append_tagged".to_owned(), off.clone()),
+            ("read_by_query".to_owned(), off)
+        ]
+    );
+}
+
 /// A multi-stream write holding tagged events is atomic: a refused part
 /// writes nothing, tags included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

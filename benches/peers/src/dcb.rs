@@ -1251,12 +1251,11 @@ fn median(values: &[f64]) -> f64 {
 ///
 /// As autovacuum would: without fresh statistics (this bench's server runs
 /// with `autovacuum = off`), a session keeps the plans it made while the
-/// tables were nearly empty, and es-postgres's `append_tagged()` then
-/// checks its event ids for a replay with a sequential scan of `events`
-/// (the plan of an empty table): every tagged append, conditional or not,
-/// grows slower with the log (from about 0.8 ms to 2.4 ms in 20 s on one
-/// connection of pgbench, on PostgreSQL 15). ANALYZE invalidates those
-/// plans.
+/// tables were nearly empty, which may scan a table that has since grown.
+/// es-postgres's DCB functions plan without sequential scans (with them, a
+/// tagged append on one connection of pgbench grows from about 0.8 ms to
+/// 2.4 ms in 20 s); the other sides' statements get no such help. ANALYZE
+/// invalidates those plans.
 struct Analyze<'a> {
     pool: &'a PgPool,
     tables: String,
