@@ -85,12 +85,12 @@ END
 $fn$;
 
 -- 0004's append_tagged, with the lock keys (p_keys, p_exclusive) from the
--- caller, p_locked (the caller took every tag lock of its transaction
--- before the transaction had an id) and the position
--- major above: one transaction id for a write that locked first, the
--- bound above for one that had its id before its locks. Such a write
--- needs READ COMMITTED, where a statement's snapshot is taken after the
--- locks before it.
+-- caller and the position major above: one transaction id for a write
+-- that locked first, the bound above for one that had its id before its
+-- locks (it takes keys here, and its transaction has an id already; a
+-- caller that took every key before its transaction had one passes none).
+-- Such a write needs READ COMMITTED, where a statement's snapshot is taken
+-- after the locks before it.
 DROP FUNCTION IF EXISTS {schema}.append_tagged(
     text, text, bigint, uuid[], text[], integer[], text[], text[], integer[], text[], jsonb, bigint, bigint);
 
@@ -98,12 +98,13 @@ CREATE OR REPLACE FUNCTION {schema}.append_tagged(
     p_tenant text, p_stream text, p_expected bigint,
     p_ids uuid[], p_types text[], p_versions integer[], p_payloads text[], p_metadata text[],
     p_tag_items integer[], p_tags text[], p_keys bigint[], p_exclusive boolean[],
-    p_condition jsonb, p_after_tx bigint, p_after_position bigint, p_locked boolean)
+    p_condition jsonb, p_after_tx bigint, p_after_position bigint)
 RETURNS TABLE (outcome integer, out_version bigint, out_tx bigint, out_position bigint, out_event uuid)
 LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
 DECLARE
     v_n integer := coalesce(cardinality(p_ids), 0);
-    v_early boolean := NOT p_locked AND pg_current_xact_id_if_assigned() IS NOT NULL;
+    v_early boolean := coalesce(cardinality(p_keys), 0) > 0
+                       AND pg_current_xact_id_if_assigned() IS NOT NULL;
     v_actual bigint;
     v_tx bigint;
     v_last bigint;

@@ -1186,7 +1186,10 @@ struct Cpu {
 impl Cpu {
     fn now() -> Self {
         let mut cpu = Self {
-            bench: proc_cpu("/proc/self/stat").unwrap_or(0.0),
+            bench: std::fs::read_to_string("/proc/self/stat")
+                .ok()
+                .and_then(|stat| stat_cpu(&stat))
+                .unwrap_or(0.0),
             postgres: 0.0,
         };
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -1207,10 +1210,6 @@ impl Cpu {
             postgres: self.postgres - before.postgres,
         }
     }
-}
-
-fn proc_cpu(path: &str) -> Option<f64> {
-    stat_cpu(&std::fs::read_to_string(path).ok()?)
 }
 
 /// utime + stime + cutime + cstime of a `/proc/<pid>/stat` line, in seconds

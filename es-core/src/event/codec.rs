@@ -175,37 +175,10 @@ impl<E: DomainEvent> EventCodec<E> {
         event_type: &str,
         schema_version: u32,
         payload: &Payload,
-    ) -> Result<Vec<E>, CodecError> {
-        let declared = |t: &str| E::EVENT_TYPES.is_empty() || E::EVENT_TYPES.contains(&t);
-        if !self.upcasters.is_empty() {
-            if let Some(upcast) = self.upcasters.upcast(event_type, schema_version, payload)? {
-                return upcast
-                    .into_iter()
-                    .filter(|up| declared(&up.event_type))
-                    .map(|up| self.decode_upcast(event_type, schema_version, &up))
-                    .collect();
-            }
-        }
-        Ok(self
-            .decode_parts_all(event_type, schema_version, payload)?
-            .collect())
-    }
-
-    /// One part an upcaster read a stored `event_type` at `schema_version`
-    /// as, decoded.
-    fn decode_upcast(
-        &self,
-        event_type: &str,
-        schema_version: u32,
-        up: &super::Upcast,
-    ) -> Result<E, CodecError> {
-        check_known::<E>(&up.event_type, up.schema_version)?;
-        let payload = Payload::from_value(&up.payload).map_err(|e| CodecError::Upcast {
-            event_type: event_type.to_owned(),
-            from_version: schema_version,
-            reason: e.to_string(),
-        })?;
-        decode_variant(&up.event_type, up.schema_version, payload.as_str())
+    ) -> Result<Decoded<E>, CodecError> {
+        self.decode_parts_where(event_type, schema_version, payload, |t| {
+            E::EVENT_TYPES.is_empty() || E::EVENT_TYPES.contains(&t)
+        })
     }
 
     /// Decodes a stored type name, schema version and payload through the
@@ -217,11 +190,33 @@ impl<E: DomainEvent> EventCodec<E> {
         schema_version: u32,
         payload: &Payload,
     ) -> Result<Decoded<E>, CodecError> {
+        self.decode_parts_where(event_type, schema_version, payload, |_| true)
+    }
+
+    /// Decodes through the upcasters, keeping the upcast parts whose type
+    /// `keep` accepts; an event no upcaster reads is decoded as it is.
+    fn decode_parts_where(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+        payload: &Payload,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Decoded<E>, CodecError> {
         if !self.upcasters.is_empty() {
             if let Some(upcast) = self.upcasters.upcast(event_type, schema_version, payload)? {
                 let events = upcast
                     .into_iter()
-                    .map(|up| self.decode_upcast(event_type, schema_version, &up))
+                    .filter(|up| keep(&up.event_type))
+                    .map(|up| {
+                        check_known::<E>(&up.event_type, up.schema_version)?;
+                        let payload =
+                            Payload::from_value(&up.payload).map_err(|e| CodecError::Upcast {
+                                event_type: event_type.to_owned(),
+                                from_version: schema_version,
+                                reason: e.to_string(),
+                            })?;
+                        decode_variant(&up.event_type, up.schema_version, payload.as_str())
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 return Ok(Decoded(Inner::Many(events.into_iter())));
             }
@@ -541,13 +536,19 @@ mod tests {
             EventCodec::<OnlyNewtype>::with_upcasters(Upcasters::new().with(split).unwrap());
         let payload = Payload::from_json(r#"{"a": 1, "b": 2}"#).unwrap();
         assert_eq!(
-            codec.decode_declared("Pair", 1, &payload).unwrap(),
+            codec
+                .decode_declared("Pair", 1, &payload)
+                .unwrap()
+                .collect::<Vec<_>>(),
             [OnlyNewtype::Newtype(1), OnlyNewtype::Newtype(2)]
         );
         assert!(codec.decode_parts_all("Pair", 1, &payload).is_err());
         let plain = Payload::from_json("5").unwrap();
         assert_eq!(
-            codec.decode_declared("Newtype", 1, &plain).unwrap(),
+            codec
+                .decode_declared("Newtype", 1, &plain)
+                .unwrap()
+                .collect::<Vec<_>>(),
             [OnlyNewtype::Newtype(5)]
         );
     }

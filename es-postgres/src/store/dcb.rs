@@ -127,7 +127,8 @@ fn query_json(query: &Query) -> Value {
 
 impl PgEventStore {
     /// One call of `append_tagged` on `executor`. `locked`: the caller
-    /// took the events' locks before its transaction had an id.
+    /// took the events' locks before its transaction had an id, so the
+    /// call takes none.
     pub(super) async fn append_tagged_on<'c, E>(
         &self,
         executor: E,
@@ -168,7 +169,6 @@ impl PgEventStore {
             .bind(condition.map(|c| query_json(&c.fail_if_events_match)))
             .bind(after.map(|a| a.0))
             .bind(after.map(|a| a.1))
-            .bind(locked)
             .fetch_all(executor)
             .await
             .map_err(|e| StoreError::from(batch.map_error(e, true)))?

@@ -189,7 +189,7 @@ impl Sql {
             ),
             append_tagged: format!(
                 "SELECT outcome, out_version, out_tx, out_position, out_event FROM {s}.append_tagged(\
-                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
             ),
             lock_tags: format!("SELECT {s}.lock_tags($1, $2)"),
             // A read by query that holds its query's keys (`$1`) while it
