@@ -25,8 +25,10 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{CqrsFramework, EventEnvelope};
 use es_core::{EventStore, Metadata, Repository, SnapshotPolicy};
 use es_postgres::{PgEventStore, PgSnapshotStore};
+use futures::future::BoxFuture;
 use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
+use sqlx::Row;
 
 mod dcb;
 
@@ -199,11 +201,19 @@ fn secs() -> Duration {
     )
 }
 
-async fn run_for<F, Fut>(concurrency: usize, time: Duration, op: Arc<F>) -> f64
+/// One side of a measurement: an operation a worker (its index given) runs
+/// in a loop.
+type Side = Arc<dyn Fn(usize) -> BoxFuture<'static, ()> + Send + Sync>;
+
+fn side<F, Fut>(op: F) -> Side
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
+    Fut: Future<Output = ()> + Send + 'static,
 {
+    Arc::new(move |worker| Box::pin(op(worker)))
+}
+
+async fn run_for(concurrency: usize, time: Duration, op: &Side) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + time;
@@ -241,36 +251,52 @@ fn enabled(name: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|o| o.trim() == name))
 }
 
-/// Alternates `a` and `b` in three slices each, `ROUNDS` times; returns
-/// their ops/s in the round whose ratio is the median, after printing each
-/// round's ratio when there are several.
+/// Alternates `sides` in three slices each, `ROUNDS` times; returns their
+/// ops/s in the round whose ratio of the first side to the second is the
+/// median, after printing each round's ratios of every other side to the
+/// second when there are several rounds.
+async fn alternate(concurrency: usize, sides: &[Side]) -> Vec<f64> {
+    for op in sides {
+        run_for(concurrency, Duration::from_millis(200), op).await;
+    }
+    let slice = secs() / 3;
+    let mut results: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..rounds() {
+        let mut sums = vec![0.0; sides.len()];
+        for _ in 0..3 {
+            for (sum, op) in sums.iter_mut().zip(sides) {
+                *sum += run_for(concurrency, slice, op).await / 3.0;
+            }
+        }
+        results.push(sums);
+    }
+    if results.len() > 1 {
+        for i in (0..sides.len()).filter(|&i| i != 1) {
+            let ratios: Vec<String> = results
+                .iter()
+                .map(|r| format!("{:.2}", r[i] / r[1]))
+                .collect();
+            println!(
+                "| (per-round ratios of side {} to side 2, {concurrency} clients: {}) | | | |",
+                i + 1,
+                ratios.join(", ")
+            );
+        }
+    }
+    results.sort_by(|x, y| (x[0] / x[1]).total_cmp(&(y[0] / y[1])));
+    results.swap_remove(results.len() / 2)
+}
+
+/// [`alternate`] of two sides.
 async fn pair<F, Fut, G, Gut>(concurrency: usize, a: F, b: G) -> (f64, f64)
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
+    Fut: Future<Output = ()> + Send + 'static,
     G: Fn(usize) -> Gut + Send + Sync + 'static,
-    Gut: Future<Output = ()> + Send,
+    Gut: Future<Output = ()> + Send + 'static,
 {
-    let (a, b) = (Arc::new(a), Arc::new(b));
-    // Warm up both.
-    run_for(concurrency, Duration::from_millis(200), a.clone()).await;
-    run_for(concurrency, Duration::from_millis(200), b.clone()).await;
-    let slice = secs() / 3;
-    let mut results = Vec::new();
-    for _ in 0..rounds() {
-        let (mut ra, mut rb) = (0.0, 0.0);
-        for _ in 0..3 {
-            ra += run_for(concurrency, slice, a.clone()).await;
-            rb += run_for(concurrency, slice, b.clone()).await;
-        }
-        results.push((ra / 3.0, rb / 3.0));
-    }
-    if results.len() > 1 {
-        let ratios: Vec<String> = results.iter().map(|(a, b)| format!("{:.2}", a / b)).collect();
-        println!("| (per-round ratios, {concurrency} clients: {}) | | | |", ratios.join(", "));
-    }
-    results.sort_by(|x, y| (x.0 / x.1).total_cmp(&(y.0 / y.1)));
-    results[results.len() / 2]
+    let rates = alternate(concurrency, &[side(a), side(b)]).await;
+    (rates[0], rates[1])
 }
 
 fn report(name: &str, ours: f64, theirs: f64, unit: &str) {
@@ -569,13 +595,73 @@ async fn run() {
                     .expect("cqrs-es");
             }
         };
-        let (o, t) = pair(c, ours, theirs.clone()).await;
+        // The floor: what the database and the protocol alone cost for such a
+        // command, raw sqlx on copies of our streams: the replay's SELECT
+        // (rows fetched, not decoded) and one autocommitted INSERT.
+        let floor_ids: Arc<Vec<String>> = Arc::new((0..c).map(|_| id()).collect());
+        for (from, to) in ours_ids.iter().zip(floor_ids.iter()) {
+            sqlx::query(&format!(
+                "INSERT INTO \"{schema}\".events (stream_id, stream_version, event_id,
+                     event_type, schema_version, payload, metadata)
+                 SELECT $2, stream_version, gen_random_uuid(), event_type, schema_version,
+                        payload, metadata
+                   FROM \"{schema}\".events WHERE tenant = '' AND stream_id = $1"
+            ))
+            .bind(format!("order-{from}"))
+            .bind(format!("floor-{to}"))
+            .execute(&pool)
+            .await
+            .expect("seed the floor's streams");
+        }
+        let select = format!(
+            "SELECT event_id, stream_version, event_type, schema_version, payload
+               FROM \"{schema}\".events WHERE tenant = '' AND stream_id = $1
+              ORDER BY stream_version"
+        );
+        let insert = format!(
+            "INSERT INTO \"{schema}\".events (stream_id, stream_version, event_id,
+                 event_type, schema_version, payload, metadata)
+             VALUES ($1, $2, $3, 'ItemAdded', 1, $4::json, '{{}}')"
+        );
+        let item_json = serde_json::to_string(&OrderEvent::ItemAdded(item())).expect("json");
+        let (p, ids) = (pool.clone(), floor_ids.clone());
+        let floor = move |w: usize| {
+            let (p, stream) = (p.clone(), format!("floor-{}", ids[w]));
+            let (select, insert, item_json) = (select.clone(), insert.clone(), item_json.clone());
+            async move {
+                let rows = sqlx::query(&select)
+                    .bind(&stream)
+                    .fetch_all(&p)
+                    .await
+                    .expect("floor select");
+                let last: i64 = rows.last().map_or(0, |row| row.get(1));
+                sqlx::query(&insert)
+                    .bind(&stream)
+                    .bind(last + 1)
+                    .bind(uuid::Uuid::now_v7())
+                    .bind(&item_json)
+                    .execute(&p)
+                    .await
+                    .expect("floor insert");
+            }
+        };
+        let rates = alternate(c, &[side(ours), side(theirs.clone()), side(floor)]).await;
+        let (o, t, f) = (rates[0], rates[1], rates[2]);
         report(
             &format!("1-event command on a 1,000-event aggregate, no snapshots, {c} clients"),
             o,
             t,
             "cmd/s",
         );
+        report(
+            &format!(
+                "floor: raw sqlx, the same rows selected (not decoded) and one INSERT, {c} clients"
+            ),
+            f,
+            t,
+            "cmd/s",
+        );
+        println!("| (es-postgres / floor: {:.2}x) | | | |", o / f);
         if c == 1 {
             let snap_ids: Arc<Vec<String>> = Arc::new(vec![id()]);
             for _ in 0..10 {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use es_core::{Metadata, Payload, Position, RecordedEvent, StoreError, StreamEvent, StreamId, Tag};
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
+use futures::TryStreamExt;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
@@ -408,7 +409,7 @@ impl PgEventStore {
 
     /// The rows of a stream read `sql` (`$1` the stream, `$2` the first
     /// version, `$3` the most rows), each decoded by `decode` in one
-    /// [`Page`].
+    /// [`Page`] as it arrives, while the server still sends the rest.
     async fn stream_page<T>(
         &self,
         sql: &str,
@@ -417,17 +418,17 @@ impl PgEventStore {
         max_count: usize,
         mut decode: impl FnMut(&mut Page, &PgRow) -> crate::error::Result<T>,
     ) -> Result<Vec<T>, StoreError> {
-        let rows = sqlx::query(sql)
+        let mut rows = sqlx::query(sql)
             .bind(stream.as_str())
             .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
             .bind(i64::try_from(max_count).unwrap_or(i64::MAX))
-            .fetch_all(&self.shared.pool)
-            .await
-            .map_err(store_error)?;
+            .fetch(&self.shared.pool);
         let mut page = Page::default();
-        rows.iter()
-            .map(|row| decode(&mut page, row).map_err(StoreError::from))
-            .collect()
+        let mut decoded = Vec::with_capacity(max_count.min(1_000));
+        while let Some(row) = rows.try_next().await.map_err(store_error)? {
+            decoded.push(decode(&mut page, &row)?);
+        }
+        Ok(decoded)
     }
 
     /// The version of `stream` (0 when it has no events).
