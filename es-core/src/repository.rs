@@ -16,8 +16,11 @@ use crate::{
     StreamAppend, StreamId,
 };
 
-/// How many events `load` reads per call to the store.
-const PAGE: usize = 1_000;
+/// How many events `load` reads per call to the store: an aggregate of up
+/// to this many events (past its snapshot) loads in one round trip, and a
+/// read holds at most this many events in memory at once (about 1 MB of
+/// events of a few hundred bytes).
+const PAGE: usize = 4_096;
 
 /// Why a command could not be executed.
 #[derive(Debug, thiserror::Error)]

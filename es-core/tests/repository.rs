@@ -589,3 +589,32 @@ async fn create_once_answers_a_repeated_command_id_as_a_duplicate() {
     let loaded = repo.load("o").await.unwrap();
     assert_eq!((loaded.state.value, loaded.version), (6, 2));
 }
+
+/// A stream longer than the repository reads at once (4,096 events) loads
+/// whole, and so does one that ends exactly where a read does; a command then
+/// continues its version.
+#[tokio::test]
+async fn a_stream_longer_than_a_read_loads_whole() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    let codec = es_core::EventCodec::<CounterEvent>::new();
+    for (id, len) in [("exact", 4_096u64), ("long", 2 * 4_096 + 3)] {
+        let stream = StreamId::new(format!("counter-{id}")).unwrap();
+        let events = (0..len)
+            .map(|_| {
+                codec
+                    .encode(&CounterEvent::Incremented { by: 1 }, Metadata::new())
+                    .unwrap()
+            })
+            .collect();
+        store
+            .append(&stream, es_core::ExpectedVersion::NoStream, events)
+            .await
+            .unwrap();
+        let loaded = repo.load(id).await.unwrap();
+        assert_eq!((loaded.state.value, loaded.version), (len, len));
+        let next = repo.execute(id, inc(2), &Metadata::new()).await.unwrap();
+        assert_eq!(next.stream_version, len + 1);
+        assert_eq!(repo.load(id).await.unwrap().state.value, len + 2);
+    }
+}

@@ -306,12 +306,41 @@ fn report(name: &str, ours: f64, theirs: f64, unit: &str) {
     );
 }
 
-/// One bench operation on our side: `AddItems(1)` on aggregate `ids[w]`
-/// through `repo`.
-async fn add_one(repo: Arc<Repository<Order>>, ids: Arc<Vec<String>>, meta: Metadata, w: usize) {
-    repo.execute(&ids[w], OrderCommand::AddItems(1), &meta)
+/// One bench operation on our side: `AddItems(1)` on worker `w`'s next
+/// aggregate of `ids` through `repo`.
+async fn add_one(repo: Arc<Repository<Order>>, ids: Arc<Rotation>, meta: Metadata, w: usize) {
+    repo.execute(ids.next(w), OrderCommand::AddItems(1), &meta)
         .await
         .expect("ours");
+}
+
+/// How many aggregates each worker of the 1,000-event scenario turns over:
+/// a run of 5 rounds adds about 1,500 commands per worker, so each
+/// aggregate stays near 1,000 events (about 1,200 at the end) rather than
+/// growing to 2,500.
+const LONG_AGGREGATES_PER_WORKER: usize = 8;
+
+/// Aggregates handed to each worker in turn: worker `w` has its own
+/// `per_worker` of them, so no two workers ever write the same one.
+struct Rotation {
+    ids: Vec<String>,
+    per_worker: usize,
+    turns: Vec<AtomicU64>,
+}
+
+impl Rotation {
+    fn new(workers: usize, per_worker: usize) -> Self {
+        Self {
+            ids: (0..workers * per_worker).map(|_| id()).collect(),
+            per_worker,
+            turns: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn next(&self, worker: usize) -> &str {
+        let turn = self.turns[worker].fetch_add(1, Ordering::Relaxed) as usize;
+        &self.ids[worker * self.per_worker + turn % self.per_worker]
+    }
 }
 
 /// Aggregate ids created beforehand, handed out in turn (round and round).
@@ -567,19 +596,19 @@ async fn run() {
     }
 
     // 3. A one-event command on an aggregate of 1,000 events (load 1,000,
-    //    decide, append 1), one aggregate per client.
+    //    decide, append 1), each client turning over aggregates of its own.
     for c in [1usize, 8] {
         if !enabled("long") {
             break;
         }
-        let ours_ids: Arc<Vec<String>> = Arc::new((0..c).map(|_| id()).collect());
-        let theirs_ids: Arc<Vec<String>> = Arc::new((0..c).map(|_| id()).collect());
-        for i in 0..c {
+        let ours_ids = Arc::new(Rotation::new(c, LONG_AGGREGATES_PER_WORKER));
+        let theirs_ids = Arc::new(Rotation::new(c, LONG_AGGREGATES_PER_WORKER));
+        for (ours_id, theirs_id) in ours_ids.ids.iter().zip(&theirs_ids.ids) {
             for _ in 0..10 {
-                repo.execute(&ours_ids[i], OrderCommand::AddItems(100), &meta)
+                repo.execute(ours_id, OrderCommand::AddItems(100), &meta)
                     .await
                     .expect("seed ours");
-                cqrs.execute(&theirs_ids[i], OrderCommand::AddItems(100))
+                cqrs.execute(theirs_id, OrderCommand::AddItems(100))
                     .await
                     .expect("seed cqrs-es");
             }
@@ -590,7 +619,7 @@ async fn run() {
         let theirs = move |w: usize| {
             let (q, ids) = (q.clone(), ids.clone());
             async move {
-                q.execute(&ids[w], OrderCommand::AddItems(1))
+                q.execute(ids.next(w), OrderCommand::AddItems(1))
                     .await
                     .expect("cqrs-es");
             }
@@ -598,8 +627,8 @@ async fn run() {
         // The floor: what the database and the protocol alone cost for such a
         // command, raw sqlx on copies of our streams: the replay's SELECT
         // (rows fetched, not decoded) and one autocommitted INSERT.
-        let floor_ids: Arc<Vec<String>> = Arc::new((0..c).map(|_| id()).collect());
-        for (from, to) in ours_ids.iter().zip(floor_ids.iter()) {
+        let floor_ids = Arc::new(Rotation::new(c, LONG_AGGREGATES_PER_WORKER));
+        for (from, to) in ours_ids.ids.iter().zip(&floor_ids.ids) {
             sqlx::query(&format!(
                 "INSERT INTO \"{schema}\".events (stream_id, stream_version, event_id,
                      event_type, schema_version, payload, metadata)
@@ -626,7 +655,7 @@ async fn run() {
         let item_json = serde_json::to_string(&OrderEvent::ItemAdded(item())).expect("json");
         let (p, ids) = (pool.clone(), floor_ids.clone());
         let floor = move |w: usize| {
-            let (p, stream) = (p.clone(), format!("floor-{}", ids[w]));
+            let (p, stream) = (p.clone(), format!("floor-{}", ids.next(w)));
             let (select, insert, item_json) = (select.clone(), insert.clone(), item_json.clone());
             async move {
                 let rows = sqlx::query(&select)
@@ -663,12 +692,14 @@ async fn run() {
         );
         println!("| (es-postgres / floor: {:.2}x) | | | |", o / f);
         if c == 1 {
-            let snap_ids: Arc<Vec<String>> = Arc::new(vec![id()]);
-            for _ in 0..10 {
-                snap_repo
-                    .execute(&snap_ids[0], OrderCommand::AddItems(100), &meta)
-                    .await
-                    .expect("seed");
+            let snap_ids = Arc::new(Rotation::new(1, LONG_AGGREGATES_PER_WORKER));
+            for snap_id in &snap_ids.ids {
+                for _ in 0..10 {
+                    snap_repo
+                        .execute(snap_id, OrderCommand::AddItems(100), &meta)
+                        .await
+                        .expect("seed");
+                }
             }
             let (r, m, ids) = (snap_repo.clone(), meta.clone(), snap_ids.clone());
             let ours_snap = move |w: usize| add_one(r.clone(), ids.clone(), m.clone(), w);
