@@ -1,6 +1,7 @@
 //! Loading aggregates and executing commands against them.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -400,30 +401,42 @@ impl<A: Aggregate> Repository<A> {
             }
         }
         let mut found = false;
+        let mut failed = None;
         loop {
-            let page = self
+            // Each event is folded as the store reads it, while the next
+            // ones are still on the way.
+            let read = self
                 .store
-                .read_stream_events(stream, loaded.version + 1, PAGE)
-                .await?;
-            let len = page.len();
-            for recorded in &page {
-                found |= seen == Some(recorded.event_id);
-                // A refusal record changes nothing in the state.
-                if &*recorded.event_type != COMMAND_REFUSED {
-                    let events = self.codec.decode_parts_all(
-                        &recorded.event_type,
-                        recorded.schema_version,
-                        &recorded.payload,
-                    )?;
-                    for event in events {
-                        loaded.state.apply(&event);
+                .visit_stream_events(stream, loaded.version + 1, PAGE, &mut |recorded| {
+                    found |= seen == Some(recorded.event_id);
+                    // A refusal record changes nothing in the state.
+                    if &*recorded.event_type != COMMAND_REFUSED {
+                        match self.codec.decode_parts_all(
+                            &recorded.event_type,
+                            recorded.schema_version,
+                            &recorded.payload,
+                        ) {
+                            Ok(events) => {
+                                for event in events {
+                                    loaded.state.apply(&event);
+                                }
+                            }
+                            Err(error) => {
+                                failed = Some(error);
+                                return ControlFlow::Break(());
+                            }
+                        }
                     }
-                }
-                // The version is the stored one, whatever the upcasters
-                // made of the event.
-                loaded.version = recorded.stream_version;
+                    // The version is the stored one, whatever the upcasters
+                    // made of the event.
+                    loaded.version = recorded.stream_version;
+                    ControlFlow::Continue(())
+                })
+                .await?;
+            if let Some(error) = failed {
+                return Err(error.into());
             }
-            if len < PAGE {
+            if read < PAGE {
                 return Ok((loaded, found));
             }
         }

@@ -1,5 +1,7 @@
 //! The event store: an append-only log of streams with optimistic concurrency.
 
+use std::ops::ControlFlow;
+
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use uuid::Uuid;
@@ -256,6 +258,31 @@ pub trait EventStore: Send + Sync + 'static {
             .into_iter()
             .map(StreamEvent::from)
             .collect())
+    }
+
+    /// [`EventStore::read_stream_events`], handed to `each` one event at a
+    /// time, in order, until `each` breaks; returns how many events were
+    /// handed over. A store that decodes rows as they arrive lets the
+    /// caller fold each event while the next ones are still on the way. The
+    /// default reads the page, then hands it over.
+    async fn visit_stream_events(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+        each: &mut (dyn FnMut(StreamEvent) -> ControlFlow<()> + Send),
+    ) -> Result<usize, StoreError> {
+        let page = self
+            .read_stream_events(stream, from_version, max_count)
+            .await?;
+        let mut handed = 0;
+        for event in page {
+            handed += 1;
+            if each(event).is_break() {
+                break;
+            }
+        }
+        Ok(handed)
     }
 
     /// Reads up to `max_count` events of the global log whose position is after

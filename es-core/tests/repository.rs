@@ -618,3 +618,40 @@ async fn a_stream_longer_than_a_read_loads_whole() {
         assert_eq!(repo.load(id).await.unwrap().state.value, len + 2);
     }
 }
+
+/// An event the aggregate's codec cannot read fails the load with a codec
+/// error, however far into the stream it stands, and a command on that
+/// aggregate writes nothing.
+#[tokio::test]
+async fn an_undecodable_event_fails_the_load_as_a_codec_error() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Counter>::new(store.clone());
+    let stream = StreamId::new("counter-bad").unwrap();
+    let codec = es_core::EventCodec::<CounterEvent>::new();
+    let mut events: Vec<_> = (0..5_000)
+        .map(|_| {
+            codec
+                .encode(&CounterEvent::Incremented { by: 1 }, Metadata::new())
+                .unwrap()
+        })
+        .collect();
+    events[4_500] = es_core::NewEvent::new(
+        "Incremented",
+        1,
+        es_core::Payload::from_json(r#"{"by":"not a number"}"#).unwrap(),
+        Metadata::new(),
+    );
+    store
+        .append(&stream, es_core::ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+    assert!(matches!(
+        repo.load("bad").await,
+        Err(RepositoryError::Codec(_))
+    ));
+    assert!(matches!(
+        repo.execute("bad", inc(1), &Metadata::new()).await,
+        Err(RepositoryError::Codec(_))
+    ));
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 5_000);
+}

@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,9 +157,10 @@ pub async fn append_and_read_stream(store: Arc<dyn EventStore>) {
     assert_eq!(store.stream_version(&stream).await.ok(), Some(5));
 }
 
-/// `read_stream_events` reads what `read_stream` reads, field for field,
-/// with `from_version` and `max_count` honoured alike, over events of
-/// several types and schema versions.
+/// `read_stream_events` and `visit_stream_events` read what `read_stream`
+/// reads, field for field, with `from_version` and `max_count` honoured
+/// alike, over events of several types and schema versions; a visit stops
+/// at the event it breaks on.
 pub async fn read_stream_events_match_read_stream(store: Arc<dyn EventStore>) {
     let stream = unique_stream("conf");
     assert!(store
@@ -198,7 +200,39 @@ pub async fn read_stream_events_match_read_stream(store: Arc<dyn EventStore>) {
             .await
             .unwrap_or_else(|e| panic!("read_stream_events failed: {e}"));
         assert_eq!(replay, full, "from {from}, at most {max}");
+        let mut visited = Vec::new();
+        let handed = store
+            .visit_stream_events(&stream, from, max, &mut |event| {
+                visited.push(event);
+                ControlFlow::Continue(())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("visit_stream_events failed: {e}"));
+        assert_eq!(
+            (handed, &visited),
+            (full.len(), &full),
+            "visited from {from}, at most {max}"
+        );
     }
+    // A visit that breaks is handed nothing after the event it broke on.
+    let mut visited = Vec::new();
+    let handed = store
+        .visit_stream_events(&stream, 2, usize::MAX, &mut |event| {
+            let version = event.stream_version;
+            visited.push(version);
+            if version == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("visit_stream_events failed: {e}"));
+    assert_eq!(
+        (handed, visited),
+        (3, vec![2, 3, 4]),
+        "a visit went on after its break"
+    );
 }
 
 fn assert_conflict(

@@ -13,6 +13,7 @@ mod read;
 mod rows;
 mod sql;
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
@@ -310,6 +311,17 @@ impl EventStore for PgEventStore {
         max_count: usize,
     ) -> Result<Vec<StreamEvent>, StoreError> {
         self.read_stream_replay(stream, from_version, max_count)
+            .await
+    }
+
+    async fn visit_stream_events(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+        each: &mut (dyn FnMut(StreamEvent) -> ControlFlow<()> + Send),
+    ) -> Result<usize, StoreError> {
+        self.visit_stream_replay(stream, from_version, max_count, each)
             .await
     }
 

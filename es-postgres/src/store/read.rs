@@ -2,6 +2,7 @@
 //! ([`Holdback`]).
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -407,9 +408,24 @@ impl PgEventStore {
             .await
     }
 
+    /// [`Self::read_stream_replay`], each event handed to `each` as its row
+    /// arrives; the rows after a break are not read.
+    pub(super) async fn visit_stream_replay(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+        each: &mut (dyn FnMut(StreamEvent) -> ControlFlow<()> + Send),
+    ) -> Result<usize, StoreError> {
+        let sql = &self.shared.sql.read_stream_replay;
+        self.stream_rows(sql, stream, from_version, max_count, |page, row| {
+            Ok(each(page.stream_event(row)?))
+        })
+        .await
+    }
+
     /// The rows of a stream read `sql` (`$1` the stream, `$2` the first
-    /// version, `$3` the most rows), each decoded by `decode` in one
-    /// [`Page`] as it arrives, while the server still sends the rest.
+    /// version, `$3` the most rows), each decoded by `decode`.
     async fn stream_page<T>(
         &self,
         sql: &str,
@@ -418,17 +434,41 @@ impl PgEventStore {
         max_count: usize,
         mut decode: impl FnMut(&mut Page, &PgRow) -> crate::error::Result<T>,
     ) -> Result<Vec<T>, StoreError> {
+        let mut decoded = Vec::with_capacity(max_count.min(1_000));
+        self.stream_rows(sql, stream, from_version, max_count, |page, row| {
+            decoded.push(decode(page, row)?);
+            Ok(ControlFlow::Continue(()))
+        })
+        .await?;
+        Ok(decoded)
+    }
+
+    /// Hands the rows of a stream read `sql` (`$1` the stream, `$2` the
+    /// first version, `$3` the most rows) to `each` in one [`Page`] as they
+    /// arrive, while the server still sends the rest, until `each` breaks;
+    /// returns how many were handed over.
+    async fn stream_rows(
+        &self,
+        sql: &str,
+        stream: &StreamId,
+        from_version: u64,
+        max_count: usize,
+        mut each: impl FnMut(&mut Page, &PgRow) -> crate::error::Result<ControlFlow<()>>,
+    ) -> Result<usize, StoreError> {
         let mut rows = sqlx::query(sql)
             .bind(stream.as_str())
             .bind(i64::try_from(from_version).unwrap_or(i64::MAX))
             .bind(i64::try_from(max_count).unwrap_or(i64::MAX))
             .fetch(&self.shared.pool);
         let mut page = Page::default();
-        let mut decoded = Vec::with_capacity(max_count.min(1_000));
+        let mut handed = 0;
         while let Some(row) = rows.try_next().await.map_err(store_error)? {
-            decoded.push(decode(&mut page, &row)?);
+            handed += 1;
+            if each(&mut page, &row)?.is_break() {
+                break;
+            }
         }
-        Ok(decoded)
+        Ok(handed)
     }
 
     /// The version of `stream` (0 when it has no events).
