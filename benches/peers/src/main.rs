@@ -12,7 +12,9 @@
 //!
 //! `ROUNDS` repeats each measurement in alternated rounds and reports the
 //! median round (default 1; 3 for `dcb`); `BENCH_ONLY` (`new`, `small`,
-//! `batch`, `long`, `dcb`) picks scenarios. `dcb` (see `dcb.rs`) is the
+//! `batch`, `long`, `dcb`) picks scenarios. `long` also measures the floor
+//! of its command, raw sqlx selecting the same rows and inserting one, in
+//! the same slices: the most any store could reach there. `dcb` (see `dcb.rs`) is the
 //! course-enrolment decision through es-core's `DecisionRunner`, through
 //! aggregates, and through `disintegrate`.
 
