@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use es_core::testing::conformance::{event, next_event, unique_stream};
 use es_core::testing::dcb_conformance::{self, tagged_event, unique_tag};
 use es_core::{
-    AppendCondition, DcbStore, EventStore, ExpectedVersion, Position, Query, QueryItem, StoreError,
-    Tag,
+    AppendCondition, AppendResult, DcbStore, EventStore, ExpectedVersion, NewEvent, Position,
+    Query, QueryItem, StoreError, StreamId, Tag,
 };
 use es_postgres::PgEventStore;
 use sqlx::{Connection, PgPool};
@@ -27,6 +27,23 @@ async fn store() -> (PgEventStore, PgPool) {
         .with_read_wait(Duration::from_secs(10))
         .with_poll_interval(Duration::from_millis(100));
     (store, pool)
+}
+
+/// A transaction of its own on `pool` that has appended `events` to
+/// `stream` and is still open, and what the append gave.
+async fn open_append(
+    store: &PgEventStore,
+    pool: &PgPool,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, AppendResult) {
+    let mut tx = pool.begin().await.unwrap();
+    let result = store
+        .append_in_tx(&mut tx, stream, expected, events)
+        .await
+        .unwrap();
+    (tx, result)
 }
 
 async fn dyn_store() -> Arc<dyn DcbStore> {
@@ -103,17 +120,14 @@ async fn a_conditional_append_waits_for_a_tagged_writer_of_its_boundary_only() {
     let marker_a = store.read(&on_a, Position::START, 10).await.unwrap().marker;
     let marker_b = store.read(&on_b, Position::START, 10).await.unwrap().marker;
 
-    let mut conn = pool.acquire().await.unwrap();
-    let mut tx = conn.begin().await.unwrap();
-    store
-        .append_in_tx(
-            &mut tx,
-            &unique_stream("slow"),
-            ExpectedVersion::NoStream,
-            vec![tagged_event(1, "X", &[&a])],
-        )
-        .await
-        .unwrap();
+    let (tx, _) = open_append(
+        &store,
+        &pool,
+        &unique_stream("slow"),
+        ExpectedVersion::NoStream,
+        vec![tagged_event(1, "X", &[&a])],
+    )
+    .await;
 
     // Another boundary: no wait.
     tokio::time::timeout(
@@ -170,19 +184,16 @@ async fn a_late_commit_is_not_skipped_by_a_query_read_or_its_marker() {
     let query = Query::from(QueryItem::tagged(a_tag.clone()));
     let mut sub = store.subscribe(query.clone(), Position::START);
 
-    let mut conn = pool.acquire().await.unwrap();
-    let mut tx_a = conn.begin().await.unwrap();
     let ea = tagged_event(1, "X", &[&a_tag]);
     let a_id = ea.event_id;
-    let a_result = store
-        .append_in_tx(
-            &mut tx_a,
-            &unique_stream("a"),
-            ExpectedVersion::NoStream,
-            vec![ea],
-        )
-        .await
-        .unwrap();
+    let (tx_a, a_result) = open_append(
+        &store,
+        &pool,
+        &unique_stream("a"),
+        ExpectedVersion::NoStream,
+        vec![ea],
+    )
+    .await;
     // B is tagged with A's tag but no condition: writers share the lock.
     let eb = tagged_event(2, "X", &[&a_tag]);
     let b_id = eb.event_id;
@@ -248,19 +259,16 @@ async fn an_older_transaction_with_a_higher_sequence_committing_first() {
         .execute(&mut *tx_a)
         .await
         .unwrap();
-    let mut b = pool.acquire().await.unwrap();
-    let mut tx_b = b.begin().await.unwrap();
     let eb = tagged_event(2, "X", &[&tag]);
     let b_id = eb.event_id;
-    let b_result = store
-        .append_in_tx(
-            &mut tx_b,
-            &unique_stream("b"),
-            ExpectedVersion::Any,
-            vec![eb],
-        )
-        .await
-        .unwrap();
+    let (tx_b, b_result) = open_append(
+        &store,
+        &pool,
+        &unique_stream("b"),
+        ExpectedVersion::Any,
+        vec![eb],
+    )
+    .await;
     // Untagged noise: a transaction newer than B ends before A's write.
     store
         .append(&unique_stream("n"), ExpectedVersion::Any, vec![event(9)])
@@ -370,17 +378,14 @@ async fn a_read_by_query_does_not_wait_for_transactions_outside_its_boundary() {
 async fn a_read_by_query_beside_a_writer_of_its_boundary_waits_for_the_rows_held_back() {
     let (store, pool) = store().await;
     let (first, second, mine, own_id) = own_event_held_back(&store, &pool).await;
-    let mut writer = pool.acquire().await.unwrap();
-    let mut writing = writer.begin().await.unwrap();
-    store
-        .append_in_tx(
-            &mut writing,
-            &unique_stream("w"),
-            ExpectedVersion::Any,
-            vec![tagged_event(3, "X", &[&mine])],
-        )
-        .await
-        .unwrap();
+    let (writing, _) = open_append(
+        &store,
+        &pool,
+        &unique_stream("w"),
+        ExpectedVersion::Any,
+        vec![tagged_event(3, "X", &[&mine])],
+    )
+    .await;
     let closer = tokio::spawn(async move {
         for (after, conn) in [(50, first), (250, second)] {
             tokio::time::sleep(Duration::from_millis(after)).await;
@@ -497,17 +502,14 @@ async fn a_tagged_append_that_loses_part_of_its_versions_takes_back_what_it_wrot
         )
         .await
         .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let mut winner = conn.begin().await.unwrap();
-    store
-        .append_in_tx(
-            &mut winner,
-            &stream,
-            ExpectedVersion::Exact(1),
-            vec![tagged_event(2, "X", &[&tag])],
-        )
-        .await
-        .unwrap();
+    let (winner, _) = open_append(
+        &store,
+        &pool,
+        &stream,
+        ExpectedVersion::Exact(1),
+        vec![tagged_event(2, "X", &[&tag])],
+    )
+    .await;
     let loser = {
         let store = store.clone();
         let stream = stream.clone();

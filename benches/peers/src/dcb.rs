@@ -1212,6 +1212,13 @@ impl Cpu {
     }
 }
 
+impl std::ops::AddAssign for Cpu {
+    fn add_assign(&mut self, more: Self) {
+        self.bench += more.bench;
+        self.postgres += more.postgres;
+    }
+}
+
 /// utime + stime + cutime + cstime of a `/proc/<pid>/stat` line, in seconds
 /// (clock ticks of 1/100 s, as `/proc` reports them on Linux).
 fn stat_cpu(stat: &str) -> Option<f64> {
@@ -1292,11 +1299,9 @@ async fn alternate(
                 analyze.run().await;
                 let before = Cpu::now();
                 let (rate, made) = run_decisions(concurrency, slice, side).await;
-                let cpu = Cpu::now().since(before);
                 *sum += rate;
                 used.decisions += made;
-                used.cpu.bench += cpu.bench;
-                used.cpu.postgres += cpu.postgres;
+                used.cpu += Cpu::now().since(before);
             }
         }
         for (result, sum) in results.iter_mut().zip(sums) {

@@ -655,22 +655,24 @@ async fn run() {
              VALUES ($1, $2, $3, 'ItemAdded', 1, $4::json, '{{}}')"
         );
         let item_json = serde_json::to_string(&OrderEvent::ItemAdded(item())).expect("json");
+        let statements = Arc::new((select, insert, item_json));
         let (p, ids) = (pool.clone(), floor_ids.clone());
         let floor = move |w: usize| {
             let (p, stream) = (p.clone(), format!("floor-{}", ids.next(w)));
-            let (select, insert, item_json) = (select.clone(), insert.clone(), item_json.clone());
+            let statements = statements.clone();
             async move {
-                let rows = sqlx::query(&select)
+                let (select, insert, item_json) = &*statements;
+                let rows = sqlx::query(select)
                     .bind(&stream)
                     .fetch_all(&p)
                     .await
                     .expect("floor select");
                 let last: i64 = rows.last().map_or(0, |row| row.get(1));
-                sqlx::query(&insert)
+                sqlx::query(insert)
                     .bind(&stream)
                     .bind(last + 1)
                     .bind(uuid::Uuid::now_v7())
-                    .bind(&item_json)
+                    .bind(item_json)
                     .execute(&p)
                     .await
                     .expect("floor insert");
