@@ -17,6 +17,7 @@ use crate::store::position_parts;
 pub struct PgCheckpointStore {
     pool: PgPool,
     save_sql: String,
+    save_notifying_sql: String,
     load_sql: String,
 }
 
@@ -25,13 +26,17 @@ impl PgCheckpointStore {
     /// [`crate::migrate`]).
     pub fn new(pool: PgPool, schema: impl AsRef<str>) -> Self {
         let s = quoted(schema.as_ref());
+        let save_sql = format!(
+            "INSERT INTO {s}.checkpoints (name, major, minor) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET major = excluded.major, minor = excluded.minor, \
+             updated_at = now()"
+        );
         Self {
             pool,
-            save_sql: format!(
-                "INSERT INTO {s}.checkpoints (name, major, minor) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET major = excluded.major, minor = excluded.minor, \
-                 updated_at = now()"
+            save_notifying_sql: format!(
+                "WITH saved AS ({save_sql} RETURNING 1) SELECT pg_notify($4, $5) FROM saved"
             ),
+            save_sql,
             load_sql: format!("SELECT major, minor FROM {s}.checkpoints WHERE name = $1"),
         }
     }
@@ -44,6 +49,28 @@ impl PgCheckpointStore {
         position: Position,
     ) -> Result<()> {
         self.save_on(tx, name, position).await
+    }
+
+    /// [`Self::save_in_tx`] and, in the same statement, a `NOTIFY` on
+    /// `channel` with `payload`, delivered when the transaction commits.
+    pub async fn save_in_tx_notifying(
+        &self,
+        tx: &mut PgConnection,
+        name: &str,
+        position: Position,
+        channel: &str,
+        payload: &str,
+    ) -> Result<()> {
+        let (major, minor) = position_parts(position)?;
+        sqlx::query(&self.save_notifying_sql)
+            .bind(name)
+            .bind(major)
+            .bind(minor)
+            .bind(channel)
+            .bind(payload)
+            .execute(tx)
+            .await?;
+        Ok(())
     }
 
     /// Loads `name`'s position on the caller's connection or transaction (for

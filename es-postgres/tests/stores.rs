@@ -1,7 +1,7 @@
-//! Snapshots, checkpoints (in the caller's transaction), the inbox, the
-//! hold-back metric, live subscriptions across stores and lost connections,
-//! es-core's repository creating aggregates on PostgreSQL, and a replica on
-//! PostgreSQL fed by relayed messages.
+//! Snapshots, checkpoints (in the caller's transaction, with or without a
+//! notification), the inbox, the hold-back metric, live subscriptions across
+//! stores and lost connections, es-core's repository creating aggregates on
+//! PostgreSQL, and a replica on PostgreSQL fed by relayed messages.
 
 #![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
 
@@ -88,6 +88,61 @@ async fn checkpoints_commit_with_the_callers_transaction() {
         .save("p", Position::new(u64::MAX, 0))
         .await
         .is_err());
+}
+
+/// A checkpoint saved with its notification: the listener hears it when the
+/// transaction commits (for a new checkpoint and for a moved one), and not
+/// at all when it rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_saved_notifying_is_heard_when_it_commits() {
+    let (pool, schema) = es_postgres::testing::fresh_schema().await;
+    let checkpoints = PgCheckpointStore::new(pool.clone(), &schema);
+    let channel = format!("{schema}_checkpoints");
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(&channel).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+
+    for (position, payload) in [
+        (Position::new(4, 1), "p 4.1"),
+        (Position::new(5, 0), "p 5.0"),
+    ] {
+        let mut tx = conn.begin().await.unwrap();
+        checkpoints
+            .save_in_tx_notifying(&mut tx, "p", position, &channel, payload)
+            .await
+            .unwrap();
+        // Nothing is delivered before the commit.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), listener.recv())
+                .await
+                .is_err()
+        );
+        tx.commit().await.unwrap();
+        let note = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(note.payload(), payload);
+        assert_eq!(checkpoints.load("p").await.unwrap(), Some(position));
+    }
+
+    let mut tx = conn.begin().await.unwrap();
+    checkpoints
+        .save_in_tx_notifying(&mut tx, "p", Position::new(6, 0), &channel, "p 6.0")
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), listener.recv())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        checkpoints.load("p").await.unwrap(),
+        Some(Position::new(5, 0))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

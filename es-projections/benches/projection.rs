@@ -7,7 +7,10 @@
 //! ```
 //!
 //! `DATABASE_URL` names the database; `BENCH_REBUILD_EVENTS` (default
-//! 1000000) and `BENCH_THROUGHPUT_EVENTS` (default 200000) the sizes. The
+//! 1000000), `BENCH_THROUGHPUT_EVENTS` (default 200000) and
+//! `BENCH_SINGLE_EVENTS` (default 3000: batches of one event, as a runner
+//! following a quiet log commits them) the sizes; `BENCH_SINGLE_ONLY=1`
+//! stops after the batches of one. The
 //! events are seeded with one bulk `INSERT ... SELECT generate_series` per
 //! 100,000 rows; the benchmark's schemas are dropped at the end. Every timed
 //! run's model is checked against the log (each event counted once, every
@@ -62,15 +65,27 @@ async fn drop_schemas(pool: &sqlx::PgPool, names: &[String]) {
 /// Checks a run's model against the log: every `Deposited` event counted
 /// once and every amount summed (what the runners promise, verified on the
 /// run being timed).
+/// Checks `model` against the log's events up to `upto` (all of them when
+/// `None`).
 async fn verify_model(
     pool: &sqlx::PgPool,
     schema: &str,
     model: &str,
+    upto: Option<es_core::Position>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let upto = upto.map_or((i64::MAX, i64::MAX), |p| {
+        (
+            i64::try_from(p.major()).unwrap_or(i64::MAX),
+            i64::try_from(p.minor()).unwrap_or(i64::MAX),
+        )
+    });
     let (want_events, want_total): (i64, i64) = sqlx::query_as(&format!(
         "SELECT count(*), coalesce(sum((payload->>'amount')::bigint), 0)::bigint \
-         FROM \"{schema}\".events WHERE event_type = 'Deposited'"
+         FROM \"{schema}\".events WHERE event_type = 'Deposited' \
+         AND (transaction_id, global_position) <= ($1, $2)"
     ))
+    .bind(upto.0)
+    .bind(upto.1)
     .fetch_one(pool)
     .await?;
     let (events, total): (i64, i64) = sqlx::query_as(&format!(
@@ -114,6 +129,51 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("seeded {total} events in {:.2?}", started.elapsed());
     let head = store.head().await?;
 
+    // One event per batch: what each transaction costs besides its event.
+    let single = env_u64("BENCH_SINGLE_EVENTS", 3_000).min(total);
+    let single_at = store
+        .read_all(es_core::Position::START, usize::try_from(single)?)
+        .await?
+        .last()
+        .map_or(es_core::Position::START, |e| e.position);
+    for batched in [false, true] {
+        let mode = if batched { "set-based" } else { "per-event" };
+        let model = format!("bench_m_{}_{}_single", &id[..8], u8::from(batched));
+        schemas.push(model.clone());
+        let name = format!("balances_{}_single", u8::from(batched));
+        let runner = PgProjectionRunner::new(
+            pool.clone(),
+            &schema,
+            &model,
+            Arc::clone(&store),
+            Arc::new(Balances {
+                name: name.clone(),
+                batched,
+            }),
+        )?
+        .with_options(RunnerOptions::default().batch_size(1));
+        let started = Instant::now();
+        let handle = runner.spawn();
+        handle
+            .wait_for(single_at, Duration::from_secs(3_600))
+            .await?;
+        let elapsed = started.elapsed();
+        handle.stop().await?;
+        // The runner went on past `single_at` until stopped: the model
+        // holds the events up to its checkpoint.
+        let at = postgres::load_checkpoint(&pool, &schema, &name).await?;
+        verify_model(&pool, &schema, &model, at).await?;
+        println!(
+            "throughput, {mode}, batch     1: {single} events in {elapsed:.2?} = {:.0} events/s ({:.0} µs per batch)",
+            single as f64 / elapsed.as_secs_f64(),
+            elapsed.as_secs_f64() * 1e6 / single as f64
+        );
+    }
+    if std::env::var("BENCH_SINGLE_ONLY").is_ok_and(|v| v == "1") {
+        drop_schemas(&pool, &schemas).await;
+        return Ok(());
+    }
+
     for (batched, batch) in [
         (false, 100usize),
         (false, 1_000),
@@ -138,7 +198,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         handle.wait_for(head, Duration::from_secs(3_600)).await?;
         let elapsed = started.elapsed();
         handle.stop().await?;
-        verify_model(&pool, &schema, &model).await?;
+        verify_model(&pool, &schema, &model, None).await?;
         println!(
             "throughput, {mode}, batch {batch:>5}: {total} events in {elapsed:.2?} = {:.0} events/s",
             total as f64 / elapsed.as_secs_f64()
@@ -171,7 +231,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..RebuildOptions::default()
         };
         let report = postgres::rebuild(&runner, &options, &Every10Percent::default()).await?;
-        verify_model(&pool, &schema, &model).await?;
+        verify_model(&pool, &schema, &model, None).await?;
         println!(
             "rebuild, {mode}, batch {batch}: {} events in {:.2?} = {:.0} events/s",
             report.events,

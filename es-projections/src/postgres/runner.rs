@@ -5,7 +5,7 @@ use std::future::Future;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use es_core::{
@@ -261,6 +261,10 @@ pub(crate) struct PgBackend {
     pub(crate) set_path: String,
     create_schema: String,
     fence_key: String,
+    /// The statements that open a batch's transaction in one round trip:
+    /// `BEGIN`, the model schema's `search_path`, and the fence lock by
+    /// its key (read from the server once, the first time).
+    fenced_begin: OnceLock<String>,
     dead_sql: String,
     notify_key: String,
     /// A batch failed on a prepared statement whose result type changed
@@ -311,6 +315,7 @@ impl PgBackend {
             set_path: format!("SET LOCAL search_path TO {}, public", ident(model_schema)?),
             create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", ident(model_schema)?),
             fence_key: format!("es-projections fence {}.{checkpoint_name}", runner.schema),
+            fenced_begin: OnceLock::new(),
             dead_sql: format!(
                 "INSERT INTO {schema}.projection_dead_letters \
                  (projection, event_id, event_type, stream_id, major, minor, error, failed_at) \
@@ -363,20 +368,43 @@ impl PgBackend {
         .boxed()
     }
 
-    /// A transaction with `search_path` set to the model schema (created if
-    /// missing).
+    /// A transaction with `search_path` set to the model schema, opened in
+    /// one round trip.
     pub(crate) fn open(&self) -> BoxFuture<'_, Result<Transaction<'static, Postgres>, Error>> {
         async move {
-            let mut tx = self
-                .pool
-                .begin()
+            self.pool
+                .begin_with(format!("BEGIN; {}", self.set_path))
                 .await
-                .map_err(|e| Error::db(&self.name, e))?;
-            sqlx::query(&self.set_path)
-                .execute(&mut *tx)
+                .map_err(|e| Error::db(&self.name, e))
+        }
+        .boxed()
+    }
+
+    /// [`Self::open`] with the checkpoint's fence lock taken too, in the
+    /// same round trip (the lock waits for whichever batch of this
+    /// checkpoint holds it, in any process). The checkpoint is then read by
+    /// a statement of its own, in a snapshot taken after the lock.
+    fn open_fenced(&self) -> BoxFuture<'_, Result<Transaction<'static, Postgres>, Error>> {
+        async move {
+            let begin = match self.fenced_begin.get() {
+                Some(begin) => begin.clone(),
+                None => {
+                    let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
+                        .bind(&self.fence_key)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(|e| Error::db(&self.name, e))?;
+                    let begin = format!(
+                        "BEGIN; {}; SELECT pg_advisory_xact_lock('{key}'::bigint)",
+                        self.set_path
+                    );
+                    self.fenced_begin.get_or_init(|| begin).clone()
+                }
+            };
+            self.pool
+                .begin_with(begin)
                 .await
-                .map_err(|e| Error::db(&self.name, e))?;
-            Ok(tx)
+                .map_err(|e| Error::db(&self.name, e))
         }
         .boxed()
     }
@@ -402,8 +430,8 @@ impl PgBackend {
         .boxed()
     }
 
-    /// Writes the checkpoint, the dead letters and the notification inside
-    /// `tx`.
+    /// Writes the dead letters, then the checkpoint and its notification in
+    /// one statement, inside `tx`.
     pub(crate) fn write_checkpoint<'a>(
         &'a self,
         tx: &'a mut PgConnection,
@@ -411,10 +439,6 @@ impl PgBackend {
         dead_letters: &'a [ParkedEvent],
     ) -> BoxFuture<'a, Result<(), Error>> {
         async move {
-            self.checkpoints
-                .save_in_tx(tx, &self.checkpoint_name, position)
-                .await
-                .map_err(|e| Error::pg(&self.name, e))?;
             if !dead_letters.is_empty() {
                 let mut majors = Vec::new();
                 let mut minors = Vec::new();
@@ -455,12 +479,16 @@ impl PgBackend {
                     .await
                     .map_err(|e| Error::db(&self.name, e))?;
             }
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(NOTIFY_CHANNEL)
-                .bind(format!("{} {position}", self.notify_key))
-                .execute(&mut *tx)
+            self.checkpoints
+                .save_in_tx_notifying(
+                    tx,
+                    &self.checkpoint_name,
+                    position,
+                    NOTIFY_CHANNEL,
+                    &format!("{} {position}", self.notify_key),
+                )
                 .await
-                .map_err(|e| Error::db(&self.name, e))?;
+                .map_err(|e| Error::pg(&self.name, e))?;
             Ok(())
         }
         .boxed()
@@ -488,13 +516,17 @@ impl<P: PgProjection> Backend<P> for PgBackend {
     }
 
     async fn begin(&self, expected: Position) -> Result<Self::Unit, Error> {
-        let mut tx = self.open().await?;
+        let mut tx = self.open_fenced().await?;
         if self.stale_plans.load(Ordering::Relaxed) {
             tx.clear_cached_statements()
                 .await
                 .map_err(|e| Error::db(&self.name, e))?;
         }
-        let found = self.locked_checkpoint(&mut tx).await?;
+        let found = self
+            .checkpoints
+            .load_in_tx(&mut tx, &self.checkpoint_name)
+            .await
+            .map_err(|e| Error::pg(&self.name, e))?;
         if found.unwrap_or(Position::START) != expected {
             return Err(Error::Fenced {
                 projection: self.name.clone(),
