@@ -45,8 +45,9 @@ pub struct PgLeaderLock {
 
 impl PgLeaderLock {
     /// Locks on `pool`'s database (each on a dedicated connection, not one
-    /// of the pool's). Defaults: retry every 500 ms while waiting, check the
-    /// connection every second with a 5 s timeout.
+    /// of the pool's, which a waiting standby keeps between its attempts).
+    /// Defaults: retry every 500 ms while waiting, check the connection
+    /// every second with a 5 s timeout.
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
@@ -73,14 +74,25 @@ impl PgLeaderLock {
         self
     }
 
-    /// Waits, retrying, until the lock `name` is acquired. A failing
-    /// connection attempt is retried too (logged), so a waiting standby
+    /// Waits, retrying, until the lock `name` is acquired. A waiting standby
+    /// keeps one session and asks on it once per retry interval, rather
+    /// than opening a session per attempt; a failing connection is dropped
+    /// and opened again at the next attempt (logged), so a waiting standby
     /// survives a database restart.
     pub async fn wait(&self, name: &str) -> Result<PgLeadership> {
+        let mut standby: Option<(PgConnection, i64)> = None;
         loop {
-            match self.try_acquire(name).await {
-                Ok(Some(leadership)) => return Ok(leadership),
-                Ok(None) => {}
+            let attempt = match standby.take() {
+                Some(session) => Ok(session),
+                None => self.connect(name).await,
+            };
+            let outcome = match attempt {
+                Ok((conn, key)) => self.try_lock(conn, name, key).await,
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(Ok(leadership)) => return Ok(leadership),
+                Ok(Err(conn)) => standby = Some(conn),
                 Err(error) if error.is_transient() => {
                     tracing::warn!(%error, lock = %name, "leader lock: cannot reach the database; retrying");
                 }
@@ -93,19 +105,41 @@ impl PgLeaderLock {
     /// Takes the lock `name` (any string; it is hashed to the advisory key)
     /// if it is free.
     pub async fn try_acquire(&self, name: &str) -> Result<Option<PgLeadership>> {
+        let (conn, key) = self.connect(name).await?;
+        match self.try_lock(conn, name, key).await? {
+            Ok(leadership) => Ok(Some(leadership)),
+            Err((conn, _)) => {
+                let _ = conn.close().await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A dedicated session for the lock `name`, and the lock's key.
+    async fn connect(&self, name: &str) -> Result<(PgConnection, i64)> {
         let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
         let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
             .bind(format!("es-leader:{name}"))
             .fetch_one(&mut conn)
             .await?;
+        Ok((conn, key))
+    }
+
+    /// Tries the lock on `conn`: the leadership when it was free, else the
+    /// session back (with the key) for the next attempt.
+    async fn try_lock(
+        &self,
+        mut conn: PgConnection,
+        name: &str,
+        key: i64,
+    ) -> Result<std::result::Result<PgLeadership, (PgConnection, i64)>> {
         let (taken, pid): (bool, i32) =
             sqlx::query_as("SELECT pg_try_advisory_lock($1), pg_backend_pid()")
                 .bind(key)
                 .fetch_one(&mut conn)
                 .await?;
         if !taken {
-            let _ = conn.close().await;
-            return Ok(None);
+            return Ok(Err((conn, key)));
         }
         tracing::info!(lock = %name, pid, "leader lock acquired");
         let conn = Arc::new(Mutex::new(Some(conn)));
@@ -117,7 +151,7 @@ impl PgLeaderLock {
             self.check,
             self.check_timeout,
         ));
-        Ok(Some(PgLeadership {
+        Ok(Ok(PgLeadership {
             name: name.to_owned(),
             key,
             backend_pid: pid,

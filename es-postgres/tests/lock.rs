@@ -50,6 +50,80 @@ async fn one_holder_at_a_time() {
     }
 }
 
+/// A standby asks for the lock on one session of its own, every retry
+/// interval, and takes the lock on that session when it is freed: the
+/// server does not start a session per attempt. A session that dies is
+/// replaced at the next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_standby_keeps_one_session() {
+    let pool = pool().await;
+    let name = name();
+    let lock = PgLeaderLock::new(pool.clone()).retry_interval(Duration::from_millis(10));
+    let first = lock.try_acquire(&name).await.unwrap().expect("free lock");
+    let application: String = format!("standby-{}", uuid::Uuid::new_v4().simple());
+    let standby_lock = PgLeaderLock::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(
+                pool.connect_options()
+                    .as_ref()
+                    .clone()
+                    .application_name(&application),
+            ),
+    )
+    .retry_interval(Duration::from_millis(10));
+    let waiter = {
+        let name = name.clone();
+        tokio::spawn(async move { standby_lock.wait(&name).await })
+    };
+    // Sessions the standby opened, seen over about 30 of its attempts.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let pids: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+                .bind(&application)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        seen.extend(pids);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!waiter.is_finished(), "acquired while held");
+    assert_eq!(seen.len(), 1, "sessions of the standby: {seen:?}");
+    let old = *seen.first().unwrap();
+
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(old)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        let pids: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+                .bind(&application)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        if let Some(&pid) = pids.iter().find(|&&pid| pid != old) {
+            break pid;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no new session");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(!waiter.is_finished(), "acquired while held");
+
+    first.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.backend_pid(), new);
+    second.release().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connection_is_reported_and_frees_the_lock() {
     let pool = pool().await;
