@@ -338,8 +338,7 @@ impl Node {
             }
         }
         w.start_relays(&services).await?;
-        let gauges = std::mem::replace(&mut w.gauges, Gauges::new(&w.backends));
-        w.tasks.push(tokio::spawn(gauges.run(w.stop())));
+        let gauges = Arc::new(std::mem::replace(&mut w.gauges, Gauges::new(&w.backends)));
 
         let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
         let health = Arc::new(HealthState {
@@ -348,7 +347,7 @@ impl Node {
             query: w.query,
             blocked: w.blocked,
         });
-        let local = with_operations(w.routes, health);
+        let local = with_operations(w.routes, health, gauges);
         let router = match w.backends.upstreams() {
             Some(upstreams) if services.contains(&Service::Gateway) => {
                 gateway_router(&upstreams, local, w.owners)?
@@ -493,10 +492,11 @@ async fn health_check(State(state): State<Arc<HealthState>>) -> axum::response::
     .into_response()
 }
 
-/// Prometheus metrics.
+/// Prometheus metrics, the gauges measured for the scrape.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub(crate) async fn metrics_text() -> impl IntoResponse {
+async fn metrics_text(State(gauges): State<Arc<Gauges>>) -> impl IntoResponse {
+    gauges.refresh().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::prometheus().render(),
@@ -504,14 +504,18 @@ pub(crate) async fn metrics_text() -> impl IntoResponse {
 }
 
 /// `/health`, `/metrics` and `/openapi.json` around a process's routes.
-fn with_operations(routes: Router, health: Arc<HealthState>) -> Router {
+fn with_operations(routes: Router, health: Arc<HealthState>, gauges: Arc<Gauges>) -> Router {
     let router = routes
         .merge(
             Router::new()
                 .route("/health", get(health_check))
                 .with_state(health),
         )
-        .route("/metrics", get(metrics_text))
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics_text))
+                .with_state(gauges),
+        )
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::http::MAX_BODY_BYTES,

@@ -1,13 +1,14 @@
 //! Metrics, logs and exported spans.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use es_core::relay::Blocked;
-use es_core::{CancellationToken, CheckpointStore, EventStore, InMemoryBus, Position};
+use es_core::{CheckpointStore, EventStore, InMemoryBus, Position};
 use es_postgres::sqlx::PgPool;
 use es_postgres::PgEventStore;
 use es_rabbit::RabbitBus;
+use futures::future::BoxFuture;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -333,15 +334,26 @@ pub(crate) struct RelayGauge {
     pub(crate) blocked: watch::Receiver<Option<Blocked>>,
 }
 
-/// The process's gauges, updated every second: queue depths of the groups
-/// it consumes, relay lag per store, projection lag, the PostgreSQL xmin
-/// hold-back and pool size.
+/// The longest a scrape waits for the gauges: a broker or a database that
+/// does not answer leaves their last values in the answer.
+const MEASURE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a measurement answers the scrapes that follow it.
+const MEASURE_EVERY: Duration = Duration::from_secs(1);
+
+/// The process's gauges, measured when `/metrics` is scraped (at most once
+/// a second): queue depths of the groups it consumes, relay lag per store,
+/// projection lag, the PostgreSQL xmin hold-back and pool size. Nobody
+/// scraping costs the broker and the database nothing.
 pub(crate) struct Gauges {
     memory_bus: Option<InMemoryBus>,
     rabbit: Option<(RabbitBus, PgPool)>,
     pub(crate) groups: Vec<&'static str>,
     pub(crate) relays: Vec<RelayGauge>,
     pub(crate) query: Option<Arc<dyn OrderQueries>>,
+    /// When the gauges were last measured; held while measuring, so
+    /// scrapes at once share one measurement.
+    measured: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Gauges {
@@ -354,34 +366,46 @@ impl Gauges {
             groups: Vec::new(),
             relays: Vec::new(),
             query: None,
+            measured: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// Updates the gauges every second until `stop` is cancelled.
-    pub(crate) async fn run(self, stop: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            self.measure().await;
+    /// Measures the gauges for a scrape, unless a measurement finished
+    /// less than [`MEASURE_EVERY`] ago; bounded by [`MEASURE_TIMEOUT`].
+    pub(crate) async fn refresh(&self) {
+        let mut measured = self.measured.lock().await;
+        if measured.is_some_and(|at| at.elapsed() < MEASURE_EVERY) {
+            return;
         }
+        if tokio::time::timeout(MEASURE_TIMEOUT, self.measure())
+            .await
+            .is_err()
+        {
+            tracing::debug!("gauges: a measurement ran out of time; the last values stand");
+        }
+        *measured = Some(Instant::now());
     }
 
+    /// Measures every gauge, each on its own: one that waits (a relay's lag
+    /// read held back by an open transaction, say) holds up none of the
+    /// others, and each is set as soon as it is known.
     async fn measure(&self) {
-        for group in &self.groups {
+        let mut parts: Vec<BoxFuture<'_, ()>> = Vec::new();
+        for &group in &self.groups {
             if let Some(bus) = &self.memory_bus {
-                metrics::gauge!("bus_queue_depth", "group" => *group)
+                metrics::gauge!("bus_queue_depth", "group" => group)
                     .set(bus.queue_depth(group) as f64);
             }
             if let Some((bus, _)) = &self.rabbit {
-                if let Ok(depth) = bus.queue_depth(group).await {
-                    metrics::gauge!("bus_queue_depth", "group" => *group).set(f64::from(depth));
-                }
-                if let Ok(depth) = bus.dead_letter_depth(group).await {
-                    metrics::gauge!("bus_dead_letter_depth", "group" => *group)
-                        .set(f64::from(depth));
-                }
+                parts.push(Box::pin(async move {
+                    if let Ok(depth) = bus.queue_depth(group).await {
+                        metrics::gauge!("bus_queue_depth", "group" => group).set(f64::from(depth));
+                    }
+                    if let Ok(depth) = bus.dead_letter_depth(group).await {
+                        metrics::gauge!("bus_dead_letter_depth", "group" => group)
+                            .set(f64::from(depth));
+                    }
+                }));
             }
         }
         for relay in &self.relays {
@@ -391,39 +415,48 @@ impl Gauges {
             } else {
                 0.0
             });
-            let relayed = relay
-                .checkpoints
-                .load(&relay.name)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(Position::START);
-            if let Ok(lag) =
-                es_projections::telemetry::measure_lag(relay.store.as_ref(), relayed, 10_000).await
-            {
-                metrics::gauge!("relay_lag_events", "store" => relay.label).set(lag.events as f64);
-                metrics::gauge!("relay_lag_seconds", "store" => relay.label).set(lag.seconds);
-            }
-            if let Some(store) = &relay.pg {
-                if let Ok(holdback) = store.holdback().await {
-                    metrics::gauge!("store_xmin_holdback_events", "store" => relay.label)
-                        .set(holdback.events_held_back as f64);
-                    metrics::gauge!("store_xids_in_flight", "store" => relay.label)
-                        .set(holdback.xids_in_flight() as f64);
+            parts.push(Box::pin(async move {
+                let relayed = relay
+                    .checkpoints
+                    .load(&relay.name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(Position::START);
+                if let Ok(lag) =
+                    es_projections::telemetry::measure_lag(relay.store.as_ref(), relayed, 10_000)
+                        .await
+                {
+                    metrics::gauge!("relay_lag_events", "store" => relay.label)
+                        .set(lag.events as f64);
+                    metrics::gauge!("relay_lag_seconds", "store" => relay.label).set(lag.seconds);
                 }
+            }));
+            if let Some(store) = &relay.pg {
+                parts.push(Box::pin(async move {
+                    if let Ok(holdback) = store.holdback().await {
+                        metrics::gauge!("store_xmin_holdback_events", "store" => relay.label)
+                            .set(holdback.events_held_back as f64);
+                        metrics::gauge!("store_xids_in_flight", "store" => relay.label)
+                            .set(holdback.xids_in_flight() as f64);
+                    }
+                }));
             }
         }
         if let Some(query) = &self.query {
-            if let Ok(lag) = query.lag().await {
-                metrics::gauge!("projection_lag_events", "projection" => "orders_read_model")
-                    .set(lag.events as f64);
-                metrics::gauge!("projection_lag_seconds", "projection" => "orders_read_model")
-                    .set(lag.seconds);
-            }
+            parts.push(Box::pin(async move {
+                if let Ok(lag) = query.lag().await {
+                    metrics::gauge!("projection_lag_events", "projection" => "orders_read_model")
+                        .set(lag.events as f64);
+                    metrics::gauge!("projection_lag_seconds", "projection" => "orders_read_model")
+                        .set(lag.seconds);
+                }
+            }));
         }
         if let Some((_, pool)) = &self.rabbit {
             metrics::gauge!("pg_pool_connections").set(f64::from(pool.size()));
         }
+        futures::future::join_all(parts).await;
     }
 }
 

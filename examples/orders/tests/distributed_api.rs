@@ -402,7 +402,23 @@ async fn the_holdback_gauge_counts_events_behind_an_open_writer() {
                 .any(|l| l == format!("store_xmin_holdback_events{{store=\"order\"}} {value}"))
         }
     };
-    let metrics = || async { orders::telemetry::prometheus().render() };
+    // What the process's /metrics answers (the gauges measured per scrape).
+    let router = node.router();
+    let metrics = || {
+        let router = router.clone();
+        async move {
+            use tower::ServiceExt;
+            let request = axum::http::Request::get("/metrics")
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = router.oneshot(request).await.unwrap();
+            assert!(response.status().is_success());
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        }
+    };
     let held = until(100, 100, metrics, gauge("3")).await;
     assert!(gauge("3")(&held), "{held}");
     assert!(

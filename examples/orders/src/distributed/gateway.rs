@@ -311,7 +311,7 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
 /// The gateway's metrics and every upstream's, each sample labelled with the
 /// process it came from (`process="gateway"`, `process="order@http://..."`).
 async fn all_metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let mut texts = vec![("gateway".to_owned(), telemetry::prometheus().render())];
+    let mut texts = vec![("gateway".to_owned(), own_metrics(&gw.local).await)];
     let mut seen = BTreeSet::new();
     for (owner, pool) in &gw.pools {
         if gw.owners.contains(owner) {
@@ -339,6 +339,26 @@ async fn all_metrics(State(gw): State<Arc<Gateway>>) -> Response {
         merge_metrics(&texts),
     )
         .into_response()
+}
+
+/// This process's metrics, from its own `/metrics` route (which measures
+/// the gauges of the services it runs); the registry as it stands when that
+/// route fails.
+async fn own_metrics(local: &Router) -> String {
+    let request = Request::get("/metrics").body(Body::empty());
+    let response = match request {
+        Ok(request) => local.clone().oneshot(request).await.ok(),
+        Err(_) => None,
+    };
+    match response {
+        Some(response) if response.status().is_success() => {
+            match axum::body::to_bytes(response.into_body(), usize::MAX).await {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(_) => telemetry::prometheus().render(),
+            }
+        }
+        _ => telemetry::prometheus().render(),
+    }
 }
 
 /// Merges Prometheus texts: one `# HELP`/`# TYPE` per family, every family's
