@@ -50,6 +50,15 @@ async fn one_holder_at_a_time() {
     }
 }
 
+/// The server processes of the sessions named `application`.
+async fn sessions(pool: &sqlx::PgPool, application: &str) -> Vec<i32> {
+    sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+        .bind(application)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// A standby asks for the lock on one session of its own, every retry
 /// interval, and takes the lock on that session when it is freed: the
 /// server does not start a session per attempt. A session that dies is
@@ -79,12 +88,7 @@ async fn a_waiting_standby_keeps_one_session() {
     // Sessions the standby opened, seen over about 30 of its attempts.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..30 {
-        let pids: Vec<i32> =
-            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
-                .bind(&application)
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let pids = sessions(&pool, &application).await;
         seen.extend(pids);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -100,12 +104,7 @@ async fn a_waiting_standby_keeps_one_session() {
     assert!(killed);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let new = loop {
-        let pids: Vec<i32> =
-            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
-                .bind(&application)
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let pids = sessions(&pool, &application).await;
         if let Some(&pid) = pids.iter().find(|&&pid| pid != old) {
             break pid;
         }

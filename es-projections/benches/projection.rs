@@ -104,6 +104,44 @@ async fn verify_model(
     Ok(())
 }
 
+/// Where the timed runs read from and write to.
+struct Run<'a> {
+    pool: &'a sqlx::PgPool,
+    schema: &'a str,
+    store: &'a Arc<dyn EventStore>,
+}
+
+impl Run<'_> {
+    /// How long a new runner of the `Balances` projection `name`, writing to
+    /// `model` in batches of `batch`, takes to reach `until`; stopped then.
+    async fn timed(
+        &self,
+        model: &str,
+        name: &str,
+        batched: bool,
+        batch: usize,
+        until: es_core::Position,
+    ) -> Result<Duration, Box<dyn std::error::Error>> {
+        let runner = PgProjectionRunner::new(
+            self.pool.clone(),
+            self.schema,
+            model,
+            Arc::clone(self.store),
+            Arc::new(Balances {
+                name: name.to_owned(),
+                batched,
+            }),
+        )?
+        .with_options(RunnerOptions::default().batch_size(batch));
+        let started = Instant::now();
+        let handle = runner.spawn();
+        handle.wait_for(until, Duration::from_secs(3_600)).await?;
+        let elapsed = started.elapsed();
+        handle.stop().await?;
+        Ok(elapsed)
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL")
@@ -128,6 +166,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total = bulk_seed(&pool, &schema, throughput_events, 1_000).await?;
     println!("seeded {total} events in {:.2?}", started.elapsed());
     let head = store.head().await?;
+    let run = Run {
+        pool: &pool,
+        schema: &schema,
+        store: &store,
+    };
 
     // One event per batch: what each transaction costs besides its event.
     let single = env_u64("BENCH_SINGLE_EVENTS", 3_000).min(total);
@@ -141,24 +184,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let model = format!("bench_m_{}_{}_single", &id[..8], u8::from(batched));
         schemas.push(model.clone());
         let name = format!("balances_{}_single", u8::from(batched));
-        let runner = PgProjectionRunner::new(
-            pool.clone(),
-            &schema,
-            &model,
-            Arc::clone(&store),
-            Arc::new(Balances {
-                name: name.clone(),
-                batched,
-            }),
-        )?
-        .with_options(RunnerOptions::default().batch_size(1));
-        let started = Instant::now();
-        let handle = runner.spawn();
-        handle
-            .wait_for(single_at, Duration::from_secs(3_600))
-            .await?;
-        let elapsed = started.elapsed();
-        handle.stop().await?;
+        let elapsed = run.timed(&model, &name, batched, 1, single_at).await?;
         // The runner went on past `single_at` until stopped: the model
         // holds the events up to its checkpoint.
         let at = postgres::load_checkpoint(&pool, &schema, &name).await?;
@@ -185,19 +211,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let model = format!("bench_m_{}_{}_{batch}", &id[..8], u8::from(batched));
         schemas.push(model.clone());
         let name = format!("balances_{}_{batch}", u8::from(batched));
-        let runner = PgProjectionRunner::new(
-            pool.clone(),
-            &schema,
-            &model,
-            Arc::clone(&store),
-            Arc::new(Balances { name, batched }),
-        )?
-        .with_options(RunnerOptions::default().batch_size(batch));
-        let started = Instant::now();
-        let handle = runner.spawn();
-        handle.wait_for(head, Duration::from_secs(3_600)).await?;
-        let elapsed = started.elapsed();
-        handle.stop().await?;
+        let elapsed = run.timed(&model, &name, batched, batch, head).await?;
         verify_model(&pool, &schema, &model, None).await?;
         println!(
             "throughput, {mode}, batch {batch:>5}: {total} events in {elapsed:.2?} = {:.0} events/s",
