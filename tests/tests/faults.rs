@@ -114,7 +114,16 @@ async fn every_delivery_twice(backend: Arc<dyn es_tests::pipeline::Backend>) {
         async move {
             let faults = &pipeline.faults;
             faults.duplicate_percent.store(100, Ordering::SeqCst);
+            // The waves are requests: their deliveries follow at the bus's
+            // pace, so by the third wave some have been handled twice, or
+            // soon are.
             if rounds.fetch_add(1, Ordering::SeqCst) == 2 {
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+                while faults.duplicated.load(Ordering::SeqCst) == 0
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
                 assert!(
                     faults.duplicated.load(Ordering::SeqCst) > 0,
                     "nothing was handled twice"
