@@ -28,6 +28,7 @@ fi
 if [ "$part" = all ] || [ "$part" = rabbit ]; then
   step "es-rabbit: confirmed publish vs raw lapin, consume, relay"
   cargo bench -q -p es-rabbit --bench rabbit
+  cargo bench -q -p es-tests --bench relay
 fi
 if [ "$part" = all ] || [ "$part" = projections ]; then
   step "es-projections: throughput and a 1,000,000-event rebuild"

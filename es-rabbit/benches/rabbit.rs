@@ -1,5 +1,5 @@
-//! es-rabbit throughput against the local RabbitMQ (and PostgreSQL for the
-//! relay). Run: `cargo bench -p es-rabbit --bench rabbit`.
+//! es-rabbit throughput against the local RabbitMQ. Run:
+//! `cargo bench -p es-rabbit --bench rabbit`.
 //!
 //! - `publish/es-rabbit` vs `publish/raw-lapin`: 1,000 persistent, mandatory,
 //!   confirmed publishes to a topic exchange bound to a quorum queue, with
@@ -10,8 +10,9 @@
 //! - `publish/paired`: printed first; the three publish variants alternating
 //!   round by round, medians and ratios (robust to a machine shared with
 //!   builds).
-//! - `relay/postgres`: 1,000 events relayed from a PostgreSQL store to
-//!   RabbitMQ (batches of 256, confirmed, checkpoint saved per batch).
+//!
+//! The relay from a PostgreSQL store is measured in the cross-crate package:
+//! `cargo bench -p es-tests --bench relay`.
 
 // A bench is a test harness: a panic is the failure report.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -22,12 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
-use es_core::{
-    CancellationToken, CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion, Message,
-    Metadata, NewEvent, Outcome, Payload, StreamId, Subscription,
-};
-use es_postgres::{PgCheckpointStore, PgLeaderLock};
-use es_rabbit::{RabbitBus, RabbitConfig, RabbitRelay};
+use es_core::{Delivery, EventBus, Message, Metadata, Outcome, Payload, Subscription};
+use es_rabbit::{RabbitBus, RabbitConfig};
 use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -317,75 +314,6 @@ fn consume(c: &mut Criterion) {
     rt.block_on(cleanup(&s));
 }
 
-fn relay(c: &mut Criterion) {
-    if !wanted("relay/postgres") {
-        return;
-    }
-    let rt = Runtime::new().unwrap();
-    let s = rt.block_on(setup());
-    let store = rt.block_on(es_postgres::testing::fresh_store());
-    rt.block_on(async {
-        for chunk in 0..N / 10 {
-            let events = (0..10)
-                .map(|n| {
-                    NewEvent::new(
-                        "Placed",
-                        1,
-                        Payload::from_json(format!(r#"{{"n":{n}}}"#)).unwrap(),
-                        Metadata::new(),
-                    )
-                })
-                .collect();
-            let stream = StreamId::for_aggregate("bench", chunk).unwrap();
-            store
-                .append(&stream, ExpectedVersion::Any, events)
-                .await
-                .unwrap();
-        }
-    });
-    let head = rt.block_on(store.head()).unwrap();
-    let checkpoints = PgCheckpointStore::new(store.pool().clone(), store.schema());
-    let mut group = c.benchmark_group("relay");
-    group.throughput(Throughput::Elements(N as u64));
-    group.sample_size(10);
-    group.measurement_time(Duration::from_secs(15));
-    group.bench_function("postgres", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let (s, store, checkpoints) = (&s, &store, &checkpoints);
-            async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    // A new relay name starts from the beginning of the log.
-                    let name = format!("bench-{}", Uuid::new_v4().simple());
-                    let relay = Arc::new(RabbitRelay::new(
-                        name.clone(),
-                        Arc::new(store.clone()),
-                        &s.bus,
-                        Arc::new(checkpoints.clone()),
-                        Arc::new(PgLeaderLock::new(store.pool().clone())),
-                    ));
-                    let stop = CancellationToken::new();
-                    let start = Instant::now();
-                    let running = tokio::spawn({
-                        let (relay, stop) = (Arc::clone(&relay), stop.clone());
-                        async move { relay.run(stop).await }
-                    });
-                    while checkpoints.load(&name).await.unwrap() != Some(head) {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    total += start.elapsed();
-                    stop.cancel();
-                    running.await.unwrap().unwrap();
-                    purge(s).await;
-                }
-                total
-            }
-        });
-    });
-    group.finish();
-    rt.block_on(cleanup(&s));
-}
-
 async fn cleanup(s: &Setup) {
     let sub = Subscription::new("g", ["bench.*"]);
     s.bus.delete_group(&sub).await.unwrap();
@@ -471,7 +399,7 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encode, publish, consume, relay);
+criterion_group!(benches, encode, publish, consume);
 
 fn main() {
     if std::env::args()

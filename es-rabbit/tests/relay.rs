@@ -1,22 +1,23 @@
-//! The relay: the store's log reaches RabbitMQ in order, from a PostgreSQL
-//! checkpoint, with one active instance and a standby that takes over.
+//! The relay on the in-memory store: it publishes the log and checkpoints
+//! it, and a command that no queue receives holds it until one is bound.
+//! (Its tests on PostgreSQL, with the advisory lock and a standby, are in
+//! the cross-crate suite: `tests/tests/relay.rs`.)
 
 // Helpers outside #[test] fns unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bus, cleanup, config, eventually, Counter};
+use common::{bus, cleanup, config, eventually};
 use es_core::{
-    CancellationToken, CheckpointStore, Delivery, EventBus, EventStore, ExpectedVersion,
-    InMemoryCheckpointStore, InMemoryEventStore, LeaderLock, LocalLeaderLock, Metadata, NewEvent,
-    Outcome, Payload, Position, StreamId, Subscription,
+    CancellationToken, CheckpointStore, EventBus, EventStore, ExpectedVersion,
+    InMemoryCheckpointStore, InMemoryEventStore, LocalLeaderLock, Metadata, NewEvent, Payload,
+    Position, StreamId, Subscription,
 };
-use es_postgres::{PgCheckpointStore, PgEventStore, PgLeaderLock};
-use es_rabbit::{RabbitBus, RabbitRelay};
+use es_rabbit::RabbitRelay;
 use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -38,134 +39,6 @@ async fn append(store: &dyn EventStore, count: usize, offset: usize) -> Vec<Uuid
             .unwrap();
     }
     ids
-}
-
-/// A relay of `store`'s log with its checkpoint in the store's schema and a
-/// PostgreSQL advisory lock.
-fn pg_relay(name: &str, store: &PgEventStore, bus: &RabbitBus) -> RabbitRelay {
-    let pool = store.pool().clone();
-    RabbitRelay::new(
-        name,
-        Arc::new(store.clone()),
-        bus,
-        Arc::new(PgCheckpointStore::new(pool.clone(), store.schema())),
-        Arc::new(PgLeaderLock::new(pool)),
-    )
-}
-
-#[tokio::test]
-async fn the_relay_publishes_the_log_in_order_and_checkpoints_in_postgres() {
-    let store = es_postgres::testing::fresh_store().await;
-    let bus = bus(config("relay")).await;
-    // Ordered consumption: one consumer, one message at a time.
-    let seen: Arc<Mutex<Vec<Uuid>>> = Arc::default();
-    let sink = Arc::clone(&seen);
-    let handle = bus
-        .subscribe(
-            Subscription::new("g", ["order.*"]).with_prefetch(1),
-            Arc::new(move |d: Delivery| {
-                let sink = Arc::clone(&sink);
-                async move {
-                    sink.lock().unwrap().push(d.message.message_id);
-                    Outcome::Ack
-                }
-            }),
-        )
-        .await
-        .unwrap();
-    let ids = append(&store, 300, 0).await;
-    let relay = Arc::new(pg_relay("orders-relay", &store, &bus).with_batch_size(64));
-    let stop = CancellationToken::new();
-    let running = tokio::spawn({
-        let (relay, stop) = (Arc::clone(&relay), stop.clone());
-        async move { relay.run(stop).await }
-    });
-    eventually("300 relayed", LIMIT, || seen.lock().unwrap().len() >= 300).await;
-    let more = append(&store, 100, 300).await;
-    eventually("400 relayed", LIMIT, || seen.lock().unwrap().len() >= 400).await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
-    handle.stop().await;
-    assert_eq!(*relay.progress().borrow(), store.head().await.unwrap());
-
-    let mut expected = ids;
-    expected.extend(more);
-    assert_eq!(
-        *seen.lock().unwrap(),
-        expected,
-        "every event once, in log order"
-    );
-    let checkpoints = PgCheckpointStore::new(store.pool().clone(), store.schema());
-    assert_eq!(
-        checkpoints.load("orders-relay").await.unwrap(),
-        Some(store.head().await.unwrap())
-    );
-    cleanup(&bus).await;
-}
-
-#[tokio::test]
-async fn a_standby_relay_takes_over_when_the_active_one_dies() {
-    let store = es_postgres::testing::fresh_store().await;
-    let bus = bus(config("failover")).await;
-    let counter = Counter::default();
-    let handle = bus
-        .subscribe(
-            Subscription::new("g", ["order.*"]).with_prefetch(32),
-            Arc::new(counter.clone()),
-        )
-        .await
-        .unwrap();
-    let lock = Arc::new(
-        PgLeaderLock::new(store.pool().clone())
-            .retry_interval(Duration::from_millis(100))
-            .check_interval(Duration::from_millis(200), Duration::from_secs(2)),
-    );
-    let checkpoints = Arc::new(PgCheckpointStore::new(store.pool().clone(), store.schema()));
-    let make = || {
-        Arc::new(RabbitRelay::new(
-            "orders-relay",
-            Arc::new(store.clone()),
-            &bus,
-            Arc::clone(&checkpoints) as Arc<dyn CheckpointStore>,
-            Arc::clone(&lock) as Arc<dyn LeaderLock>,
-        ))
-    };
-    let (first, second) = (make(), make());
-    let stop = CancellationToken::new();
-    let mut first_active = first.active();
-    let mut second_active = second.active();
-    let first_task = tokio::spawn({
-        let (relay, stop) = (Arc::clone(&first), stop.clone());
-        async move { relay.run(stop).await }
-    });
-    first_active.wait_for(|a| *a).await.unwrap();
-    let second_task = tokio::spawn({
-        let (relay, stop) = (Arc::clone(&second), stop.clone());
-        async move { relay.run(stop).await }
-    });
-
-    let mut ids = append(&store, 200, 0).await;
-    eventually("200 relayed", LIMIT, || counter.applied_count() == 200).await;
-    assert!(!*second_active.borrow(), "one active relay at a time");
-
-    // The active relay dies (its task and lock connection go away).
-    first_task.abort();
-    let _ = first_task.await;
-    tokio::time::timeout(LIMIT, second_active.wait_for(|a| *a))
-        .await
-        .expect("the standby takes over")
-        .unwrap();
-    ids.extend(append(&store, 200, 200).await);
-    eventually("400 relayed", LIMIT, || counter.applied_count() == 400).await;
-    stop.cancel();
-    second_task.await.unwrap().unwrap();
-    handle.stop().await;
-
-    let applied: std::collections::HashSet<Uuid> =
-        counter.applied.lock().unwrap().keys().copied().collect();
-    assert_eq!(applied, ids.into_iter().collect());
-    assert_eq!(counter.applied_twice(), 0);
-    cleanup(&bus).await;
 }
 
 #[tokio::test]
