@@ -76,12 +76,14 @@ impl PgLeaderLock {
 
     /// Waits, retrying, until the lock `name` is acquired. A waiting standby
     /// keeps one session and asks on it once per retry interval, rather
-    /// than opening a session per attempt; a failing connection is dropped
-    /// and opened again at the next attempt (logged), so a waiting standby
-    /// survives a database restart.
+    /// than opening a session per attempt. When that session has died, the
+    /// same attempt asks again on a new one; when the database cannot be
+    /// reached, the next attempt does (logged), so a waiting standby
+    /// survives a database restart and takes the lock no later for it.
     pub async fn wait(&self, name: &str) -> Result<PgLeadership> {
         let mut standby: Option<(PgConnection, i64)> = None;
         loop {
+            let kept = standby.is_some();
             let attempt = match standby.take() {
                 Some(session) => Ok(session),
                 None => self.connect(name).await,
@@ -93,6 +95,14 @@ impl PgLeaderLock {
             match outcome {
                 Ok(Ok(leadership)) => return Ok(leadership),
                 Ok(Err(conn)) => standby = Some(conn),
+                Err(error) if error.is_transient() && kept => {
+                    // The kept session died (a restart, a terminated
+                    // backend), which says nothing of the database now:
+                    // ask at once on a new session rather than a retry
+                    // interval later. If that fails too, wait as usual.
+                    tracing::debug!(%error, lock = %name, "leader lock: the standby's session died; asking on a new one");
+                    continue;
+                }
                 Err(error) if error.is_transient() => {
                     tracing::warn!(%error, lock = %name, "leader lock: cannot reach the database; retrying");
                 }

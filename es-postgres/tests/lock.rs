@@ -123,6 +123,77 @@ async fn a_waiting_standby_keeps_one_session() {
     second.release().await.unwrap();
 }
 
+/// A standby whose session died in its wait (a terminated backend, a
+/// server restart) asks again on a new session in the same attempt: it
+/// takes a lock freed meanwhile at its next attempt, not one retry interval
+/// after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_session_died_takes_a_freed_lock_at_its_next_attempt() {
+    const RETRY: Duration = Duration::from_secs(3);
+    let pool = pool().await;
+    let name = name();
+    let first = PgLeaderLock::new(pool.clone())
+        .try_acquire(&name)
+        .await
+        .unwrap()
+        .expect("free lock");
+    let application: String = format!("standby-{}", uuid::Uuid::new_v4().simple());
+    let standby_lock = PgLeaderLock::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(
+                pool.connect_options()
+                    .as_ref()
+                    .clone()
+                    .application_name(&application),
+            ),
+    )
+    .retry_interval(RETRY);
+    let asked = tokio::time::Instant::now();
+    let waiter = {
+        let name = name.clone();
+        tokio::spawn(async move { standby_lock.wait(&name).await })
+    };
+    // Its first attempt found the lock held (its session idle after asking);
+    // the session dies in the wait, and the lock is freed.
+    let deadline = asked + Duration::from_secs(2);
+    let old = loop {
+        let asked: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+             AND state = 'idle' AND query LIKE '%pg_try_advisory_lock%'",
+        )
+        .bind(&application)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if let Some(pid) = asked {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(old)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(killed);
+    first.release().await.unwrap();
+    assert!(!waiter.is_finished(), "acquired before its next attempt");
+    // The next attempt is one retry interval after the first; one more
+    // would be two.
+    let second = tokio::time::timeout(RETRY * 2 - Duration::from_millis(500), waiter)
+        .await
+        .expect("the standby took the lock at its next attempt")
+        .unwrap()
+        .unwrap();
+    assert_ne!(second.backend_pid(), old);
+    second.release().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connection_is_reported_and_frees_the_lock() {
     let pool = pool().await;
