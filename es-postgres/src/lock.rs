@@ -31,7 +31,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Leader locks on `pool`'s database, one per name, with their polling
 /// intervals. Implements [`LeaderLock`].
@@ -65,8 +65,9 @@ impl PgLeaderLock {
         self
     }
 
-    /// How often the holder checks its connection, and how long a check may
-    /// take before the connection counts as dead.
+    /// How often the holder checks its connection, and how long a check (or
+    /// a waiting standby's attempt) may take before the connection counts as
+    /// dead.
     #[must_use]
     pub fn check_interval(mut self, every: Duration, timeout: Duration) -> Self {
         self.check = every;
@@ -76,31 +77,39 @@ impl PgLeaderLock {
 
     /// Waits, retrying, until the lock `name` is acquired. A waiting standby
     /// keeps one session and asks on it once per retry interval, rather
-    /// than opening a session per attempt. When that session has died, the
-    /// same attempt asks again on a new one; when the database cannot be
+    /// than opening a session per attempt. When that session has died, or
+    /// does not answer within the check timeout, the same attempt asks
+    /// again on a new one; when the database cannot be
     /// reached, the next attempt does (logged), so a waiting standby
     /// survives a database restart and takes the lock no later for it.
     pub async fn wait(&self, name: &str) -> Result<PgLeadership> {
         let mut standby: Option<(PgConnection, i64)> = None;
         loop {
-            let kept = standby.is_some();
-            let attempt = match standby.take() {
-                Some(session) => Ok(session),
-                None => self.connect(name).await,
+            let kept = standby.take();
+            let was_kept = kept.is_some();
+            // A session that stops answering (a half-open connection) must
+            // not hold the standby forever: past the check timeout the
+            // attempt is given up and its session dropped, as a dead one is.
+            let attempt = async {
+                let (conn, key) = match kept {
+                    Some(session) => session,
+                    None => self.connect(name).await?,
+                };
+                self.try_lock(conn, name, key).await
             };
-            let outcome = match attempt {
-                Ok((conn, key)) => self.try_lock(conn, name, key).await,
-                Err(error) => Err(error),
-            };
+            let outcome = tokio::time::timeout(self.check_timeout, attempt)
+                .await
+                .unwrap_or_else(|_| Err(no_answer()));
             match outcome {
                 Ok(Ok(leadership)) => return Ok(leadership),
                 Ok(Err(conn)) => standby = Some(conn),
-                Err(error) if error.is_transient() && kept => {
+                Err(error) if error.is_transient() && was_kept => {
                     // The kept session died (a restart, a terminated
-                    // backend), which says nothing of the database now:
-                    // ask at once on a new session rather than a retry
-                    // interval later. If that fails too, wait as usual.
-                    tracing::debug!(%error, lock = %name, "leader lock: the standby's session died; asking on a new one");
+                    // backend) or stopped answering, which says nothing of
+                    // the database now: ask at once on a new session rather
+                    // than a retry interval later. If that fails too, wait
+                    // as usual.
+                    tracing::debug!(%error, lock = %name, "leader lock: the standby's session failed; asking on a new one");
                     continue;
                 }
                 Err(error) if error.is_transient() => {
@@ -176,6 +185,16 @@ impl PgLeaderLock {
 impl LeaderLock for PgLeaderLock {
     async fn acquire(&self, name: &str) -> Result<Box<dyn Leadership>, StoreError> {
         Ok(Box::new(self.wait(name).await?))
+    }
+}
+
+/// A lock session that did not answer within the check timeout.
+fn no_answer() -> Error {
+    Error::Unavailable {
+        source: sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the lock's session did not answer within the check timeout",
+        )),
     }
 }
 

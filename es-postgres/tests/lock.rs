@@ -3,9 +3,15 @@
 
 #![allow(clippy::unwrap_used)] // test helpers panic on failure, like the tests
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use es_postgres::PgLeaderLock;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 
 async fn pool() -> sqlx::PgPool {
     es_postgres::testing::fresh_schema().await.0
@@ -59,6 +65,50 @@ async fn sessions(pool: &sqlx::PgPool, application: &str) -> Vec<i32> {
         .unwrap()
 }
 
+/// A lock on `options`' database whose sessions carry an application name
+/// of their own (returned beside it), retrying every `retry`: a standby
+/// whose sessions a test can find and cut.
+fn standby(options: PgConnectOptions, retry: Duration) -> (PgLeaderLock, String) {
+    let application = format!("standby-{}", uuid::Uuid::new_v4().simple());
+    let lock = PgLeaderLock::new(
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options.application_name(&application)),
+    )
+    .retry_interval(retry);
+    (lock, application)
+}
+
+/// The options of `pool`'s sessions.
+fn options(pool: &sqlx::PgPool) -> PgConnectOptions {
+    pool.connect_options().as_ref().clone()
+}
+
+/// Waits (up to 2 s) until the standby named `application` has asked for
+/// the lock and found it held: its session idle after asking. Its server
+/// process.
+async fn asked(pool: &sqlx::PgPool, application: &str) -> i32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let asked: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+             AND state = 'idle' AND query LIKE '%pg_try_advisory_lock%'",
+        )
+        .bind(application)
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        if let Some(pid) = asked {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A standby asks for the lock on one session of its own, every retry
 /// interval, and takes the lock on that session when it is freed: the
 /// server does not start a session per attempt. A session that dies is
@@ -69,18 +119,7 @@ async fn a_waiting_standby_keeps_one_session() {
     let name = name();
     let lock = PgLeaderLock::new(pool.clone()).retry_interval(Duration::from_millis(10));
     let first = lock.try_acquire(&name).await.unwrap().expect("free lock");
-    let application: String = format!("standby-{}", uuid::Uuid::new_v4().simple());
-    let standby_lock = PgLeaderLock::new(
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with(
-                pool.connect_options()
-                    .as_ref()
-                    .clone()
-                    .application_name(&application),
-            ),
-    )
-    .retry_interval(Duration::from_millis(10));
+    let (standby_lock, application) = standby(options(&pool), Duration::from_millis(10));
     let waiter = {
         let name = name.clone();
         tokio::spawn(async move { standby_lock.wait(&name).await })
@@ -137,44 +176,14 @@ async fn a_standby_whose_session_died_takes_a_freed_lock_at_its_next_attempt() {
         .await
         .unwrap()
         .expect("free lock");
-    let application: String = format!("standby-{}", uuid::Uuid::new_v4().simple());
-    let standby_lock = PgLeaderLock::new(
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with(
-                pool.connect_options()
-                    .as_ref()
-                    .clone()
-                    .application_name(&application),
-            ),
-    )
-    .retry_interval(RETRY);
-    let asked = tokio::time::Instant::now();
+    let (standby_lock, application) = standby(options(&pool), RETRY);
     let waiter = {
         let name = name.clone();
         tokio::spawn(async move { standby_lock.wait(&name).await })
     };
-    // Its first attempt found the lock held (its session idle after asking);
-    // the session dies in the wait, and the lock is freed.
-    let deadline = asked + Duration::from_secs(2);
-    let old = loop {
-        let asked: Option<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
-             AND state = 'idle' AND query LIKE '%pg_try_advisory_lock%'",
-        )
-        .bind(&application)
-        .fetch_optional(&pool)
-        .await
-        .unwrap();
-        if let Some(pid) = asked {
-            break pid;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the standby never asked"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    // Its first attempt found the lock held; the session dies in the wait,
+    // and the lock is freed.
+    let old = asked(&pool, &application).await;
     let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(old)
         .fetch_one(&pool)
@@ -188,6 +197,96 @@ async fn a_standby_whose_session_died_takes_a_freed_lock_at_its_next_attempt() {
     let second = tokio::time::timeout(RETRY * 2 - Duration::from_millis(500), waiter)
         .await
         .expect("the standby took the lock at its next attempt")
+        .unwrap()
+        .unwrap();
+    assert_ne!(second.backend_pid(), old);
+    second.release().await.unwrap();
+}
+
+/// A TCP proxy to the database whose connections can be frozen: a frozen
+/// connection stays open and forwards nothing, as a network partition
+/// leaves a session half-open. Connections opened after a freeze forward.
+struct FreezingProxy {
+    port: u16,
+    /// Connections opened before the last freeze are frozen.
+    freezes: Arc<AtomicU64>,
+}
+
+impl FreezingProxy {
+    async fn start(to: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let freezes = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&freezes);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let born = seen.load(Ordering::SeqCst);
+                let server = TcpStream::connect(&to).await.unwrap();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(forward(client_read, server_write, Arc::clone(&seen), born));
+                tokio::spawn(forward(server_read, client_write, Arc::clone(&seen), born));
+            }
+        });
+        Self { port, freezes }
+    }
+
+    fn freeze(&self) {
+        self.freezes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn forward(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    freezes: Arc<AtomicU64>,
+    born: u64,
+) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if freezes.load(Ordering::SeqCst) != born {
+            // Frozen: both ends stay open, nothing goes through.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A standby whose session stops answering (half-open: the server never
+/// sees the question) gives it up after the check timeout and asks on a
+/// new session, rather than waiting for an answer forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_session_stops_answering_asks_on_a_new_one() {
+    let pool = pool().await;
+    let name = name();
+    let first = PgLeaderLock::new(pool.clone())
+        .try_acquire(&name)
+        .await
+        .unwrap()
+        .expect("free lock");
+    let direct = options(&pool);
+    let proxy = FreezingProxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    let (standby_lock, application) = standby(
+        direct.host("127.0.0.1").port(proxy.port),
+        Duration::from_millis(100),
+    );
+    let standby_lock = standby_lock.check_interval(Duration::from_secs(1), Duration::from_secs(1));
+    let waiter = {
+        let name = name.clone();
+        tokio::spawn(async move { standby_lock.wait(&name).await })
+    };
+    let old = asked(&pool, &application).await;
+    proxy.freeze();
+    first.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the standby gave up its frozen session and took the lock")
         .unwrap()
         .unwrap();
     assert_ne!(second.backend_pid(), old);
