@@ -56,6 +56,13 @@ async fn postgres_connections_cut_again_and_again() {
     let (completed, cancelled) = c.check_invariants(&stock, &orders).await;
     eprintln!("postgres cut: {cut} connections terminated; {} orders, {completed} completed, {cancelled} cancelled", orders.len());
     assert_eq!(completed + cancelled, 200);
+    // The report an order that never finished would give: its trail
+    // through the services' stores.
+    let trail = c.trail(&orders[0].0).await;
+    assert!(
+        trail.contains("OrderCreated") && trail.contains("InventoryReserv"),
+        "{trail}"
+    );
     c.stop().await;
 }
 

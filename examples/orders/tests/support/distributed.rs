@@ -433,6 +433,34 @@ impl Cluster {
         .unwrap()
     }
 
+    /// What every service's store holds about the order `id`: each event
+    /// whose stream or payload names it, in the order each store recorded
+    /// them, with its stream. A failure's report.
+    pub async fn trail(&self, id: &str) -> String {
+        let mut out = String::new();
+        for service in ["order", "inventory", "payment", "notification", "query"] {
+            let schema = self.schema(service);
+            let rows: Result<Vec<(String, String, String)>, _> = sqlx::query_as(&format!(
+                "SELECT stream_id, event_type, recorded_at::text FROM \"{schema}\".events \
+                 WHERE stream_id LIKE '%' || $1 || '%' OR payload::text LIKE '%' || $1 || '%' \
+                 ORDER BY transaction_id, global_position"
+            ))
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await;
+            out.push_str(&format!("{schema}:\n"));
+            match rows {
+                Ok(rows) => {
+                    for (stream, event_type, at) in rows {
+                        out.push_str(&format!("  {at}  {stream}  {event_type}\n"));
+                    }
+                }
+                Err(error) => out.push_str(&format!("  (unreadable: {error})\n")),
+            }
+        }
+        out
+    }
+
     /// Checks the invariants after a run: every order terminal, stock adds
     /// up per product, no payment taken twice, one email per order and kind.
     /// Returns (completed, cancelled).
@@ -446,7 +474,14 @@ impl Cluster {
         let (mut completed, mut cancelled) = (0, 0);
         let mut finals = Vec::new();
         for (id, lines) in orders {
-            let v = c.finished(id).await;
+            let v = match c.finished_within(id, Duration::from_secs(60)).await {
+                Ok(v) => v,
+                Err(last) => panic!(
+                    "order {id} never finished; its last view: {last}\n{}\nthe processes' logs: {}",
+                    self.trail(id).await,
+                    self.logs.display()
+                ),
+            };
             match v["status"].as_str() {
                 Some("Completed") => {
                     completed += 1;

@@ -273,9 +273,19 @@ impl Client {
     /// Waits until the order is Completed or Cancelled (up to a minute); its
     /// view.
     pub async fn finished(&self, id: &str) -> Value {
+        match self.finished_within(id, Duration::from_secs(60)).await {
+            Ok(view) => view,
+            Err(last) => panic!("order {id} never finished; its last view: {last}"),
+        }
+    }
+
+    /// Waits until the order is Completed or Cancelled, up to `limit`: its
+    /// view, or the last view seen when it did not finish in time.
+    pub async fn finished_within(&self, id: &str, limit: Duration) -> Result<Value, Value> {
         let uri = format!("/api/orders/{id}?wait_terminal_ms=1000");
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
+        let mut last = Value::Null;
+        while start.elapsed() < limit {
             if let Ok((status, v)) = self.0.send("GET", &uri, &[], Vec::new()).await {
                 assert!(
                     status == StatusCode::OK
@@ -284,12 +294,13 @@ impl Client {
                     "{uri}: {status} {v}"
                 );
                 if matches!(v["status"].as_str(), Some("Completed" | "Cancelled")) {
-                    return v;
+                    return Ok(v);
                 }
+                last = v;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("order {id} never finished");
+        Err(last)
     }
 
     /// Waits (up to 5 s) until the order's view shows `status`.
