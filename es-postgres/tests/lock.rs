@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_postgres::PgLeaderLock;
+use es_postgres::{PgLeaderLock, PgLeadership};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 async fn pool() -> sqlx::PgPool {
     es_postgres::testing::fresh_schema().await.0
@@ -19,6 +20,26 @@ async fn pool() -> sqlx::PgPool {
 
 fn name() -> String {
     format!("leader-{}", uuid::Uuid::new_v4())
+}
+
+/// `lock.wait(name)` on a task of its own: a waiting standby.
+fn spawn_wait(lock: PgLeaderLock, name: &str) -> JoinHandle<es_postgres::Result<PgLeadership>> {
+    let name = name.to_owned();
+    tokio::spawn(async move { lock.wait(&name).await })
+}
+
+/// The standby's leadership, once it has the lock (within `limit`; `what`
+/// names the failure).
+async fn took(
+    standby: JoinHandle<es_postgres::Result<PgLeadership>>,
+    limit: Duration,
+    what: &str,
+) -> PgLeadership {
+    tokio::time::timeout(limit, standby)
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,19 +51,19 @@ async fn one_holder_at_a_time() {
     assert!(lock.try_acquire(&name).await.unwrap().is_none());
     assert!(lock.try_acquire("another").await.unwrap().is_some());
 
-    let waiter = {
-        let lock = lock.clone().retry_interval(Duration::from_millis(20));
-        let name = name.clone();
-        tokio::spawn(async move { lock.wait(&name).await })
-    };
+    let waiter = spawn_wait(
+        lock.clone().retry_interval(Duration::from_millis(20)),
+        &name,
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!waiter.is_finished(), "acquired while held");
     first.release().await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let second = took(
+        waiter,
+        Duration::from_secs(10),
+        "the standby took the freed lock",
+    )
+    .await;
     assert!(!second.is_lost());
     drop(second);
     // Dropping the leadership frees the lock too.
@@ -120,10 +141,7 @@ async fn a_waiting_standby_keeps_one_session() {
     let lock = PgLeaderLock::new(pool.clone()).retry_interval(Duration::from_millis(10));
     let first = lock.try_acquire(&name).await.unwrap().expect("free lock");
     let (standby_lock, application) = standby(options(&pool), Duration::from_millis(10));
-    let waiter = {
-        let name = name.clone();
-        tokio::spawn(async move { standby_lock.wait(&name).await })
-    };
+    let waiter = spawn_wait(standby_lock, &name);
     // Sessions the standby opened, seen over about 30 of its attempts.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..30 {
@@ -153,11 +171,12 @@ async fn a_waiting_standby_keeps_one_session() {
     assert!(!waiter.is_finished(), "acquired while held");
 
     first.release().await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let second = took(
+        waiter,
+        Duration::from_secs(10),
+        "the standby took the freed lock",
+    )
+    .await;
     assert_eq!(second.backend_pid(), new);
     second.release().await.unwrap();
 }
@@ -177,10 +196,7 @@ async fn a_standby_whose_session_died_takes_a_freed_lock_at_its_next_attempt() {
         .unwrap()
         .expect("free lock");
     let (standby_lock, application) = standby(options(&pool), RETRY);
-    let waiter = {
-        let name = name.clone();
-        tokio::spawn(async move { standby_lock.wait(&name).await })
-    };
+    let waiter = spawn_wait(standby_lock, &name);
     // Its first attempt found the lock held; the session dies in the wait,
     // and the lock is freed.
     let old = asked(&pool, &application).await;
@@ -194,11 +210,12 @@ async fn a_standby_whose_session_died_takes_a_freed_lock_at_its_next_attempt() {
     assert!(!waiter.is_finished(), "acquired before its next attempt");
     // The next attempt is one retry interval after the first; one more
     // would be two.
-    let second = tokio::time::timeout(RETRY * 2 - Duration::from_millis(500), waiter)
-        .await
-        .expect("the standby took the lock at its next attempt")
-        .unwrap()
-        .unwrap();
+    let second = took(
+        waiter,
+        RETRY * 2 - Duration::from_millis(500),
+        "the standby took the lock at its next attempt",
+    )
+    .await;
     assert_ne!(second.backend_pid(), old);
     second.release().await.unwrap();
 }
@@ -277,18 +294,16 @@ async fn a_standby_whose_session_stops_answering_asks_on_a_new_one() {
         Duration::from_millis(100),
     );
     let standby_lock = standby_lock.check_interval(Duration::from_secs(1), Duration::from_secs(1));
-    let waiter = {
-        let name = name.clone();
-        tokio::spawn(async move { standby_lock.wait(&name).await })
-    };
+    let waiter = spawn_wait(standby_lock, &name);
     let old = asked(&pool, &application).await;
     proxy.freeze();
     first.release().await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("the standby gave up its frozen session and took the lock")
-        .unwrap()
-        .unwrap();
+    let second = took(
+        waiter,
+        Duration::from_secs(10),
+        "the standby gave up its frozen session and took the lock",
+    )
+    .await;
     assert_ne!(second.backend_pid(), old);
     second.release().await.unwrap();
 }
