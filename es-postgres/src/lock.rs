@@ -122,10 +122,17 @@ impl PgLeaderLock {
     }
 
     /// Takes the lock `name` (any string; it is hashed to the advisory key)
-    /// if it is free.
+    /// if it is free. A database that does not answer within the check
+    /// timeout is [`Error::Unavailable`].
     pub async fn try_acquire(&self, name: &str) -> Result<Option<PgLeadership>> {
-        let (conn, key) = self.connect(name).await?;
-        match self.try_lock(conn, name, key).await? {
+        let attempt = async {
+            let (conn, key) = self.connect(name).await?;
+            self.try_lock(conn, name, key).await
+        };
+        let outcome = tokio::time::timeout(self.check_timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(no_answer()))?;
+        match outcome {
             Ok(leadership) => Ok(Some(leadership)),
             Err((conn, _)) => {
                 let _ = conn.close().await;

@@ -222,12 +222,16 @@ async fn a_standby_whose_session_died_takes_a_freed_lock_at_its_next_attempt() {
 
 /// A TCP proxy to the database whose connections can be frozen: a frozen
 /// connection stays open and forwards nothing, as a network partition
-/// leaves a session half-open. Connections opened after a freeze forward.
+/// leaves a session half-open. Connections opened after a freeze forward,
+/// unless every connection is frozen.
 struct FreezingProxy {
     port: u16,
     /// Connections opened before the last freeze are frozen.
     freezes: Arc<AtomicU64>,
 }
+
+/// A connection opened while every connection is frozen: never forwards.
+const FROZEN_AT_BIRTH: u64 = u64::MAX;
 
 impl FreezingProxy {
     async fn start(to: String) -> Self {
@@ -237,7 +241,8 @@ impl FreezingProxy {
         let seen = Arc::clone(&freezes);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let born = seen.load(Ordering::SeqCst);
+                let now = seen.load(Ordering::SeqCst);
+                let born = if now == FROZEN_AT_BIRTH { now - 1 } else { now };
                 let server = TcpStream::connect(&to).await.unwrap();
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
@@ -248,8 +253,14 @@ impl FreezingProxy {
         Self { port, freezes }
     }
 
+    /// Freezes the connections open now.
     fn freeze(&self) {
         self.freezes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Freezes every connection, those opened later too.
+    fn freeze_all(&self) {
+        self.freezes.store(FROZEN_AT_BIRTH, Ordering::SeqCst);
     }
 }
 
@@ -306,6 +317,29 @@ async fn a_standby_whose_session_stops_answering_asks_on_a_new_one() {
     .await;
     assert_ne!(second.backend_pid(), old);
     second.release().await.unwrap();
+}
+
+/// Taking a lock from a database that does not answer (every connection
+/// half-open) fails as unavailable after the check timeout rather than
+/// waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taking_a_lock_from_a_database_that_does_not_answer_fails_in_time() {
+    let pool = pool().await;
+    let direct = options(&pool);
+    let proxy = FreezingProxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    proxy.freeze_all();
+    let (lock, _) = standby(
+        direct.host("127.0.0.1").port(proxy.port),
+        Duration::from_millis(100),
+    );
+    let lock = lock.check_interval(Duration::from_secs(1), Duration::from_secs(1));
+    let outcome = tokio::time::timeout(Duration::from_secs(10), lock.try_acquire(&name()))
+        .await
+        .expect("try_acquire gave up within the check timeout");
+    match outcome {
+        Err(error) => assert!(error.is_transient(), "{error}"),
+        Ok(held) => panic!("took the lock through a frozen connection: {held:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
