@@ -87,20 +87,7 @@ impl PgLeaderLock {
         loop {
             let kept = standby.take();
             let was_kept = kept.is_some();
-            // A session that stops answering (a half-open connection) must
-            // not hold the standby forever: past the check timeout the
-            // attempt is given up and its session dropped, as a dead one is.
-            let attempt = async {
-                let (conn, key) = match kept {
-                    Some(session) => session,
-                    None => self.connect(name).await?,
-                };
-                self.try_lock(conn, name, key).await
-            };
-            let outcome = tokio::time::timeout(self.check_timeout, attempt)
-                .await
-                .unwrap_or_else(|_| Err(no_answer()));
-            match outcome {
+            match self.attempt(name, kept).await {
                 Ok(Ok(leadership)) => return Ok(leadership),
                 Ok(Err(conn)) => standby = Some(conn),
                 Err(error) if error.is_transient() && was_kept => {
@@ -125,20 +112,35 @@ impl PgLeaderLock {
     /// if it is free. A database that does not answer within the check
     /// timeout is [`Error::Unavailable`].
     pub async fn try_acquire(&self, name: &str) -> Result<Option<PgLeadership>> {
-        let attempt = async {
-            let (conn, key) = self.connect(name).await?;
-            self.try_lock(conn, name, key).await
-        };
-        let outcome = tokio::time::timeout(self.check_timeout, attempt)
-            .await
-            .unwrap_or_else(|_| Err(no_answer()))?;
-        match outcome {
+        match self.attempt(name, None).await? {
             Ok(leadership) => Ok(Some(leadership)),
             Err((conn, _)) => {
                 let _ = conn.close().await;
                 Ok(None)
             }
         }
+    }
+
+    /// One try for the lock `name`, on `session` (a standby's, kept from
+    /// its last try) or a new one: the leadership, or the session back for
+    /// the next try. A session that stops answering (a half-open
+    /// connection) must not hold the caller forever: past the check timeout
+    /// the try is given up and its session dropped, as a dead one is.
+    async fn attempt(
+        &self,
+        name: &str,
+        session: Option<(PgConnection, i64)>,
+    ) -> Result<std::result::Result<PgLeadership, (PgConnection, i64)>> {
+        let attempt = async {
+            let (conn, key) = match session {
+                Some(session) => session,
+                None => self.connect(name).await?,
+            };
+            self.try_lock(conn, name, key).await
+        };
+        tokio::time::timeout(self.check_timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(no_answer()))
     }
 
     /// A dedicated session for the lock `name`, and the lock's key.
