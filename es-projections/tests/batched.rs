@@ -10,6 +10,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::Connection;
+
 use common::{append, cleanup, fresh};
 use es_core::{CancellationToken, EventStore, Metadata, NewEvent, Payload, Position};
 use es_postgres::PgEventStore;
@@ -270,6 +272,87 @@ async fn a_set_based_runner_aborted_at_random_moments_loses_and_doubles_nothing(
         RunnerOptions::default().batch_size(250),
     )
     .spawn();
+    h.wait_for(head, WAIT).await.unwrap();
+    assert_eq!(model(&pool, &m).await, expected(&pool, &schema).await);
+    h.stop().await.unwrap();
+    cleanup(&pool, &[&schema, &m]).await;
+}
+
+/// A runner task cancelled while its batch waits for the checkpoint's
+/// fence lock leaves nothing holding the lock: its pooled connection rolls
+/// the transaction back once the lock is granted, and the next runner
+/// reaches the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_cancelled_while_its_batch_waits_for_the_fence_leaves_it_free() {
+    let (pool, schema, m) = fresh().await;
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(pool.clone(), schema.clone()));
+    bulk_seed(&pool, &schema, 100, 7).await.unwrap();
+    let head = store.head().await.unwrap();
+    let fence: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
+        .bind(format!("es-projections fence {schema}.balances_true_{m}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Another holder of the fence, in a transaction of its own.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(fence)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let r = runner(&pool, &schema, &m, &store, true, RunnerOptions::default());
+    let task = tokio::spawn(async move { r.run(CancellationToken::new()).await });
+    // The runner's batch waits for the fence...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%pg_advisory_xact_lock%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the runner never waited for the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...and is cancelled there; then the other holder lets go.
+    task.abort();
+    let _ = task.await;
+    holder.commit().await.unwrap();
+    // The fence comes free: nothing kept it once granted. (Asked on a
+    // session of its own: one from the pool could be the very connection
+    // that holds it, and would be granted it again.)
+    let mut probe = sqlx::PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(fence)
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
+        if free {
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(fence)
+                .execute(&mut probe)
+                .await
+                .unwrap();
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cancelled batch's connection holds the fence"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h = runner(&pool, &schema, &m, &store, true, RunnerOptions::default()).spawn();
     h.wait_for(head, WAIT).await.unwrap();
     assert_eq!(model(&pool, &m).await, expected(&pool, &schema).await);
     h.stop().await.unwrap();

@@ -5,7 +5,7 @@ use std::future::Future;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use es_core::{
@@ -261,10 +261,6 @@ pub(crate) struct PgBackend {
     pub(crate) set_path: String,
     create_schema: String,
     fence_key: String,
-    /// The statements that open a batch's transaction in one round trip:
-    /// `BEGIN`, the model schema's `search_path`, and the fence lock by
-    /// its key (read from the server once, the first time).
-    fenced_begin: OnceLock<String>,
     dead_sql: String,
     notify_key: String,
     /// A batch failed on a prepared statement whose result type changed
@@ -315,7 +311,6 @@ impl PgBackend {
             set_path: format!("SET LOCAL search_path TO {}, public", ident(model_schema)?),
             create_schema: format!("CREATE SCHEMA IF NOT EXISTS {}", ident(model_schema)?),
             fence_key: format!("es-projections fence {}.{checkpoint_name}", runner.schema),
-            fenced_begin: OnceLock::new(),
             dead_sql: format!(
                 "INSERT INTO {schema}.projection_dead_letters \
                  (projection, event_id, event_type, stream_id, major, minor, error, failed_at) \
@@ -380,38 +375,14 @@ impl PgBackend {
         .boxed()
     }
 
-    /// [`Self::open`] with the checkpoint's fence lock taken too, in the
-    /// same round trip (the lock waits for whichever batch of this
-    /// checkpoint holds it, in any process). The checkpoint is then read by
-    /// a statement of its own, in a snapshot taken after the lock.
-    fn open_fenced(&self) -> BoxFuture<'_, Result<Transaction<'static, Postgres>, Error>> {
-        async move {
-            let begin = match self.fenced_begin.get() {
-                Some(begin) => begin.clone(),
-                None => {
-                    let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
-                        .bind(&self.fence_key)
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(|e| Error::db(&self.name, e))?;
-                    let begin = format!(
-                        "BEGIN; {}; SELECT pg_advisory_xact_lock('{key}'::bigint)",
-                        self.set_path
-                    );
-                    self.fenced_begin.get_or_init(|| begin).clone()
-                }
-            };
-            self.pool
-                .begin_with(begin)
-                .await
-                .map_err(|e| Error::db(&self.name, e))
-        }
-        .boxed()
-    }
-
     /// Takes the checkpoint's transaction-scoped lock (every batch of this
     /// checkpoint, in any process, waits for the one holding it) and reads the
-    /// checkpoint inside `tx`.
+    /// checkpoint inside `tx`, in a snapshot taken after the lock.
+    ///
+    /// The lock is a statement of its own, never part of the `BEGIN` that
+    /// [`Self::open`] sends: a task cancelled while its `BEGIN` waits would
+    /// leave the pooled connection in a transaction sqlx does not know of,
+    /// holding the lock once granted, and every later batch waiting for it.
     pub(crate) fn locked_checkpoint<'a>(
         &'a self,
         tx: &'a mut PgConnection,
@@ -516,17 +487,13 @@ impl<P: PgProjection> Backend<P> for PgBackend {
     }
 
     async fn begin(&self, expected: Position) -> Result<Self::Unit, Error> {
-        let mut tx = self.open_fenced().await?;
+        let mut tx = self.open().await?;
         if self.stale_plans.load(Ordering::Relaxed) {
             tx.clear_cached_statements()
                 .await
                 .map_err(|e| Error::db(&self.name, e))?;
         }
-        let found = self
-            .checkpoints
-            .load_in_tx(&mut tx, &self.checkpoint_name)
-            .await
-            .map_err(|e| Error::pg(&self.name, e))?;
+        let found = self.locked_checkpoint(&mut tx).await?;
         if found.unwrap_or(Position::START) != expected {
             return Err(Error::Fenced {
                 projection: self.name.clone(),
