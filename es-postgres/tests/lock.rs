@@ -131,9 +131,8 @@ async fn asked(pool: &sqlx::PgPool, application: &str) -> i32 {
 }
 
 /// A standby asks for the lock on one session of its own, every retry
-/// interval, and takes the lock on that session when it is freed: the
-/// server does not start a session per attempt. A session that dies is
-/// replaced at the next attempt.
+/// interval, and takes the lock on that session when it is freed; a session
+/// that dies is replaced by a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_standby_keeps_one_session() {
     let pool = pool().await;

@@ -62,11 +62,9 @@ async fn drop_schemas(pool: &sqlx::PgPool, names: &[String]) {
     }
 }
 
-/// Checks a run's model against the log: every `Deposited` event counted
-/// once and every amount summed (what the runners promise, verified on the
-/// run being timed).
-/// Checks `model` against the log's events up to `upto` (all of them when
-/// `None`).
+/// Checks a run's model against the log's events up to `upto` (all of them
+/// when `None`): every `Deposited` event counted once and every amount
+/// summed (what the runners promise, verified on the run being timed).
 async fn verify_model(
     pool: &sqlx::PgPool,
     schema: &str,

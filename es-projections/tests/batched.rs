@@ -325,9 +325,9 @@ async fn a_runner_cancelled_while_its_batch_waits_for_the_fence_leaves_it_free()
     task.abort();
     let _ = task.await;
     holder.commit().await.unwrap();
-    // The fence comes free: nothing kept it once granted. (Asked on a
-    // session of its own: one from the pool could be the very connection
-    // that holds it, and would be granted it again.)
+    // The fence comes free: nothing keeps it once granted. The probe has a
+    // session of its own: advisory locks are re-entrant, so a pooled
+    // connection that held the fence would be granted it again.
     let mut probe = sqlx::PgConnection::connect_with(&pool.connect_options())
         .await
         .unwrap();

@@ -347,10 +347,10 @@ impl Node {
             query: w.query,
             blocked: w.blocked,
         });
-        let local = with_operations(w.routes, health, gauges);
+        let local = with_operations(w.routes, health, Arc::clone(&gauges));
         let router = match w.backends.upstreams() {
             Some(upstreams) if services.contains(&Service::Gateway) => {
-                gateway_router(&upstreams, local, w.owners)?
+                gateway_router(&upstreams, local, w.owners, gauges)?
             }
             _ => local,
         };
@@ -496,10 +496,9 @@ async fn health_check(State(state): State<Arc<HealthState>>) -> axum::response::
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics_text(State(gauges): State<Arc<Gauges>>) -> impl IntoResponse {
-    gauges.refresh().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        telemetry::prometheus().render(),
+        gauges.render().await,
     )
 }
 

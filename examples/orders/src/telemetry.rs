@@ -386,6 +386,13 @@ impl Gauges {
         *measured = Some(Instant::now());
     }
 
+    /// The process's metrics in Prometheus text, the gauges measured for
+    /// this scrape (see [`Gauges::refresh`]).
+    pub(crate) async fn render(&self) -> String {
+        self.refresh().await;
+        prometheus().render()
+    }
+
     /// Measures every gauge, each on its own: one that waits (a relay's lag
     /// read held back by an open transaction, say) holds up none of the
     /// others, and each is set as soon as it is known.

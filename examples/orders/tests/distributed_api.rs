@@ -113,6 +113,17 @@ async fn poison_is_parked(c: &std::sync::Arc<Cluster>, template: &str) {
             .any(|l| l.starts_with("es_projections_dead_letters_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
+    // The gateway's /metrics holds its own samples and every upstream's,
+    // each labelled with its process.
+    let (_, all) = c.process_get("gateway", "/metrics").await;
+    assert!(all.contains("process=\"gateway\""), "{all}");
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("es_projections_dead_letters_total{")
+                && l.contains("process=\"query@")
+                && !l.ends_with(" 0")),
+        "{all}"
+    );
     let (code, _) = client.get(&format!("/api/orders/{poisoned}")).await;
     assert_eq!(code, reqwest::StatusCode::NOT_FOUND);
 

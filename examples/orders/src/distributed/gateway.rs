@@ -20,7 +20,8 @@ use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::http::{ApiError, MAX_BODY_BYTES};
-use crate::{telemetry, Error, Result};
+use crate::telemetry::Gauges;
+use crate::{Error, Result};
 
 /// The services with an HTTP surface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,12 +99,14 @@ impl Pool {
 struct Gateway {
     client: reqwest::Client,
     local: Router,
+    /// The gauges of the services this process runs, measured per scrape.
+    gauges: Arc<Gauges>,
     owners: BTreeSet<Owner>,
     pools: BTreeMap<Owner, Pool>,
 }
 
-/// The gateway's router: `routes` serves the owners in `owners` in process;
-/// the rest go to `upstreams`.
+/// The gateway's router: `routes` serves the owners in `owners` in process
+/// (with `gauges`, their gauges); the rest go to `upstreams`.
 ///
 /// # Errors
 /// When the HTTP client cannot be built.
@@ -111,6 +114,7 @@ pub(crate) fn gateway_router(
     upstreams: &Upstreams,
     local: Router,
     owners: BTreeSet<Owner>,
+    gauges: Arc<Gauges>,
 ) -> Result<Router> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -128,6 +132,7 @@ pub(crate) fn gateway_router(
         local: local.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES)),
         owners,
         pools,
+        gauges,
     });
     Ok(Router::new()
         .route("/health", get(health))
@@ -311,7 +316,7 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
 /// The gateway's metrics and every upstream's, each sample labelled with the
 /// process it came from (`process="gateway"`, `process="order@http://..."`).
 async fn all_metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let mut texts = vec![("gateway".to_owned(), own_metrics(&gw.local).await)];
+    let mut texts = vec![("gateway".to_owned(), gw.gauges.render().await)];
     let mut seen = BTreeSet::new();
     for (owner, pool) in &gw.pools {
         if gw.owners.contains(owner) {
@@ -339,26 +344,6 @@ async fn all_metrics(State(gw): State<Arc<Gateway>>) -> Response {
         merge_metrics(&texts),
     )
         .into_response()
-}
-
-/// This process's metrics, from its own `/metrics` route (which measures
-/// the gauges of the services it runs); the registry as it stands when that
-/// route fails.
-async fn own_metrics(local: &Router) -> String {
-    let request = Request::get("/metrics").body(Body::empty());
-    let response = match request {
-        Ok(request) => local.clone().oneshot(request).await.ok(),
-        Err(_) => None,
-    };
-    match response {
-        Some(response) if response.status().is_success() => {
-            match axum::body::to_bytes(response.into_body(), usize::MAX).await {
-                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                Err(_) => telemetry::prometheus().render(),
-            }
-        }
-        _ => telemetry::prometheus().render(),
-    }
 }
 
 /// Merges Prometheus texts: one `# HELP`/`# TYPE` per family, every family's
